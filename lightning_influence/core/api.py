@@ -1,0 +1,153 @@
+"""The functional API: ``s_test``, ``influence``, ``top_influences`` and ``self_influence`` on an nn.Module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.config import ExactConfig, STest, check_damping, make_solver_config
+from lightning_influence.core.losses import LossFn
+from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import StreamingTopK, TopInfluences
+
+#: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
+DEFAULT_DAMPING = 0.01
+
+
+def make_problem(
+    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: str, damping: float, options: dict[str, Any]
+) -> InfluenceProblem:
+    """Validate the arguments shared by every public function and build the problem."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    config = make_solver_config(solver, options)
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config)
+
+
+def s_test(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    solver: str = "lissa",
+    damping: float = DEFAULT_DAMPING,
+    **options: Any,
+) -> STest:
+    """Inverse-HVPs ``s_test = (H + damping I)^-1 grad L(z_test)`` for every example of ``test_batch``.
+
+    Args:
+        model: the trained module (analysed in ``eval()`` mode; its state is restored afterwards).
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (no L2 term).
+        train_loader: the training data defining ``H``.
+        test_batch: one batch in the training batches' format.
+        solver: ``"lissa"``, ``"cg"`` or ``"exact"``.
+        damping: lambda added to H.
+        **options: solver options (see :class:`LissaConfig`, :class:`CGConfig`, :class:`ExactConfig`).
+
+    Returns:
+        :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.
+    """
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    with analysis_mode(model):
+        return problem.solve(problem.gradients(test_batch))
+
+
+def _split_scoring(options: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+    options = dict(options)
+    return options.pop("scoring", "auto"), options.pop("chunk_size", 256), options
+
+
+def influence(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    solver: str = "lissa",
+    damping: float = DEFAULT_DAMPING,
+    **options: Any,
+) -> torch.Tensor:
+    """Influence ``I(z, z_test) = -s_test . grad L(z)`` of every training example on every test example.
+
+    Positive = **harmful** (up-weighting z raises the test loss), negative = **helpful**. Removing z from
+    training changes the test loss by about ``-I / n``.
+
+    Takes the arguments of :func:`s_test`, plus ``scoring`` (``"auto"``, ``"jvp"``, ``"per_example_grad"``) and
+    ``chunk_size`` (examples scored at once).
+
+    Returns:
+        ``[n_test, n_train]`` scores; columns follow ``train_loader``'s iteration order.
+    """
+    scoring, chunk_size, options = _split_scoring(options)
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    with analysis_mode(model):
+        s = problem.solve(problem.gradients(test_batch)).vectors
+        blocks = list(problem.scores(s, method=scoring, chunk_size=chunk_size))
+    if not blocks:
+        raise ValueError("Expected the training data to hold at least one example, but it is empty.")
+    return torch.cat(blocks, dim=1)
+
+
+def top_influences(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    top_k: int = 10,
+    solver: str = "lissa",
+    damping: float = DEFAULT_DAMPING,
+    **options: Any,
+) -> TopInfluences:
+    """The ``top_k`` most harmful and most helpful training examples per test example, streamed.
+
+    Same arguments as :func:`influence`; never holds the ``[n_test, n_train]`` matrix. Indices are positions in
+    ``train_loader``'s iteration order.
+    """
+    scoring, chunk_size, options = _split_scoring(options)
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    with analysis_mode(model):
+        s = problem.solve(problem.gradients(test_batch)).vectors
+        top = StreamingTopK(s.shape[0], top_k)
+        position = 0
+        for block in problem.scores(s, method=scoring, chunk_size=chunk_size):
+            top.update(block, torch.arange(position, position + block.shape[1]))
+            position += block.shape[1]
+    return top.result()
+
+
+def self_influence(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    *,
+    solver: str = "exact",
+    damping: float = DEFAULT_DAMPING,
+    chunk_size: int = 64,
+    **options: Any,
+) -> torch.Tensor:
+    """Self-influence ``I(z, z) = -grad L(z)^T (H + damping I)^-1 grad L(z)`` of every training example.
+
+    ``solver="exact"`` uses one eigendecomposition for all examples; ``"cg"``/``"lissa"`` solve one system per
+    example (in chunks of ``chunk_size``) and are slow on large training sets.
+
+    Returns:
+        ``[n_train]`` scores in ``train_loader``'s order. Large ``|I(z, z)|`` marks likely mislabelled examples.
+    """
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    results = []
+    with analysis_mode(model):
+        for batch in problem.train_batches():
+            for start in range(0, batch_size_of(batch), chunk_size):
+                grads = problem.gradients(slice_batch(batch, start, start + chunk_size))
+                if isinstance(problem.config, ExactConfig):
+                    results.append(-problem.exact_inverse().quadratic_forms(grads))
+                else:
+                    results.append(-(problem.solve(grads).vectors * grads).sum(dim=1))
+    return torch.cat(results)

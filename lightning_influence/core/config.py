@@ -1,0 +1,135 @@
+"""Solver configuration (validated, immutable) and result records shared by every solver."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+SOLVERS = ("lissa", "cg", "exact")
+SCORING_METHODS = ("auto", "jvp", "per_example_grad")
+
+
+def _expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {allowed}, but got {value!r}.{(' ' + hint) if hint else ''}")
+
+
+@dataclass(frozen=True)
+class LissaConfig:
+    """LiSSA: ``h_j = v + h_{j-1} - (H_j + damping I) h_{j-1} / scale``, ``x = mean_r h_J^(r) / scale``.
+
+    Attributes:
+        depth: recursion steps J per repeat.
+        repeats: independent repeats T averaged (repeat r is seeded by ``(seed, r)`` alone).
+        batch_size: training examples B in each minibatch Hessian ``H_j``.
+        scale: must exceed half the top eigenvalue of ``H_j + damping I``; ``"auto"`` estimates it by power
+            iteration on minibatches of size ``batch_size``.
+        seed: base seed for minibatch sampling.
+        tol: stop a repeat early when the relative update norm ``||h_j - h_{j-1}|| / ||v||`` falls below it
+            (0 runs all ``depth`` steps).
+        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"``.
+    """
+
+    depth: int = 1000
+    repeats: int = 1
+    batch_size: int = 128
+    scale: Union[float, str] = "auto"
+    seed: int = 0
+    tol: float = 0.0
+    hvp_method: str = "double_backward"
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
+        _expect(isinstance(self.repeats, int) and self.repeats >= 1, "repeats", "a positive int", self.repeats)
+        _expect(
+            isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive int", self.batch_size
+        )
+        _expect(
+            self.scale == "auto" or (isinstance(self.scale, (int, float)) and self.scale > 0),
+            "scale",
+            "a positive number or 'auto'",
+            self.scale,
+        )
+        _expect(isinstance(self.seed, int), "seed", "an int", self.seed)
+        _expect(isinstance(self.tol, (int, float)) and self.tol >= 0, "tol", "a number >= 0", self.tol)
+        _expect(
+            self.hvp_method in ("double_backward", "forward_over_reverse"),
+            "hvp_method",
+            "'double_backward' or 'forward_over_reverse'",
+            self.hvp_method,
+        )
+
+
+@dataclass(frozen=True)
+class CGConfig:
+    """Conjugate gradient on full-data HVPs: stops when ``||r|| / ||v|| < tol`` or after ``max_iter``."""
+
+    max_iter: int = 200
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "a positive int", self.max_iter)
+        _expect(isinstance(self.tol, (int, float)) and self.tol > 0, "tol", "a positive number", self.tol)
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """Materialise H (P x P) and solve by eigendecomposition in float64: the reference for small models."""
+
+    max_parameters: int = 20_000
+
+    def __post_init__(self) -> None:
+        _expect(self.max_parameters >= 1, "max_parameters", "a positive int", self.max_parameters)
+
+
+SolverConfig = Union[LissaConfig, CGConfig, ExactConfig]
+_CONFIGS = {"lissa": LissaConfig, "cg": CGConfig, "exact": ExactConfig}
+
+
+def make_solver_config(solver: str, options: dict[str, Any]) -> SolverConfig:
+    """Build the config for ``solver`` from keyword options, rejecting options it does not take."""
+    _expect(solver in SOLVERS, "solver", f"one of {SOLVERS}", solver)
+    cls = _CONFIGS[solver]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(
+            f"Unexpected option(s) {unknown} for solver={solver!r}. It takes: {sorted(allowed)} (and `damping`)."
+        )
+    return cls(**options)
+
+
+def check_damping(damping: float) -> float:
+    _expect(
+        isinstance(damping, (int, float)) and damping >= 0,
+        "damping",
+        "a number >= 0 (the lambda added to H; pass the training weight decay / L2 strength)",
+        damping,
+    )
+    return float(damping)
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How an inverse-HVP solve went. ``trace`` rows are repeats (LiSSA) or one row of CG residuals."""
+
+    solver: str
+    damping: float
+    seconds: float
+    converged: bool
+    scale: float | None = None
+    trace: torch.Tensor | None = field(default=None, repr=False)
+    eigenvalue_min: float | None = None
+    eigenvalue_max: float | None = None
+    iterations: int = 0
+
+
+@dataclass(frozen=True)
+class STest:
+    """``s_test = (H + damping I)^-1 grad L(z_test)``, one flat row per test point, and how it was solved."""
+
+    vectors: torch.Tensor
+    info: SolveInfo

@@ -1,0 +1,127 @@
+"""LiSSA (Agarwal et al. 2017): a stochastic Neumann series for ``(H + damping I)^-1 v``.
+
+With ``A_j = H_j + damping I`` for a fresh minibatch Hessian ``H_j`` each step::
+
+    h_0 = v,   h_j = v + h_{j-1} - A_j h_{j-1} / scale,   x = h_J / scale
+
+converges to ``A^-1 v`` when every eigenvalue of ``A_j / scale`` lies in (0, 2). The update step is a pure
+function (:func:`lissa_step`); :func:`lissa_repeats` drives repeats whose minibatches depend only on
+``(seed, repeat)``, so a repeat gives the same vector on whichever process runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+
+from lightning_influence.core.batching import Batch, prepare_batch
+from lightning_influence.core.config import LissaConfig
+from lightning_influence.core.eigen import top_eigenvalue
+
+BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]
+StreamFactory = Callable[[int], Iterator[Batch]]
+
+#: A repeat is declared divergent when its update norm exceeds this multiple of ``||v||``.
+DIVERGENCE_FACTOR = 1e4
+#: Minibatches whose top eigenvalue is measured for ``scale="auto"``, and the margin applied to the maximum.
+SCALE_PROBE_BATCHES = 8
+SCALE_MARGIN = 1.5
+
+
+class LissaDivergenceError(FloatingPointError):
+    """The LiSSA recursion blew up: ``scale`` too small or ``damping`` below the negative curvature."""
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The sampling seed of repeat ``repeat``: a function of ``(seed, repeat)`` only."""
+    return (seed * 1_000_003 + repeat * 7_919 + 12_345) % (2**63 - 1)
+
+
+def minibatch_stream(
+    dataset: Dataset, batch_size: int, collate_fn: Callable | None, seed: int, device: torch.device
+) -> Iterator[Batch]:
+    """Endless minibatches of ``batch_size`` examples drawn by one persistent seeded shuffle of ``dataset``."""
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            "Expected a map-style training dataset (with __len__ and __getitem__) for LiSSA's random minibatches,"
+            " but got an IterableDataset. Pass a map-style dataset, or use solver='cg' or 'exact'."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=generator),
+        collate_fn=collate_fn,
+        drop_last=len(dataset) >= batch_size,  # type: ignore[arg-type]
+    )
+    while True:
+        for batch in loader:
+            yield prepare_batch(batch, device)
+
+
+def lissa_step(h: torch.Tensor, v: torch.Tensor, damped_hvp: torch.Tensor, scale: float) -> torch.Tensor:
+    """One Neumann step ``v + h - (H_j + damping I) h / scale`` (``damped_hvp`` is ``(H_j + damping I) h``)."""
+    return v + h - damped_hvp / scale
+
+
+def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: int, like: torch.Tensor) -> float:
+    """``SCALE_MARGIN`` times the largest top eigenvalue of ``H_j + damping I`` over probe minibatches.
+
+    Measured on minibatches of the recursion's own size: small-batch Hessians have far larger top
+    eigenvalues than the full one, and those are what the recursion must stay below.
+    """
+    generator = torch.Generator().manual_seed(0)
+    largest = 0.0
+    for _ in range(SCALE_PROBE_BATCHES):
+        batch = next(stream)
+        largest = max(largest, top_eigenvalue(lambda x: hvp(batch, x) + damping * x, dim, generator=generator, like=like))
+    return max(SCALE_MARGIN * largest, 1e-8)
+
+
+def lissa_repeat(
+    hvp: BatchHVP, stream: Iterator[Batch], v: torch.Tensor, damping: float, scale: float, config: LissaConfig, repeat: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows)."""
+    tiny = torch.finfo(v.dtype).tiny
+    v_norm = v.norm(dim=1).clamp_min(tiny)
+    h = v.clone()
+    trace = []
+    for step in range(config.depth):
+        h_next = lissa_step(h, v, hvp(next(stream), h) + damping * h, scale).detach()
+        update = (h_next - h).norm(dim=1)
+        growth = float((update / v_norm).max())
+        if not math.isfinite(growth) or growth > DIVERGENCE_FACTOR:
+            raise LissaDivergenceError(
+                f"LiSSA diverged at step {step + 1} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
+                f" scale={scale:.4g} and damping={damping:.3g}. `scale` must exceed half the largest eigenvalue of"
+                " the minibatch Hessian plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
+                " `batch_size`. If the model has strong negative curvature, increase `damping`."
+            )
+        h = h_next
+        relative = float((update / h.norm(dim=1).clamp_min(tiny)).max())
+        trace.append(relative)
+        if config.tol > 0 and relative < config.tol:
+            break
+    return h / scale, torch.tensor(trace)
+
+
+def lissa_repeats(
+    hvp: BatchHVP,
+    stream_for: StreamFactory,
+    vectors: torch.Tensor,
+    damping: float,
+    scale: float,
+    config: LissaConfig,
+    repeat_ids: Sequence[int],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sum of the repeats ``repeat_ids`` (divide by ``config.repeats`` after combining) and their traces."""
+    total = torch.zeros_like(vectors)
+    traces = []
+    for repeat in repeat_ids:
+        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat)
+        total += x
+        traces.append(trace)
+    return total, traces

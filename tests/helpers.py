@@ -1,0 +1,113 @@
+"""Shared small models and data for the tests: scikit-learn digits, logistic regression, a small CNN."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@functools.lru_cache(maxsize=None)
+def digits(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits: images ``[N, 1, 8, 8]`` scaled to [0, 1] and integer labels."""
+    images, labels = load_digits(return_X_y=True)
+    return torch.tensor(images / 16.0, dtype=dtype).reshape(-1, 1, 8, 8), torch.tensor(labels)
+
+
+def cross_entropy_per_example(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs), targets, reduction="none")
+
+
+class LogisticRegression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """About 2.5k parameters, smooth activations (so the Hessian is well defined everywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv1(x))
+        x = torch.tanh(self.conv2(x))
+        return self.head(x.flatten(1))
+
+
+def l2_objective(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l2: float,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``1/n sum_i w_i L(z_i) + l2/2 ||theta||^2`` with n the full training-set size."""
+    losses = F.cross_entropy(model(inputs), targets, reduction="none")
+    data = losses.mean() if weights is None else (weights * losses).sum() / len(losses)
+    return data + 0.5 * l2 * sum((p**2).sum() for p in model.parameters())
+
+
+def fit_newton(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l2: float,
+               weights: torch.Tensor | None = None, steps: int = 30) -> nn.Module:
+    """Minimise the (convex) L2-regularised objective of a small model by Newton's method, in place."""
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def objective(flat: torch.Tensor) -> torch.Tensor:
+        chunks, offset = {}, 0
+        for name in names:
+            p = params[name]
+            chunks[name] = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        out = torch.func.functional_call(model, chunks, (inputs,))
+        losses = F.cross_entropy(out, targets, reduction="none")
+        data = losses.mean() if weights is None else (weights * losses).sum() / len(losses)
+        return data + 0.5 * l2 * (flat**2).sum()
+
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    for _ in range(steps):
+        gradient = torch.func.grad(objective)(flat)
+        if gradient.norm() < 1e-12:
+            break
+        flat = flat - torch.linalg.solve(torch.func.hessian(objective)(flat), gradient)
+    with torch.no_grad():
+        offset = 0
+        for name in names:
+            p = params[name]
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return model
+
+
+def fit_adam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, l2: float, epochs: int = 60,
+             lr: float = 0.01, seed: int = 0) -> nn.Module:
+    """Full-batch Adam then L-BFGS on the L2-regularised objective (a near-stationary non-convex fit)."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        l2_objective(model, inputs, targets, l2).backward()
+        optimizer.step()
+    lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=300, line_search_fn="strong_wolfe",
+                              tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = l2_objective(model, inputs, targets, l2)
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    return model
+
+
+def loader(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> DataLoader:
+    return DataLoader(TensorDataset(inputs, targets), batch_size=batch_size)
