@@ -54,6 +54,9 @@ class FunctionalLoss:
     def per_example_grads(self, params: Params, batch: Batch) -> torch.Tensor:
         """``[B, P]`` matrix of per-example gradients ``grad L(z_i)`` (``vmap`` over ``grad``)."""
 
+        with torch.no_grad():
+            self(params, batch)  # validates the loss shape on the whole batch, before vmap hides it
+
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]
 

@@ -1,0 +1,39 @@
+"""Output only (rank 0): result records and the writers that render them.
+
+TensorBoard (captioned image grids, markdown tables, histograms, scalars), files (JSON top lists, score
+tensors, written atomically) and a rich console summary. No Lightning imports here.
+"""
+
+from lightning_influence.reporting._format import SIGN_CONVENTION
+from lightning_influence.reporting.console import print_summary, summary_table
+from lightning_influence.reporting.files import (
+    SCHEMA_VERSION,
+    report_to_dict,
+    save_tensor_atomic,
+    write_json_atomic,
+    write_report_files,
+)
+from lightning_influence.reporting.images import influence_grid_figure, looks_like_image
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, InfluenceReport, SolverSummary
+from lightning_influence.reporting.tables import point_markdown, report_markdown
+from lightning_influence.reporting.tensorboard import write_report
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SIGN_CONVENTION",
+    "ExplainedPoint",
+    "InfluenceReport",
+    "Influencer",
+    "SolverSummary",
+    "influence_grid_figure",
+    "looks_like_image",
+    "point_markdown",
+    "print_summary",
+    "report_markdown",
+    "report_to_dict",
+    "save_tensor_atomic",
+    "summary_table",
+    "write_json_atomic",
+    "write_report",
+    "write_report_files",
+]

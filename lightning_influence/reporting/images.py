@@ -1,0 +1,173 @@
+"""Captioned image grids: a validation example beside its most harmful and most helpful training examples.
+
+TensorBoard image events carry no caption, so every caption is drawn into the figure itself. The figures
+are built on :class:`matplotlib.figure.Figure` with an Agg canvas, never through ``pyplot``: no global
+backend is selected or changed, and the caller's figures and windows are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightning_influence.reporting._format import format_float, format_influence, format_value
+from lightning_influence.reporting.records import ExplainedPoint, Influencer
+
+IMAGE_CHANNELS = (1, 3, 4)
+MIN_IMAGE_SIDE = 4
+MAX_COLUMNS = 8
+MAX_CAPTION_VALUE = 12  # characters of a label or prediction shown under a tile
+TILE_INCHES = 1.7
+CAPTION_INCHES = 0.75
+TITLE_INCHES = 0.75
+MAX_TITLE_VALUE = 24  # characters of the validation label or prediction shown in the title
+TILE_PAD_INCHES = 0.1
+MIN_WIDTH_INCHES = 5.5  # room for the two title lines when there are only a few tiles
+ROLE_COLOURS = {"validation": "tab:blue", "harmful": "tab:red", "helpful": "tab:green"}
+
+
+def looks_like_image(x: torch.Tensor) -> bool:
+    """Whether ``x`` is one example that can be drawn as an image.
+
+    Args:
+        x: a single example's input (no batch dimension).
+
+    Returns:
+        True for ``[C, H, W]`` with ``C`` in (1, 3, 4) or for ``[H, W]``, with ``H, W >= 4``; False for
+        anything else (flat feature vectors, token ids, batches, non-tensors).
+
+    Example:
+        >>> looks_like_image(torch.zeros(1, 28, 28)), looks_like_image(torch.zeros(784))
+        (True, False)
+    """
+    if not isinstance(x, torch.Tensor) or x.is_complex():
+        return False
+    if x.ndim == 3 and x.shape[0] not in IMAGE_CHANNELS:
+        return False
+    if x.ndim not in (2, 3):
+        return False
+    return min(x.shape[-2:]) >= MIN_IMAGE_SIDE
+
+
+def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS) -> Figure:
+    """Draw the validation example, then its top harmful, then its top helpful training examples.
+
+    Each tile is normalised to [0, 1] (grayscale for one channel), framed in the colour of its role
+    (blue validation, red harmful, green helpful) and captioned with its dataset index, label,
+    prediction and influence. The title names the validation point and the sign convention.
+
+    Args:
+        point: the explained validation point; it and all its influencers must carry image inputs.
+        max_columns: tiles per row before wrapping onto a new row.
+
+    Returns:
+        A matplotlib figure with an Agg canvas, not registered with ``pyplot`` (no need to close it).
+
+    Raises:
+        ValueError: if an input is missing or does not look like an image.
+    """
+    tiles = [("validation", _validation_caption(point), _tile_input(point.input, "point.input"))]
+    for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
+        for rank, influencer in enumerate(influencers, start=1):
+            name = f"point.{role}[{rank - 1}].input"
+            tiles.append((role, _influencer_caption(influencer, role), _tile_input(influencer.input, name)))
+    if max_columns < 1:
+        raise ValueError(f"Expected `max_columns` to be a positive integer, but got {max_columns}.")
+    columns = min(len(tiles), max_columns)
+    rows = math.ceil(len(tiles) / columns)
+    width = max(columns * TILE_INCHES, MIN_WIDTH_INCHES)
+    height = TITLE_INCHES + rows * (TILE_INCHES + CAPTION_INCHES)
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    for position, (role, caption, image) in enumerate(tiles):
+        row, column = divmod(position, columns)
+        ax = figure.add_axes(_tile_rect(row, column, columns, width, height))
+        _draw_tile(ax, image, caption, ROLE_COLOURS[role])
+    figure.suptitle(_title(point), fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
+    return figure
+
+
+def _tile_rect(
+    row: int, column: int, columns: int, width: float, height: float
+) -> tuple[float, float, float, float]:
+    """Figure-fraction rectangle of one tile: a fixed grid (centred), the caption space left below it.
+
+    The layout is computed, not left to a layout engine: fixed-aspect image axes with multi-line labels
+    are where constrained layout clips captions.
+    """
+    left = (width - columns * TILE_INCHES) / 2 + column * TILE_INCHES + TILE_PAD_INCHES
+    top = height - TITLE_INCHES - row * (TILE_INCHES + CAPTION_INCHES) - TILE_PAD_INCHES
+    side = TILE_INCHES - 2 * TILE_PAD_INCHES
+    return (left / width, (top - side) / height, side / width, side / height)
+
+
+def _tile_input(x: torch.Tensor | None, name: str) -> np.ndarray:
+    """Check one input and convert it to a displayable ``[H, W]`` or ``[H, W, 3]`` array in [0, 1]."""
+    if x is None or not looks_like_image(x):
+        got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+        raise ValueError(
+            f"Expected `{name}` to be an image tensor shaped [C, H, W] with C in {IMAGE_CHANNELS} or [H, W], "
+            f"H, W >= {MIN_IMAGE_SIDE}, but got {got}. Check `looks_like_image` before drawing a grid."
+        )
+    image = x.detach().to("cpu", torch.float64)
+    if image.ndim == 3:
+        image = image[0] if image.shape[0] == 1 else image[:3].permute(1, 2, 0)  # drop alpha for display
+    return _normalise(image.numpy())
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    """Min-max scale one tile to [0, 1]; constant or non-finite tiles become mid grey."""
+    finite = np.isfinite(image)
+    if not finite.any():
+        return np.full_like(image, 0.5)
+    low, high = image[finite].min(), image[finite].max()
+    if high - low <= 0:
+        return np.full_like(image, 0.5)
+    return np.where(finite, (image - low) / (high - low), 0.5)
+
+
+def _draw_tile(ax: Axes, image: np.ndarray, caption: str, colour: str) -> None:
+    """Show one tile with a coloured frame and its caption underneath."""
+    cmap = "gray" if image.ndim == 2 else None  # colour maps apply to single-channel tiles only
+    ax.imshow(image, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
+    ax.set_xlabel(caption, fontsize=8, color=colour, linespacing=1.3)
+
+
+def _validation_caption(point: ExplainedPoint) -> str:
+    return f"val #{point.val_index}\n{_label_lines(point.label, point.prediction)}\nloss {format_float(point.loss, 3)}"
+
+
+def _influencer_caption(influencer: Influencer, role: str) -> str:
+    return (
+        f"train #{influencer.train_index}\n{_label_lines(influencer.label, influencer.prediction)}\n"
+        f"I={format_influence(influencer.influence)} {role}"
+    )
+
+
+def _label_lines(label: object, prediction: object) -> str:
+    """``label 3`` and ``pred 8`` lines, each value cut to fit under a tile (the markdown table has it all)."""
+    return f"label {_short(format_value(label))}\npred {_short(format_value(prediction))}"
+
+
+def _short(text: str, limit: int = MAX_CAPTION_VALUE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _title(point: ExplainedPoint) -> str:
+    label = _short(format_value(point.label), MAX_TITLE_VALUE)
+    prediction = _short(format_value(point.prediction), MAX_TITLE_VALUE)
+    return (
+        f"Validation #{point.val_index} (loss {format_float(point.loss)})\n"
+        f"label {label}, prediction {prediction}\n"
+        "positive influence = harmful (red), negative = helpful (green)"
+    )

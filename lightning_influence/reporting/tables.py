@@ -1,0 +1,128 @@
+"""Markdown tables for TensorBoard's text plugin (and anywhere else markdown is read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_influence.reporting._format import (
+    MISSING,
+    SIGN_CONVENTION,
+    format_float,
+    format_influence,
+    format_top,
+    format_value,
+    point_heading,
+    solver_line,
+    timings_line,
+)
+from lightning_influence.reporting.records import ExplainedPoint, InfluenceReport, SolverSummary
+
+POINT_COLUMNS = ("role", "dataset index", "label", "prediction", "loss", "influence")
+SUMMARY_COLUMNS = (
+    "val index",
+    "label",
+    "prediction",
+    "loss",
+    "top harmful (influence)",
+    "top helpful (influence)",
+)
+REMOVAL_NOTE = "Removing a training example changes the validation loss by about -influence / n."
+
+
+def point_markdown(point: ExplainedPoint, solver: SolverSummary) -> str:
+    """Markdown table of one validation point and its top harmful and helpful training examples.
+
+    Args:
+        point: the explained validation point.
+        solver: how its s_test was solved (named in the header line).
+
+    Returns:
+        A header line, the sign convention and a table with one row for the validation example, then
+        ``harmful #1..`` and ``helpful #1..`` (strongest first).
+    """
+    rows = [
+        [
+            "validation",
+            str(point.val_index),
+            *_example_cells(point.label, point.prediction, point.loss),
+            MISSING,
+        ]
+    ]
+    for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
+        for rank, influencer in enumerate(influencers, start=1):
+            cells = _example_cells(influencer.label, influencer.prediction, influencer.loss)
+            rows.append(
+                [
+                    f"{role} #{rank}",
+                    str(influencer.train_index),
+                    *cells,
+                    format_influence(influencer.influence),
+                ]
+            )
+    lines = [
+        f"**{_capitalise(point_heading(point))}**; {solver_line(solver)}.",
+        "",
+        f"Sign convention: {SIGN_CONVENTION}.",
+        "",
+        _table(POINT_COLUMNS, rows),
+    ]
+    return "\n".join(lines)
+
+
+def report_markdown(report: InfluenceReport) -> str:
+    """Markdown summary of a whole report: one row per monitored point, solver settings and timings.
+
+    Args:
+        report: the analysis results at one epoch / global step.
+
+    Returns:
+        Markdown with a heading, the solver and timing lines, the sign convention and the summary table.
+    """
+    rows = [
+        [
+            str(point.val_index),
+            *_example_cells(point.label, point.prediction, point.loss),
+            format_top(point.harmful),
+            format_top(point.helpful),
+        ]
+        for point in report.points
+    ]
+    lines = [
+        (
+            f"**Influence report**: epoch {report.epoch}, global step {report.global_step}, stage "
+            f"`{report.stage}`, {report.train_size} training examples, {len(report.points)} monitored points."
+        ),
+        "",
+        f"- s_test: {solver_line(report.solver)}.",
+        f"- Solver settings: {_settings_text(report.solver.settings)}.",
+        f"- Timings: {timings_line(report.timings)}.",
+        f"- Sign convention: {SIGN_CONVENTION}. {REMOVAL_NOTE}",
+        "",
+        _table(SUMMARY_COLUMNS, rows) if rows else "_No monitored points._",
+    ]
+    return "\n".join(lines)
+
+
+def _example_cells(label: Any, prediction: Any, loss: float | None) -> list[str]:
+    return [format_value(label), format_value(prediction), format_float(loss)]
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    if not settings:
+        return MISSING
+    return ", ".join(f"`{key}={format_value(value)}`" for key, value in settings.items())
+
+
+def _table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table; ``|`` inside cells is escaped."""
+    lines = [_row(columns), _row(["---"] * len(columns))]
+    lines.extend(_row(row) for row in rows)
+    return "\n".join(lines)
+
+
+def _row(cells: Any) -> str:
+    return "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,125 @@
+"""Write an :class:`InfluenceReport` to TensorBoard: captioned grids, markdown tables, histograms, scalars.
+
+Every tag lives under ``influence/``; see ``docs/output-format.md`` for the full list.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import torch
+
+from lightning_influence.reporting.images import influence_grid_figure, looks_like_image
+from lightning_influence.reporting.records import ExplainedPoint, InfluenceReport, SolverSummary
+from lightning_influence.reporting.tables import point_markdown, report_markdown
+
+PREFIX = "influence"
+MAX_TRACE_POINTS = 200
+
+
+class SummaryWriterLike(Protocol):
+    """What :func:`write_report` needs from a writer (``torch.utils.tensorboard.SummaryWriter`` has it)."""
+
+    def add_figure(self, tag: str, figure: Any, global_step: int | None = None) -> Any: ...
+
+    def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> Any: ...
+
+    def add_histogram(self, tag: str, values: Any, global_step: int | None = None) -> Any: ...
+
+    def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
+def write_report(writer: SummaryWriterLike, report: InfluenceReport) -> None:
+    """Write everything in ``report`` to ``writer`` at step ``report.global_step``, then flush.
+
+    Per point ``i`` (its validation index): ``influence/val_{i}/examples`` (a captioned image grid, only
+    when the point and all its influencers carry image inputs), ``influence/val_{i}/table`` (markdown) and
+    ``influence/val_{i}/scores`` (histogram of all scores, when present). For the report:
+    ``influence/summary`` (markdown), ``influence/time/{key}_seconds`` per timing,
+    ``influence/{solver}/final_update`` and the convergence trace
+    ``influence/{solver}_trace/epoch_{epoch}/repeat_{r}`` (step = recursion step, 1-based) when the solver
+    recorded a trace; ``{solver}`` is ``lissa`` for LiSSA.
+
+    Args:
+        writer: a ``SummaryWriter`` or anything with ``add_figure``, ``add_text``, ``add_histogram``,
+            ``add_scalar`` and ``flush``.
+        report: the analysis results.
+    """
+    step = report.global_step
+    for point in report.points:
+        _write_point(writer, point, report.solver, step)
+    writer.add_text(f"{PREFIX}/summary", report_markdown(report), global_step=step)
+    for key, seconds in report.timings.items():
+        writer.add_scalar(f"{PREFIX}/time/{_tag_part(key)}_seconds", float(seconds), global_step=step)
+    _write_trace(writer, report.solver, report.epoch, step)
+    writer.flush()
+
+
+def has_image_inputs(point: ExplainedPoint) -> bool:
+    """Whether ``point`` and every one of its influencers carry an input that looks like an image."""
+    inputs = [point.input] + [influencer.input for influencer in (*point.harmful, *point.helpful)]
+    return all(x is not None and looks_like_image(x) for x in inputs)
+
+
+def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: SolverSummary, step: int) -> None:
+    tag = f"{PREFIX}/val_{point.val_index}"
+    if has_image_inputs(point):
+        writer.add_figure(f"{tag}/examples", influence_grid_figure(point), global_step=step)
+    writer.add_text(f"{tag}/table", point_markdown(point, solver), global_step=step)
+    if point.scores is not None:
+        scores = point.scores.detach().to("cpu", torch.float64).flatten()
+        scores = scores[torch.isfinite(scores)]
+        if scores.numel() > 0:
+            writer.add_histogram(f"{tag}/scores", scores, global_step=step)
+
+
+def _write_trace(writer: SummaryWriterLike, solver: SolverSummary, epoch: int, step: int) -> None:
+    """The solver's final trace value (max over repeats) and each repeat's subsampled trace.
+
+    Tags carry the solver's name: ``influence/lissa/final_update`` and ``influence/lissa_trace/...`` for
+    LiSSA (relative update per recursion step), ``influence/cg/...`` for CG (relative residuals).
+    """
+    if solver.trace is None or solver.trace.numel() == 0:
+        return
+    trace = solver.trace.detach().to("cpu", torch.float64)
+    trace = trace.reshape(1, -1) if trace.ndim == 1 else trace
+    name = _tag_part(solver.solver)
+    finals = []
+    for repeat, row in enumerate(trace):
+        steps = subsample_steps(row)
+        for index in steps.tolist():
+            writer.add_scalar(
+                f"{PREFIX}/{name}_trace/epoch_{epoch}/repeat_{repeat}",
+                float(row[index]),
+                global_step=index + 1,
+            )
+        if steps.numel() > 0:
+            finals.append(float(row[steps[-1]]))
+    if finals:
+        writer.add_scalar(f"{PREFIX}/{name}/final_update", max(finals), global_step=step)
+
+
+def subsample_steps(row: torch.Tensor, max_points: int = MAX_TRACE_POINTS) -> torch.Tensor:
+    """Zero-based positions of at most ``max_points`` finite values in ``row``, evenly spread.
+
+    The first and the last finite values are always kept; NaN padding (and inf) is skipped.
+
+    Example:
+        >>> subsample_steps(torch.tensor([1.0, 0.5, 0.2, float("nan")]), max_points=2).tolist()
+        [0, 2]
+    """
+    if max_points < 2:
+        raise ValueError(f"Expected `max_points` to be at least 2, but got {max_points}.")
+    finite = torch.isfinite(row).nonzero().flatten()
+    if finite.numel() <= max_points:
+        return finite
+    picks = torch.linspace(0, finite.numel() - 1, max_points, dtype=torch.float64).round().long()
+    return finite[picks.unique()]
+
+
+def _tag_part(name: str) -> str:
+    """Make ``name`` safe inside a tag: anything but letters, digits, ``_``, ``-`` and ``.`` becomes ``_``."""
+    return re.sub(r"[^\w.\-]", "_", str(name))
