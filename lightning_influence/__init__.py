@@ -16,9 +16,18 @@ from lightning_influence.core import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # the callback imports Lightning (seconds): load it only when asked for
+    if name == "InfluenceCallback":
+        from lightning_influence.callbacks.influence import InfluenceCallback
+
+        return InfluenceCallback
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
+
 __all__ = [
     "CGConfig",
     "ExactConfig",
+    "InfluenceCallback",
     "LissaConfig",
     "LissaDivergenceError",
     "STest",

@@ -82,7 +82,14 @@ def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: 
 
 
 def lissa_repeat(
-    hvp: BatchHVP, stream: Iterator[Batch], v: torch.Tensor, damping: float, scale: float, config: LissaConfig, repeat: int
+    hvp: BatchHVP,
+    stream: Iterator[Batch],
+    v: torch.Tensor,
+    damping: float,
+    scale: float,
+    config: LissaConfig,
+    repeat: int,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows)."""
     tiny = torch.finfo(v.dtype).tiny
@@ -103,6 +110,8 @@ def lissa_repeat(
         h = h_next
         relative = float((update / h.norm(dim=1).clamp_min(tiny)).max())
         trace.append(relative)
+        if on_step is not None:
+            on_step()
         if config.tol > 0 and relative < config.tol:
             break
     return h / scale, torch.tensor(trace)
@@ -116,12 +125,13 @@ def lissa_repeats(
     scale: float,
     config: LissaConfig,
     repeat_ids: Sequence[int],
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum of the repeats ``repeat_ids`` (divide by ``config.repeats`` after combining) and their traces."""
     total = torch.zeros_like(vectors)
     traces = []
     for repeat in repeat_ids:
-        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat)
+        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step)
         total += x
         traces.append(trace)
     return total, traces

@@ -7,7 +7,7 @@ exposes each step of the data flow once: test gradients -> s_test -> scores.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -103,7 +103,9 @@ class InfluenceProblem:
                 self._scale = float(self.config.scale)
         return self._scale
 
-    def lissa_partial(self, vectors: torch.Tensor, repeat_ids: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def lissa_partial(
+        self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sum over LiSSA repeats ``repeat_ids`` of ``h_J / scale``, and their traces (for splitting repeats)."""
         assert isinstance(self.config, LissaConfig)
         seed = self.config.seed
@@ -115,9 +117,10 @@ class InfluenceProblem:
             self.lissa_scale(),
             self.config,
             repeat_ids,
+            on_step,
         )
 
-    def solve(self, vectors: torch.Tensor) -> STest:
+    def solve(self, vectors: torch.Tensor, on_step: Callable[[], None] | None = None) -> STest:
         """``(H + damping I)^-1 v`` for every row of ``vectors`` with the configured solver."""
         start = time.perf_counter()
         config = self.config
@@ -133,7 +136,7 @@ class InfluenceProblem:
             x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)
             info = SolveInfo("cg", self.damping, 0.0, converged, trace=trace[None], iterations=iterations)
         else:
-            total, traces = self.lissa_partial(vectors, range(config.repeats))
+            total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
             x = total / config.repeats
             info = lissa_info(self.damping, self.lissa_scale(), traces, config)
         seconds = time.perf_counter() - start

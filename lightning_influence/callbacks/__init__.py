@@ -1,0 +1,3 @@
+from lightning_influence.callbacks.influence import InfluenceCallback
+
+__all__ = ["InfluenceCallback"]

@@ -1,0 +1,65 @@
+"""Indexed access to a map-style dataset: fixed-order loaders over index lists, and collated fetches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data.dataloader import default_collate
+
+from lightning_influence.core.batching import batch_size_of
+
+
+@dataclass(frozen=True)
+class IndexedData:
+    """A map-style dataset read in a fixed order, so every score can be tied to a dataset index.
+
+    Args:
+        dataset: the user's dataset (indices reported are indices into it).
+        collate_fn: how the user's loader collates examples (default: torch's ``default_collate``).
+        batch_size: examples per batch when iterating.
+    """
+
+    dataset: Dataset
+    collate_fn: Optional[Callable[[list[Any]], Any]] = None
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, IterableDataset) or not hasattr(self.dataset, "__getitem__"):
+            raise TypeError(
+                f"Expected a map-style dataset (with __len__ and __getitem__) so training examples can be identified"
+                f" by index, but got {type(self.dataset).__name__}. Pass `train_dataset=` a map-style dataset (e.g."
+                " a TensorDataset of the same data)."
+            )
+
+    @classmethod
+    def from_loader(cls, loader: DataLoader, batch_size: int | None = None) -> IndexedData:
+        """The dataset and collate function of a user's DataLoader (its sampler and shuffling are ignored)."""
+        return cls(loader.dataset, loader.collate_fn, batch_size or loader.batch_size or 256)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def loader(self, indices: Sequence[int] | None = None) -> DataLoader:
+        """Sequential loader over ``indices`` (default all), in that order, without padding or duplicates."""
+        source = self.dataset if indices is None else Subset(self.dataset, list(indices))
+        return DataLoader(source, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn or default_collate)
+
+    def fetch(self, indices: Sequence[int]) -> Any:
+        """The examples ``indices`` collated into one batch."""
+        collate = self.collate_fn or default_collate
+        return collate([self.dataset[int(i)] for i in indices])
+
+    def batches_with_indices(self, indices: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+        """``(dataset_indices, batch)`` pairs in order."""
+        order = torch.arange(len(self)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        start = 0
+        for batch in self.loader(indices):
+
+
+            size = batch_size_of(batch)
+            yield order[start : start + size], batch
+            start += size

@@ -1,0 +1,5 @@
+"""Collectives behind a small protocol, so the analysis runs the same on one process or many."""
+
+from lightning_influence.distributed.collectives import Collectives, SingleProcess
+
+__all__ = ["Collectives", "SingleProcess"]

@@ -1,0 +1,280 @@
+"""Explain validation points by training examples: the analysis the callback runs, on every rank.
+
+Data flows one way: validation losses -> monitored points -> s_test -> training scores (a shard per rank)
+-> merged top-k -> report records. Lightning-free: ranks talk only through a :class:`Collectives`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_influence.core.batching import Batch, prepare_batch
+from lightning_influence.core.config import LissaConfig, SolveInfo, SolverConfig
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.losses import LossFn, check_per_example_losses
+from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.problem import InfluenceProblem, lissa_info
+from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
+from lightning_influence.distributed.collectives import Collectives, SingleProcess
+from lightning_influence.reporting.images import looks_like_image
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary
+
+#: Influence scores kept per monitored point for its histogram (a regular subsample beyond this).
+MAX_HISTOGRAM_SCORES = 100_000
+
+Describe = Callable[[nn.Module, Batch], "Description"]
+
+
+@dataclass(frozen=True)
+class Description:
+    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None)."""
+
+    inputs: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    predictions: Optional[torch.Tensor]
+
+
+def describe_batch(model: nn.Module, batch: Batch) -> Description:
+    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax."""
+    inputs = labels = None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        inputs = batch[0]
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+    elif isinstance(batch, dict):
+        inputs = next((batch[k] for k in ("input", "inputs", "x", "image", "images", "features") if k in batch), None)
+        labels = next((batch[k] for k in ("label", "labels", "y", "target", "targets") if k in batch), None)
+    predictions = None
+    if isinstance(inputs, torch.Tensor):
+        with torch.no_grad():
+            out = model(inputs)
+        if isinstance(out, torch.Tensor) and out.dim() == 2:
+            predictions = out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
+    return Description(inputs, labels, predictions)
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to explain and how to score. ``val_indices`` overrides ``num_worst``."""
+
+    top_k: int = 10
+    num_worst: int = 8
+    val_indices: Optional[tuple[int, ...]] = None
+    misclassified_only: bool = False
+    scoring: str = "auto"
+    chunk_size: int = 256
+    keep_full_scores: bool = False
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The result on rank 0 (other ranks get the same points with ``full_scores=None``)."""
+
+    points: tuple[ExplainedPoint, ...]
+    solver: SolverSummary
+    timings: dict[str, float]
+    train_size: int
+    full_scores: Optional[torch.Tensor] = None
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Every ``world_size``-th index starting at ``rank``: disjoint shards that cover all, no padding."""
+    return list(indices)[rank::world_size]
+
+
+def validation_losses(
+    model: nn.Module, loss_fn: LossFn, val: IndexedData, device: torch.device, collectives: Collectives
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Per-example losses (and predictions) of the whole validation set, each rank a shard, gathered."""
+    local = []
+    for indices, batch in val.batches_with_indices(shard(range(len(val)), collectives.rank, collectives.world_size)):
+        batch = prepare_batch(batch, device)
+        with torch.no_grad():
+            losses = check_per_example_losses(loss_fn(model, batch), len(indices))
+        predictions = describe_batch(model, batch).predictions
+        local.append((indices, losses.detach().cpu(), None if predictions is None else predictions.cpu()))
+    parts = [part for rank_parts in collectives.gather_objects(local) for part in rank_parts]
+    if not parts:
+        raise ValueError("Expected a non-empty validation set to pick points to explain, but it has no examples.")
+    indices = torch.cat([p[0] for p in parts])
+    order = indices.argsort()
+    losses = torch.cat([p[1] for p in parts])[order]
+    has_predictions = all(p[2] is not None for p in parts)
+    predictions = torch.cat([p[2] for p in parts])[order] if has_predictions else None
+    return indices[order], losses, predictions
+
+
+def select_points(
+    settings: ExplainSettings, val: IndexedData, losses: torch.Tensor, predictions: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+) -> list[int]:
+    """The validation indices to explain: the given ones, or the highest-loss (misclassified) examples."""
+    if settings.val_indices is not None:
+        outside = [i for i in settings.val_indices if not 0 <= i < len(val)]
+        if outside:
+            raise ValueError(
+                f"Expected `val_indices` to be indices into the validation dataset (0 to {len(val) - 1}), but got"
+                f" {outside}. Pick indices below {len(val)}, or leave `val_indices` unset to explain the worst points."
+            )
+        return list(settings.val_indices)
+    candidates = torch.ones_like(losses, dtype=torch.bool)
+    if settings.misclassified_only and predictions is not None and labels is not None:
+        candidates = predictions != labels
+    ranked = torch.where(candidates, losses, torch.full_like(losses, -float("inf"))).argsort(descending=True, stable=True)
+    count = min(settings.num_worst, int(candidates.sum()))
+    return ranked[:count].tolist()
+
+
+def solve_s_test(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo]:
+    """s_test; LiSSA repeats are split over ranks (rank r runs r, r+R, ...) and combined by one sum."""
+    config = problem.config
+    if not isinstance(config, LissaConfig):
+        result = problem.solve(gradients, on_step)
+        return result.vectors, result.info
+    start = time.perf_counter()
+    ids = range(collectives.rank, config.repeats, collectives.world_size)
+    partial, traces = problem.lissa_partial(gradients, ids, on_step)
+    vectors = collectives.sum(partial) / config.repeats
+    all_traces = [t for rank_traces in collectives.gather_objects(traces) for t in rank_traces]
+    info = lissa_info(problem.damping, problem.lissa_scale(), all_traces, config)
+    return vectors, SolveInfo(**{**info.__dict__, "seconds": time.perf_counter() - start})
+
+
+def score_training_set(
+    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainSettings,
+    collectives: Collectives, on_chunk: Callable[[int], None] | None,
+) -> tuple[TopInfluences, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Top-k over this rank's shard merged across ranks; histogram sample and (optionally) full scores."""
+    local_indices = shard(range(len(train)), collectives.rank, collectives.world_size)
+    top = StreamingTopK(s_vectors.shape[0], settings.top_k)
+    step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
+    kept_scores, kept_indices = [], []
+    for indices, batch in train.batches_with_indices(local_indices):
+        position = 0
+        for block in problem.scores(s_vectors, [batch], settings.scoring, settings.chunk_size):
+            block_indices = indices[position : position + block.shape[1]]
+            position += block.shape[1]
+            top.update(block, block_indices)
+            keep = slice(None) if settings.keep_full_scores else (block_indices % step == 0)
+            kept_scores.append(block.cpu()[:, keep])
+            kept_indices.append(block_indices[keep])
+            if on_chunk is not None:
+                on_chunk(block.shape[1])
+    local = top.result()
+    merged_top = collectives.gather_objects((local, torch.cat(kept_scores, 1), torch.cat(kept_indices)))
+    scores = torch.cat([m[1] for m in merged_top], dim=1)
+    indices = torch.cat([m[2] for m in merged_top])
+    order = indices.argsort()
+    scores, indices = scores[:, order], indices[order]
+    merged = top_influences_of(
+        torch.cat([torch.cat([m[0].harmful_scores, m[0].helpful_scores], 1) for m in merged_top], 1),
+        torch.cat([torch.cat([m[0].harmful_indices, m[0].helpful_indices], 1) for m in merged_top], 1),
+        settings.top_k,
+    )
+    return merged, scores, (scores if settings.keep_full_scores else None)
+
+
+def _influencers(
+    model: nn.Module, loss_fn: LossFn, train: IndexedData, indices: torch.Tensor, scores: torch.Tensor,
+    device: torch.device, describe: Describe,
+) -> tuple[Influencer, ...]:
+    batch = prepare_batch(train.fetch(indices.tolist()), device)
+    with torch.no_grad():
+        losses = loss_fn(model, batch).detach().cpu()
+    info = describe(model, batch)
+    images = info.inputs is not None and looks_like_image(info.inputs[0])
+    return tuple(
+        Influencer(
+            train_index=int(index),
+            influence=float(score),
+            label=_item(info.labels, row),
+            prediction=_item(info.predictions, row),
+            loss=float(losses[row]),
+            input=info.inputs[row].detach().cpu() if images else None,
+        )
+        for row, (index, score) in enumerate(zip(indices.tolist(), scores.tolist()))
+    )
+
+
+def _item(values: Optional[torch.Tensor], row: int) -> Any:
+    if values is None:
+        return None
+    value = values[row]
+    return value.item() if value.numel() == 1 else value.tolist()
+
+
+def explain(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train: IndexedData,
+    val: IndexedData,
+    config: SolverConfig,
+    damping: float,
+    settings: ExplainSettings,
+    collectives: Collectives | None = None,
+    describe: Describe = describe_batch,
+    on_lissa_step: Callable[[], None] | None = None,
+    on_scored: Callable[[int], None] | None = None,
+) -> Explanation:
+    """Explain the monitored validation points of ``model`` by the training examples of ``train``.
+
+    Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars.
+    """
+    collectives = collectives or SingleProcess()
+    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
+    device = problem.device
+    timings: dict[str, float] = {}
+    with analysis_mode(model):
+        start = time.perf_counter()
+        _, losses, predictions = validation_losses(model, loss_fn, val, device, collectives)
+        labels = describe(model, prepare_batch(val.fetch(range(len(val))), device)).labels if settings.misclassified_only else None
+        chosen = select_points(settings, val, losses, predictions, None if labels is None else labels.cpu())
+        if not chosen:
+            raise ValueError("No validation point to explain: with `misclassified_only=True` the model made no error.")
+        test_batch = prepare_batch(val.fetch(chosen), device)
+        gradients = problem.gradients(test_batch)
+        timings["select"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        s_vectors, info = solve_s_test(problem, gradients, collectives, on_lissa_step)
+        timings["s_test"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        top, kept_scores, full_scores = score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
+        timings["scoring"] = time.perf_counter() - start
+
+        test_info = describe(model, test_batch)
+        images = test_info.inputs is not None and looks_like_image(test_info.inputs[0])
+        points = []
+        for row, val_index in enumerate(chosen):
+            harmful = _influencers(model, loss_fn, train, top.harmful_indices[row], top.harmful_scores[row], device, describe)
+            helpful = _influencers(model, loss_fn, train, top.helpful_indices[row], top.helpful_scores[row], device, describe)
+            points.append(
+                ExplainedPoint(
+                    val_index=int(val_index),
+                    label=_item(test_info.labels, row),
+                    prediction=_item(test_info.predictions, row),
+                    loss=float(losses[val_index]),
+                    harmful=harmful,
+                    helpful=helpful,
+                    scores=kept_scores[row] if kept_scores is not None else None,
+                    input=test_info.inputs[row].detach().cpu() if images else None,
+                )
+            )
+    summary = SolverSummary(
+        solver=info.solver,
+        damping=info.damping,
+        converged=info.converged,
+        seconds=info.seconds,
+        scale=info.scale,
+        settings={k: v for k, v in config.__dict__.items()},
+        trace=info.trace,
+    )
+    return Explanation(tuple(points), summary, timings, len(train), full_scores)
