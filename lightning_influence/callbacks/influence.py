@@ -190,6 +190,8 @@ class InfluenceCallback(pl.Callback):
                               "val_indices": [p.val_index for p in explanation.points]})
         if trainer.is_global_zero:
             self._write(trainer, explanation, stage, epoch)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("influence_written")  # no rank runs ahead into the next epoch
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Explanation:
         loss_fn = self._resolve_loss_fn(pl_module)
