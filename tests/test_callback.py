@@ -221,3 +221,21 @@ def test_flat_vector_inputs_get_tables_but_no_images(tmp_path):
     tags = _events(trainer.logger.log_dir).Tags()
     assert not [t for t in tags["images"] if t.startswith("influence/")]
     assert len([t for t in tags["tensors"] if t.endswith("/table/text_summary")]) == 2
+
+
+def test_misclassified_only_and_saved_full_scores(tmp_path):
+    callback = InfluenceCallback(num_worst=60, top_k=2, solver="exact", damping=0.5, misclassified_only=True,
+                                 save_scores=True, verbose=False)
+    trainer, model = _fit(tmp_path, callback, epochs=1)
+    _, val = _data()
+    with torch.no_grad():
+        wrong = set((model(val[:][0]).argmax(1) != val[:][1]).nonzero().flatten().tolist())
+    chosen = callback.analysed[-1]["val_indices"]
+    assert wrong and set(chosen) == wrong  # fewer errors than num_worst: all of them, nothing else
+    saved = torch.load(f"{trainer.logger.log_dir}/influence/epoch=0-scores.pt")
+    assert saved["scores"].shape == (len(chosen), 240)
+    assert saved["val_indices"].tolist() == chosen
+    explanation = callback.last_explanation
+    for row, point in enumerate(explanation.points):
+        top = saved["scores"][row].topk(2)
+        assert [e.train_index for e in point.harmful] == top.indices.tolist()
