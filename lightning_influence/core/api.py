@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
-from lightning_influence.core.config import ExactConfig, STest, check_damping, make_solver_config
+from lightning_influence.core.config import STest, check_damping, make_solver_config
 from lightning_influence.core.losses import LossFn
 from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
@@ -134,8 +134,10 @@ def self_influence(
 ) -> torch.Tensor:
     """Self-influence ``I(z, z) = -grad L(z)^T (H + damping I)^-1 grad L(z)`` of every training example.
 
-    ``solver="exact"`` uses one eigendecomposition for all examples; ``"cg"``/``"lissa"`` solve one system per
-    example (in chunks of ``chunk_size``) and are slow on large training sets.
+    ``solver="exact"`` uses one eigendecomposition for all examples (small models); ``"lowrank"`` (the scalable
+    choice) takes the top ``rank`` eigenpairs of H by Lanczos and then needs one pass of per-example gradients:
+    ``g^T A^-1 g ~= sum_j (q_j . g)^2 / (w_j + damping) + ||g - Q Q^T g||^2 / damping``. ``"cg"``/``"lissa"``
+    solve one system per example (in chunks of ``chunk_size``): slow on large training sets.
 
     Returns:
         ``[n_train]`` scores in ``train_loader``'s order. Large ``|I(z, z)|`` marks likely mislabelled examples.
@@ -146,8 +148,9 @@ def self_influence(
         for batch in problem.train_batches():
             for start in range(0, batch_size_of(batch), chunk_size):
                 grads = problem.gradients(slice_batch(batch, start, start + chunk_size))
-                if isinstance(problem.config, ExactConfig):
-                    results.append(-problem.exact_inverse().quadratic_forms(grads))
+                inverse = problem.inverse_operator()
+                if inverse is not None:
+                    results.append(-inverse.quadratic_forms(grads))
                 else:
                     results.append(-(problem.solve(grads).vectors * grads).sum(dim=1))
     return torch.cat(results)

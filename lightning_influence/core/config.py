@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
-SOLVERS = ("lissa", "cg", "exact")
+SOLVERS = ("lissa", "cg", "exact", "lowrank")
 SCORING_METHODS = ("auto", "jvp", "per_example_grad")
 
 
@@ -85,8 +85,41 @@ class ExactConfig:
         _expect(self.max_parameters >= 1, "max_parameters", "a positive int", self.max_parameters)
 
 
-SolverConfig = Union[LissaConfig, CGConfig, ExactConfig]
-_CONFIGS = {"lissa": LissaConfig, "cg": CGConfig, "exact": ExactConfig}
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Top eigenpairs of H by Lanczos on HVPs; damping alone on the remaining directions.
+
+    Attributes:
+        rank: eigenpairs kept (largest eigenvalues).
+        iterations: Lanczos steps (each one HVP pass over ``hvp_examples``); 0 means ``2 * rank``.
+        hvp_examples: training examples the Lanczos HVPs average over (a fixed seeded subset; None = all).
+        seed: seeds the subset and the start vector.
+        residual: add ``(g - Q Q^T g) / damping`` for the directions outside the top eigenspace.
+    """
+
+    rank: int = 64
+    iterations: int = 0
+    hvp_examples: Optional[int] = 2048
+    seed: int = 0
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.rank, int) and self.rank >= 1, "rank", "a positive int", self.rank)
+        _expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        _expect(
+            self.hvp_examples is None or (isinstance(self.hvp_examples, int) and self.hvp_examples >= 1),
+            "hvp_examples",
+            "a positive int or None",
+            self.hvp_examples,
+        )
+
+    @property
+    def steps(self) -> int:
+        return self.iterations or 2 * self.rank
+
+
+SolverConfig = Union[LissaConfig, CGConfig, ExactConfig, LowRankConfig]
+_CONFIGS = {"lissa": LissaConfig, "cg": CGConfig, "exact": ExactConfig, "lowrank": LowRankConfig}
 
 
 def make_solver_config(solver: str, options: dict[str, Any]) -> SolverConfig:

@@ -45,6 +45,41 @@ class ExactInverse:
         return (coords.square() / (self.eigenvalues + self.damping)).sum(dim=1).to(vectors.dtype)
 
 
+@dataclass(frozen=True)
+class LowRankInverse:
+    """``(H + damping I)^-1`` from the top eigenpairs of H (Lanczos), damping alone on the rest of the space.
+
+    ``A^-1 v ~= Q diag(1/(w + damping)) Q^T v + (v - Q Q^T v) / damping``; with ``residual=False`` the second term
+    is dropped (the inverse restricted to the top eigenspace).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    damping: float
+    residual: bool = True
+
+    def _coords(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.eigenvectors.to(vectors)
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        coords = self._coords(vectors)
+        inverse = (1.0 / (self.eigenvalues + self.damping)).to(vectors)
+        out = (coords * inverse) @ self.eigenvectors.T.to(vectors)
+        if self.residual and self.damping > 0:
+            out = out + (vectors - coords @ self.eigenvectors.T.to(vectors)) / self.damping
+        return out
+
+    def quadratic_forms(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``g^T (H + damping I)^-1 g`` per row: one projection onto the top eigenvectors, no solve."""
+        coords = self._coords(vectors).double()
+        inside = coords.square()
+        total = (inside / (self.eigenvalues + self.damping)).sum(dim=1)
+        if self.residual and self.damping > 0:
+            rest = (vectors.double().square().sum(dim=1) - inside.sum(dim=1)).clamp_min(0.0)
+            total = total + rest / self.damping
+        return total.to(vectors.dtype)
+
+
 def conjugate_gradient(
     matvec: MatVec, vectors: torch.Tensor, config: CGConfig
 ) -> tuple[torch.Tensor, torch.Tensor, bool, int]:

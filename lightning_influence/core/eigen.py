@@ -32,3 +32,44 @@ def top_eigenvalue(
             break
         v = w / norm
     return abs(estimate)
+
+
+def lanczos(
+    matvec: MatVec, dim: int, steps: int, *, generator: torch.Generator | None = None, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs of a symmetric operator from ``steps`` Lanczos iterations with full reorthogonalisation.
+
+    Args:
+        matvec: ``[1, P] -> [1, P]`` product with the operator.
+        dim: P.
+        steps: Krylov dimension m (at most P); the extreme eigenvalues converge first.
+        generator: seeds the start vector.
+        like: a tensor giving dtype and device of the basis.
+
+    Returns:
+        ``(eigenvalues [m'], eigenvectors [P, m'])`` ascending, with ``m' <= steps`` (fewer if the Krylov
+        space is exhausted). Eigenvalues are computed in float64; vectors keep ``like``'s dtype.
+    """
+    steps = min(steps, dim)
+    basis = torch.zeros(steps, dim, dtype=like.dtype, device=like.device)
+    q = torch.randn(dim, generator=generator, dtype=torch.float64).to(like)
+    basis[0] = q / q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = matvec(basis[j][None])[0]
+        alphas.append(float(w @ basis[j]))
+        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis: numerically orthogonal
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(w.norm())
+        if j + 1 == steps or beta < 1e-10 * max(1.0, abs(alphas[-1])):
+            break
+        betas.append(beta)
+        basis[j + 1] = w / beta
+    m = len(alphas)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    return values, basis[:m].T @ vectors.to(basis)

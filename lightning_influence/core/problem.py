@@ -11,11 +11,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.config import CGConfig, ExactConfig, LissaConfig, SolveInfo, SolverConfig, STest
-from lightning_influence.core.direct import ExactInverse, conjugate_gradient
+from lightning_influence.core.config import (
+    CGConfig,
+    ExactConfig,
+    LissaConfig,
+    LowRankConfig,
+    SolveInfo,
+    SolverConfig,
+    STest,
+)
+from lightning_influence.core.direct import ExactInverse, LowRankInverse, conjugate_gradient
+from lightning_influence.core.eigen import lanczos
 from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
 from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
 from lightning_influence.core.losses import FunctionalLoss, LossFn
@@ -48,6 +57,7 @@ class InfluenceProblem:
         self.damping = damping
         self.config = config
         self._exact: ExactInverse | None = None
+        self._low_rank: LowRankInverse | None = None
         self._scale: float | None = None
 
     # -- gradients and HVPs -------------------------------------------------------------------------------
@@ -80,6 +90,41 @@ class InfluenceProblem:
             matrix = hessian(self.loss, self.params, self.train_batches())
             self._exact = ExactInverse.from_hessian(matrix, self.damping)
         return self._exact
+
+    def low_rank_inverse(self) -> LowRankInverse:
+        """Top ``rank`` eigenpairs of H by Lanczos (HVPs over a fixed subset of the training data), cached."""
+        if self._low_rank is None:
+            assert isinstance(self.config, LowRankConfig)
+            config = self.config
+            batches = list(self._hvp_subset(config.hvp_examples, config.seed))
+            like = next(iter(self.params.values()))
+            generator = torch.Generator().manual_seed(config.seed)
+            values, vectors = lanczos(
+                lambda v: dataset_hvp(self.loss, self.params, batches, v), self.num_params, config.steps,
+                generator=generator, like=like,
+            )
+            keep = values.argsort(descending=True)[: config.rank]
+            self._low_rank = LowRankInverse(values[keep], vectors[:, keep], self.damping, config.residual)
+        return self._low_rank
+
+    def _hvp_subset(self, examples: int | None, seed: int) -> Iterator[Batch]:
+        loader = self.train_loader
+        if examples is None or not isinstance(loader, DataLoader) or examples >= len(loader.dataset):  # type: ignore[arg-type]
+            yield from self.train_batches()
+            return
+        chosen = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(seed))[:examples]  # type: ignore[arg-type]
+        subset = DataLoader(Subset(loader.dataset, chosen.tolist()), batch_size=loader.batch_size or 256,
+                            collate_fn=loader.collate_fn)
+        for batch in subset:
+            yield prepare_batch(batch, self.device)
+
+    def inverse_operator(self) -> ExactInverse | LowRankInverse | None:
+        """The factorised inverse for solvers that have one (exact, lowrank), else None."""
+        if isinstance(self.config, ExactConfig):
+            return self.exact_inverse()
+        if isinstance(self.config, LowRankConfig):
+            return self.low_rank_inverse()
+        return None
 
     def _stream(self, seed: int) -> Iterator[Batch]:
         loader = self.train_loader
@@ -131,6 +176,13 @@ class InfluenceProblem:
             info = SolveInfo(
                 "exact", self.damping, 0.0, float(w[0]) + self.damping > 0, eigenvalue_min=float(w[0]),
                 eigenvalue_max=float(w[-1]),
+            )
+        elif isinstance(config, LowRankConfig):
+            low_rank = self.low_rank_inverse()
+            x = low_rank.solve(vectors)
+            info = SolveInfo(
+                "lowrank", self.damping, 0.0, True, eigenvalue_min=float(low_rank.eigenvalues.min()),
+                eigenvalue_max=float(low_rank.eigenvalues.max()), iterations=config.steps,
             )
         elif isinstance(config, CGConfig):
             x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)

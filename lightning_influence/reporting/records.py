@@ -66,3 +66,33 @@ class InfluenceReport:
     points: tuple[ExplainedPoint, ...]
     solver: SolverSummary
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MislabelCandidate:
+    """A training example ranked by self-influence ``I(z, z) = -g^T (H + damping I)^-1 g`` (always <= 0 when
+    ``H + damping I`` is positive definite; a large ``|I(z, z)|`` means the model had to bend to fit it).
+
+    ``loss_rank`` is the example's rank by training loss (0 = highest loss), the plain baseline shown beside it.
+    """
+
+    train_index: int
+    self_influence: float
+    loss: float
+    loss_rank: int
+    label: Any = None
+    prediction: Any = None
+    input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MislabelReport:
+    """The top training examples by ``|I(z, z)|`` at one analysis, and how they were computed."""
+
+    epoch: int
+    global_step: int
+    train_size: int
+    candidates: tuple[MislabelCandidate, ...]
+    solver: SolverSummary
+    seconds: float
+    scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
