@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.core.config import SolverConfig, check_damping, make_solver_config
+from lightning_influence.core.config import LowRankConfig, SolverConfig, check_damping, make_solver_config
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.explain import Explanation, ExplainSettings, explain
+from lightning_influence.mislabel import find_mislabel_candidates
 from lightning_influence.reporting import InfluenceReport, print_summary, write_report, write_report_files
+from lightning_influence.reporting.records import MislabelReport
 
 _SOLVER_OPTIONS = {"lissa": ("depth", "repeats", "batch_size", "scale", "seed", "tol"), "cg": ("max_iter", "tol"), "exact": ()}
 
@@ -55,6 +57,9 @@ class InfluenceCallback(pl.Callback):
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
         train_dataloader: a loader whose dataset and collate function to use instead.
         save_scores: also write the full ``[points, n_train]`` score matrix as a tensor file.
+        mislabel_candidates: also report this many training examples with the largest self-influence
+            ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
+        mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
         strict: re-raise errors of the analysis instead of warning and letting training go on.
         verbose: print a summary table on rank zero after each analysis.
 
@@ -87,6 +92,8 @@ class InfluenceCallback(pl.Callback):
         train_dataset: Optional[Dataset] = None,
         train_dataloader: Optional[DataLoader] = None,
         save_scores: bool = False,
+        mislabel_candidates: int = 0,
+        mislabel_rank: int = 64,
         strict: bool = False,
         verbose: bool = True,
     ) -> None:
@@ -97,6 +104,8 @@ class InfluenceCallback(pl.Callback):
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", "a positive int", chunk_size)
         _check(scoring in ("auto", "jvp", "per_example_grad"), "scoring", "'auto', 'jvp' or 'per_example_grad'", scoring)
+        _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
+               "an int >= 0", mislabel_candidates)
         if val_indices is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0
             _check(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", val_indices)
@@ -115,6 +124,11 @@ class InfluenceCallback(pl.Callback):
             top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
             misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size, keep_full_scores=save_scores,
         )
+        try:
+            self.mislabel_config = LowRankConfig(rank=mislabel_rank)
+        except ValueError as err:
+            raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
+        self.mislabel_candidates = mislabel_candidates
         self.every_n_epochs = every_n_epochs
         self.analyse_on_train_end = analyse_on_train_end
         self.analyse_on_validate = analyse_on_validate
@@ -177,6 +191,7 @@ class InfluenceCallback(pl.Callback):
         try:
             with isolate_rng():
                 explanation = self._explain(trainer, pl_module)
+                mislabel = self._mislabel(trainer, pl_module, epoch) if self.mislabel_candidates else None
         except Exception as err:  # noqa: BLE001 - the user's training must survive a failed analysis
             if self.strict:
                 raise
@@ -190,6 +205,8 @@ class InfluenceCallback(pl.Callback):
                               "val_indices": [p.val_index for p in explanation.points]})
         if trainer.is_global_zero:
             self._write(trainer, explanation, stage, epoch)
+            if mislabel is not None:
+                self._write_mislabel(trainer, mislabel)
         if trainer.world_size > 1:
             trainer.strategy.barrier("influence_written")  # no rank runs ahead into the next epoch
 
@@ -206,6 +223,17 @@ class InfluenceCallback(pl.Callback):
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
                            on_lissa_step=lambda: on_step(1), on_scored=on_scored)
+
+    def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
+        train = self._train_data(trainer, pl_module)
+        collectives = self._collectives(trainer)
+        shard_size = len(range(collectives.rank, len(train), collectives.world_size))
+        with progress_task(trainer, "influence: self-influence", shard_size) as on_scored:
+            return find_mislabel_candidates(
+                pl_module, self._resolve_loss_fn(pl_module), train, self.mislabel_config, self.damping,
+                self.mislabel_candidates, epoch=epoch, global_step=trainer.global_step, collectives=collectives,
+                on_scored=on_scored,
+            )
 
     def _collectives(self, trainer: pl.Trainer) -> Collectives:
         if trainer.world_size == 1:
@@ -273,6 +301,15 @@ class InfluenceCallback(pl.Callback):
         if self.verbose:
             print_summary(report)
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
+
+    def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport) -> None:
+        from lightning_influence.reporting import print_mislabel_summary, write_mislabel_files, write_mislabel_report
+
+        writer, log_dir = self._writer(trainer)
+        write_mislabel_report(writer, report)
+        write_mislabel_files(log_dir / "influence", report)
+        if self.verbose:
+            print_mislabel_summary(report)
 
     def _writer(self, trainer: pl.Trainer) -> tuple[Any, Path]:
         for logger in trainer.loggers:
