@@ -239,3 +239,21 @@ def test_misclassified_only_and_saved_full_scores(tmp_path):
     for row, point in enumerate(explanation.points):
         top = saved["scores"][row].topk(2)
         assert [e.train_index for e in point.harmful] == top.indices.tolist()
+
+
+def test_mislabel_candidates_are_logged_and_written(tmp_path):
+    callback = InfluenceCallback(num_worst=1, top_k=2, solver="cg", damping=1.0, mislabel_candidates=5,
+                                 mislabel_rank=8, verbose=False)
+    trainer, model = _fit(tmp_path, callback, epochs=1)
+    log_dir = trainer.logger.log_dir
+    tags = _events(log_dir).Tags()
+    assert "influence/mislabel/examples" in tags["images"]
+    assert "influence/mislabel/table/text_summary" in tags["tensors"]
+    with open(f"{log_dir}/influence/mislabel_epoch=0.json") as handle:
+        record = json.load(handle)
+    candidates = record["candidates"]
+    assert len(candidates) == 5
+    train, _ = _data()
+    expected = li.self_influence(model, lambda m, b: m.per_example_loss(b), DataLoader(train, batch_size=64),
+                                 solver="lowrank", damping=1.0, rank=8)
+    assert [c["train_index"] for c in candidates] == expected.topk(5, largest=False).indices.tolist()

@@ -5,18 +5,32 @@ tensors, written atomically) and a rich console summary. No Lightning imports he
 """
 
 from lightning_influence.reporting._format import SIGN_CONVENTION
-from lightning_influence.reporting.console import print_summary, summary_table
+from lightning_influence.reporting.console import (
+    mislabel_table,
+    print_mislabel_summary,
+    print_summary,
+    summary_table,
+)
 from lightning_influence.reporting.files import (
     SCHEMA_VERSION,
+    mislabel_to_dict,
     report_to_dict,
     save_tensor_atomic,
     write_json_atomic,
+    write_mislabel_files,
     write_report_files,
 )
-from lightning_influence.reporting.images import influence_grid_figure, looks_like_image
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, InfluenceReport, SolverSummary
-from lightning_influence.reporting.tables import point_markdown, report_markdown
-from lightning_influence.reporting.tensorboard import write_report
+from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
+from lightning_influence.reporting.records import (
+    ExplainedPoint,
+    Influencer,
+    InfluenceReport,
+    MislabelCandidate,
+    MislabelReport,
+    SolverSummary,
+)
+from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
+from lightning_influence.reporting.tensorboard import write_mislabel_report, write_report
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -24,16 +38,25 @@ __all__ = [
     "ExplainedPoint",
     "InfluenceReport",
     "Influencer",
+    "MislabelCandidate",
+    "MislabelReport",
     "SolverSummary",
     "influence_grid_figure",
     "looks_like_image",
+    "mislabel_grid_figure",
+    "mislabel_markdown",
+    "mislabel_table",
+    "mislabel_to_dict",
     "point_markdown",
+    "print_mislabel_summary",
     "print_summary",
     "report_markdown",
     "report_to_dict",
     "save_tensor_atomic",
     "summary_table",
     "write_json_atomic",
+    "write_mislabel_files",
+    "write_mislabel_report",
     "write_report",
     "write_report_files",
 ]

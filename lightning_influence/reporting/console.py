@@ -1,4 +1,5 @@
-"""A rich console table: one row per monitored validation point, with its strongest influencers."""
+"""Rich console tables: one row per monitored validation point (with its strongest influencers), or one row
+per mislabel candidate (with its self-influence and training-loss rank)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from rich.table import Table
 
 from lightning_influence.reporting._format import (
     format_float,
+    format_influence,
     format_top,
     format_value,
     solver_line,
     timings_line,
 )
-from lightning_influence.reporting.records import InfluenceReport
+from lightning_influence.reporting.records import InfluenceReport, MislabelReport
+from lightning_influence.reporting.tables import mislabel_agreement
 
 
 def summary_table(report: InfluenceReport) -> Table:
@@ -49,3 +52,42 @@ def summary_table(report: InfluenceReport) -> Table:
 def print_summary(report: InfluenceReport, console: Console | None = None) -> None:
     """Print :func:`summary_table` of ``report`` to ``console`` (a new ``rich.console.Console`` if None)."""
     (console if console is not None else Console()).print(summary_table(report))
+
+
+def mislabel_table(report: MislabelReport) -> Table:
+    """Build a rich table of the mislabel candidates in ``report``, strongest ``|I(z, z)|`` first.
+
+    Columns: rank, train index, given label, prediction, self-influence ``I(z, z)``, training loss and loss
+    rank (1 = highest training loss, the baseline); the caption names the solver, damping and time, and
+    says how many of the candidates the training-loss ranking also puts on top.
+    """
+    solver = report.solver
+    table = Table(
+        title=(
+            f"Mislabel candidates at epoch {report.epoch}, step {report.global_step}: top "
+            f"{len(report.candidates)} of {report.train_size} by |I(z, z)|"
+        ),
+        caption=(
+            f"solver {solver.solver}, damping {format_float(solver.damping, 3)}, "
+            f"{format_float(report.seconds, 3)} s; {mislabel_agreement(report)}\n"
+            "I(z, z) = -g^T (H + damping I)^-1 g <= 0: larger |I| = the model bent more to fit it"
+        ),
+    )
+    for name in ("rank", "train idx", "label", "pred", "I(z, z)", "loss", "loss rank"):
+        table.add_column(name, justify="right", style="red" if name == "I(z, z)" else None)
+    for rank, candidate in enumerate(report.candidates, start=1):
+        table.add_row(
+            str(rank),
+            str(candidate.train_index),
+            format_value(candidate.label),
+            format_value(candidate.prediction),
+            format_influence(candidate.self_influence),
+            format_float(candidate.loss),
+            str(candidate.loss_rank + 1),
+        )
+    return table
+
+
+def print_mislabel_summary(report: MislabelReport, console: Console | None = None) -> None:
+    """Print :func:`mislabel_table` of ``report`` to ``console`` (a new ``rich.console.Console`` if None)."""
+    (console if console is not None else Console()).print(mislabel_table(report))

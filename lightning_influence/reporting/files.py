@@ -18,9 +18,19 @@ from typing import IO, Any, Union
 import torch
 
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, InfluenceReport
+from lightning_influence.reporting.records import (
+    ExplainedPoint,
+    Influencer,
+    InfluenceReport,
+    MislabelCandidate,
+    MislabelReport,
+    SolverSummary,
+)
 
 SCHEMA_VERSION = 1
+SELF_INFLUENCE_DEFINITION = (
+    "self_influence = I(z, z) = -g^T (H + damping I)^-1 g <= 0; larger |I(z, z)| = more likely mislabelled"
+)
 FILE_MODE = 0o644
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,7 +72,6 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
     Tensor labels and predictions become numbers or lists, non-finite floats become None, unknown
     objects become strings.
     """
-    solver = report.solver
     return {
         "schema_version": SCHEMA_VERSION,
         "epoch": int(report.epoch),
@@ -70,14 +79,7 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
         "stage": str(report.stage),
         "train_size": int(report.train_size),
         "sign_convention": SIGN_CONVENTION,
-        "solver": {
-            "solver": str(solver.solver),
-            "damping": to_builtin(float(solver.damping)),
-            "scale": to_builtin(None if solver.scale is None else float(solver.scale)),
-            "converged": bool(solver.converged),
-            "seconds": to_builtin(float(solver.seconds)),
-            "settings": to_builtin(dict(solver.settings)),
-        },
+        "solver": _solver_to_dict(report.solver),
         "timings": {str(key): to_builtin(float(value)) for key, value in report.timings.items()},
         "points": [_point_to_dict(point) for point in report.points],
     }
@@ -110,6 +112,60 @@ def write_report_files(
         }
         save_tensor_atomic(directory / f"epoch={report.epoch}-scores.pt", payload)
     return json_path
+
+
+def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
+    """Convert a mislabel report to JSON-serialisable builtins (schema version 1, see ``docs/mislabel.md``).
+
+    Candidates keep the report's order (strongest ``|I(z, z)|`` first); ``loss_rank`` is 0-based
+    (0 = highest training loss). ``report.scores`` is not included (it goes to the TensorBoard histogram).
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "epoch": int(report.epoch),
+        "global_step": int(report.global_step),
+        "train_size": int(report.train_size),
+        "definition": SELF_INFLUENCE_DEFINITION,
+        "solver": _solver_to_dict(report.solver),
+        "seconds": to_builtin(float(report.seconds)),
+        "candidates": [_candidate_to_dict(candidate) for candidate in report.candidates],
+    }
+
+
+def write_mislabel_files(directory: PathLike, report: MislabelReport) -> Path:
+    """Write ``mislabel_epoch={epoch}.json`` into ``directory`` atomically, overwriting.
+
+    Args:
+        directory: where to write; created if missing.
+        report: the mislabel analysis.
+
+    Returns:
+        The path of the JSON file.
+    """
+    path = Path(directory) / f"mislabel_epoch={report.epoch}.json"
+    return write_json_atomic(path, mislabel_to_dict(report))
+
+
+def _solver_to_dict(solver: SolverSummary) -> dict[str, Any]:
+    return {
+        "solver": str(solver.solver),
+        "damping": to_builtin(float(solver.damping)),
+        "scale": to_builtin(None if solver.scale is None else float(solver.scale)),
+        "converged": bool(solver.converged),
+        "seconds": to_builtin(float(solver.seconds)),
+        "settings": to_builtin(dict(solver.settings)),
+    }
+
+
+def _candidate_to_dict(candidate: MislabelCandidate) -> dict[str, Any]:
+    return {
+        "train_index": int(candidate.train_index),
+        "self_influence": to_builtin(float(candidate.self_influence)),
+        "loss": to_builtin(float(candidate.loss)),
+        "loss_rank": int(candidate.loss_rank),
+        "label": to_builtin(candidate.label),
+        "prediction": to_builtin(candidate.prediction),
+    }
 
 
 def _point_to_dict(point: ExplainedPoint) -> dict[str, Any]:

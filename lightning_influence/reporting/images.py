@@ -16,7 +16,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_influence.reporting._format import format_float, format_influence, format_value
-from lightning_influence.reporting.records import ExplainedPoint, Influencer
+from lightning_influence.reporting.records import (
+    ExplainedPoint,
+    Influencer,
+    MislabelCandidate,
+    MislabelReport,
+)
 
 IMAGE_CHANNELS = (1, 3, 4)
 MIN_IMAGE_SIDE = 4
@@ -29,6 +34,9 @@ MAX_TITLE_VALUE = 24  # characters of the validation label or prediction shown i
 TILE_PAD_INCHES = 0.1
 MIN_WIDTH_INCHES = 5.5  # room for the two title lines when there are only a few tiles
 ROLE_COLOURS = {"validation": "tab:blue", "harmful": "tab:red", "helpful": "tab:green"}
+MISLABEL_CAPTION_INCHES = 0.95  # five caption lines under each mislabel tile
+MISLABEL_TITLE_INCHES = 1.0  # four title lines
+MISLABEL_COLOURS = {"disagrees": "tab:red", "fits": "tab:orange"}
 
 
 def looks_like_image(x: torch.Tensor) -> bool:
@@ -93,7 +101,13 @@ def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS)
 
 
 def _tile_rect(
-    row: int, column: int, columns: int, width: float, height: float
+    row: int,
+    column: int,
+    columns: int,
+    width: float,
+    height: float,
+    title_inches: float = TITLE_INCHES,
+    caption_inches: float = CAPTION_INCHES,
 ) -> tuple[float, float, float, float]:
     """Figure-fraction rectangle of one tile: a fixed grid (centred), the caption space left below it.
 
@@ -101,7 +115,7 @@ def _tile_rect(
     are where constrained layout clips captions.
     """
     left = (width - columns * TILE_INCHES) / 2 + column * TILE_INCHES + TILE_PAD_INCHES
-    top = height - TITLE_INCHES - row * (TILE_INCHES + CAPTION_INCHES) - TILE_PAD_INCHES
+    top = height - title_inches - row * (TILE_INCHES + caption_inches) - TILE_PAD_INCHES
     side = TILE_INCHES - 2 * TILE_PAD_INCHES
     return (left / width, (top - side) / height, side / width, side / height)
 
@@ -170,4 +184,68 @@ def _title(point: ExplainedPoint) -> str:
         f"Validation #{point.val_index} (loss {format_float(point.loss)})\n"
         f"label {label}, prediction {prediction}\n"
         "positive influence = harmful (red), negative = helpful (green)"
+    )
+
+
+def mislabel_grid_figure(report: MislabelReport, max_columns: int = MAX_COLUMNS) -> Figure:
+    """Draw the mislabel candidates of ``report``, strongest ``|I(z, z)|`` first, each captioned.
+
+    Each tile is normalised to [0, 1] and captioned with its training index, given label, prediction,
+    self-influence ``I(z, z)`` and its rank by training loss (1 = highest loss, the plain baseline). The
+    frame is red when the model's prediction differs from the given label and orange when the model fits
+    the given label (a memorised example: only self-influence can still point at it). The title says what
+    is shown and how it was computed.
+
+    Args:
+        report: the mislabel analysis; every candidate must carry an image input, and there must be one.
+        max_columns: tiles per row before wrapping onto a new row.
+
+    Returns:
+        A matplotlib figure with an Agg canvas, not registered with ``pyplot`` (no need to close it).
+
+    Raises:
+        ValueError: if there are no candidates, or an input is missing or does not look like an image.
+    """
+    if max_columns < 1:
+        raise ValueError(f"Expected `max_columns` to be a positive integer, but got {max_columns}.")
+    if not report.candidates:
+        raise ValueError("Expected `report.candidates` to hold at least one candidate, but it is empty.")
+    tiles = [
+        (_mislabel_colour(candidate), _candidate_caption(candidate, rank),
+         _tile_input(candidate.input, f"report.candidates[{rank - 1}].input"))
+        for rank, candidate in enumerate(report.candidates, start=1)
+    ]
+    columns = min(len(tiles), max_columns)
+    rows = math.ceil(len(tiles) / columns)
+    width = max(columns * TILE_INCHES, MIN_WIDTH_INCHES)
+    height = MISLABEL_TITLE_INCHES + rows * (TILE_INCHES + MISLABEL_CAPTION_INCHES)
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    for position, (colour, caption, image) in enumerate(tiles):
+        row, column = divmod(position, columns)
+        rect = _tile_rect(row, column, columns, width, height, MISLABEL_TITLE_INCHES, MISLABEL_CAPTION_INCHES)
+        _draw_tile(figure.add_axes(rect), image, caption, colour)
+    figure.suptitle(_mislabel_title(report), fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
+    return figure
+
+
+def _mislabel_colour(candidate: MislabelCandidate) -> str:
+    same = format_value(candidate.label) == format_value(candidate.prediction)
+    return MISLABEL_COLOURS["fits" if same else "disagrees"]
+
+
+def _candidate_caption(candidate: MislabelCandidate, rank: int) -> str:
+    return (
+        f"#{rank}: train #{candidate.train_index}\n{_label_lines(candidate.label, candidate.prediction)}\n"
+        f"I(z,z)={format_influence(candidate.self_influence)}\nloss rank {candidate.loss_rank + 1}"
+    )
+
+
+def _mislabel_title(report: MislabelReport) -> str:
+    solver = report.solver
+    return (
+        "Training examples the model bent most to fit:\nlarge |I(z,z)| = likely mislabelled, strongest first\n"
+        f"epoch {report.epoch}, step {report.global_step}, top {len(report.candidates)} of {report.train_size}; "
+        f"{solver.solver}, damping {format_float(solver.damping, 3)}\n"
+        "red: prediction \u2260 given label; orange: fitted; loss rank 1 = highest loss"
     )

@@ -15,7 +15,12 @@ from lightning_influence.reporting._format import (
     solver_line,
     timings_line,
 )
-from lightning_influence.reporting.records import ExplainedPoint, InfluenceReport, SolverSummary
+from lightning_influence.reporting.records import (
+    ExplainedPoint,
+    InfluenceReport,
+    MislabelReport,
+    SolverSummary,
+)
 
 POINT_COLUMNS = ("role", "dataset index", "label", "prediction", "loss", "influence")
 SUMMARY_COLUMNS = (
@@ -25,6 +30,20 @@ SUMMARY_COLUMNS = (
     "loss",
     "top harmful (influence)",
     "top helpful (influence)",
+)
+MISLABEL_COLUMNS = (
+    "rank",
+    "dataset index",
+    "given label",
+    "prediction",
+    "self-influence",
+    "training loss",
+    "loss rank (baseline)",
+)
+SELF_INFLUENCE_NOTE = (
+    "Self-influence I(z, z) = -g^T (H + damping I)^-1 g is <= 0; a larger |I(z, z)| means the model had to bend "
+    "more to fit the example, the classic mislabel signal. Loss rank 1 = highest training loss (the plain "
+    "baseline)."
 )
 REMOVAL_NOTE = "Removing a training example changes the validation loss by about -influence / n."
 
@@ -101,6 +120,61 @@ def report_markdown(report: InfluenceReport) -> str:
         _table(SUMMARY_COLUMNS, rows) if rows else "_No monitored points._",
     ]
     return "\n".join(lines)
+
+
+def mislabel_markdown(report: MislabelReport) -> str:
+    """Markdown table of the mislabel candidates, strongest ``|I(z, z)|`` first, beside the loss baseline.
+
+    Args:
+        report: the mislabel analysis at one epoch / global step.
+
+    Returns:
+        Markdown with a heading, the solver line (solver, damping, settings, time), what the score means, a
+        sentence on where the self-influence and training-loss rankings agree, and the table
+        ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank``.
+    """
+    rows = [
+        [
+            str(rank),
+            str(candidate.train_index),
+            format_value(candidate.label),
+            format_value(candidate.prediction),
+            format_influence(candidate.self_influence),
+            format_float(candidate.loss),
+            str(candidate.loss_rank + 1),
+        ]
+        for rank, candidate in enumerate(report.candidates, start=1)
+    ]
+    solver = report.solver
+    lines = [
+        (
+            f"**Mislabel candidates**: epoch {report.epoch}, global step {report.global_step}, top "
+            f"{len(report.candidates)} of {report.train_size} training examples by |I(z, z)|."
+        ),
+        "",
+        (
+            f"- Self-influence: solver {solver.solver}, damping {format_float(solver.damping, 3)}, settings "
+            f"{_settings_text(solver.settings)}, {format_float(report.seconds, 3)} s."
+        ),
+        f"- {SELF_INFLUENCE_NOTE}",
+        f"- {mislabel_agreement(report)}",
+        "",
+        _table(MISLABEL_COLUMNS, rows) if rows else "_No candidates._",
+    ]
+    return "\n".join(lines)
+
+
+def mislabel_agreement(report: MislabelReport) -> str:
+    """A sentence on where the self-influence and training-loss rankings agree among the candidates.
+
+    Example:
+        ``"3 of the top 5 by self-influence are also in the top 5 by training loss."``
+    """
+    top = len(report.candidates)
+    if top == 0:
+        return "No candidates to compare with the training-loss ranking."
+    shared = sum(1 for candidate in report.candidates if candidate.loss_rank < top)
+    return f"{shared} of the top {top} by self-influence are also in the top {top} by training loss."
 
 
 def _example_cells(label: Any, prediction: Any, loss: float | None) -> list[str]:

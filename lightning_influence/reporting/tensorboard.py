@@ -10,9 +10,14 @@ from typing import Any, Protocol
 
 import torch
 
-from lightning_influence.reporting.images import influence_grid_figure, looks_like_image
-from lightning_influence.reporting.records import ExplainedPoint, InfluenceReport, SolverSummary
-from lightning_influence.reporting.tables import point_markdown, report_markdown
+from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
+from lightning_influence.reporting.records import (
+    ExplainedPoint,
+    InfluenceReport,
+    MislabelReport,
+    SolverSummary,
+)
+from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
 
 PREFIX = "influence"
 MAX_TRACE_POINTS = 200
@@ -58,6 +63,40 @@ def write_report(writer: SummaryWriterLike, report: InfluenceReport) -> None:
     writer.flush()
 
 
+def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> None:
+    """Write a mislabel analysis to ``writer`` at step ``report.global_step``, then flush.
+
+    Tags: ``influence/mislabel/examples`` (captioned image grid of the candidates, only when there are
+    candidates and every one carries an image input), ``influence/mislabel/table`` (markdown),
+    ``influence/mislabel/self_influence`` (histogram of ``report.scores``, when present) and the scalar
+    ``influence/mislabel/seconds``.
+
+    Args:
+        writer: a ``SummaryWriter`` or anything with ``add_figure``, ``add_text``, ``add_histogram``,
+            ``add_scalar`` and ``flush``.
+        report: the mislabel analysis.
+    """
+    step = report.global_step
+    tag = f"{PREFIX}/mislabel"
+    if report.candidates and all(
+        candidate.input is not None and looks_like_image(candidate.input) for candidate in report.candidates
+    ):
+        writer.add_figure(f"{tag}/examples", mislabel_grid_figure(report), global_step=step)
+    writer.add_text(f"{tag}/table", mislabel_markdown(report), global_step=step)
+    if report.scores is not None:
+        _write_histogram(writer, f"{tag}/self_influence", report.scores, step)
+    writer.add_scalar(f"{tag}/seconds", float(report.seconds), global_step=step)
+    writer.flush()
+
+
+def _write_histogram(writer: SummaryWriterLike, tag: str, values: torch.Tensor, step: int) -> None:
+    """A histogram of the finite entries of ``values`` (nothing when none is finite)."""
+    values = values.detach().to("cpu", torch.float64).flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() > 0:
+        writer.add_histogram(tag, values, global_step=step)
+
+
 def has_image_inputs(point: ExplainedPoint) -> bool:
     """Whether ``point`` and every one of its influencers carry an input that looks like an image."""
     inputs = [point.input] + [influencer.input for influencer in (*point.harmful, *point.helpful)]
@@ -70,10 +109,7 @@ def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: Solve
         writer.add_figure(f"{tag}/examples", influence_grid_figure(point), global_step=step)
     writer.add_text(f"{tag}/table", point_markdown(point, solver), global_step=step)
     if point.scores is not None:
-        scores = point.scores.detach().to("cpu", torch.float64).flatten()
-        scores = scores[torch.isfinite(scores)]
-        if scores.numel() > 0:
-            writer.add_histogram(f"{tag}/scores", scores, global_step=step)
+        _write_histogram(writer, f"{tag}/scores", point.scores, step)
 
 
 def _write_trace(writer: SummaryWriterLike, solver: SolverSummary, epoch: int, step: int) -> None:
