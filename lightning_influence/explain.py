@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from lightning_influence.reporting.records import ExplainedPoint, Influencer, So
 MAX_HISTOGRAM_SCORES = 100_000
 
 Describe = Callable[[nn.Module, Batch], "Description"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ExplainSettings:
 
 @dataclass(frozen=True)
 class Explanation:
-    """The result on rank 0 (other ranks get the same points with ``full_scores=None``)."""
+    """The result; every rank gets the same one (only rank 0 should write it)."""
 
     points: tuple[ExplainedPoint, ...]
     solver: SolverSummary
@@ -87,18 +88,49 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     return list(indices)[rank::world_size]
 
 
+def gather_checked(
+    collectives: Collectives, compute: Callable[[], T], share: Callable[[T], Any] = lambda value: value
+) -> tuple[T, list[Any]]:
+    """``compute()`` on this rank and every rank's ``share(result)`` in rank order; if any rank raised, all raise.
+
+    A rank failing alone (a diverging LiSSA repeat, an out-of-memory error, a bad example in its shard) would
+    leave the others blocked in the next collective until the process group's timeout, and the group broken
+    afterwards. Each local step is therefore followed by this gather, which carries the failure to every rank.
+    """
+    error: Optional[BaseException] = None
+    try:
+        result: Any = compute()
+        outcome: tuple[Any, Optional[str]] = (share(result), None)
+    except Exception as err:  # noqa: BLE001 - re-raised below on this rank, reported on the others
+        error, result = err, None
+        outcome = (None, f"{type(err).__name__}: {err}")
+    gathered = collectives.gather_objects(outcome)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, message) in enumerate(gathered) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"The influence analysis failed on rank {rank}, so every rank stops: {message}")
+    return result, [value for value, _ in gathered]
+
+
 def validation_losses(
     model: nn.Module, loss_fn: LossFn, val: IndexedData, device: torch.device, collectives: Collectives
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Per-example losses (and predictions) of the whole validation set, each rank a shard, gathered."""
-    local = []
-    for indices, batch in val.batches_with_indices(shard(range(len(val)), collectives.rank, collectives.world_size)):
-        batch = prepare_batch(batch, device)
-        with torch.no_grad():
-            losses = check_per_example_losses(loss_fn(model, batch), len(indices))
-        predictions = describe_batch(model, batch).predictions
-        local.append((indices, losses.detach().cpu(), None if predictions is None else predictions.cpu()))
-    parts = [part for rank_parts in collectives.gather_objects(local) for part in rank_parts]
+
+    def local_losses() -> list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        local = []
+        for indices, batch in val.batches_with_indices(shard(range(len(val)), collectives.rank, collectives.world_size)):
+            batch = prepare_batch(batch, device)
+            with torch.no_grad():
+                losses = check_per_example_losses(loss_fn(model, batch), len(indices))
+            predictions = describe_batch(model, batch).predictions
+            local.append((indices, losses.detach().cpu(), None if predictions is None else predictions.cpu()))
+        return local
+
+    _, gathered = gather_checked(collectives, local_losses)
+    parts = [part for rank_parts in gathered for part in rank_parts]
     if not parts:
         raise ValueError("Expected a non-empty validation set to pick points to explain, but it has no examples.")
     indices = torch.cat([p[0] for p in parts])
@@ -133,16 +165,21 @@ def select_points(
 def solve_s_test(
     problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """s_test; LiSSA repeats are split over ranks (rank r runs r, r+R, ...) and combined by one sum."""
+    """s_test; LiSSA repeats are split over ranks (rank r runs r, r+R, ...) and combined by one sum.
+
+    The traces come back in repeat order whatever the split, so ``trace`` row i is repeat i.
+    """
     config = problem.config
     if not isinstance(config, LissaConfig):
         result = problem.solve(gradients, on_step)
         return result.vectors, result.info
     start = time.perf_counter()
-    ids = range(collectives.rank, config.repeats, collectives.world_size)
-    partial, traces = problem.lissa_partial(gradients, ids, on_step)
+    ids = list(range(collectives.rank, config.repeats, collectives.world_size))
+    (partial, _), gathered = gather_checked(
+        collectives, lambda: problem.lissa_partial(gradients, ids, on_step), lambda result: list(zip(ids, result[1]))
+    )
     vectors = collectives.sum(partial) / config.repeats
-    all_traces = [t for rank_traces in collectives.gather_objects(traces) for t in rank_traces]
+    all_traces = [trace for _, trace in sorted((pair for pairs in gathered for pair in pairs), key=lambda p: p[0])]
     info = lissa_info(problem.damping, problem.lissa_scale(), all_traces, config)
     return vectors, SolveInfo(**{**info.__dict__, "seconds": time.perf_counter() - start})
 
@@ -153,32 +190,45 @@ def score_training_set(
 ) -> tuple[TopInfluences, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Top-k over this rank's shard merged across ranks; histogram sample and (optionally) full scores."""
     local_indices = shard(range(len(train)), collectives.rank, collectives.world_size)
-    top = StreamingTopK(s_vectors.shape[0], settings.top_k)
     step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
-    kept_scores, kept_indices = [], []
-    for indices, batch in train.batches_with_indices(local_indices):
-        position = 0
-        for block in problem.scores(s_vectors, [batch], settings.scoring, settings.chunk_size):
-            block_indices = indices[position : position + block.shape[1]]
-            position += block.shape[1]
-            top.update(block, block_indices)
-            keep = slice(None) if settings.keep_full_scores else (block_indices % step == 0)
-            kept_scores.append(block.cpu()[:, keep])
-            kept_indices.append(block_indices[keep])
-            if on_chunk is not None:
-                on_chunk(block.shape[1])
-    local = top.result()
-    merged_top = collectives.gather_objects((local, torch.cat(kept_scores, 1), torch.cat(kept_indices)))
+
+    def score_shard() -> tuple[TopInfluences, torch.Tensor, torch.Tensor]:
+        top = StreamingTopK(s_vectors.shape[0], settings.top_k)
+        kept_scores = [s_vectors.new_empty((s_vectors.shape[0], 0), device="cpu")]  # a shard may be empty
+        kept_indices = [torch.empty(0, dtype=torch.long)]
+        for indices, batch in train.batches_with_indices(local_indices):
+            position = 0
+            for block in problem.scores(s_vectors, [batch], settings.scoring, settings.chunk_size):
+                block_indices = indices[position : position + block.shape[1]]
+                position += block.shape[1]
+                top.update(block, block_indices)
+                keep = slice(None) if settings.keep_full_scores else (block_indices % step == 0)
+                kept_scores.append(block.cpu()[:, keep])
+                kept_indices.append(block_indices[keep])
+                if on_chunk is not None:
+                    on_chunk(block.shape[1])
+        return top.result(), torch.cat(kept_scores, 1), torch.cat(kept_indices)
+
+    _, merged_top = gather_checked(collectives, score_shard)
     scores = torch.cat([m[1] for m in merged_top], dim=1)
     indices = torch.cat([m[2] for m in merged_top])
     order = indices.argsort()
     scores, indices = scores[:, order], indices[order]
-    merged = top_influences_of(
-        torch.cat([torch.cat([m[0].harmful_scores, m[0].helpful_scores], 1) for m in merged_top], 1),
-        torch.cat([torch.cat([m[0].harmful_indices, m[0].helpful_indices], 1) for m in merged_top], 1),
-        settings.top_k,
-    )
+    merged = merge_top_influences([m[0] for m in merged_top], settings.top_k)
     return merged, scores, (scores if settings.keep_full_scores else None)
+
+
+def merge_top_influences(tops: Sequence[TopInfluences], k: int) -> TopInfluences:
+    """The top-k of disjoint shards from their own top-k lists: harmful among harmful, helpful among helpful.
+
+    Merged separately, no example is listed twice: in a shard of fewer than 2k examples an example can be in
+    both of that shard's lists.
+    """
+    harmful = top_influences_of(torch.cat([t.harmful_scores for t in tops], 1),
+                                torch.cat([t.harmful_indices for t in tops], 1), k)
+    helpful = top_influences_of(torch.cat([t.helpful_scores for t in tops], 1),
+                                torch.cat([t.helpful_indices for t in tops], 1), k)
+    return TopInfluences(harmful.harmful_indices, harmful.harmful_scores, helpful.helpful_indices, helpful.helpful_scores)
 
 
 def _influencers(
