@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Time of ``explain()``'s s_test and scoring on 1 and on 2 ranks (plain torch.distributed, gloo, CPU).
+
+On scikit-learn's digits (1,400 training images, float32) with a small tanh CNN (about 2.5k parameters,
+trained here for a few epochs with weight decay 1e-3), 8 monitored validation points, LiSSA depth 1000 with
+the default minibatch size and ``scale="auto"``, damping 1e-2. Each world size runs in fresh processes started
+by ``torch.multiprocessing.spawn``; every rank calls :func:`lightning_influence.explain.explain` with
+:class:`~lightning_influence.distributed.TorchDistributed` collectives, once as a warm-up (first-call
+imports) and once timed. The figures are rank 0's ``Explanation.timings``:
+
+* ``s_test``: the automatic scale estimate (run on every rank: not split; also timed apart), each rank's share of the LiSSA
+  repeats (rank r runs repeats r, r + R, ...), one all-reduce of the partial sums;
+* ``scoring``: each rank scores every R-th training example, then the top-k lists are gathered and merged.
+
+Every rank is pinned to one thread, the 1-rank run too, so the comparison is 1 core against 2 cores and
+not thread count against process count (on a 2-core machine 2 ranks with more threads would oversubscribe).
+
+Usage::
+
+    python benchmarks/ddp.py                      # repeats 4, depth 1000, 1 and 2 ranks
+    python benchmarks/ddp.py --repeats 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported, here and in the spawned ranks
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence.core.config import LissaConfig
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.distributed import TorchDistributed
+from lightning_influence.explain import ExplainSettings, explain
+
+DAMPING = 1e-2
+NUM_POINTS = 8
+TOP_K = 10
+N_TRAIN = 1400
+
+
+def small_cnn() -> nn.Module:
+    """The digits example's CNN (examples/digits.py) without Lightning: about 2.5k parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.Tanh(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )
+
+
+def per_example_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def digits_split() -> tuple[TensorDataset, TensorDataset]:
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(labels)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, val = order[:N_TRAIN], order[N_TRAIN:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+def train_model(epochs: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = small_cnn()
+    train, _ = digits_split()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
+    for _ in range(epochs):
+        for batch in DataLoader(train, batch_size=64, shuffle=True):
+            optimizer.zero_grad()
+            per_example_loss(model, batch).mean().backward()
+            optimizer.step()
+    return model.state_dict()
+
+
+def rank_main(rank: int, world_size: int, port: int, state: dict, config: LissaConfig, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=5))
+    try:
+        model = small_cnn()
+        model.load_state_dict(state)
+        train, val = digits_split()
+        train_data, val_data = IndexedData(train), IndexedData(val)
+        settings = ExplainSettings(top_k=TOP_K, num_worst=NUM_POINTS)
+        warm_up = LissaConfig(depth=5, repeats=world_size, batch_size=config.batch_size, seed=config.seed)
+        explain(model, per_example_loss, train_data, val_data, warm_up, DAMPING, settings, TorchDistributed())
+        dist.barrier()
+        start = time.perf_counter()
+        result = explain(model, per_example_loss, train_data, val_data, config, DAMPING, settings, TorchDistributed())
+        total = time.perf_counter() - start
+        if rank == 0:
+            problem = InfluenceProblem(model, per_example_loss, train_data.loader(), DAMPING, config)
+            with analysis_mode(model):
+                start = time.perf_counter()
+                problem.lissa_scale()  # the part of s_test that every rank repeats (not split)
+                scale_seconds = time.perf_counter() - start
+            record = {
+                "world_size": world_size,
+                "timings": result.timings,
+                "total": total,
+                "scale_seconds": scale_seconds,
+                "scale": result.solver.scale,
+                "val_indices": [p.val_index for p in result.points],
+                "harmful": [[i.train_index for i in p.harmful] for p in result.points],
+                "helpful": [[i.train_index for i in p.helpful] for p in result.points],
+            }
+            Path(out).write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(world_size: int, state: dict, config: LissaConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.json")
+        mp.spawn(rank_main, args=(world_size, free_port(), state, config, out), nprocs=world_size, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", 1-min load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return (f"{platform.machine()} {platform.system()}, {cores} usable CPU cores (os.cpu_count()={os.cpu_count()})"
+            f"{load}; python {platform.python_version()}, torch {torch.__version__}, gloo backend")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=LissaConfig().batch_size, help="LiSSA minibatch B")
+    parser.add_argument("--ranks", default="1,2", help="comma-separated world sizes; the first is the baseline")
+    parser.add_argument("--train-epochs", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    config = LissaConfig(depth=args.depth, repeats=args.repeats, batch_size=args.batch_size, seed=0)
+    print(f"machine: {machine()}")
+    print("threads: 1 per rank (torch.set_num_threads(1), OMP_NUM_THREADS=1), the 1-rank run included, so R ranks"
+          " use R cores; on a 2-core machine 2 ranks are the most that do not oversubscribe.")
+    print(f"problem: digits, {N_TRAIN} training examples, small CNN (~2.5k params, float32), {NUM_POINTS} monitored"
+          f" points, LiSSA depth {config.depth} x {config.repeats} repeats, batch {config.batch_size}, scale auto,"
+          f" damping {DAMPING}")
+    state = train_model(args.train_epochs)
+    results = [run(int(r), state, config) for r in args.ranks.split(",")]
+
+    print(f"\n{'ranks':>5} {'s_test s':>9} {'of which scale':>15} {'scoring s':>10} {'explain s':>10} {'scale':>8}")
+    for r in results:
+        t = r["timings"]
+        print(f"{r['world_size']:>5} {t['s_test']:>9.2f} {r['scale_seconds']:>15.2f} {t['scoring']:>10.3f}"
+              f" {r['total']:>10.2f} {r['scale']:>8.3f}")
+    print("('of which scale': the scale='auto' estimate, timed apart on rank 0; every rank runs it, unsplit)")
+    base = results[0]
+    for r in results[1:]:
+        speedup = {k: base["timings"][k] / r["timings"][k] for k in ("s_test", "scoring")}
+        same = (r["val_indices"], r["harmful"], r["helpful"]) == (base["val_indices"], base["harmful"], base["helpful"])
+        print(f"speed-up {base['world_size']} -> {r['world_size']} ranks: s_test {speedup['s_test']:.2f}x,"
+              f" scoring {speedup['scoring']:.2f}x, whole explain() {base['total'] / r['total']:.2f}x;"
+              f" same points and top-{TOP_K} lists: {'yes' if same else 'NO'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
