@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, MislabelCandidate, SolverSummary
 
 SIGN_CONVENTION = (
     "positive = harmful (up-weighting the training example raises the validation loss); negative = helpful"
@@ -66,6 +66,19 @@ def format_value(value: Any) -> str:
         text = ", ".join(format_value(item) for item in value[:8])
         return f"[{text}{', ...' if len(value) > 8 else ''}]"
     return str(value)
+
+
+def mislabel_row(rank: int, candidate: MislabelCandidate) -> list[str]:
+    """One candidate as displayed in tables: rank, index, label, prediction, I(z, z), loss, 1-based loss rank."""
+    return [
+        str(rank),
+        str(candidate.train_index),
+        format_value(candidate.label),
+        format_value(candidate.prediction),
+        format_influence(candidate.self_influence),
+        format_float(candidate.loss),
+        str(candidate.loss_rank + 1),
+    ]
 
 
 def format_top(influencers: tuple[Influencer, ...]) -> str:

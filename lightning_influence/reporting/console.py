@@ -8,8 +8,8 @@ from rich.table import Table
 
 from lightning_influence.reporting._format import (
     format_float,
-    format_influence,
     format_top,
+    mislabel_row,
     format_value,
     solver_line,
     timings_line,
@@ -76,15 +76,7 @@ def mislabel_table(report: MislabelReport) -> Table:
     for name in ("rank", "train idx", "label", "pred", "I(z, z)", "loss", "loss rank"):
         table.add_column(name, justify="right", style="red" if name == "I(z, z)" else None)
     for rank, candidate in enumerate(report.candidates, start=1):
-        table.add_row(
-            str(rank),
-            str(candidate.train_index),
-            format_value(candidate.label),
-            format_value(candidate.prediction),
-            format_influence(candidate.self_influence),
-            format_float(candidate.loss),
-            str(candidate.loss_rank + 1),
-        )
+        table.add_row(*mislabel_row(rank, candidate))
     return table
 
 

@@ -10,6 +10,7 @@ from lightning_influence.reporting._format import (
     format_float,
     format_influence,
     format_top,
+    mislabel_row,
     format_value,
     point_heading,
     solver_line,
@@ -134,15 +135,7 @@ def mislabel_markdown(report: MislabelReport) -> str:
         ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank``.
     """
     rows = [
-        [
-            str(rank),
-            str(candidate.train_index),
-            format_value(candidate.label),
-            format_value(candidate.prediction),
-            format_influence(candidate.self_influence),
-            format_float(candidate.loss),
-            str(candidate.loss_rank + 1),
-        ]
+        mislabel_row(rank, candidate)
         for rank, candidate in enumerate(report.candidates, start=1)
     ]
     solver = report.solver
