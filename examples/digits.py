@@ -70,6 +70,23 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
     )
 
 
+class DigitsDataModule(pl.LightningDataModule):
+    """The same split as :func:`digits_loaders`, for ``Trainer.fit(model, datamodule=...)`` and the command line."""
+
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str) -> None:
+        self.loaders = digits_loaders(self.hparams.batch_size, self.hparams.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loaders[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loaders[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)

@@ -22,7 +22,7 @@ from lightning_influence.core.losses import LossFn
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.explain import Explanation, ExplainSettings, explain
 from lightning_influence.mislabel import find_mislabel_candidates
-from lightning_influence.reporting import InfluenceReport, print_summary, write_report, write_report_files
+from lightning_influence.outputs import publish_explanation, publish_mislabel
 from lightning_influence.reporting.records import MislabelReport
 
 _SOLVER_OPTIONS = {"lissa": ("depth", "repeats", "batch_size", "scale", "seed", "tol"), "cg": ("max_iter", "tol"), "exact": ()}
@@ -291,25 +291,15 @@ class InfluenceCallback(pl.Callback):
 
     # -- output (rank zero) --------------------------------------------------------------------------------
     def _write(self, trainer: pl.Trainer, explanation: Explanation, stage: str, epoch: int) -> None:
-        report = InfluenceReport(
-            epoch=epoch, global_step=trainer.global_step, stage=stage, train_size=explanation.train_size,
-            points=explanation.points, solver=explanation.solver, timings=explanation.timings,
-        )
         writer, log_dir = self._writer(trainer)
-        write_report(writer, report)
-        path = write_report_files(log_dir / "influence", report, explanation.full_scores)
+        path = publish_explanation(writer, log_dir, explanation, epoch=epoch, global_step=trainer.global_step,
+                                   stage=stage, verbose=self.verbose)
         if self.verbose:
-            print_summary(report)
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
 
     def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport) -> None:
-        from lightning_influence.reporting import print_mislabel_summary, write_mislabel_files, write_mislabel_report
-
         writer, log_dir = self._writer(trainer)
-        write_mislabel_report(writer, report)
-        write_mislabel_files(log_dir / "influence", report)
-        if self.verbose:
-            print_mislabel_summary(report)
+        publish_mislabel(writer, log_dir, report, verbose=self.verbose)
 
     def _writer(self, trainer: pl.Trainer) -> tuple[Any, Path]:
         for logger in trainer.loggers:

@@ -1,0 +1,223 @@
+"""The subcommands. Each is an ``add_arguments(parser)`` and a ``run(args) -> exit status`` pair.
+
+Analysis settings are the ``InfluenceCallback``'s own constructor arguments (the callback validates them),
+so the command line and the callback cannot drift apart: ``--top-k 5`` is ``InfluenceCallback(top_k=5)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
+
+STAGE = "posthoc"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line flag that sets the ``InfluenceCallback`` argument ``dest`` (unset flags keep its default)."""
+
+    flag: str
+    dest: str
+    default: Any
+    help: str
+    type: Optional[Callable[[str], Any]] = None
+    choices: Optional[tuple[str, ...]] = None
+    nargs: Optional[str] = None
+    switch: bool = False
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        text = f"{self.help} (default: {self.default})"
+        if self.switch:
+            parser.add_argument(self.flag, dest=self.dest, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(self.flag, dest=self.dest, type=self.type, choices=self.choices, nargs=self.nargs,
+                                default=argparse.SUPPRESS, help=text)
+
+
+def _scale(text: str) -> Union[float, str]:
+    return text if text == "auto" else float(text)
+
+
+INFLUENCE_OPTIONS = (
+    Option("--val-indices", "val_indices", None, "validation dataset indices to explain (else the worst ones)",
+           type=int, nargs="+"),
+    Option("--num-worst", "num_worst", 8, "how many highest-loss validation examples to explain", type=int),
+    Option("--misclassified-only", "misclassified_only", False, "pick the worst among misclassified examples only",
+           switch=True),
+    Option("--top-k", "top_k", 10, "harmful and helpful training examples listed per point", type=int),
+    Option("--solver", "solver", "lissa", "inverse-Hessian solver for s_test", choices=("lissa", "cg", "exact")),
+    Option("--damping", "damping", 0.01, "lambda added to the Hessian; at least the training weight decay",
+           type=float),
+    Option("--depth", "depth", 1000, "LiSSA recursion steps J per repeat", type=int),
+    Option("--repeats", "repeats", 1, "LiSSA independent repeats T, averaged", type=int),
+    Option("--batch-size", "batch_size", 128, "LiSSA minibatch size B of each Hessian-vector product", type=int),
+    Option("--scale", "scale", "auto", "LiSSA scale (a number above the top minibatch-Hessian eigenvalue, or"
+           " 'auto' to estimate it)", type=_scale),
+    Option("--seed", "seed", 0, "LiSSA sampling seed", type=int),
+    Option("--tol", "tol", None, "LiSSA early-stop or CG tolerance (None: the solver's own)", type=float),
+    Option("--max-iter", "max_iter", 200, "CG iterations", type=int),
+    Option("--scoring", "scoring", "auto", "how training examples are scored",
+           choices=("auto", "jvp", "per_example_grad")),
+    Option("--chunk-size", "chunk_size", 256, "training examples scored at once (bounds memory)", type=int),
+    Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score tensor"
+           " (epoch=N-scores.pt)", switch=True),
+)
+
+MISLABEL_OPTIONS = (
+    Option("--candidates", "mislabel_candidates", 20, "training examples to list, largest |I(z, z)| first", type=int),
+    Option("--rank", "mislabel_rank", 64, "eigenpairs of H (Lanczos) used for self-influence", type=int),
+    Option("--damping", "damping", 0.01, "lambda added to the Hessian", type=float),
+    Option("--chunk-size", "chunk_size", 256, "training examples per batch of gradients", type=int),
+)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every post-hoc subcommand shares: what to load and where to write."""
+    parser.add_argument("checkpoint", help="the Lightning checkpoint (.ckpt) to analyse")
+    source = parser.add_argument_group("model and data")
+    source.add_argument("--model", help="LightningModule class as an import path, e.g. examples.digits:DigitsCNN;"
+                        " restored with Model.load_from_checkpoint (saved hyperparameters)")
+    source.add_argument("--model-args", metavar="JSON", help="JSON object of keyword arguments overriding the"
+                        " checkpoint's hyperparameters, e.g. '{\"lr\": 0.01}'")
+    source.add_argument("--datamodule", help="LightningDataModule class as an import path; its train_dataloader()"
+                        " is scored and its val_dataloader() explained (default: the model's own loader hooks)")
+    source.add_argument("--datamodule-args", metavar="JSON", help="JSON object of keyword arguments for the"
+                        " DataModule's constructor")
+    source.add_argument("--config", help="a LightningCLI config file (model:, data:, trainer.callbacks: ...). Model"
+                        " and data are built from it; an InfluenceCallback under trainer.callbacks gives the"
+                        " analysis settings, which flags override. --model/--datamodule name the classes when"
+                        " the config has no class_path for them")
+    source.add_argument("--loss-fn", help="per-example loss as an import path to a callable (module, batch) ->"
+                        " Tensor[B] (default: the model's per_example_loss(batch) method)")
+    source.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda:0 (default: cpu)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", help="run directory for TensorBoard events and influence/*.json (default:"
+                     " <checkpoint dir>/<checkpoint name>-influence)")
+    out.add_argument("--table", metavar="PATH", help="also export the results as a long table, .csv or .parquet"
+                     " (needs pandas; Parquet also pyarrow)")
+    out.add_argument("--quiet", action="store_true", help="do not print the summary table")
+
+
+def _flags(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, Any]:
+    flags = {o.dest: getattr(args, o.dest) for o in options if hasattr(args, o.dest)}
+    if getattr(args, "loss_fn", None):
+        flags["loss_fn"] = import_object(args.loss_fn, "`--loss-fn`")
+    return flags
+
+
+# -- influence -------------------------------------------------------------------------------------------------
+def add_influence_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    group = parser.add_argument_group("analysis (the InfluenceCallback arguments of the same names)")
+    for option in INFLUENCE_OPTIONS:
+        option.add_to(group)
+    parser.add_argument("--pif-json", metavar="PATH", help="also write the top lists keyed by validation id in"
+                        " pytorch-influence-functions' layout (harmful/helpful in THIS package's sign convention)")
+
+
+def run_influence(args: argparse.Namespace) -> int:
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.explain import explain
+    from lightning_influence.outputs import influence_report, publish_explanation
+    from lightning_influence.reporting import report_to_dict
+
+    context = load_context(args)
+    callback = context.make_callback(_flags(args, INFLUENCE_OPTIONS))
+    chunk = callback.settings.chunk_size
+    explanation = explain(context.model, callback._resolve_loss_fn(context.model),
+                          IndexedData.from_loader(context.train_loader, chunk),
+                          IndexedData.from_loader(_single(context.val_loader), chunk),
+                          callback.solver_config, callback.damping, callback.settings)
+    try:
+        path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
+                                   global_step=context.global_step, stage=STAGE, verbose=not args.quiet)
+    finally:
+        context.close()
+    report = report_to_dict(influence_report(explanation, epoch=context.epoch, global_step=context.global_step,
+                                             stage=STAGE))
+    _exports(args, report, explanation.full_scores)
+    _done(context, path)
+    return 0
+
+
+# -- mislabel --------------------------------------------------------------------------------------------------
+def add_mislabel_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    group = parser.add_argument_group("analysis (self-influence I(z, z) = -g^T (H + damping I)^-1 g)")
+    for option in MISLABEL_OPTIONS:
+        option.add_to(group)
+
+
+def run_mislabel(args: argparse.Namespace) -> int:
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.mislabel import find_mislabel_candidates
+    from lightning_influence.outputs import publish_mislabel
+    from lightning_influence.reporting import mislabel_to_dict
+
+    context = load_context(args)
+    flags = _flags(args, MISLABEL_OPTIONS)
+    if not flags.get("mislabel_candidates", context.callback_args.get("mislabel_candidates")):
+        flags["mislabel_candidates"] = MISLABEL_OPTIONS[0].default
+    callback = context.make_callback(flags)
+    report = find_mislabel_candidates(
+        context.model, callback._resolve_loss_fn(context.model),
+        IndexedData.from_loader(context.train_loader, callback.settings.chunk_size), callback.mislabel_config,
+        callback.damping, callback.mislabel_candidates, epoch=context.epoch, global_step=context.global_step,
+    )
+    try:
+        path = publish_mislabel(context.writer(), context.output_dir, report, verbose=not args.quiet)
+    finally:
+        context.close()
+    _exports(args, mislabel_to_dict(report), None)
+    _done(context, path)
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------------------------------
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("report", help="an epoch=N.json or mislabel_epoch=N.json written by the callback or this"
+                        " command")
+    parser.add_argument("--table", metavar="PATH", help="write a long table, .csv or .parquet (needs pandas)")
+    parser.add_argument("--pif-json", metavar="PATH", help="write the top lists in pytorch-influence-functions'"
+                        " layout (influence reports only)")
+    parser.add_argument("--scores", metavar="PATH", help="the epoch=N-scores.pt beside the report: adds every"
+                        " training example's influence to --pif-json")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_influence.reporting.export import load_report
+
+    if not args.table and not args.pif_json:
+        raise UsageError("Nothing to export: pass `--table out.csv` (or .parquet) and/or `--pif-json out.json`.")
+    report = load_report(args.report)
+    scores = torch.load(args.scores, map_location="cpu", weights_only=True) if args.scores else None
+    _exports(args, report, scores)
+    return 0
+
+
+# -- shared ----------------------------------------------------------------------------------------------------
+def _exports(args: argparse.Namespace, report: dict[str, Any], full_scores: Any) -> None:
+    from lightning_influence.reporting.export import export_table, write_pytorch_influence_functions_json
+
+    if getattr(args, "table", None):
+        print(f"Table: {export_table(report, args.table)}")
+    if getattr(args, "pif_json", None):
+        print(f"pytorch-influence-functions layout: {write_pytorch_influence_functions_json(report, args.pif_json, full_scores)}")
+
+
+def _single(loader: Any) -> Any:
+    if isinstance(loader, (list, tuple)):
+        if not loader:
+            raise UsageError("The DataModule's val_dataloader() returned no loader: nothing to explain.")
+        return loader[0]
+    return loader
+
+
+def _done(context: PosthocContext, path: Path) -> None:
+    print(f"Results: {path}\nTensorBoard: tensorboard --logdir {context.output_dir}")
