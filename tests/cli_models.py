@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,9 @@ class TinyDigitsData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
 
 
-def cross_entropy_loss(module, batch):
-    """The same per-example loss as a free function, for ``--loss-fn`` and ``loss_fn`` in YAML."""
+def cross_entropy_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """The same per-example loss as a free function, for ``--loss-fn`` and ``loss_fn`` in YAML.
+
+    jsonargparse checks a callable's annotations against ``LossFn``: the return annotation must be Tensor.
+    """
     return F.cross_entropy(module(batch[0]), batch[1], reduction="none")

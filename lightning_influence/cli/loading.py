@@ -132,9 +132,10 @@ def _from_config(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, A
 
     model_class = import_object(args.model, "`--model`") if args.model else None
     datamodule_class = import_object(args.datamodule, "`--datamodule`") if args.datamodule else None
+    config = _read_config(Path(args.config))
     try:
-        cli = LightningCLI(model_class, datamodule_class, args=["--config", str(args.config)], run=False,
-                           save_config_callback=None, trainer_defaults={"logger": False})
+        cli = LightningCLI(model_class, datamodule_class, args=config, run=False, save_config_callback=None,
+                           trainer_defaults={"logger": False})
     except SystemExit as err:  # jsonargparse reports bad configs by exiting
         raise UsageError(f"LightningCLI could not read `{args.config}` (see the message above). Pass `--model`"
                          " (and `--datamodule`) when the config has no `class_path` for them.") from err
@@ -142,6 +143,19 @@ def _from_config(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, A
     model.on_load_checkpoint(meta)
     model.load_state_dict(meta["state_dict"])
     return model, cli.datamodule, _influence_callback_args(cli.config)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The config as a dict, without the keys of the ``fit``/``validate`` subcommands that ``run=False`` lacks."""
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"Expected `--config` to be a LightningCLI YAML file, but `{path}` does not exist.")
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(config, dict):
+        raise UsageError(f"Expected `{path}` to hold a mapping (trainer:, model:, data:), but got {type(config).__name__}.")
+    config.pop("ckpt_path", None)  # written by LightningCLI's SaveConfigCallback; the checkpoint is given here
+    return config
 
 
 def _influence_callback_args(config: Any) -> dict[str, Any]:

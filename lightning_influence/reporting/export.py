@@ -8,6 +8,7 @@ package: ``I(z, z_test) = -s_test . grad L(z)``, positive = harmful, negative = 
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import json
 from pathlib import Path
@@ -164,3 +165,13 @@ def _full_score_rows(report: dict[str, Any], full_scores: Any) -> Optional[list[
             f" but got {getattr(scores, 'shape', type(scores))}."
         )
     return [[value if value == value else None for value in row] for row in scores.double().tolist()]
+
+
+def report_schema(kind: str = "influence") -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``epoch={epoch}.json`` (``"influence"``) or ``mislabel_epoch={epoch}.json``
+    (``"mislabel"``), shipped with the package; validate with e.g. ``jsonschema.validate(report, schema)``."""
+    if kind not in ("influence", "mislabel"):
+        raise ValueError(f"Expected `kind` to be 'influence' or 'mislabel', but got {kind!r}.")
+    text = importlib.resources.files("lightning_influence.reporting").joinpath(
+        f"schemas/{kind}_report.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
