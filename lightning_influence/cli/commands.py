@@ -125,6 +125,7 @@ def run_influence(args: argparse.Namespace) -> int:
     from lightning_influence.outputs import influence_report, publish_explanation
     from lightning_influence.reporting import report_to_dict
 
+    _check_exports(args)
     context = load_context(args)
     callback = context.make_callback(_flags(args, INFLUENCE_OPTIONS))
     chunk = callback.settings.chunk_size
@@ -158,6 +159,7 @@ def run_mislabel(args: argparse.Namespace) -> int:
     from lightning_influence.outputs import publish_mislabel
     from lightning_influence.reporting import mislabel_to_dict
 
+    _check_exports(args)
     context = load_context(args)
     flags = _flags(args, MISLABEL_OPTIONS)
     if not flags.get("mislabel_candidates", context.callback_args.get("mislabel_candidates")):
@@ -195,6 +197,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if not args.table and not args.pif_json:
         raise UsageError("Nothing to export: pass `--table out.csv` (or .parquet) and/or `--pif-json out.json`.")
+    _check_exports(args)
     report = load_report(args.report)
     scores = torch.load(args.scores, map_location="cpu", weights_only=True) if args.scores else None
     _exports(args, report, scores)
@@ -202,6 +205,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 # -- shared ----------------------------------------------------------------------------------------------------
+def _check_exports(args: argparse.Namespace) -> None:
+    """Fail before a long analysis, not after it, when the table cannot be written."""
+    from lightning_influence.reporting.export import check_table_path
+
+    if getattr(args, "table", None):
+        check_table_path(args.table)
+
+
 def _exports(args: argparse.Namespace, report: dict[str, Any], full_scores: Any) -> None:
     from lightning_influence.reporting.export import export_table, write_pytorch_influence_functions_json
 

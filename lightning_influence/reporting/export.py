@@ -20,6 +20,10 @@ from lightning_influence.reporting._format import SIGN_CONVENTION
 from lightning_influence.reporting.files import PathLike, _atomic_file, write_json_atomic
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+PANDAS_MISSING = (
+    "Expected pandas to be installed for a table export, but it is not. Install it with `pip install pandas`"
+    " (and `pyarrow` for Parquet), or read the JSON report directly."
+)
 
 
 def load_report(path: PathLike) -> dict[str, Any]:
@@ -75,10 +79,7 @@ def to_dataframe(report: dict[str, Any]) -> Any:
         ImportError: if pandas is not installed.
     """
     if importlib.util.find_spec("pandas") is None:
-        raise ImportError(
-            "Expected pandas to be installed for a table export, but it is not. Install it with"
-            " `pip install pandas` (and `pyarrow` for Parquet), or read the JSON report directly."
-        )
+        raise ImportError(PANDAS_MISSING)
     import pandas as pd
 
     rows = report_rows(report)
@@ -89,8 +90,8 @@ def to_dataframe(report: dict[str, Any]) -> Any:
     return pd.DataFrame(rows)
 
 
-def export_table(report: dict[str, Any], path: PathLike) -> Path:
-    """Write the rows of ``report`` to ``path`` (``.csv`` or ``.parquet``) atomically.
+def check_table_path(path: PathLike) -> Path:
+    """``path`` if a table can be written there: a ``.csv``/``.parquet`` suffix and the libraries it needs.
 
     Raises:
         ValueError: if the suffix is neither ``.csv`` nor ``.parquet``.
@@ -99,11 +100,24 @@ def export_table(report: dict[str, Any], path: PathLike) -> Path:
     path = Path(path)
     if path.suffix not in TABLE_SUFFIXES:
         raise ValueError(f"Expected a table path ending in {' or '.join(TABLE_SUFFIXES)}, but got `{path}`.")
+    if importlib.util.find_spec("pandas") is None:
+        raise ImportError(PANDAS_MISSING)
     if path.suffix == ".parquet" and not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
         raise ImportError(
             "Expected pyarrow (or fastparquet) to be installed for a Parquet export, but neither is. Install it"
             f" with `pip install pyarrow`, or export to `{path.with_suffix('.csv')}` instead."
         )
+    return path
+
+
+def export_table(report: dict[str, Any], path: PathLike) -> Path:
+    """Write the rows of ``report`` to ``path`` (``.csv`` or ``.parquet``) atomically.
+
+    Raises:
+        ValueError: if the suffix is neither ``.csv`` nor ``.parquet``.
+        ImportError: if pandas (or, for Parquet, pyarrow/fastparquet) is missing.
+    """
+    path = check_table_path(path)
     frame = to_dataframe(report)
     with _atomic_file(path, mode="wb") as handle:
         if path.suffix == ".csv":
