@@ -49,7 +49,11 @@ class InfluenceCallback(pl.Callback):
         analyse_on_validate: analyse on a standalone ``trainer.validate(...)``.
         solver: ``"lissa"``, ``"cg"`` or ``"exact"``.
         damping: lambda added to the Hessian; use at least the training weight decay.
-        depth, repeats, batch_size, scale, seed: LiSSA settings (see :class:`~lightning_influence.LissaConfig`).
+        depth: LiSSA recursion steps per repeat (see :class:`~lightning_influence.LissaConfig`).
+        repeats: LiSSA independent repeats, averaged.
+        batch_size: LiSSA minibatch size of each Hessian-vector product.
+        scale: LiSSA scale (above the top minibatch-Hessian eigenvalue), or ``"auto"`` to estimate it.
+        seed: LiSSA sampling seed.
         tol: LiSSA early-stop or CG tolerance (None: the solver's default).
         max_iter: CG iterations.
         scoring: ``"auto"``, ``"jvp"`` or ``"per_example_grad"``.
