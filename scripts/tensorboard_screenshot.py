@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tensorboard_server import influence_outputs, running_tensorboard  # noqa: E402
+from tensorboard_server import influence_outputs, running_tensorboard
 
 DASHBOARDS = {  # file name -> TensorBoard URL fragment
     "tensorboard-images.png": "images&tagFilter=" + urllib.parse.quote("influence/val_"),
@@ -42,7 +42,7 @@ def screenshot(browser: str, url: str, path: Path, size: str, wait_ms: int) -> N
         command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                    f"--user-data-dir={profile}", f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
                    f"--screenshot={path}", url]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=180)
     if done.returncode != 0 or not path.is_file():
         raise RuntimeError(f"Chromium failed ({done.returncode}): {done.stderr[-2000:]}")
 
@@ -64,6 +64,9 @@ def main() -> None:
             print(f"{run}: {len(outputs.image_tags.get(run, []))} image tags, {len(outputs.text_tags.get(run, []))}"
                   " text tags under influence/")
         print(f"one image sample: {len(outputs.image_sample)} bytes PNG at step {outputs.image_step}")
+        sample = args.out / "tensorboard-image-sample.png"
+        sample.write_bytes(outputs.image_sample)  # the grid exactly as TensorBoard serves it, full size
+        print(f"wrote {sample}")
         for name, fragment in DASHBOARDS.items():
             screenshot(browser, f"{url}/?darkMode=false#{fragment}", args.out / name, args.window_size, args.wait_ms)
             print(f"wrote {args.out / name}")

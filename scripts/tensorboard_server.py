@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a local server we started
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read()
 
 
@@ -100,7 +100,7 @@ def influence_outputs(url: str, expected_image_tags: int = 1, timeout: float = 6
     entries = get_json(f"{url}/data/plugin/images/images?{query}")
     outputs.image_step = int(entries[-1]["step"])
     outputs.image_sample = get(f"{url}/data/plugin/images/individualImage?{entries[-1]['query']}")
-    run, tag = next((run, sorted(tags, key=lambda t: not t.startswith("influence/val_"))[0])
+    run, tag = next((run, min(tags, key=lambda t: not t.startswith("influence/val_")))
                     for run, tags in text_tags.items() if tags)  # a point's table when there is one
     text = get_json(f"{url}/data/plugin/text/text?{urllib.parse.urlencode({'run': run, 'tag': tag})}")
     outputs.text_sample = text[-1]["text"]

@@ -63,7 +63,7 @@ def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lightning_influence.cli", "influence", str(checkpoint), *MODEL, *ANALYSIS,
                "--output-dir", str(out), "--table", str(tmp_path / "top.csv"), "--pif-json", str(tmp_path / "pif.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     meta = torch.load(checkpoint, map_location="cpu", weights_only=False)

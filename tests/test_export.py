@@ -17,11 +17,11 @@ from lightning_influence.reporting import (
     MislabelCandidate,
     MislabelReport,
     SolverSummary,
+    export,
     mislabel_to_dict,
     report_to_dict,
     write_report_files,
 )
-from lightning_influence.reporting import export
 
 N_TRAIN = 50
 

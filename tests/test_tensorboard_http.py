@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_influence import InfluenceCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from tensorboard_server import influence_outputs, running_tensorboard  # noqa: E402
+from tensorboard_server import influence_outputs, running_tensorboard
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

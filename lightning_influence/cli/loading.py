@@ -176,6 +176,6 @@ def _loaders(model: Any, datamodule: Any) -> tuple[Any, Any]:
         return datamodule.train_dataloader(), datamodule.val_dataloader()
     try:
         return model.train_dataloader(), model.val_dataloader()
-    except Exception as err:  # noqa: BLE001 - LightningModule raises when the hooks are not implemented
+    except Exception as err:
         raise UsageError("Found no data: pass `--datamodule package.module:DataModuleClass` (or a `data:` section in"
                          f" `--config`), or implement train_dataloader/val_dataloader on the model ({err}).") from err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -178,7 +179,7 @@ def _full_score_rows(report: dict[str, Any], full_scores: Any) -> Optional[list[
             f"Expected `full_scores` shaped [n_points={len(report['points'])}, n_train] (rows in report order),"
             f" but got {getattr(scores, 'shape', type(scores))}."
         )
-    return [[value if value == value else None for value in row] for row in scores.double().tolist()]
+    return [[value if math.isfinite(value) else None for value in row] for row in scores.double().tolist()]
 
 
 def report_schema(kind: str = "influence") -> dict[str, Any]:
