@@ -56,6 +56,9 @@ def test_help_states_the_callback_defaults_and_lists_subcommands():
     assert all(name in text for name in ("influence", "mislabel", "export")) and "positive = harmful" in text
     sub = build_parser()._subparsers._group_actions[0].choices["influence"].format_help()
     assert "--damping" in sub and "(default: 0.01)" in sub and "--config" in sub
+    tomllib = pytest.importorskip("tomllib")
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["lightning-influence"]
+    assert target == "lightning_influence.cli:main"  # the console script runs the function tested here
 
 
 def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
