@@ -49,7 +49,8 @@ def running_tensorboard(logdir: Path, startup_timeout: float = 90.0) -> Iterator
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"TensorBoard exited with status {process.returncode}:\n{process.stdout.read()}")
+                output = process.stdout.read() if process.stdout is not None else ""
+                raise RuntimeError(f"TensorBoard exited with status {process.returncode}:\n{output}")
             try:
                 get_json(f"{url}/data/runs", timeout=2.0)
                 break

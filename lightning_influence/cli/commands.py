@@ -7,6 +7,8 @@ so the command line and the callback cannot drift apart: ``--top-k 5`` is ``Infl
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -29,13 +31,13 @@ class Option:
     nargs: Optional[str] = None
     switch: bool = False
 
-    def add_to(self, parser: argparse.ArgumentParser) -> None:
+    def add_to(self, parser: Union[argparse.ArgumentParser, argparse._ArgumentGroup]) -> None:
         text = f"{self.help} (default: {self.default})"
         if self.switch:
             parser.add_argument(self.flag, dest=self.dest, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(self.flag, dest=self.dest, type=self.type, choices=self.choices, nargs=self.nargs,
-                                default=argparse.SUPPRESS, help=text)
+            parser.add_argument(self.flag, dest=self.dest, type=self.type or str, choices=self.choices,
+                                nargs=self.nargs, default=argparse.SUPPRESS, help=text)
 
 
 def _scale(text: str) -> Union[float, str]:
@@ -129,10 +131,14 @@ def run_influence(args: argparse.Namespace) -> int:
     context = load_context(args)
     callback = context.make_callback(_flags(args, INFLUENCE_OPTIONS))
     chunk = callback.settings.chunk_size
-    explanation = explain(context.model, callback._resolve_loss_fn(context.model),
-                          IndexedData.from_loader(context.train_loader, chunk),
-                          IndexedData.from_loader(_single(context.val_loader), chunk),
-                          callback.solver_config, callback.damping, callback.settings)
+    train = IndexedData.from_loader(context.train_loader, chunk)
+    steps = getattr(callback.solver_config, "depth", 0) * getattr(callback.solver_config, "repeats", 0)
+    with _progress(args, "influence: s_test", steps) as on_step, \
+            _progress(args, "influence: scoring", len(train)) as on_scored:
+        explanation = explain(context.model, callback._resolve_loss_fn(context.model), train,
+                              IndexedData.from_loader(_single(context.val_loader), chunk), callback.solver_config,
+                              callback.damping, callback.settings, on_lissa_step=lambda: on_step(1),
+                              on_scored=on_scored)
     try:
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
                                    global_step=context.global_step, stage=STAGE, verbose=not args.quiet)
@@ -165,11 +171,13 @@ def run_mislabel(args: argparse.Namespace) -> int:
     if not flags.get("mislabel_candidates", context.callback_args.get("mislabel_candidates")):
         flags["mislabel_candidates"] = MISLABEL_OPTIONS[0].default
     callback = context.make_callback(flags)
-    report = find_mislabel_candidates(
-        context.model, callback._resolve_loss_fn(context.model),
-        IndexedData.from_loader(context.train_loader, callback.settings.chunk_size), callback.mislabel_config,
-        callback.damping, callback.mislabel_candidates, epoch=context.epoch, global_step=context.global_step,
-    )
+    train = IndexedData.from_loader(context.train_loader, callback.settings.chunk_size)
+    with _progress(args, "influence: self-influence", len(train)) as on_scored:
+        report = find_mislabel_candidates(
+            context.model, callback._resolve_loss_fn(context.model), train, callback.mislabel_config,
+            callback.damping, callback.mislabel_candidates, epoch=context.epoch, global_step=context.global_step,
+            on_scored=on_scored,
+        )
     try:
         path = publish_mislabel(context.writer(), context.output_dir, report, verbose=not args.quiet)
     finally:
@@ -220,6 +228,29 @@ def _exports(args: argparse.Namespace, report: dict[str, Any], full_scores: Any)
         print(f"Table: {export_table(report, args.table)}")
     if getattr(args, "pif_json", None):
         print(f"pytorch-influence-functions layout: {write_pytorch_influence_functions_json(report, args.pif_json, full_scores)}")
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar of ``total`` units on stderr (nothing with ``--quiet``); yields ``advance(n)``."""
+    if args.quiet or total <= 0:
+        yield _ignore
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
+
+
+def _ignore(n: int = 1) -> None:
+    """Progress sink that does nothing."""
 
 
 def _single(loader: Any) -> Any:

@@ -164,8 +164,8 @@ def _influence_callback_args(config: Any) -> dict[str, Any]:
     for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
         class_path = str(getattr(entry, "class_path", ""))
         if class_path.endswith("InfluenceCallback"):
-            init_args = getattr(entry, "init_args", None)
-            return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args or {})
+            init_args: Any = getattr(entry, "init_args", None) or {}
+            return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args)
     return {}
 
 

@@ -170,7 +170,7 @@ def write_pytorch_influence_functions_json(
     return write_json_atomic(path, pytorch_influence_functions_layout(report, full_scores))
 
 
-def _full_score_rows(report: dict[str, Any], full_scores: Any) -> Optional[list[list[float]]]:
+def _full_score_rows(report: dict[str, Any], full_scores: Any) -> Optional[list[list[Optional[float]]]]:
     if full_scores is None:
         return None
     scores = full_scores["scores"] if isinstance(full_scores, dict) else full_scores
