@@ -105,7 +105,7 @@ def test_auto_spot_check_catches_a_weight_used_outside_its_layer():
     assert factored_layers(model, params) is not None  # looks factorable by its parameters...
     s = torch.randn(2, sum(p.numel() for p in params.values()), dtype=torch.float64)
     loss = FunctionalLoss(model, _loss)
-    with pytest.warns(UserWarning, match="disagreed with jvp"):
+    with pytest.warns(UserWarning, match="disagreed with autograd"):
         got = torch.cat(list(iter_scores(loss, params, [(x, y)], s, "auto", chunk_size=4)), dim=1)
     expected = _explicit(model, x, y, s)
     assert (got - expected).norm() / expected.norm() <= 1e-10  # ...but auto noticed and fell back

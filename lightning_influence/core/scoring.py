@@ -89,10 +89,16 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def _factored_agrees(loss: FunctionalLoss, params: Params, batch: Batch, s_vectors: torch.Tensor,
                      layers: list[FactoredLayer]) -> bool:
-    """Spot-check ``factored`` against ``jvp`` on the first two examples (catches models it cannot see into)."""
-    probe = slice_batch(batch, 0, min(2, batch_size_of(batch)))
-    fast = score_chunk(loss, params, probe, s_vectors, "factored", layers)
-    reference = score_chunk(loss, params, probe, s_vectors, "jvp")
+    """Spot-check ``factored`` against plain autograd on the first example (catches models it cannot see into,
+    e.g. a layer's weight also used outside its forward)."""
+    example = slice_batch(batch, 0, 1)
+    leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+    grads = torch.autograd.grad(loss(leaves, example).sum(), list(leaves.values()), allow_unused=True)
+    tangents = unflatten(s_vectors, params)
+    k = s_vectors.shape[0]
+    reference = -sum(tangents[name].reshape(k, -1) @ g.reshape(-1)
+                     for name, g in zip(leaves, grads) if g is not None)
+    fast = score_chunk(loss, params, example, s_vectors, "factored", layers)[:, 0]
     return bool((fast - reference).norm() <= FACTORED_CHECK_TOLERANCE * reference.norm().clamp_min(1e-12))
 
 
@@ -123,11 +129,12 @@ def iter_scores(
         total = batch_size_of(batch)
         if first:
             first = False
-            with torch.no_grad():
-                loss(params, slice_batch(batch, 0, min(total, chunk_size)))  # validates the loss output once
+            if method == "per_example_grad":  # vmap over single examples would hide a wrong loss shape
+                with torch.no_grad():
+                    loss(params, slice_batch(batch, 0, min(total, 2)))
             if method == "factored" and requested == "auto" and not _factored_agrees(loss, params, batch, s_vectors, layers):
                 warnings.warn(
-                    "Factored scoring disagreed with jvp on a spot check (the loss may use a layer's parameters"
+                    "Factored scoring disagreed with autograd on a spot check (the loss may use a layer's parameters"
                     " outside its forward, or couple examples); scoring with jvp/per-example gradients instead.",
                     stacklevel=2,
                 )
