@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.core.config import LowRankConfig, SolverConfig, check_damping, make_solver_config
+from lightning_influence.core.config import (
+    SCORING_METHODS,
+    LowRankConfig,
+    SolverConfig,
+    check_damping,
+    make_solver_config,
+)
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
@@ -110,7 +116,7 @@ class InfluenceCallback(pl.Callback):
         _check(isinstance(top_k, int) and top_k >= 1, "top_k", "a positive int", top_k)
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", "a positive int", chunk_size)
-        _check(scoring in ("auto", "jvp", "per_example_grad"), "scoring", "'auto', 'jvp' or 'per_example_grad'", scoring)
+        _check(scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), scoring)
         _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
                "an int >= 0", mislabel_candidates)
         if val_indices is not None:
