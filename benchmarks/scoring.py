@@ -18,7 +18,7 @@ Usage::
     python benchmarks/scoring.py                 # full run (5-6 minutes, 6 with --profile, on a 2-vCPU VM)
     python benchmarks/scoring.py --quick         # smoke run (300 examples, depth 20; about 2 minutes)
     python benchmarks/scoring.py --json out.json # also write every figure as JSON
-    python benchmarks/scoring.py --profile       # also: where the scoring time goes, and a prototype
+    python benchmarks/scoring.py --profile       # also: where the scoring time goes, path by path
     python benchmarks/scoring.py --threads 2     # torch threads (default 1; see docs/benchmarks.md)
 
 Most of a run is spent in LiSSA (depth 1000, six solves) and in starting one Python process per figure.
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("jvp", "per_example_grad", "auto")
+METHODS = ("factored", "jvp", "per_example_grad", "auto")
 CHUNKS = (256, 1500)
 STEST_BATCHES = (None, 32, 1)  # None = LissaConfig's default batch_size
 NUM_VECTORS = 8
@@ -187,6 +187,7 @@ def run_one(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from lightning_influence import LissaDivergenceError, s_test
     from lightning_influence.core import InfluenceProblem, LissaConfig
     from lightning_influence.core.params import analysis_mode
+    from lightning_influence.core.factored import factored_layers
     from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET, resolve_method
 
     (x, y), (x_test, y_test) = digits(config["n_train"])
@@ -216,7 +217,8 @@ def run_one(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
             with analysis_mode(model):
                 blocks = [block for block in problem.scores(s, method=config["method"], chunk_size=chunk)]
             times.append(clock() - start)
-        resolved = resolve_method(config["method"], num_params)
+        resolved = resolve_method(config["method"], num_params,
+                                  factorable=factored_layers(model, problem.params) is not None)
         effective = min(chunk, PER_EXAMPLE_BUDGET // num_params) if resolved == "per_example_grad" else chunk
         result.update(seconds=statistics.median(times[1:]), cold_seconds=times[0], all_seconds=times,
                       peak_mib=memory.peak_mib(), resolved=resolved, effective_chunk=effective)
@@ -285,47 +287,8 @@ def bench(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def ghost_scores(model, batch, s, params):
-    """PROTOTYPE, not package code: ``-s . grad L(z_i)`` without per-example gradients or tangent propagation.
-
-    For a layer linear in its weights, ``y = f(a; W, b)``, the per-example gradient is ``delta_i (x) a_i`` with
-    ``delta_i = dL_i/dy_i``, so ``grad_W L_i . S = <delta_i, f(a_i; S, s_b)>``: one forward, one backward to the
-    layer outputs (shared by all k vectors), then one call of each layer with the k vectors stacked as output
-    channels (one matmul/conv for all k). Handles nn.Linear and nn.Conv2d whose parameters are all trainable.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    from lightning_influence.core.params import unflatten
-
-    inputs, targets = batch
-    records = []
-    hooks = [module.register_forward_hook(lambda mod, inp, out: records.append((mod, inp[0].detach(), out)))
-             for module in model.modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
-    try:
-        loss = F.cross_entropy(model(inputs), targets, reduction="none").sum()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    deltas = torch.autograd.grad(loss, [out for _, _, out in records])
-    vectors = unflatten(s, params)
-    names = {id(p): n for n, p in model.named_parameters()}
-    k, n = s.shape[0], inputs.shape[0]
-    total = torch.zeros(k, n)
-    for (module, a, _), delta in zip(records, deltas):
-        weight, bias = vectors[names[id(module.weight)]], vectors[names[id(module.bias)]]
-        stacked_w, stacked_b = weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1)
-        if isinstance(module, nn.Linear):
-            out = F.linear(a, stacked_w, stacked_b)
-        else:
-            out = F.conv2d(a, stacked_w, stacked_b, module.stride, module.padding, module.dilation, module.groups)
-        total += torch.einsum("nkf,nf->kn", out.reshape(n, k, -1), delta.reshape(n, -1))
-    return -total
-
-
 def profile(workdir: Path, n_train: int, epochs: dict[str, float]) -> dict[str, Any]:
-    """Where the scoring time goes: pieces of each path, chunk sizes, a loop vs vmap, and a prototype."""
+    """Where the scoring time goes: pieces of each path, chunk sizes, a loop vs vmap, and the factored path."""
     data, _ = digits(n_train)
     return {name: profile_model(name, epoch, data, workdir) for name, epoch in epochs.items()}
 
@@ -398,11 +361,11 @@ def profile_model(name: str, epoch: float, data, workdir: Path) -> dict[str, flo
         add(f"  alternative: per-tensor S_l @ G_l^T summed (no cat), x{per_chunk:.1f} chunks",
             per_chunk * bench(lambda: sum(tangents[k].flatten(1) @ g.flatten(1).T for k, g in grads.items()), reps=2))
         for chunk in (256, n_train):
-            ghost = over_chunks(lambda b: ghost_scores(model, b, s, params), chunk)
-            add(f"PROTOTYPE ghost dot products, k={NUM_VECTORS}, chunk {chunk}", bench(ghost, reps=3),
-                rel_error(ghost(), reference))
-        add("PROTOTYPE ghost dot products, k=1, chunk 256",
-            bench(over_chunks(lambda b: ghost_scores(model, b, s[:1], params), 256), reps=3))
+            factored = over_chunks(lambda b: score_chunk(loss, params, b, s, "factored"), chunk)
+            add(f"factored (package), k={NUM_VECTORS}, chunk {chunk}", bench(factored, reps=3),
+                rel_error(factored(), reference))
+        add("factored (package), k=1, chunk 256",
+            bench(over_chunks(lambda b: score_chunk(loss, params, b, s[:1], "factored"), 256), reps=3))
         print(f"\n[profile] {name}: {num_params:,} params, {n_train} examples, epoch {1e3 * epoch:.1f} ms; warm "
               "medians; error = max rel. difference to the package's jvp scores")
         print(table(["piece", "ms", "x epoch", "error"], rows))

@@ -7,6 +7,7 @@ Data flows one way: validation losses -> monitored points -> s_test -> training 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.config import LissaConfig, SolveInfo, SolverConfig
+from lightning_influence.core.config import CGConfig, LissaConfig, SolveInfo, SolverConfig
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
 from lightning_influence.core.params import analysis_mode
@@ -73,14 +74,35 @@ class ExplainSettings:
 
 
 @dataclass(frozen=True)
+class ScoreShard:
+    """This rank's full scores: ``scores[:, j]`` is the influence of training example ``train_indices[j]``.
+
+    Only kept when full scores are asked for; never gathered (each rank writes its own shard file).
+    """
+
+    train_indices: torch.Tensor
+    scores: torch.Tensor
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
 class Explanation:
-    """The result; every rank gets the same one (only rank 0 should write it)."""
+    """The result; every rank gets the same one except ``score_shard`` (only rank 0 writes the rest)."""
 
     points: tuple[ExplainedPoint, ...]
     solver: SolverSummary
     timings: dict[str, float]
     train_size: int
-    full_scores: Optional[torch.Tensor] = None
+    score_shard: Optional[ScoreShard] = None
+
+    @property
+    def full_scores(self) -> Optional[torch.Tensor]:
+        """``[n_points, n_train]`` scores in training-index order; only in a single process (else ``None``)."""
+        shard_ = self.score_shard
+        if shard_ is None or shard_.world_size != 1:
+            return None
+        return shard_.scores[:, shard_.train_indices.argsort()]
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -165,14 +187,25 @@ def select_points(
 def solve_s_test(
     problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """s_test; LiSSA repeats are split over ranks (rank r runs r, r+R, ...) and combined by one sum.
+    """s_test, with the work split over ranks and combined by one sum (all-reduce).
 
-    The traces come back in repeat order whatever the split, so ``trace`` row i is repeat i.
+    LiSSA: rank r runs repeats r, r+R, ...; the traces come back in repeat order whatever the split, so
+    ``trace`` row i is repeat i. CG: rank r solves test points r, r+R, ... (each point's system is
+    independent). ``exact``/``lowrank`` are solved whole on every rank (same data, same result).
     """
     config = problem.config
+    if isinstance(config, CGConfig) and collectives.world_size > 1:
+        return _solve_cg_split(problem, gradients, collectives, on_step)
     if not isinstance(config, LissaConfig):
         result = problem.solve(gradients, on_step)
         return result.vectors, result.info
+    if config.repeats < collectives.world_size and collectives.rank == 0:
+        warnings.warn(
+            f"LiSSA repeats={config.repeats} < {collectives.world_size} processes: "
+            f"{collectives.world_size - config.repeats} rank(s) idle during s_test. Set `repeats` to a multiple of"
+            f" the number of processes (e.g. {collectives.world_size}): a lower-variance s_test in the same time.",
+            stacklevel=3,
+        )
     start = time.perf_counter()
     ids = list(range(collectives.rank, config.repeats, collectives.world_size))
     (partial, _), gathered = gather_checked(
@@ -184,38 +217,69 @@ def solve_s_test(
     return vectors, SolveInfo(**{**info.__dict__, "seconds": time.perf_counter() - start})
 
 
+def _solve_cg_split(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo]:
+    """CG with the test points split over ranks; the combined trace is the worst residual at each step."""
+    start = time.perf_counter()
+    ids = list(range(collectives.rank, gradients.shape[0], collectives.world_size))
+    result, gathered = gather_checked(
+        collectives,
+        lambda: problem.solve(gradients[ids], on_step) if ids else None,
+        lambda r: None if r is None else (r.info.converged, r.info.iterations, r.info.trace[0]),
+    )
+    full = torch.zeros_like(gradients)
+    if result is not None:
+        full[ids] = result.vectors
+    vectors = collectives.sum(full)
+    parts = [g for g in gathered if g is not None]
+    length = max(len(trace) for _, _, trace in parts)
+    padded = [torch.cat([t, t[-1:].expand(length - len(t))]) if len(t) else torch.zeros(length) for _, _, t in parts]
+    trace = torch.stack(padded).max(dim=0).values
+    info = SolveInfo("cg", problem.damping, time.perf_counter() - start, all(c for c, _, _ in parts),
+                     trace=trace[None], iterations=max(i for _, i, _ in parts))
+    return vectors, info
+
+
 def score_training_set(
     problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainSettings,
     collectives: Collectives, on_chunk: Callable[[int], None] | None,
-) -> tuple[TopInfluences, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Top-k over this rank's shard merged across ranks; histogram sample and (optionally) full scores."""
+) -> tuple[TopInfluences, torch.Tensor, Optional[ScoreShard]]:
+    """Top-k over this rank's shard merged across ranks, a gathered histogram sample of the scores (every
+    ``step``-th training index, in index order) and, if asked, this rank's full scores (not gathered)."""
     local_indices = shard(range(len(train)), collectives.rank, collectives.world_size)
     step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
+    full: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def score_shard() -> tuple[TopInfluences, torch.Tensor, torch.Tensor]:
         top = StreamingTopK(s_vectors.shape[0], settings.top_k)
-        kept_scores = [s_vectors.new_empty((s_vectors.shape[0], 0), device="cpu")]  # a shard may be empty
-        kept_indices = [torch.empty(0, dtype=torch.long)]
+        empty = (s_vectors.new_empty((s_vectors.shape[0], 0), device="cpu"), torch.empty(0, dtype=torch.long))
+        sampled, full[:] = [empty], [empty]  # a shard may be empty
         for indices, batch in train.batches_with_indices(local_indices):
             position = 0
             for block in problem.scores(s_vectors, [batch], settings.scoring, settings.chunk_size):
                 block_indices = indices[position : position + block.shape[1]]
                 position += block.shape[1]
                 top.update(block, block_indices)
-                keep = slice(None) if settings.keep_full_scores else (block_indices % step == 0)
-                kept_scores.append(block.cpu()[:, keep])
-                kept_indices.append(block_indices[keep])
+                block = block.cpu()
+                keep = block_indices % step == 0
+                sampled.append((block[:, keep], block_indices[keep]))
+                if settings.keep_full_scores:
+                    full.append((block, block_indices))
                 if on_chunk is not None:
                     on_chunk(block.shape[1])
-        return top.result(), torch.cat(kept_scores, 1), torch.cat(kept_indices)
+        return top.result(), torch.cat([b for b, _ in sampled], 1), torch.cat([i for _, i in sampled])
 
-    _, merged_top = gather_checked(collectives, score_shard)
-    scores = torch.cat([m[1] for m in merged_top], dim=1)
-    indices = torch.cat([m[2] for m in merged_top])
-    order = indices.argsort()
-    scores, indices = scores[:, order], indices[order]
-    merged = merge_top_influences([m[0] for m in merged_top], settings.top_k)
-    return merged, scores, (scores if settings.keep_full_scores else None)
+    _, gathered = gather_checked(collectives, score_shard)
+    sample = torch.cat([g[1] for g in gathered], dim=1)
+    sample_indices = torch.cat([g[2] for g in gathered])
+    sample = sample[:, sample_indices.argsort()]
+    merged = merge_top_influences([g[0] for g in gathered], settings.top_k)
+    local = None
+    if settings.keep_full_scores:
+        local = ScoreShard(torch.cat([i for _, i in full]), torch.cat([b for b, _ in full], 1),
+                           collectives.rank, collectives.world_size)
+    return merged, sample, local
 
 
 def merge_top_influences(tops: Sequence[TopInfluences], k: int) -> TopInfluences:
@@ -297,7 +361,7 @@ def explain(
         timings["s_test"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        top, kept_scores, full_scores = score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
+        top, kept_scores, score_shard = score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
         timings["scoring"] = time.perf_counter() - start
 
         test_info = describe(model, test_batch)
@@ -327,4 +391,4 @@ def explain(
         settings={k: v for k, v in config.__dict__.items()},
         trace=info.trace,
     )
-    return Explanation(tuple(points), summary, timings, len(train), full_scores)
+    return Explanation(tuple(points), summary, timings, len(train), score_shard)

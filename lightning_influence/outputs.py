@@ -8,7 +8,7 @@ so ``InfluenceCallback`` and ``lightning-influence`` produce identical outputs f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning_influence.explain import Explanation
 from lightning_influence.reporting import (
@@ -19,6 +19,8 @@ from lightning_influence.reporting import (
     write_mislabel_report,
     write_report,
     write_report_files,
+    write_score_index,
+    write_score_shard,
 )
 from lightning_influence.reporting.records import MislabelReport
 
@@ -34,7 +36,10 @@ def influence_report(explanation: Explanation, *, epoch: int, global_step: int, 
 def publish_explanation(
     writer: Any, log_dir: Path, explanation: Explanation, *, epoch: int, global_step: int, stage: str, verbose: bool
 ) -> Path:
-    """Write ``explanation`` to TensorBoard (``writer``) and to ``log_dir/influence/epoch={epoch}.json``.
+    """Write ``explanation`` to TensorBoard (``writer``) and to ``log_dir/influence/epoch={epoch}.json`` (rank 0).
+
+    With full scores kept, also the index ``epoch={epoch}-scores.json`` of the shard files that
+    :func:`publish_score_shard` writes on every rank.
 
     Args:
         writer: a ``SummaryWriter`` (see :func:`~lightning_influence.reporting.write_report`).
@@ -50,10 +55,26 @@ def publish_explanation(
     """
     report = influence_report(explanation, epoch=epoch, global_step=global_step, stage=stage)
     write_report(writer, report)
-    path = write_report_files(Path(log_dir) / "influence", report, explanation.full_scores)
+    path = write_report_files(Path(log_dir) / "influence", report)
+    if explanation.score_shard is not None:
+        write_score_index(Path(log_dir) / "influence", epoch, [p.val_index for p in explanation.points],
+                          explanation.train_size, explanation.score_shard.world_size)
     if verbose:
         print_summary(report)
     return path
+
+
+def publish_score_shard(log_dir: Path, explanation: Explanation, epoch: int) -> Optional[Path]:
+    """Write this rank's full-score shard ``log_dir/influence/epoch={epoch}-scores-rank{r}.pt`` (every rank).
+
+    Returns:
+        The shard's path, or None when full scores were not kept.
+    """
+    shard = explanation.score_shard
+    if shard is None:
+        return None
+    return write_score_shard(Path(log_dir) / "influence", epoch, [p.val_index for p in explanation.points],
+                             shard.train_indices, shard.scores, shard.rank, shard.world_size)
 
 
 def publish_mislabel(writer: Any, log_dir: Path, report: MislabelReport, *, verbose: bool) -> Path:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence import InfluenceCallback
+from lightning_influence.reporting import load_full_scores
 
 
 class TinyDigits(pl.LightningModule):
@@ -232,12 +233,12 @@ def test_misclassified_only_and_saved_full_scores(tmp_path):
         wrong = set((model(val[:][0]).argmax(1) != val[:][1]).nonzero().flatten().tolist())
     chosen = callback.analysed[-1]["val_indices"]
     assert wrong and set(chosen) == wrong  # fewer errors than num_worst: all of them, nothing else
-    saved = torch.load(f"{trainer.logger.log_dir}/influence/epoch=0-scores.pt")
-    assert saved["scores"].shape == (len(chosen), 240)
-    assert saved["val_indices"].tolist() == chosen
+    val_indices, scores = load_full_scores(f"{trainer.logger.log_dir}/influence/epoch=0-scores.json")
+    assert scores.shape == (len(chosen), 240) and not scores.isnan().any()
+    assert val_indices == chosen
     explanation = callback.last_explanation
     for row, point in enumerate(explanation.points):
-        top = saved["scores"][row].topk(2)
+        top = scores[row].topk(2)
         assert [e.train_index for e in point.harmful] == top.indices.tolist()
 
 

@@ -23,6 +23,7 @@ import lightning_influence as li
 from lightning_influence import InfluenceCallback
 from lightning_influence.cli import build_parser, main
 from lightning_influence.cli.commands import INFLUENCE_OPTIONS, MISLABEL_OPTIONS
+from lightning_influence.reporting import load_full_scores
 from lightning_influence.reporting.export import report_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +66,13 @@ def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lightning_influence.cli", "influence", str(checkpoint), *MODEL, *ANALYSIS,
-               "--output-dir", str(out), "--table", str(tmp_path / "top.csv"), "--pif-json", str(tmp_path / "pif.json")]
+               "--output-dir", str(out), "--table", str(tmp_path / "top.csv"), "--pif-json", str(tmp_path / "pif.json"),
+               "--save-scores"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     meta = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    report = _only(out / "influence", "epoch=*.json")
+    report = _only(out / "influence", "epoch=[0-9].json")
     jsonschema.validate(report, report_schema("influence"))
     assert (report["epoch"], report["global_step"], report["stage"]) == (meta["epoch"], meta["global_step"], "posthoc")
     assert len(report["points"]) == 2 and report["train_size"] == 200
@@ -103,6 +105,11 @@ def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
     pif = json.loads((tmp_path / "pif.json").read_text())
     assert list(pif) == [str(i) for i in val_indices]
     assert pif[str(val_indices[0])]["harmful"] == [i for i, _ in report["points"][0]["harmful"]]
+    full = pif[str(val_indices[0])]["influence"]  # --save-scores: every training example, index = train index
+    assert len(full) == 200 and max(full) == pytest.approx(report["points"][0]["harmful"][0][1], rel=1e-5)
+    assert sorted(range(200), key=full.__getitem__)[:3] == [i for i, _ in report["points"][0]["helpful"]]
+    _, table = load_full_scores(out / "influence" / f"epoch={meta['epoch']}-scores.json")
+    torch.testing.assert_close(table[0], torch.tensor(full, dtype=table.dtype))
 
 
 def test_cli_writes_what_the_callback_writes(checkpoint, tmp_path):

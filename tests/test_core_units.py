@@ -23,12 +23,13 @@ def cnn_data():
     return model, images[:120], labels[:120], images[1500:1504], labels[1500:1504]
 
 
-def test_jvp_scoring_equals_per_example_gradient_dot_products(cnn_data):
+def test_jvp_and_factored_scoring_equal_per_example_gradient_dot_products(cnn_data):
     model, x, y, _, _ = cnn_data
     problem = InfluenceProblem(model, cross_entropy_per_example, loader(x, y, 50), 0.01, LissaConfig())
     s = torch.randn(5, problem.num_params, dtype=torch.float64)
     by_jvp = torch.cat(list(problem.scores(s, method="jvp", chunk_size=32)), dim=1)
     by_grad = torch.cat(list(problem.scores(s, method="per_example_grad", chunk_size=7)), dim=1)
+    by_layers = torch.cat(list(problem.scores(s, method="factored", chunk_size=45)), dim=1)
     explicit = torch.stack([
         -s @ torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))])
@@ -37,6 +38,7 @@ def test_jvp_scoring_equals_per_example_gradient_dot_products(cnn_data):
     assert by_jvp.shape == (5, 120)
     assert ((by_jvp - explicit).norm() / explicit.norm()) <= 1e-5
     assert ((by_grad - explicit).norm() / explicit.norm()) <= 1e-5
+    assert ((by_layers - explicit).norm() / explicit.norm()) <= 1e-5
 
 
 def test_hvp_methods_agree_with_materialised_hessian(cnn_data):

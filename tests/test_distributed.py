@@ -17,6 +17,7 @@ import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,15 +32,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.core.config import LissaConfig
+from lightning_influence.core.config import CGConfig, LissaConfig
 from lightning_influence.core.data import IndexedData
 from lightning_influence.distributed import SingleProcess, TorchDistributed
 from lightning_influence.explain import ExplainSettings, Explanation, explain, shard
+from lightning_influence.reporting import load_full_scores
 
 TIMEOUT = timedelta(seconds=60)  # a collective that a rank never joins fails after this, instead of hanging
 N_TRAIN, N_VAL, VAL_START = 101, 30, 1500  # 101: shards of 51/50 and 34/34/33
 DAMPING = 0.1
 LISSA = LissaConfig(depth=50, repeats=3, batch_size=16, scale="auto", seed=0)
+CG = CGConfig(max_iter=60, tol=1e-8)
 SETTINGS = ExplainSettings(top_k=5, num_worst=4, keep_full_scores=True)
 WORLD_SIZES = (1, 2, 3)
 #: Imported once by the forkserver (it cannot import this test module itself: tests/ is not on its path).
@@ -98,7 +101,8 @@ def _summary(explanation: Explanation) -> dict[str, Any]:
         "harmful_scores": torch.tensor([[i.influence for i in p.harmful] for p in points], dtype=torch.float64),
         "helpful_scores": torch.tensor([[i.influence for i in p.helpful] for p in points], dtype=torch.float64),
         "kept_scores": [p.scores for p in points],
-        "full_scores": explanation.full_scores,
+        "shard_indices": explanation.score_shard.train_indices,
+        "shard_scores": explanation.score_shard.scores,
         "trace": explanation.solver.trace,
         "scale": explanation.solver.scale,
         "timings": explanation.timings,
@@ -113,6 +117,10 @@ def _explain_worker(rank: int, world_size: int, port: int, timeout: timedelta, o
         explanation = explain(_model(state), cross_entropy_per_example, train, val, LISSA, DAMPING, SETTINGS,
                               TorchDistributed())
         record = {"shard": shard(range(N_TRAIN), rank, world_size), **_summary(explanation)}
+        # CG splits the test points over ranks (4 points: 2+2 on 2 ranks, 2+1+1 on 3)
+        with_cg = explain(_model(state), cross_entropy_per_example, train, val, CG, DAMPING, SETTINGS,
+                          TorchDistributed())
+        record["cg"] = {**_summary(with_cg), "iterations": with_cg.solver.trace.shape[1]}
         torch.save(record, out / f"world{world_size}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -171,14 +179,29 @@ def runs(trained_state, tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("explain")
     for world_size in WORLD_SIZES:
         _spawn(_explain_worker, world_size, out, trained_state)
-    return {r: [torch.load(out / f"world{r}_rank{k}.pt", weights_only=False) for k in range(r)] for r in WORLD_SIZES}
+    runs = {r: [torch.load(out / f"world{r}_rank{k}.pt", weights_only=False) for k in range(r)] for r in WORLD_SIZES}
+    for records in runs.values():
+        _assemble_full_scores(records, lambda record: record)
+        _assemble_full_scores(records, lambda record: record["cg"])
+    return runs
+
+
+def _assemble_full_scores(records: list[dict[str, Any]], part: Callable[[dict], dict]) -> None:
+    """Every rank kept only its own shard of the full scores: put them together in training-index order."""
+    indices = torch.cat([part(r)["shard_indices"] for r in records])
+    scores = torch.cat([part(r)["shard_scores"] for r in records], dim=1)
+    assert sorted(indices.tolist()) == list(range(len(indices)))  # no gap, no duplicate
+    for record in records:
+        part(record)["full_scores"] = scores[:, indices.argsort()]
 
 
 @pytest.fixture(scope="module")
 def edge_cases(trained_state, tmp_path_factory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("edge")
     _spawn(_edge_case_worker, 3, out, trained_state, timeout=timedelta(seconds=30))
-    return [torch.load(out / f"edge_rank{k}.pt", weights_only=False) for k in range(3)]
+    records = [torch.load(out / f"edge_rank{k}.pt", weights_only=False) for k in range(3)]
+    _assemble_full_scores(records, lambda record: record["tiny"])
+    return records
 
 
 # -- explain() on 1, 2, 3 ranks ---------------------------------------------------------------------------
@@ -188,7 +211,7 @@ def test_every_rank_gets_the_same_result(runs):
         for record in records[1:]:
             assert record["val_indices"] == first["val_indices"], world_size
             assert (record["harmful"], record["helpful"]) == (first["harmful"], first["helpful"]), world_size
-            torch.testing.assert_close(record["full_scores"], first["full_scores"], rtol=0, atol=0)
+            torch.testing.assert_close(record["kept_scores"], first["kept_scores"], rtol=0, atol=0)
 
 
 def test_same_points_and_top_influences_for_any_world_size(runs):
@@ -207,6 +230,19 @@ def test_same_points_and_top_influences_for_any_world_size(runs):
         assert record["scale"] == pytest.approx(reference["scale"], rel=1e-12)
         assert record["trace"].shape == (LISSA.repeats, LISSA.depth)
         torch.testing.assert_close(record["trace"], reference["trace"], rtol=1e-6, atol=1e-9)
+
+
+def test_cg_split_over_test_points_gives_the_single_process_result(runs):
+    reference = runs[1][0]["cg"]
+    for world_size in WORLD_SIZES[1:]:
+        for record in runs[world_size]:
+            cg = record["cg"]
+            assert cg["val_indices"] == reference["val_indices"], world_size
+            assert (cg["harmful"], cg["helpful"]) == (reference["harmful"], reference["helpful"]), world_size
+            torch.testing.assert_close(cg["full_scores"], reference["full_scores"], rtol=1e-6, atol=1e-9)
+            # the combined trace is the worst point's residual per step; it ends below tol
+            assert cg["trace"].shape[0] == 1 and cg["iterations"] == reference["iterations"]
+            assert float(cg["trace"][0, -1]) < CG.tol
 
 
 def test_each_training_example_is_scored_exactly_once(runs):
@@ -320,7 +356,8 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
     x, y = digits(torch.float32)
     train, val = TensorDataset(x[:160], y[:160]), TensorDataset(x[1500:1540], y[1500:1540])
     lissa = {"depth": 30, "repeats": 2, "batch_size": 16, "seed": 0}  # repeat 0 on rank 0, repeat 1 on rank 1
-    callback = li.InfluenceCallback(num_worst=2, top_k=3, damping=DAMPING, verbose=False, strict=True, **lissa)
+    callback = li.InfluenceCallback(num_worst=2, top_k=3, damping=DAMPING, verbose=False, strict=True,
+                                    save_scores=True, **lissa)
     pl.seed_everything(0)
     model = sys.modules[__name__].TinyClassifier()
     trainer = pl.Trainer(
@@ -334,10 +371,19 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
     with_influence = [path for path in event_files if _influence_tags(path)]
     assert len(with_influence) == 1, event_files  # rank 0 only
     json_files = glob.glob(f"{tmp_path}/**/influence/*.json", recursive=True)
-    assert [os.path.basename(path) for path in json_files] == ["epoch=0.json"]
-    with open(json_files[0]) as handle:
+    assert sorted(os.path.basename(path) for path in json_files) == ["epoch=0-scores.json", "epoch=0.json"]
+    directory = os.path.dirname(json_files[0])
+    with open(f"{directory}/epoch=0.json") as handle:
         record = json.load(handle)
     assert record["train_size"] == len(train) and record["solver"]["settings"]["repeats"] == 2
+    # full scores: each rank wrote its own shard, rank 0 the index; together they cover the set once
+    assert sorted(os.listdir(directory)) == ["epoch=0-scores-rank0.pt", "epoch=0-scores-rank1.pt",
+                                             "epoch=0-scores.json", "epoch=0.json"]
+    assert len(torch.load(f"{directory}/epoch=0-scores-rank1.pt", weights_only=True)["train_indices"]) == 80
+    val_indices, full = load_full_scores(f"{directory}/epoch=0-scores.json")
+    assert val_indices == [p["val_index"] for p in record["points"]] and not full.isnan().any()
+    for row, point in enumerate(record["points"]):
+        assert [i for i, _ in point["harmful"]] == full[row].topk(3).indices.tolist()
 
     # ddp_spawn hands rank 0's final weights back to `model`: recompute on one process with the same settings
     local = explain(model, lambda m, b: m.per_example_loss(b), IndexedData(train), IndexedData(val),

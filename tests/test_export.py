@@ -115,7 +115,7 @@ def test_missing_pandas_or_pyarrow_gives_a_clear_error(tmp_path, monkeypatch):
 
 def test_pytorch_influence_functions_layout(tmp_path):
     report, scores = _report()
-    layout = export.pytorch_influence_functions_layout(report, {"scores": scores})
+    layout = export.pytorch_influence_functions_layout(report, scores)
     assert list(layout) == ["7", "3"]
     for position, (key, entry) in enumerate(layout.items()):
         assert entry["num_in_dataset"] == position and entry["label"] == position
@@ -136,7 +136,7 @@ def test_export_command_reads_files_written_by_the_reporting_layer(tmp_path):
     pytest.importorskip("pandas")
     records, scores = _records()
     json_path = write_report_files(tmp_path / "influence", records, scores)
-    scores_path = tmp_path / "influence" / "epoch=4-scores.pt"
+    scores_path = tmp_path / "influence" / "epoch=4-scores.json"
     assert main(["export", str(json_path), "--table", str(tmp_path / "t.csv"), "--pif-json",
                  str(tmp_path / "pif.json"), "--scores", str(scores_path)]) == 0
     pif = json.loads((tmp_path / "pif.json").read_text())

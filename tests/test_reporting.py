@@ -21,6 +21,7 @@ from lightning_influence.reporting import (
     InfluenceReport,
     SolverSummary,
     influence_grid_figure,
+    load_full_scores,
     looks_like_image,
     point_markdown,
     print_summary,
@@ -30,6 +31,8 @@ from lightning_influence.reporting import (
     write_json_atomic,
     write_report,
     write_report_files,
+    write_score_index,
+    write_score_shard,
 )
 from lightning_influence.reporting.tensorboard import MAX_TRACE_POINTS, subsample_steps
 
@@ -274,12 +277,36 @@ def test_full_scores_file(tmp_path: Path) -> None:
     report = make_report()
     scores = torch.randn(2, report.train_size)
     write_report_files(tmp_path, report, full_scores=scores)
-    saved = torch.load(tmp_path / "epoch=3-scores.pt", weights_only=True)
+    saved = torch.load(tmp_path / "epoch=3-scores-rank0.pt", weights_only=True)
     assert saved["val_indices"].tolist() == list(VAL_INDICES)
     assert torch.equal(saved["scores"], scores)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=3-scores.pt", "epoch=3.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=3-scores-rank0.pt", "epoch=3-scores.json", "epoch=3.json"]
+    val_indices, loaded = load_full_scores(tmp_path / "epoch=3-scores.json")
+    assert val_indices == list(VAL_INDICES) and torch.equal(loaded, scores.double())
     with pytest.raises(ValueError, match="Expected `full_scores`"):
         write_report_files(tmp_path, report, full_scores=torch.randn(3, 10))
+
+
+def test_score_shards_from_several_ranks_reassemble(tmp_path: Path) -> None:
+    full = torch.randn(2, 11, dtype=torch.float64)
+    world = 3
+    for rank in range(world):
+        columns = torch.arange(rank, 11, world)
+        write_score_shard(tmp_path, 5, list(VAL_INDICES), columns, full[:, columns], rank, world)
+    write_score_index(tmp_path, 5, list(VAL_INDICES), 11, world)
+    val_indices, loaded = load_full_scores(tmp_path / "epoch=5-scores.json")
+    assert val_indices == list(VAL_INDICES) and torch.equal(loaded, full)
+    # a shard that scored a subset leaves the rest NaN (absent, not zero)
+    write_score_shard(tmp_path, 6, list(VAL_INDICES), torch.tensor([4, 2]), full[:, [4, 2]], 0, 1)
+    write_score_index(tmp_path, 6, list(VAL_INDICES), 11, 1)
+    _, partial = load_full_scores(tmp_path / "epoch=6-scores.json")
+    assert torch.equal(partial[:, [4, 2]], full[:, [4, 2]]) and int(partial.isnan().sum()) == 2 * 9
+    (tmp_path / "epoch=5-scores-rank1.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="rank1.pt listed in"):
+        load_full_scores(tmp_path / "epoch=5-scores.json")
+    write_score_shard(tmp_path, 5, list(VAL_INDICES), torch.tensor([0, 1]), full[:, :2], 1, world)
+    with pytest.raises(ValueError, match="repeats training examples"):
+        load_full_scores(tmp_path / "epoch=5-scores.json")
 
 
 def test_atomic_writes_leave_no_temporaries(tmp_path: Path) -> None:

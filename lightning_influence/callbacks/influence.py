@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -16,13 +16,19 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.core.config import LowRankConfig, SolverConfig, check_damping, make_solver_config
+from lightning_influence.core.config import (
+    SCORING_METHODS,
+    LowRankConfig,
+    SolverConfig,
+    check_damping,
+    make_solver_config,
+)
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.explain import Explanation, ExplainSettings, explain
 from lightning_influence.mislabel import find_mislabel_candidates
-from lightning_influence.outputs import publish_explanation, publish_mislabel
+from lightning_influence.outputs import publish_explanation, publish_mislabel, publish_score_shard
 from lightning_influence.reporting.records import MislabelReport
 
 _SOLVER_OPTIONS = {"lissa": ("depth", "repeats", "batch_size", "scale", "seed", "tol"), "cg": ("max_iter", "tol"), "exact": ()}
@@ -107,7 +113,7 @@ class InfluenceCallback(pl.Callback):
         _check(isinstance(top_k, int) and top_k >= 1, "top_k", "a positive int", top_k)
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", "a positive int", chunk_size)
-        _check(scoring in ("auto", "jvp", "per_example_grad"), "scoring", "'auto', 'jvp' or 'per_example_grad'", scoring)
+        _check(scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), scoring)
         _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
                "an int >= 0", mislabel_candidates)
         if val_indices is not None:
@@ -143,6 +149,7 @@ class InfluenceCallback(pl.Callback):
         self.analysed: list[dict[str, Any]] = []  # {"epoch", "global_step", "stage", "val_indices"} per analysis
         self.last_explanation: Optional[Explanation] = None
         self._own_writer: Any = None
+        self._tensorboard: Optional[TensorBoardLogger] = None
         self._fit_train_loader: Any = None
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
@@ -207,12 +214,27 @@ class InfluenceCallback(pl.Callback):
         self.last_explanation = explanation
         self.analysed.append({"epoch": epoch, "global_step": trainer.global_step, "stage": stage,
                               "val_indices": [p.val_index for p in explanation.points]})
-        if trainer.is_global_zero:
-            self._write(trainer, explanation, stage, epoch)
-            if mislabel is not None:
-                self._write_mislabel(trainer, mislabel)
+        try:
+            self._write_all(trainer, explanation, mislabel, stage, epoch)
+        except Exception as err:  # noqa: BLE001 - a full disk or unwritable log dir must not end the training
+            if self.strict:
+                raise
+            warnings.warn(
+                f"Writing the influence results of epoch {epoch} failed on rank {trainer.global_rank}:"
+                f" {type(err).__name__}: {err}\nTraining goes on. Check that the log directory is writable.",
+                stacklevel=2,
+            )
         if trainer.world_size > 1:
             trainer.strategy.barrier("influence_written")  # no rank runs ahead into the next epoch
+
+    def _write_all(self, trainer: pl.Trainer, explanation: Explanation, mislabel: Optional[MislabelReport],
+                   stage: str, epoch: int) -> None:
+        log_dir = self._log_dir(trainer)  # a collective: every rank asks
+        publish_score_shard(log_dir, explanation, epoch)  # every rank writes its own shard of the full scores
+        if trainer.is_global_zero:
+            self._write(trainer, explanation, stage, epoch, log_dir)
+            if mislabel is not None:
+                self._write_mislabel(trainer, mislabel, log_dir)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Explanation:
         loss_fn = self._resolve_loss_fn(pl_module)
@@ -294,27 +316,32 @@ class InfluenceCallback(pl.Callback):
         return IndexedData.from_loader(loader, self.settings.chunk_size)
 
     # -- output (rank zero) --------------------------------------------------------------------------------
-    def _write(self, trainer: pl.Trainer, explanation: Explanation, stage: str, epoch: int) -> None:
-        writer, log_dir = self._writer(trainer)
-        path = publish_explanation(writer, log_dir, explanation, epoch=epoch, global_step=trainer.global_step,
-                                   stage=stage, verbose=self.verbose)
+    def _write(self, trainer: pl.Trainer, explanation: Explanation, stage: str, epoch: int, log_dir: Path) -> None:
+        path = publish_explanation(self._writer(log_dir), log_dir, explanation, epoch=epoch,
+                                   global_step=trainer.global_step, stage=stage, verbose=self.verbose)
         if self.verbose:
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
 
-    def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport) -> None:
-        writer, log_dir = self._writer(trainer)
-        publish_mislabel(writer, log_dir, report, verbose=self.verbose)
+    def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport, log_dir: Path) -> None:
+        publish_mislabel(self._writer(log_dir), log_dir, report, verbose=self.verbose)
 
-    def _writer(self, trainer: pl.Trainer) -> tuple[Any, Path]:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment, Path(logger.log_dir)
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _log_dir(self, trainer: pl.Trainer) -> Path:
+        """The run's log directory, the same on every rank (call it on all ranks: it may broadcast)."""
+        self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if self._tensorboard is not None:
+            path = self._tensorboard.log_dir if trainer.is_global_zero else None
+            return Path(trainer.strategy.broadcast(path, src=0))
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def _writer(self, log_dir: Path) -> Any:
+        """The TensorBoard writer (rank zero only): the logger's, else one of our own in ``log_dir``."""
+        if self._tensorboard is not None:
+            return self._tensorboard.experiment
         if self._own_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._own_writer = SummaryWriter(str(log_dir))
-        return self._own_writer, log_dir
+        return self._own_writer
 
 
 def _call_per_example_loss(module: Any, batch: Any) -> Any:

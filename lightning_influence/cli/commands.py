@@ -124,7 +124,7 @@ def add_influence_arguments(parser: argparse.ArgumentParser) -> None:
 def run_influence(args: argparse.Namespace) -> int:
     from lightning_influence.core.data import IndexedData
     from lightning_influence.explain import explain
-    from lightning_influence.outputs import influence_report, publish_explanation
+    from lightning_influence.outputs import influence_report, publish_explanation, publish_score_shard
     from lightning_influence.reporting import report_to_dict
 
     _check_exports(args)
@@ -140,6 +140,7 @@ def run_influence(args: argparse.Namespace) -> int:
                               callback.damping, callback.settings, on_lissa_step=lambda: on_step(1),
                               on_scored=on_scored)
     try:
+        publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
                                    global_step=context.global_step, stage=STAGE, verbose=not args.quiet)
     finally:
@@ -194,20 +195,25 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", metavar="PATH", help="write a long table, .csv or .parquet (needs pandas)")
     parser.add_argument("--pif-json", metavar="PATH", help="write the top lists in pytorch-influence-functions'"
                         " layout (influence reports only)")
-    parser.add_argument("--scores", metavar="PATH", help="the epoch=N-scores.pt beside the report: adds every"
-                        " training example's influence to --pif-json")
+    parser.add_argument("--scores", metavar="PATH", help="the score index epoch=N-scores.json beside the report"
+                        " (written with --save-scores / save_scores=True): adds every training example's"
+                        " influence to --pif-json")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import torch
-
+    from lightning_influence.reporting import load_full_scores
     from lightning_influence.reporting.export import load_report
 
     if not args.table and not args.pif_json:
         raise UsageError("Nothing to export: pass `--table out.csv` (or .parquet) and/or `--pif-json out.json`.")
     _check_exports(args)
     report = load_report(args.report)
-    scores = torch.load(args.scores, map_location="cpu", weights_only=True) if args.scores else None
+    scores = None
+    if args.scores:
+        val_indices, scores = load_full_scores(args.scores)
+        if "points" not in report or val_indices != [p["val_index"] for p in report["points"]]:
+            raise UsageError(f"`{args.scores}` holds scores for validation points {val_indices}, which are not the"
+                             f" points of `{args.report}`: pass the score index of the same epoch.")
     _exports(args, report, scores)
     return 0
 

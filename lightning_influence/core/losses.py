@@ -51,17 +51,23 @@ class FunctionalLoss:
     def mean(self, params: Params, batch: Batch) -> torch.Tensor:
         return self(params, batch).mean()
 
-    def per_example_grads(self, params: Params, batch: Batch) -> torch.Tensor:
+    def per_example_grads(self, params: Params, batch: Batch, check: bool = True) -> torch.Tensor:
         """``[B, P]`` matrix of per-example gradients ``grad L(z_i)`` (``vmap`` over ``grad``)."""
+        return flatten(self.per_example_grad_dict(params, batch, check), batch_dims=1)
 
-        with torch.no_grad():
-            self(params, batch)  # validates the loss shape on the whole batch, before vmap hides it
+    def per_example_grad_dict(self, params: Params, batch: Batch, check: bool = True) -> Params:
+        """Per-example gradients as ``{name: [B, *shape]}`` (no flat copy).
+
+        ``check`` first runs the loss on the whole batch to validate its shape, which ``vmap`` would hide.
+        """
+        if check:
+            with torch.no_grad():
+                self(params, batch)
 
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]
 
-        grads = vmap(grad(single), in_dims=(None, batched_in_dims(batch)))(params, batch)
-        return flatten(grads, batch_dims=1)
+        return vmap(grad(single), in_dims=(None, batched_in_dims(batch)))(params, batch)
 
 
 def check_per_example_losses(losses: Any, batch_size: int) -> torch.Tensor:

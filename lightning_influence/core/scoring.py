@@ -1,24 +1,36 @@
 """Scoring training examples against s_test vectors: ``I(z_i, z_test) = -s_test . grad L(z_i)``.
 
-Two ways, equal to float tolerance:
+Three ways, equal to float tolerance:
 
+* ``factored`` (:mod:`~lightning_influence.core.factored`): when every trainable parameter belongs to an
+  ``nn.Linear`` / ``nn.Conv2d``, per-example gradients factor as ``g_i a_i^T``: one forward pass, one backward
+  pass for the layer output gradients, then one layer-sized matmul per test vector. Peak extra memory: the
+  chunk's activations and output gradients plus ``chunk x k x min(in, out)`` per linear layer.
 * ``jvp``: forward-mode ``jvp`` of the per-example loss vector along each s_test (vmapped over the k
   tangents) yields ``[grad L(z_i) . s]_i`` for a whole chunk in about one forward pass per vector, without
   per-example gradients in memory. Peak extra memory: about k times the chunk's activations.
-* ``per_example_grad``: ``vmap(grad)`` per-example gradients ``G [chunk, P]`` then ``-S G^T``. Peak extra
-  memory: ``chunk x P`` floats, kept under :data:`PER_EXAMPLE_BUDGET` by shrinking the chunk.
+* ``per_example_grad``: ``vmap(grad)`` per-example gradients ``G [chunk, P]`` then ``-S G^T``, parameter by
+  parameter. Peak extra memory: ``chunk x P`` floats, kept under :data:`PER_EXAMPLE_BUDGET` by shrinking the
+  chunk.
+
+``auto`` picks ``factored`` when the model allows it, else per-example gradients up to
+:data:`AUTO_PER_EXAMPLE_MAX_PARAMS` parameters, else ``jvp``. A chunk that runs out of memory is retried
+in halves before the error is raised.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.func import jvp, vmap
 
 from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch, slice_batch
 from lightning_influence.core.config import SCORING_METHODS
+from lightning_influence.core.factored import FactoredLayer, factored_dot, factored_layers
 from lightning_influence.core.losses import FunctionalLoss
 from lightning_influence.core.params import Params, num_parameters, unflatten
 
@@ -26,25 +38,68 @@ from lightning_influence.core.params import Params, num_parameters, unflatten
 PER_EXAMPLE_BUDGET = 2**26
 #: ``auto`` uses per-example gradients for models up to this many parameters, jvp above.
 AUTO_PER_EXAMPLE_MAX_PARAMS = 100_000
+#: Relative disagreement between ``factored`` and ``jvp`` on the first examples that makes ``auto`` fall back.
+FACTORED_CHECK_TOLERANCE = 1e-3
 
 
-def resolve_method(method: str, num_params: int) -> str:
+def resolve_method(method: str, num_params: int, factorable: bool = False) -> str:
     if method not in SCORING_METHODS:
         raise ValueError(f"Expected `scoring` to be one of {SCORING_METHODS}, but got {method!r}.")
     if method != "auto":
         return method
+    if factorable:
+        return "factored"
     return "per_example_grad" if num_params <= AUTO_PER_EXAMPLE_MAX_PARAMS else "jvp"
 
 
-def score_chunk(loss: FunctionalLoss, params: Params, batch: Batch, s_vectors: torch.Tensor, method: str) -> torch.Tensor:
+def score_chunk(
+    loss: FunctionalLoss,
+    params: Params,
+    batch: Batch,
+    s_vectors: torch.Tensor,
+    method: str,
+    layers: Optional[list[FactoredLayer]] = None,
+    check: bool = True,
+) -> torch.Tensor:
     """``[k, B]`` influence of every example of ``batch`` on each of the k test points."""
+    if method == "factored":
+        layers = layers if layers is not None else factored_layers(loss.model, params)
+        if layers is None:
+            raise ValueError(
+                "`scoring='factored'` needs every trainable parameter to be the weight or bias of an nn.Linear or"
+                " nn.Conv2d (groups=1); use scoring='auto', 'jvp' or 'per_example_grad' for this model."
+            )
+        return -factored_dot(loss, params, layers, batch, s_vectors)
     if method == "per_example_grad":
-        return -(s_vectors @ loss.per_example_grads(params, batch).T)
+        grads = loss.per_example_grad_dict(params, batch, check=check)
+        tangents = unflatten(s_vectors, params)
+        k = s_vectors.shape[0]
+        total = sum(tangents[name].reshape(k, -1) @ g.reshape(g.shape[0], -1).T for name, g in grads.items())
+        return -total
 
     def directional(tangent: Params) -> torch.Tensor:
         return jvp(lambda p: loss(p, batch), (params,), (tangent,))[1]
 
     return -vmap(directional)(unflatten(s_vectors, params))
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _factored_agrees(loss: FunctionalLoss, params: Params, batch: Batch, s_vectors: torch.Tensor,
+                     layers: list[FactoredLayer]) -> bool:
+    """Spot-check ``factored`` against plain autograd on the first example (catches models it cannot see into,
+    e.g. a layer's weight also used outside its forward)."""
+    example = slice_batch(batch, 0, 1)
+    leaves = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+    grads = torch.autograd.grad(loss(leaves, example).sum(), list(leaves.values()), allow_unused=True)
+    tangents = unflatten(s_vectors, params)
+    k = s_vectors.shape[0]
+    reference = -sum(tangents[name].reshape(k, -1) @ g.reshape(-1)
+                     for name, g in zip(leaves, grads) if g is not None)
+    fast = score_chunk(loss, params, example, s_vectors, "factored", layers)[:, 0]
+    return bool((fast - reference).norm() <= FACTORED_CHECK_TOLERANCE * reference.norm().clamp_min(1e-12))
 
 
 def iter_scores(
@@ -55,20 +110,53 @@ def iter_scores(
     method: str = "auto",
     chunk_size: int = 256,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``[k, b]`` score blocks for consecutive examples of ``batches``, in order, chunk by chunk."""
+    """Yield ``[k, b]`` score blocks for consecutive examples of ``batches``, in order, chunk by chunk.
+
+    A chunk that runs out of memory is split in halves (down to single examples) and the smaller size is
+    kept for the rest of the pass.
+    """
     if chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}.")
     size = num_parameters(params)
-    method = resolve_method(method, size)
+    layers = factored_layers(loss.model, params) if method in ("auto", "factored") else None
+    requested, method = method, resolve_method(method, size, factorable=layers is not None)
     if method == "per_example_grad":
         chunk_size = max(1, min(chunk_size, PER_EXAMPLE_BUDGET // size))
     device = s_vectors.device
+    first = True
     for batch in batches:
         batch = prepare_batch(batch, device)
         total = batch_size_of(batch)
-        for start in range(0, total, chunk_size):
-            chunk = batch if total <= chunk_size else slice_batch(batch, start, start + chunk_size)
-            yield score_chunk(loss, params, chunk, s_vectors, method).detach()
+        if first:
+            first = False
+            if method == "per_example_grad":  # vmap over single examples would hide a wrong loss shape
+                with torch.no_grad():
+                    loss(params, slice_batch(batch, 0, min(total, 2)))
+            if method == "factored" and requested == "auto" and not _factored_agrees(loss, params, batch, s_vectors, layers):
+                warnings.warn(
+                    "Factored scoring disagreed with autograd on a spot check (the loss may use a layer's parameters"
+                    " outside its forward, or couple examples); scoring with jvp/per-example gradients instead.",
+                    stacklevel=2,
+                )
+                method = resolve_method("auto", size, factorable=False)
+                if method == "per_example_grad":
+                    chunk_size = max(1, min(chunk_size, PER_EXAMPLE_BUDGET // size))
+        start = 0
+        while start < total:
+            stop = min(start + chunk_size, total)
+            chunk = batch if (start, stop) == (0, total) else slice_batch(batch, start, stop)
+            try:
+                block = score_chunk(loss, params, chunk, s_vectors, method, layers, check=False).detach()
+            except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not _is_out_of_memory(err) or stop - start == 1:
+                    raise
+                chunk_size = max(1, (stop - start) // 2)
+                warnings.warn(f"Scoring ran out of memory; retrying with chunk_size={chunk_size}.", stacklevel=2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            yield block
+            start = stop
 
 
 @dataclass(frozen=True)

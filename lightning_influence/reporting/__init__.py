@@ -13,12 +13,15 @@ from lightning_influence.reporting.console import (
 )
 from lightning_influence.reporting.files import (
     SCHEMA_VERSION,
+    load_full_scores,
     mislabel_to_dict,
     report_to_dict,
     save_tensor_atomic,
     write_json_atomic,
     write_mislabel_files,
     write_report_files,
+    write_score_index,
+    write_score_shard,
 )
 from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
 from lightning_influence.reporting.records import (
@@ -35,6 +38,9 @@ from lightning_influence.reporting.tensorboard import write_mislabel_report, wri
 __all__ = [
     "SCHEMA_VERSION",
     "SIGN_CONVENTION",
+    "load_full_scores",
+    "write_score_index",
+    "write_score_shard",
     "ExplainedPoint",
     "InfluenceReport",
     "Influencer",

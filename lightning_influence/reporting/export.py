@@ -13,7 +13,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
@@ -129,7 +129,7 @@ def export_table(report: dict[str, Any], path: PathLike) -> Path:
 
 
 def pytorch_influence_functions_layout(
-    report: dict[str, Any], full_scores: Optional[Union[torch.Tensor, dict[str, torch.Tensor]]] = None
+    report: dict[str, Any], full_scores: Optional[torch.Tensor] = None
 ) -> dict[str, dict[str, Any]]:
     """The top lists keyed by test id, the layout of ``pytorch-influence-functions``' ``calc_img_wise`` results.
 
@@ -140,8 +140,9 @@ def pytorch_influence_functions_layout(
     by *ascending* influence, which by this definition are the most helpful examples: compare the two
     packages by influence values, not by list names. Each entry also carries ``harmful_influence`` and
     ``helpful_influence`` (not divided by n), ``sign_convention``, and ``influence`` (every training example's
-    score, index = training index) when ``full_scores`` (a ``[points, n_train]`` tensor or the dict saved in
-    ``epoch={epoch}-scores.pt``) is given.
+    score, index = training index; null where not scored) when ``full_scores`` is given: the
+    ``[points, n_train]`` table, e.g. from :func:`~lightning_influence.reporting.load_full_scores` on the score
+    index ``epoch={epoch}-scores.json``.
     """
     if "points" not in report:
         raise ValueError("Expected an influence report (with `points`), but got a mislabel report.")
@@ -164,7 +165,7 @@ def pytorch_influence_functions_layout(
 
 
 def write_pytorch_influence_functions_json(
-    report: dict[str, Any], path: PathLike, full_scores: Optional[Union[torch.Tensor, dict[str, torch.Tensor]]] = None
+    report: dict[str, Any], path: PathLike, full_scores: Optional[torch.Tensor] = None
 ) -> Path:
     """Write :func:`pytorch_influence_functions_layout` to ``path`` as JSON, atomically."""
     return write_json_atomic(path, pytorch_influence_functions_layout(report, full_scores))
@@ -173,7 +174,7 @@ def write_pytorch_influence_functions_json(
 def _full_score_rows(report: dict[str, Any], full_scores: Any) -> Optional[list[list[Optional[float]]]]:
     if full_scores is None:
         return None
-    scores = full_scores["scores"] if isinstance(full_scores, dict) else full_scores
+    scores = full_scores
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] != len(report["points"]):
         raise ValueError(
             f"Expected `full_scores` shaped [n_points={len(report['points'])}, n_train] (rows in report order),"

@@ -1,4 +1,5 @@
-"""Results on disk: a JSON file of the top lists per analysis and, optionally, the full score table.
+"""Results on disk: a JSON file of the top lists per analysis and, optionally, the full score table
+(one shard file per rank plus an index written by rank 0).
 
 Every file is written atomically (a temporary file in the same directory, fsync, ``os.replace``), so a
 reader never sees a half-written file, even if training is killed mid-write. See
@@ -88,13 +89,15 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
 def write_report_files(
     directory: PathLike, report: InfluenceReport, full_scores: torch.Tensor | None = None
 ) -> Path:
-    """Write ``epoch={epoch}.json`` (and ``epoch={epoch}-scores.pt``) into ``directory``, overwriting.
+    """Write ``epoch={epoch}.json`` (and, with ``full_scores``, a one-shard score table) into ``directory``.
 
     Args:
         directory: where to write; created if missing.
         report: the analysis results.
-        full_scores: optional ``[n_points, n_scored]`` influence of every scored training example on each
-            monitored point, rows in the order of ``report.points``.
+        full_scores: optional ``[n_points, n_train]`` influence of every training example (column = training
+            index) on each monitored point, rows in the order of ``report.points``. Written as
+            ``epoch={epoch}-scores-rank0.pt`` plus the index ``epoch={epoch}-scores.json``
+            (see :func:`write_score_shard`; read back with :func:`load_full_scores`).
 
     Returns:
         The path of the JSON file.
@@ -106,12 +109,80 @@ def write_report_files(
     json_path = write_json_atomic(directory / f"epoch={report.epoch}.json", report_to_dict(report))
     if full_scores is not None:
         _check_full_scores(full_scores, len(report.points))
-        payload = {
-            "val_indices": torch.tensor([point.val_index for point in report.points], dtype=torch.long),
-            "scores": full_scores.detach().cpu().clone(),
-        }
-        save_tensor_atomic(directory / f"epoch={report.epoch}-scores.pt", payload)
+        val_indices = [point.val_index for point in report.points]
+        train_indices = torch.arange(full_scores.shape[1])
+        write_score_shard(directory, report.epoch, val_indices, train_indices, full_scores, rank=0, world_size=1)
+        write_score_index(directory, report.epoch, val_indices, full_scores.shape[1], world_size=1)
     return json_path
+
+
+def score_shard_name(epoch: int, rank: int) -> str:
+    return f"epoch={epoch}-scores-rank{rank}.pt"
+
+
+def write_score_shard(
+    directory: PathLike, epoch: int, val_indices: list[int], train_indices: torch.Tensor, scores: torch.Tensor,
+    rank: int, world_size: int,
+) -> Path:
+    """Write one rank's full scores to ``epoch={epoch}-scores-rank{rank}.pt`` (every rank writes its own).
+
+    A dict of tensors: ``val_indices [n_points]``, ``train_indices [n_local]``, ``scores [n_points, n_local]``
+    (column j is training example ``train_indices[j]``), ``rank`` and ``world_size``.
+    """
+    _check_full_scores(scores, len(val_indices))
+    if train_indices.shape != (scores.shape[1],):
+        raise ValueError(f"Expected one training index per score column ({scores.shape[1]}), but got shape"
+                         f" {tuple(train_indices.shape)}.")
+    payload = {
+        "val_indices": torch.tensor(val_indices, dtype=torch.long),
+        "train_indices": train_indices.detach().cpu().long().clone(),
+        "scores": scores.detach().cpu().clone(),
+        "rank": torch.tensor(rank),
+        "world_size": torch.tensor(world_size),
+    }
+    return save_tensor_atomic(Path(directory) / score_shard_name(epoch, rank), payload)
+
+
+def write_score_index(directory: PathLike, epoch: int, val_indices: list[int], train_size: int, world_size: int) -> Path:
+    """Write ``epoch={epoch}-scores.json`` (rank 0): the shard files that together hold the full score table."""
+    index = {
+        "schema_version": SCHEMA_VERSION,
+        "epoch": epoch,
+        "val_indices": [int(i) for i in val_indices],
+        "train_size": int(train_size),
+        "world_size": int(world_size),
+        "shards": [score_shard_name(epoch, rank) for rank in range(world_size)],
+        "sign_convention": SIGN_CONVENTION,
+    }
+    return write_json_atomic(Path(directory) / f"epoch={epoch}-scores.json", index)
+
+
+def load_full_scores(index_path: PathLike) -> tuple[list[int], torch.Tensor]:
+    """Reassemble ``(val_indices, scores [n_points, train_size])`` from a score index and its shard files.
+
+    Training examples that no shard scored (e.g. outside a candidate subset) are NaN. Raises if a shard is
+    missing or two shards score the same example.
+    """
+    index_path = Path(index_path)
+    index = json.loads(index_path.read_text())
+    val_indices = index["val_indices"]
+    table = torch.full((len(val_indices), index["train_size"]), float("nan"), dtype=torch.float64)
+    seen = torch.zeros(index["train_size"], dtype=torch.bool)
+    for name in index["shards"]:
+        path = index_path.parent / name
+        if not path.exists():
+            raise FileNotFoundError(f"Score shard {path} listed in {index_path} is missing: was every rank's"
+                                    " output directory the same (a shared filesystem)?")
+        shard = torch.load(path, weights_only=True)
+        if shard["val_indices"].tolist() != val_indices:
+            raise ValueError(f"Score shard {path} is for validation points {shard['val_indices'].tolist()},"
+                             f" not {val_indices} as the index says: it is from another analysis.")
+        columns = shard["train_indices"]
+        if seen[columns].any():
+            raise ValueError(f"Score shard {path} repeats training examples already in another shard.")
+        seen[columns] = True
+        table[:, columns] = shard["scores"].to(table.dtype)
+    return val_indices, table
 
 
 def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
