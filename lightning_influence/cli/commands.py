@@ -65,8 +65,8 @@ INFLUENCE_OPTIONS = (
     Option("--scoring", "scoring", "auto", "how training examples are scored",
            choices=("auto", "jvp", "per_example_grad")),
     Option("--chunk-size", "chunk_size", 256, "training examples scored at once (bounds memory)", type=int),
-    Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score tensor"
-           " (epoch=N-scores.pt)", switch=True),
+    Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score table"
+           " (epoch=N-scores.json index + epoch=N-scores-rank0.pt)", switch=True),
 )
 
 MISLABEL_OPTIONS = (
