@@ -176,7 +176,8 @@ def test_callback_from_lightningcli_yaml(tmp_path, loss_fn):
 
 
 def test_cli_takes_settings_from_the_config_and_flags_override(checkpoint, tmp_path):
-    path = _config(tmp_path, {"num_worst": 3, "top_k": 4, "solver": "exact", "damping": 0.5}, "posthoc")
+    path = _config(tmp_path, {"num_worst": 3, "top_k": 4, "solver": "exact", "damping": 0.5,
+                              "loss_fn": "cli_models.cross_entropy_loss"}, "posthoc")
     assert main(["influence", str(checkpoint), "--config", str(path), "--output-dir", str(tmp_path / "a"),
                  "--quiet"]) == 0
     report = _only(tmp_path / "a" / "influence", "epoch=*.json")
