@@ -7,7 +7,7 @@ configuration's own):
 
 * one training epoch (AdamW, weight decay 1e-3, batch 64, shuffled): median of 3 epochs after a warm-up;
 * (a) scoring all training examples against 8 test vectors with ``InfluenceProblem.scores`` for
-  ``method`` in {jvp, per_example_grad, auto} and chunk sizes {256, 1500} (the loader's batch size is the
+  ``method`` in {factored, jvp, per_example_grad, auto} and chunk sizes {256, 1500} (the loader's batch size is the
   chunk size), as seconds and as a ratio to the epoch, plus the max relative disagreement between methods;
 * (b) one ``s_test`` (LiSSA, depth 1000, damping 1e-2) with the default minibatch size and with 32 and 1,
   including the automatic scale estimate (also timed on its own);
@@ -15,7 +15,7 @@ configuration's own):
 
 Usage::
 
-    python benchmarks/scoring.py                 # full run (5-6 minutes, 6 with --profile, on a 2-vCPU VM)
+    python benchmarks/scoring.py                 # full run (6-15 minutes on a 2-vCPU VM, more when it is busy)
     python benchmarks/scoring.py --quick         # smoke run (300 examples, depth 20; about 2 minutes)
     python benchmarks/scoring.py --json out.json # also write every figure as JSON
     python benchmarks/scoring.py --profile       # also: where the scoring time goes, path by path
