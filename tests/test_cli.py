@@ -55,6 +55,10 @@ def test_help_states_the_callback_defaults_and_lists_subcommands():
             assert signature[option.dest].default == option.default, option.flag
     text = build_parser().format_help()
     assert all(name in text for name in ("influence", "mislabel", "export")) and "positive = harmful" in text
+    from lightning_influence.cli.commands import SCORING_METHODS as CLI_SCORING
+    from lightning_influence.core.config import SCORING_METHODS
+
+    assert CLI_SCORING == SCORING_METHODS  # the CLI's copy (kept so --help does not import torch)
     sub = build_parser()._subparsers._group_actions[0].choices["influence"].format_help()
     assert "--damping" in sub and "(default: 0.01)" in sub and "--config" in sub
     tomllib = pytest.importorskip("tomllib")

@@ -15,6 +15,9 @@ from typing import Any, Callable, Optional, Union
 
 from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
 
+#: ``lightning_influence.core.config.SCORING_METHODS``, repeated so that ``--help`` does not import torch (tested).
+SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
+
 STAGE = "posthoc"
 
 
@@ -63,7 +66,7 @@ INFLUENCE_OPTIONS = (
     Option("--tol", "tol", None, "LiSSA early-stop or CG tolerance (None: the solver's own)", type=float),
     Option("--max-iter", "max_iter", 200, "CG iterations", type=int),
     Option("--scoring", "scoring", "auto", "how training examples are scored",
-           choices=("auto", "jvp", "per_example_grad")),
+           choices=SCORING_METHODS),
     Option("--chunk-size", "chunk_size", 256, "training examples scored at once (bounds memory)", type=int),
     Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score table"
            " (epoch=N-scores.json index + epoch=N-scores-rank0.pt)", switch=True),
