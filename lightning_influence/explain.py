@@ -186,10 +186,13 @@ def solve_s_test(
 
 def score_training_set(
     problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainSettings,
-    collectives: Collectives, on_chunk: Callable[[int], None] | None,
+    collectives: Collectives, on_chunk: Callable[[int], None] | None, indices: Sequence[int] | None = None,
 ) -> tuple[TopInfluences, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Top-k over this rank's shard merged across ranks; histogram sample and (optionally) full scores."""
-    local_indices = shard(range(len(train)), collectives.rank, collectives.world_size)
+    """Top-k over this rank's shard merged across ranks; histogram sample and (optionally) full scores.
+
+    ``indices`` restricts scoring to those training indices (default: all).
+    """
+    local_indices = shard(range(len(train)) if indices is None else indices, collectives.rank, collectives.world_size)
     step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
 
     def score_shard() -> tuple[TopInfluences, torch.Tensor, torch.Tensor]:
