@@ -269,8 +269,12 @@ class CorrectionRun:
         if self.settings.selection == "anchors":
             chosen, influence, source = anchor_ids, None, self.anchors
         else:
-            chosen, influence = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.candidates,
-                                                self.settings, self.config, self.damping, collectives, generator)
+            try:
+                chosen, influence = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.candidates,
+                                                    self.settings, self.config, self.damping, collectives, generator)
+            except ValueError as err:  # e.g. CG meeting negative curvature once the steps left the minimum
+                raise ValueError(f"Choosing the examples of round {iteration} failed: {err} (the model after"
+                                 f" {iteration - 1} round(s) of steps may be far from a minimum: lower `lr`.)") from err
             source = self.train
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
                        "chosen": chosen, "influence": influence, "batch": fetch(source, chosen, device),
