@@ -8,6 +8,7 @@ the report are Lightning-free (:mod:`lightning_influence.correction`); this modu
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -227,17 +228,20 @@ def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
 
 
 def _make_optimizer(optimizer: OptimizerLike, lr: float) -> Callable[[Iterable[nn.Parameter]], Any]:
+    """A picklable ``params -> Optimizer`` factory (spawn-based strategies send it to new processes)."""
     if isinstance(optimizer, torch.optim.Optimizer):
-        return lambda params: optimizer
-    if optimizer == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr)
-    if optimizer == "adam":
-        return lambda params: torch.optim.Adam(params, lr=lr)
-    if callable(optimizer):
+        return functools.partial(_existing_optimizer, optimizer)
+    if optimizer in ("sgd", "adam"):
+        return functools.partial(torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr=lr)
+    if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer
     raise ValueError(
         f"Expected `optimizer` to be 'sgd', 'adam', a callable params -> Optimizer or an Optimizer, but got {optimizer!r}."
     )
+
+
+def _existing_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return optimizer
 
 
 def _resolve_loss_fn(model: nn.Module, loss_fn: Optional[LossFn]) -> LossFn:

@@ -60,8 +60,8 @@ def _data():
     return train, val, anchors
 
 
-def _trainer(tmp_path, **kwargs):
-    return pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, name="run"),
+def _trainer(tmp_path, devices=1, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=devices, logger=TensorBoardLogger(tmp_path, name="run"),
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       log_every_n_steps=1, **kwargs)
 
@@ -206,3 +206,27 @@ def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
     anchors = kwargs.pop("anchors", anchors)
     with pytest.raises(ValueError, match=match):
         _correct(_trainer(tmp_path), model, train, val, anchors, **kwargs)
+
+
+def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
+    """Two gloo ranks (LiSSA repeats and candidate scoring split between them) give the single-process run."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    _, model, train, val, anchors = trained
+    options = dict(selection="helpful", solver="lissa", solver_options={"depth": 40, "repeats": 2, "batch_size": 32},
+                   iterations=2, heldout=anchors)
+    local = copy.deepcopy(model)
+    expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
+    spawned = copy.deepcopy(model)
+    trainer = _trainer(tmp_path / "two", strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                       devices=2)
+    report = _correct(trainer, spawned, train, val, anchors, **options)
+    assert [r.chosen_indices for r in report.iterations] == [r.chosen_indices for r in expected.iterations]
+    for name, metrics in expected.after.items():
+        assert report.after[name].size == metrics.size
+        assert report.after[name].loss == pytest.approx(metrics.loss, rel=1e-6)
+    for key, value in local.state_dict().items():  # rank 0's weights come back to `spawned`
+        torch.testing.assert_close(spawned.state_dict()[key], value, rtol=1e-6, atol=1e-9)
+    assert len(glob.glob(f"{tmp_path}/two/**/correct_helpful.json", recursive=True)) == 1
