@@ -49,10 +49,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 
-import lightning_influence as li  # noqa: E402
+import lightning_influence as li
 
 N_TRAIN = 1000
 SLICE_CLASS, CONFUSED_WITH = 8, 1
@@ -163,13 +163,16 @@ def run_selection(task: Task, trained: DigitsModel, selection: str, seed: int, l
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(log_dir, name=f"seed{seed}_lr{lr}"),
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     cpu, wall = time.process_time(), time.perf_counter()
-    report = li.correct_errors(
-        trainer, model, task.anchors, train_dataloaders=DataLoader(task.train, batch_size=256),
-        heldout=task.heldout, val_dataloaders=DataLoader(task.overall, batch_size=512), iterations=args.iterations,
-        anchors_per_iteration=ANCHORS, examples_per_iteration=EXAMPLES, steps_per_iteration=STEPS, lr=lr,
-        selection=selection, solver=SOLVER, damping=args.damping, solver_options=SOLVER_OPTIONS, seed=seed,
-        verbose=False,
-    )
+    try:
+        report = li.correct_errors(
+            trainer, model, task.anchors, train_dataloaders=DataLoader(task.train, batch_size=256),
+            heldout=task.heldout, val_dataloaders=DataLoader(task.overall, batch_size=512), iterations=args.iterations,
+            anchors_per_iteration=ANCHORS, examples_per_iteration=EXAMPLES, steps_per_iteration=STEPS, lr=lr,
+            selection=selection, solver=SOLVER, damping=args.damping, solver_options=SOLVER_OPTIONS, seed=seed,
+            verbose=False,
+        )
+    except ValueError as err:  # a solve that met negative curvature (non-convex models): reported, not hidden
+        return {"failed": str(err)}
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     labels = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices]
     if selection == "anchors":
@@ -193,8 +196,16 @@ def points(values: list[float]) -> str:
     return ", ".join(f"{100 * v:+.1f}" for v in values)
 
 
-def print_table(lr: float, results: dict[str, list[dict]]) -> None:
+def print_table(lr: float, all_results: dict[str, list[dict]]) -> None:
     print(f"\nlr {lr}:\n")
+    failed = {s: sum("failed" in r for r in rows) for s, rows in all_results.items()}
+    if any(failed.values()):
+        print(f"failed runs (left out below): {failed}\n")
+    ok_seeds = [i for i in range(len(all_results["helpful"])) if not any("failed" in rows[i] for rows in
+                                                                        all_results.values())]
+    results = {s: [rows[i] for i in ok_seeds] for s, rows in all_results.items()}
+    if not ok_seeds:
+        return
     print("| selection | slice acc. before | slice acc. after | overall acc. before | overall after | outside the slice"
           " before | outside after | chosen labelled 8 / 1 | CPU s per run |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -244,6 +255,9 @@ def main() -> None:
                 for selection in SELECTIONS:
                     row = run_selection(task, trained, selection, seed, lr, log_dir, args)
                     results[lr][selection].append(row)
+                    if "failed" in row:
+                        print(f"seed {seed} lr {lr} {selection:8s} FAILED: {row['failed']}", flush=True)
+                        continue
                     print(f"seed {seed} lr {lr} {selection:8s} slice {row['slice_before']:.3f} -> {row['slice_after']:.3f}"
                           f"  overall {row['overall_before']:.3f} -> {row['overall_after']:.3f}  outside the slice"
                           f" {row['others_before']:.3f} -> {row['others_after']:.3f}  cpu {row['cpu_seconds']:.1f}s",

@@ -27,8 +27,14 @@ from lightning_influence.core.losses import LossFn, check_per_example_losses
 from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives
-from lightning_influence.explain import ExplainSettings, describe_batch, gather_checked, score_training_set, shard, \
-    solve_s_test
+from lightning_influence.explain import (
+    ExplainSettings,
+    describe_batch,
+    gather_checked,
+    score_training_set,
+    shard,
+    solve_s_test,
+)
 
 SELECTIONS = ("helpful", "random", "anchors", "harmful")
 

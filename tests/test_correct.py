@@ -79,9 +79,9 @@ def trained(tmp_path_factory):
 
 
 def _correct(trainer, model, train, val, anchors, **kwargs):
-    options = dict(train_dataloaders=DataLoader(train, batch_size=64), val_dataloaders=DataLoader(val, batch_size=100),
-                   solver="exact", damping=DAMPING, iterations=3, examples_per_iteration=8, anchors_per_iteration=6,
-                   lr=0.1, verbose=False)
+    options = {"train_dataloaders": DataLoader(train, batch_size=64), "val_dataloaders": DataLoader(val, batch_size=100),
+               "solver": "exact", "damping": DAMPING, "iterations": 3, "examples_per_iteration": 8,
+               "anchors_per_iteration": 6, "lr": 0.1, "verbose": False}
     return li.correct_errors(trainer, model, anchors, **{**options, **kwargs})
 
 
@@ -215,8 +215,8 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
     from lightning.pytorch.strategies import DDPStrategy
 
     _, model, train, val, anchors = trained
-    options = dict(selection="helpful", solver="lissa", solver_options={"depth": 40, "repeats": 2, "batch_size": 32},
-                   iterations=2, heldout=anchors)
+    options = {"selection": "helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
+               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32}}
     local = copy.deepcopy(model)
     expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
     spawned = copy.deepcopy(model)

@@ -39,12 +39,15 @@ def _fmt(value: Optional[float]) -> str:
 def correction_markdown(report: CorrectionReport) -> str:
     """Settings, the before/after table per evaluation set, and per round the chosen examples."""
     s = report.settings
-    lines = [
+    heading = (
         f"**Error correction** (selection `{report.selection}`): {len(report.iterations)} rounds,"
         f" {s.get('anchors_per_iteration')} anchors, {s.get('examples_per_iteration')} examples and"
         f" {s.get('steps_per_iteration')} step(s) per round, lr {s.get('lr')} ({s.get('optimizer')}),"
         f" solver {s.get('solver')}, damping {s.get('damping')}. Influence I(z, A) = -s_test . grad L(z):"
-        " negative = helpful to the anchors, positive = harmful.",
+        " negative = helpful to the anchors, positive = harmful."
+    )
+    lines = [
+        heading,
         "",
         "| set | size | loss before | loss after | accuracy before | accuracy after |",
         "| --- | --- | --- | --- | --- | --- |",
