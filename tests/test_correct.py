@@ -230,3 +230,15 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
     for key, value in local.state_dict().items():  # rank 0's weights come back to `spawned`
         torch.testing.assert_close(spawned.state_dict()[key], value, rtol=1e-6, atol=1e-9)
     assert len(glob.glob(f"{tmp_path}/two/**/correct_helpful.json", recursive=True)) == 1
+
+
+def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained):
+    """Training and validation data default to the trainer's last fit, also after a correction run on it."""
+    trainer, model, train, val, anchors = trained
+    step, loop = trainer.global_step, trainer.fit_loop
+    for _ in range(2):
+        report = li.correct_errors(trainer, copy.deepcopy(model), anchors, iterations=1, solver="exact",
+                                   damping=DAMPING, verbose=False, name="defaults")
+        assert report.settings["train_size"] == N_TRAIN and report.before["val"].size == len(val)
+        assert len(report.iterations) == 1
+    assert trainer.global_step == step and trainer.fit_loop is loop
