@@ -168,8 +168,8 @@ def run_selection(task: Task, trained: DigitsModel, selection: str, seed: int, l
             trainer, model, task.anchors, train_dataloaders=DataLoader(task.train, batch_size=256),
             heldout=task.heldout, val_dataloaders=DataLoader(task.overall, batch_size=512), iterations=args.iterations,
             anchors_per_iteration=ANCHORS, examples_per_iteration=EXAMPLES, steps_per_iteration=STEPS, lr=lr,
-            selection=selection, solver=SOLVER, damping=args.damping, solver_options=SOLVER_OPTIONS, seed=seed,
-            verbose=False,
+            selection=selection, optimizer=args.optimizer, solver=SOLVER, damping=args.damping,
+            solver_options=SOLVER_OPTIONS, seed=seed, verbose=False,
         )
     except ValueError as err:  # a solve that met negative curvature (non-convex models): reported, not hidden
         return {"failed": str(err)}
@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
     parser.add_argument("--lr", type=float, nargs="+", default=list(LRS))
     parser.add_argument("--damping", type=float, default=DAMPING)
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--model", choices=("linear", "cnn"), default="linear")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -264,7 +265,7 @@ def main() -> None:
                           flush=True)
     print(f"\n{platform.machine()}, torch {torch.__version__}, model {args.model}, seeds {seeds}; {N_TRAIN} training"
           f" images, {round(100 * FLIP_FRACTION)}% of training {SLICE_CLASS}s labelled {CONFUSED_WITH};"
-          f" {args.iterations} rounds x {ANCHORS} anchors, {EXAMPLES} examples, {STEPS} SGD step;"
+          f" {args.iterations} rounds x {ANCHORS} anchors, {EXAMPLES} examples, {STEPS} {args.optimizer} step;"
           f" solver {SOLVER} {SOLVER_OPTIONS}, damping {args.damping}")
     for lr, by_selection in results.items():
         print_table(lr, by_selection)
