@@ -135,14 +135,14 @@ def correct_errors(
                         config, float(damping), description)
     tag = f"influence/correct/{name or selection}"
     log_dir = _log_dir(trainer)
-    report_path = log_dir / "influence" / f"correct_{name or selection}.json"
+    report_path = _report_path(log_dir, tag)
     if iterations == 0:
         run.start(model, model_device(model), SingleProcess())
         report = run.report()
         if trainer.is_global_zero:
-            _write_outputs(trainer, tag, report, report_path, verbose)
+            _write_outputs(trainer, log_dir, tag, report, report_path, verbose)
         return report
-    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, report_path, verbose)
+    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, log_dir, verbose)
     with _isolated_fit(trainer, iterations * steps_per_iteration):
         trainer.fit(module, train_dataloaders=DataLoader(_StepIds(iterations * steps_per_iteration), batch_size=None))
     if run.rounds:
@@ -164,12 +164,16 @@ class _CorrectionModule(pl.LightningModule):
     """Wraps the user's model for one correction run: loss of the chosen examples, rounds in the batch hooks."""
 
     def __init__(self, model: nn.Module, run: CorrectionRun, make_optimizer: Callable[[Iterable[nn.Parameter]], Any],
-                 tag: str, report_path: Path, verbose: bool) -> None:
+                 tag: str, log_dir: Path, verbose: bool) -> None:
         super().__init__()
         self.model = model
         self.run = run
         self.make_optimizer = make_optimizer
-        self.tag, self.report_path, self.verbose = tag, report_path, verbose
+        self.tag, self.log_dir, self.verbose = tag, log_dir, verbose  # log_dir resolved once, on every rank
+
+    @property
+    def report_path(self) -> Path:
+        return _report_path(self.log_dir, self.tag)
 
     def _collectives(self) -> Collectives:
         if self.trainer.world_size == 1:
@@ -187,7 +191,7 @@ class _CorrectionModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self.run.start(self.model, self.device, self._collectives())
         if self.trainer.is_global_zero:
-            write_correction_scalars(_writer(self.trainer), self.tag, 0, self.run.before, None)
+            write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, 0, self.run.before, None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.run.settings.steps_per_iteration == 0:
@@ -197,11 +201,12 @@ class _CorrectionModule(pl.LightningModule):
         if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:
             record = self.run.end_round(self.model, self.device, self._collectives())
             if self.trainer.is_global_zero:
-                write_correction_scalars(_writer(self.trainer), self.tag, record.iteration, record.metrics, record)
+                write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, record.iteration, record.metrics,
+                                         record)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
-            _write_outputs(self.trainer, self.tag, self.run.report(), self.report_path, self.verbose)
+            _write_outputs(self.trainer, self.log_dir, self.tag, self.run.report(), self.report_path, self.verbose)
 
 
 @contextlib.contextmanager
@@ -291,29 +296,35 @@ def _val_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: in
 
 
 def _log_dir(trainer: pl.Trainer) -> Path:
+    """Where outputs go; call on every rank (``Trainer.log_dir`` is a broadcast under DDP)."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return Path(logger.log_dir)
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def _report_path(log_dir: Path, tag: str) -> Path:
+    return log_dir / "influence" / f"correct_{tag.rsplit('/', 1)[-1]}.json"
+
+
 _OWN_WRITERS: dict[str, Any] = {}
 
 
-def _writer(trainer: pl.Trainer) -> Any:
+def _writer(trainer: pl.Trainer, log_dir: Path) -> Any:
+    """The TensorBoardLogger's writer, else one of our own in ``log_dir`` (rank zero only: no collectives here)."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
-    log_dir = str(_log_dir(trainer))
-    if log_dir not in _OWN_WRITERS:
+    if str(log_dir) not in _OWN_WRITERS:
         from torch.utils.tensorboard import SummaryWriter
 
-        _OWN_WRITERS[log_dir] = SummaryWriter(log_dir)
-    return _OWN_WRITERS[log_dir]
+        _OWN_WRITERS[str(log_dir)] = SummaryWriter(str(log_dir))
+    return _OWN_WRITERS[str(log_dir)]
 
 
-def _write_outputs(trainer: pl.Trainer, tag: str, report: CorrectionReport, path: Path, verbose: bool) -> None:
-    writer = _writer(trainer)
+def _write_outputs(trainer: pl.Trainer, log_dir: Path, tag: str, report: CorrectionReport, path: Path,
+                   verbose: bool) -> None:
+    writer = _writer(trainer, log_dir)
     write_correction_summary(writer, tag, report)
     writer.flush()
     write_json_atomic(path, report.to_dict())

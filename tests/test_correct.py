@@ -220,8 +220,10 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
     local = copy.deepcopy(model)
     expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
     spawned = copy.deepcopy(model)
-    trainer = _trainer(tmp_path / "two", strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
-                       devices=2)
+    # logger=False: outputs go to `trainer.log_dir`, itself a broadcast under DDP (must run on every rank)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, logger=False, default_root_dir=tmp_path / "two",
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     report = _correct(trainer, spawned, train, val, anchors, **options)
     assert [r.chosen_indices for r in report.iterations] == [r.chosen_indices for r in expected.iterations]
     for name, metrics in expected.after.items():
