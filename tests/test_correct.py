@@ -236,7 +236,7 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
 
 def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained):
     """Training and validation data default to the trainer's last fit, also after a correction run on it."""
-    trainer, model, train, val, anchors = trained
+    trainer, model, _, val, anchors = trained
     step, loop = trainer.global_step, trainer.fit_loop
     for _ in range(2):
         report = li.correct_errors(trainer, copy.deepcopy(model), anchors, iterations=1, solver="exact",
