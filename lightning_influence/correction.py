@@ -11,6 +11,7 @@ Lightning shell that makes the optimizer steps is :mod:`lightning_influence.corr
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -119,10 +120,11 @@ class CorrectionReport:
         return self.iterations[-1].metrics if self.iterations else self.before
 
     def to_dict(self) -> dict[str, Any]:
-        return {"selection": self.selection, "settings": self.settings,
-                "before": {k: asdict(m) for k, m in self.before.items()},
-                "after": {k: asdict(m) for k, m in self.after.items()},
-                "iterations": [asdict(step) for step in self.iterations]}
+        """Strict-JSON-ready (a non-finite number, e.g. the loss of a diverged run, becomes None)."""
+        return _finite({"selection": self.selection, "settings": self.settings,
+                        "before": {k: asdict(m) for k, m in self.before.items()},
+                        "after": {k: asdict(m) for k, m in self.after.items()},
+                        "iterations": [asdict(step) for step in self.iterations]})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CorrectionReport:
@@ -137,6 +139,16 @@ class CorrectionReport:
             for s in data["iterations"]
         )
         return cls(data["selection"], dict(data["settings"]), metrics(data["before"]), steps)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def candidate_indices(candidates: Optional[Sequence[int]], train_size: int) -> list[int]:
