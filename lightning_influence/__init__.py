@@ -22,6 +22,10 @@ def __getattr__(name: str):  # the callback imports Lightning (seconds): load it
         from lightning_influence.callbacks.influence import InfluenceCallback
 
         return InfluenceCallback
+    if name == "correct_errors":
+        from lightning_influence.correct import correct_errors
+
+        return correct_errors
     raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "STest",
     "SolveInfo",
     "TopInfluences",
+    "correct_errors",
     "influence",
     "s_test",
     "self_influence",

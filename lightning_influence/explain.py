@@ -243,11 +243,14 @@ def _solve_cg_split(
 
 def score_training_set(
     problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainSettings,
-    collectives: Collectives, on_chunk: Callable[[int], None] | None,
+    collectives: Collectives, on_chunk: Callable[[int], None] | None, indices: Sequence[int] | None = None,
 ) -> tuple[TopInfluences, torch.Tensor, Optional[ScoreShard]]:
     """Top-k over this rank's shard merged across ranks, a gathered histogram sample of the scores (every
-    ``step``-th training index, in index order) and, if asked, this rank's full scores (not gathered)."""
-    local_indices = shard(range(len(train)), collectives.rank, collectives.world_size)
+    ``step``-th training index, in index order) and, if asked, this rank's full scores (not gathered).
+
+    ``indices`` restricts scoring to those training indices (default: all).
+    """
+    local_indices = shard(range(len(train)) if indices is None else indices, collectives.rank, collectives.world_size)
     step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
     full: list[tuple[torch.Tensor, torch.Tensor]] = []
 

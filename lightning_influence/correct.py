@@ -1,0 +1,339 @@
+"""``correct_errors``: influence-guided fine-tuning through the user's Lightning ``Trainer``.
+
+The optimizer steps run inside ``trainer.fit`` on a thin wrapper module around the user's model, so the
+trainer's devices, strategy (DDP included) and precision apply. The choice of examples, the evaluation and
+the report are Lightning-free (:mod:`lightning_influence.correction`); this module only wires them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loops import _TrainingEpochLoop
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from lightning_influence.callbacks.influence import _call_per_example_loss
+from lightning_influence.core.config import check_damping, make_solver_config
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.losses import LossFn
+from lightning_influence.core.params import model_device
+from lightning_influence.correction import (
+    CorrectionReport,
+    CorrectionRun,
+    CorrectionSettings,
+    candidate_indices,
+)
+from lightning_influence.distributed.collectives import Collectives, SingleProcess
+from lightning_influence.reporting.correction import (
+    correction_markdown,
+    write_correction_scalars,
+    write_correction_summary,
+)
+from lightning_influence.reporting.files import write_json_atomic
+
+DataLike = Union[Dataset, DataLoader]
+OptimizerLike = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], torch.optim.Optimizer]
+
+
+def correct_errors(
+    trainer: pl.Trainer,
+    model: nn.Module,
+    anchors: DataLike,
+    *,
+    train_dataloaders: Optional[DataLike] = None,
+    datamodule: Optional[pl.LightningDataModule] = None,
+    heldout: Optional[DataLike] = None,
+    val_dataloaders: Optional[DataLike] = None,
+    iterations: int = 10,
+    anchors_per_iteration: int = 10,
+    examples_per_iteration: int = 10,
+    steps_per_iteration: int = 1,
+    lr: float = 0.01,
+    selection: str = "helpful",
+    optimizer: OptimizerLike = "sgd",
+    candidates: Optional[Sequence[int]] = None,
+    loss_fn: Optional[LossFn] = None,
+    solver: str = "lissa",
+    damping: float = 0.01,
+    solver_options: Optional[Mapping[str, Any]] = None,
+    scoring: str = "auto",
+    chunk_size: int = 256,
+    seed: int = 0,
+    name: Optional[str] = None,
+    verbose: bool = True,
+) -> CorrectionReport:
+    r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
+
+    Each of ``iterations`` rounds samples ``anchors_per_iteration`` anchors ``A`` from ``anchors``, solves
+    ``s = (H + damping I)^-1 grad L_A`` for their mean loss, scores every candidate training example by
+    ``I(z, A) = -s . grad L(z)`` (negative = **helpful**, positive = harmful) and makes
+    ``steps_per_iteration`` optimizer steps on the mean loss of the ``examples_per_iteration`` most helpful
+    ones. ``selection="random" | "anchors" | "harmful"`` runs the baselines through the same code and budget
+    (``"anchors"`` fine-tunes on the round's sampled anchors). The steps run in ``trainer.fit`` (the trainer's
+    devices and strategy apply; its own fit state, callbacks and optimizers are restored afterwards, and its
+    callbacks other than the progress bar are off during the run).
+
+    Args:
+        trainer: the Trainer whose devices, strategy, precision and logger to use (e.g. the one that trained
+            ``model``).
+        model: the model to correct, changed in place (a LightningModule or any ``nn.Module``).
+        anchors: the slice to fix (a map-style dataset or a DataLoader over one), e.g. misclassified
+            validation examples of the slice.
+        train_dataloaders, datamodule: the training data to choose from (default: the trainer's last
+            training DataLoader). Only the dataset and collate function are used; indices refer to the dataset.
+        heldout: data evaluated before and after every round as ``"heldout"`` (e.g. the held-out part of the
+            slice); ``val_dataloaders`` (default: the datamodule's or the trainer's) is evaluated as ``"val"``,
+            ``anchors`` as ``"anchors"``.
+        iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration: the budget.
+        lr: learning rate of the fresh optimizer.
+        selection: ``"helpful"``, ``"random"``, ``"anchors"`` or ``"harmful"``.
+        optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
+            ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
+        candidates: training indices to choose from (default: all).
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (default: ``model.per_example_loss(batch)``).
+        solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`).
+        scoring, chunk_size: how candidates are scored.
+        seed: seeds anchor sampling and random selection.
+        name: TensorBoard tags go under ``influence/correct/{name}/`` (default: ``selection``).
+        verbose: print the before/after table on rank zero.
+
+    Returns:
+        A :class:`~lightning_influence.correction.CorrectionReport`: metrics before, and per round the anchors,
+        the chosen indices (with their influence), the anchors' loss before/after and the metrics.
+    """
+    settings = CorrectionSettings(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
+                                  selection, seed, scoring, chunk_size)
+    if not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
+    config = make_solver_config(solver, dict(solver_options or {}))
+    loss = _resolve_loss_fn(model, loss_fn)
+    train = _train_data(trainer, train_dataloaders, datamodule, chunk_size)
+    anchor_data = _indexed(anchors, "anchors", chunk_size)
+    eval_sets = {"anchors": anchor_data}
+    if heldout is not None:
+        eval_sets["heldout"] = _indexed(heldout, "heldout", chunk_size)
+    val = _val_data(trainer, val_dataloaders, datamodule, chunk_size)
+    if val is not None:
+        eval_sets["val"] = val
+    description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
+                   "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
+                   "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
+                   "solver": solver, "damping": check_damping(damping), "solver_options": dict(solver_options or {}),
+                   "seed": seed, "train_size": len(train)}
+    run = CorrectionRun(loss, train, anchor_data, eval_sets, candidate_indices(candidates, len(train)), settings,
+                        config, float(damping), description)
+    tag = f"influence/correct/{name or selection}"
+    log_dir = _log_dir(trainer)
+    report_path = _report_path(log_dir, tag)
+    if iterations == 0:
+        run.start(model, model_device(model), SingleProcess())
+        report = run.report()
+        if trainer.is_global_zero:
+            _write_outputs(trainer, log_dir, tag, report, report_path, verbose)
+        return report
+    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, log_dir, verbose)
+    with _isolated_fit(trainer, iterations * steps_per_iteration):
+        trainer.fit(module, train_dataloaders=DataLoader(_StepIds(iterations * steps_per_iteration), batch_size=None))
+    if run.rounds:
+        return run.report()
+    return CorrectionReport.from_dict(_read_json(report_path))  # the run happened in spawned processes
+
+
+class _StepIds(IterableDataset):
+    """0, 1, ..., n-1: one item per optimizer step (the steps' examples come from the run, not the loader)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))
+
+
+class _CorrectionModule(pl.LightningModule):
+    """Wraps the user's model for one correction run: loss of the chosen examples, rounds in the batch hooks."""
+
+    def __init__(self, model: nn.Module, run: CorrectionRun, make_optimizer: Callable[[Iterable[nn.Parameter]], Any],
+                 tag: str, log_dir: Path, verbose: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.run = run
+        self.make_optimizer = make_optimizer
+        self.tag, self.log_dir, self.verbose = tag, log_dir, verbose  # log_dir resolved once, on every rank
+
+    @property
+    def report_path(self) -> Path:
+        return _report_path(self.log_dir, self.tag)
+
+    def _collectives(self) -> Collectives:
+        if self.trainer.world_size == 1:
+            return SingleProcess()
+        from lightning_influence.distributed.lightning import StrategyCollectives
+
+        return StrategyCollectives(self.trainer.strategy)
+
+    def configure_optimizers(self) -> Any:
+        return self.make_optimizer(self.model.parameters())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.run.loss_fn(self.model, self.run.step_batch()).mean()
+
+    def on_train_start(self) -> None:
+        self.run.start(self.model, self.device, self._collectives())
+        if self.trainer.is_global_zero:
+            write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, 0, self.run.before, None)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.run.settings.steps_per_iteration == 0:
+            self.run.begin_round(self.model, self.device, self._collectives())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:
+            record = self.run.end_round(self.model, self.device, self._collectives())
+            if self.trainer.is_global_zero:
+                write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, record.iteration, record.metrics,
+                                         record)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            _write_outputs(self.trainer, self.log_dir, self.tag, self.run.report(), self.report_path, self.verbose)
+
+
+@contextlib.contextmanager
+def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
+    """Run a fit of ``steps`` steps on ``trainer`` and put its loops, callbacks, optimizers and module back."""
+    strategy = trainer.strategy
+    saved = (trainer.fit_loop, trainer.callbacks, strategy.optimizers, strategy.lr_scheduler_configs,
+             strategy.lightning_module, trainer.should_stop)
+    fit_loop = _FitLoop(trainer, min_epochs=0, max_epochs=-1)
+    fit_loop.epoch_loop = _TrainingEpochLoop(trainer, min_steps=None, max_steps=steps)
+    trainer.fit_loop = fit_loop
+    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+            yield
+    finally:
+        trainer.fit_loop, trainer.callbacks = saved[0], saved[1]
+        strategy.optimizers, strategy.lr_scheduler_configs = saved[2], saved[3]
+        if saved[4] is not None:
+            strategy.connect(saved[4])
+        trainer.should_stop = saved[5]
+
+
+def _make_optimizer(optimizer: OptimizerLike, lr: float) -> Callable[[Iterable[nn.Parameter]], Any]:
+    """A picklable ``params -> Optimizer`` factory (spawn-based strategies send it to new processes)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return functools.partial(_existing_optimizer, optimizer)
+    if optimizer in ("sgd", "adam"):
+        return functools.partial(torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr=lr)
+    if callable(optimizer) and not isinstance(optimizer, str):
+        return optimizer
+    raise ValueError(
+        f"Expected `optimizer` to be 'sgd', 'adam', a callable params -> Optimizer or an Optimizer, but got {optimizer!r}."
+    )
+
+
+def _existing_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return optimizer
+
+
+def _resolve_loss_fn(model: nn.Module, loss_fn: Optional[LossFn]) -> LossFn:
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"Expected `loss_fn` to be a callable (model, batch) -> Tensor[B], but got {loss_fn!r}.")
+        return loss_fn
+    if callable(getattr(model, "per_example_loss", None)):
+        return _call_per_example_loss
+    raise TypeError(
+        f"correct_errors needs per-example losses, but got no `loss_fn` and {type(model).__name__} has no"
+        " `per_example_loss(batch)` method. Pass `loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]),"
+        " batch[1], reduction='none')` or add the method to your module."
+    )
+
+
+def _indexed(data: Any, name: str, chunk_size: int) -> IndexedData:
+    if isinstance(data, DataLoader):
+        return IndexedData.from_loader(data, chunk_size)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        return IndexedData(data, None, chunk_size)
+    raise TypeError(f"Expected `{name}` to be a map-style Dataset or a DataLoader over one, but got {type(data).__name__}.")
+
+
+def _train_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: int) -> IndexedData:
+    if loaders is None and datamodule is not None:
+        loaders = datamodule.train_dataloader()
+    if loaders is None:
+        loaders = trainer.train_dataloader
+    if loaders is None and trainer.datamodule is not None:
+        loaders = trainer.datamodule.train_dataloader()
+    if loaders is None:
+        raise ValueError("correct_errors found no training data: pass `train_dataloaders=` or `datamodule=`.")
+    return _indexed(loaders, "train_dataloaders", chunk_size)
+
+
+def _val_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: int) -> Optional[IndexedData]:
+    source = datamodule or trainer.datamodule
+    if loaders is None and source is not None:
+        with contextlib.suppress(Exception):  # LightningDataModule raises when val_dataloader is not defined
+            loaders = source.val_dataloader()
+    if loaders is None:
+        loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return None if loaders is None else _indexed(loaders, "val_dataloaders", chunk_size)
+
+
+def _log_dir(trainer: pl.Trainer) -> Path:
+    """Where outputs go; call on every rank (``Trainer.log_dir`` is a broadcast under DDP)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return Path(logger.log_dir)
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _report_path(log_dir: Path, tag: str) -> Path:
+    return log_dir / "influence" / f"correct_{tag.rsplit('/', 1)[-1]}.json"
+
+
+_OWN_WRITERS: dict[str, Any] = {}
+
+
+def _writer(trainer: pl.Trainer, log_dir: Path) -> Any:
+    """The TensorBoardLogger's writer, else one of our own in ``log_dir`` (rank zero only: no collectives here)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    if str(log_dir) not in _OWN_WRITERS:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _OWN_WRITERS[str(log_dir)] = SummaryWriter(str(log_dir))
+    return _OWN_WRITERS[str(log_dir)]
+
+
+def _write_outputs(trainer: pl.Trainer, log_dir: Path, tag: str, report: CorrectionReport, path: Path,
+                   verbose: bool) -> None:
+    writer = _writer(trainer, log_dir)
+    write_correction_summary(writer, tag, report)
+    writer.flush()
+    write_json_atomic(path, report.to_dict())
+    if verbose:
+        print(correction_markdown(report))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    with open(path) as handle:
+        return json.load(handle)
