@@ -208,3 +208,28 @@ def test_bad_input_gets_a_clear_error(checkpoint, tmp_path, capsys, argv, messag
     argv = [a.replace("{ckpt}", str(checkpoint)) for a in argv]
     assert main(argv + (["--output-dir", str(tmp_path)] if argv[0] == "influence" else [])) == 2
     assert message in capsys.readouterr().err
+
+
+def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, tmp_path):
+    out, saved = tmp_path / "correct", tmp_path / "corrected.ckpt"
+    argv = ["correct", str(checkpoint), *MODEL, "--solver", "cg", "--damping", "0.5", "--iterations", "3",
+            "--examples-per-iteration", "5", "--lr", "0.05", "--heldout-fraction", "0.25", "--output-dir", str(out),
+            "--save-checkpoint", str(saved), "--quiet"]
+    assert main(argv) == 0
+    report = _only(out / "influence", "correct_*.json")
+    assert report["selection"] == "helpful" and len(report["iterations"]) == 3
+    positions = {i for step in report["iterations"] for i in step["anchor_indices"]}  # into the anchor set
+    model = TinyDigitsModel.load_from_checkpoint(checkpoint)
+    data = TinyDigitsData()
+    data.setup("fit")
+    x, y = data.val_set.tensors
+    with torch.no_grad():
+        wrong = set((model(x).argmax(1) != y).nonzero().flatten().tolist())
+    held = round(0.25 * len(wrong))
+    assert report["before"]["heldout"]["size"] == held  # a quarter of the misclassified slice is held out
+    assert report["before"]["anchors"]["size"] == len(wrong) - held and max(positions) < len(wrong) - held
+    assert report["before"]["anchors"]["accuracy"] == 0.0  # the anchors are misclassified examples
+    assert report["after"]["anchors"]["loss"] < report["before"]["anchors"]["loss"]
+    corrected = TinyDigitsModel.load_from_checkpoint(saved)  # a loadable checkpoint with the new weights
+    assert not torch.equal(corrected.net[0].weight, model.net[0].weight)
+    assert main(["correct", str(checkpoint), *MODEL, "--anchor-indices", "999", "--output-dir", str(out)]) == 2

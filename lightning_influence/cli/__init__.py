@@ -40,6 +40,14 @@ SUBCOMMANDS: list[Subcommand] = [
                commands.add_mislabel_arguments, commands.run_mislabel,
                "Rank every training example by |I(z, z)| (low-rank Lanczos inverse of H + damping I) and write"
                " influence/mislabel_epoch=N.json and TensorBoard events under influence/mislabel/."),
+    Subcommand("correct", "fine-tune on the training examples most helpful to a slice the model gets wrong",
+               commands.add_correct_arguments, commands.run_correct,
+               "Influence-guided error correction (FastIF Sec. 6.3) with lightning_influence.correct_errors: each"
+               " round samples anchors from the slice (misclassified validation examples by default), solves"
+               " s_test for their mean loss and takes optimizer steps on the most helpful training examples."
+               " Part of the slice is held out to measure the fix; --selection random|anchors|harmful run the"
+               " baselines on the same budget. Writes TensorBoard curves under influence/correct/ and"
+               " influence/correct_<selection>.json. " + SIGN),
     Subcommand("export", "convert a JSON report to CSV/Parquet or the pytorch-influence-functions layout",
                commands.add_export_arguments, commands.run_export,
                "Read a report written by the callback or by this command and write it in another layout."

@@ -191,6 +191,138 @@ def run_mislabel(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- correct ---------------------------------------------------------------------------------------------------
+def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    slice_ = parser.add_argument_group("the slice to fix (validation examples)")
+    slice_.add_argument("--anchor-indices", type=int, nargs="+", metavar="I", help="validation indices of the slice"
+                        " (default: every validation example the checkpoint misclassifies)")
+    slice_.add_argument("--anchor-label", type=int, metavar="C", help="keep only slice examples whose label is C"
+                        " (e.g. the class the model confuses)")
+    slice_.add_argument("--heldout-fraction", type=float, default=0.5, help="share of the slice held out to"
+                        " measure the fix, never used as anchors (default: 0.5; 0 measures on the anchors only)")
+    budget = parser.add_argument_group("budget and method (the correct_errors arguments of the same names)")
+    budget.add_argument("--selection", default="helpful", choices=("helpful", "random", "anchors", "harmful"),
+                        help="what to fine-tune on each round (default: helpful)")
+    budget.add_argument("--iterations", type=int, default=10, help="rounds (default: 10)")
+    budget.add_argument("--anchors-per-iteration", type=int, default=10, help="anchors sampled per round (default: 10)")
+    budget.add_argument("--examples-per-iteration", type=int, default=10,
+                        help="training examples chosen per round (default: 10)")
+    budget.add_argument("--steps-per-iteration", type=int, default=1, help="optimizer steps per round (default: 1)")
+    budget.add_argument("--lr", type=float, default=0.01, help="learning rate of the fresh optimizer (default: 0.01)")
+    budget.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fresh optimizer (default: sgd)")
+    budget.add_argument("--solver", default="lissa", choices=("lissa", "cg", "exact"),
+                        help="s_test solver (default: lissa)")
+    budget.add_argument("--damping", type=float, default=0.01, help="lambda added to the Hessian (default: 0.01)")
+    budget.add_argument("--seed", type=int, default=0, help="seeds the held-out split, anchor sampling and random"
+                        " selection (default: 0)")
+    parser.add_argument("--save-checkpoint", metavar="PATH", help="write the corrected weights as a checkpoint"
+                        " (the input checkpoint with its state_dict replaced)")
+
+
+def run_correct(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import Subset
+
+    from lightning_influence.correct import correct_errors
+
+    if not 0 <= args.heldout_fraction < 1:
+        raise UsageError(f"Expected `--heldout-fraction` in [0, 1), but got {args.heldout_fraction}.")
+    context = load_context(args)
+    val_loader = _single(context.val_loader)
+    slice_indices = _slice_indices(context, val_loader, args)
+    order = torch.randperm(len(slice_indices), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    held = int(round(args.heldout_fraction * len(slice_indices)))
+    heldout = sorted(slice_indices[i] for i in order[:held])
+    anchors = sorted(slice_indices[i] for i in order[held:])
+    if not anchors:
+        raise UsageError(f"The slice has {len(slice_indices)} example(s) and all are held out: lower"
+                         " `--heldout-fraction` or pass more `--anchor-indices`.")
+    trainer = _posthoc_trainer(args, context)
+    loss_fn = import_object(args.loss_fn, "`--loss-fn`") if args.loss_fn else None
+    try:
+        report = correct_errors(
+            trainer, context.model, Subset(val_loader.dataset, anchors), train_dataloaders=context.train_loader,
+            heldout=Subset(val_loader.dataset, heldout) if heldout else None, val_dataloaders=val_loader,
+            iterations=args.iterations, anchors_per_iteration=min(args.anchors_per_iteration, len(anchors)),
+            examples_per_iteration=args.examples_per_iteration, steps_per_iteration=args.steps_per_iteration,
+            lr=args.lr, selection=args.selection, optimizer=args.optimizer, loss_fn=loss_fn, solver=args.solver,
+            damping=args.damping, seed=args.seed, verbose=not args.quiet,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.save_checkpoint:
+        meta = torch.load(context.checkpoint, map_location="cpu", weights_only=False)
+        meta["state_dict"] = {k: v.detach().cpu() for k, v in context.model.state_dict().items()}
+        Path(args.save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(meta, args.save_checkpoint)
+        print(f"Corrected checkpoint: {args.save_checkpoint}")
+    print(f"Slice: {len(anchors)} anchor(s), {len(heldout)} held out; {len(report.iterations)} round(s) of"
+          f" {args.selection!r} selection")
+    print(f"Results: {context.output_dir / 'influence'}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    return 0
+
+
+def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Namespace) -> list[int]:
+    """The validation indices to fix: given ones, else the misclassified ones (optionally of one label)."""
+    import torch
+
+    from lightning_influence.core.batching import prepare_batch
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.explain import describe_batch
+
+    val = IndexedData.from_loader(val_loader)
+    device = torch.device(args.device)
+    labels, predictions = [], []
+    modes = {module: module.training for module in context.model.modules()}
+    context.model.eval()
+    try:
+        descriptions = [describe_batch(context.model, prepare_batch(batch, device))
+                        for _, batch in val.batches_with_indices(list(range(len(val))))]
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+    for description in descriptions:
+        if description.labels is None or description.predictions is None:
+            if args.anchor_indices:
+                return _checked(args.anchor_indices, len(val))
+            raise UsageError("Cannot tell which validation examples are misclassified (batches are not (input,"
+                             " target) with class logits): pass `--anchor-indices`.")
+        labels.append(description.labels.cpu())
+        predictions.append(description.predictions.cpu())
+    label, prediction = torch.cat(labels), torch.cat(predictions)
+    if args.anchor_indices:
+        chosen = _checked(args.anchor_indices, len(val))
+    else:
+        chosen = (label != prediction).nonzero().flatten().tolist()
+    if args.anchor_label is not None:
+        chosen = [i for i in chosen if int(label[i]) == args.anchor_label]
+    if not chosen:
+        raise UsageError("The slice is empty: the checkpoint misclassifies no validation example"
+                         + (f" of label {args.anchor_label}" if args.anchor_label is not None else "")
+                         + ". Pass `--anchor-indices`.")
+    return chosen
+
+
+def _checked(indices: list[int], size: int) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise UsageError(f"`--anchor-indices` {bad} are outside the validation set (size {size}).")
+    return sorted(set(indices))
+
+
+def _posthoc_trainer(args: argparse.Namespace, context: PosthocContext) -> Any:
+    """A one-device Trainer logging to the output directory (the post-hoc command runs in one process)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    accelerator = "gpu" if str(args.device).startswith("cuda") else "cpu"
+    devices = [int(str(args.device).split(":")[1])] if ":" in str(args.device) else 1
+    return pl.Trainer(accelerator=accelerator, devices=devices, logger=TensorBoardLogger(str(context.output_dir),
+                      name="", version=""), enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=not args.quiet)
+
+
 # -- export ----------------------------------------------------------------------------------------------------
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("report", help="an epoch=N.json or mislabel_epoch=N.json written by the callback or this"
