@@ -55,7 +55,14 @@ class FunctionalLoss:
         """``[B, P]`` matrix of per-example gradients ``grad L(z_i)`` (``vmap`` over ``grad``)."""
 
         with torch.no_grad():
-            self(params, batch)  # validates the loss shape on the whole batch, before vmap hides it
+            losses = self(params, batch)  # validates the loss shape on the whole batch, before vmap hides it
+        if not bool(torch.isfinite(losses).all()):
+            rows = (~torch.isfinite(losses)).nonzero().flatten()[:10].tolist()
+            raise ValueError(
+                f"Expected finite per-example losses, but batch rows {rows} have loss {losses[rows].tolist()}."
+                " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of range)"
+                " and the model's weights."
+            )
 
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]
