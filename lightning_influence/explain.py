@@ -379,7 +379,7 @@ def call_loss_fn(loss_fn: LossFn, model: nn.Module, batch: Batch) -> Any:
     """``loss_fn(model, batch)``; a failure to read the batch says what the batch looks like and what to do."""
     try:
         return loss_fn(model, batch)
-    except (KeyError, IndexError, TypeError, ValueError) as err:
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
         raise TypeError(
             f"`loss_fn` failed on a batch of the validation data ({_batch_structure(batch)}) with"
             f" {type(err).__name__}: {err}. The loss function must accept the batches your DataLoader yields: pass"
