@@ -7,6 +7,7 @@ Data flows one way: validation losses -> monitored points -> s_test -> training 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
@@ -311,9 +312,10 @@ def explain(
     """
     collectives = collectives or SingleProcess()
     if settings.top_k > len(train):
-        raise ValueError(
-            f"Expected `top_k` to be at most the training-set size ({len(train)}), but got {settings.top_k}: the"
-            " harmful and helpful lists would each hold every training example. Lower `top_k`."
+        warnings.warn(
+            f"`top_k`={settings.top_k} exceeds the training-set size ({len(train)}): the harmful and the helpful"
+            f" lists each hold all {len(train)} training examples (every example appears in both). Lower `top_k`"
+            f" to at most {max(len(train) // 2, 1)} for disjoint lists.", UserWarning, stacklevel=2,
         )
     problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
     device = problem.device

@@ -73,9 +73,11 @@ def test_duplicated_or_out_of_range_val_indices(data):
 
 def test_top_k_larger_than_the_training_set(data):
     model, train, val = data
-    with pytest.raises(ValueError, match=r"`top_k` to be at most the training-set size \(40\).*got 41.*Lower"):
-        _explain(model, train, val, top_k=41)
-    assert len(_explain(model, train, val, top_k=40).points[0].harmful) == 40  # the boundary works
+    with pytest.warns(UserWarning, match=r"`top_k`=41 exceeds the training-set size \(40\).*Lower `top_k`"):
+        result = _explain(model, train, val, top_k=41)
+    point = result.points[0]
+    assert len(point.harmful) == len(point.helpful) == 40  # clamped: every example, once per list
+    assert sorted(i.train_index for i in point.harmful) == list(range(40))
 
 
 class _Dicts(Dataset):
