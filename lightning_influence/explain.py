@@ -197,7 +197,8 @@ def solve_s_test_with_halves(
     halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
 
     def run_halves() -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        sums, traces = [], []
+        sums: list[torch.Tensor] = []
+        traces: list[tuple[int, torch.Tensor]] = []
         for half in halves:
             total, half_traces = problem.lissa_partial(gradients, half, on_step)
             sums.append(total)

@@ -92,13 +92,13 @@ def retrain(
             objective.backward()
             total = total + objective.detach()
         if l2:
-            penalty = 0.5 * l2 * sum((p**2).sum() for p in params.values())
+            penalty = 0.5 * l2 * torch.stack([(p**2).sum() for p in params.values()]).sum()
             penalty.backward()
             total = total + penalty.detach()
         return total
 
     for _ in range(steps):
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[arg-type]  # torch's stub says float; a loss tensor is what it expects
     return {name: value.detach() for name, value in params.items()}
 
 

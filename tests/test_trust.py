@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from helpers import LogisticRegression, SmallCNN, cross_entropy_per_example, digits, fit_adam, fit_newton, loader
+from helpers import (
+    LogisticRegression,
+    SmallCNN,
+    cross_entropy_per_example,
+    digits,
+    fit_adam,
+    fit_newton,
+    loader,
+)
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.utils.data import TensorDataset
