@@ -239,7 +239,8 @@ class InfluenceCallback(pl.Callback):
         if explanation.trust is not None:
             self._warn_once(explanation.trust.warnings)
         if self.verify_loo:
-            self._verify_loo(trainer, pl_module, explanation, epoch)
+            self._isolated(epoch, trainer, "running the leave-one-out check",
+                           lambda: self._verify_loo(trainer, pl_module, explanation, epoch))
 
     def _isolated(self, epoch: int, trainer: pl.Trainer, what: str, action: Any) -> None:
         """Run ``action``; a failure warns and training goes on (``strict=True`` re-raises)."""
