@@ -24,7 +24,7 @@ from lightning_influence.core.problem import InfluenceProblem, lissa_info
 from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.images import looks_like_image
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary, TrustReport
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary, TrustReport, TrustWarning
 from lightning_influence.trust import diagnose
 
 #: Influence scores kept per monitored point for its histogram (a regular subsample beyond this).
@@ -345,7 +345,12 @@ def explain(
         trust = None
         if settings.diagnose:
             start = time.perf_counter()
-            trust = diagnose(problem, train, chosen, gradients, s_vectors, halves, top, info, weight_decay)
+            try:
+                trust = diagnose(problem, train, chosen, gradients, s_vectors, halves, top, info, weight_decay)
+            except Exception as err:  # noqa: BLE001 - the diagnosis must not cost the analysis; say why it is missing
+                trust = TrustReport((), (TrustWarning(
+                    "diagnosis_failed", f"The self-diagnosis failed ({type(err).__name__}: {err}); the results above"
+                    " are unchecked. Pass `diagnose=False` to skip it."),))
             timings["trust"] = time.perf_counter() - start
 
         test_info = describe(model, test_batch)

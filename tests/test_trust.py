@@ -261,3 +261,19 @@ def test_leave_one_out_rejects_bad_arguments(logistic):
         li.verify_leave_one_out(model, cross_entropy_per_example, train, test, train_indices=[1, 2], influences=[0.1])
     with pytest.raises(ValueError, match="steps"):
         li.verify_leave_one_out(model, cross_entropy_per_example, train, test, steps=0)
+
+
+def test_a_failing_diagnosis_is_reported_and_the_analysis_kept(logistic, monkeypatch):
+    import lightning_influence.trust as trust_module
+
+    model, train, val = logistic
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the gradient pass")
+
+    monkeypatch.setattr(trust_module, "gradient_ratio", broken)
+    result = explain(model, cross_entropy_per_example, IndexedData(train), IndexedData(val), CGConfig(), 0.05,
+                     ExplainSettings(top_k=3, num_worst=1))
+    assert len(result.points[0].harmful) == 3  # the analysis itself is intact
+    (warning,) = result.trust.warnings
+    assert warning.code == "diagnosis_failed" and "out of memory" in warning.message and "diagnose=False" in warning.message
