@@ -98,6 +98,9 @@ def _summary(explanation: Explanation) -> dict[str, Any]:
         "harmful_scores": torch.tensor([[i.influence for i in p.harmful] for p in points], dtype=torch.float64),
         "helpful_scores": torch.tensor([[i.influence for i in p.helpful] for p in points], dtype=torch.float64),
         "kept_scores": [p.scores for p in points],
+        "trust": torch.tensor([[float("nan") if v is None else v
+                                for v in (t.residual, t.repeat_pearson, t.repeat_spearman)]
+                               for t in explanation.trust.points], dtype=torch.float64),
         "full_scores": explanation.full_scores,
         "trace": explanation.solver.trace,
         "scale": explanation.solver.scale,
@@ -207,6 +210,9 @@ def test_same_points_and_top_influences_for_any_world_size(runs):
         assert record["scale"] == pytest.approx(reference["scale"], rel=1e-12)
         assert record["trace"].shape == (LISSA.repeats, LISSA.depth)
         torch.testing.assert_close(record["trace"], reference["trace"], rtol=1e-6, atol=1e-9)
+        # self-diagnosis: even/odd repeat halves summed in one all-reduce give the same residuals and agreement
+        assert not record["trust"].isnan().any()
+        torch.testing.assert_close(record["trust"], reference["trust"], rtol=1e-6, atol=1e-9)
 
 
 def test_each_training_example_is_scored_exactly_once(runs):
