@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # the callback imports Lightning (seconds): load it only when asked for
+    if name == "verify_leave_one_out":
+        from lightning_influence.loo import verify_leave_one_out
+
+        return verify_leave_one_out
     if name == "InfluenceCallback":
         from lightning_influence.callbacks.influence import InfluenceCallback
 
@@ -42,4 +46,5 @@ __all__ = [
     "s_test",
     "self_influence",
     "top_influences",
+    "verify_leave_one_out",
 ]

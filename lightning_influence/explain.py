@@ -24,7 +24,8 @@ from lightning_influence.core.problem import InfluenceProblem, lissa_info
 from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.images import looks_like_image
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary, TrustReport, TrustWarning
+from lightning_influence.trust import diagnose
 
 #: Influence scores kept per monitored point for its histogram (a regular subsample beyond this).
 MAX_HISTOGRAM_SCORES = 100_000
@@ -71,6 +72,7 @@ class ExplainSettings:
     scoring: str = "auto"
     chunk_size: int = 256
     keep_full_scores: bool = False
+    diagnose: bool = True  # self-diagnosis (residuals, repeat agreement, warnings): see lightning_influence.trust
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Explanation:
     timings: dict[str, float]
     train_size: int
     score_shard: Optional[ScoreShard] = None
+    trust: Optional[TrustReport] = None
 
     @property
     def full_scores(self) -> Optional[torch.Tensor]:
@@ -146,7 +149,7 @@ def validation_losses(
         for indices, batch in val.batches_with_indices(shard(range(len(val)), collectives.rank, collectives.world_size)):
             batch = prepare_batch(batch, device)
             with torch.no_grad():
-                losses = check_per_example_losses(loss_fn(model, batch), len(indices))
+                losses = check_finite_losses(call_loss_fn(loss_fn, model, batch), indices, "validation")
             predictions = describe_batch(model, batch).predictions
             local.append((indices, losses.detach().cpu(), None if predictions is None else predictions.cpu()))
         return local
@@ -175,6 +178,9 @@ def select_points(
                 f"Expected `val_indices` to be indices into the validation dataset (0 to {len(val) - 1}), but got"
                 f" {outside}. Pick indices below {len(val)}, or leave `val_indices` unset to explain the worst points."
             )
+        if len(set(settings.val_indices)) != len(settings.val_indices):
+            raise ValueError(f"Expected `val_indices` to be free of duplicates, but got {list(settings.val_indices)}."
+                             " List each validation index once.")
         return list(settings.val_indices)
     candidates = torch.ones_like(losses, dtype=torch.bool)
     if settings.misclassified_only and predictions is not None and labels is not None:
@@ -193,12 +199,24 @@ def solve_s_test(
     ``trace`` row i is repeat i. CG: rank r solves test points r, r+R, ... (each point's system is
     independent). ``exact``/``lowrank`` are solved whole on every rank (same data, same result).
     """
+    vectors, info, _ = solve_s_test_with_halves(problem, gradients, collectives, on_step)
+    return vectors, info
+
+
+def solve_s_test_with_halves(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`solve_s_test`, plus the means of the even- and the odd-numbered LiSSA repeats (None for fewer than
+    2 repeats or a deterministic solver), for the repeat-agreement diagnosis.
+
+    Each rank sums its even and its odd repeats separately; the two sums travel stacked in one all-reduce.
+    """
     config = problem.config
     if isinstance(config, CGConfig) and collectives.world_size > 1:
-        return _solve_cg_split(problem, gradients, collectives, on_step)
+        return (*_solve_cg_split(problem, gradients, collectives, on_step), None)
     if not isinstance(config, LissaConfig):
         result = problem.solve(gradients, on_step)
-        return result.vectors, result.info
+        return result.vectors, result.info, None
     if config.repeats < collectives.world_size and collectives.rank == 0:
         warnings.warn(
             f"LiSSA repeats={config.repeats} < {collectives.world_size} processes: "
@@ -208,13 +226,26 @@ def solve_s_test(
         )
     start = time.perf_counter()
     ids = list(range(collectives.rank, config.repeats, collectives.world_size))
-    (partial, _), gathered = gather_checked(
-        collectives, lambda: problem.lissa_partial(gradients, ids, on_step), lambda result: list(zip(ids, result[1]))
-    )
-    vectors = collectives.sum(partial) / config.repeats
+    halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
+
+    def run_halves() -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        sums: list[torch.Tensor] = []
+        traces: list[tuple[int, torch.Tensor]] = []
+        for half in halves:
+            total, half_traces = problem.lissa_partial(gradients, half, on_step)
+            sums.append(total)
+            traces.extend(zip(half, half_traces))
+        return torch.stack(sums), traces
+
+    (partial, _), gathered = gather_checked(collectives, run_halves, lambda result: result[1])
+    even_odd = collectives.sum(partial)
+    vectors = (even_odd[0] + even_odd[1]) / config.repeats
     all_traces = [trace for _, trace in sorted((pair for pairs in gathered for pair in pairs), key=lambda p: p[0])]
     info = lissa_info(problem.damping, problem.lissa_scale(), all_traces, config)
-    return vectors, SolveInfo(**{**info.__dict__, "seconds": time.perf_counter() - start})
+    means = None
+    if config.repeats >= 2:
+        means = (even_odd[0] / len(range(0, config.repeats, 2)), even_odd[1] / len(range(1, config.repeats, 2)))
+    return vectors, SolveInfo(**{**info.__dict__, "seconds": time.perf_counter() - start}), means
 
 
 def _solve_cg_split(
@@ -339,18 +370,28 @@ def explain(
     describe: Describe = describe_batch,
     on_lissa_step: Callable[[], None] | None = None,
     on_scored: Callable[[int], None] | None = None,
+    weight_decay: Optional[float] = None,
 ) -> Explanation:
     """Explain the monitored validation points of ``model`` by the training examples of ``train``.
 
     Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars.
+    ``weight_decay`` (the training L2 strength, when known) informs the self-diagnosis (``settings.diagnose``).
     """
     collectives = collectives or SingleProcess()
+    if settings.top_k > len(train):
+        warnings.warn(
+            f"`top_k`={settings.top_k} exceeds the training-set size ({len(train)}): the harmful and the helpful"
+            f" lists each hold all {len(train)} training examples (every example appears in both). Lower `top_k`"
+            f" to at most {max(len(train) // 2, 1)} for disjoint lists.", UserWarning, stacklevel=2,
+        )
     problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
     device = problem.device
     timings: dict[str, float] = {}
     with analysis_mode(model):
         start = time.perf_counter()
+        before = state_snapshot(model)
         _, losses, predictions = validation_losses(model, loss_fn, val, device, collectives)
+        check_state_unchanged(model, before)
         labels = describe(model, prepare_batch(val.fetch(range(len(val))), device)).labels if settings.misclassified_only else None
         chosen = select_points(settings, val, losses, predictions, None if labels is None else labels.cpu())
         if not chosen:
@@ -360,12 +401,23 @@ def explain(
         timings["select"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        s_vectors, info = solve_s_test(problem, gradients, collectives, on_lissa_step)
+        s_vectors, info, halves = solve_s_test_with_halves(problem, gradients, collectives, on_lissa_step)
         timings["s_test"] = time.perf_counter() - start
 
         start = time.perf_counter()
         top, kept_scores, score_shard = score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
         timings["scoring"] = time.perf_counter() - start
+
+        trust = None
+        if settings.diagnose:
+            start = time.perf_counter()
+            try:
+                trust = diagnose(problem, train, chosen, gradients, s_vectors, halves, top, info, weight_decay)
+            except Exception as err:  # noqa: BLE001 - the diagnosis must not cost the analysis; say why it is missing
+                trust = TrustReport((), (TrustWarning(
+                    "diagnosis_failed", f"The self-diagnosis failed ({type(err).__name__}: {err}); the results above"
+                    " are unchecked. Pass `diagnose=False` to skip it."),))
+            timings["trust"] = time.perf_counter() - start
 
         test_info = describe(model, test_batch)
         images = test_info.inputs is not None and looks_like_image(test_info.inputs[0])
@@ -394,4 +446,65 @@ def explain(
         settings={k: v for k, v in config.__dict__.items()},
         trace=info.trace,
     )
-    return Explanation(tuple(points), summary, timings, len(train), score_shard)
+    return Explanation(tuple(points), summary, timings, len(train), score_shard, trust)
+
+
+def call_loss_fn(loss_fn: LossFn, model: nn.Module, batch: Batch) -> Any:
+    """``loss_fn(model, batch)``; a failure to read the batch says what the batch looks like and what to do."""
+    try:
+        return loss_fn(model, batch)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+        raise TypeError(
+            f"`loss_fn` failed on a batch of the validation data ({_batch_structure(batch)}) with"
+            f" {type(err).__name__}: {err}. The loss function must accept the batches your DataLoader yields: pass"
+            " `loss_fn=lambda module, batch: ...` (or define `per_example_loss(batch)`) that unpacks them, returning"
+            " one loss per example."
+        ) from err
+
+
+def _batch_structure(batch: Batch) -> str:
+    if isinstance(batch, dict):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    if isinstance(batch, torch.Tensor):
+        return f"a Tensor of shape {list(batch.shape)}"
+    return f"a {type(batch).__name__}"
+
+
+def check_finite_losses(losses: Any, indices: torch.Tensor, split: str) -> torch.Tensor:
+    """Per-example losses of the right shape and all finite; else an error naming the dataset indices."""
+    losses = check_per_example_losses(losses, len(indices))
+    bad = ~torch.isfinite(losses.detach())
+    if bool(bad.any()):
+        where = indices[bad.cpu()][:10].tolist()
+        raise ValueError(
+            f"Expected finite per-example losses, but the {split} examples {where} have loss"
+            f" {losses.detach()[bad][:10].tolist()}. Influence needs finite losses and gradients: check those examples"
+            " (NaN inputs, labels out of range) and the model (diverged weights), e.g. `torch.isfinite(loss)`."
+        )
+    return losses
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer, to check that a forward pass in eval mode changes nothing."""
+    state = {f"parameter {n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def check_state_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Raise when the model's forward (in eval mode) changed a parameter or buffer.
+
+    Influence differentiates one fixed function of the parameters; a forward that updates state (a call
+    counter, BatchNorm kept in training mode, an EMA updated in ``forward``) makes every pass a different one.
+    """
+    after = state_snapshot(model)
+    changed = [name for name, value in before.items()
+               if name not in after or after[name].shape != value.shape or not torch.equal(after[name], value)]
+    if changed:
+        raise ValueError(
+            f"Expected the model's forward to leave its state unchanged in eval mode, but it changed {changed[:5]}."
+            " Influence needs a fixed function of the parameters: update such state only under `if self.training:`"
+            " (and keep BatchNorm layers in eval mode: do not call `.train()` inside `forward`)."
+        )

@@ -29,7 +29,7 @@ def influence_report(explanation: Explanation, *, epoch: int, global_step: int, 
     """The report record of ``explanation``, stamped with when (``epoch``, ``global_step``) and why (``stage``)."""
     return InfluenceReport(
         epoch=epoch, global_step=global_step, stage=stage, train_size=explanation.train_size,
-        points=explanation.points, solver=explanation.solver, timings=explanation.timings,
+        points=explanation.points, solver=explanation.solver, timings=explanation.timings, trust=explanation.trust,
     )
 
 

@@ -103,6 +103,9 @@ def _summary(explanation: Explanation) -> dict[str, Any]:
         "kept_scores": [p.scores for p in points],
         "shard_indices": explanation.score_shard.train_indices,
         "shard_scores": explanation.score_shard.scores,
+        "trust": torch.tensor([[float("nan") if v is None else v
+                                for v in (t.residual, t.repeat_pearson, t.repeat_spearman)]
+                               for t in explanation.trust.points], dtype=torch.float64),
         "trace": explanation.solver.trace,
         "scale": explanation.solver.scale,
         "timings": explanation.timings,
@@ -230,6 +233,9 @@ def test_same_points_and_top_influences_for_any_world_size(runs):
         assert record["scale"] == pytest.approx(reference["scale"], rel=1e-12)
         assert record["trace"].shape == (LISSA.repeats, LISSA.depth)
         torch.testing.assert_close(record["trace"], reference["trace"], rtol=1e-6, atol=1e-9)
+        # self-diagnosis: even/odd repeat halves summed in one all-reduce give the same residuals and agreement
+        assert not record["trust"].isnan().any()
+        torch.testing.assert_close(record["trust"], reference["trust"], rtol=1e-6, atol=1e-9)
 
 
 def test_cg_split_over_test_points_gives_the_single_process_result(runs):

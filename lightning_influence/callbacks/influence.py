@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -70,7 +71,15 @@ class InfluenceCallback(pl.Callback):
         mislabel_candidates: also report this many training examples with the largest self-influence
             ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
-        strict: re-raise errors of the analysis instead of warning and letting training go on.
+        strict: re-raise errors of the analysis (and of writing its results) instead of warning and letting
+            training go on.
+        diagnose: self-diagnosis of every analysis (s_test residuals, agreement of repeat halves, warnings
+            grounded in the literature) under ``influence/trust/`` and in the JSON ``trust`` object.
+        verify_loo: after each analysis, retrain without each of this many training examples (the largest
+            ``|I|`` for the first explained point, at most ``2 * top_k``) and log the Pearson/Spearman of
+            predicted vs actual validation-loss change (``influence/trust/loo_*``; rank zero; 0 = off).
+        verify_loo_steps: full-batch steps of each leave-one-out retraining (same optimiser class and
+            hyperparameters as the trainer's first optimiser, warm-started from the analysed weights).
         verbose: print a summary table on rank zero after each analysis.
 
     Example::
@@ -106,6 +115,9 @@ class InfluenceCallback(pl.Callback):
         mislabel_rank: int = 64,
         strict: bool = False,
         verbose: bool = True,
+        diagnose: bool = True,
+        verify_loo: int = 0,
+        verify_loo_steps: int = 50,
     ) -> None:
         super().__init__()
         _check(loss_fn is None or callable(loss_fn), "loss_fn", "a callable (module, batch) -> Tensor[B]", loss_fn)
@@ -116,6 +128,10 @@ class InfluenceCallback(pl.Callback):
         _check(scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), scoring)
         _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
                "an int >= 0", mislabel_candidates)
+        _check(isinstance(verify_loo, int) and 0 <= verify_loo <= 2 * top_k, "verify_loo",
+               f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
+        _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
+               verify_loo_steps)
         if val_indices is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0
             _check(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", val_indices)
@@ -133,7 +149,11 @@ class InfluenceCallback(pl.Callback):
         self.settings = ExplainSettings(
             top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
             misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size, keep_full_scores=save_scores,
+            diagnose=diagnose,
         )
+        self.verify_loo = verify_loo
+        self.verify_loo_steps = verify_loo_steps
+        self._warned: set[str] = set()  # trust warnings already shown (each code once per callback)
         try:
             self.mislabel_config = LowRankConfig(rank=mislabel_rank)
         except ValueError as err:
@@ -156,6 +176,8 @@ class InfluenceCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._resolve_loss_fn(pl_module)  # fail before training starts, not after it
+        if trainer.is_global_zero:
+            self._check_writable(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,27 +236,111 @@ class InfluenceCallback(pl.Callback):
         self.last_explanation = explanation
         self.analysed.append({"epoch": epoch, "global_step": trainer.global_step, "stage": stage,
                               "val_indices": [p.val_index for p in explanation.points]})
-        try:
-            self._write_all(trainer, explanation, mislabel, stage, epoch)
-        except Exception as err:  # noqa: BLE001 - a full disk or unwritable log dir must not end the training
-            if self.strict:
-                raise
-            warnings.warn(
-                f"Writing the influence results of epoch {epoch} failed on rank {trainer.global_rank}:"
-                f" {type(err).__name__}: {err}\nTraining goes on. Check that the log directory is writable.",
-                stacklevel=2,
-            )
+        self._isolated(epoch, trainer, "writing its results",
+                       lambda: self._write_all(trainer, pl_module, explanation, mislabel, stage, epoch))
         if trainer.world_size > 1:
             trainer.strategy.barrier("influence_written")  # no rank runs ahead into the next epoch
 
-    def _write_all(self, trainer: pl.Trainer, explanation: Explanation, mislabel: Optional[MislabelReport],
-                   stage: str, epoch: int) -> None:
+    def _write_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
+                   mislabel: Optional[MislabelReport], stage: str, epoch: int) -> None:
         log_dir = self._log_dir(trainer)  # a collective: every rank asks
         publish_score_shard(log_dir, explanation, epoch)  # every rank writes its own shard of the full scores
-        if trainer.is_global_zero:
-            self._write(trainer, explanation, stage, epoch, log_dir)
-            if mislabel is not None:
-                self._write_mislabel(trainer, mislabel, log_dir)
+        if not trainer.is_global_zero:
+            return
+        self._write(trainer, explanation, stage, epoch, log_dir)
+        if mislabel is not None:
+            self._write_mislabel(trainer, mislabel, log_dir)
+        if explanation.trust is not None:
+            self._warn_once(explanation.trust.warnings)
+        if self.verify_loo:
+            self._isolated(epoch, trainer, "running the leave-one-out check",
+                           lambda: self._verify_loo(trainer, pl_module, explanation, epoch, log_dir))
+
+    def _isolated(self, epoch: int, trainer: pl.Trainer, what: str, action: Any) -> None:
+        """Run ``action``; a failure warns and training goes on (``strict=True`` re-raises)."""
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - the user's training must survive a failed write
+            if self.strict:
+                raise
+            rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+            warnings.warn(
+                f"Influence analysis at epoch {epoch} (step {trainer.global_step}) failed{rank} while {what}:"
+                f" {type(err).__name__}: {err}\nTraining goes on. Pass `InfluenceCallback(strict=True)` to raise instead.",
+                stacklevel=2,
+            )
+
+    def _warn_once(self, warnings: Any) -> None:
+        for warning in warnings:
+            if warning.code in self._warned:
+                continue
+            self._warned.add(warning.code)
+            text = f"Influence trust [{warning.code}]: {warning.message}"
+            rank_zero_warn(text) if warning.severity == "warning" else rank_zero_info(text)
+
+    def _check_writable(self, trainer: pl.Trainer) -> None:
+        """Warn before training when the results directory cannot be written (a fixable setup problem)."""
+        log_dir = _log_dir_of(trainer)  # rank zero only: no collective here
+        target = log_dir / "influence"
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            message = (
+                f"InfluenceCallback cannot write its results to {target} ({type(err).__name__}: {err}). Give the"
+                " logger a writable directory, e.g. `Trainer(logger=TensorBoardLogger(save_dir=...))` or"
+                " `Trainer(default_root_dir=...)`."
+            )
+            if self.strict:
+                raise MisconfigurationException(message) from err
+            rank_zero_warn(message + " Training goes on; the analyses will be skipped when writing fails.")
+
+    def _weight_decay(self, trainer: pl.Trainer) -> Optional[float]:
+        """The first optimiser's weight decay (the training L2 strength), when there is one."""
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if not optimizers or not optimizers[0].param_groups:
+            return None
+        value = optimizers[0].param_groups[0].get("weight_decay")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def _verify_loo(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
+                    epoch: int, log_dir: Path) -> None:
+        """Leave-one-out spot check of the first explained point (rank zero): scalars and ``loo_epoch=N.json``."""
+        from lightning_influence.loo import verify_leave_one_out
+        from lightning_influence.reporting import write_json_atomic
+
+        optimizers = getattr(trainer, "optimizers", None) or []
+        if not explanation.points or not optimizers:
+            return
+        point = explanation.points[0]
+        pairs = {i.train_index: i.influence for i in (*point.harmful, *point.helpful)}
+        chosen = sorted(pairs, key=lambda index: -abs(pairs[index]))[: self.verify_loo]
+        template = optimizers[0]
+        hyper = {key: template.param_groups[0][key] for key in template.defaults if key in template.param_groups[0]}
+        val = self._val_data(trainer)
+        with isolate_rng():
+            check = verify_leave_one_out(
+                pl_module, self._resolve_loss_fn(pl_module), self._train_data(trainer, pl_module).loader(),
+                val.fetch([point.val_index]), train_indices=chosen, influences=[pairs[i] for i in chosen],
+                steps=self.verify_loo_steps, optimizer=lambda params: type(template)(params, **hyper), l2=0.0,
+            )
+        writer = self._writer(log_dir)
+        for name in ("pearson", "spearman"):
+            value = getattr(check, name)
+            if value is not None:
+                writer.add_scalar(f"influence/trust/loo_{name}", value, global_step=trainer.global_step)
+        writer.flush()
+        write_json_atomic(log_dir / "influence" / f"loo_epoch={epoch}.json", {
+            "val_index": point.val_index, "train_indices": list(check.train_indices),
+            "influence": check.influence.tolist(), "predicted_loss_change": check.predicted.tolist(),
+            "actual_loss_change": check.actual.tolist(), "pearson": check.pearson, "spearman": check.spearman,
+            "steps": check.steps, "optimizer": type(template).__name__, "train_size": check.train_size,
+        })
+        if self.verbose:
+            rank_zero_info(f"Leave-one-out check (val {point.val_index}, {len(chosen)} removals):"
+                           f" Pearson {check.pearson}, Spearman {check.spearman}")
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Explanation:
         loss_fn = self._resolve_loss_fn(pl_module)
@@ -248,7 +354,8 @@ class InfluenceCallback(pl.Callback):
         with progress_task(trainer, "influence: s_test", steps) as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
-                           on_lissa_step=lambda: on_step(1), on_scored=on_scored)
+                           on_lissa_step=lambda: on_step(1), on_scored=on_scored,
+                           weight_decay=self._weight_decay(trainer))
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
         train = self._train_data(trainer, pl_module)
@@ -326,12 +433,10 @@ class InfluenceCallback(pl.Callback):
         publish_mislabel(self._writer(log_dir), log_dir, report, verbose=self.verbose)
 
     def _log_dir(self, trainer: pl.Trainer) -> Path:
-        """The run's log directory, the same on every rank (call it on all ranks: it may broadcast)."""
+        """The run's log directory, the same on every rank (call it on all ranks: it broadcasts under DDP)."""
         self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if self._tensorboard is not None:
-            path = self._tensorboard.log_dir if trainer.is_global_zero else None
-            return Path(trainer.strategy.broadcast(path, src=0))
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        path = str(_log_dir_of(trainer)) if trainer.is_global_zero else None
+        return Path(trainer.strategy.broadcast(path, src=0)) if trainer.world_size > 1 else Path(path)
 
     def _writer(self, log_dir: Path) -> Any:
         """The TensorBoard writer (rank zero only): the logger's, else one of our own in ``log_dir``."""
@@ -342,6 +447,20 @@ class InfluenceCallback(pl.Callback):
 
             self._own_writer = SummaryWriter(str(log_dir))
         return self._own_writer
+
+
+def _log_dir_of(trainer: pl.Trainer) -> Path:
+    """This process's view of the log directory, like ``trainer.log_dir`` but without its broadcast (a
+    collective that would hang when called on one rank only)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return Path(logger.log_dir)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        directory = getattr(logger, "log_dir", None) or logger.save_dir
+        if directory:
+            return Path(directory)
+    return Path(trainer.default_root_dir)
 
 
 def _call_per_example_loss(module: Any, batch: Any) -> Any:

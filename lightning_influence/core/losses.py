@@ -58,11 +58,19 @@ class FunctionalLoss:
     def per_example_grad_dict(self, params: Params, batch: Batch, check: bool = True) -> Params:
         """Per-example gradients as ``{name: [B, *shape]}`` (no flat copy).
 
-        ``check`` first runs the loss on the whole batch to validate its shape, which ``vmap`` would hide.
+        ``check`` first runs the loss on the whole batch to validate its shape (which ``vmap`` would hide)
+        and that every loss is finite.
         """
         if check:
             with torch.no_grad():
-                self(params, batch)
+                losses = self(params, batch)
+            if not bool(torch.isfinite(losses).all()):
+                rows = (~torch.isfinite(losses)).nonzero().flatten()[:10].tolist()
+                raise ValueError(
+                    f"Expected finite per-example losses, but batch rows {rows} have loss {losses[rows].tolist()}."
+                    " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of"
+                    " range) and the model's weights."
+                )
 
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]

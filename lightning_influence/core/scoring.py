@@ -155,6 +155,13 @@ def iter_scores(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
+            if not bool(torch.isfinite(block).all()):
+                bad = (~torch.isfinite(block)).any(dim=0).nonzero().flatten()[:10]
+                raise ValueError(
+                    f"Expected finite influence scores, but training examples at positions {(bad + start).tolist()}"
+                    " of this batch have non-finite gradients (NaN/inf loss or weights). Influence needs finite"
+                    " losses and gradients: check those examples (NaN inputs, labels out of range) and the model."
+                )
             yield block
             start = stop
 

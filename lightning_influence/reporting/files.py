@@ -26,6 +26,7 @@ from lightning_influence.reporting.records import (
     MislabelCandidate,
     MislabelReport,
     SolverSummary,
+    TrustReport,
 )
 
 SCHEMA_VERSION = 1
@@ -83,6 +84,23 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
         "solver": _solver_to_dict(report.solver),
         "timings": {str(key): to_builtin(float(value)) for key, value in report.timings.items()},
         "points": [_point_to_dict(point) for point in report.points],
+        **({} if report.trust is None else {"trust": trust_to_dict(report.trust)}),
+    }
+
+
+def trust_to_dict(trust: TrustReport) -> dict[str, Any]:
+    """The self-diagnosis as JSON builtins (the ``trust`` object of ``docs/output-format.md``)."""
+    return {
+        "residual_examples": int(trust.residual_examples),
+        "gradient_ratio": to_builtin(trust.gradient_ratio),
+        "gradient_examples": int(trust.gradient_examples),
+        "top_eigenvalue": to_builtin(trust.top_eigenvalue),
+        "points": [
+            {"val_index": int(p.val_index), "residual": to_builtin(p.residual),
+             "repeat_pearson": to_builtin(p.repeat_pearson), "repeat_spearman": to_builtin(p.repeat_spearman)}
+            for p in trust.points
+        ],
+        "warnings": [{"code": w.code, "severity": w.severity, "message": w.message} for w in trust.warnings],
     }
 
 

@@ -66,6 +66,7 @@ class InfluenceReport:
     points: tuple[ExplainedPoint, ...]
     solver: SolverSummary
     timings: dict[str, float] = field(default_factory=dict)
+    trust: Optional["TrustReport"] = None
 
 
 @dataclass(frozen=True)
@@ -96,3 +97,49 @@ class MislabelReport:
     solver: SolverSummary
     seconds: float
     scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TrustWarning:
+    """A reason to trust an analysis less, with what to do about it.
+
+    ``code`` is a stable identifier (e.g. ``"no_damping"``); ``severity`` is ``"warning"`` or ``"info"``
+    (a condition the package already handles, stated so the user knows).
+    """
+
+    code: str
+    message: str
+    severity: str = "warning"
+
+
+@dataclass(frozen=True)
+class PointTrust:
+    """Self-diagnosis of one monitored point's s_test.
+
+    ``residual`` is ``||(H + damping I) x - v|| / ||v||`` for the solved ``x = s_test`` and ``v = grad L(z_val)``;
+    ``repeat_pearson``/``repeat_spearman`` correlate the top-k training scores computed from two disjoint
+    halves of the LiSSA repeats (None for deterministic solvers or fewer than 2 repeats).
+    """
+
+    val_index: int
+    residual: Optional[float]
+    repeat_pearson: Optional[float] = None
+    repeat_spearman: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TrustReport:
+    """How far to trust an analysis: per-point diagnostics, model-level measurements and warnings.
+
+    ``residual_examples`` is the number of training examples in the Hessian of the residual check (the
+    full training set when it is small enough); ``gradient_ratio`` is ``||grad R + weight_decay theta|| /
+    rms_i ||grad L(z_i)||`` on a fixed subset (near 0 at a minimum, near 1 early in training);
+    ``top_eigenvalue`` estimates the largest eigenvalue of the recursion's minibatch ``H_j + damping I``.
+    """
+
+    points: tuple[PointTrust, ...]
+    warnings: tuple[TrustWarning, ...]
+    residual_examples: int = 0
+    gradient_ratio: Optional[float] = None
+    gradient_examples: int = 0
+    top_eigenvalue: Optional[float] = None

@@ -16,6 +16,7 @@ from lightning_influence.reporting.records import (
     InfluenceReport,
     MislabelReport,
     SolverSummary,
+    TrustReport,
 )
 from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
 
@@ -60,7 +61,47 @@ def write_report(writer: SummaryWriterLike, report: InfluenceReport) -> None:
     for key, seconds in report.timings.items():
         writer.add_scalar(f"{PREFIX}/time/{_tag_part(key)}_seconds", float(seconds), global_step=step)
     _write_trace(writer, report.solver, report.epoch, step)
+    if report.trust is not None:
+        write_trust(writer, report.trust, step)
     writer.flush()
+
+
+def write_trust(writer: SummaryWriterLike, trust: TrustReport, step: int) -> None:
+    """The self-diagnosis under ``influence/trust/``: per point ``val_{i}/residual``, ``val_{i}/repeat_pearson``
+    and ``val_{i}/repeat_spearman`` (when defined); ``gradient_ratio``, ``top_eigenvalue`` and
+    ``warning_count`` scalars; ``warnings`` (markdown list, also when empty).
+    """
+    tag = f"{PREFIX}/trust"
+    for point in trust.points:
+        for name in ("residual", "repeat_pearson", "repeat_spearman"):
+            value = getattr(point, name)
+            if value is not None:
+                writer.add_scalar(f"{tag}/val_{point.val_index}/{name}", float(value), global_step=step)
+    if trust.gradient_ratio is not None:
+        writer.add_scalar(f"{tag}/gradient_ratio", float(trust.gradient_ratio), global_step=step)
+    if trust.top_eigenvalue is not None:
+        writer.add_scalar(f"{tag}/top_eigenvalue", float(trust.top_eigenvalue), global_step=step)
+    writer.add_scalar(f"{tag}/warning_count", sum(w.severity == "warning" for w in trust.warnings), global_step=step)
+    writer.add_text(f"{tag}/warnings", trust_markdown(trust), global_step=step)
+
+
+def trust_markdown(trust: TrustReport) -> str:
+    """A markdown list of the warnings (``**code** (severity): message``) and the measured diagnostics."""
+    lines = [f"- **{w.code}** ({w.severity}): {w.message}" for w in trust.warnings] or ["- no warnings"]
+    lines.append("")
+    lines.append(f"Residuals use the Hessian of {trust.residual_examples} training examples; gradient ratio on"
+                 f" {trust.gradient_examples}.")
+    lines.append("")
+    lines.append("| val index | residual | repeat Pearson | repeat Spearman |")
+    lines.append("| --- | --- | --- | --- |")
+    for p in trust.points:
+        cells = [_number(v) for v in (p.residual, p.repeat_pearson, p.repeat_spearman)]
+        lines.append(f"| {p.val_index} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> None:
