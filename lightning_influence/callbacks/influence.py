@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
+from lightning_influence.core.candidates import KNN_BACKENDS, FeatureFn, check_knn_backend
 from lightning_influence.core.config import LowRankConfig, SolverConfig, check_damping, make_solver_config
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
@@ -60,6 +61,11 @@ class InfluenceCallback(pl.Callback):
         mislabel_candidates: also report this many training examples with the largest self-influence
             ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
+        candidates: score each monitored point only against its ``candidates`` nearest training examples in
+            feature space (FastIF); the others get no score and are absent from every output. None: all.
+        knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
+        feature_fn: ``(module, batch) -> Tensor[B, D]`` features for the neighbour search. Default: the input of
+            the module's last ``nn.Linear`` layer.
         strict: re-raise errors of the analysis instead of warning and letting training go on.
         verbose: print a summary table on rank zero after each analysis.
 
@@ -94,6 +100,9 @@ class InfluenceCallback(pl.Callback):
         save_scores: bool = False,
         mislabel_candidates: int = 0,
         mislabel_rank: int = 64,
+        candidates: Optional[int] = None,
+        knn_backend: str = "torch",
+        feature_fn: Optional[FeatureFn] = None,
         strict: bool = False,
         verbose: bool = True,
     ) -> None:
@@ -106,6 +115,15 @@ class InfluenceCallback(pl.Callback):
         _check(scoring in ("auto", "jvp", "per_example_grad"), "scoring", "'auto', 'jvp' or 'per_example_grad'", scoring)
         _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
                "an int >= 0", mislabel_candidates)
+        _check(candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)
+                                      and candidates >= 1), "candidates", "None or a positive int", candidates)
+        _check(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
+        _check(feature_fn is None or callable(feature_fn), "feature_fn", "a callable (module, batch) -> Tensor[B, D]",
+               feature_fn)
+        try:
+            check_knn_backend(knn_backend)
+        except ImportError as err:
+            raise MisconfigurationException(str(err)) from err
         if val_indices is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0
             _check(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", val_indices)
@@ -123,6 +141,7 @@ class InfluenceCallback(pl.Callback):
         self.settings = ExplainSettings(
             top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
             misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size, keep_full_scores=save_scores,
+            candidates=candidates, knn_backend=knn_backend, feature_fn=feature_fn,
         )
         try:
             self.mislabel_config = LowRankConfig(rank=mislabel_rank)
@@ -149,6 +168,10 @@ class InfluenceCallback(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
+        if self.settings.candidates is not None:  # fail before training, not at the first analysis
+            n_train = len(self._train_data(trainer, pl_module))
+            _check(self.settings.candidates <= n_train, "candidates",
+                   f"at most the training-set size {n_train} (or None to score every example)", self.settings.candidates)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -297,7 +320,8 @@ class InfluenceCallback(pl.Callback):
         )
         writer, log_dir = self._writer(trainer)
         write_report(writer, report)
-        path = write_report_files(log_dir / "influence", report, explanation.full_scores)
+        path = write_report_files(log_dir / "influence", report, explanation.full_scores,
+                                  explanation.full_score_indices)
         if self.verbose:
             print_summary(report)
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")

@@ -86,7 +86,8 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
 
 
 def write_report_files(
-    directory: PathLike, report: InfluenceReport, full_scores: torch.Tensor | None = None
+    directory: PathLike, report: InfluenceReport, full_scores: torch.Tensor | None = None,
+    train_indices: torch.Tensor | None = None,
 ) -> Path:
     """Write ``epoch={epoch}.json`` (and ``epoch={epoch}-scores.pt``) into ``directory``, overwriting.
 
@@ -95,6 +96,8 @@ def write_report_files(
         report: the analysis results.
         full_scores: optional ``[n_points, n_scored]`` influence of every scored training example on each
             monitored point, rows in the order of ``report.points``.
+        train_indices: with candidate preselection, ``[n_points, k]`` training indices of ``full_scores``'s
+            entries (each point's own candidates); saved as ``train_indices``. None: columns are all examples.
 
     Returns:
         The path of the JSON file.
@@ -110,6 +113,13 @@ def write_report_files(
             "val_indices": torch.tensor([point.val_index for point in report.points], dtype=torch.long),
             "scores": full_scores.detach().cpu().clone(),
         }
+        if train_indices is not None:
+            if tuple(train_indices.shape) != tuple(full_scores.shape):
+                raise ValueError(
+                    f"Expected `train_indices` shaped like `full_scores` {tuple(full_scores.shape)}, but got"
+                    f" {tuple(train_indices.shape)}."
+                )
+            payload["train_indices"] = train_indices.detach().cpu().long().clone()
         save_tensor_atomic(directory / f"epoch={report.epoch}-scores.pt", payload)
     return json_path
 
