@@ -35,22 +35,22 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scoring as shared  # noqa: E402  (data, models, training loop of the scoring benchmark)
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torchmetrics.functional import pearson_corrcoef  # noqa: E402
+import scoring as shared  # data, models, training loop of the scoring benchmark
+import torch
+from torch import nn
+from torchmetrics.functional import pearson_corrcoef
 
-from lightning_influence import top_influences  # noqa: E402
-from lightning_influence.core import ExactConfig, InfluenceProblem, LissaConfig, LissaDivergenceError  # noqa: E402
-from lightning_influence.core.candidates import select_candidates  # noqa: E402
-from lightning_influence.core.data import IndexedData  # noqa: E402
-from lightning_influence.core.params import analysis_mode  # noqa: E402
+from lightning_influence import top_influences
+from lightning_influence.core import ExactConfig, InfluenceProblem, LissaConfig, LissaDivergenceError
+from lightning_influence.core.candidates import select_candidates
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.params import analysis_mode
 
 NUM_POINTS = 8
 TOP = 10
@@ -65,7 +65,7 @@ class Timer:
         self.cpu, self.wall = time.process_time(), time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
 
 
@@ -201,7 +201,7 @@ def theirs(model, data, test, damping: float, scale: float, depth: int, batch_si
                 s_vec = calc_s_test_single(model, tx[i : i + 1], ty[i : i + 1], sampler, gpu=-1, damp=damping,
                                            scale=scale, recursion_depth=depth, r=1)
             with Timer() as t_score:
-                influences, harmful, helpful, _ = calc_influence_single(model, train, test_loader, i, gpu=-1,
+                influences, *_ = calc_influence_single(model, train, test_loader, i, gpu=-1,
                                                                         recursion_depth=depth, r=1, s_test_vec=s_vec)
             s_cpu, score_cpu = s_cpu + t_s.cpu, score_cpu + t_score.cpu
             rows.append(torch.tensor([float(v) for v in influences]))
@@ -286,8 +286,8 @@ def main() -> None:
         print(f"exact {name}: lambda_min(H) = {lam_min:.4g}, damping {damping[name]}, {cpu:.1f} s CPU")
         results[f"exact_{name}"] = {"lambda_min": lam_min, "cpu": cpu}
 
-    print("\n## scale='auto' vs fixed scales (LiSSA depth %d, batch 128): Pearson with exact over all training"
-          " points, mean (min) over the 8 test points" % depth)
+    print(f"\n## scale='auto' vs fixed scales (LiSSA depth {depth}, batch 128): Pearson with exact over all"
+          " training points, mean (min) over the 8 test points")
     print("| model | scale | value | Pearson | converged | CPU s |\n|---|---|---:|---|:-:|---:|")
     results["scale"] = []
     for name in ("lr", "cnn"):

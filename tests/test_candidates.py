@@ -245,7 +245,7 @@ def test_check_candidates_accepts_the_edges():
 def test_select_candidates_accepts_a_user_feature_function(cnn):
     model, x, y, xt, yt = cnn
     data = IndexedData(TensorDataset(x, y), batch_size=50)
-    label_features = lambda m, batch: torch.nn.functional.one_hot(batch[1], 10).double()  # noqa: E731
+    label_features = lambda m, batch: torch.nn.functional.one_hot(batch[1], 10).double()
     found = select_candidates(model, (xt, yt), data.batches_with_indices(), 5, label_features)
     for row in range(len(yt)):
         assert (y[found.indices[row]] == yt[row]).all()  # distance 0 only for the same label

@@ -58,7 +58,7 @@ def test_early_stop_at_the_first_step_below_tol_is_recorded_in_the_trace():
     assert info.iterations == max(int(torch.isfinite(row).sum()) for row in info.trace)
     assert info.converged
     # the stop is a truncation: one repeat stopped early equals the same repeat run for exactly that many steps
-    one = dict(batch_size=200, scale=40.0, damping=1.0)
+    one = {"batch_size": 200, "scale": 40.0, "damping": 1.0}
     stopped = li.s_test(model, cross_entropy_per_example, train, (xt, yt), depth=400, tol=tol, **one)
     truncated = li.s_test(model, cross_entropy_per_example, train, (xt, yt), depth=stopped.info.iterations, **one)
     assert truncated.info.iterations == stopped.info.iterations and not torch.isnan(truncated.info.trace).any()
