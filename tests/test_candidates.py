@@ -230,6 +230,20 @@ def test_same_candidates_and_scores_on_any_number_of_ranks(cnn):
                 assert len(point.scores) == 20  # the histogram holds the candidates only
 
 
+def test_faiss_backend_gives_the_same_candidates_in_explain_on_one_and_two_ranks(cnn):
+    pytest.importorskip("faiss")
+    model, x, y, _, _ = cnn
+    vx, vy = digits(torch.float64)
+    train = IndexedData(TensorDataset(x, y), batch_size=16)
+    val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
+    settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True)
+    reference = _explain_on(1, model, train, val, settings)[0].full_score_indices
+    for world_size in (1, 2):
+        faiss_settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True, knn_backend="faiss")
+        for result in _explain_on(world_size, model, train, val, faiss_settings):
+            assert torch.equal(result.full_score_indices.sort(1).values, reference.sort(1).values)
+
+
 def test_feature_blocks_are_the_same_whatever_the_world_size():
     for world_size in (1, 2, 3, 5):
         parts = [block_shard(103, 16, rank, world_size) for rank in range(world_size)]
