@@ -16,6 +16,17 @@ import torch
 from torch import nn
 
 from lightning_influence.core.batching import Batch, prepare_batch
+from lightning_influence.core.candidates import (
+    CandidateScoreCollector,
+    FeatureFn,
+    NearestNeighbours,
+    Neighbours,
+    batch_features,
+    check_candidates,
+    collect_candidate_scores,
+    knn_faiss,
+    merge_neighbours,
+)
 from lightning_influence.core.config import CGConfig, LissaConfig, SolveInfo, SolverConfig
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
@@ -73,6 +84,9 @@ class ExplainSettings:
     chunk_size: int = 256
     keep_full_scores: bool = False
     diagnose: bool = True  # self-diagnosis (residuals, repeat agreement, warnings): see lightning_influence.trust
+    candidates: Optional[int] = None
+    knn_backend: str = "torch"
+    feature_fn: Optional[FeatureFn] = None
 
 
 @dataclass(frozen=True)
@@ -101,11 +115,14 @@ class Explanation:
 
     @property
     def full_scores(self) -> Optional[torch.Tensor]:
-        """``[n_points, n_train]`` scores in training-index order; only in a single process (else ``None``)."""
+        """``[n_points, n_train]`` scores in training-index order (NaN where not scored, e.g. outside the
+        candidates); only in a single process (else ``None``: each rank holds its own shard)."""
         shard_ = self.score_shard
         if shard_ is None or shard_.world_size != 1:
             return None
-        return shard_.scores[:, shard_.train_indices.argsort()]
+        table = shard_.scores.new_full((shard_.scores.shape[0], self.train_size), float("nan"))
+        table[:, shard_.train_indices] = shard_.scores
+        return table
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
@@ -316,6 +333,70 @@ def score_training_set(
     return merged, sample, local
 
 
+def block_shard(n: int, block: int, rank: int, world_size: int) -> list[int]:
+    """Indices of the fixed blocks ``[b * block, (b + 1) * block)`` with ``b = rank (mod world_size)``.
+
+    Every example lands in the same block whatever the world size, so batch-dependent float results (features
+    of a batch) are identical on any number of ranks.
+    """
+    return [i for start in range(rank * block, n, world_size * block) for i in range(start, min(start + block, n))]
+
+
+def find_candidates(
+    model: nn.Module, test_batch: Batch, train: IndexedData, settings: ExplainSettings, collectives: Collectives,
+    device: torch.device,
+) -> Neighbours:
+    """Each test point's ``settings.candidates`` nearest training examples in feature space, the same on every
+    rank and for every world size: features in fixed blocks (split over ranks), local exact kNN, one merge."""
+    k = check_candidates(settings.candidates, len(train))  # type: ignore[arg-type]
+    queries = batch_features(model, test_batch, settings.feature_fn, device)
+    local = block_shard(len(train), train.batch_size, collectives.rank, collectives.world_size)
+
+    def search() -> Neighbours:
+        if settings.knn_backend == "torch":
+            nearest = NearestNeighbours(queries, k)
+            for indices, batch in train.batches_with_indices(local):
+                nearest.update(batch_features(model, batch, settings.feature_fn, device), indices)
+            return nearest.result()
+        pairs = [(i, batch_features(model, b, settings.feature_fn, device).cpu())
+                 for i, b in train.batches_with_indices(local)]
+        if not pairs:
+            return Neighbours(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))
+        keys, indices = torch.cat([f for _, f in pairs]), torch.cat([i for i, _ in pairs])
+        found = knn_faiss(queries, keys, min(k, len(keys)))
+        return Neighbours(indices[found.indices], found.distances)
+
+    _, parts = gather_checked(collectives, search)
+    return merge_neighbours(parts, k)
+
+
+def score_candidates(
+    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, candidates: Neighbours,
+    settings: ExplainSettings, collectives: Collectives, on_chunk: Callable[[int], None] | None,
+) -> tuple[TopInfluences, torch.Tensor]:
+    """Scores of each point's own candidates ``[q, k]``: the union is sharded over ranks, scored once, merged."""
+    collector = CandidateScoreCollector(candidates.indices, s_vectors.dtype)
+    local = shard(collector.union(), collectives.rank, collectives.world_size)
+
+    def score_shard() -> torch.Tensor:
+        collect_candidate_scores(problem, train, s_vectors, collector, local, settings.scoring, settings.chunk_size,
+                                 on_chunk)
+        return collector.scores
+
+    _, parts = gather_checked(collectives, score_shard)
+    scores = CandidateScoreCollector.combine(parts)
+    return top_influences_of(scores, candidates.indices, settings.top_k), scores
+
+
+def candidate_score_shard(scores: torch.Tensor, indices: torch.Tensor) -> ScoreShard:
+    """The candidates' scores ``[q, k]`` (training indices ``indices [q, k]``) as one shard over their union,
+    NaN where an example is not a candidate of that point (absent, not zero). Small: rank 0 writes it alone."""
+    union = indices.unique()
+    table = scores.new_full((scores.shape[0], len(union)), float("nan"))
+    table.scatter_(1, torch.searchsorted(union, indices), scores)
+    return ScoreShard(union, table, rank=0, world_size=1)
+
+
 def merge_top_influences(tops: Sequence[TopInfluences], k: int) -> TopInfluences:
     """The top-k of disjoint shards from their own top-k lists: harmful among harmful, helpful among helpful.
 
@@ -400,12 +481,24 @@ def explain(
         gradients = problem.gradients(test_batch)
         timings["select"] = time.perf_counter() - start
 
+        candidates = None
+        if settings.candidates is not None:
+            start = time.perf_counter()
+            candidates = find_candidates(model, test_batch, train, settings, collectives, device)
+            timings["candidates"] = time.perf_counter() - start
+
         start = time.perf_counter()
         s_vectors, info, halves = solve_s_test_with_halves(problem, gradients, collectives, on_lissa_step)
         timings["s_test"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        top, kept_scores, score_shard = score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
+        if candidates is None:
+            top, kept_scores, score_shard = score_training_set(problem, train, s_vectors, settings, collectives,
+                                                               on_scored)
+        else:  # only each point's own candidates are scored and reported: the others are absent, not zero
+            top, kept_scores = score_candidates(problem, train, s_vectors, candidates, settings, collectives, on_scored)
+            score_shard = candidate_score_shard(kept_scores, candidates.indices) if (
+                settings.keep_full_scores and collectives.rank == 0) else None
         timings["scoring"] = time.perf_counter() - start
 
         trust = None

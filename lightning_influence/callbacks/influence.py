@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
+from lightning_influence.core.candidates import KNN_BACKENDS, FeatureFn, check_knn_backend
 from lightning_influence.core.config import (
     SCORING_METHODS,
     LowRankConfig,
@@ -71,6 +72,11 @@ class InfluenceCallback(pl.Callback):
         mislabel_candidates: also report this many training examples with the largest self-influence
             ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
+        candidates: score each monitored point only against its ``candidates`` nearest training examples in
+            feature space (FastIF); the others get no score and are absent from every output. None: all.
+        knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
+        feature_fn: ``(module, batch) -> Tensor[B, D]`` features for the neighbour search. Default: the input of
+            the module's last ``nn.Linear`` layer.
         strict: re-raise errors of the analysis (and of writing its results) instead of warning and letting
             training go on.
         diagnose: self-diagnosis of every analysis (s_test residuals, agreement of repeat halves, warnings
@@ -113,6 +119,9 @@ class InfluenceCallback(pl.Callback):
         save_scores: bool = False,
         mislabel_candidates: int = 0,
         mislabel_rank: int = 64,
+        candidates: Optional[int] = None,
+        knn_backend: str = "torch",
+        feature_fn: Optional[FeatureFn] = None,
         strict: bool = False,
         verbose: bool = True,
         diagnose: bool = True,
@@ -132,6 +141,15 @@ class InfluenceCallback(pl.Callback):
                f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
         _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
                verify_loo_steps)
+        _check(candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)
+                                      and candidates >= 1), "candidates", "None or a positive int", candidates)
+        _check(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
+        _check(feature_fn is None or callable(feature_fn), "feature_fn", "a callable (module, batch) -> Tensor[B, D]",
+               feature_fn)
+        try:
+            check_knn_backend(knn_backend)
+        except ImportError as err:
+            raise MisconfigurationException(str(err)) from err
         if val_indices is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0
             _check(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", val_indices)
@@ -149,7 +167,7 @@ class InfluenceCallback(pl.Callback):
         self.settings = ExplainSettings(
             top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
             misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size, keep_full_scores=save_scores,
-            diagnose=diagnose,
+            diagnose=diagnose, candidates=candidates, knn_backend=knn_backend, feature_fn=feature_fn,
         )
         self.verify_loo = verify_loo
         self.verify_loo_steps = verify_loo_steps
@@ -182,6 +200,10 @@ class InfluenceCallback(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
+        if self.settings.candidates is not None:  # fail before training, not at the first analysis
+            n_train = len(self._train_data(trainer, pl_module))
+            _check(self.settings.candidates <= n_train, "candidates",
+                   f"at most the training-set size {n_train} (or None to score every example)", self.settings.candidates)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.candidates import (
+    CandidateScoreCollector,
+    CandidateScores,
+    FeatureFn,
+    check_candidates,
+    check_knn_backend,
+    collect_candidate_scores,
+    select_candidates,
+)
 from lightning_influence.core.config import STest, check_damping, make_solver_config
+from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
 from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import StreamingTopK, TopInfluences
+from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 
 #: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
 DEFAULT_DAMPING = 0.01
@@ -71,6 +82,9 @@ def influence(
     *,
     solver: str = "lissa",
     damping: float = DEFAULT_DAMPING,
+    candidates: Optional[int] = None,
+    feature_fn: Optional[FeatureFn] = None,
+    knn_backend: str = "torch",
     **options: Any,
 ) -> torch.Tensor:
     """Influence ``I(z, z_test) = -s_test . grad L(z)`` of every training example on every test example.
@@ -81,11 +95,22 @@ def influence(
     Takes the arguments of :func:`s_test`, plus ``scoring`` (``"auto"``, ``"jvp"``, ``"per_example_grad"``) and
     ``chunk_size`` (examples scored at once).
 
+    ``candidates=k`` scores each test point only against its k nearest training examples in feature space
+    (FastIF): features are the input of the model's last ``nn.Linear`` layer, or ``feature_fn(model, batch) ->
+    Tensor[B, D]``; neighbours are exact (``knn_backend="torch"``, chunked ``cdist``; or ``"faiss"``). Entries of
+    training examples that are not a candidate of that test point are **NaN** (absent, not zero). Needs a
+    ``DataLoader`` over a map-style dataset; columns are then dataset indices.
+
     Returns:
         ``[n_test, n_train]`` scores; columns follow ``train_loader``'s iteration order.
     """
     scoring, chunk_size, options = _split_scoring(options)
     problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    if candidates is not None:
+        found, n_train = _candidate_influence(
+            problem, test_batch, candidates, feature_fn, knn_backend, scoring, chunk_size
+        )
+        return found.dense(n_train)
     with analysis_mode(model):
         s = problem.solve(problem.gradients(test_batch)).vectors
         blocks = list(problem.scores(s, method=scoring, chunk_size=chunk_size))
@@ -103,15 +128,22 @@ def top_influences(
     top_k: int = 10,
     solver: str = "lissa",
     damping: float = DEFAULT_DAMPING,
+    candidates: Optional[int] = None,
+    feature_fn: Optional[FeatureFn] = None,
+    knn_backend: str = "torch",
     **options: Any,
 ) -> TopInfluences:
     """The ``top_k`` most harmful and most helpful training examples per test example, streamed.
 
     Same arguments as :func:`influence`; never holds the ``[n_test, n_train]`` matrix. Indices are positions in
-    ``train_loader``'s iteration order.
+    ``train_loader``'s iteration order. With ``candidates=k`` each test point's lists are drawn from its own k
+    candidates only (so at most k entries, and the two lists can overlap when ``k < 2 * top_k``).
     """
     scoring, chunk_size, options = _split_scoring(options)
     problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    if candidates is not None:
+        found, _ = _candidate_influence(problem, test_batch, candidates, feature_fn, knn_backend, scoring, chunk_size)
+        return top_influences_of(found.scores, found.indices, top_k)
     with analysis_mode(model):
         s = problem.solve(problem.gradients(test_batch)).vectors
         top = StreamingTopK(s.shape[0], top_k)
@@ -120,6 +152,35 @@ def top_influences(
             top.update(block, torch.arange(position, position + block.shape[1]))
             position += block.shape[1]
     return top.result()
+
+
+def _candidate_influence(
+    problem: InfluenceProblem,
+    test_batch: Batch,
+    candidates: int,
+    feature_fn: Optional[FeatureFn],
+    knn_backend: str,
+    scoring: str,
+    chunk_size: int,
+) -> tuple[CandidateScores, int]:
+    """s_test, then the scores of each test point's k nearest training examples (the union scored once)."""
+    loader = problem.train_loader
+    if not isinstance(loader, DataLoader):
+        raise TypeError(
+            f"Expected `train_loader` to be a torch DataLoader over a map-style dataset when `candidates` is set"
+            f" (candidates are picked by dataset index), but got {type(loader).__name__}."
+        )
+    data = IndexedData.from_loader(loader)
+    check_candidates(candidates, len(data))
+    check_knn_backend(knn_backend)
+    with analysis_mode(problem.model):
+        neighbours = select_candidates(
+            problem.model, test_batch, data.batches_with_indices(), candidates, feature_fn, knn_backend, problem.device
+        )
+        s = problem.solve(problem.gradients(test_batch)).vectors
+        collector = CandidateScoreCollector(neighbours.indices, s.dtype)
+        collect_candidate_scores(problem, data, s, collector, collector.union(), scoring, chunk_size)
+    return collector.result(), len(data)
 
 
 def self_influence(

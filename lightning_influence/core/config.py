@@ -28,8 +28,9 @@ class LissaConfig:
         scale: must exceed half the top eigenvalue of ``H_j + damping I``; ``"auto"`` estimates it by power
             iteration on minibatches of size ``batch_size``.
         seed: base seed for minibatch sampling.
-        tol: stop a repeat early when the relative update norm ``||h_j - h_{j-1}|| / ||v||`` falls below it
-            (0 runs all ``depth`` steps).
+        tol: stop a repeat early at the first step whose relative update ``||h_j - h_{j-1}|| / ||h_j||`` (max
+            over the test points) falls below it; that step is the repeat's last trace entry (0 runs all
+            ``depth`` steps).
         hvp_method: ``"double_backward"`` or ``"forward_over_reverse"``.
     """
 
