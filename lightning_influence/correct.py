@@ -62,7 +62,7 @@ def correct_errors(
     lr: float = 0.01,
     selection: str = "helpful",
     optimizer: OptimizerLike = "sgd",
-    candidates: Optional[Sequence[int]] = None,
+    candidates: Optional[Union[int, Sequence[int]]] = None,
     loss_fn: Optional[LossFn] = None,
     solver: str = "lissa",
     damping: float = 0.01,
@@ -100,7 +100,10 @@ def correct_errors(
         selection: ``"helpful"``, ``"random"``, ``"anchors"`` or ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
-        candidates: training indices to choose from (default: all).
+        candidates: training indices to choose from (default: all), or an int k for FastIF's candidate
+            preselection: each round scores only the union of the k training examples nearest to each sampled
+            anchor in feature space (the input of the model's last linear layer); ``"random"`` still draws from
+            the whole training set.
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (default: ``model.per_example_loss(batch)``).
         solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`).
         scoring, chunk_size: how candidates are scored.
@@ -112,8 +115,9 @@ def correct_errors(
         A :class:`~lightning_influence.correction.CorrectionReport`: metrics before, and per round the anchors,
         the chosen indices (with their influence), the anchors' loss before/after and the metrics.
     """
+    nearest = candidates if isinstance(candidates, int) and not isinstance(candidates, bool) else None
     settings = CorrectionSettings(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
-                                  selection, seed, scoring, chunk_size)
+                                  selection, seed, scoring, chunk_size, nearest)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
     config = make_solver_config(solver, dict(solver_options or {}))

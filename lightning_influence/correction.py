@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.explain import (
     ExplainSettings,
     describe_batch,
+    find_candidates,
     gather_checked,
     score_training_set,
     shard,
@@ -57,8 +58,11 @@ class CorrectionSettings:
         selection: ``"helpful"`` (most negative influence), ``"harmful"`` (most positive), ``"random"``
             candidates, or ``"anchors"`` (fine-tune on the round's anchors themselves).
         seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
-        scoring: ``"auto"``, ``"jvp"`` or ``"per_example_grad"``.
+        scoring: ``"auto"``, ``"factored"``, ``"jvp"`` or ``"per_example_grad"``.
         chunk_size: training examples scored at once.
+        nearest: FastIF candidate preselection: each round, score only the union of the ``nearest`` training
+            examples closest to each sampled anchor in feature space (the input of the last linear layer);
+            None scores all candidates. ``"random"`` still draws from all candidates.
     """
 
     iterations: int = 10
@@ -69,6 +73,7 @@ class CorrectionSettings:
     seed: int = 0
     scoring: str = "auto"
     chunk_size: int = 256
+    nearest: Optional[int] = None
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
@@ -77,6 +82,8 @@ class CorrectionSettings:
             _expect(isinstance(value, int) and value >= 1, name, "a positive int", value)
         _expect(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}", self.selection)
         _expect(isinstance(self.seed, int), "seed", "an int", self.seed)
+        _expect(self.nearest is None or (isinstance(self.nearest, int) and self.nearest >= 1), "candidates",
+                "None, a positive int (nearest neighbours per anchor) or a sequence of training indices", self.nearest)
 
 
 @dataclass(frozen=True)
@@ -151,9 +158,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def candidate_indices(candidates: Optional[Sequence[int]], train_size: int) -> list[int]:
-    """The training indices a run may choose from: all of them, or an explicit list (checked)."""
-    if candidates is None:
+def candidate_indices(candidates: Optional[Union[int, Sequence[int]]], train_size: int) -> list[int]:
+    """The training indices a run may choose from: all of them, or an explicit list (checked). An int (the
+    per-anchor nearest-neighbour count, see :attr:`CorrectionSettings.nearest`) keeps all of them here."""
+    if candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)):
+        if isinstance(candidates, int):
+            _expect(1 <= candidates <= train_size, "candidates", f"an int in [1, {train_size}] (the training-set"
+                    " size) or a sequence of training indices", candidates)
         return list(range(train_size))
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
         raise TypeError(f"Expected `candidates` to be None or a sequence of training indices, but got {candidates!r}.")
@@ -237,6 +248,14 @@ def choose_examples(
         return [int(candidates[i]) for i in picks], None
     problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
     with analysis_mode(model):
+        if settings.nearest is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
+            neighbours = find_candidates(model, anchor_batch, train, ExplainSettings(
+                candidates=min(settings.nearest, len(train)), chunk_size=settings.chunk_size), collectives,
+                problem.device)
+            allowed = set(candidates)
+            candidates = sorted(i for i in neighbours.indices.unique().tolist() if i in allowed)
+            _expect(len(candidates) >= k, "examples_per_iteration", f"at most the {len(candidates)} nearest-neighbour"
+                    " candidates of this round's anchors", k, "Raise `candidates` (neighbours per anchor).")
         gradient = problem.gradients(anchor_batch).mean(dim=0, keepdim=True)  # grad of the anchors' mean loss
         s_vector, _ = solve_s_test(problem, gradient, collectives, None)
         top, _, _ = score_training_set(problem, train, s_vector, ExplainSettings(

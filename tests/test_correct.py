@@ -189,9 +189,34 @@ def test_candidates_restrict_the_choice_and_outputs_are_written(trained, tmp_pat
     assert "influence/correct/restricted/summary/text_summary" in events.Tags()["tensors"]
 
 
+def test_nearest_neighbour_candidates_limit_each_round_to_its_anchors_neighbours(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    k = 5
+    working = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), working, train, val, anchors, candidates=k, iterations=2)
+    replay = copy.deepcopy(model)  # the weights each round started from, replayed with the chosen examples
+    x_train, y_train = train.tensors
+    x_anchor = anchors.tensors[0]
+    features = lambda m, x: m.net[:3](x)  # the input of the last linear layer
+    for step in report.iterations:
+        with torch.no_grad():
+            nearest = torch.cdist(features(replay, x_anchor[list(step.anchor_indices)]),
+                                  features(replay, x_train)).argsort(dim=1)[:, :k]
+        assert set(step.chosen_indices) <= set(nearest.flatten().tolist())
+        optimizer = torch.optim.SGD(replay.parameters(), lr=0.1)
+        chosen = list(step.chosen_indices)
+        optimizer.zero_grad()
+        F.cross_entropy(replay(x_train[chosen]), y_train[chosen]).backward()
+        optimizer.step()
+    for a, b in zip(replay.parameters(), working.parameters()):
+        torch.testing.assert_close(a, b)  # the replay followed the same path
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"candidates": 0}, "`candidates` to be None, a positive int"),
+        ({"candidates": 1, "anchors_per_iteration": 1}, "`examples_per_iteration` to be at most the 1 nearest"),
         ({"anchors": TensorDataset(torch.zeros(0, 1, 8, 8, dtype=torch.float64), torch.zeros(0, dtype=torch.long))},
          "`anchors` to be a non-empty dataset"),
         ({"examples_per_iteration": N_TRAIN + 1}, f"`examples_per_iteration` to be at most .*{N_TRAIN}"),
