@@ -54,7 +54,8 @@ def test_help_states_the_callback_defaults_and_lists_subcommands():
         if option.dest != "mislabel_candidates":  # the subcommand's own default (the callback's 0 means off)
             assert signature[option.dest].default == option.default, option.flag
     text = build_parser().format_help()
-    assert all(name in text for name in ("influence", "mislabel", "export")) and "positive = harmful" in text
+    assert all(name in text for name in ("influence", "mislabel", "correct", "verify-loo", "export"))
+    assert "positive = harmful" in text
     from lightning_influence.cli.commands import SCORING_METHODS as CLI_SCORING
     from lightning_influence.core.config import SCORING_METHODS
 
@@ -233,3 +234,23 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
     corrected = TinyDigitsModel.load_from_checkpoint(saved)  # a loadable checkpoint with the new weights
     assert not torch.equal(corrected.net[0].weight, model.net[0].weight)
     assert main(["correct", str(checkpoint), *MODEL, "--anchor-indices", "999", "--output-dir", str(out)]) == 2
+
+
+def test_verify_loo_subcommand_writes_predicted_and_actual_changes(checkpoint, tmp_path):
+    out = tmp_path / "loo"
+    argv = ["verify-loo", str(checkpoint), *MODEL, "--num-points", "5", "--steps", "20", "--damping", "0.5",
+            "--output-dir", str(out), "--quiet"]
+    assert main(argv) == 0
+    record = _only(out / "influence", "loo_epoch=*.json")
+    assert len(record["train_indices"]) == len(record["actual_loss_change"]) == 5
+    n = record["train_size"]
+    torch.testing.assert_close(torch.tensor(record["predicted_loss_change"]), -torch.tensor(record["influence"]) / n)
+    assert record["pearson"] is not None and -1 <= record["pearson"] <= 1
+    # the default point is the highest-loss validation example
+    model = TinyDigitsModel.load_from_checkpoint(checkpoint)
+    data = TinyDigitsData()
+    data.setup("fit")
+    x, y = data.val_set.tensors
+    with torch.no_grad():
+        assert record["val_index"] == int(model.per_example_loss((x, y)).argmax())
+    assert main([*argv[:-3], "--val-index", "999", "--output-dir", str(out)]) == 2

@@ -48,6 +48,12 @@ SUBCOMMANDS: list[Subcommand] = [
                " Part of the slice is held out to measure the fix; --selection random|anchors|harmful run the"
                " baselines on the same budget. Writes TensorBoard curves under influence/correct/ and"
                " influence/correct_<selection>.json. " + SIGN),
+    Subcommand("verify-loo", "check influence against actual leave-one-out retraining",
+               commands.add_verify_loo_arguments, commands.run_verify_loo,
+               "Koh & Liang's check with lightning_influence.verify_leave_one_out: for one validation example,"
+               " remove each of the training examples with the largest |I| in turn, retrain from the checkpoint"
+               " for a fixed number of steps, and compare the actual change of its loss with the predicted -I/n"
+               " (Pearson/Spearman). Writes influence/loo_epoch=N.json and influence/trust/loo_* scalars."),
     Subcommand("export", "convert a JSON report to CSV/Parquet or the pytorch-influence-functions layout",
                commands.add_export_arguments, commands.run_export,
                "Read a report written by the callback or by this command and write it in another layout."

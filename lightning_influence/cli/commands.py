@@ -323,6 +323,75 @@ def _posthoc_trainer(args: argparse.Namespace, context: PosthocContext) -> Any:
                       enable_progress_bar=not args.quiet)
 
 
+# -- verify-loo -----------------------------------------------------------------------------------------------
+def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    group = parser.add_argument_group("the check (lightning_influence.verify_leave_one_out)")
+    group.add_argument("--val-index", type=int, help="validation example to predict (default: the highest-loss one)")
+    group.add_argument("--num-points", type=int, default=10, help="training examples removed one at a time, largest"
+                       " |I| first (default: 10)")
+    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps of every retraining, warm-started"
+                       " from the checkpoint (default: 50)")
+    group.add_argument("--solver", default="exact", choices=("lissa", "cg", "exact"),
+                       help="how the influence is computed (default: exact)")
+    group.add_argument("--damping", type=float, default=0.01, help="lambda added to the Hessian; also the L2 of the"
+                       " retraining objective unless --l2 is given (default: 0.01)")
+    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: --damping)")
+
+
+def run_verify_loo(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_influence.core.batching import prepare_batch
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.loo import verify_leave_one_out
+    from lightning_influence.reporting import write_json_atomic
+
+    _check_exports(args)
+    context = load_context(args)
+    loss_fn = import_object(args.loss_fn, "`--loss-fn`") if args.loss_fn else _module_loss(context.model)
+    val = IndexedData.from_loader(_single(context.val_loader))
+    device = torch.device(args.device)
+    if args.val_index is None:
+        context.model.eval()
+        with torch.no_grad():
+            losses = torch.cat([loss_fn(context.model, prepare_batch(batch, device)).cpu()
+                                for _, batch in val.batches_with_indices(list(range(len(val))))])
+        val_index = int(losses.argmax())
+    elif not 0 <= args.val_index < len(val):
+        raise UsageError(f"`--val-index` {args.val_index} is outside the validation set (size {len(val)}).")
+    else:
+        val_index = args.val_index
+    check = verify_leave_one_out(
+        context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
+        num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
+    )
+    record = {"val_index": val_index, "train_indices": list(check.train_indices), "influence": check.influence.tolist(),
+              "predicted_loss_change": check.predicted.tolist(), "actual_loss_change": check.actual.tolist(),
+              "pearson": check.pearson, "spearman": check.spearman, "steps": check.steps, "solver": args.solver,
+              "damping": args.damping, "train_size": check.train_size, "epoch": context.epoch,
+              "global_step": context.global_step, "stage": STAGE}
+    try:
+        writer = context.writer()
+        for name in ("pearson", "spearman"):
+            if getattr(check, name) is not None:
+                writer.add_scalar(f"influence/trust/loo_{name}", getattr(check, name), global_step=context.global_step)
+        path = write_json_atomic(context.output_dir / "influence" / f"loo_epoch={context.epoch}.json", record)
+    finally:
+        context.close()
+    if not args.quiet:
+        print(f"Leave-one-out check, validation example {val_index}, {len(check.train_indices)} removals,"
+              f" {check.steps} steps each: Pearson {check.pearson}, Spearman {check.spearman}")
+    _done(context, path)
+    return 0
+
+
+def _module_loss(model: Any) -> Callable[[Any, Any], Any]:
+    if not callable(getattr(model, "per_example_loss", None)):
+        raise UsageError(f"{type(model).__name__} has no `per_example_loss(batch)` method: pass `--loss-fn`.")
+    return lambda module, batch: module.per_example_loss(batch)
+
+
 # -- export ----------------------------------------------------------------------------------------------------
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("report", help="an epoch=N.json or mislabel_epoch=N.json written by the callback or this"
