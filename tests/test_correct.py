@@ -10,11 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_models import TinyDigitsModel
 from helpers import digits
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
@@ -23,28 +23,15 @@ DAMPING = 0.2
 N_TRAIN = 300
 
 
-class TinyDigits(pl.LightningModule):
-    """A tanh conv net (~700 parameters) in float64, trained with SGD."""
+class TinyDigits(TinyDigitsModel):
+    """The command-line tests' tanh conv net (~700 parameters), in float64, trained with SGD + momentum."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(64, 10))
+        super().__init__(channels=4, lr=0.2)
         self.double()
 
-    def forward(self, x):
-        return self.net(x)
-
-    def per_example_loss(self, batch):
-        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
-
-    def training_step(self, batch, batch_idx):
-        return self.per_example_loss(batch).mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", self.per_example_loss(batch).mean())
-
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def _data():
