@@ -258,3 +258,21 @@ def test_mislabel_candidates_are_logged_and_written(tmp_path):
     expected = li.self_influence(model, lambda m, b: m.per_example_loss(b), DataLoader(train, batch_size=64),
                                  solver="lowrank", damping=1.0, rank=8)
     assert [c["train_index"] for c in candidates] == expected.topk(5, largest=False).indices.tolist()
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich", "none"])
+def test_progress_task_follows_the_trainer_bar_and_accepts_an_unknown_total(bar, capsys):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from lightning_influence.callbacks.progress import progress_task
+
+    callbacks = {"tqdm": [TQDMProgressBar()], "rich": [RichProgressBar()], "none": []}[bar]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=bar != "none",
+                         enable_checkpointing=False, enable_model_summary=False)
+    for total in (5, None):
+        with progress_task(trainer, "influence: scoring", total) as advance:
+            for _ in range(5):
+                advance(1)
+    err = capsys.readouterr().err
+    if bar == "tqdm":
+        assert "influence: scoring" in err and "0/5" in err and "0it" in err  # a bar with an end, then a counter

@@ -372,7 +372,9 @@ class InfluenceCallback(pl.Callback):
         config = self.solver_config
         steps = getattr(config, "depth", 0) * len(range(collectives.rank, getattr(config, "repeats", 0),
                                                         collectives.world_size))
-        shard_size = len(range(collectives.rank, len(train), collectives.world_size))
+        # with candidates only their union is scored, which is known after the neighbour search: no end shown
+        shard_size = (None if self.settings.candidates is not None
+                      else len(range(collectives.rank, len(train), collectives.world_size)))
         with progress_task(trainer, "influence: s_test", steps) as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
