@@ -76,7 +76,8 @@ class InfluenceCallback(pl.Callback):
             feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
         feature_fn: ``(module, batch) -> Tensor[B, D]`` features for the neighbour search. Default: the input of
-            the module's last ``nn.Linear`` layer.
+            the module's last ``nn.Linear`` layer. ``"last_layer_grad"``: the k training examples with the largest
+            ``|<G_val, G_i>|`` of last-layer loss gradients (torch backend only).
         strict: re-raise errors of the analysis (and of writing its results) instead of warning and letting
             training go on.
         diagnose: self-diagnosis of every analysis (s_test residuals, agreement of repeat halves, warnings
@@ -121,7 +122,7 @@ class InfluenceCallback(pl.Callback):
         mislabel_rank: int = 64,
         candidates: Optional[int] = None,
         knn_backend: str = "torch",
-        feature_fn: Optional[FeatureFn] = None,
+        feature_fn: FeatureFn | str | None = None,
         strict: bool = False,
         verbose: bool = True,
         diagnose: bool = True,
@@ -144,8 +145,8 @@ class InfluenceCallback(pl.Callback):
         _check(candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)
                                       and candidates >= 1), "candidates", "None or a positive int", candidates)
         _check(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
-        _check(feature_fn is None or callable(feature_fn), "feature_fn", "a callable (module, batch) -> Tensor[B, D]",
-               feature_fn)
+        _check(feature_fn is None or callable(feature_fn) or feature_fn == "last_layer_grad", "feature_fn",
+               "None, 'last_layer_grad' or a callable (module, batch) -> Tensor[B, D]", feature_fn)
         try:
             check_knn_backend(knn_backend)
         except ImportError as err:
