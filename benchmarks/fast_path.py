@@ -9,8 +9,9 @@ weight decay 1e-3): the tanh CNN (1,954 parameters) and the 1.1M-parameter MLP, 
 1. **Recall of kNN candidates**: for k = 1, 5, 10, 25 % of the training set, the fraction of the top-10
    harmful and top-10 helpful training points of full scoring that lie inside each test point's k candidates
    with the same s_test vectors, and the time of full scoring against features + kNN + candidate scoring.
-   Three candidate rankings: ``activations`` (Euclidean kNN on the input of the last ``nn.Linear``, the
-   default), ``last_layer_grad`` (largest ``|<G_test, G_i>|`` of last-layer loss gradients, factored) and,
+   Candidate rankings: ``activations`` (Euclidean kNN on the input of the last ``nn.Linear``, the former
+   default), ``last_layer_grad`` (largest ``|<G_test, G_i>|`` of last-layer loss gradients, factored; the
+   default since this measurement) and,
    for comparison only, ``last_layer_grad_cosine`` (the same gradients, largest ``|cosine|``) and
    ``last_layer_grad_signed`` (k/2 largest and k/2 most negative inner products).
 2. **scale**: LiSSA with ``scale="auto"`` against fixed scales: Pearson with the exact solver over all
@@ -167,7 +168,7 @@ def recall_study(name: str, model, data, test, damping: float, lissa: dict[str, 
 def candidates_by(features: str, model, test, indexed: IndexedData, k: int):
     """Each test point's k candidates under one of :data:`FEATURES`."""
     if features == "activations":
-        return select_candidates(model, test, indexed.batches_with_indices(), k)
+        return select_candidates(model, test, indexed.batches_with_indices(), k, "activations")
     if features == LAST_LAYER_GRAD:
         return select_candidates(model, test, indexed.batches_with_indices(), k, LAST_LAYER_GRAD,
                                  loss_fn=shared.loss_fn)

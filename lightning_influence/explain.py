@@ -23,7 +23,7 @@ from lightning_influence.core.candidates import (
     Neighbours,
     batch_features,
     check_candidates,
-    check_feature_fn,
+    resolve_feature_fn,
     collect_candidate_scores,
     knn_faiss,
     merge_neighbours,
@@ -351,17 +351,17 @@ def find_candidates(
     rank and for every world size: features in fixed blocks (split over ranks), local exact kNN, one merge.
     ``loss_fn`` is needed for ``feature_fn="last_layer_grad"`` only."""
     k = check_candidates(settings.candidates, len(train))  # type: ignore[arg-type]
-    check_feature_fn(settings.feature_fn, settings.knn_backend)
-    queries = batch_features(model, test_batch, settings.feature_fn, device, loss_fn)
+    feature_fn = resolve_feature_fn(settings.feature_fn, settings.knn_backend)
+    queries = batch_features(model, test_batch, feature_fn, device, loss_fn)
     local = block_shard(len(train), train.batch_size, collectives.rank, collectives.world_size)
 
     def search() -> Neighbours:
         if settings.knn_backend == "torch":
             nearest = NearestNeighbours(queries, k)
             for indices, batch in train.batches_with_indices(local):
-                nearest.update(batch_features(model, batch, settings.feature_fn, device, loss_fn), indices)
+                nearest.update(batch_features(model, batch, feature_fn, device, loss_fn), indices)
             return nearest.result()
-        pairs = [(i, batch_features(model, b, settings.feature_fn, device).cpu())
+        pairs = [(i, batch_features(model, b, feature_fn, device).cpu())
                  for i, b in train.batches_with_indices(local)]
         if not pairs:
             return Neighbours(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))

@@ -129,6 +129,9 @@ def test_influence_with_gradient_candidates_keeps_the_full_scores_of_the_candida
                           candidates=15, feature_fn=LAST_LAYER_GRAD)
     kept = ~sparse.isnan()
     assert kept.sum(dim=1).tolist() == [15] * len(xt)
+    default = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
+                           candidates=15)  # the default feature choice is last_layer_grad (torch backend)
+    torch.testing.assert_close(default, sparse, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(sparse[kept], full[kept], rtol=1e-9, atol=1e-12)
 
 

@@ -95,10 +95,12 @@ def influence(
     Takes the arguments of :func:`s_test`, plus ``scoring`` (``"auto"``, ``"jvp"``, ``"per_example_grad"``) and
     ``chunk_size`` (examples scored at once).
 
-    ``candidates=k`` scores each test point only against its k nearest training examples in feature space
-    (FastIF): features are the input of the model's last ``nn.Linear`` layer, or ``feature_fn(model, batch) ->
-    Tensor[B, D]``, or with ``feature_fn="last_layer_grad"`` the k largest ``|<G_test, G_i>|`` of last-layer loss
-    gradients (factored, never materialised; see ``core.candidates``); neighbours are exact (``knn_backend="torch"``, chunked ``cdist``; or ``"faiss"``). Entries of
+    ``candidates=k`` scores each test point only against its k nearest training examples (FastIF). By default
+    (``feature_fn="last_layer_grad"``) these are the k largest ``|<G_test, G_i>|`` of last-layer loss gradients,
+    factored and never materialised (see ``core.candidates``); ``feature_fn="activations"`` (the default with
+    ``knn_backend="faiss"``) takes Euclidean neighbours of the input of the model's last ``nn.Linear`` layer,
+    and a callable ``feature_fn(model, batch) -> Tensor[B, D]`` those of its features. Neighbours are exact
+    (``knn_backend="torch"``; or ``"faiss"``). Entries of
     training examples that are not a candidate of that test point are **NaN** (absent, not zero). Needs a
     ``DataLoader`` over a map-style dataset; columns are then dataset indices.
 
