@@ -15,6 +15,7 @@ import lightning_influence as li
 from lightning_influence.core.candidates import (
     LAST_LAYER_GRAD,
     GradientFactors,
+    NearestNeighbours,
     factored_similarity,
     knn_torch,
     last_layer_gradients,
@@ -146,6 +147,9 @@ def test_bad_gradient_feature_choices_give_clear_errors(data):
                           loss_fn=cross_entropy_per_example)
     with pytest.raises(ValueError, match="loss function"):
         select_candidates(model, (xt, yt), batches, 5, LAST_LAYER_GRAD)
+    factors = last_layer_gradients(model, (xt, yt), cross_entropy_per_example)
+    with pytest.raises(ValueError, match="same kind and width"):  # gradients vs activations of the same width
+        NearestNeighbours(factors, 3).update(torch.zeros(5, factors.shape[1], dtype=torch.float64), torch.arange(5))
     with pytest.raises(ValueError, match="per-example losses"):
         last_layer_gradients(model, (xt, yt), lambda m, b: cross_entropy_per_example(m, b).mean())
 

@@ -262,7 +262,9 @@ def batch_features(
 
 @dataclass(frozen=True)
 class Neighbours:
-    """The k nearest training examples of each query: ``indices`` and ``distances`` ``[q, k]``, nearest first."""
+    """The k nearest training examples of each query: ``indices`` and ``distances`` ``[q, k]``, nearest first.
+
+    With gradient features the "distance" is ``-|<G_q, G_i>|`` (smaller = more influential under that proxy)."""
 
     indices: torch.Tensor
     distances: torch.Tensor
@@ -276,6 +278,12 @@ def merge_neighbours(parts: Sequence[Neighbours], k: int) -> Neighbours:
     indices, distances = indices.gather(1, by_index), distances.gather(1, by_index)
     by_distance = distances.argsort(dim=1, stable=True)[:, :k]
     return Neighbours(indices.gather(1, by_distance), distances.gather(1, by_distance))
+
+
+def _widths(features: torch.Tensor | GradientFactors) -> tuple[int, ...]:
+    if isinstance(features, GradientFactors):
+        return features.out_grads.shape[1], features.inputs.shape[1]
+    return (features.shape[1],)
 
 
 class NearestNeighbours:
@@ -295,8 +303,7 @@ class NearestNeighbours:
 
     def update(self, keys: torch.Tensor | GradientFactors, indices: torch.Tensor) -> None:
         """Add training features ``keys [b, D]`` with training indices ``indices [b]``."""
-        if keys.shape[1] != self.queries.shape[1] or isinstance(keys, GradientFactors) != isinstance(
-                self.queries, GradientFactors):
+        if _widths(keys) != _widths(self.queries):
             raise ValueError(
                 f"Expected training and test features of the same kind and width, but got {type(keys).__name__}"
                 f" of width {keys.shape[1]} and {type(self.queries).__name__} of width {self.queries.shape[1]}."
