@@ -8,8 +8,12 @@ weight decay 1e-3): the tanh CNN (1,954 parameters) and the 1.1M-parameter MLP, 
 
 1. **Recall of kNN candidates**: for k = 1, 5, 10, 25 % of the training set, the fraction of the top-10
    harmful and top-10 helpful training points of full scoring that lie inside each test point's k candidates
-   (features: input of the last ``nn.Linear``), with the same s_test vectors, and the time of full scoring
-   against features + kNN + candidate scoring.
+   with the same s_test vectors, and the time of full scoring against features + kNN + candidate scoring.
+   Candidate rankings: ``activations`` (Euclidean kNN on the input of the last ``nn.Linear``, the former
+   default), ``last_layer_grad`` (largest ``|<G_test, G_i>|`` of last-layer loss gradients, factored; the
+   default since this measurement) and,
+   for comparison only, ``last_layer_grad_cosine`` (the same gradients, largest ``|cosine|``) and
+   ``last_layer_grad_signed`` (k/2 largest and k/2 most negative inner products).
 2. **scale**: LiSSA with ``scale="auto"`` against fixed scales: Pearson with the exact solver over all
    training points (LR and CNN).
 3. **Side by side** with ``pytorch_influence_functions`` on the CNN: same model, data, 8 test points,
@@ -21,6 +25,7 @@ Usage::
     python benchmarks/fast_path.py            # full run (about 10 CPU minutes here)
     python benchmarks/fast_path.py --quick    # smoke run (300 training examples, short recursions)
     python benchmarks/fast_path.py --json out.json
+    python benchmarks/fast_path.py --recall-only   # section 1 only (no exact solver, no side by side)
 
 Every time is process CPU time (``time.process_time``, one torch thread) and wall time, measured in this run.
 """
@@ -48,13 +53,22 @@ from torchmetrics.functional import pearson_corrcoef
 
 from lightning_influence import top_influences
 from lightning_influence.core import ExactConfig, InfluenceProblem, LissaConfig, LissaDivergenceError
-from lightning_influence.core.candidates import select_candidates
+from lightning_influence.core.candidates import (
+    LAST_LAYER_GRAD,
+    GradientFactors,
+    Neighbours,
+    batch_features,
+    factored_similarity,
+    knn_torch,
+    select_candidates,
+)
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.params import analysis_mode
 
 NUM_POINTS = 8
 TOP = 10
 FRACTIONS = (0.01, 0.05, 0.10, 0.25)
+FEATURES = ("activations", "last_layer_grad", "last_layer_grad_cosine", "last_layer_grad_signed")
 FIXED_SCALES = (10.0, 25.0, 100.0)
 CHEAP_DEPTHS = (100, 300)
 
@@ -129,10 +143,10 @@ def recall_study(name: str, model, data, test, damping: float, lissa: dict[str, 
     helpful = scores.topk(TOP, dim=1, largest=False).indices
     indexed = IndexedData(torch.utils.data.TensorDataset(x, y), batch_size=256)
     rows = []
-    for fraction in FRACTIONS:
+    for features, fraction in ((f, r) for f in FEATURES for r in FRACTIONS):
         k = max(1, round(fraction * len(x)))
         with Timer() as t_knn, analysis_mode(model):
-            found = select_candidates(model, test, indexed.batches_with_indices(), k)
+            found = candidates_by(features, model, test, indexed, k)
         union = torch.unique(found.indices)
         with Timer() as t_scored:
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(indexed.dataset, union.tolist()), batch_size=256)
@@ -143,12 +157,38 @@ def recall_study(name: str, model, data, test, damping: float, lissa: dict[str, 
         recall_harmful = sum(len(own[i] & set(harmful[i].tolist())) for i in range(NUM_POINTS)) / (TOP * NUM_POINTS)
         recall_helpful = sum(len(own[i] & set(helpful[i].tolist())) for i in range(NUM_POINTS)) / (TOP * NUM_POINTS)
         rows.append({
-            "fraction": fraction, "k": k, "union": int(len(union)), "recall_harmful": recall_harmful,
+            "features": features, "fraction": fraction, "k": k, "union": int(len(union)), "recall_harmful": recall_harmful,
             "recall_helpful": recall_helpful, "knn_cpu": t_knn.cpu, "candidate_scoring_cpu": t_scored.cpu,
             "fast_cpu": t_knn.cpu + t_scored.cpu,
         })
     return {"model": name, "lissa": lissa, "damping": damping, "s_test_cpu": t_solve.cpu, "scale": info.scale,
             "full_scoring_cpu": t_full.cpu, "rows": rows}
+
+
+def candidates_by(features: str, model, test, indexed: IndexedData, k: int):
+    """Each test point's k candidates under one of :data:`FEATURES`."""
+    if features == "activations":
+        return select_candidates(model, test, indexed.batches_with_indices(), k, "activations")
+    if features == LAST_LAYER_GRAD:
+        return select_candidates(model, test, indexed.batches_with_indices(), k, LAST_LAYER_GRAD,
+                                 loss_fn=shared.loss_fn)
+    # cosine: the same factored gradients with g and a scaled to unit length (|G| = |g| |a|)
+    def unit(f: GradientFactors) -> GradientFactors:
+        return GradientFactors(torch.nn.functional.normalize(f.out_grads.double(), dim=1),
+                               torch.nn.functional.normalize(f.inputs.double(), dim=1))
+
+    device = torch.device("cpu")
+    scale = unit if features == "last_layer_grad_cosine" else (lambda f: f)
+    queries = scale(batch_features(model, test, LAST_LAYER_GRAD, device, shared.loss_fn))
+    parts = [scale(batch_features(model, b, LAST_LAYER_GRAD, device, shared.loss_fn))
+             for _, b in indexed.batches_with_indices()]
+    keys = GradientFactors(torch.cat([p.out_grads for p in parts]), torch.cat([p.inputs for p in parts]))
+    if features == "last_layer_grad_cosine":
+        return knn_torch(queries, keys, k, chunk_size=256)
+    similarity = factored_similarity(queries, keys)  # signed: k - k // 2 most negative, k // 2 most positive
+    chosen = torch.cat([similarity.topk(k - k // 2, dim=1, largest=False).indices,
+                        similarity.topk(k // 2, dim=1).indices], dim=1)
+    return Neighbours(chosen, similarity.gather(1, chosen))
 
 
 # -- 2. scale="auto" against fixed scales ---------------------------------------------------------------------
@@ -271,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 training examples, short recursions")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--recall-only", action="store_true", help="only the recall of kNN candidates (section 1)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -291,16 +332,16 @@ def main() -> None:
     results: dict[str, Any] = {"machine": info, "n_train": n_train, "quick": args.quick}
 
     exact = {}
-    for name in ("lr", "cnn"):
+    for name in () if args.recall_only else ("lr", "cnn"):
         exact[name], lam_min, cpu = exact_scores(models[name], data, tests[name], damping[name])
         print(f"exact {name}: lambda_min(H) = {lam_min:.4g}, damping {damping[name]}, {cpu:.1f} s CPU")
         results[f"exact_{name}"] = {"lambda_min": lam_min, "cpu": cpu}
 
-    print(f"\n## scale='auto' vs fixed scales (LiSSA depth {depth}, batch 128): Pearson with exact over all"
+    print("" if args.recall_only else f"\n## scale='auto' vs fixed scales (LiSSA depth {depth}, batch 128): Pearson with exact over all"
           " training points, mean (min) over the 8 test points")
-    print("| model | scale | value | Pearson | converged | CPU s |\n|---|---|---:|---|:-:|---:|")
+    print("" if args.recall_only else "| model | scale | value | Pearson | converged | CPU s |\n|---|---|---:|---|:-:|---:|")
     results["scale"] = []
-    for name in ("lr", "cnn"):
+    for name in () if args.recall_only else ("lr", "cnn"):
         for row in scale_study(name, models[name], data, tests[name], damping[name], exact[name], {"depth": depth}):
             results["scale"].append(row)
             if "diverged" in row:
@@ -312,19 +353,24 @@ def main() -> None:
     print("\n## Recall of kNN candidates (top-10 harmful / helpful of full scoring inside the k candidates)")
     recall_lissa = {"cnn": {"depth": depth}, "mlp": {"depth": 50 if args.quick else 300, "batch_size": 32}}
     results["recall"] = []
-    print("| model | k | % of train | union | recall harmful | recall helpful | full scoring CPU s |"
-          " features+kNN CPU s | candidate scoring CPU s | scoring time saved |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | features | k | % of train | union | recall harmful | recall helpful | full scoring CPU s |"
+          " features+kNN CPU s | candidate scoring CPU s | scoring time saved |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("cnn", "mlp"):
         study = recall_study(name, models[name], data, tests[name], damping.get(name, 0.01), recall_lissa[name])
         results["recall"].append(study)
         for row in study["rows"]:
             saved = 1 - row["fast_cpu"] / study["full_scoring_cpu"]
-            print(f"| {name} | {row['k']} | {100 * row['fraction']:.0f} | {row['union']} | {row['recall_harmful']:.3f} |"
+            print(f"| {name} | {row['features']} | {row['k']} | {100 * row['fraction']:.0f} | {row['union']} | {row['recall_harmful']:.3f} |"
                   f" {row['recall_helpful']:.3f} | {study['full_scoring_cpu']:.3f} | {row['knn_cpu']:.3f} |"
                   f" {row['candidate_scoring_cpu']:.3f} | {100 * saved:.0f}% |")
         print(f"({name}: s_test LiSSA {study['lissa']}, damping {study['damping']}, {study['s_test_cpu']:.1f} s CPU,"
               f" shared by both paths)")
 
+    if args.recall_only:
+        print(f"\nTotal wall time {time.perf_counter() - started:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        return
     print("\n## Side by side with pytorch-influence-functions (CNN)")
     sbs = side_by_side(models["cnn"], data, tests["cnn"], damping["cnn"], exact["cnn"],
                        {"depth": depth, "batch_size": 128}, args.quick)

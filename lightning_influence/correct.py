@@ -102,7 +102,7 @@ def correct_errors(
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
         candidates: training indices to choose from (default: all), or an int k for FastIF's candidate
             preselection: each round scores only the union of the k training examples nearest to each sampled
-            anchor in feature space (the input of the model's last linear layer); ``"random"`` still draws from
+            anchor (the largest ``|<G_anchor, G_i>|`` of last-layer loss gradients); ``"random"`` still draws from
             the whole training set.
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (default: ``model.per_example_loss(batch)``).
         solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`).

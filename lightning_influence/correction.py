@@ -61,7 +61,7 @@ class CorrectionSettings:
         scoring: ``"auto"``, ``"factored"``, ``"jvp"`` or ``"per_example_grad"``.
         chunk_size: training examples scored at once.
         nearest: FastIF candidate preselection: each round, score only the union of the ``nearest`` training
-            examples closest to each sampled anchor in feature space (the input of the last linear layer);
+            examples closest to each sampled anchor (largest ``|<G_anchor, G_i>|`` of last-layer loss gradients);
             None scores all candidates. ``"random"`` still draws from all candidates.
     """
 
@@ -251,7 +251,7 @@ def choose_examples(
         if settings.nearest is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
             neighbours = find_candidates(model, anchor_batch, train, ExplainSettings(
                 candidates=min(settings.nearest, len(train)), chunk_size=settings.chunk_size), collectives,
-                problem.device)
+                problem.device, loss_fn)
             allowed = set(candidates)
             candidates = sorted(i for i in neighbours.indices.unique().tolist() if i in allowed)
             _expect(len(candidates) >= k, "examples_per_iteration", f"at most the {len(candidates)} nearest-neighbour"

@@ -23,6 +23,7 @@ from lightning_influence.core.candidates import (
     Neighbours,
     batch_features,
     check_candidates,
+    resolve_feature_fn,
     collect_candidate_scores,
     knn_faiss,
     merge_neighbours,
@@ -86,7 +87,7 @@ class ExplainSettings:
     diagnose: bool = True  # self-diagnosis (residuals, repeat agreement, warnings): see lightning_influence.trust
     candidates: Optional[int] = None
     knn_backend: str = "torch"
-    feature_fn: Optional[FeatureFn] = None
+    feature_fn: FeatureFn | str | None = None  # or "last_layer_grad" (see core.candidates)
 
 
 @dataclass(frozen=True)
@@ -344,21 +345,23 @@ def block_shard(n: int, block: int, rank: int, world_size: int) -> list[int]:
 
 def find_candidates(
     model: nn.Module, test_batch: Batch, train: IndexedData, settings: ExplainSettings, collectives: Collectives,
-    device: torch.device,
+    device: torch.device, loss_fn: Optional[LossFn] = None,
 ) -> Neighbours:
     """Each test point's ``settings.candidates`` nearest training examples in feature space, the same on every
-    rank and for every world size: features in fixed blocks (split over ranks), local exact kNN, one merge."""
+    rank and for every world size: features in fixed blocks (split over ranks), local exact kNN, one merge.
+    ``loss_fn`` is needed for ``feature_fn="last_layer_grad"`` only."""
     k = check_candidates(settings.candidates, len(train))  # type: ignore[arg-type]
-    queries = batch_features(model, test_batch, settings.feature_fn, device)
+    feature_fn = resolve_feature_fn(settings.feature_fn, settings.knn_backend)
+    queries = batch_features(model, test_batch, feature_fn, device, loss_fn)
     local = block_shard(len(train), train.batch_size, collectives.rank, collectives.world_size)
 
     def search() -> Neighbours:
         if settings.knn_backend == "torch":
             nearest = NearestNeighbours(queries, k)
             for indices, batch in train.batches_with_indices(local):
-                nearest.update(batch_features(model, batch, settings.feature_fn, device), indices)
+                nearest.update(batch_features(model, batch, feature_fn, device, loss_fn), indices)
             return nearest.result()
-        pairs = [(i, batch_features(model, b, settings.feature_fn, device).cpu())
+        pairs = [(i, batch_features(model, b, feature_fn, device).cpu())
                  for i, b in train.batches_with_indices(local)]
         if not pairs:
             return Neighbours(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))
@@ -484,7 +487,7 @@ def explain(
         candidates = None
         if settings.candidates is not None:
             start = time.perf_counter()
-            candidates = find_candidates(model, test_batch, train, settings, collectives, device)
+            candidates = find_candidates(model, test_batch, train, settings, collectives, device, loss_fn)
             timings["candidates"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -112,14 +112,14 @@ def test_non_candidates_are_absent_and_candidates_are_the_feature_space_neighbou
     train = loader(x, y, 64)
     full = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING)
     sparse = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                          candidates=k)
+                          candidates=k, feature_fn="activations")
     nearest = torch.cdist(_features(model, xt), _features(model, x)).argsort(dim=1)[:, :k]
     for row in range(len(xt)):
         present = torch.isfinite(sparse[row]).nonzero().flatten()
         assert sorted(present.tolist()) == sorted(nearest[row].tolist())  # exactly its own k candidates
         torch.testing.assert_close(sparse[row, present], full[row, present], rtol=1e-10, atol=1e-12)
     top = li.top_influences(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                            candidates=k, top_k=5)
+                            candidates=k, top_k=5, feature_fn="activations")
     for row in range(len(xt)):
         assert set(top.harmful_indices[row].tolist()) <= set(nearest[row].tolist())
         torch.testing.assert_close(top.harmful_scores[row, 0], full[row, nearest[row]].max(), rtol=1e-10, atol=1e-12)
@@ -215,7 +215,7 @@ def test_same_candidates_and_scores_on_any_number_of_ranks(cnn):
     vx, vy = digits(torch.float64)
     train = IndexedData(TensorDataset(x, y), batch_size=16)
     val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
-    settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True)
+    settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True, feature_fn="activations")
     single = _explain_on(1, model, train, val, settings)[0]
     assert single.full_scores.shape == (3, len(x))
     assert (~single.full_scores.isnan()).sum(dim=1).tolist() == [20, 20, 20]  # non-candidates absent (NaN), not 0
@@ -239,7 +239,7 @@ def test_faiss_backend_gives_the_same_candidates_in_explain_on_one_and_two_ranks
     vx, vy = digits(torch.float64)
     train = IndexedData(TensorDataset(x, y), batch_size=16)
     val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
-    settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True)
+    settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True, feature_fn="activations")
     reference = _scored(_explain_on(1, model, train, val, settings)[0])
     for world_size in (1, 2):
         faiss_settings = ExplainSettings(top_k=4, num_worst=3, candidates=20, keep_full_scores=True, knn_backend="faiss")
@@ -284,9 +284,11 @@ def test_callback_with_candidates_writes_only_candidates(tmp_path):
         li.InfluenceCallback(candidates=0)
     with pytest.raises(MisconfigurationException, match="`knn_backend`"):
         li.InfluenceCallback(candidates=5, knn_backend="annoy")
+    with pytest.raises(MisconfigurationException, match="knn_backend='torch'"):
+        li.InfluenceCallback(candidates=5, knn_backend="faiss", feature_fn="last_layer_grad")
     k = 30
     callback = li.InfluenceCallback(num_worst=3, top_k=4, solver="exact", damping=0.5, candidates=k, save_scores=True,
-                                    verbose=False)
+                                    verbose=False, feature_fn="activations")
     pl.seed_everything(0)
     train, val = _data()
     model = TinyDigits()

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
+from lightning_influence.core.candidates import factored_similarity, last_layer_gradients
 
 DAMPING = 0.2
 N_TRAIN = 300
@@ -183,12 +184,14 @@ def test_nearest_neighbour_candidates_limit_each_round_to_its_anchors_neighbours
     report = _correct(_trainer(tmp_path), working, train, val, anchors, candidates=k, iterations=2)
     replay = copy.deepcopy(model)  # the weights each round started from, replayed with the chosen examples
     x_train, y_train = train.tensors
-    x_anchor = anchors.tensors[0]
-    features = lambda m, x: m.net[:3](x)  # the input of the last linear layer
-    for step in report.iterations:
-        with torch.no_grad():
-            nearest = torch.cdist(features(replay, x_anchor[list(step.anchor_indices)]),
-                                  features(replay, x_train)).argsort(dim=1)[:, :k]
+    x_anchor, y_anchor = anchors.tensors
+    loss = lambda m, batch: m.per_example_loss(batch)
+    for step in report.iterations:  # default candidates: the k largest |<G_anchor, G_i>| of last-layer gradients
+        chosen_anchors = list(step.anchor_indices)
+        anchor_batch = (x_anchor[chosen_anchors], y_anchor[chosen_anchors])
+        similarity = factored_similarity(last_layer_gradients(replay, anchor_batch, loss),
+                                         last_layer_gradients(replay, (x_train, y_train), loss))
+        nearest = similarity.abs().argsort(dim=1, descending=True)[:, :k]
         assert set(step.chosen_indices) <= set(nearest.flatten().tolist())
         optimizer = torch.optim.SGD(replay.parameters(), lr=0.1)
         chosen = list(step.chosen_indices)

@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.core.candidates import KNN_BACKENDS, FeatureFn, check_knn_backend
+from lightning_influence.core.candidates import (
+    FEATURE_NAMES,
+    KNN_BACKENDS,
+    FeatureFn,
+    check_feature_fn,
+    check_knn_backend,
+)
 from lightning_influence.core.config import (
     SCORING_METHODS,
     LowRankConfig,
@@ -75,8 +81,10 @@ class InfluenceCallback(pl.Callback):
         candidates: score each monitored point only against its ``candidates`` nearest training examples in
             feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
-        feature_fn: ``(module, batch) -> Tensor[B, D]`` features for the neighbour search. Default: the input of
-            the module's last ``nn.Linear`` layer.
+        feature_fn: how candidates are found. Default (``"last_layer_grad"``): the k training examples with the
+            largest ``|<G_val, G_i>|`` of last-layer loss gradients (torch backend). ``"activations"`` (the
+            default with FAISS): Euclidean neighbours of the input of the module's last ``nn.Linear`` layer. Or
+            ``(module, batch) -> Tensor[B, D]`` features for a Euclidean neighbour search.
         strict: re-raise errors of the analysis (and of writing its results) instead of warning and letting
             training go on.
         diagnose: self-diagnosis of every analysis (s_test residuals, agreement of repeat halves, warnings
@@ -121,7 +129,7 @@ class InfluenceCallback(pl.Callback):
         mislabel_rank: int = 64,
         candidates: Optional[int] = None,
         knn_backend: str = "torch",
-        feature_fn: Optional[FeatureFn] = None,
+        feature_fn: FeatureFn | str | None = None,
         strict: bool = False,
         verbose: bool = True,
         diagnose: bool = True,
@@ -144,11 +152,12 @@ class InfluenceCallback(pl.Callback):
         _check(candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)
                                       and candidates >= 1), "candidates", "None or a positive int", candidates)
         _check(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
-        _check(feature_fn is None or callable(feature_fn), "feature_fn", "a callable (module, batch) -> Tensor[B, D]",
-               feature_fn)
+        _check(feature_fn is None or callable(feature_fn) or feature_fn in FEATURE_NAMES, "feature_fn",
+               f"None, one of {FEATURE_NAMES} or a callable (module, batch) -> Tensor[B, D]", feature_fn)
         try:
+            check_feature_fn(feature_fn, knn_backend)
             check_knn_backend(knn_backend)
-        except ImportError as err:
+        except (ImportError, ValueError) as err:
             raise MisconfigurationException(str(err)) from err
         if val_indices is not None:
             ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0

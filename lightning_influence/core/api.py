@@ -83,7 +83,7 @@ def influence(
     solver: str = "lissa",
     damping: float = DEFAULT_DAMPING,
     candidates: Optional[int] = None,
-    feature_fn: Optional[FeatureFn] = None,
+    feature_fn: FeatureFn | str | None = None,
     knn_backend: str = "torch",
     **options: Any,
 ) -> torch.Tensor:
@@ -95,9 +95,12 @@ def influence(
     Takes the arguments of :func:`s_test`, plus ``scoring`` (``"auto"``, ``"jvp"``, ``"per_example_grad"``) and
     ``chunk_size`` (examples scored at once).
 
-    ``candidates=k`` scores each test point only against its k nearest training examples in feature space
-    (FastIF): features are the input of the model's last ``nn.Linear`` layer, or ``feature_fn(model, batch) ->
-    Tensor[B, D]``; neighbours are exact (``knn_backend="torch"``, chunked ``cdist``; or ``"faiss"``). Entries of
+    ``candidates=k`` scores each test point only against its k nearest training examples (FastIF). By default
+    (``feature_fn="last_layer_grad"``) these are the k largest ``|<G_test, G_i>|`` of last-layer loss gradients,
+    factored and never materialised (see ``core.candidates``); ``feature_fn="activations"`` (the default with
+    ``knn_backend="faiss"``) takes Euclidean neighbours of the input of the model's last ``nn.Linear`` layer,
+    and a callable ``feature_fn(model, batch) -> Tensor[B, D]`` those of its features. Neighbours are exact
+    (``knn_backend="torch"``; or ``"faiss"``). Entries of
     training examples that are not a candidate of that test point are **NaN** (absent, not zero). Needs a
     ``DataLoader`` over a map-style dataset; columns are then dataset indices.
 
@@ -129,7 +132,7 @@ def top_influences(
     solver: str = "lissa",
     damping: float = DEFAULT_DAMPING,
     candidates: Optional[int] = None,
-    feature_fn: Optional[FeatureFn] = None,
+    feature_fn: FeatureFn | str | None = None,
     knn_backend: str = "torch",
     **options: Any,
 ) -> TopInfluences:
@@ -158,7 +161,7 @@ def _candidate_influence(
     problem: InfluenceProblem,
     test_batch: Batch,
     candidates: int,
-    feature_fn: Optional[FeatureFn],
+    feature_fn: FeatureFn | str | None,
     knn_backend: str,
     scoring: str,
     chunk_size: int,
@@ -175,7 +178,8 @@ def _candidate_influence(
     check_knn_backend(knn_backend)
     with analysis_mode(problem.model):
         neighbours = select_candidates(
-            problem.model, test_batch, data.batches_with_indices(), candidates, feature_fn, knn_backend, problem.device
+            problem.model, test_batch, data.batches_with_indices(), candidates, feature_fn, knn_backend, problem.device,
+            problem.loss.loss_fn,
         )
         s = problem.solve(problem.gradients(test_batch)).vectors
         collector = CandidateScoreCollector(neighbours.indices, s.dtype)
