@@ -79,24 +79,31 @@ def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS)
     Raises:
         ValueError: if an input is missing or does not look like an image.
     """
-    tiles = [("validation", _validation_caption(point), _tile_input(point.input, "point.input"))]
+    tiles = [(ROLE_COLOURS["validation"], _validation_caption(point), _tile_input(point.input, "point.input"))]
     for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
         for rank, influencer in enumerate(influencers, start=1):
             name = f"point.{role}[{rank - 1}].input"
-            tiles.append((role, _influencer_caption(influencer, role), _tile_input(influencer.input, name)))
+            tiles.append((ROLE_COLOURS[role], _influencer_caption(influencer, role), _tile_input(influencer.input, name)))
     if max_columns < 1:
         raise ValueError(f"Expected `max_columns` to be a positive integer, but got {max_columns}.")
+    return _grid_figure(tiles, _title(point), max_columns, TITLE_INCHES, CAPTION_INCHES)
+
+
+def _grid_figure(
+    tiles: list[tuple[str, str, np.ndarray]], title: str, max_columns: int, title_inches: float, caption_inches: float
+) -> Figure:
+    """A captioned grid of ``(frame colour, caption, image)`` tiles, ``max_columns`` per row, under ``title``."""
     columns = min(len(tiles), max_columns)
     rows = math.ceil(len(tiles) / columns)
     width = max(columns * TILE_INCHES, MIN_WIDTH_INCHES)
-    height = TITLE_INCHES + rows * (TILE_INCHES + CAPTION_INCHES)
+    height = title_inches + rows * (TILE_INCHES + caption_inches)
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
-    for position, (role, caption, image) in enumerate(tiles):
+    for position, (colour, caption, image) in enumerate(tiles):
         row, column = divmod(position, columns)
-        ax = figure.add_axes(_tile_rect(row, column, columns, width, height))
-        _draw_tile(ax, image, caption, ROLE_COLOURS[role])
-    figure.suptitle(_title(point), fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
+        rect = _tile_rect(row, column, columns, width, height, title_inches, caption_inches)
+        _draw_tile(figure.add_axes(rect), image, caption, colour)
+    figure.suptitle(title, fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
     return figure
 
 
@@ -215,18 +222,7 @@ def mislabel_grid_figure(report: MislabelReport, max_columns: int = MAX_COLUMNS)
          _tile_input(candidate.input, f"report.candidates[{rank - 1}].input"))
         for rank, candidate in enumerate(report.candidates, start=1)
     ]
-    columns = min(len(tiles), max_columns)
-    rows = math.ceil(len(tiles) / columns)
-    width = max(columns * TILE_INCHES, MIN_WIDTH_INCHES)
-    height = MISLABEL_TITLE_INCHES + rows * (TILE_INCHES + MISLABEL_CAPTION_INCHES)
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    for position, (colour, caption, image) in enumerate(tiles):
-        row, column = divmod(position, columns)
-        rect = _tile_rect(row, column, columns, width, height, MISLABEL_TITLE_INCHES, MISLABEL_CAPTION_INCHES)
-        _draw_tile(figure.add_axes(rect), image, caption, colour)
-    figure.suptitle(_mislabel_title(report), fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
-    return figure
+    return _grid_figure(tiles, _mislabel_title(report), max_columns, MISLABEL_TITLE_INCHES, MISLABEL_CAPTION_INCHES)
 
 
 def _mislabel_colour(candidate: MislabelCandidate) -> str:
