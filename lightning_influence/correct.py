@@ -23,7 +23,7 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_influence.callbacks.influence import _call_per_example_loss
+from lightning_influence.callbacks.influence import _call_per_example_loss, shared_log_dir
 from lightning_influence.core.config import check_damping, make_solver_config
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
@@ -138,7 +138,7 @@ def correct_errors(
     run = CorrectionRun(loss, train, anchor_data, eval_sets, candidate_indices(candidates, len(train)), settings,
                         config, float(damping), description)
     tag = f"influence/correct/{name or selection}"
-    log_dir = _log_dir(trainer)
+    log_dir = shared_log_dir(trainer)  # every rank calls it: a broadcast under DDP
     report_path = _report_path(log_dir, tag)
     if iterations == 0:
         run.start(model, model_device(model), SingleProcess())
@@ -297,14 +297,6 @@ def _val_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: in
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     return None if loaders is None else _indexed(loaders, "val_dataloaders", chunk_size)
-
-
-def _log_dir(trainer: pl.Trainer) -> Path:
-    """Where outputs go; call on every rank (``Trainer.log_dir`` is a broadcast under DDP)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return Path(logger.log_dir)
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def _report_path(log_dir: Path, tag: str) -> Path:

@@ -468,8 +468,7 @@ class InfluenceCallback(pl.Callback):
     def _log_dir(self, trainer: pl.Trainer) -> Path:
         """The run's log directory, the same on every rank (call it on all ranks: it broadcasts under DDP)."""
         self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        path = str(_log_dir_of(trainer)) if trainer.is_global_zero else None
-        return Path(trainer.strategy.broadcast(path, src=0)) if trainer.world_size > 1 else Path(path)
+        return shared_log_dir(trainer)
 
     def _writer(self, log_dir: Path) -> Any:
         """The TensorBoard writer (rank zero only): the logger's, else one of our own in ``log_dir``."""
@@ -480,6 +479,12 @@ class InfluenceCallback(pl.Callback):
 
             self._own_writer = SummaryWriter(str(log_dir))
         return self._own_writer
+
+
+def shared_log_dir(trainer: pl.Trainer) -> Path:
+    """The run's log directory as rank zero sees it, on every rank (a broadcast under DDP: call it on all)."""
+    path = str(_log_dir_of(trainer)) if trainer.is_global_zero else None
+    return Path(trainer.strategy.broadcast(path, src=0)) if trainer.world_size > 1 else Path(path)
 
 
 def _log_dir_of(trainer: pl.Trainer) -> Path:

@@ -239,7 +239,7 @@ def run_correct(args: argparse.Namespace) -> int:
         raise UsageError(f"The slice has {len(slice_indices)} example(s) and all are held out: lower"
                          " `--heldout-fraction` or pass more `--anchor-indices`.")
     trainer = _posthoc_trainer(args, context)
-    loss_fn = import_object(args.loss_fn, "`--loss-fn`") if args.loss_fn else None
+    loss_fn = _loss_fn(args, context)
     try:
         report = correct_errors(
             trainer, context.model, Subset(val_loader.dataset, anchors), train_dataloaders=context.train_loader,
@@ -269,19 +269,15 @@ def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Name
 
     from lightning_influence.core.batching import prepare_batch
     from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.params import analysis_mode
     from lightning_influence.explain import describe_batch
 
     val = IndexedData.from_loader(val_loader)
     device = torch.device(args.device)
     labels, predictions = [], []
-    modes = {module: module.training for module in context.model.modules()}
-    context.model.eval()
-    try:
+    with analysis_mode(context.model):  # eval mode, restored afterwards
         descriptions = [describe_batch(context.model, prepare_batch(batch, device))
                         for _, batch in val.batches_with_indices(list(range(len(val))))]
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
     for description in descriptions:
         if description.labels is None or description.predictions is None:
             if args.anchor_indices:
@@ -344,17 +340,17 @@ def run_verify_loo(args: argparse.Namespace) -> int:
 
     from lightning_influence.core.batching import prepare_batch
     from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.params import analysis_mode
     from lightning_influence.loo import verify_leave_one_out
     from lightning_influence.reporting import write_json_atomic
 
     _check_exports(args)
     context = load_context(args)
-    loss_fn = import_object(args.loss_fn, "`--loss-fn`") if args.loss_fn else _module_loss(context.model)
+    loss_fn = _loss_fn(args, context)
     val = IndexedData.from_loader(_single(context.val_loader))
     device = torch.device(args.device)
     if args.val_index is None:
-        context.model.eval()
-        with torch.no_grad():
+        with analysis_mode(context.model), torch.no_grad():
             losses = torch.cat([loss_fn(context.model, prepare_batch(batch, device)).cpu()
                                 for _, batch in val.batches_with_indices(list(range(len(val))))])
         val_index = int(losses.argmax())
@@ -386,10 +382,14 @@ def run_verify_loo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _module_loss(model: Any) -> Callable[[Any, Any], Any]:
-    if not callable(getattr(model, "per_example_loss", None)):
-        raise UsageError(f"{type(model).__name__} has no `per_example_loss(batch)` method: pass `--loss-fn`.")
-    return lambda module, batch: module.per_example_loss(batch)
+def _loss_fn(args: argparse.Namespace, context: PosthocContext) -> Callable[[Any, Any], Any]:
+    """``--loss-fn``, else the model's ``per_example_loss`` (resolved as the callback resolves it)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return context.make_callback(_flags(args, ()))._resolve_loss_fn(context.model)
+    except MisconfigurationException as err:  # the model has no per_example_loss and no --loss-fn was given
+        raise UsageError(str(err)) from err
 
 
 # -- export ----------------------------------------------------------------------------------------------------
