@@ -4,7 +4,7 @@
 On scikit-learn's digits (1,400 training images, float32) with a small tanh CNN (about 2.5k parameters,
 trained here for a few epochs with weight decay 1e-3), 8 monitored validation points, LiSSA depth 1000 with
 the default minibatch size and ``scale="auto"``, damping 1e-2. Each world size runs in fresh processes started
-by ``torch.multiprocessing.spawn``; every rank calls :func:`lightning_influence.explain.explain` with
+by ``torch.multiprocessing.spawn``; every rank calls :func:`lightning_influence.analysis.explain.explain` with
 :class:`~lightning_influence.distributed.TorchDistributed` collectives, once as a warm-up (first-call
 imports) and once timed. The figures are rank 0's ``Explanation.timings``:
 
@@ -45,12 +45,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence.core.config import LissaConfig
+from lightning_influence.config import LissaConfig
 from lightning_influence.core.data import IndexedData
-from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed import TorchDistributed
-from lightning_influence.explain import ExplainSettings, explain
+from lightning_influence.analysis.explain import explain
+from lightning_influence.config import ExplainConfig
 
 DAMPING = 1e-2
 NUM_POINTS = 8
@@ -102,7 +103,7 @@ def rank_main(rank: int, world_size: int, port: int, state: dict, config: LissaC
         model.load_state_dict(state)
         train, val = digits_split()
         train_data, val_data = IndexedData(train), IndexedData(val)
-        settings = ExplainSettings(top_k=TOP_K, num_worst=NUM_POINTS)
+        settings = ExplainConfig(top_k=TOP_K, num_worst=NUM_POINTS)
         warm_up = LissaConfig(depth=5, repeats=world_size, batch_size=config.batch_size, seed=config.seed)
         explain(model, per_example_loss, train_data, val_data, warm_up, DAMPING, settings, TorchDistributed())
         dist.barrier()

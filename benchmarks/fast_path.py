@@ -52,18 +52,13 @@ from torch import nn
 from torchmetrics.functional import pearson_corrcoef
 
 from lightning_influence import top_influences
-from lightning_influence.core import ExactConfig, InfluenceProblem, LissaConfig, LissaDivergenceError
-from lightning_influence.core.candidates import (
-    LAST_LAYER_GRAD,
-    GradientFactors,
-    Neighbours,
-    batch_features,
-    factored_similarity,
-    knn_torch,
-    select_candidates,
-)
+from lightning_influence.config import ExactConfig, LissaConfig
+from lightning_influence.core import InfluenceProblem, LissaDivergenceError
+from lightning_influence.config import LAST_LAYER_GRAD
+from lightning_influence.core.candidates import Neighbours, knn_torch, select_candidates
+from lightning_influence.core.features import GradientFactors, batch_features, factored_similarity
 from lightning_influence.core.data import IndexedData
-from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.modes import analysis_mode
 
 NUM_POINTS = 8
 TOP = 10
@@ -254,7 +249,7 @@ def ours(model, data, test, damping: float, lissa: dict[str, Any], candidates: i
     x, y = data
     loader = shared.train_loader(x, y, 256, shuffle=False)
     with Timer() as t:
-        top = top_influences(model, shared.loss_fn, loader, test, top_k=TOP, damping=damping, candidates=candidates,
+        top = top_influences(model, shared.loss_fn, loader, test, top_k=TOP, damping=damping, num_candidates=candidates,
                              **lissa)
     return {"cpu": t.cpu, "wall": t.wall, "top": top}
 
@@ -383,14 +378,14 @@ def main() -> None:
         ("pytorch-influence-functions 0.1.1 (gpu=-1)", t["cpu"], t["wall"], summary(t["pearson"])),
         ("ours, same settings, all points scored", sbs["ours_full"]["cpu"], sbs["ours_full"]["wall"],
          summary(sbs["ours_full"]["pearson"])),
-        (f"ours, same settings, candidates={k}", sbs[f"ours_candidates_{k}"]["cpu"], sbs[f"ours_candidates_{k}"]["wall"],
+        (f"ours, same settings, num_candidates={k}", sbs[f"ours_candidates_{k}"]["cpu"], sbs[f"ours_candidates_{k}"]["wall"],
          "same scores on candidates"),
-        (f"ours, batch_size=1 (scale auto {sbs['ours_b1']['scale']:.3g}), candidates={k}",
+        (f"ours, batch_size=1 (scale auto {sbs['ours_b1']['scale']:.3g}), num_candidates={k}",
          sbs["ours_b1_candidates"]["cpu"], sbs["ours_b1_candidates"]["wall"], summary(sbs["ours_b1"]["pearson"])),
     ]
     for depth in CHEAP_DEPTHS:
         row = sbs[f"ours_b1_depth{depth}"]
-        rows.append((f"ours, batch_size=1, depth={depth}, candidates={k}", row["cpu"], row["wall"], summary(row["pearson"])))
+        rows.append((f"ours, batch_size=1, depth={depth}, num_candidates={k}", row["cpu"], row["wall"], summary(row["pearson"])))
     print("| run | CPU s | wall s | x faster (CPU) | Pearson with exact, mean (min) |\n|---|---:|---:|---:|---|")
     for label, cpu, wall, pearson in rows:
         print(f"| {label} | {cpu:.1f} | {wall:.1f} | {t['cpu'] / cpu:.1f} | {pearson} |")

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import influence, verify_leave_one_out
-from lightning_influence.trust import correlations
+from lightning_influence.analysis.diagnostics import correlations
 
 PUBLISHED = {
     "lr": "Koh & Liang 2017 (MNIST logistic regression): Pearson ~0.99",

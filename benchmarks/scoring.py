@@ -185,8 +185,9 @@ def run_one(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     import torch
 
     from lightning_influence import LissaDivergenceError, s_test
-    from lightning_influence.core import InfluenceProblem, LissaConfig
-    from lightning_influence.core.params import analysis_mode
+    from lightning_influence.config import LissaConfig
+    from lightning_influence.core import InfluenceProblem
+    from lightning_influence.core.modes import analysis_mode
     from lightning_influence.core.factored import factored_layers
     from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET, resolve_method
 
@@ -298,9 +299,11 @@ def profile_model(name: str, epoch: float, data, workdir: Path) -> dict[str, flo
     from torch.func import grad, jvp, vmap
     from torch.profiler import profile as torch_profile
 
-    from lightning_influence.core import InfluenceProblem, LissaConfig
+    from lightning_influence.config import LissaConfig
+    from lightning_influence.core import InfluenceProblem
     from lightning_influence.core.batching import add_batch_dim
-    from lightning_influence.core.params import analysis_mode, flatten, unflatten
+    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.params import flatten, unflatten
     from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET, score_chunk
 
     x, y = data

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits import DigitsCNN, digits_loaders
 
-from lightning_influence import InfluenceCallback
+from lightning_influence import InfluenceCallback, LissaConfig
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     # Lightning adds a DistributedSampler to both loaders; the callback reads their datasets, not the samplers
     train_loader, val_loader = digits_loaders(batch_size=max(1, 64 // args.devices))
     logger = TensorBoardLogger(args.log_dir, name="digits_ddp")
-    callback = InfluenceCallback(num_worst=8, top_k=8, damping=args.damping, repeats=args.repeats,
+    callback = InfluenceCallback(num_worst=8, top_k=8, damping=args.damping, solver=LissaConfig(repeats=args.repeats),
                                  every_n_epochs=args.every_n_epochs)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=args.devices,

@@ -1,46 +1,82 @@
-"""lightning-influence: influence functions (Koh & Liang 2017) inside PyTorch Lightning training."""
+"""lightning-influence: influence functions (Koh & Liang 2017) inside PyTorch Lightning training.
 
-from lightning_influence.core import (
-    CGConfig,
-    ExactConfig,
-    LissaConfig,
-    LissaDivergenceError,
-    SolveInfo,
-    STest,
-    TopInfluences,
-    influence,
-    s_test,
-    self_influence,
-    top_influences,
-)
+The public API and nothing else. Names that need Lightning (the callback, ``correct_errors``) and the
+leave-one-out check load on first use, so ``import lightning_influence`` stays cheap.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_influence.analysis.leave_one_out import verify_leave_one_out
+    from lightning_influence.callbacks.influence import InfluenceCallback
+    from lightning_influence.config import (
+        CGConfig,
+        CorrectionConfig,
+        ExactConfig,
+        ExplainConfig,
+        LissaConfig,
+        LowRankConfig,
+    )
+    from lightning_influence.core.lissa import LissaDivergenceError
+    from lightning_influence.correct import correct_errors
+    from lightning_influence.functional import influence, s_test, self_influence, top_influences
+    from lightning_influence.results import (
+        CorrectionReport,
+        Explanation,
+        LeaveOneOutCheck,
+        MislabelReport,
+        SolveInfo,
+        STest,
+        TopInfluences,
+        TrustReport,
+    )
 
 __version__ = "0.1.0"
 
+#: Where each public name lives. Nothing is imported until a name is used: ``import lightning_influence`` (e.g. by
+#: the TensorBoard plugin's entry point) costs no torch or Lightning import.
+_LAZY = {
+    **dict.fromkeys(("CGConfig", "CorrectionConfig", "ExactConfig", "ExplainConfig", "LissaConfig", "LowRankConfig"),
+                    "lightning_influence.config"),
+    **dict.fromkeys(("CorrectionReport", "Explanation", "LeaveOneOutCheck", "MislabelReport", "SolveInfo", "STest",
+                     "TopInfluences", "TrustReport"), "lightning_influence.results"),
+    **dict.fromkeys(("influence", "s_test", "self_influence", "top_influences"), "lightning_influence.functional"),
+    "LissaDivergenceError": "lightning_influence.core.lissa",
+    "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
+    "InfluenceCallback": "lightning_influence.callbacks.influence",
+    "correct_errors": "lightning_influence.correct",
+}
 
-def __getattr__(name: str):  # the callback imports Lightning (seconds): load it only when asked for
-    if name == "verify_leave_one_out":
-        from lightning_influence.loo import verify_leave_one_out
 
-        return verify_leave_one_out
-    if name == "InfluenceCallback":
-        from lightning_influence.callbacks.influence import InfluenceCallback
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-        return InfluenceCallback
-    if name == "correct_errors":
-        from lightning_influence.correct import correct_errors
-
-        return correct_errors
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
 
 __all__ = [
     "CGConfig",
+    "CorrectionConfig",
+    "CorrectionReport",
     "ExactConfig",
+    "ExplainConfig",
+    "Explanation",
     "InfluenceCallback",
+    "LeaveOneOutCheck",
     "LissaConfig",
     "LissaDivergenceError",
+    "LowRankConfig",
+    "MislabelReport",
     "STest",
     "SolveInfo",
     "TopInfluences",
+    "TrustReport",
     "correct_errors",
     "influence",
     "s_test",

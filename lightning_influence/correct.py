@@ -2,7 +2,7 @@
 
 The optimizer steps run inside ``trainer.fit`` on a thin wrapper module around the user's model, so the
 trainer's devices, strategy (DDP included) and precision apply. The choice of examples, the evaluation and
-the report are Lightning-free (:mod:`lightning_influence.correction`); this module only wires them in.
+the report are Lightning-free (:mod:`lightning_influence.analysis.correction`); this module only wires them in.
 """
 
 from __future__ import annotations
@@ -17,23 +17,35 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loops import _TrainingEpochLoop
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_influence.callbacks.influence import _call_per_example_loss, shared_log_dir
-from lightning_influence.core.config import check_damping, make_solver_config
-from lightning_influence.core.data import IndexedData
+from lightning_influence.analysis.correction import CorrectionRun, allowed_indices
+from lightning_influence.callbacks._trainer import (
+    Writers,
+    collectives_for,
+    indexed,
+    resolve_loss_fn,
+    shared_log_dir,
+    train_data,
+    val_data,
+)
+from lightning_influence.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DAMPING,
+    DEFAULT_SCORING,
+    DEFAULT_SOLVER,
+    CorrectionConfig,
+    SolverConfig,
+    check_damping,
+    check_num_candidates,
+    solver_config,
+    solver_name,
+)
 from lightning_influence.core.losses import LossFn
 from lightning_influence.core.params import model_device
-from lightning_influence.correction import (
-    CorrectionReport,
-    CorrectionRun,
-    CorrectionSettings,
-    candidate_indices,
-)
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.correction import (
     correction_markdown,
@@ -41,12 +53,13 @@ from lightning_influence.reporting.correction import (
     write_correction_summary,
 )
 from lightning_influence.reporting.files import write_json_atomic
+from lightning_influence.results import CorrectionReport
 
 DataLike = Union[Dataset, DataLoader]
 OptimizerLike = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], torch.optim.Optimizer]
 
 
-def correct_errors(
+def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; the body is ~40 lines
     trainer: pl.Trainer,
     model: nn.Module,
     anchors: DataLike,
@@ -62,16 +75,18 @@ def correct_errors(
     lr: float = 0.01,
     selection: str = "helpful",
     optimizer: OptimizerLike = "sgd",
-    candidates: Optional[Union[int, Sequence[int]]] = None,
-    loss_fn: Optional[LossFn] = None,
-    solver: str = "lissa",
-    damping: float = 0.01,
+    num_candidates: Optional[int] = None,
+    train_indices: Optional[Sequence[int]] = None,
+    loss_fn: Union[LossFn, str, None] = None,
+    solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
+    damping: float = DEFAULT_DAMPING,
     solver_options: Optional[Mapping[str, Any]] = None,
-    scoring: str = "auto",
-    chunk_size: int = 256,
+    scoring: str = DEFAULT_SCORING,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     name: Optional[str] = None,
     verbose: bool = True,
+    candidates: Optional[Union[int, Sequence[int]]] = None,
 ) -> CorrectionReport:
     r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
 
@@ -100,42 +115,47 @@ def correct_errors(
         selection: ``"helpful"``, ``"random"``, ``"anchors"`` or ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
-        candidates: training indices to choose from (default: all), or an int k for FastIF's candidate
-            preselection: each round scores only the union of the k training examples nearest to each sampled
-            anchor (the largest ``|<G_anchor, G_i>|`` of last-layer loss gradients); ``"random"`` still draws from
-            the whole training set.
-        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (default: ``model.per_example_loss(batch)``).
-        solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`).
+        num_candidates: FastIF's candidate preselection: each round scores only the union of the
+            ``num_candidates`` training examples nearest to each sampled anchor (the largest ``|<G_anchor, G_i>|``
+            of last-layer loss gradients); ``"random"`` still draws from all allowed examples.
+        train_indices: training indices to choose from (default: all).
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses or its import path (default:
+            ``model.per_example_loss(batch)``).
+        solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`); ``solver``
+            may be a config object such as ``LissaConfig(depth=200)``.
         scoring, chunk_size: how candidates are scored.
         seed: seeds anchor sampling and random selection.
         name: TensorBoard tags go under ``influence/correct/{name}/`` (default: ``selection``).
         verbose: print the before/after table on rank zero.
+        candidates: deprecated: an int is ``num_candidates``, a sequence ``train_indices``.
 
     Returns:
-        A :class:`~lightning_influence.correction.CorrectionReport`: metrics before, and per round the anchors,
+        A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
         the chosen indices (with their influence), the anchors' loss before/after and the metrics.
     """
-    nearest = candidates if isinstance(candidates, int) and not isinstance(candidates, bool) else None
-    settings = CorrectionSettings(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
-                                  selection, seed, scoring, chunk_size, nearest)
+    num_candidates, train_indices = _legacy_candidates(candidates, num_candidates, train_indices)
+    settings = CorrectionConfig(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
+                                selection, seed, scoring, chunk_size, num_candidates)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
-    config = make_solver_config(solver, dict(solver_options or {}))
-    loss = _resolve_loss_fn(model, loss_fn)
-    train = _train_data(trainer, train_dataloaders, datamodule, chunk_size)
-    anchor_data = _indexed(anchors, "anchors", chunk_size)
+    config = solver_config(solver, dict(solver_options or {}))
+    loss = resolve_loss_fn(model, loss_fn, who="correct_errors")
+    train = train_data(trainer, None, chunk_size, loader=train_dataloaders if train_dataloaders is not None
+                       else datamodule.train_dataloader() if datamodule is not None else None)
+    check_num_candidates(num_candidates, len(train))
+    anchor_data = indexed(anchors, "anchors", chunk_size)
     eval_sets = {"anchors": anchor_data}
     if heldout is not None:
-        eval_sets["heldout"] = _indexed(heldout, "heldout", chunk_size)
-    val = _val_data(trainer, val_dataloaders, datamodule, chunk_size)
+        eval_sets["heldout"] = indexed(heldout, "heldout", chunk_size)
+    val = val_data(trainer, chunk_size, loader=val_dataloaders, datamodule=datamodule, required=False)
     if val is not None:
         eval_sets["val"] = val
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
                    "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
-                   "solver": solver, "damping": check_damping(damping), "solver_options": dict(solver_options or {}),
-                   "seed": seed, "train_size": len(train)}
-    run = CorrectionRun(loss, train, anchor_data, eval_sets, candidate_indices(candidates, len(train)), settings,
+                   "solver": solver_name(config), "damping": check_damping(damping),
+                   "solver_options": dict(solver_options or {}), "seed": seed, "train_size": len(train)}
+    run = CorrectionRun(loss, train, anchor_data, eval_sets, allowed_indices(train_indices, len(train)), settings,
                         config, float(damping), description)
     tag = f"influence/correct/{name or selection}"
     log_dir = shared_log_dir(trainer)  # every rank calls it: a broadcast under DDP
@@ -180,11 +200,7 @@ class _CorrectionModule(pl.LightningModule):
         return _report_path(self.log_dir, self.tag)
 
     def _collectives(self) -> Collectives:
-        if self.trainer.world_size == 1:
-            return SingleProcess()
-        from lightning_influence.distributed.lightning import StrategyCollectives
-
-        return StrategyCollectives(self.trainer.strategy)
+        return collectives_for(self.trainer)
 
     def configure_optimizers(self) -> Any:
         return self.make_optimizer(self.model.parameters())
@@ -195,7 +211,7 @@ class _CorrectionModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self.run.start(self.model, self.device, self._collectives())
         if self.trainer.is_global_zero:
-            write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, 0, self.run.before, None)
+            write_correction_scalars(_WRITERS.get(self.trainer, self.log_dir), self.tag, 0, self.run.before, None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.run.settings.steps_per_iteration == 0:
@@ -205,7 +221,7 @@ class _CorrectionModule(pl.LightningModule):
         if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:
             record = self.run.end_round(self.model, self.device, self._collectives())
             if self.trainer.is_global_zero:
-                write_correction_scalars(_writer(self.trainer, self.log_dir), self.tag, record.iteration, record.metrics,
+                write_correction_scalars(_WRITERS.get(self.trainer, self.log_dir), self.tag, record.iteration, record.metrics,
                                          record)
 
     def on_train_end(self) -> None:
@@ -253,76 +269,20 @@ def _existing_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[nn.Pa
     return optimizer
 
 
-def _resolve_loss_fn(model: nn.Module, loss_fn: Optional[LossFn]) -> LossFn:
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise TypeError(f"Expected `loss_fn` to be a callable (model, batch) -> Tensor[B], but got {loss_fn!r}.")
-        return loss_fn
-    if callable(getattr(model, "per_example_loss", None)):
-        return _call_per_example_loss
-    raise TypeError(
-        f"correct_errors needs per-example losses, but got no `loss_fn` and {type(model).__name__} has no"
-        " `per_example_loss(batch)` method. Pass `loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]),"
-        " batch[1], reduction='none')` or add the method to your module."
-    )
-
-
-def _indexed(data: Any, name: str, chunk_size: int) -> IndexedData:
-    if isinstance(data, DataLoader):
-        return IndexedData.from_loader(data, chunk_size)
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-        return IndexedData(data, None, chunk_size)
-    raise TypeError(f"Expected `{name}` to be a map-style Dataset or a DataLoader over one, but got {type(data).__name__}.")
-
-
-def _train_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: int) -> IndexedData:
-    if loaders is None and datamodule is not None:
-        loaders = datamodule.train_dataloader()
-    if loaders is None:
-        loaders = trainer.train_dataloader
-    if loaders is None and trainer.datamodule is not None:
-        loaders = trainer.datamodule.train_dataloader()
-    if loaders is None:
-        raise ValueError("correct_errors found no training data: pass `train_dataloaders=` or `datamodule=`.")
-    return _indexed(loaders, "train_dataloaders", chunk_size)
-
-
-def _val_data(trainer: pl.Trainer, loaders: Any, datamodule: Any, chunk_size: int) -> Optional[IndexedData]:
-    source = datamodule or trainer.datamodule
-    if loaders is None and source is not None:
-        with contextlib.suppress(Exception):  # LightningDataModule raises when val_dataloader is not defined
-            loaders = source.val_dataloader()
-    if loaders is None:
-        loaders = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        loaders = loaders[0] if loaders else None
-    return None if loaders is None else _indexed(loaders, "val_dataloaders", chunk_size)
-
-
 def _report_path(log_dir: Path, tag: str) -> Path:
     return log_dir / "influence" / f"correct_{tag.rsplit('/', 1)[-1]}.json"
 
 
-_OWN_WRITERS: dict[str, Any] = {}
-
-
-def _writer(trainer: pl.Trainer, log_dir: Path) -> Any:
-    """The TensorBoardLogger's writer, else one of our own in ``log_dir`` (rank zero only: no collectives here)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    if str(log_dir) not in _OWN_WRITERS:
-        from torch.utils.tensorboard import SummaryWriter
-
-        _OWN_WRITERS[str(log_dir)] = SummaryWriter(str(log_dir))
-    return _OWN_WRITERS[str(log_dir)]
+#: Writers of runs without a TensorBoardLogger (closed after each run's outputs are written).
+_WRITERS = Writers()
 
 
 def _write_outputs(trainer: pl.Trainer, log_dir: Path, tag: str, report: CorrectionReport, path: Path,
                    verbose: bool) -> None:
-    writer = _writer(trainer, log_dir)
+    writer = _WRITERS.get(trainer, log_dir)
     write_correction_summary(writer, tag, report)
     writer.flush()
+    _WRITERS.close()
     write_json_atomic(path, report.to_dict())
     if verbose:
         print(correction_markdown(report))
@@ -333,3 +293,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
     with open(path) as handle:
         return json.load(handle)
+
+
+def _legacy_candidates(candidates: Any, num_candidates: Optional[int],
+                       train_indices: Optional[Sequence[int]]) -> tuple[Optional[int], Optional[Sequence[int]]]:
+    """``candidates=`` once meant both: an int is ``num_candidates``, a sequence ``train_indices``."""
+    if candidates is None:
+        return num_candidates, train_indices
+    warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (an int: nearest neighbours per anchor) or"
+                  " `train_indices=` (the training indices to choose from).", DeprecationWarning, stacklevel=3)
+    if isinstance(candidates, int) and not isinstance(candidates, bool):
+        return candidates, train_indices
+    return num_candidates, candidates

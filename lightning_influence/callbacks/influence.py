@@ -9,37 +9,50 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.core.candidates import (
-    FEATURE_NAMES,
-    KNN_BACKENDS,
-    FeatureFn,
-    check_feature_fn,
-    check_knn_backend,
+from lightning_influence.analysis.explain import explain
+from lightning_influence.analysis.mislabel import find_mislabel_candidates
+from lightning_influence.callbacks._trainer import (
+    Writers,
+    check_loss_on_examples,
+    check_picklable,
+    collectives_for,
+    import_loss_fn,
+    log_dir_of,
+    resolve_loss_fn,
+    shared_log_dir,
+    train_data,
+    val_data,
+    weight_decay,
 )
-from lightning_influence.core.config import (
-    SCORING_METHODS,
+from lightning_influence.callbacks.progress import progress_task
+from lightning_influence.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DAMPING,
+    DEFAULT_KNN_BACKEND,
+    DEFAULT_SCORING,
+    DEFAULT_SOLVER,
+    ExplainConfig,
     LowRankConfig,
     SolverConfig,
     check_damping,
-    make_solver_config,
+    check_num_candidates,
+    solver_config,
 )
+from lightning_influence.core.candidates import check_knn_backend
 from lightning_influence.core.data import IndexedData
+from lightning_influence.core.features import FeatureFn
 from lightning_influence.core.losses import LossFn
-from lightning_influence.distributed.collectives import Collectives, SingleProcess
-from lightning_influence.explain import Explanation, ExplainSettings, explain
-from lightning_influence.mislabel import find_mislabel_candidates
-from lightning_influence.outputs import publish_explanation, publish_mislabel, publish_score_shard
-from lightning_influence.reporting.records import MislabelReport
+from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
+from lightning_influence.results import Explanation, MislabelReport
 
-_SOLVER_OPTIONS = {"lissa": ("depth", "repeats", "batch_size", "scale", "seed", "tol"), "cg": ("max_iter", "tol"), "exact": ()}
+#: Solver options the constructor once took as keywords (now set on the solver config).
+_LEGACY_SOLVER_OPTIONS = ("depth", "repeats", "batch_size", "scale", "seed", "tol", "max_iter")
 
 
 class InfluenceCallback(pl.Callback):
@@ -52,8 +65,9 @@ class InfluenceCallback(pl.Callback):
     ``influence/`` and to ``<log_dir>/influence/epoch=N.json``.
 
     Args:
-        loss_fn: ``(module, batch) -> Tensor[B]`` per-example losses (no L2 term). Default: the
-            LightningModule's ``per_example_loss(batch)`` method.
+        loss_fn: ``(module, batch) -> Tensor[B]`` per-example losses (no L2 term), or its import path
+            ``"package.module:function"`` (picklable, for YAML and ``ddp_spawn``). Default: the LightningModule's
+            ``per_example_loss(batch)`` method.
         val_indices: validation dataset indices to explain. Default: the ``num_worst`` highest-loss examples.
         num_worst: how many highest-loss validation examples to explain when ``val_indices`` is not given.
         misclassified_only: pick the worst among misclassified validation examples only.
@@ -61,16 +75,10 @@ class InfluenceCallback(pl.Callback):
         every_n_epochs: also analyse at the end of validation every N epochs (0 = only at the end of fit).
         analyse_on_train_end: analyse when training ends (in ``on_train_end``, while DDP is still up).
         analyse_on_validate: analyse on a standalone ``trainer.validate(...)``.
-        solver: ``"lissa"``, ``"cg"`` or ``"exact"``.
+        solver: ``"lissa"``, ``"cg"``, ``"exact"`` or ``"lowrank"`` with its default settings, or a solver config
+            such as ``LissaConfig(depth=500, repeats=4)`` (in YAML: ``class_path``/``init_args``).
         damping: lambda added to the Hessian; use at least the training weight decay.
-        depth: LiSSA recursion steps per repeat (see :class:`~lightning_influence.LissaConfig`).
-        repeats: LiSSA independent repeats, averaged.
-        batch_size: LiSSA minibatch size of each Hessian-vector product.
-        scale: LiSSA scale (above the top minibatch-Hessian eigenvalue), or ``"auto"`` to estimate it.
-        seed: LiSSA sampling seed.
-        tol: LiSSA early-stop or CG tolerance (None: the solver's default).
-        max_iter: CG iterations.
-        scoring: ``"auto"``, ``"jvp"`` or ``"per_example_grad"``.
+        scoring: ``"auto"``, ``"factored"``, ``"jvp"`` or ``"per_example_grad"``.
         chunk_size: training examples scored at once (bounds memory).
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
         train_dataloader: a loader whose dataset and collate function to use instead.
@@ -78,8 +86,8 @@ class InfluenceCallback(pl.Callback):
         mislabel_candidates: also report this many training examples with the largest self-influence
             ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
-        candidates: score each monitored point only against its ``candidates`` nearest training examples in
-            feature space (FastIF); the others get no score and are absent from every output. None: all.
+        num_candidates: score each monitored point only against its ``num_candidates`` nearest training examples
+            in feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
         feature_fn: how candidates are found. Default (``"last_layer_grad"``): the k training examples with the
             largest ``|<G_val, G_i>|`` of last-layer loss gradients (torch backend). ``"activations"`` (the
@@ -95,15 +103,18 @@ class InfluenceCallback(pl.Callback):
         verify_loo_steps: full-batch steps of each leave-one-out retraining (same optimiser class and
             hyperparameters as the trainer's first optimiser, warm-started from the analysed weights).
         verbose: print a summary table on rank zero after each analysis.
+        **solver_options: deprecated: the solver's keyword options (``depth``, ``repeats``, ``batch_size``,
+            ``scale``, ``seed``, ``tol``, ``max_iter``); pass a solver config instead. ``candidates`` is the old
+            name of ``num_candidates``.
 
     Example::
 
-        trainer = Trainer(callbacks=[InfluenceCallback(num_worst=8, damping=1e-2)])
+        trainer = Trainer(callbacks=[InfluenceCallback(num_worst=8, solver=LissaConfig(repeats=2))])
     """
 
-    def __init__(
+    def __init__(  # long: one line per argument (LightningCLI reads the flat signature) and their checks
         self,
-        loss_fn: Optional[LossFn] = None,
+        loss_fn: Union[LossFn, str, None] = None,
         val_indices: Optional[list[int]] = None,
         num_worst: int = 8,
         misclassified_only: bool = False,
@@ -111,80 +122,53 @@ class InfluenceCallback(pl.Callback):
         every_n_epochs: int = 0,
         analyse_on_train_end: bool = True,
         analyse_on_validate: bool = True,
-        solver: str = "lissa",
-        damping: float = 0.01,
-        depth: int = 1000,
-        repeats: int = 1,
-        batch_size: int = 128,
-        scale: Union[float, str] = "auto",
-        seed: int = 0,
-        tol: Optional[float] = None,
-        max_iter: int = 200,
-        scoring: str = "auto",
-        chunk_size: int = 256,
+        solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
+        damping: float = DEFAULT_DAMPING,
+        scoring: str = DEFAULT_SCORING,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         train_dataset: Optional[Dataset] = None,
         train_dataloader: Optional[DataLoader] = None,
         save_scores: bool = False,
         mislabel_candidates: int = 0,
         mislabel_rank: int = 64,
-        candidates: Optional[int] = None,
-        knn_backend: str = "torch",
+        num_candidates: Optional[int] = None,
+        knn_backend: str = DEFAULT_KNN_BACKEND,
         feature_fn: FeatureFn | str | None = None,
         strict: bool = False,
         verbose: bool = True,
         diagnose: bool = True,
         verify_loo: int = 0,
         verify_loo_steps: int = 50,
+        **solver_options: Any,
     ) -> None:
         super().__init__()
-        _check(loss_fn is None or callable(loss_fn), "loss_fn", "a callable (module, batch) -> Tensor[B]", loss_fn)
-        _check(isinstance(num_worst, int) and num_worst >= 1, "num_worst", "a positive int", num_worst)
-        _check(isinstance(top_k, int) and top_k >= 1, "top_k", "a positive int", top_k)
+        _check(loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str), "loss_fn",
+               "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
-        _check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", "a positive int", chunk_size)
-        _check(scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), scoring)
         _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
                "an int >= 0", mislabel_candidates)
         _check(isinstance(verify_loo, int) and 0 <= verify_loo <= 2 * top_k, "verify_loo",
                f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
         _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
                verify_loo_steps)
-        _check(candidates is None or (isinstance(candidates, int) and not isinstance(candidates, bool)
-                                      and candidates >= 1), "candidates", "None or a positive int", candidates)
-        _check(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
-        _check(feature_fn is None or callable(feature_fn) or feature_fn in FEATURE_NAMES, "feature_fn",
-               f"None, one of {FEATURE_NAMES} or a callable (module, batch) -> Tensor[B, D]", feature_fn)
+        num_candidates = _legacy_candidates(num_candidates, solver_options)
         try:
-            check_feature_fn(feature_fn, knn_backend)
-            check_knn_backend(knn_backend)
-        except (ImportError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
-        if val_indices is not None:
-            ok = all(isinstance(i, int) and i >= 0 for i in val_indices) and len(val_indices) > 0
-            _check(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", val_indices)
-            _check(len(set(val_indices)) == len(val_indices), "val_indices", "free of duplicates", val_indices)
-        options = {"depth": depth, "repeats": repeats, "batch_size": batch_size, "scale": scale, "seed": seed,
-                   "max_iter": max_iter, "tol": tol}
-        try:
-            self.damping = check_damping(damping)
-            self.solver_config: SolverConfig = make_solver_config(
-                solver, {k: options[k] for k in _SOLVER_OPTIONS.get(solver, ()) if options[k] is not None}
+            self.settings = ExplainConfig(
+                top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
+                misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size,
+                keep_full_scores=save_scores, diagnose=diagnose, num_candidates=num_candidates,
+                knn_backend=knn_backend, feature_fn=feature_fn,
             )
-        except (TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err)) from err
-        self.loss_fn = loss_fn
-        self.settings = ExplainSettings(
-            top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
-            misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size, keep_full_scores=save_scores,
-            diagnose=diagnose, candidates=candidates, knn_backend=knn_backend, feature_fn=feature_fn,
-        )
+            check_knn_backend(knn_backend)
+            self.damping = check_damping(damping)
+            self.solver_config: SolverConfig = solver_config(solver, _legacy_solver_options(solver_options))
+            self.mislabel_config = LowRankConfig(rank=mislabel_rank)
+        except (ImportError, TypeError, ValueError) as err:
+            raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
+        self.loss_fn = import_loss_fn(loss_fn) if isinstance(loss_fn, str) else loss_fn
         self.verify_loo = verify_loo
         self.verify_loo_steps = verify_loo_steps
         self._warned: set[str] = set()  # trust warnings already shown (each code once per callback)
-        try:
-            self.mislabel_config = LowRankConfig(rank=mislabel_rank)
-        except ValueError as err:
-            raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
         self.mislabel_candidates = mislabel_candidates
         self.every_n_epochs = every_n_epochs
         self.analyse_on_train_end = analyse_on_train_end
@@ -195,24 +179,46 @@ class InfluenceCallback(pl.Callback):
         self.verbose = verbose
         self.analysed: list[dict[str, Any]] = []  # {"epoch", "global_step", "stage", "val_indices"} per analysis
         self.last_explanation: Optional[Explanation] = None
-        self._own_writer: Any = None
-        self._tensorboard: Optional[TensorBoardLogger] = None
+        self._writers = Writers()
         self._fit_train_loader: Any = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Two callbacks in one Trainer keep their own checkpoint state when they explain different things."""
+        return self._generate_state_key(num_worst=self.settings.num_worst, val_indices=self.settings.val_indices,
+                                        solver=type(self.solver_config).__name__,
+                                        mislabel_candidates=self.mislabel_candidates)
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._resolve_loss_fn(pl_module)  # fail before training starts, not after it
+        loss_fn = self._resolve_loss_fn(pl_module)  # fail before training starts, not after it
+        check_picklable(loss_fn, trainer)
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise MisconfigurationException(
+                f"InfluenceCallback explains the model through its trainable parameters, but {type(pl_module).__name__}"
+                " has none (every parameter has `requires_grad=False`). Unfreeze the layers to analyse."
+            )
         if trainer.is_global_zero:
             self._check_writable(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
-        if self.settings.candidates is not None:  # fail before training, not at the first analysis
-            n_train = len(self._train_data(trainer, pl_module))
-            _check(self.settings.candidates <= n_train, "candidates",
-                   f"at most the training-set size {n_train} (or None to score every example)", self.settings.candidates)
+        train = self._train_data(trainer, pl_module)
+        try:  # fail before training, not at the first analysis after it
+            if self.settings.num_candidates is not None:
+                check_num_candidates(self.settings.num_candidates, len(train))
+            with isolate_rng():
+                check_loss_on_examples(pl_module, self._resolve_loss_fn(pl_module), train)
+        except (TypeError, ValueError) as err:  # a misconfiguration: say so before any training is spent
+            raise MisconfigurationException(str(err)) from err
+        except Exception as err:  # noqa: BLE001 - anything else may be transient: warn, the analyses will tell
+            if self.strict:
+                raise
+            rank_zero_warn(f"InfluenceCallback could not run `loss_fn` on two training examples before training"
+                           f" ({type(err).__name__}: {err}); the analyses will likely fail too. Training goes on.")
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,18 +228,16 @@ class InfluenceCallback(pl.Callback):
         if fn == TrainerFn.FITTING and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._run(trainer, pl_module, "validation", trainer.current_epoch)
         elif fn == TrainerFn.VALIDATING and self.analyse_on_validate:
-            self._run(trainer, pl_module, "validate", trainer.current_epoch)
+            self._run(trainer, pl_module, "validate", _last_epoch(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.analyse_on_train_end:
-            self._run(trainer, pl_module, "fit_end", max(trainer.current_epoch - 1, 0))
+            self._run(trainer, pl_module, "fit_end", _last_epoch(trainer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._own_writer is not None:
-            self._own_writer.close()
-            self._own_writer = None
+        self._writers.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -245,12 +249,16 @@ class InfluenceCallback(pl.Callback):
 
     # -- the analysis --------------------------------------------------------------------------------------
     def _already_done(self, global_step: int, stage: str) -> bool:
-        """The weights at ``global_step`` were analysed already (e.g. the last validation before fit end)."""
-        return stage != "validate" and any(e["global_step"] == global_step and e["stage"] != "validate"
-                                           for e in self.analysed)
+        """The weights at ``global_step`` were analysed already: by the last validation before fit end, or by the
+        fit-end analysis before a ``trainer.validate`` on the same weights. The answer is the same on every rank."""
+        return any(e["global_step"] == global_step for e in self.analysed)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int) -> None:
         if self._already_done(trainer.global_step, stage):
+            if stage == "validate" and self.verbose:
+                done = next(e for e in self.analysed if e["global_step"] == trainer.global_step)
+                rank_zero_info(f"Influence analysis skipped: these weights (step {trainer.global_step}) were analysed"
+                               f" at epoch {done['epoch']} ({done['stage']}); the results are in the same files.")
             return
         try:
             with isolate_rng():
@@ -274,7 +282,7 @@ class InfluenceCallback(pl.Callback):
 
     def _write_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
                    mislabel: Optional[MislabelReport], stage: str, epoch: int) -> None:
-        log_dir = self._log_dir(trainer)  # a collective: every rank asks
+        log_dir = shared_log_dir(trainer)  # a collective: every rank asks
         publish_score_shard(log_dir, explanation, epoch)  # every rank writes its own shard of the full scores
         if not trainer.is_global_zero:
             return
@@ -311,7 +319,7 @@ class InfluenceCallback(pl.Callback):
 
     def _check_writable(self, trainer: pl.Trainer) -> None:
         """Warn before training when the results directory cannot be written (a fixable setup problem)."""
-        log_dir = _log_dir_of(trainer)  # rank zero only: no collective here
+        log_dir = log_dir_of(trainer)  # rank zero only: no collective here
         target = log_dir / "influence"
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -328,71 +336,36 @@ class InfluenceCallback(pl.Callback):
                 raise MisconfigurationException(message) from err
             rank_zero_warn(message + " Training goes on; the analyses will be skipped when writing fails.")
 
-    def _weight_decay(self, trainer: pl.Trainer) -> Optional[float]:
-        """The first optimiser's weight decay (the training L2 strength), when there is one."""
-        optimizers = getattr(trainer, "optimizers", None) or []
-        if not optimizers or not optimizers[0].param_groups:
-            return None
-        value = optimizers[0].param_groups[0].get("weight_decay")
-        return float(value) if isinstance(value, (int, float)) else None
-
     def _verify_loo(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
                     epoch: int, log_dir: Path) -> None:
         """Leave-one-out spot check of the first explained point (rank zero): scalars and ``loo_epoch=N.json``."""
-        from lightning_influence.loo import verify_leave_one_out
-        from lightning_influence.reporting import write_json_atomic
+        from lightning_influence.callbacks._leave_one_out import leave_one_out_check
 
-        optimizers = getattr(trainer, "optimizers", None) or []
-        if not explanation.points or not optimizers:
-            return
-        point = explanation.points[0]
-        pairs = {i.train_index: i.influence for i in (*point.harmful, *point.helpful)}
-        chosen = sorted(pairs, key=lambda index: -abs(pairs[index]))[: self.verify_loo]
-        template = optimizers[0]
-        hyper = {key: template.param_groups[0][key] for key in template.defaults if key in template.param_groups[0]}
-        val = self._val_data(trainer)
-        with isolate_rng():
-            check = verify_leave_one_out(
-                pl_module, self._resolve_loss_fn(pl_module), self._train_data(trainer, pl_module).loader(),
-                val.fetch([point.val_index]), train_indices=chosen, influences=[pairs[i] for i in chosen],
-                steps=self.verify_loo_steps, optimizer=lambda params: type(template)(params, **hyper), l2=0.0,
-            )
-        writer = self._writer(log_dir)
-        for name in ("pearson", "spearman"):
-            value = getattr(check, name)
-            if value is not None:
-                writer.add_scalar(f"influence/trust/loo_{name}", value, global_step=trainer.global_step)
-        writer.flush()
-        write_json_atomic(log_dir / "influence" / f"loo_epoch={epoch}.json", {
-            "val_index": point.val_index, "train_indices": list(check.train_indices),
-            "influence": check.influence.tolist(), "predicted_loss_change": check.predicted.tolist(),
-            "actual_loss_change": check.actual.tolist(), "pearson": check.pearson, "spearman": check.spearman,
-            "steps": check.steps, "optimizer": type(template).__name__, "train_size": check.train_size,
-        })
-        if self.verbose:
-            rank_zero_info(f"Leave-one-out check (val {point.val_index}, {len(chosen)} removals):"
-                           f" Pearson {check.pearson}, Spearman {check.spearman}")
+        leave_one_out_check(trainer, pl_module, self._resolve_loss_fn(pl_module), explanation, epoch, log_dir,
+                            train=self._train_data(trainer, pl_module), val=self._val_data(trainer),
+                            writer=self._writers.get(trainer, log_dir), count=self.verify_loo,
+                            steps=self.verify_loo_steps, verbose=self.verbose)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Explanation:
         loss_fn = self._resolve_loss_fn(pl_module)
         train = self._train_data(trainer, pl_module)
         val = self._val_data(trainer)
-        collectives = self._collectives(trainer)
+        collectives = collectives_for(trainer)
         config = self.solver_config
         steps = getattr(config, "depth", 0) * len(range(collectives.rank, getattr(config, "repeats", 0),
                                                         collectives.world_size))
         # with candidates only their union is scored, which is known after the neighbour search: no end shown
-        shard_size = (None if self.settings.candidates is not None
+        shard_size = (None if self.settings.num_candidates is not None
                       else len(range(collectives.rank, len(train), collectives.world_size)))
         with progress_task(trainer, "influence: s_test", steps) as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
                            on_lissa_step=lambda: on_step(1), on_scored=on_scored,
-                           weight_decay=self._weight_decay(trainer))
+                           weight_decay=weight_decay(trainer))
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
         train = self._train_data(trainer, pl_module)
-        collectives = self._collectives(trainer)
+        collectives = collectives_for(trainer)
         shard_size = len(range(collectives.rank, len(train), collectives.world_size))
         with progress_task(trainer, "influence: self-influence", shard_size) as on_scored:
             return find_mislabel_candidates(
@@ -401,112 +374,57 @@ class InfluenceCallback(pl.Callback):
                 on_scored=on_scored,
             )
 
-    def _collectives(self, trainer: pl.Trainer) -> Collectives:
-        if trainer.world_size == 1:
-            return SingleProcess()
-        from lightning_influence.distributed.lightning import StrategyCollectives
-
-        return StrategyCollectives(trainer.strategy)
-
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        if callable(getattr(pl_module, "per_example_loss", None)):
-            return _call_per_example_loss
-        raise MisconfigurationException(
-            "InfluenceCallback needs per-example losses, but got no `loss_fn` and the LightningModule"
-            f" {type(pl_module).__name__} has no `per_example_loss(batch)` method. Either pass"
-            " `InfluenceCallback(loss_fn=lambda module, batch: F.cross_entropy(module(batch[0]), batch[1],"
-            " reduction='none'))` or add `def per_example_loss(self, batch): ...` returning a Tensor[B] to your module."
-        )
+        return resolve_loss_fn(pl_module, self.loss_fn)
 
     def _train_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> IndexedData:
-        chunk = self.settings.chunk_size
-        if self.train_dataset is not None:
-            collate = self.train_dataloader.collate_fn if self.train_dataloader is not None else None
-            return IndexedData(self.train_dataset, collate, chunk)
-        loader = self.train_dataloader or trainer.train_dataloader
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        if loader is None:
-            loader = self._fit_train_loader
-        if loader is None:
-            try:
-                loader = pl_module.train_dataloader()
-            except Exception:  # noqa: BLE001 - LightningModule raises when the hook is not implemented
-                loader = None
-        if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
-                f"InfluenceCallback could not find a single training DataLoader (got {type(loader).__name__})."
-                " Pass `InfluenceCallback(train_dataset=...)` or `train_dataloader=...`."
-            )
-        return IndexedData.from_loader(loader, chunk)
+        return train_data(trainer, pl_module, self.settings.chunk_size, dataset=self.train_dataset,
+                          loader=self.train_dataloader, fallback=self._fit_train_loader)
 
     def _val_data(self, trainer: pl.Trainer) -> IndexedData:
-        loader = trainer.val_dataloaders
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if loader is None and trainer.datamodule is not None:
-            loader = trainer.datamodule.val_dataloader()
-        if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
-                f"InfluenceCallback explains validation examples but found no validation DataLoader (got"
-                f" {type(loader).__name__}). Pass `val_dataloaders` to `trainer.fit` or define `val_dataloader()`."
-            )
-        return IndexedData.from_loader(loader, self.settings.chunk_size)
+        found = val_data(trainer, self.settings.chunk_size)
+        assert found is not None  # required=True raises instead
+        return found
 
     # -- output (rank zero) --------------------------------------------------------------------------------
     def _write(self, trainer: pl.Trainer, explanation: Explanation, stage: str, epoch: int, log_dir: Path) -> None:
-        path = publish_explanation(self._writer(log_dir), log_dir, explanation, epoch=epoch,
+        path = publish_explanation(self._writers.get(trainer, log_dir), log_dir, explanation, epoch=epoch,
                                    global_step=trainer.global_step, stage=stage, verbose=self.verbose)
         if self.verbose:
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
 
     def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport, log_dir: Path) -> None:
-        publish_mislabel(self._writer(log_dir), log_dir, report, verbose=self.verbose)
-
-    def _log_dir(self, trainer: pl.Trainer) -> Path:
-        """The run's log directory, the same on every rank (call it on all ranks: it broadcasts under DDP)."""
-        self._tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        return shared_log_dir(trainer)
-
-    def _writer(self, log_dir: Path) -> Any:
-        """The TensorBoard writer (rank zero only): the logger's, else one of our own in ``log_dir``."""
-        if self._tensorboard is not None:
-            return self._tensorboard.experiment
-        if self._own_writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._own_writer = SummaryWriter(str(log_dir))
-        return self._own_writer
+        publish_mislabel(self._writers.get(trainer, log_dir), log_dir, report, verbose=self.verbose)
 
 
-def shared_log_dir(trainer: pl.Trainer) -> Path:
-    """The run's log directory as rank zero sees it, on every rank (a broadcast under DDP: call it on all)."""
-    path = str(_log_dir_of(trainer)) if trainer.is_global_zero else None
-    return Path(trainer.strategy.broadcast(path, src=0)) if trainer.world_size > 1 else Path(path)
+def _last_epoch(trainer: pl.Trainer) -> int:
+    """The index of the last finished training epoch (the label of an analysis after fit or on its weights)."""
+    return max(trainer.current_epoch - 1, 0)
 
 
-def _log_dir_of(trainer: pl.Trainer) -> Path:
-    """This process's view of the log directory, like ``trainer.log_dir`` but without its broadcast (a
-    collective that would hang when called on one rank only)."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return Path(logger.log_dir)
-    if trainer.loggers:
-        logger = trainer.loggers[0]
-        directory = getattr(logger, "log_dir", None) or logger.save_dir
-        if directory:
-            return Path(directory)
-    return Path(trainer.default_root_dir)
+def _legacy_solver_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The solver keywords the constructor once took, with a deprecation warning; anything else is an error."""
+    unknown = sorted(set(options) - set(_LEGACY_SOLVER_OPTIONS))
+    if unknown:
+        raise MisconfigurationException(f"InfluenceCallback got unexpected keyword argument(s) {unknown}.")
+    given = {key: value for key, value in options.items() if value is not None}
+    if given:
+        warnings.warn(
+            f"Passing solver options {sorted(given)} to InfluenceCallback is deprecated: pass a solver config, e.g."
+            f" `solver=LissaConfig({', '.join(f'{k}={v!r}' for k, v in given.items())})`.",
+            DeprecationWarning, stacklevel=3,
+        )
+    return given
 
 
-def _call_per_example_loss(module: Any, batch: Any) -> Any:
-    return module.per_example_loss(batch)
+def _legacy_candidates(num_candidates: Optional[int], options: dict[str, Any]) -> Optional[int]:
+    if "candidates" not in options:
+        return num_candidates
+    warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (the same meaning).", DeprecationWarning,
+                  stacklevel=3)
+    return options.pop("candidates")
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise MisconfigurationException(f"Expected `{name}` to be {allowed}, but got {value!r}.")
-
-

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from lightning_influence.cli import commands
+from lightning_influence.cli import commands, retraining
 from lightning_influence.cli.loading import UsageError
 
 SIGN = ("Sign convention: I(z, z_test) = -s_test . grad L(z); positive = harmful (up-weighting z raises the"
@@ -41,7 +41,7 @@ SUBCOMMANDS: list[Subcommand] = [
                "Rank every training example by |I(z, z)| (low-rank Lanczos inverse of H + damping I) and write"
                " influence/mislabel_epoch=N.json and TensorBoard events under influence/mislabel/."),
     Subcommand("correct", "fine-tune on the training examples most helpful to a slice the model gets wrong",
-               commands.add_correct_arguments, commands.run_correct,
+               retraining.add_correct_arguments, retraining.run_correct,
                "Influence-guided error correction (FastIF Sec. 6.3) with lightning_influence.correct_errors: each"
                " round samples anchors from the slice (misclassified validation examples by default), solves"
                " s_test for their mean loss and takes optimizer steps on the most helpful training examples."
@@ -49,7 +49,7 @@ SUBCOMMANDS: list[Subcommand] = [
                " baselines on the same budget. Writes TensorBoard curves under influence/correct/ and"
                " influence/correct_<selection>.json. " + SIGN),
     Subcommand("verify-loo", "check influence against actual leave-one-out retraining",
-               commands.add_verify_loo_arguments, commands.run_verify_loo,
+               retraining.add_verify_loo_arguments, retraining.run_verify_loo,
                "Koh & Liang's check with lightning_influence.verify_leave_one_out: for one validation example,"
                " remove each of the training examples with the largest |I| in turn, retrain from the checkpoint"
                " for a fixed number of steps, and compare the actual change of its loss with the predicted -I/n"

@@ -72,15 +72,21 @@ class PosthocContext:
     callback_args: dict[str, Any] = field(default_factory=dict)
     _writer: Any = None
 
-    def make_callback(self, flags: dict[str, Any]) -> Any:
-        """An ``InfluenceCallback`` from the config's ``init_args`` overridden by ``flags``; it validates them."""
+    def settings(self, flags: dict[str, Any]) -> Any:
+        """The analysis settings: the config's ``InfluenceCallback`` arguments overridden by ``flags``."""
+        from lightning_influence.cli.settings import analysis_settings
+
+        return analysis_settings(self.callback_args, flags)
+
+    def loss_fn(self, given: Any = None) -> Any:
+        """``given``, else the config's ``loss_fn``, else the model's ``per_example_loss`` (as the callback does)."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-        from lightning_influence.callbacks.influence import InfluenceCallback
+        from lightning_influence.callbacks._trainer import resolve_loss_fn
 
         try:
-            return InfluenceCallback(**{**self.callback_args, **flags})
-        except MisconfigurationException as err:
+            return resolve_loss_fn(self.model, given if given is not None else self.callback_args.get("loss_fn"))
+        except MisconfigurationException as err:  # no per_example_loss and no --loss-fn
             raise UsageError(str(err)) from err
 
     def writer(self) -> Any:

@@ -1,24 +1,11 @@
-"""Pure-PyTorch influence engine: no Lightning, no torch.distributed, no I/O."""
+"""Pure single-process math: no Lightning, no torch.distributed, no I/O.
 
-from lightning_influence.core.api import DEFAULT_DAMPING, influence, s_test, self_influence, top_influences
-from lightning_influence.core.config import CGConfig, ExactConfig, LissaConfig, SolveInfo, STest
+Parameters, per-example losses and gradients, curvature-vector products, the inverse-HVP solvers (exact, CG,
+LiSSA, low-rank), scoring and the nearest-neighbour candidates. Everything above builds on these.
+"""
+
 from lightning_influence.core.lissa import LissaDivergenceError
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import StreamingTopK, TopInfluences
+from lightning_influence.core.scoring import StreamingTopK
 
-__all__ = [
-    "DEFAULT_DAMPING",
-    "CGConfig",
-    "ExactConfig",
-    "InfluenceProblem",
-    "LissaConfig",
-    "LissaDivergenceError",
-    "STest",
-    "SolveInfo",
-    "StreamingTopK",
-    "TopInfluences",
-    "influence",
-    "s_test",
-    "self_influence",
-    "top_influences",
-]
+__all__ = ["InfluenceProblem", "LissaDivergenceError", "StreamingTopK"]

@@ -1,13 +1,22 @@
-"""Batches as nested tuples/lists/dicts of tensors: device moves, sizes, slicing."""
+"""Batches as nested tuples/lists/dicts of tensors: device moves, sizes, slicing, and what they hold."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 Batch = Any
+
+#: Dict-batch keys read as the model input and as the labels (first match wins).
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "features")
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+#: Channel counts and the smallest side of an input drawn as an image.
+IMAGE_CHANNELS = (1, 3, 4)
+MIN_IMAGE_SIDE = 4
 
 
 def prepare_batch(batch: Batch, device: torch.device) -> Batch:
@@ -53,3 +62,72 @@ def add_batch_dim(example: Batch) -> Batch:
 def batched_in_dims(batch: Batch) -> Any:
     """``vmap`` in_dims for ``batch``: 0 for batched tensors, None for everything else."""
     return tree_map(lambda t: 0 if isinstance(t, torch.Tensor) and t.dim() > 0 else None, batch)
+
+
+def model_input(batch: Batch) -> Optional[torch.Tensor]:
+    """The model input of a batch: the batch itself, the first item of a tuple, or a dict's input key."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        return next((batch[k] for k in INPUT_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
+    return None
+
+
+@dataclass(frozen=True)
+class Description:
+    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None)."""
+
+    inputs: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    predictions: Optional[torch.Tensor]
+
+
+def describe_batch(model: nn.Module, batch: Batch) -> Description:
+    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax."""
+    inputs = labels = None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        inputs = batch[0]
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+    elif isinstance(batch, dict):
+        inputs = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+    predictions = None
+    if isinstance(inputs, torch.Tensor):
+        with torch.no_grad():
+            out = model(inputs)
+        if isinstance(out, torch.Tensor) and out.dim() == 2:
+            predictions = out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
+    return Description(inputs, labels, predictions)
+
+
+def looks_like_image(x: torch.Tensor) -> bool:
+    """Whether ``x`` is one example that can be drawn as an image.
+
+    Args:
+        x: a single example's input (no batch dimension).
+
+    Returns:
+        True for ``[C, H, W]`` with ``C`` in (1, 3, 4) or for ``[H, W]``, with ``H, W >= 4``; False for
+        anything else (flat feature vectors, token ids, batches, non-tensors).
+
+    Example:
+        >>> looks_like_image(torch.zeros(1, 28, 28)), looks_like_image(torch.zeros(784))
+        (True, False)
+    """
+    if not isinstance(x, torch.Tensor) or x.is_complex():
+        return False
+    if x.ndim == 3 and x.shape[0] not in IMAGE_CHANNELS:
+        return False
+    if x.ndim not in (2, 3):
+        return False
+    return min(x.shape[-2:]) >= MIN_IMAGE_SIDE
+
+
+def row_value(values: Optional[torch.Tensor], row: int) -> Any:
+    """Row ``row`` of ``values`` as a Python value (``.item()`` / ``.tolist()``), None without values."""
+    if values is None:
+        return None
+    value = values[row]
+    return value.item() if value.numel() == 1 else value.tolist()

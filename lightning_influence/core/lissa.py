@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
+from lightning_influence.config import LissaConfig
 from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.config import LissaConfig
 from lightning_influence.core.eigen import top_eigenvalue
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]

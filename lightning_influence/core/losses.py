@@ -99,3 +99,40 @@ def check_per_example_losses(losses: Any, batch_size: int) -> torch.Tensor:
             f" batch), but got shape {list(losses.shape)}.{hint}"
         )
     return losses
+
+
+def call_loss_fn(loss_fn: LossFn, model: nn.Module, batch: Batch) -> Any:
+    """``loss_fn(model, batch)``; a failure to read the batch says what the batch looks like and what to do."""
+    try:
+        return loss_fn(model, batch)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+        raise TypeError(
+            f"`loss_fn` failed on a batch of the data ({_batch_structure(batch)}) with"
+            f" {type(err).__name__}: {err}. The loss function must accept the batches your DataLoader yields: pass"
+            " `loss_fn=lambda module, batch: ...` (or define `per_example_loss(batch)`) that unpacks them, returning"
+            " one loss per example."
+        ) from err
+
+
+def _batch_structure(batch: Batch) -> str:
+    if isinstance(batch, dict):
+        return f"a dict with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    if isinstance(batch, torch.Tensor):
+        return f"a Tensor of shape {list(batch.shape)}"
+    return f"a {type(batch).__name__}"
+
+
+def check_finite_losses(losses: Any, indices: torch.Tensor, split: str) -> torch.Tensor:
+    """Per-example losses of the right shape and all finite; else an error naming the dataset indices."""
+    losses = check_per_example_losses(losses, len(indices))
+    bad = ~torch.isfinite(losses.detach())
+    if bool(bad.any()):
+        where = indices[bad.cpu()][:10].tolist()
+        raise ValueError(
+            f"Expected finite per-example losses, but the {split} examples {where} have loss"
+            f" {losses.detach()[bad][:10].tolist()}. Influence needs finite losses and gradients: check those examples"
+            " (NaN inputs, labels out of range) and the model (diverged weights), e.g. `torch.isfinite(loss)`."
+        )
+    return losses

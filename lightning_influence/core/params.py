@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -45,28 +42,6 @@ def unflatten(vector: torch.Tensor, like: Params) -> Params:
     if offset != vector.shape[-1]:
         raise ValueError(f"Expected vectors of length {offset}, but got length {vector.shape[-1]}.")
     return out
-
-
-@contextlib.contextmanager
-def analysis_mode(model: nn.Module, seed: int | None = None) -> Iterator[None]:
-    """Run analysis in ``eval()`` mode with the RNG state saved, then restore both.
-
-    BatchNorm uses its running statistics and dropout is off, so the analysed function is deterministic;
-    training continues afterwards exactly as it would have without the analysis.
-    """
-    modes = {module: module.training for module in model.modules()}
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
-    cuda_devices = sorted({d.index or 0 for d in devices})
-    with torch.random.fork_rng(devices=cuda_devices):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.eval()
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                yield
-        finally:
-            for module, mode in modes.items():
-                module.train(mode)
 
 
 def model_device(model: nn.Module) -> torch.device:

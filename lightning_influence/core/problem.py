@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_influence.config import CGConfig, ExactConfig, LissaConfig, LowRankConfig, SolverConfig
 from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.config import (
-    CGConfig,
-    ExactConfig,
-    LissaConfig,
-    LowRankConfig,
-    SolveInfo,
-    SolverConfig,
-    STest,
-)
-from lightning_influence.core.direct import ExactInverse, LowRankInverse, conjugate_gradient
 from lightning_influence.core.eigen import lanczos
 from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
+from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conjugate_gradient
 from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
 from lightning_influence.core.losses import FunctionalLoss, LossFn
 from lightning_influence.core.params import model_device, num_parameters, trainable_parameters
 from lightning_influence.core.scoring import iter_scores
+from lightning_influence.results import SolveInfo, STest
 
 
 class InfluenceProblem:
@@ -174,25 +168,25 @@ class InfluenceProblem:
             w = inverse.eigenvalues
             x = inverse.solve(vectors)
             info = SolveInfo(
-                "exact", self.damping, 0.0, float(w[0]) + self.damping > 0, eigenvalue_min=float(w[0]),
-                eigenvalue_max=float(w[-1]),
+                "exact", self.damping, converged=float(w[0]) + self.damping > 0, seconds=0.0,
+                eigenvalue_min=float(w[0]), eigenvalue_max=float(w[-1]),
             )
         elif isinstance(config, LowRankConfig):
             low_rank = self.low_rank_inverse()
             x = low_rank.solve(vectors)
             info = SolveInfo(
-                "lowrank", self.damping, 0.0, True, eigenvalue_min=float(low_rank.eigenvalues.min()),
+                "lowrank", self.damping, converged=True, seconds=0.0, eigenvalue_min=float(low_rank.eigenvalues.min()),
                 eigenvalue_max=float(low_rank.eigenvalues.max()), iterations=config.steps,
             )
         elif isinstance(config, CGConfig):
             x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)
-            info = SolveInfo("cg", self.damping, 0.0, converged, trace=trace[None], iterations=iterations)
+            info = SolveInfo("cg", self.damping, converged=converged, seconds=0.0, trace=trace[None], iterations=iterations)
         else:
             total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
             x = total / config.repeats
             info = lissa_info(self.damping, self.lissa_scale(), traces, config)
         seconds = time.perf_counter() - start
-        return STest(x, SolveInfo(**{**info.__dict__, "seconds": seconds}))
+        return STest(x, replace(info, seconds=seconds))
 
     # -- scoring ------------------------------------------------------------------------------------------
     def scores(self, s_vectors: torch.Tensor, batches: Iterable[Batch] | None = None, method: str = "auto",
@@ -210,4 +204,4 @@ def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config:
         row[: len(t)] = t
     final = torch.stack([t[-1] for t in traces])
     converged = bool((final < max(config.tol, 0.05)).all())
-    return SolveInfo("lissa", damping, 0.0, converged, scale=scale, trace=trace, iterations=steps)
+    return SolveInfo("lissa", damping, converged=converged, seconds=0.0, scale=scale, trace=trace, iterations=steps)

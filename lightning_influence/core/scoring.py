@@ -21,18 +21,18 @@ in halves before the error is raised.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
 import torch
 from torch.func import jvp, vmap
 
+from lightning_influence.config import SCORING_METHODS
 from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch, slice_batch
-from lightning_influence.core.config import SCORING_METHODS
 from lightning_influence.core.factored import FactoredLayer, factored_dot, factored_layers
 from lightning_influence.core.losses import FunctionalLoss
 from lightning_influence.core.params import Params, num_parameters, unflatten
+from lightning_influence.results import TopInfluences
 
 #: Most floats held at once by the per-example-gradient path (chunk x P): 2^26 floats = 256 MiB in float32.
 PER_EXAMPLE_BUDGET = 2**26
@@ -102,7 +102,7 @@ def _factored_agrees(loss: FunctionalLoss, params: Params, batch: Batch, s_vecto
     return bool((fast - reference).norm() <= FACTORED_CHECK_TOLERANCE * reference.norm().clamp_min(1e-12))
 
 
-def iter_scores(
+def iter_scores(  # long: method choice, spot check, out-of-memory halving share one loop
     loss: FunctionalLoss,
     params: Params,
     batches: Iterable[Batch],
@@ -166,20 +166,6 @@ def iter_scores(
             start = stop
 
 
-@dataclass(frozen=True)
-class TopInfluences:
-    """Top-m harmful (largest positive) and helpful (most negative) training examples per test point.
-
-    Rows are test points; ``*_indices`` hold training indices, ``*_scores`` their influence, sorted from
-    the strongest. Fewer than m columns when the training set is smaller.
-    """
-
-    harmful_indices: torch.Tensor
-    harmful_scores: torch.Tensor
-    helpful_indices: torch.Tensor
-    helpful_scores: torch.Tensor
-
-
 class StreamingTopK:
     """Keeps the top-m harmful and helpful training examples while scores stream in: O(k m) memory."""
 
@@ -219,3 +205,15 @@ def top_influences_of(scores: torch.Tensor, indices: torch.Tensor, m: int) -> To
     low = scores.topk(width, dim=1, largest=False)
     return TopInfluences(indices.gather(1, high.indices), high.values, indices.gather(1, low.indices), low.values)
 
+
+def merge_top_influences(tops: Sequence[TopInfluences], k: int) -> TopInfluences:
+    """The top-k of disjoint shards from their own top-k lists: harmful among harmful, helpful among helpful.
+
+    Merged separately, no example is listed twice: in a shard of fewer than 2k examples an example can be in
+    both of that shard's lists.
+    """
+    harmful = top_influences_of(torch.cat([t.harmful_scores for t in tops], 1),
+                                torch.cat([t.harmful_indices for t in tops], 1), k)
+    helpful = top_influences_of(torch.cat([t.helpful_scores for t in tops], 1),
+                                torch.cat([t.helpful_indices for t in tops], 1), k)
+    return TopInfluences(harmful.harmful_indices, harmful.harmful_scores, helpful.helpful_indices, helpful.helpful_scores)

@@ -1,4 +1,4 @@
-"""Output only (rank 0): result records and the writers that render them.
+"""Output only (rank 0): the writers that render result records (re-exported here for convenience).
 
 TensorBoard (captioned image grids, markdown tables, histograms, scalars), files (JSON top lists, score
 tensors, written atomically) and a rich console summary. No Lightning imports here.
@@ -24,16 +24,17 @@ from lightning_influence.reporting.files import (
     write_score_shard,
 )
 from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
-from lightning_influence.reporting.records import (
+from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
+from lightning_influence.reporting.tensorboard import write_mislabel_report, write_report
+from lightning_influence.results import (
     ExplainedPoint,
     Influencer,
     InfluenceReport,
     MislabelCandidate,
     MislabelReport,
+    SolveInfo,
     SolverSummary,
 )
-from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
-from lightning_influence.reporting.tensorboard import write_mislabel_report, write_report
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -46,6 +47,7 @@ __all__ = [
     "Influencer",
     "MislabelCandidate",
     "MislabelReport",
+    "SolveInfo",
     "SolverSummary",
     "influence_grid_figure",
     "looks_like_image",

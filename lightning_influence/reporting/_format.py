@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_influence.reporting.records import ExplainedPoint, Influencer, MislabelCandidate, SolverSummary
+from lightning_influence.results import ExplainedPoint, Influencer, MislabelCandidate, SolveInfo
 
 SIGN_CONVENTION = (
     "positive = harmful (up-weighting the training example raises the validation loss); negative = helpful"
@@ -97,7 +97,7 @@ def point_heading(point: ExplainedPoint) -> str:
     )
 
 
-def solver_line(solver: SolverSummary) -> str:
+def solver_line(solver: SolveInfo) -> str:
     """One-line description of how s_test was solved: solver, damping, scale, convergence, time."""
     status = "converged" if solver.converged else "NOT converged"
     return (

@@ -9,13 +9,13 @@ from rich.table import Table
 from lightning_influence.reporting._format import (
     format_float,
     format_top,
-    mislabel_row,
     format_value,
+    mislabel_row,
     solver_line,
     timings_line,
 )
-from lightning_influence.reporting.records import InfluenceReport, MislabelReport
 from lightning_influence.reporting.tables import mislabel_agreement
+from lightning_influence.results import InfluenceReport, MislabelReport
 
 
 def summary_table(report: InfluenceReport) -> Table:

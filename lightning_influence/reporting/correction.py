@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lightning_influence.correction import CorrectionIteration, CorrectionReport, Metrics
+from lightning_influence.results import CorrectionIteration, CorrectionReport, Metrics
 
 
 def write_correction_scalars(writer: Any, tag: str, step: int, metrics: dict[str, Metrics],

@@ -19,13 +19,13 @@ from typing import IO, Any, Union
 import torch
 
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
-from lightning_influence.reporting.records import (
+from lightning_influence.results import (
     ExplainedPoint,
     Influencer,
     InfluenceReport,
     MislabelCandidate,
     MislabelReport,
-    SolverSummary,
+    SolveInfo,
     TrustReport,
 )
 
@@ -235,7 +235,7 @@ def write_mislabel_files(directory: PathLike, report: MislabelReport) -> Path:
     return write_json_atomic(path, mislabel_to_dict(report))
 
 
-def _solver_to_dict(solver: SolverSummary) -> dict[str, Any]:
+def _solver_to_dict(solver: SolveInfo) -> dict[str, Any]:
     return {
         "solver": str(solver.solver),
         "damping": to_builtin(float(solver.damping)),

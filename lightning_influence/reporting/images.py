@@ -15,16 +15,15 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lightning_influence.core.batching import IMAGE_CHANNELS, MIN_IMAGE_SIDE, looks_like_image
 from lightning_influence.reporting._format import format_float, format_influence, format_value
-from lightning_influence.reporting.records import (
+from lightning_influence.results import (
     ExplainedPoint,
     Influencer,
     MislabelCandidate,
     MislabelReport,
 )
 
-IMAGE_CHANNELS = (1, 3, 4)
-MIN_IMAGE_SIDE = 4
 MAX_COLUMNS = 8
 MAX_CAPTION_VALUE = 12  # characters of a label or prediction shown under a tile
 TILE_INCHES = 1.7
@@ -37,29 +36,6 @@ ROLE_COLOURS = {"validation": "tab:blue", "harmful": "tab:red", "helpful": "tab:
 MISLABEL_CAPTION_INCHES = 0.95  # five caption lines under each mislabel tile
 MISLABEL_TITLE_INCHES = 1.0  # four title lines
 MISLABEL_COLOURS = {"disagrees": "tab:red", "fits": "tab:orange"}
-
-
-def looks_like_image(x: torch.Tensor) -> bool:
-    """Whether ``x`` is one example that can be drawn as an image.
-
-    Args:
-        x: a single example's input (no batch dimension).
-
-    Returns:
-        True for ``[C, H, W]`` with ``C`` in (1, 3, 4) or for ``[H, W]``, with ``H, W >= 4``; False for
-        anything else (flat feature vectors, token ids, batches, non-tensors).
-
-    Example:
-        >>> looks_like_image(torch.zeros(1, 28, 28)), looks_like_image(torch.zeros(784))
-        (True, False)
-    """
-    if not isinstance(x, torch.Tensor) or x.is_complex():
-        return False
-    if x.ndim == 3 and x.shape[0] not in IMAGE_CHANNELS:
-        return False
-    if x.ndim not in (2, 3):
-        return False
-    return min(x.shape[-2:]) >= MIN_IMAGE_SIDE
 
 
 def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS) -> Figure:

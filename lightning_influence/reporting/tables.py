@@ -10,17 +10,17 @@ from lightning_influence.reporting._format import (
     format_float,
     format_influence,
     format_top,
-    mislabel_row,
     format_value,
+    mislabel_row,
     point_heading,
     solver_line,
     timings_line,
 )
-from lightning_influence.reporting.records import (
+from lightning_influence.results import (
     ExplainedPoint,
     InfluenceReport,
     MislabelReport,
-    SolverSummary,
+    SolveInfo,
 )
 
 POINT_COLUMNS = ("role", "dataset index", "label", "prediction", "loss", "influence")
@@ -49,7 +49,7 @@ SELF_INFLUENCE_NOTE = (
 REMOVAL_NOTE = "Removing a training example changes the validation loss by about -influence / n."
 
 
-def point_markdown(point: ExplainedPoint, solver: SolverSummary) -> str:
+def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
     """Markdown table of one validation point and its top harmful and helpful training examples.
 
     Args:

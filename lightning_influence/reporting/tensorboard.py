@@ -11,14 +11,14 @@ from typing import Any, Protocol
 import torch
 
 from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
-from lightning_influence.reporting.records import (
+from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
+from lightning_influence.results import (
     ExplainedPoint,
     InfluenceReport,
     MislabelReport,
-    SolverSummary,
+    SolveInfo,
     TrustReport,
 )
-from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
 
 PREFIX = "influence"
 MAX_TRACE_POINTS = 200
@@ -144,7 +144,7 @@ def has_image_inputs(point: ExplainedPoint) -> bool:
     return all(x is not None and looks_like_image(x) for x in inputs)
 
 
-def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: SolverSummary, step: int) -> None:
+def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: SolveInfo, step: int) -> None:
     tag = f"{PREFIX}/val_{point.val_index}"
     if has_image_inputs(point):
         writer.add_figure(f"{tag}/examples", influence_grid_figure(point), global_step=step)
@@ -153,7 +153,7 @@ def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: Solve
         _write_histogram(writer, f"{tag}/scores", point.scores, step)
 
 
-def _write_trace(writer: SummaryWriterLike, solver: SolverSummary, epoch: int, step: int) -> None:
+def _write_trace(writer: SummaryWriterLike, solver: SolveInfo, epoch: int, step: int) -> None:
     """The solver's final trace value (max over repeats) and each repeat's subsampled trace.
 
     Tags carry the solver's name: ``influence/lissa/final_update`` and ``influence/lissa_trace/...`` for

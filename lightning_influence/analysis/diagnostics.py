@@ -1,0 +1,256 @@
+"""Self-diagnosis of an analysis: how far to trust its s_test vectors and its top lists.
+
+Three measurements per analysis, all computed the same way on every rank (no collective):
+
+* the relative residual ``||(H + damping I) x - v|| / ||v||`` of each solved ``x = s_test``, from one HVP with
+  the Hessian of a fixed seeded subset of :data:`RESIDUAL_EXAMPLES` training examples (the full training
+  set when it is no larger; the subset size is reported);
+* the agreement between independent LiSSA repeats: Pearson and Spearman correlation of the top-k training
+  scores ``-x_half . grad L(z)`` computed from the even-numbered and the odd-numbered repeats;
+* the model's distance from a minimum: ``||grad R + weight_decay theta|| / rms_i ||grad L(z_i)||`` estimated on a
+  fixed subset of :data:`GRADIENT_EXAMPLES` examples (debiased for sampling: about 0 at a minimum).
+
+Warnings follow the literature: Koh & Liang (2017) assume a minimum with a positive-definite Hessian;
+Basu et al. (2021) found estimates fragile without weight decay and in deeper or wider networks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_influence.config import LissaConfig, SolverConfig
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.eigen import top_eigenvalue
+from lightning_influence.core.hvp import dataset_hvp
+from lightning_influence.core.lissa import SCALE_MARGIN, minibatch_stream, repeat_seed
+from lightning_influence.core.params import flatten
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
+from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
+
+#: Training examples in the Hessian of the residual check (a fixed seeded subset beyond this).
+RESIDUAL_EXAMPLES = 2048
+#: Training examples whose per-example gradients measure the distance from a minimum.
+GRADIENT_EXAMPLES = 512
+#: Minibatches of the recursion's size probed for the top eigenvalue when ``scale`` is a number.
+EIGEN_PROBE_BATCHES = 2
+#: Heuristic thresholds of the warnings (documented in docs/trust.md).
+SMALL_LISSA_BATCH = 8
+DEEP_WEIGHT_LAYERS = 8
+WIDE_LAYER_UNITS = 1024
+GRADIENT_RATIO_LIMIT = 0.1
+RESIDUAL_LIMIT = 0.5
+AGREEMENT_LIMIT = 0.5
+
+
+def fixed_subset(n: int, size: int, seed: int = 0) -> list[int]:
+    """All of ``range(n)`` when ``n <= size``, else ``size`` indices drawn by a seeded permutation (sorted)."""
+    if n <= size:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
+def relative_residuals(
+    problem: InfluenceProblem, train: IndexedData, v: torch.Tensor, x: torch.Tensor, subset: Sequence[int]
+) -> torch.Tensor:
+    """``||(H_S + damping I) x - v|| / ||v||`` per row, ``H_S`` the Hessian of the training examples ``subset``."""
+    batches = (batch for _, batch in train.batches_with_indices(subset))
+    damped = dataset_hvp(problem.loss, problem.params, batches, x.to(v.dtype)) + problem.damping * x
+    return (damped - v).norm(dim=1) / v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def correlations(a: torch.Tensor, b: torch.Tensor) -> tuple[Optional[float], Optional[float]]:
+    """Pearson and Spearman correlation of two score vectors (None when undefined: < 3 values or constant)."""
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef  # lazy: a few seconds to import
+
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.numel() < 3 or float(a.std()) == 0.0 or float(b.std()) == 0.0:
+        return None, None
+    pearson, spearman = float(pearson_corrcoef(a, b)), float(spearman_corrcoef(a, b))
+    return (pearson if math.isfinite(pearson) else None), (spearman if math.isfinite(spearman) else None)
+
+
+def repeat_agreement(
+    problem: InfluenceProblem, train: IndexedData, top: TopInfluences, half_a: torch.Tensor, half_b: torch.Tensor
+) -> list[tuple[Optional[float], Optional[float]]]:
+    """Per point, Pearson/Spearman of the scores of its top-k (harmful and helpful) examples under the two halves."""
+    rows = [torch.cat([top.harmful_indices[r], top.helpful_indices[r]]).unique() for r in range(half_a.shape[0])]
+    union = torch.cat(rows).unique()
+    if union.numel() == 0:
+        return [(None, None)] * len(rows)
+    gradients = problem.gradients(train.fetch(union.tolist()))
+    position = {int(index): row for row, index in enumerate(union.tolist())}
+    result = []
+    for r, indices in enumerate(rows):
+        g = gradients[[position[int(i)] for i in indices.tolist()]]
+        result.append(correlations(-(g @ half_a[r].to(g)), -(g @ half_b[r].to(g))))
+    return result
+
+
+def gradient_ratio(
+    problem: InfluenceProblem, train: IndexedData, subset: Sequence[int], weight_decay: float = 0.0
+) -> float:
+    """``||grad R + weight_decay theta|| / sqrt(mean_i ||g_i||^2)`` estimated from the per-example gradients g_i of
+    ``subset``.
+
+    With ``m = len(subset)`` of ``n`` examples the sample mean's squared norm is debiased by its sampling
+    variance ``(mean_i ||g_i||^2 - ||mean_i g_i||^2) / m * (1 - m / n)``, so a model at a minimum reads about 0
+    whatever m (exactly 0 when the subset is the whole training set).
+    """
+    chunk = max(1, min(train.batch_size, PER_EXAMPLE_BUDGET // max(problem.num_params, 1)))
+    total, squares = None, 0.0
+    for start in range(0, len(subset), chunk):
+        g = problem.gradients(train.fetch(subset[start : start + chunk])).double()
+        total = g.sum(0) if total is None else total + g.sum(0)
+        squares += float((g**2).sum())
+    if total is None:
+        raise ValueError("Expected the training data to hold at least one example, but it is empty.")
+    m = len(subset)
+    mean = total / m
+    second_moment = squares / m
+    variance = max(second_moment - float(mean.norm()) ** 2, 0.0) / m * (1.0 - m / max(len(train), m))
+    if weight_decay:
+        mean = mean + weight_decay * flatten(problem.params).double()
+    return math.sqrt(max(float(mean.norm()) ** 2 - variance, 0.0)) / max(math.sqrt(second_moment), 1e-300)
+
+
+def lissa_top_eigenvalue(problem: InfluenceProblem, train: IndexedData) -> Optional[float]:
+    """Estimated top eigenvalue of the recursion's ``H_j + damping I`` (what ``scale`` must exceed), or None."""
+    config = problem.config
+    if not isinstance(config, LissaConfig):
+        return None
+    if config.scale == "auto":
+        return problem.lissa_scale() / SCALE_MARGIN
+    stream = minibatch_stream(train.dataset, config.batch_size, train.collate_fn, repeat_seed(config.seed, -2),
+                              problem.device)
+    like = next(iter(problem.params.values()))
+    generator = torch.Generator().manual_seed(0)
+    largest = 0.0
+    for _ in range(EIGEN_PROBE_BATCHES):
+        batch = next(stream)
+        matvec = lambda x, b=batch: problem.minibatch_hvp(b, x) + problem.damping * x
+        largest = max(largest, top_eigenvalue(matvec, problem.num_params, generator=generator, like=like))
+    return largest
+
+
+def structure_warnings(model: nn.Module) -> list[TrustWarning]:
+    """BatchNorm/Dropout (handled by eval mode), and depth/width beyond which Basu et al. found estimates fragile."""
+    warnings = []
+    normalising = sorted({type(m).__name__ for m in model.modules()
+                          if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))})
+    if normalising:
+        warnings.append(TrustWarning(
+            "batchnorm_dropout", f"The model has {', '.join(normalising)}: the analysis runs in eval mode (BatchNorm"
+            " uses its running statistics, dropout is off), so it explains the eval-mode function, not the noisy"
+            " training-mode one. Nothing to do.", "info"))
+    weights = [p for m in model.modules() for name, p in m.named_parameters(recurse=False)
+               if name == "weight" and p.dim() >= 2 and p.requires_grad]
+    if len(weights) > DEEP_WEIGHT_LAYERS:
+        warnings.append(TrustWarning(
+            "deep_model", f"The model has {len(weights)} trainable weight layers (> {DEEP_WEIGHT_LAYERS}): Basu et al."
+            " (2021) found influence estimates degrade with depth. Check a few answers with `verify_leave_one_out`,"
+            " or analyse only the last layers (freeze the others with requires_grad=False)."))
+    widest = max((p.shape[0] for p in weights), default=0)
+    if widest > WIDE_LAYER_UNITS:
+        warnings.append(TrustWarning(
+            "wide_model", f"The widest layer has {widest} units (> {WIDE_LAYER_UNITS}): Basu et al. (2021) found"
+            " influence estimates degrade with width. Check a few answers with `verify_leave_one_out`."))
+    return warnings
+
+
+def setting_warnings(
+    config: SolverConfig, info: SolveInfo, damping: float, weight_decay: Optional[float], top: Optional[float]
+) -> list[TrustWarning]:
+    """No damping / weight decay, divergence-prone LiSSA settings, a solve that did not converge."""
+    warnings = []
+    if damping == 0:
+        warnings.append(TrustWarning(
+            "no_damping", "damping=0: a trained network's Hessian has negative and near-zero eigenvalues, so"
+            " (H + 0 I)^-1 amplifies them. Set damping to at least the training weight decay (e.g. 0.01)."))
+    if weight_decay is not None and weight_decay == 0:
+        warnings.append(TrustWarning(
+            "no_weight_decay", "The model was trained without weight decay: Basu et al. (2021) found influence"
+            " estimates far less accurate without it (Koh & Liang assume a strictly convex objective). Train with"
+            " weight decay, or keep damping well above 0."))
+    elif weight_decay and damping < weight_decay:
+        warnings.append(TrustWarning(
+            "damping_below_weight_decay", f"damping={damping:g} is below the training weight decay {weight_decay:g}:"
+            " the Hessian of the trained objective already includes weight_decay * I. Use damping >= weight decay."))
+    if isinstance(config, LissaConfig):
+        if top is not None and config.scale != "auto" and float(config.scale) < top:
+            warnings.append(TrustWarning(
+                "scale_below_top_eigenvalue", f"scale={config.scale:g} is below the estimated top eigenvalue {top:.4g}"
+                " of the minibatch Hessian plus damping: the recursion can diverge or converge slowly. Use"
+                f" scale='auto' or scale >= {SCALE_MARGIN * top:.3g}."))
+        if config.batch_size < SMALL_LISSA_BATCH:
+            warnings.append(TrustWarning(
+                "small_lissa_batch", f"LiSSA batch_size={config.batch_size} (< {SMALL_LISSA_BATCH}): minibatch Hessians"
+                " of few examples have far larger top eigenvalues than the full one, so the recursion needs a large"
+                " scale and is divergence-prone. Raise `batch_size` or use more `repeats`."))
+    if not info.converged:
+        warnings.append(TrustWarning(
+            "not_converged", f"The {info.solver} solve did not meet its convergence test. Raise `depth` (LiSSA) or"
+            " `max_iter` (CG), or raise `damping`."))
+    return warnings
+
+
+def measurement_warnings(
+    residuals: Sequence[Optional[float]], agreements: Sequence[Optional[float]], ratio: Optional[float], examples: int
+) -> list[TrustWarning]:
+    """Large residuals, disagreeing repeats and a model far from a minimum."""
+    warnings = []
+    large = [r for r in residuals if r is not None and not r <= RESIDUAL_LIMIT]
+    if large:
+        warnings.append(TrustWarning(
+            "large_residual", f"{len(large)} s_test residual(s) ||(H + damping I) x - v|| / ||v|| exceed"
+            f" {RESIDUAL_LIMIT} (worst {max(large):.3g}): the solve is inaccurate. Raise `depth`/`repeats` or"
+            " `damping`, or use solver='cg'."))
+    low = [a for a in agreements if a is not None and a < AGREEMENT_LIMIT]
+    if low:
+        warnings.append(TrustWarning(
+            "repeats_disagree", f"For {len(low)} point(s) the top-k scores of two halves of the LiSSA repeats agree"
+            f" poorly (Spearman {min(low):.2f} < {AGREEMENT_LIMIT}): the ranking is mostly noise. Raise `repeats`,"
+            " `depth` or `batch_size`."))
+    limit = GRADIENT_RATIO_LIMIT
+    if ratio is not None and ratio > limit:
+        warnings.append(TrustWarning(
+            "model_not_converged", f"The training gradient is large (||grad R|| / rms ||grad L(z)|| = {ratio:.2f} >"
+            f" {limit:.2f}): the model is far from a minimum, where influence functions assume it is (Koh & Liang"
+            " 2017). Analyse later in training (every_n_epochs) or at the end of fit."))
+    return warnings
+
+
+def diagnose(
+    problem: InfluenceProblem,
+    train: IndexedData,
+    val_indices: Sequence[int],
+    gradients: torch.Tensor,
+    s_vectors: torch.Tensor,
+    halves: Optional[tuple[torch.Tensor, torch.Tensor]],
+    top: TopInfluences,
+    info: SolveInfo,
+    weight_decay: Optional[float] = None,
+) -> TrustReport:
+    """All diagnostics of one analysis (see the module docstring)."""
+    residual_subset = fixed_subset(len(train), RESIDUAL_EXAMPLES)
+    residuals = relative_residuals(problem, train, gradients, s_vectors, residual_subset).tolist()
+    agreement = (repeat_agreement(problem, train, top, *halves) if halves is not None
+                 else [(None, None)] * len(val_indices))
+    gradient_subset = fixed_subset(len(train), GRADIENT_EXAMPLES, seed=1)
+    ratio = gradient_ratio(problem, train, gradient_subset, weight_decay or 0.0)
+    top_eig = lissa_top_eigenvalue(problem, train)
+    points = tuple(PointTrust(int(i), _finite(r), p, s) for i, r, (p, s) in zip(val_indices, residuals, agreement))
+    warnings = (structure_warnings(problem.model)
+                + setting_warnings(problem.config, info, problem.damping, weight_decay, top_eig)
+                + measurement_warnings([p.residual for p in points], [p.repeat_spearman for p in points], ratio,
+                                       len(gradient_subset)))
+    return TrustReport(points, tuple(warnings), len(residual_subset), _finite(ratio), len(gradient_subset), top_eig)
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None

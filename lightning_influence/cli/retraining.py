@@ -1,0 +1,215 @@
+"""The subcommands that retrain from a checkpoint: ``correct`` (influence-guided fine-tuning) and ``verify-loo``
+(leave-one-out retraining against the influence predictions)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from lightning_influence.cli.commands import (
+    STAGE,
+    add_checkpoint_arguments,
+    check_exports,
+    flags_of,
+    report_done,
+    single_loader,
+)
+from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
+from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SOLVERS
+
+
+# -- correct ---------------------------------------------------------------------------------------------------
+def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    slice_ = parser.add_argument_group("the slice to fix (validation examples)")
+    slice_.add_argument("--anchor-indices", type=int, nargs="+", metavar="I", help="validation indices of the slice"
+                        " (default: every validation example the checkpoint misclassifies)")
+    slice_.add_argument("--anchor-label", type=int, metavar="C", help="keep only slice examples whose label is C"
+                        " (e.g. the class the model confuses)")
+    slice_.add_argument("--heldout-fraction", type=float, default=0.5, help="share of the slice held out to"
+                        " measure the fix, never used as anchors (default: 0.5; 0 measures on the anchors only)")
+    budget = parser.add_argument_group("budget and method (the correct_errors arguments of the same names)")
+    budget.add_argument("--selection", default="helpful", choices=("helpful", "random", "anchors", "harmful"),
+                        help="what to fine-tune on each round (default: helpful)")
+    budget.add_argument("--iterations", type=int, default=10, help="rounds (default: 10)")
+    budget.add_argument("--anchors-per-iteration", type=int, default=10, help="anchors sampled per round (default: 10)")
+    budget.add_argument("--examples-per-iteration", type=int, default=10,
+                        help="training examples chosen per round (default: 10)")
+    budget.add_argument("--steps-per-iteration", type=int, default=1, help="optimizer steps per round (default: 1)")
+    budget.add_argument("--lr", type=float, default=0.01, help="learning rate of the fresh optimizer (default: 0.01)")
+    budget.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fresh optimizer (default: sgd)")
+    budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
+                        help="s_test solver (default: lissa)")
+    budget.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                        help=f"lambda added to the Hessian (default: {DEFAULT_DAMPING})")
+    budget.add_argument("--seed", type=int, default=0, help="seeds the held-out split, anchor sampling and random"
+                        " selection (default: 0)")
+    parser.add_argument("--save-checkpoint", metavar="PATH", help="write the corrected weights as a checkpoint"
+                        " (the input checkpoint with its state_dict replaced)")
+
+
+def run_correct(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import Subset
+
+    from lightning_influence.correct import correct_errors
+
+    if not 0 <= args.heldout_fraction < 1:
+        raise UsageError(f"Expected `--heldout-fraction` in [0, 1), but got {args.heldout_fraction}.")
+    context = load_context(args)
+    val_loader = single_loader(context.val_loader)
+    slice_indices = _slice_indices(context, val_loader, args)
+    order = torch.randperm(len(slice_indices), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    held = int(round(args.heldout_fraction * len(slice_indices)))
+    heldout = sorted(slice_indices[i] for i in order[:held])
+    anchors = sorted(slice_indices[i] for i in order[held:])
+    if not anchors:
+        raise UsageError(f"The slice has {len(slice_indices)} example(s) and all are held out: lower"
+                         " `--heldout-fraction` or pass more `--anchor-indices`.")
+    trainer = _posthoc_trainer(args, context)
+    loss_fn = _loss_fn(args, context)
+    try:
+        report = correct_errors(
+            trainer, context.model, Subset(val_loader.dataset, anchors), train_dataloaders=context.train_loader,
+            heldout=Subset(val_loader.dataset, heldout) if heldout else None, val_dataloaders=val_loader,
+            iterations=args.iterations, anchors_per_iteration=min(args.anchors_per_iteration, len(anchors)),
+            examples_per_iteration=args.examples_per_iteration, steps_per_iteration=args.steps_per_iteration,
+            lr=args.lr, selection=args.selection, optimizer=args.optimizer, loss_fn=loss_fn, solver=args.solver,
+            damping=args.damping, seed=args.seed, verbose=not args.quiet,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.save_checkpoint:
+        meta = torch.load(context.checkpoint, map_location="cpu", weights_only=False)
+        meta["state_dict"] = {k: v.detach().cpu() for k, v in context.model.state_dict().items()}
+        Path(args.save_checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(meta, args.save_checkpoint)
+        print(f"Corrected checkpoint: {args.save_checkpoint}")
+    print(f"Slice: {len(anchors)} anchor(s), {len(heldout)} held out; {len(report.iterations)} round(s) of"
+          f" {args.selection!r} selection")
+    print(f"Results: {context.output_dir / 'influence'}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    return 0
+
+
+def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Namespace) -> list[int]:
+    """The validation indices to fix: given ones, else the misclassified ones (optionally of one label)."""
+    import torch
+
+    from lightning_influence.core.batching import describe_batch, prepare_batch
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.modes import analysis_mode
+
+    val = IndexedData.from_loader(val_loader)
+    device = torch.device(args.device)
+    labels, predictions = [], []
+    with analysis_mode(context.model):  # eval mode, restored afterwards
+        descriptions = [describe_batch(context.model, prepare_batch(batch, device))
+                        for _, batch in val.batches_with_indices(list(range(len(val))))]
+    for description in descriptions:
+        if description.labels is None or description.predictions is None:
+            if args.anchor_indices:
+                return _checked(args.anchor_indices, len(val))
+            raise UsageError("Cannot tell which validation examples are misclassified (batches are not (input,"
+                             " target) with class logits): pass `--anchor-indices`.")
+        labels.append(description.labels.cpu())
+        predictions.append(description.predictions.cpu())
+    label, prediction = torch.cat(labels), torch.cat(predictions)
+    if args.anchor_indices:
+        chosen = _checked(args.anchor_indices, len(val))
+    else:
+        chosen = (label != prediction).nonzero().flatten().tolist()
+    if args.anchor_label is not None:
+        chosen = [i for i in chosen if int(label[i]) == args.anchor_label]
+    if not chosen:
+        raise UsageError("The slice is empty: the checkpoint misclassifies no validation example"
+                         + (f" of label {args.anchor_label}" if args.anchor_label is not None else "")
+                         + ". Pass `--anchor-indices`.")
+    return chosen
+
+
+def _checked(indices: list[int], size: int) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise UsageError(f"`--anchor-indices` {bad} are outside the validation set (size {size}).")
+    return sorted(set(indices))
+
+
+def _posthoc_trainer(args: argparse.Namespace, context: PosthocContext) -> Any:
+    """A one-device Trainer logging to the output directory (the post-hoc command runs in one process)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    accelerator = "gpu" if str(args.device).startswith("cuda") else "cpu"
+    devices = [int(str(args.device).split(":")[1])] if ":" in str(args.device) else 1
+    return pl.Trainer(accelerator=accelerator, devices=devices, logger=TensorBoardLogger(str(context.output_dir),
+                      name="", version=""), enable_checkpointing=False, enable_model_summary=False,
+                      enable_progress_bar=not args.quiet)
+
+
+# -- verify-loo -----------------------------------------------------------------------------------------------
+def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser)
+    group = parser.add_argument_group("the check (lightning_influence.verify_leave_one_out)")
+    group.add_argument("--val-index", type=int, help="validation example to predict (default: the highest-loss one)")
+    group.add_argument("--num-points", type=int, default=10, help="training examples removed one at a time, largest"
+                       " |I| first (default: 10)")
+    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps of every retraining, warm-started"
+                       " from the checkpoint (default: 50)")
+    group.add_argument("--solver", default="exact", choices=SOLVERS,
+                       help="how the influence is computed (default: exact)")
+    group.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="lambda added to the Hessian; also the L2"
+                       f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
+    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: --damping)")
+
+
+def run_verify_loo(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightning_influence.analysis.leave_one_out import verify_leave_one_out
+    from lightning_influence.core.batching import prepare_batch
+    from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.reporting import write_json_atomic
+
+    check_exports(args)
+    context = load_context(args)
+    loss_fn = _loss_fn(args, context)
+    val = IndexedData.from_loader(single_loader(context.val_loader))
+    device = torch.device(args.device)
+    if args.val_index is None:
+        with analysis_mode(context.model), torch.no_grad():
+            losses = torch.cat([loss_fn(context.model, prepare_batch(batch, device)).cpu()
+                                for _, batch in val.batches_with_indices(list(range(len(val))))])
+        val_index = int(losses.argmax())
+    elif not 0 <= args.val_index < len(val):
+        raise UsageError(f"`--val-index` {args.val_index} is outside the validation set (size {len(val)}).")
+    else:
+        val_index = args.val_index
+    check = verify_leave_one_out(
+        context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
+        num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
+    )
+    record = {"val_index": val_index, "train_indices": list(check.train_indices), "influence": check.influence.tolist(),
+              "predicted_loss_change": check.predicted.tolist(), "actual_loss_change": check.actual.tolist(),
+              "pearson": check.pearson, "spearman": check.spearman, "steps": check.steps, "solver": args.solver,
+              "damping": args.damping, "train_size": check.train_size, "epoch": context.epoch,
+              "global_step": context.global_step, "stage": STAGE}
+    try:
+        writer = context.writer()
+        for name in ("pearson", "spearman"):
+            if getattr(check, name) is not None:
+                writer.add_scalar(f"influence/trust/loo_{name}", getattr(check, name), global_step=context.global_step)
+        path = write_json_atomic(context.output_dir / "influence" / f"loo_epoch={context.epoch}.json", record)
+    finally:
+        context.close()
+    if not args.quiet:
+        print(f"Leave-one-out check, validation example {val_index}, {len(check.train_indices)} removals,"
+              f" {check.steps} steps each: Pearson {check.pearson}, Spearman {check.spearman}")
+    report_done(context, path)
+    return 0
+
+
+def _loss_fn(args: argparse.Namespace, context: PosthocContext) -> Callable[[Any, Any], Any]:
+    """``--loss-fn``, else the model's ``per_example_loss`` (resolved as the callback resolves it)."""
+    return context.loss_fn(flags_of(args, ()).get("loss_fn"))

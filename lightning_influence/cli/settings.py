@@ -1,0 +1,89 @@
+"""The analysis settings of a post-hoc run: the callback's ``init_args`` from a config, overridden by flags.
+
+Builds the same config objects the callback builds (and validates them the same way), without constructing
+a callback. Lightning-free; torch-free until a config names a loss function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from lightning_influence.cli.loading import UsageError, import_object
+from lightning_influence.config import (
+    DEFAULT_DAMPING,
+    DEFAULT_SOLVER,
+    ExplainConfig,
+    LowRankConfig,
+    SolverConfig,
+    check_damping,
+    solver_config,
+)
+
+#: Callback arguments that are solver options (the flags --depth, --repeats, ...; legacy callback keywords).
+SOLVER_OPTIONS = ("depth", "repeats", "batch_size", "scale", "seed", "tol", "max_iter")
+#: Callback argument name -> ExplainConfig field, where they differ.
+_EXPLAIN_RENAMES = {"save_scores": "keep_full_scores", "candidates": "num_candidates"}
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What one post-hoc analysis runs with."""
+
+    explain: ExplainConfig
+    solver: SolverConfig
+    damping: float
+    mislabel: LowRankConfig
+    mislabel_count: int
+    loss_fn: Any = None
+
+
+def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> AnalysisSettings:
+    """Settings from a config's ``InfluenceCallback`` arguments overridden by command-line ``flags``."""
+    merged = {**callback_args, **flags}
+    explain_fields = {f.name for f in dataclasses.fields(ExplainConfig)}
+    try:
+        explain_args = {_EXPLAIN_RENAMES.get(k, k): v for k, v in merged.items()
+                        if _EXPLAIN_RENAMES.get(k, k) in explain_fields}
+        if explain_args.get("val_indices") is not None:
+            explain_args["val_indices"] = tuple(explain_args["val_indices"])
+        return AnalysisSettings(
+            explain=ExplainConfig(**explain_args),
+            solver=_solver(merged.get("solver", DEFAULT_SOLVER), {k: merged[k] for k in SOLVER_OPTIONS
+                                                                 if merged.get(k) is not None}),
+            damping=check_damping(merged.get("damping", DEFAULT_DAMPING)),
+            mislabel=LowRankConfig(rank=merged.get("mislabel_rank", LowRankConfig.rank)),
+            mislabel_count=int(merged.get("mislabel_candidates", 0)),
+            loss_fn=_loss_fn(merged.get("loss_fn")),
+        )
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _solver(solver: Any, options: dict[str, Any]) -> SolverConfig:
+    """A solver name, a config object or a YAML ``class_path``/``init_args`` entry, with ``options`` applied
+    where the solver has such a field (the flags are shared by all solvers)."""
+    if hasattr(solver, "class_path") or (isinstance(solver, dict) and "class_path" in solver):
+        get = solver.get if isinstance(solver, dict) else lambda key, default=None: getattr(solver, key, default)
+        init_args: Any = get("init_args") or {}
+        init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+        cls = import_object(str(get("class_path")), "the solver `class_path`")
+        solver = cls(**init_args)
+    config: Union[str, SolverConfig] = solver
+    if isinstance(config, str):
+        fields = {f.name for f in dataclasses.fields(solver_config(config))}
+        return solver_config(config, {k: v for k, v in options.items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in options.items() if k in fields})
+
+
+def _loss_fn(value: Optional[Any]) -> Any:
+    if isinstance(value, str):
+        module, _, name = value.partition(":") if ":" in value else value.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise UsageError(f"Could not import the loss function `{value}`: {err}.") from err
+    return value

@@ -1,0 +1,300 @@
+"""Every knob of the package, torch-free: solver configs, the analysis and correction configs, and each default.
+
+Each default is defined once here and every entry point (the callback, the functional API, ``correct_errors``,
+the command line) reads it from here. Configs validate themselves in ``__post_init__``, so a config that
+exists is a valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+SOLVERS = ("lissa", "cg", "exact", "lowrank")
+SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
+#: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
+DEFAULT_DAMPING = 0.01
+DEFAULT_SOLVER = "lissa"
+DEFAULT_SCORING = "auto"
+#: Training examples scored at once (bounds memory).
+DEFAULT_CHUNK_SIZE = 256
+#: Nearest-neighbour search backends for candidate preselection, and the named built-in feature choices.
+KNN_BACKENDS = ("torch", "faiss")
+DEFAULT_KNN_BACKEND = "torch"
+LAST_LAYER_GRAD = "last_layer_grad"
+ACTIVATIONS = "activations"
+FEATURE_NAMES = (LAST_LAYER_GRAD, ACTIVATIONS)
+#: Fine-tuning choices of :func:`~lightning_influence.correct_errors`.
+SELECTIONS = ("helpful", "random", "anchors", "harmful")
+
+
+def expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {allowed}, but got {value!r}.{(' ' + hint) if hint else ''}")
+
+
+@dataclass(frozen=True)
+class LissaConfig:
+    """LiSSA: ``h_j = v + h_{j-1} - (H_j + damping I) h_{j-1} / scale``, ``x = mean_r h_J^(r) / scale``.
+
+    Attributes:
+        depth: recursion steps J per repeat.
+        repeats: independent repeats T averaged (repeat r is seeded by ``(seed, r)`` alone).
+        batch_size: training examples B in each minibatch Hessian ``H_j``.
+        scale: must exceed half the top eigenvalue of ``H_j + damping I``; ``"auto"`` estimates it by power
+            iteration on minibatches of size ``batch_size``.
+        seed: base seed for minibatch sampling.
+        tol: stop a repeat early at the first step whose relative update ``||h_j - h_{j-1}|| / ||h_j||`` (max
+            over the test points) falls below it; that step is the repeat's last trace entry (0 runs all
+            ``depth`` steps).
+        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"``.
+    """
+
+    depth: int = 1000
+    repeats: int = 1
+    batch_size: int = 128
+    scale: Union[float, str] = "auto"
+    seed: int = 0
+    tol: float = 0.0
+    hvp_method: str = "double_backward"
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
+        expect(isinstance(self.repeats, int) and self.repeats >= 1, "repeats", "a positive int", self.repeats)
+        expect(
+            isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive int", self.batch_size
+        )
+        expect(
+            self.scale == "auto" or (isinstance(self.scale, (int, float)) and self.scale > 0),
+            "scale",
+            "a positive number or 'auto'",
+            self.scale,
+        )
+        expect(isinstance(self.seed, int), "seed", "an int", self.seed)
+        expect(isinstance(self.tol, (int, float)) and self.tol >= 0, "tol", "a number >= 0", self.tol)
+        expect(
+            self.hvp_method in ("double_backward", "forward_over_reverse"),
+            "hvp_method",
+            "'double_backward' or 'forward_over_reverse'",
+            self.hvp_method,
+        )
+
+
+@dataclass(frozen=True)
+class CGConfig:
+    """Conjugate gradient on full-data HVPs: stops when ``||r|| / ||v|| < tol`` or after ``max_iter``."""
+
+    max_iter: int = 200
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "a positive int", self.max_iter)
+        expect(isinstance(self.tol, (int, float)) and self.tol > 0, "tol", "a positive number", self.tol)
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    """Materialise H (P x P) and solve by eigendecomposition in float64: the reference for small models."""
+
+    max_parameters: int = 20_000
+
+    def __post_init__(self) -> None:
+        expect(self.max_parameters >= 1, "max_parameters", "a positive int", self.max_parameters)
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Top eigenpairs of H by Lanczos on HVPs; damping alone on the remaining directions.
+
+    Attributes:
+        rank: eigenpairs kept (largest eigenvalues).
+        iterations: Lanczos steps (each one HVP pass over ``hvp_examples``); 0 means ``2 * rank``.
+        hvp_examples: training examples the Lanczos HVPs average over (a fixed seeded subset; None = all).
+        seed: seeds the subset and the start vector.
+        residual: add ``(g - Q Q^T g) / damping`` for the directions outside the top eigenspace.
+    """
+
+    rank: int = 64
+    iterations: int = 0
+    hvp_examples: Optional[int] = 2048
+    seed: int = 0
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.rank, int) and self.rank >= 1, "rank", "a positive int", self.rank)
+        expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        expect(
+            self.hvp_examples is None or (isinstance(self.hvp_examples, int) and self.hvp_examples >= 1),
+            "hvp_examples",
+            "a positive int or None",
+            self.hvp_examples,
+        )
+
+    @property
+    def steps(self) -> int:
+        return self.iterations or 2 * self.rank
+
+
+SolverConfig = Union[LissaConfig, CGConfig, ExactConfig, LowRankConfig]
+_CONFIGS = {"lissa": LissaConfig, "cg": CGConfig, "exact": ExactConfig, "lowrank": LowRankConfig}
+
+
+def make_solver_config(solver: str, options: dict[str, Any]) -> SolverConfig:
+    """Build the config for ``solver`` from keyword options, rejecting options it does not take."""
+    expect(solver in SOLVERS, "solver", f"one of {SOLVERS}", solver)
+    cls = _CONFIGS[solver]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(
+            f"Unexpected option(s) {unknown} for solver={solver!r}. It takes: {sorted(allowed)} (and `damping`)."
+        )
+    return cls(**options)
+
+
+def check_damping(damping: float) -> float:
+    expect(
+        isinstance(damping, (int, float)) and damping >= 0,
+        "damping",
+        "a number >= 0 (the lambda added to H; pass the training weight decay / L2 strength)",
+        damping,
+    )
+    return float(damping)
+
+
+def check_num_candidates(num_candidates: Optional[int], n_train: Optional[int] = None) -> Optional[int]:
+    """``num_candidates`` (FastIF's kNN width) must be None or a positive int, at most ``n_train`` when known."""
+    ok = num_candidates is None or (isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
+                                    and num_candidates >= 1)
+    expect(ok, "num_candidates", "None or a positive int (training examples scored per point)", num_candidates)
+    if n_train is not None and num_candidates is not None:
+        expect(num_candidates <= n_train, "num_candidates",
+               f"at most the training-set size {n_train} (or None to score every training example)", num_candidates)
+    return num_candidates
+
+
+def check_feature_choice(feature_fn: Any, knn_backend: str = DEFAULT_KNN_BACKEND) -> None:
+    """``feature_fn`` is None, a callable or a named choice; ``"last_layer_grad"`` needs the torch backend."""
+    expect(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
+    if feature_fn is None or callable(feature_fn):
+        return
+    if feature_fn not in FEATURE_NAMES:
+        raise ValueError(
+            f"Expected `feature_fn` to be None (the default), {LAST_LAYER_GRAD!r} (last-layer loss gradients),"
+            f" {ACTIVATIONS!r} (input of the last nn.Linear) or a callable (model, batch) -> Tensor[B, D], but got"
+            f" {feature_fn!r}."
+        )
+    if feature_fn == LAST_LAYER_GRAD and knn_backend != "torch":
+        raise ValueError(
+            f"feature_fn={LAST_LAYER_GRAD!r} ranks by a factored gradient inner product that FAISS cannot index;"
+            " use knn_backend='torch' (exact) with it, or the default activation features with FAISS."
+        )
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """What an analysis explains and how it scores; validated on construction.
+
+    Attributes:
+        top_k: harmful and helpful training examples reported per point.
+        num_worst: highest-loss validation examples explained when ``val_indices`` is not given.
+        val_indices: validation dataset indices to explain (overrides ``num_worst``).
+        misclassified_only: pick the worst among misclassified validation examples only.
+        scoring: how training examples are scored (one of :data:`SCORING_METHODS`).
+        chunk_size: training examples scored at once (bounds memory).
+        keep_full_scores: keep every score (each rank its shard) for the score files.
+        diagnose: run the self-diagnosis (residuals, repeat agreement, warnings).
+        num_candidates: FastIF: score each point only against its ``num_candidates`` nearest training examples.
+        knn_backend: ``"torch"`` (exact) or ``"faiss"``.
+        feature_fn: how neighbours are found: None (``"last_layer_grad"`` with torch, ``"activations"`` with
+            FAISS), a named choice, or ``(model, batch) -> Tensor[B, D]``.
+    """
+
+    top_k: int = 10
+    num_worst: int = 8
+    val_indices: Optional[tuple[int, ...]] = None
+    misclassified_only: bool = False
+    scoring: str = DEFAULT_SCORING
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    keep_full_scores: bool = False
+    diagnose: bool = True
+    num_candidates: Optional[int] = None
+    knn_backend: str = DEFAULT_KNN_BACKEND
+    feature_fn: Union[Callable[..., Any], str, None] = None
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", "a positive int", self.top_k)
+        expect(isinstance(self.num_worst, int) and self.num_worst >= 1, "num_worst", "a positive int", self.num_worst)
+        if self.val_indices is not None:
+            ok = len(self.val_indices) > 0 and all(isinstance(i, int) and i >= 0 for i in self.val_indices)
+            expect(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", self.val_indices)
+            expect(len(set(self.val_indices)) == len(self.val_indices), "val_indices", "free of duplicates",
+                   list(self.val_indices), "List each validation index once.")
+        expect(self.scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), self.scoring)
+        expect(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", "a positive int",
+               self.chunk_size)
+        check_num_candidates(self.num_candidates)
+        check_feature_choice(self.feature_fn, self.knn_backend)
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """What one correction run (:func:`~lightning_influence.correct_errors`) does; validated on construction.
+
+    Attributes:
+        iterations: rounds of (sample anchors, choose examples, fine-tune).
+        anchors_per_iteration: anchors sampled (without replacement) per round; all of them if fewer exist.
+        examples_per_iteration: training examples fine-tuned on per round.
+        steps_per_iteration: optimizer steps per round, each on the mean loss of the chosen examples.
+        selection: ``"helpful"`` (most negative influence), ``"harmful"`` (most positive), ``"random"``
+            candidates, or ``"anchors"`` (fine-tune on the round's anchors themselves).
+        seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
+        scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
+        chunk_size: training examples scored at once.
+        num_candidates: FastIF candidate preselection: each round, score only the union of the
+            ``num_candidates`` training examples closest to each sampled anchor (largest ``|<G_anchor, G_i>|`` of
+            last-layer loss gradients); None scores all. ``"random"`` still draws from all allowed examples.
+    """
+
+    iterations: int = 10
+    anchors_per_iteration: int = 10
+    examples_per_iteration: int = 10
+    steps_per_iteration: int = 1
+    selection: str = "helpful"
+    seed: int = 0
+    scoring: str = DEFAULT_SCORING
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    num_candidates: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
+            value = getattr(self, name)
+            expect(isinstance(value, int) and value >= 1, name, "a positive int", value)
+        expect(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}", self.selection)
+        expect(isinstance(self.seed, int), "seed", "an int", self.seed)
+        expect(self.scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), self.scoring)
+        check_num_candidates(self.num_candidates)
+
+
+def solver_config(solver: Union[str, SolverConfig], options: Optional[dict[str, Any]] = None) -> SolverConfig:
+    """A solver given as a config object (used as is) or as a name plus keyword options."""
+    if isinstance(solver, (LissaConfig, CGConfig, ExactConfig, LowRankConfig)):
+        if options:
+            raise TypeError(f"Got solver options {sorted(options)} beside a solver config object {solver!r}: set them"
+                            f" on the config, e.g. {type(solver).__name__}({', '.join(f'{k}=...' for k in options)}).")
+        return solver
+    expect(isinstance(solver, str), "solver", f"one of {SOLVERS} or a solver config (LissaConfig(...), ...)", solver)
+    return make_solver_config(solver, dict(options or {}))
+
+
+def solver_name(config: SolverConfig) -> str:
+    """The name (``"lissa"``, ``"cg"``, ...) of a solver config."""
+    return next(name for name, cls in _CONFIGS.items() if isinstance(config, cls))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config's fields as a plain dict (for reports)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,55 @@
+"""The state an analysis runs in: eval mode with the RNG saved and restored, and checks that it changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Run analysis in ``eval()`` mode with the RNG state saved, then restore both.
+
+    BatchNorm uses its running statistics and dropout is off, so the analysed function is deterministic;
+    training continues afterwards exactly as it would have without the analysis.
+    """
+    modes = {module: module.training for module in model.modules()}
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
+    cuda_devices = sorted({d.index or 0 for d in devices})
+    with torch.random.fork_rng(devices=cuda_devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.eval()
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer, to check that a forward pass in eval mode changes nothing."""
+    state = {f"parameter {n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def check_state_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Raise when the model's forward (in eval mode) changed a parameter or buffer.
+
+    Influence differentiates one fixed function of the parameters; a forward that updates state (a call
+    counter, BatchNorm kept in training mode, an EMA updated in ``forward``) makes every pass a different one.
+    """
+    after = state_snapshot(model)
+    changed = [name for name, value in before.items()
+               if name not in after or after[name].shape != value.shape or not torch.equal(after[name], value)]
+    if changed:
+        raise ValueError(
+            f"Expected the model's forward to leave its state unchanged in eval mode, but it changed {changed[:5]}."
+            " Influence needs a fixed function of the parameters: update such state only under `if self.training:`"
+            " (and keep BatchNorm layers in eval mode: do not call `.train()` inside `forward`)."
+        )

@@ -1,0 +1,121 @@
+"""Sharded scoring: each rank scores its shard of the training set, the top-k lists are merged.
+
+Also the candidate (kNN) search over fixed blocks of the training set, and the scoring of each point's own
+candidates. Every function is called on every rank with the same arguments and returns the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_influence.config import ExplainConfig
+from lightning_influence.core.batching import Batch
+from lightning_influence.core.candidates import (
+    CandidateScoreCollector,
+    Neighbours,
+    check_candidates,
+    collect_candidate_scores,
+    merge_neighbours,
+    select_candidates,
+)
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.losses import LossFn
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import StreamingTopK, merge_top_influences, top_influences_of
+from lightning_influence.distributed.collectives import Collectives
+from lightning_influence.distributed.sharding import block_shard, gather_checked, shard
+from lightning_influence.results import ScoreShard, TopInfluences
+
+#: Influence scores kept per monitored point for its histogram (a regular subsample beyond this).
+MAX_HISTOGRAM_SCORES = 100_000
+
+
+def score_training_set(
+    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainConfig,
+    collectives: Collectives, on_chunk: Callable[[int], None] | None, indices: Sequence[int] | None = None,
+) -> tuple[TopInfluences, torch.Tensor, Optional[ScoreShard]]:
+    """Top-k over this rank's shard merged across ranks, a gathered histogram sample of the scores (every
+    ``step``-th training index, in index order) and, if asked, this rank's full scores (not gathered).
+
+    ``indices`` restricts scoring to those training indices (default: all).
+    """
+    local_indices = shard(range(len(train)) if indices is None else indices, collectives.rank, collectives.world_size)
+    step = max(1, -(-len(train) // MAX_HISTOGRAM_SCORES))
+    full: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def score_shard() -> tuple[TopInfluences, torch.Tensor, torch.Tensor]:
+        top = StreamingTopK(s_vectors.shape[0], settings.top_k)
+        empty = (s_vectors.new_empty((s_vectors.shape[0], 0), device="cpu"), torch.empty(0, dtype=torch.long))
+        sampled, full[:] = [empty], [empty]  # a shard may be empty
+        for indices, batch in train.batches_with_indices(local_indices):
+            position = 0
+            for block in problem.scores(s_vectors, [batch], settings.scoring, settings.chunk_size):
+                block_indices = indices[position : position + block.shape[1]]
+                position += block.shape[1]
+                top.update(block, block_indices)
+                block = block.cpu()
+                keep = block_indices % step == 0
+                sampled.append((block[:, keep], block_indices[keep]))
+                if settings.keep_full_scores:
+                    full.append((block, block_indices))
+                if on_chunk is not None:
+                    on_chunk(block.shape[1])
+        return top.result(), torch.cat([b for b, _ in sampled], 1), torch.cat([i for _, i in sampled])
+
+    _, gathered = gather_checked(collectives, score_shard)
+    sample = torch.cat([g[1] for g in gathered], dim=1)
+    sample_indices = torch.cat([g[2] for g in gathered])
+    sample = sample[:, sample_indices.argsort()]
+    merged = merge_top_influences([g[0] for g in gathered], settings.top_k)
+    local = None
+    if settings.keep_full_scores:
+        local = ScoreShard(torch.cat([i for _, i in full]), torch.cat([b for b, _ in full], 1),
+                           collectives.rank, collectives.world_size)
+    return merged, sample, local
+
+
+def find_candidates(
+    model: nn.Module, test_batch: Batch, train: IndexedData, settings: ExplainConfig, collectives: Collectives,
+    device: torch.device, loss_fn: Optional[LossFn] = None,
+) -> Neighbours:
+    """Each test point's ``settings.num_candidates`` nearest training examples in feature space, the same on
+    every rank and for every world size: :func:`~lightning_influence.core.candidates.select_candidates` on this
+    rank's fixed blocks of the training set, then one merge. ``loss_fn`` is needed for
+    ``feature_fn="last_layer_grad"`` only."""
+    k = check_candidates(settings.num_candidates, len(train))  # type: ignore[arg-type]
+    local = block_shard(len(train), train.batch_size, collectives.rank, collectives.world_size)
+    _, parts = gather_checked(collectives, lambda: select_candidates(
+        model, test_batch, train.batches_with_indices(local), k, settings.feature_fn, settings.knn_backend, device,
+        loss_fn))
+    return merge_neighbours(parts, k)
+
+
+def score_candidates(
+    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, candidates: Neighbours,
+    settings: ExplainConfig, collectives: Collectives, on_chunk: Callable[[int], None] | None,
+) -> tuple[TopInfluences, torch.Tensor]:
+    """Scores of each point's own candidates ``[q, k]``: the union is sharded over ranks, scored once, merged."""
+    collector = CandidateScoreCollector(candidates.indices, s_vectors.dtype)
+    local = shard(collector.union(), collectives.rank, collectives.world_size)
+
+    def score_shard() -> torch.Tensor:
+        collect_candidate_scores(problem, train, s_vectors, collector, local, settings.scoring, settings.chunk_size,
+                                 on_chunk)
+        return collector.scores
+
+    _, parts = gather_checked(collectives, score_shard)
+    scores = CandidateScoreCollector.combine(parts)
+    return top_influences_of(scores, candidates.indices, settings.top_k), scores
+
+
+def candidate_score_shard(scores: torch.Tensor, indices: torch.Tensor) -> ScoreShard:
+    """The candidates' scores ``[q, k]`` (training indices ``indices [q, k]``) as one shard over their union,
+    NaN where an example is not a candidate of that point (absent, not zero). Small: rank 0 writes it alone."""
+    union = indices.unique()
+    table = scores.new_full((scores.shape[0], len(union)), float("nan"))
+    table.scatter_(1, torch.searchsorted(union, indices), scores)
+    return ScoreShard(union, table, rank=0, world_size=1)

@@ -1,0 +1,104 @@
+"""Distributed s_test: the solver's work split over ranks and combined by one all-reduce.
+
+LiSSA: rank r runs repeats r, r+R, ... (FastIF's scheme); CG: rank r solves test points r, r+R, ...;
+``exact`` and ``lowrank`` are solved whole on every rank. With :class:`SingleProcess` collectives this is
+the single-process solve the functional API uses, so one code path serves one process and many.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from lightning_influence.config import CGConfig, LissaConfig
+from lightning_influence.core.problem import InfluenceProblem, lissa_info
+from lightning_influence.distributed.collectives import Collectives
+from lightning_influence.distributed.sharding import gather_checked
+from lightning_influence.results import SolveInfo
+
+
+def solve_s_test(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo]:
+    """s_test, with the work split over ranks and combined by one sum (all-reduce).
+
+    LiSSA: rank r runs repeats r, r+R, ...; the traces come back in repeat order whatever the split, so
+    ``trace`` row i is repeat i. CG: rank r solves test points r, r+R, ... (each point's system is
+    independent). ``exact``/``lowrank`` are solved whole on every rank (same data, same result).
+    """
+    vectors, info, _ = solve_s_test_with_halves(problem, gradients, collectives, on_step)
+    return vectors, info
+
+
+def solve_s_test_with_halves(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """:func:`solve_s_test`, plus the means of the even- and the odd-numbered LiSSA repeats (None for fewer than
+    2 repeats or a deterministic solver), for the repeat-agreement diagnosis.
+
+    Each rank sums its even and its odd repeats separately; the two sums travel stacked in one all-reduce.
+    """
+    config = problem.config
+    if isinstance(config, CGConfig) and collectives.world_size > 1:
+        return (*_solve_cg_split(problem, gradients, collectives, on_step), None)
+    if not isinstance(config, LissaConfig):
+        result = problem.solve(gradients, on_step)
+        return result.vectors, result.info, None
+    if config.repeats < collectives.world_size and collectives.rank == 0:
+        warnings.warn(
+            f"LiSSA repeats={config.repeats} < {collectives.world_size} processes: "
+            f"{collectives.world_size - config.repeats} rank(s) idle during s_test. Set `repeats` to a multiple of"
+            f" the number of processes (e.g. {collectives.world_size}): a lower-variance s_test in the same time.",
+            stacklevel=3,
+        )
+    start = time.perf_counter()
+    ids = list(range(collectives.rank, config.repeats, collectives.world_size))
+    halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
+
+    def run_halves() -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        sums: list[torch.Tensor] = []
+        traces: list[tuple[int, torch.Tensor]] = []
+        for half in halves:
+            total, half_traces = problem.lissa_partial(gradients, half, on_step)
+            sums.append(total)
+            traces.extend(zip(half, half_traces))
+        return torch.stack(sums), traces
+
+    (partial, _), gathered = gather_checked(collectives, run_halves, lambda result: result[1])
+    even_odd = collectives.sum(partial)
+    vectors = (even_odd[0] + even_odd[1]) / config.repeats
+    all_traces = [trace for _, trace in sorted((pair for pairs in gathered for pair in pairs), key=lambda p: p[0])]
+    info = lissa_info(problem.damping, problem.lissa_scale(), all_traces, config)
+    means = None
+    if config.repeats >= 2:
+        means = (even_odd[0] / len(range(0, config.repeats, 2)), even_odd[1] / len(range(1, config.repeats, 2)))
+    return vectors, replace(info, seconds=time.perf_counter() - start), means
+
+
+def _solve_cg_split(
+    problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
+) -> tuple[torch.Tensor, SolveInfo]:
+    """CG with the test points split over ranks; the combined trace is the worst residual at each step."""
+    start = time.perf_counter()
+    ids = list(range(collectives.rank, gradients.shape[0], collectives.world_size))
+    result, gathered = gather_checked(
+        collectives,
+        lambda: problem.solve(gradients[ids], on_step) if ids else None,
+        lambda r: None if r is None else (r.info.converged, r.info.iterations, r.info.trace[0]),
+    )
+    full = torch.zeros_like(gradients)
+    if result is not None:
+        full[ids] = result.vectors
+    vectors = collectives.sum(full)
+    parts = [g for g in gathered if g is not None]
+    length = max(len(trace) for _, _, trace in parts)
+    padded = [torch.cat([t, t[-1:].expand(length - len(t))]) if len(t) else torch.zeros(length) for _, _, t in parts]
+    trace = torch.stack(padded).max(dim=0).values
+    info = SolveInfo("cg", problem.damping, converged=all(c for c, _, _ in parts), seconds=time.perf_counter() - start,
+                     trace=trace[None], iterations=max(i for _, i, _ in parts))
+    return vectors, info

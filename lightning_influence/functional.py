@@ -1,0 +1,248 @@
+"""The functional API: ``s_test``, ``influence``, ``top_influences`` and ``self_influence`` on an nn.Module.
+
+Each function runs the same distributed steps as the callback (:mod:`lightning_influence.distributed`) with a
+single-process collective, so a function call and a DDP run compute their answers with the same code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_influence.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DAMPING,
+    DEFAULT_KNN_BACKEND,
+    DEFAULT_SCORING,
+    DEFAULT_SOLVER,
+    ExplainConfig,
+    SolverConfig,
+    check_damping,
+    solver_config,
+)
+from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.candidates import check_knn_backend
+from lightning_influence.core.data import IndexedData
+from lightning_influence.core.features import FeatureFn
+from lightning_influence.core.losses import LossFn
+from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import StreamingTopK, top_influences_of
+from lightning_influence.distributed.collectives import SingleProcess
+from lightning_influence.distributed.scoring import find_candidates, score_candidates, score_training_set
+from lightning_influence.distributed.solve import solve_s_test
+from lightning_influence.results import STest, TopInfluences
+
+SolverLike = Union[str, SolverConfig]
+
+
+def make_problem(
+    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: SolverLike, damping: float,
+    options: dict[str, Any],
+) -> InfluenceProblem:
+    """Validate the arguments shared by every public function and build the problem."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), solver_config(solver, options))
+
+
+def s_test(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    solver: SolverLike = DEFAULT_SOLVER,
+    damping: float = DEFAULT_DAMPING,
+    **options: Any,
+) -> STest:
+    """Inverse-HVPs ``s_test = (H + damping I)^-1 grad L(z_test)`` for every example of ``test_batch``.
+
+    Args:
+        model: the trained module (analysed in ``eval()`` mode; its state is restored afterwards).
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses (no L2 term).
+        train_loader: the training data defining ``H``.
+        test_batch: one batch in the training batches' format.
+        solver: ``"lissa"``, ``"cg"``, ``"exact"``, ``"lowrank"``, or a config object such as
+            ``LissaConfig(depth=500)``.
+        damping: lambda added to H.
+        **options: solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...).
+
+    Returns:
+        :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.
+    """
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    with analysis_mode(model):
+        vectors, info = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
+    return STest(vectors, info)
+
+
+def _scoring_config(options: dict[str, Any], top_k: int, num_candidates: Optional[int], feature_fn: Any,
+                    knn_backend: str, keep_full_scores: bool) -> tuple[ExplainConfig, dict[str, Any]]:
+    """Split the scoring options off the solver options and validate them."""
+    options = dict(options)
+    if "candidates" in options:
+        warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (the same meaning).", DeprecationWarning,
+                      stacklevel=3)
+        num_candidates = options.pop("candidates")
+    check_knn_backend(knn_backend)
+    config = ExplainConfig(top_k=top_k, scoring=options.pop("scoring", DEFAULT_SCORING),
+                           chunk_size=options.pop("chunk_size", DEFAULT_CHUNK_SIZE), keep_full_scores=keep_full_scores,
+                           diagnose=False, num_candidates=num_candidates, knn_backend=knn_backend,
+                           feature_fn=feature_fn)
+    return config, options
+
+
+def influence(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    solver: SolverLike = DEFAULT_SOLVER,
+    damping: float = DEFAULT_DAMPING,
+    num_candidates: Optional[int] = None,
+    feature_fn: FeatureFn | str | None = None,
+    knn_backend: str = DEFAULT_KNN_BACKEND,
+    **options: Any,
+) -> torch.Tensor:
+    """Influence ``I(z, z_test) = -s_test . grad L(z)`` of every training example on every test example.
+
+    Positive = **harmful** (up-weighting z raises the test loss), negative = **helpful**. Removing z from
+    training changes the test loss by about ``-I / n``.
+
+    Takes the arguments of :func:`s_test`, plus ``scoring`` (``"auto"``, ``"factored"``, ``"jvp"``,
+    ``"per_example_grad"``) and ``chunk_size`` (examples scored at once).
+
+    ``num_candidates=k`` scores each test point only against its k nearest training examples (FastIF). By
+    default (``feature_fn="last_layer_grad"``) these are the k largest ``|<G_test, G_i>|`` of last-layer loss
+    gradients, factored and never materialised (see ``core.candidates``); ``feature_fn="activations"`` (the
+    default with ``knn_backend="faiss"``) takes Euclidean neighbours of the input of the model's last
+    ``nn.Linear`` layer, and a callable ``feature_fn(model, batch) -> Tensor[B, D]`` those of its features.
+    Entries of training examples that are not a candidate of that test point are **NaN** (absent, not zero).
+
+    Returns:
+        ``[n_test, n_train]`` scores. With a ``DataLoader`` over a map-style dataset, column j is dataset index j
+        (the loader's shuffling is ignored, as in the callback); for any other iterable of batches, columns
+        follow its iteration order.
+    """
+    settings, options = _scoring_config(options, 1, num_candidates, feature_fn, knn_backend, keep_full_scores=True)
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    data = _indexed(train_loader, settings)
+    with analysis_mode(model):
+        vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
+        if data is None:
+            return _stream_scores(problem, vectors, settings)
+        if settings.num_candidates is not None:
+            neighbours = find_candidates(model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
+            _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
+            table = scores.new_full((scores.shape[0], len(data)), float("nan"))
+            return table.scatter_(1, neighbours.indices, scores)
+        _, _, shard = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
+    assert shard is not None  # keep_full_scores=True
+    return shard.scores[:, shard.train_indices.argsort()]
+
+
+def top_influences(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    test_batch: Batch,
+    *,
+    top_k: int = 10,
+    solver: SolverLike = DEFAULT_SOLVER,
+    damping: float = DEFAULT_DAMPING,
+    num_candidates: Optional[int] = None,
+    feature_fn: FeatureFn | str | None = None,
+    knn_backend: str = DEFAULT_KNN_BACKEND,
+    **options: Any,
+) -> TopInfluences:
+    """The ``top_k`` most harmful and most helpful training examples per test example, streamed.
+
+    Same arguments as :func:`influence`; never holds the ``[n_test, n_train]`` matrix. Indices are dataset
+    indices for a ``DataLoader`` (positions in iteration order for other iterables). With ``num_candidates=k``
+    each test point's lists are drawn from its own k candidates only (so at most k entries, and the two lists
+    can overlap when ``k < 2 * top_k``).
+    """
+    settings, options = _scoring_config(options, top_k, num_candidates, feature_fn, knn_backend, keep_full_scores=False)
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    data = _indexed(train_loader, settings)
+    with analysis_mode(model):
+        vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
+        if data is None:
+            top = StreamingTopK(vectors.shape[0], top_k)
+            top.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
+            return top.result()
+        if settings.num_candidates is not None:
+            neighbours = find_candidates(model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
+            _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
+            return top_influences_of(scores, neighbours.indices, top_k)
+        top, _, _ = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
+    return top
+
+
+def _indexed(train_loader: Iterable[Batch], settings: ExplainConfig) -> Optional[IndexedData]:
+    """The loader's dataset with indices (None for an iterable that is not a DataLoader over a map-style dataset)."""
+    if isinstance(train_loader, DataLoader):
+        try:
+            return IndexedData.from_loader(train_loader)
+        except TypeError:
+            pass
+    if settings.num_candidates is not None:
+        raise TypeError(
+            f"Expected `train_loader` to be a torch DataLoader over a map-style dataset when `num_candidates` is set"
+            f" (candidates are picked by dataset index), but got {type(train_loader).__name__}."
+        )
+    return None
+
+
+def _stream_scores(problem: InfluenceProblem, vectors: torch.Tensor, settings: ExplainConfig) -> torch.Tensor:
+    """Scores over a plain iterable of batches, in its iteration order."""
+    blocks = list(problem.scores(vectors, method=settings.scoring, chunk_size=settings.chunk_size))
+    if not blocks:
+        raise ValueError("Expected the training data to hold at least one example, but it is empty.")
+    return torch.cat(blocks, dim=1)
+
+
+def _count(problem: InfluenceProblem) -> int:
+    return sum(batch_size_of(batch) for batch in problem.train_batches())
+
+
+def self_influence(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_loader: Iterable[Batch],
+    *,
+    solver: SolverLike = "exact",
+    damping: float = DEFAULT_DAMPING,
+    chunk_size: int = 64,
+    **options: Any,
+) -> torch.Tensor:
+    """Self-influence ``I(z, z) = -grad L(z)^T (H + damping I)^-1 grad L(z)`` of every training example.
+
+    ``solver="exact"`` uses one eigendecomposition for all examples (small models); ``"lowrank"`` (the scalable
+    choice) takes the top ``rank`` eigenpairs of H by Lanczos and then needs one pass of per-example gradients:
+    ``g^T A^-1 g ~= sum_j (q_j . g)^2 / (w_j + damping) + ||g - Q Q^T g||^2 / damping``. ``"cg"``/``"lissa"``
+    solve one system per example (in chunks of ``chunk_size``): slow on large training sets.
+
+    Returns:
+        ``[n_train]`` scores in ``train_loader``'s order. Large ``|I(z, z)|`` marks likely mislabelled examples.
+    """
+    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    results = []
+    with analysis_mode(model):
+        for batch in problem.train_batches():
+            for start in range(0, batch_size_of(batch), chunk_size):
+                grads = problem.gradients(slice_batch(batch, start, start + chunk_size))
+                inverse = problem.inverse_operator()
+                if inverse is not None:
+                    results.append(-inverse.quadratic_forms(grads))
+                else:
+                    vectors, _ = solve_s_test(problem, grads, SingleProcess(), None)
+                    results.append(-(vectors * grads).sum(dim=1))
+    return torch.cat(results)

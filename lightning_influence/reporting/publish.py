@@ -1,0 +1,89 @@
+"""Publish results the same way from the callback and the command line: TensorBoard, JSON files, console.
+
+One place turns an :class:`~lightning_influence.results.Explanation` into an
+:class:`~lightning_influence.reporting.InfluenceReport` and hands it (or a mislabel report) to every writer,
+so ``InfluenceCallback`` and ``lightning-influence`` produce identical outputs for the same analysis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning_influence.reporting import (
+    InfluenceReport,
+    print_mislabel_summary,
+    print_summary,
+    write_mislabel_files,
+    write_mislabel_report,
+    write_report,
+    write_report_files,
+    write_score_index,
+    write_score_shard,
+)
+from lightning_influence.results import Explanation, MislabelReport
+
+
+def influence_report(explanation: Explanation, *, epoch: int, global_step: int, stage: str) -> InfluenceReport:
+    """The report record of ``explanation``, stamped with when (``epoch``, ``global_step``) and why (``stage``)."""
+    return InfluenceReport(
+        epoch=epoch, global_step=global_step, stage=stage, train_size=explanation.train_size,
+        points=explanation.points, solver=explanation.solver, timings=explanation.timings, trust=explanation.trust,
+    )
+
+
+def publish_explanation(
+    writer: Any, log_dir: Path, explanation: Explanation, *, epoch: int, global_step: int, stage: str, verbose: bool
+) -> Path:
+    """Write ``explanation`` to TensorBoard (``writer``) and to ``log_dir/influence/epoch={epoch}.json`` (rank 0).
+
+    With full scores kept, also the index ``epoch={epoch}-scores.json`` of the shard files that
+    :func:`publish_score_shard` writes on every rank.
+
+    Args:
+        writer: a ``SummaryWriter`` (see :func:`~lightning_influence.reporting.write_report`).
+        log_dir: the run directory; files go to its ``influence/`` subdirectory.
+        explanation: what :func:`~lightning_influence.analysis.explain.explain` returned.
+        epoch: epoch stamped on the report (and in the file name).
+        global_step: TensorBoard step of every event.
+        stage: which trigger ran the analysis (``"fit_end"``, ``"validation"``, ``"validate"``, ``"posthoc"``).
+        verbose: also print the summary table.
+
+    Returns:
+        The path of the JSON file.
+    """
+    report = influence_report(explanation, epoch=epoch, global_step=global_step, stage=stage)
+    write_report(writer, report)
+    path = write_report_files(Path(log_dir) / "influence", report)
+    if explanation.score_shard is not None:
+        write_score_index(Path(log_dir) / "influence", epoch, [p.val_index for p in explanation.points],
+                          explanation.train_size, explanation.score_shard.world_size)
+    if verbose:
+        print_summary(report)
+    return path
+
+
+def publish_score_shard(log_dir: Path, explanation: Explanation, epoch: int) -> Optional[Path]:
+    """Write this rank's full-score shard ``log_dir/influence/epoch={epoch}-scores-rank{r}.pt`` (every rank).
+
+    Returns:
+        The shard's path, or None when full scores were not kept.
+    """
+    shard = explanation.score_shard
+    if shard is None:
+        return None
+    return write_score_shard(Path(log_dir) / "influence", epoch, [p.val_index for p in explanation.points],
+                             shard.train_indices, shard.scores, shard.rank, shard.world_size)
+
+
+def publish_mislabel(writer: Any, log_dir: Path, report: MislabelReport, *, verbose: bool) -> Path:
+    """Write a mislabel analysis to TensorBoard and to ``log_dir/influence/mislabel_epoch={epoch}.json``.
+
+    Returns:
+        The path of the JSON file.
+    """
+    write_mislabel_report(writer, report)
+    path = write_mislabel_files(Path(log_dir) / "influence", report)
+    if verbose:
+        print_mislabel_summary(report)
+    return path

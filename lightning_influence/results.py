@@ -1,0 +1,319 @@
+"""Result records: what a solve, an analysis or a correction run found, as small immutable values.
+
+Below everything but the configs: the core, the analysis, the writers and the shells all name these types,
+and this module imports nothing of the package but :mod:`lightning_influence.config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Influencer:
+    """One training example's influence on a monitored validation point.
+
+    ``influence`` follows the package convention: positive = harmful, negative = helpful.
+    ``input`` is the example's input tensor when the data looks like images (for grids), else None.
+    """
+
+    train_index: int
+    influence: float
+    label: Any = None
+    prediction: Any = None
+    loss: Optional[float] = None
+    input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ExplainedPoint:
+    """A monitored validation example with its top harmful and helpful training examples.
+
+    ``scores`` holds the influence of every scored training example on this point (or a sample of at most
+    ``MAX_HISTOGRAM_SCORES``) for histograms; ``harmful``/``helpful`` are sorted strongest first.
+    """
+
+    val_index: int
+    label: Any
+    prediction: Any
+    loss: float
+    harmful: tuple[Influencer, ...]
+    helpful: tuple[Influencer, ...]
+    scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How an inverse-HVP solve went: the settings used and the convergence ``trace``.
+
+    ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals.
+    """
+
+    solver: str
+    damping: float
+    converged: bool
+    seconds: float
+    scale: Optional[float] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    trace: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    eigenvalue_min: Optional[float] = None
+    eigenvalue_max: Optional[float] = None
+    iterations: int = 0
+
+
+#: The name reports used for :class:`SolveInfo` before the two records were merged.
+SolverSummary = SolveInfo
+
+
+@dataclass(frozen=True)
+class STest:
+    """``s_test = (H + damping I)^-1 grad L(z_test)``, one flat row per test point, and how it was solved."""
+
+    vectors: torch.Tensor
+    info: SolveInfo
+
+
+@dataclass(frozen=True)
+class TopInfluences:
+    """Top-m harmful (largest positive) and helpful (most negative) training examples per test point.
+
+    Rows are test points; ``*_indices`` hold training indices, ``*_scores`` their influence, sorted from
+    the strongest. Fewer than m columns when the training set is smaller.
+    """
+
+    harmful_indices: torch.Tensor
+    harmful_scores: torch.Tensor
+    helpful_indices: torch.Tensor
+    helpful_scores: torch.Tensor
+
+
+@dataclass(frozen=True)
+class InfluenceReport:
+    """Everything one analysis (at one epoch / global step) found."""
+
+    epoch: int
+    global_step: int
+    stage: str
+    train_size: int
+    points: tuple[ExplainedPoint, ...]
+    solver: SolveInfo
+    timings: dict[str, float] = field(default_factory=dict)
+    trust: Optional["TrustReport"] = None
+
+
+@dataclass(frozen=True)
+class MislabelCandidate:
+    """A training example ranked by self-influence ``I(z, z) = -g^T (H + damping I)^-1 g`` (always <= 0 when
+    ``H + damping I`` is positive definite; a large ``|I(z, z)|`` means the model had to bend to fit it).
+
+    ``loss_rank`` is the example's rank by training loss (0 = highest loss), the plain baseline shown beside it.
+    """
+
+    train_index: int
+    self_influence: float
+    loss: float
+    loss_rank: int
+    label: Any = None
+    prediction: Any = None
+    input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MislabelReport:
+    """The top training examples by ``|I(z, z)|`` at one analysis, and how they were computed."""
+
+    epoch: int
+    global_step: int
+    train_size: int
+    candidates: tuple[MislabelCandidate, ...]
+    solver: SolveInfo
+    seconds: float
+    scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TrustWarning:
+    """A reason to trust an analysis less, with what to do about it.
+
+    ``code`` is a stable identifier (e.g. ``"no_damping"``); ``severity`` is ``"warning"`` or ``"info"``
+    (a condition the package already handles, stated so the user knows).
+    """
+
+    code: str
+    message: str
+    severity: str = "warning"
+
+
+@dataclass(frozen=True)
+class PointTrust:
+    """Self-diagnosis of one monitored point's s_test.
+
+    ``residual`` is ``||(H + damping I) x - v|| / ||v||`` for the solved ``x = s_test`` and ``v = grad L(z_val)``;
+    ``repeat_pearson``/``repeat_spearman`` correlate the top-k training scores computed from two disjoint
+    halves of the LiSSA repeats (None for deterministic solvers or fewer than 2 repeats).
+    """
+
+    val_index: int
+    residual: Optional[float]
+    repeat_pearson: Optional[float] = None
+    repeat_spearman: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TrustReport:
+    """How far to trust an analysis: per-point diagnostics, model-level measurements and warnings.
+
+    ``residual_examples`` is the number of training examples in the Hessian of the residual check (the
+    full training set when it is small enough); ``gradient_ratio`` is ``||grad R + weight_decay theta|| /
+    rms_i ||grad L(z_i)||`` on a fixed subset (near 0 at a minimum, near 1 early in training);
+    ``top_eigenvalue`` estimates the largest eigenvalue of the recursion's minibatch ``H_j + damping I``.
+    """
+
+    points: tuple[PointTrust, ...]
+    warnings: tuple[TrustWarning, ...]
+    residual_examples: int = 0
+    gradient_ratio: Optional[float] = None
+    gradient_examples: int = 0
+    top_eigenvalue: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    """This rank's full scores: ``scores[:, j]`` is the influence of training example ``train_indices[j]``.
+
+    Only kept when full scores are asked for; never gathered (each rank writes its own shard file).
+    """
+
+    train_indices: torch.Tensor
+    scores: torch.Tensor
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`~lightning_influence.analysis.explain.explain` found; every rank gets the same one except
+    ``score_shard`` (only rank 0 writes the rest)."""
+
+    points: tuple[ExplainedPoint, ...]
+    solver: SolveInfo
+    timings: dict[str, float]
+    train_size: int
+    score_shard: Optional[ScoreShard] = None
+    trust: Optional[TrustReport] = None
+
+    @property
+    def full_scores(self) -> Optional[torch.Tensor]:
+        """``[n_points, n_train]`` scores in training-index order (NaN where not scored, e.g. outside the
+        candidates); only in a single process (else ``None``: each rank holds its own shard)."""
+        shard_ = self.score_shard
+        if shard_ is None or shard_.world_size != 1:
+            return None
+        table = shard_.scores.new_full((shard_.scores.shape[0], self.train_size), float("nan"))
+        table[:, shard_.train_indices] = shard_.scores
+        return table
+
+
+@dataclass(frozen=True)
+class LeaveOneOutCheck:
+    """Predicted vs actual test-loss change for each removed training example.
+
+    Attributes:
+        train_indices: the removed training examples (dataset indices).
+        influence: their ``I(z, z_test)`` (positive = harmful).
+        predicted: ``-influence / n``, the predicted change of the test loss on removal.
+        actual: ``L_test(theta_-z) - L_test(theta_base)`` after the retraining.
+        pearson, spearman: agreement of ``predicted`` and ``actual`` (None with fewer than 3 points).
+        base_test_loss: the test loss after the baseline retraining.
+        train_size: n.
+        steps: retraining steps per run.
+        seconds: wall time of all retraining runs.
+    """
+
+    train_indices: tuple[int, ...]
+    influence: torch.Tensor
+    predicted: torch.Tensor
+    actual: torch.Tensor
+    pearson: Optional[float]
+    spearman: Optional[float]
+    base_test_loss: float
+    train_size: int
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Mean per-example loss and (when batches carry labels and the model outputs class scores) accuracy."""
+
+    loss: float
+    accuracy: Optional[float]
+    size: int
+
+
+@dataclass(frozen=True)
+class CorrectionIteration:
+    """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``."""
+
+    iteration: int
+    anchor_indices: tuple[int, ...]
+    chosen_indices: tuple[int, ...]
+    chosen_influence: Optional[tuple[float, ...]]
+    anchor_loss_before: float
+    anchor_loss_after: float
+    metrics: dict[str, Metrics]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CorrectionReport:
+    """A whole run: the metrics before, every round, and the settings that produced them.
+
+    ``after`` is the last round's metrics (``before`` when no round ran). Influence uses the convention
+    ``I(z, A) = -s . grad L(z)``: negative = helpful to the anchors, positive = harmful.
+    """
+
+    selection: str
+    settings: dict[str, Any]
+    before: dict[str, Metrics]
+    iterations: tuple[CorrectionIteration, ...] = field(default=())
+
+    @property
+    def after(self) -> dict[str, Metrics]:
+        return self.iterations[-1].metrics if self.iterations else self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-ready (a non-finite number, e.g. the loss of a diverged run, becomes None)."""
+        return _finite({"selection": self.selection, "settings": self.settings,
+                        "before": {k: asdict(m) for k, m in self.before.items()},
+                        "after": {k: asdict(m) for k, m in self.after.items()},
+                        "iterations": [asdict(step) for step in self.iterations]})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorrectionReport:
+        def metrics(values: dict[str, Any]) -> dict[str, Metrics]:
+            return {k: Metrics(**m) for k, m in values.items()}
+
+        steps = tuple(
+            CorrectionIteration(**{**s, "anchor_indices": tuple(s["anchor_indices"]),
+                                   "chosen_indices": tuple(s["chosen_indices"]),
+                                   "chosen_influence": None if s["chosen_influence"] is None
+                                   else tuple(s["chosen_influence"]), "metrics": metrics(s["metrics"])})
+            for s in data["iterations"]
+        )
+        return cls(data["selection"], dict(data["settings"]), metrics(data["before"]), steps)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

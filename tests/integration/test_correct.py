@@ -1,0 +1,270 @@
+"""correct_errors: influence-guided fine-tuning through a Trainer; the model changes only through the chosen examples."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.lightning_models import TinyDigitsModel
+from helpers import digits
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_influence as li
+from lightning_influence.core.features import factored_similarity, last_layer_gradients
+
+DAMPING = 0.2
+N_TRAIN = 300
+
+
+class TinyDigits(TinyDigitsModel):
+    """The command-line tests' tanh conv net (~700 parameters), in float64, trained with SGD + momentum."""
+
+    def __init__(self) -> None:
+        super().__init__(channels=4, lr=0.2)
+        self.double()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def _data():
+    """Training labels of 3s flipped to 5 (half of them): the 3s of the validation set become the weak slice."""
+    x, y = digits(torch.float64)
+    y_train = y[:N_TRAIN].clone()
+    threes = (y_train == 3).nonzero().flatten()
+    y_train[threes[::2]] = 5
+    train = TensorDataset(x[:N_TRAIN], y_train)
+    val = TensorDataset(x[1400:1600], y[1400:1600])
+    slice_idx = (y[1400:1600] == 3).nonzero().flatten()
+    anchors = TensorDataset(x[1400:1600][slice_idx], y[1400:1600][slice_idx])
+    return train, val, anchors
+
+
+def _trainer(tmp_path, devices=1, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=devices, logger=TensorBoardLogger(tmp_path, name="run"),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      log_every_n_steps=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model fitted on the noisy labels, and its trainer (after fit, as a user would have it)."""
+    pl.seed_everything(0)
+    train, val, anchors = _data()
+    model = TinyDigits()
+    trainer = _trainer(tmp_path_factory.mktemp("fit"), max_epochs=15,
+                       callbacks=[EarlyStopping("val_loss", patience=100)])
+    trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=100))
+    return trainer, model, train, val, anchors
+
+
+def _correct(trainer, model, train, val, anchors, **kwargs):
+    options = {"train_dataloaders": DataLoader(train, batch_size=64), "val_dataloaders": DataLoader(val, batch_size=100),
+               "solver": "exact", "damping": DAMPING, "iterations": 3, "examples_per_iteration": 8,
+               "anchors_per_iteration": 6, "lr": 0.1, "verbose": False}
+    return li.correct_errors(trainer, model, anchors, **{**options, **kwargs})
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_random_selection_is_reproducible_and_seeded(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    runs = []
+    for seed in (3, 3, 4):
+        copy_ = copy.deepcopy(model)
+        report = _correct(_trainer(tmp_path), copy_, train, val, anchors, selection="random", seed=seed)
+        runs.append(([r.chosen_indices for r in report.iterations], [r.anchor_indices for r in report.iterations],
+                     _params(copy_)))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert all(len(set(chosen)) == 8 for chosen in runs[0][0])
+    for key, value in runs[0][2].items():
+        assert torch.equal(value, runs[1][2][key])
+    assert runs[0][0] != runs[2][0]
+
+
+def test_zero_iterations_change_nothing(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    before = _params(model)
+    report = _correct(_trainer(tmp_path), model, train, val, anchors, iterations=0)
+    assert report.iterations == () and report.after == report.before
+    assert set(report.before) == {"anchors", "val"}
+    for key, value in _params(model).items():
+        assert torch.equal(value, before[key])
+
+
+def test_model_changes_only_through_chosen_examples(trained, tmp_path):
+    """Replaying plain SGD on the reported chosen examples reproduces the corrected parameters."""
+    trainer, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+    fit_loop, callbacks = trainer.fit_loop, list(trainer.callbacks)
+    corrected = copy.deepcopy(model)
+    report = _correct(trainer, corrected, train, val, anchors, selection="helpful", steps_per_iteration=2, lr=0.05)
+    # the user's trainer and its optimizer are as they were
+    assert trainer.fit_loop is fit_loop and trainer.callbacks == callbacks
+    assert trainer.optimizers[0].state_dict()["state"].keys() == optimizer_state["state"].keys()
+    for key, value in trainer.optimizers[0].state_dict()["state"].items():
+        assert torch.equal(value["momentum_buffer"], optimizer_state["state"][key]["momentum_buffer"])
+
+    replay = copy.deepcopy(original)
+    sgd = torch.optim.SGD(replay.parameters(), lr=0.05)
+    for round_ in report.iterations:
+        batch = train[list(round_.chosen_indices)]
+        for _ in range(2):
+            sgd.zero_grad()
+            replay.per_example_loss(batch).mean().backward()
+            sgd.step()
+    changed = False
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-10, atol=1e-12)
+        changed |= not torch.equal(value, original.state_dict()[key])
+    assert changed
+
+
+def test_helpful_choice_matches_the_core_and_lowers_the_anchor_loss(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    reports = {}
+    for selection in ("helpful", "harmful"):
+        copy_ = copy.deepcopy(model)
+        reports[selection] = _correct(_trainer(tmp_path), copy_, train, val, anchors, selection=selection, iterations=4)
+    helpful, harmful = reports["helpful"], reports["harmful"]
+
+    # round 1: the anchors' mean-loss influence is the mean of their influences (linear in grad L_A)
+    first = helpful.iterations[0]
+    scores = li.influence(original, lambda m, b: m.per_example_loss(b), DataLoader(train, batch_size=64),
+                          anchors[list(first.anchor_indices)], solver="exact", damping=DAMPING).mean(0)
+    assert list(first.chosen_indices) == scores.topk(8, largest=False).indices.tolist()
+    torch.testing.assert_close(torch.tensor(first.chosen_influence, dtype=torch.float64),
+                               scores.topk(8, largest=False).values)
+    assert max(first.chosen_influence) < 0 < min(harmful.iterations[0].chosen_influence)
+
+    # helpful steps lower the sampled anchors' loss every round; harmful ones raise it
+    assert all(r.anchor_loss_after < r.anchor_loss_before for r in helpful.iterations)
+    assert all(r.anchor_loss_after > r.anchor_loss_before for r in harmful.iterations)
+    assert helpful.after["anchors"].loss < helpful.before["anchors"].loss < harmful.after["anchors"].loss
+
+
+def test_candidates_restrict_the_choice_and_outputs_are_written(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    allowed = list(range(0, N_TRAIN, 3))
+    trainer = _trainer(tmp_path)
+    report = _correct(trainer, copy.deepcopy(model), train, val, anchors, train_indices=allowed, heldout=anchors,
+                      name="restricted")
+    assert all(set(r.chosen_indices) <= set(allowed) for r in report.iterations)
+    assert set(report.before) == {"anchors", "heldout", "val"}
+
+    log_dir = trainer.logger.log_dir
+    with open(f"{log_dir}/influence/correct_restricted.json") as handle:
+        saved = json.load(handle)
+    assert li.CorrectionReport.from_dict(saved) == report
+    events = EventAccumulator(glob.glob(f"{log_dir}/events.*")[0], size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    curve = events.Scalars("influence/correct/restricted/heldout/accuracy")
+    assert [e.step for e in curve] == [0, 1, 2, 3]
+    assert curve[-1].value == pytest.approx(report.after["heldout"].accuracy)
+    assert "influence/correct/restricted/anchor_loss_before" in events.Tags()["scalars"]
+    assert "influence/correct/restricted/summary/text_summary" in events.Tags()["tensors"]
+
+
+def test_nearest_neighbour_candidates_limit_each_round_to_its_anchors_neighbours(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    k = 5
+    working = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), working, train, val, anchors, num_candidates=k, iterations=2)
+    replay = copy.deepcopy(model)  # the weights each round started from, replayed with the chosen examples
+    x_train, y_train = train.tensors
+    x_anchor, y_anchor = anchors.tensors
+    loss = lambda m, batch: m.per_example_loss(batch)
+    for step in report.iterations:  # default candidates: the k largest |<G_anchor, G_i>| of last-layer gradients
+        chosen_anchors = list(step.anchor_indices)
+        anchor_batch = (x_anchor[chosen_anchors], y_anchor[chosen_anchors])
+        similarity = factored_similarity(last_layer_gradients(replay, anchor_batch, loss),
+                                         last_layer_gradients(replay, (x_train, y_train), loss))
+        nearest = similarity.abs().argsort(dim=1, descending=True)[:, :k]
+        assert set(step.chosen_indices) <= set(nearest.flatten().tolist())
+        optimizer = torch.optim.SGD(replay.parameters(), lr=0.1)
+        chosen = list(step.chosen_indices)
+        optimizer.zero_grad()
+        F.cross_entropy(replay(x_train[chosen]), y_train[chosen]).backward()
+        optimizer.step()
+    for a, b in zip(replay.parameters(), working.parameters()):
+        torch.testing.assert_close(a, b)  # the replay followed the same path
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_candidates": 0}, "`num_candidates` to be None or a positive int"),
+        ({"num_candidates": 1, "anchors_per_iteration": 1}, "`examples_per_iteration` to be at most the 1 nearest"),
+        ({"anchors": TensorDataset(torch.zeros(0, 1, 8, 8, dtype=torch.float64), torch.zeros(0, dtype=torch.long))},
+         "`anchors` to be a non-empty dataset"),
+        ({"examples_per_iteration": N_TRAIN + 1}, f"`examples_per_iteration` to be at most .*{N_TRAIN}"),
+        ({"selection": "best"}, "`selection` to be one of"),
+        ({"train_indices": [0, N_TRAIN]}, "`train_indices` to be indices into the training set"),
+        ({"iterations": -1}, "`iterations` to be an int >= 0"),
+        ({"lr": 0.0}, "`lr` to be a positive number"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
+    _, model, train, val, anchors = trained
+    anchors = kwargs.pop("anchors", anchors)
+    with pytest.raises(ValueError, match=match):
+        _correct(_trainer(tmp_path), model, train, val, anchors, **kwargs)
+
+
+def test_the_old_candidates_argument_still_works_with_a_deprecation_warning(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    with pytest.warns(DeprecationWarning, match="num_candidates"), pytest.raises(ValueError, match="num_candidates"):
+        _correct(_trainer(tmp_path), model, train, val, anchors, candidates=0)
+    with pytest.warns(DeprecationWarning, match="train_indices"), pytest.raises(ValueError, match="train_indices"):
+        _correct(_trainer(tmp_path), model, train, val, anchors, candidates=[0, N_TRAIN])
+
+
+@pytest.mark.ddp
+def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
+    """Two gloo ranks (LiSSA repeats and candidate scoring split between them) give the single-process run."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    _, model, train, val, anchors = trained
+    options = {"selection": "helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
+               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32}}
+    local = copy.deepcopy(model)
+    expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
+    spawned = copy.deepcopy(model)
+    # logger=False: outputs go to `trainer.log_dir`, itself a broadcast under DDP (must run on every rank)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, logger=False, default_root_dir=tmp_path / "two",
+                         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    report = _correct(trainer, spawned, train, val, anchors, **options)
+    assert [r.chosen_indices for r in report.iterations] == [r.chosen_indices for r in expected.iterations]
+    for name, metrics in expected.after.items():
+        assert report.after[name].size == metrics.size
+        assert report.after[name].loss == pytest.approx(metrics.loss, rel=1e-6)
+    for key, value in local.state_dict().items():  # rank 0's weights come back to `spawned`
+        torch.testing.assert_close(spawned.state_dict()[key], value, rtol=1e-6, atol=1e-9)
+    assert len(glob.glob(f"{tmp_path}/two/**/correct_helpful.json", recursive=True)) == 1
+
+
+def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained):
+    """Training and validation data default to the trainer's last fit, also after a correction run on it."""
+    trainer, model, _, val, anchors = trained
+    step, loop = trainer.global_step, trainer.fit_loop
+    for _ in range(2):
+        report = li.correct_errors(trainer, copy.deepcopy(model), anchors, iterations=1, solver="exact",
+                                   damping=DAMPING, verbose=False, name="defaults")
+        assert report.settings["train_size"] == N_TRAIN and report.before["val"].size == len(val)
+        assert len(report.iterations) == 1
+    assert trainer.global_step == step and trainer.fit_loop is loop

@@ -1,0 +1,73 @@
+"""Configs validate once, where they are built; each entry point accepts a config object or a name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import lightning_influence as li
+from lightning_influence.config import (
+    DEFAULT_DAMPING,
+    CorrectionConfig,
+    ExplainConfig,
+    config_to_dict,
+    solver_config,
+    solver_name,
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "`top_k` to be a positive int"),
+        ({"val_indices": (3, 3)}, "`val_indices` to be free of duplicates"),
+        ({"val_indices": ()}, "`val_indices` to be a non-empty list"),
+        ({"scoring": "fast"}, "`scoring` to be 'auto'"),
+        ({"num_candidates": 0}, "`num_candidates` to be None or a positive int"),
+        ({"knn_backend": "annoy"}, "`knn_backend` to be one of"),
+        ({"feature_fn": "pixels"}, "`feature_fn` to be None"),
+        ({"feature_fn": "last_layer_grad", "knn_backend": "faiss"}, "FAISS cannot index"),
+    ],
+)
+def test_explain_config_rejects_bad_values_with_the_argument_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExplainConfig(**kwargs)
+
+
+def test_correction_config_validates_its_budget_and_selection():
+    with pytest.raises(ValueError, match="`selection` to be one of"):
+        CorrectionConfig(selection="best")
+    with pytest.raises(ValueError, match="`examples_per_iteration` to be a positive int"):
+        CorrectionConfig(examples_per_iteration=0)
+    assert CorrectionConfig(num_candidates=5).num_candidates == 5
+
+
+def test_a_solver_is_a_config_object_or_a_name_with_options():
+    config = li.LissaConfig(depth=7, repeats=2)
+    assert solver_config(config) is config
+    assert solver_config("lissa", {"depth": 7, "repeats": 2}) == config
+    assert solver_name(config) == "lissa" and solver_name(li.CGConfig()) == "cg"
+    with pytest.raises(TypeError, match="set them on the config"):
+        solver_config(config, {"depth": 3})
+    with pytest.raises(TypeError, match="Unexpected option"):
+        solver_config("cg", {"depth": 3})
+    assert config_to_dict(li.CGConfig(max_iter=5)) == dataclasses.asdict(li.CGConfig(max_iter=5))
+
+
+def test_the_functional_api_takes_a_solver_config(tiny_problem):
+    model, loss_fn, loader, test = tiny_problem
+    by_object = li.s_test(model, loss_fn, loader, test, solver=li.CGConfig(max_iter=50), damping=0.5)
+    by_name = li.s_test(model, loss_fn, loader, test, solver="cg", damping=0.5, max_iter=50)
+    assert by_object.info.solver == "cg" and by_object.info.iterations == by_name.info.iterations
+    assert (by_object.vectors == by_name.vectors).all()
+
+
+def test_each_default_is_defined_once_and_read_by_every_entry_point():
+    import inspect
+
+    from lightning_influence.callbacks.influence import InfluenceCallback
+    from lightning_influence.correct import correct_errors
+
+    for function in (li.s_test, li.influence, li.top_influences, InfluenceCallback, correct_errors):
+        assert inspect.signature(function).parameters["damping"].default == DEFAULT_DAMPING, function
