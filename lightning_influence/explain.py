@@ -35,7 +35,7 @@ from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem, lissa_info
 from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
-from lightning_influence.reporting.images import looks_like_image
+from lightning_influence.reporting.examples import keeps_input
 from lightning_influence.reporting.records import ExplainedPoint, Influencer, SolverSummary, TrustReport, TrustWarning
 from lightning_influence.trust import diagnose
 
@@ -421,7 +421,7 @@ def _influencers(
     with torch.no_grad():
         losses = loss_fn(model, batch).detach().cpu()
     info = describe(model, batch)
-    images = info.inputs is not None and looks_like_image(info.inputs[0])
+    images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
     return tuple(
         Influencer(
             train_index=int(index),
@@ -516,7 +516,7 @@ def explain(
             timings["trust"] = time.perf_counter() - start
 
         test_info = describe(model, test_batch)
-        images = test_info.inputs is not None and looks_like_image(test_info.inputs[0])
+        images = test_info.inputs is not None and keeps_input(test_info.inputs[0])  # images and small inputs
         points = []
         for row, val_index in enumerate(chosen):
             harmful = _influencers(model, loss_fn, train, top.harmful_indices[row], top.harmful_scores[row], device, describe)

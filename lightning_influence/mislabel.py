@@ -22,7 +22,7 @@ from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.explain import Describe, _item, describe_batch, shard
-from lightning_influence.reporting.images import looks_like_image
+from lightning_influence.reporting.examples import keeps_input
 from lightning_influence.reporting.records import MislabelCandidate, MislabelReport, SolverSummary
 
 
@@ -80,7 +80,7 @@ def find_mislabel_candidates(
         chosen = scores.argsort(stable=True)[:top_m]  # most negative first
         batch = prepare_batch(train.fetch(chosen.tolist()), problem.device)
         info = describe(model, batch)
-    images = info.inputs is not None and looks_like_image(info.inputs[0])
+    images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
     candidates = tuple(
         MislabelCandidate(
             train_index=int(index),
