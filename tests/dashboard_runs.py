@@ -7,6 +7,9 @@ mislabel report and, for images, the full score table. The callback is built in 
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,19 @@ def fit_run(root: Path, kind: str, **overrides: Any) -> Path:
         module = _Classifier(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)), lr=0.2)
         return _fit(root, kind, module, tabular_data(150, 3), tabular_data(30, 4), make_callback(**overrides))
     raise ValueError(f"Expected `kind` to be 'image', 'text' or 'tabular', but got {kind!r}.")
+
+
+KINDS = ("image", "text", "tabular")
+_ROOT: dict[str, Path] = {}
+
+
+def fitted_runs() -> Path:
+    """A log directory with one run of each kind (``image/version_0``, ``text/version_0``,
+    ``tabular/version_0``), trained once per test process and shared by the dashboard test modules."""
+    if "root" not in _ROOT:
+        root = Path(tempfile.mkdtemp(prefix="dashboard-runs-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        for kind in KINDS:
+            fit_run(root, kind)
+        _ROOT["root"] = root
+    return _ROOT["root"]

@@ -77,7 +77,7 @@ class InfluenceData:
                     "points": len(report.get("points", [])), "solver": report.get("solver", {}).get("solver"),
                     "train_size": report.get("train_size"), "has_trust": "trust" in report,
                     "has_scores": (directory / f"epoch={epoch}-scores.json").exists(),
-                    "has_examples": (directory / f"epoch={epoch}-examples.json").exists(),
+                    "has_examples": "examples" in report,
                 })
             result.append({"run": name, "analyses": analyses, "mislabel": self._epochs(directory, MISLABEL_NAME)})
         return {"runs": result}
@@ -85,8 +85,8 @@ class InfluenceData:
     # -- influence reports --------------------------------------------------------------------------------
     def points(self, run: str, epoch: int, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict[str, Any]:
         """One page of the report's validation points, highest loss first, with renderings and trust badges."""
-        directory, report = self._report(run, epoch)
-        examples = self._examples(directory, f"epoch={epoch}-examples.json")
+        _, report = self._report(run, epoch)
+        examples = _examples(report)
         trust = _trust_by_point(report)
         ordered = sorted(report["points"], key=lambda p: -_number(p.get("loss"), float("-inf")))
         page = ordered[offset: offset + limit]
@@ -101,7 +101,7 @@ class InfluenceData:
         """A point's harmful and helpful training examples (with renderings) and, with full scores, a histogram."""
         directory, report = self._report(run, epoch)
         point = _find_point(report, val_index, run, epoch)
-        examples = self._examples(directory, f"epoch={epoch}-examples.json")
+        examples = _examples(report)
         n = report["train_size"] or 1
         result = self._point_summary(point, examples, _trust_by_point(report))
         for kind in ("harmful", "helpful"):
@@ -117,8 +117,8 @@ class InfluenceData:
 
     def influencers(self, run: str, epoch: int, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict[str, Any]:
         """Training examples in any top list of the analysis, those harmful to the most points first."""
-        directory, report = self._report(run, epoch)
-        examples = self._examples(directory, f"epoch={epoch}-examples.json")
+        _, report = self._report(run, epoch)
+        examples = _examples(report)
         table: dict[int, dict[str, Any]] = {}
         for point in report["points"]:
             for kind in ("harmful", "helpful"):
@@ -139,7 +139,7 @@ class InfluenceData:
         directory, report = self._report(run, epoch)
         if not 0 <= train_index < report["train_size"]:
             raise BadRequest(f"Expected `train_index` in [0, {report['train_size']}), but got {train_index}.")
-        examples = self._examples(directory, f"epoch={epoch}-examples.json")
+        examples = _examples(report)
         column = self._score_column(directory, epoch, train_index)
         rows = []
         for position, point in enumerate(report["points"]):
@@ -185,8 +185,8 @@ class InfluenceData:
     def mislabel(self, run: str, epoch: int, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict[str, Any]:
         """A page of mislabel candidates (strongest ``|I(z, z)|`` first) and the confusion table of given vs
         predicted label over all candidates."""
-        directory, report = self._mislabel_report(run, epoch)
-        examples = self._examples(directory, f"mislabel_epoch={epoch}-examples.json")
+        _, report = self._mislabel_report(run, epoch)
+        examples = _examples(report)
         candidates = report["candidates"]
         page = [{"rank": offset + k, **c, "input": examples["train"].get(str(c["train_index"]), {}).get("input")}
                 for k, c in enumerate(candidates[offset: offset + limit])]
@@ -251,10 +251,6 @@ class InfluenceData:
             raise BadRequest(f"Run {run!r} has no mislabel report at epoch {epoch}: expected one of"
                              f" {self._epochs(directory, MISLABEL_NAME)}.")
         return directory, self._json(path)
-
-    def _examples(self, directory: Path, name: str) -> dict[str, Any]:
-        path = directory / name
-        return self._json(path) if path.exists() else {"val": {}, "train": {}}
 
     def _point_summary(self, point: dict[str, Any], examples: dict[str, Any], trust: dict[int, Any]) -> dict[str, Any]:
         index = point["val_index"]
@@ -327,6 +323,12 @@ def _trust_by_point(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
         result[p["val_index"]] = {"residual": residual, "repeat_pearson": p.get("repeat_pearson"),
                                   "repeat_spearman": spearman, "badge": badge, "reasons": reasons}
     return result
+
+
+def _examples(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``examples`` object (renderings); empty for reports written before it existed."""
+    examples = report.get("examples") or {}
+    return {"val": examples.get("val", {}), "train": examples.get("train", {})}
 
 
 def _find_point(report: dict[str, Any], val_index: int, run: str, epoch: int) -> dict[str, Any]:

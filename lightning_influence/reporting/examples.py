@@ -1,7 +1,7 @@
-"""Small renderings of the reported examples, for the Influence dashboard: ``epoch={epoch}-examples.json``.
+"""Small renderings of the reported examples, for the Influence dashboard: the reports' ``examples`` object.
 
-The report JSON lists training examples as ``[train_index, influence]`` pairs only. This file, written beside
-it, carries what a viewer shows for each example that appears in the report: its label, the model's prediction,
+The report JSON lists training examples as ``[train_index, influence]`` pairs only. Its ``examples`` object
+carries what a viewer shows for each example that appears in the report: its label, the model's prediction,
 its loss and a small rendering of its input. Images become a PNG thumbnail (base64, at most
 ``MAX_THUMBNAIL_SIDE`` pixels a side, min-max normalised like the TensorBoard grids); other inputs (tabular
 features, token ids) become their first ``MAX_VALUES`` values. See ``docs/output-format.md``.
@@ -12,8 +12,7 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,6 @@ from lightning_influence.reporting.records import InfluenceReport, MislabelRepor
 MAX_THUMBNAIL_SIDE = 64
 MAX_VALUES = 64
 MAX_KEPT_INPUT_VALUES = 4096  # non-image inputs up to this size are kept on the records for rendering
-EXAMPLES_SCHEMA_VERSION = 1
 
 
 def keeps_input(x: Any) -> bool:
@@ -68,19 +66,13 @@ def report_examples(report: InfluenceReport) -> dict[str, Any]:
         for influencer in (*point.harmful, *point.helpful):
             train.setdefault(str(influencer.train_index), _entry(
                 influencer.label, influencer.prediction, influencer.loss, influencer.input))
-    return {"schema_version": EXAMPLES_SCHEMA_VERSION, "epoch": int(report.epoch), "val": val, "train": train}
+    return {"val": val, "train": train}
 
 
 def mislabel_examples(report: MislabelReport) -> dict[str, Any]:
     """The mislabel candidates' renderings: ``{"train": {index: entry}}`` as in :func:`report_examples`."""
     train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input) for c in report.candidates}
-    return {"schema_version": EXAMPLES_SCHEMA_VERSION, "epoch": int(report.epoch), "val": {}, "train": train}
-
-
-def examples_path(directory: Union[str, Path], report: Union[InfluenceReport, MislabelReport]) -> Path:
-    """``epoch={epoch}-examples.json`` (influence) or ``mislabel_epoch={epoch}-examples.json`` in ``directory``."""
-    prefix = "mislabel_" if isinstance(report, MislabelReport) else ""
-    return Path(directory) / f"{prefix}epoch={report.epoch}-examples.json"
+    return {"val": {}, "train": train}
 
 
 def _entry(label: Any, prediction: Any, loss: Any, x: Optional[torch.Tensor]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import IO, Any, Union
 import torch
 
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
-from lightning_influence.reporting.examples import examples_path, mislabel_examples, report_examples
+from lightning_influence.reporting.examples import mislabel_examples, report_examples
 from lightning_influence.reporting.records import (
     ExplainedPoint,
     Influencer,
@@ -86,6 +86,7 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
         "timings": {str(key): to_builtin(float(value)) for key, value in report.timings.items()},
         "points": [_point_to_dict(point) for point in report.points],
         **({} if report.trust is None else {"trust": trust_to_dict(report.trust)}),
+        "examples": report_examples(report),  # labels, predictions, losses, small renderings (the dashboard's)
     }
 
 
@@ -118,9 +119,6 @@ def write_report_files(
             ``epoch={epoch}-scores-rank0.pt`` plus the index ``epoch={epoch}-scores.json``
             (see :func:`write_score_shard`; read back with :func:`load_full_scores`).
 
-    Also writes ``epoch={epoch}-examples.json`` (labels, predictions, losses and small renderings of the
-    listed examples, for the Influence dashboard; see :mod:`lightning_influence.reporting.examples`).
-
     Returns:
         The path of the JSON file.
 
@@ -128,7 +126,6 @@ def write_report_files(
         ValueError: if ``full_scores`` is not a 2-D tensor with one row per point.
     """
     directory = Path(directory)
-    write_json_atomic(examples_path(directory, report), report_examples(report))  # the dashboard's renderings
     json_path = write_json_atomic(directory / f"epoch={report.epoch}.json", report_to_dict(report))
     if full_scores is not None:
         _check_full_scores(full_scores, len(report.points))
@@ -223,6 +220,7 @@ def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
         "solver": _solver_to_dict(report.solver),
         "seconds": to_builtin(float(report.seconds)),
         "candidates": [_candidate_to_dict(candidate) for candidate in report.candidates],
+        "examples": mislabel_examples(report),  # the candidates' renderings (the dashboard's)
     }
 
 
@@ -236,7 +234,6 @@ def write_mislabel_files(directory: PathLike, report: MislabelReport) -> Path:
     Returns:
         The path of the JSON file.
     """
-    write_json_atomic(examples_path(directory, report), mislabel_examples(report))  # the dashboard's renderings
     path = Path(directory) / f"mislabel_epoch={report.epoch}.json"
     return write_json_atomic(path, mislabel_to_dict(report))
 
