@@ -119,7 +119,8 @@ def test_relabel_csv_download_holds_the_selected_candidates(browser):
     chosen = [candidates[0]["train_index"], candidates[2]["train_index"]]
     for count, index in enumerate(chosen, start=1):
         click(page, f"#li-candidates tr[data-train-index='{index}'] input[type=checkbox]")
-        page.wait_for(f"{DOC}.querySelectorAll('#li-candidates input:checked').length === {count}")
+        page.wait_for(f"{DOC}.querySelector('#li-relabel').textContent.includes('({count} selected)')")
+    assert page.evaluate(f"{DOC}.querySelectorAll('#li-candidates input:checked').length") == 2
     confusion = page.evaluate(f"{DOC}.querySelector('#li-confusion').innerText")
     assert "given" in confusion
     click(page, "#li-relabel")

@@ -257,12 +257,8 @@ async function drawMislabel() {
   const page = await getJSON("mislabel", { run: state.run, epoch: state.mislabelEpoch, offset: 0, limit: state.candidatesShown });
   const epochSelect = h("select", { id: "li-mislabel-epoch", onchange: (ev) => { state.mislabelEpoch = Number(ev.target.value); state.selected = new Set(); drawMislabel().catch(showError); } },
     run.mislabel.map((ep) => h("option", { value: ep, selected: ep === state.mislabelEpoch }, `epoch ${ep}`)));
-  const csvLink = h("a", {
-    id: "li-relabel", className: `button ${state.selected.size ? "" : "disabled"}`,
-    download: `relabel_epoch=${state.mislabelEpoch}.csv`,
-    href: state.selected.size ? `relabel.csv?${new URLSearchParams({ run: state.run, epoch: state.mislabelEpoch, train_indices: [...state.selected].join(",") })}` : null,
-  }, `Download relabel CSV (${state.selected.size} selected)`);
-  const toggle = (index, on) => { if (on) state.selected.add(index); else state.selected.delete(index); drawMislabel().catch(showError); };
+  const csvLink = h("a", { id: "li-relabel", className: "button", download: `relabel_epoch=${state.mislabelEpoch}.csv` });
+  const toggle = (index, on) => { if (on) state.selected.add(index); else state.selected.delete(index); syncSelection(); };
   const table = h("table", { className: "candidates", id: "li-candidates" },
     h("thead", {}, h("tr", {}, ["", "rank", "input", "train", "given", "predicted", "self-influence I(z,z)", "loss", "loss rank"].map((t) => h("th", {}, t)))),
     h("tbody", {}, page.candidates.map((c) => h("tr", { className: c.label !== c.prediction ? "disagrees" : "", "data-train-index": c.train_index },
@@ -272,13 +268,29 @@ async function drawMislabel() {
   const all = page.candidates.map((c) => c.train_index);
   setMain(h("div", { className: "mislabel" },
     h("div", { className: "toolbar" }, h("label", {}, "Mislabel report ", epochSelect),
-      h("button", { id: "li-select-disagree", onclick: () => { state.selected = new Set(page.candidates.filter((c) => c.label !== c.prediction).map((c) => c.train_index)); drawMislabel().catch(showError); } }, "select given ≠ predicted"),
-      h("button", { onclick: () => { state.selected = new Set(all); drawMislabel().catch(showError); } }, "select all shown"),
-      h("button", { onclick: () => { state.selected = new Set(); drawMislabel().catch(showError); } }, "clear"), csvLink),
+      h("button", { id: "li-select-disagree", onclick: () => { state.selected = new Set(page.candidates.filter((c) => c.label !== c.prediction).map((c) => c.train_index)); syncSelection(); } }, "select given ≠ predicted"),
+      h("button", { onclick: () => { state.selected = new Set(all); syncSelection(); } }, "select all shown"),
+      h("button", { onclick: () => { state.selected = new Set(); syncSelection(); } }, "clear"), csvLink),
     h("div", { className: "small" }, `${page.total} candidates by |I(z, z)| (of ${page.train_size} training examples). ${page.definition || ""}`),
     h("div", { className: "split" }, h("div", {}, table,
       moreButton(page.candidates.length, page.total, () => { state.candidatesShown += PAGE; drawMislabel().catch(showError); })),
     confusion(page.confusion, page.candidates))));
+  syncSelection();
+}
+
+// Reflect state.selected in the checkboxes and the download link, in place (no refetch, no redraw).
+function syncSelection() {
+  const doc = document;
+  for (const box of doc.querySelectorAll("#li-candidates tbody input[type=checkbox]")) {
+    box.checked = state.selected.has(Number(box.closest("tr").dataset.trainIndex));
+  }
+  const link = doc.getElementById("li-relabel");
+  if (!link) return;
+  const chosen = [...state.selected];
+  link.textContent = `Download relabel CSV (${chosen.length} selected)`;
+  link.classList.toggle("disabled", chosen.length === 0);
+  if (chosen.length) link.href = `relabel.csv?${new URLSearchParams({ run: state.run, epoch: state.mislabelEpoch, train_indices: chosen.join(",") })}`;
+  else link.removeAttribute("href");
 }
 
 function confusion(table, candidates) {
@@ -292,7 +304,7 @@ function confusion(table, candidates) {
         onclick: () => {
           if (!count) return;
           state.selected = new Set(candidates.filter((c) => String(c.label) === given && String(c.prediction) === table.labels[j]).map((c) => c.train_index));
-          drawMislabel().catch(showError);
+          syncSelection();
         },
       }, count || "")))))));
 }
