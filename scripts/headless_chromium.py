@@ -49,7 +49,7 @@ class Chromium:
 
         def child_fds() -> None:  # the protocol pipe must be descriptors 3 (in) and 4 (out) in the child
             read, write = os.dup(to_browser_read), os.dup(from_browser_write)  # out of the way of 3 and 4 first
-            os.dup2(read, 3)
+            os.dup2(read, 3)  # dup2 makes 3 and 4 inheritable; every other descriptor Python opened is not (PEP 446)
             os.dup2(write, 4)
 
         command = [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -57,7 +57,7 @@ class Chromium:
                    "--force-device-scale-factor=1", f"--window-size={width},{height}",
                    f"--user-data-dir={self._profile}", "about:blank"]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, preexec_fn=child_fds, pass_fds=(3, 4))
+                                        stderr=subprocess.DEVNULL, preexec_fn=child_fds, close_fds=False)  # only the inheritable 3 and 4 survive exec
         os.close(to_browser_read)
         os.close(from_browser_write)
         self._next_id = 0
@@ -184,9 +184,12 @@ class Page:
             time.sleep(interval)
         raise TimeoutError(f"{expression[:120]!r} stayed falsy for {timeout} s (last value: {value!r})")
 
-    def screenshot(self, path: Path) -> Path:
-        """Save the viewport as a PNG."""
-        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+    def screenshot(self, path: Path, clip: Optional[dict[str, float]] = None) -> Path:
+        """Save the viewport (or the ``clip`` rectangle ``{x, y, width, height}`` in CSS pixels) as a PNG."""
+        params: dict[str, Any] = {"format": "png"}
+        if clip is not None:
+            params["clip"] = {**clip, "scale": 1}
+        data = self.send("Page.captureScreenshot", params)["data"]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)

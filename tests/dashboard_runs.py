@@ -25,7 +25,7 @@ from lightning_influence import InfluenceCallback
 
 
 def make_callback(**overrides: Any) -> InfluenceCallback:
-    """The dashboard runs' callback: a CG solve, 2 points, 4 examples a side, a mislabel report of 6."""
+    """The dashboard runs' callback: a CG solve, 3 points, 4 examples a side, a mislabel report of 6."""
     settings: dict[str, Any] = dict(num_worst=3, top_k=4, solver="cg", damping=0.5, max_iter=50,
                                     mislabel_candidates=6, mislabel_rank=8, every_n_epochs=1, verbose=False)
     settings.update(overrides)
@@ -87,8 +87,9 @@ def tabular_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, labels)
 
 
-def _fit(root: Path, name: str, module: pl.LightningModule, train: Any, val: Any, callback: InfluenceCallback) -> Path:
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=TensorBoardLogger(root, name=name),
+def _fit(root: Path, name: str, module: pl.LightningModule, train: Any, val: Any, callback: InfluenceCallback,
+         epochs: int) -> Path:
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=TensorBoardLogger(root, name=name),
                          callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, num_sanity_val_steps=0)
     if isinstance(train, pl.LightningDataModule):
@@ -98,18 +99,19 @@ def _fit(root: Path, name: str, module: pl.LightningModule, train: Any, val: Any
     return Path(trainer.log_dir)
 
 
-def fit_run(root: Path, kind: str, **overrides: Any) -> Path:
-    """Train one small run of ``kind`` (``"image"``, ``"text"`` or ``"tabular"``) under ``root``; return its
-    log directory (``root/<kind>/version_0``)."""
+def fit_run(root: Path, kind: str, epochs: int = 2, **overrides: Any) -> Path:
+    """Train one small run of ``kind`` (``"image"``, ``"text"`` or ``"tabular"``) for ``epochs`` epochs under
+    ``root`` (``overrides`` go to :func:`make_callback`); return its log directory (``root/<kind>/version_0``)."""
     pl.seed_everything(0)
     if kind == "image":
-        return _fit(root, kind, TinyDigitsModel(), TinyDigitsData(), None, make_callback(save_scores=True, **overrides))
+        return _fit(root, kind, TinyDigitsModel(), TinyDigitsData(), None, make_callback(save_scores=True, **overrides),
+                    epochs)
     if kind == "text":
         module = _Classifier(_MeanEmbedding(), lr=0.5)
-        return _fit(root, kind, module, text_data(150, 1), text_data(30, 2), make_callback(**overrides))
+        return _fit(root, kind, module, text_data(150, 1), text_data(30, 2), make_callback(**overrides), epochs)
     if kind == "tabular":
         module = _Classifier(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)), lr=0.2)
-        return _fit(root, kind, module, tabular_data(150, 3), tabular_data(30, 4), make_callback(**overrides))
+        return _fit(root, kind, module, tabular_data(150, 3), tabular_data(30, 4), make_callback(**overrides), epochs)
     raise ValueError(f"Expected `kind` to be 'image', 'text' or 'tabular', but got {kind!r}.")
 
 

@@ -299,7 +299,7 @@ function confusion(table, candidates) {
     h("h4", {}, "Given (rows) vs predicted (columns) label among all candidates"),
     h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "given \\ pred"), table.labels.map((l) => h("th", {}, l)))),
       h("tbody", {}, table.labels.map((given, i) => h("tr", {}, h("th", {}, given), table.counts[i].map((count, j) => h("td", {
-        className: `${i === j ? "diagonal" : ""} ${count ? "clickable" : ""}`, style: { background: count ? `rgba(198, 40, 40, ${(0.12 + 0.6 * count / max).toFixed(2)})` : "" },
+        className: `${i === j ? "diagonal" : ""} ${count ? "clickable" : ""}`, style: { background: count ? `rgba(${i === j ? "84, 110, 122" : "198, 40, 40"}, ${(0.12 + 0.6 * count / max).toFixed(2)})` : "" },
         title: count ? `select the shown candidates given ${given}, predicted ${table.labels[j]}` : "",
         onclick: () => {
           if (!count) return;
