@@ -24,12 +24,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dashboard_server import running_dashboard, wait_for_scalars  # noqa: E402
-from headless_chromium import Chromium, Page  # noqa: E402
-from tensorboard_server import get_json  # noqa: E402
+from dashboard_server import running_dashboard, wait_for_scalars
+from headless_chromium import Chromium, Page
+from tensorboard_server import get_json
 
 DOC = "document.querySelector('iframe[src*=\"name=influence\"]').contentDocument"
-DEMO = dict(num_worst=6, top_k=5, mislabel_candidates=20, mislabel_rank=16)
+DEMO = {"num_worst": 6, "top_k": 5, "mislabel_candidates": 20, "mislabel_rank": 16}
 
 
 def train_demo_runs(root: Path) -> None:

@@ -16,12 +16,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import tomllib
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tensorboard_server import free_port, get_json  # noqa: E402
+from tensorboard_server import free_port, get_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = "tensorboard_plugins"

@@ -9,21 +9,23 @@ Used by the dashboard's browser tests and ``scripts/dashboard_screenshots.py``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import queue
 import shutil
-import subprocess
+import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Self
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
-def find_chromium() -> Optional[str]:
+def find_chromium() -> str | None:
     """The path of a Chromium/Chrome executable on PATH (``$CHROMIUM`` first), or None."""
     for name in (os.environ.get("CHROMIUM"), *CANDIDATES):
         if name and (path := shutil.which(name)):
@@ -38,7 +40,7 @@ class ProtocolError(RuntimeError):
 class Chromium:
     """A headless Chromium process and its DevTools pipe; use as a context manager."""
 
-    def __init__(self, executable: Optional[str] = None, width: int = 1400, height: int = 950) -> None:
+    def __init__(self, executable: str | None = None, width: int = 1400, height: int = 950) -> None:
         executable = executable or find_chromium()
         if executable is None:
             raise FileNotFoundError("No chromium on PATH: run scripts/install_chromium.sh (apt-get install chromium).")
@@ -46,20 +48,24 @@ class Chromium:
         self._profile = tempfile.mkdtemp(prefix="chromium-profile-")
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
-
-        def child_fds() -> None:  # the protocol pipe must be descriptors 3 (in) and 4 (out) in the child
-            read, write = os.dup(to_browser_read), os.dup(from_browser_write)  # out of the way of 3 and 4 first
-            os.dup2(read, 3)  # dup2 makes 3 and 4 inheritable; every other descriptor Python opened is not (PEP 446)
-            os.dup2(write, 4)
-
+        # The protocol pipe must be descriptors 3 (in) and 4 (out) in the child. Copies at 10 and above keep
+        # the dup2s from overwriting each other; every other descriptor Python opened closes on exec (PEP 446).
+        read = fcntl.fcntl(to_browser_read, fcntl.F_DUPFD_CLOEXEC, 10)
+        write = fcntl.fcntl(from_browser_write, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_browser_read)
+        os.close(from_browser_write)
         command = [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                    "--remote-debugging-pipe", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
                    "--force-device-scale-factor=1", f"--window-size={width},{height}",
                    f"--user-data-dir={self._profile}", "about:blank"]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, preexec_fn=child_fds, close_fds=False)  # only the inheritable 3 and 4 survive exec
-        os.close(to_browser_read)
-        os.close(from_browser_write)
+        actions = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, flags, 0)
+                   for fd, flags in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY))]
+        actions += [(os.POSIX_SPAWN_DUP2, read, 3), (os.POSIX_SPAWN_DUP2, write, 4)]
+        try:  # posix_spawn, not fork + preexec_fn: safe in a process with threads (torch, TensorBoard's writer)
+            self.pid = os.posix_spawn(executable, command, dict(os.environ), file_actions=actions)
+        finally:
+            os.close(read)
+            os.close(write)
         self._next_id = 0
         self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
         self.events: list[dict[str, Any]] = []
@@ -67,28 +73,34 @@ class Chromium:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the browser may be gone already; it is stopped below anyway
             self.send("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - closing anyway
-            pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if not self._wait(10):
+            os.kill(self.pid, signal.SIGKILL)
+            self._wait(10)
         for fd in (self._to_browser, self._from_browser):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         shutil.rmtree(self._profile, ignore_errors=True)
+
+    def _wait(self, timeout: float) -> bool:
+        """Reap the browser process; whether it exited within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0] != 0:
+                    return True
+            except ChildProcessError:
+                return True
+            time.sleep(0.1)
+        return False
 
     def _read(self) -> None:
         buffer = b""
@@ -111,7 +123,7 @@ class Chromium:
                 else:
                     self.events.append(message)
 
-    def send(self, method: str, params: Optional[dict[str, Any]] = None, session: Optional[str] = None,
+    def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
              timeout: float = 30.0) -> dict[str, Any]:
         """Send one DevTools command and return its ``result`` (raises :class:`ProtocolError` on an error)."""
         with self._lock:
@@ -133,7 +145,7 @@ class Chromium:
             raise ProtocolError(f"{method}: {reply['error']}")
         return reply.get("result", {})
 
-    def open(self, url: str) -> "Page":
+    def open(self, url: str) -> Page:
         """A new tab showing ``url`` (the viewport is ``width`` x ``height`` CSS pixels)."""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -156,7 +168,7 @@ class Page:
     def __init__(self, browser: Chromium, session: str) -> None:
         self.browser, self.session = browser, session
 
-    def send(self, method: str, params: Optional[dict[str, Any]] = None, timeout: float = 30.0) -> dict[str, Any]:
+    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         return self.browser.send(method, params, self.session, timeout)
 
     def evaluate(self, expression: str, timeout: float = 30.0) -> Any:
@@ -184,7 +196,7 @@ class Page:
             time.sleep(interval)
         raise TimeoutError(f"{expression[:120]!r} stayed falsy for {timeout} s (last value: {value!r})")
 
-    def screenshot(self, path: Path, clip: Optional[dict[str, float]] = None) -> Path:
+    def screenshot(self, path: Path, clip: dict[str, float] | None = None) -> Path:
         """Save the viewport (or the ``clip`` rectangle ``{x, y, width, height}`` in CSS pixels) as a PNG."""
         params: dict[str, Any] = {"format": "png"}
         if clip is not None:

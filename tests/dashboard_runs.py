@@ -26,8 +26,8 @@ from lightning_influence import InfluenceCallback
 
 def make_callback(**overrides: Any) -> InfluenceCallback:
     """The dashboard runs' callback: a CG solve, 3 points, 4 examples a side, a mislabel report of 6."""
-    settings: dict[str, Any] = dict(num_worst=3, top_k=4, solver="cg", damping=0.5, max_iter=50,
-                                    mislabel_candidates=6, mislabel_rank=8, every_n_epochs=1, verbose=False)
+    settings: dict[str, Any] = {"num_worst": 3, "top_k": 4, "solver": "cg", "damping": 0.5, "max_iter": 50,
+                                    "mislabel_candidates": 6, "mislabel_rank": 8, "every_n_epochs": 1, "verbose": False}
     settings.update(overrides)
     return InfluenceCallback(**settings)
 

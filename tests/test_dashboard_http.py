@@ -23,8 +23,8 @@ from lightning_influence.reporting import load_full_scores
 from lightning_influence.reporting.export import report_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from dashboard_server import declared_entry_points, running_dashboard, wait_for_scalars  # noqa: E402
-from tensorboard_server import get_json  # noqa: E402
+from dashboard_server import declared_entry_points, running_dashboard, wait_for_scalars
+from tensorboard_server import get_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUNS = {kind: f"{kind}/version_0" for kind in KINDS}

@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPORT_NAME = re.compile(r"^epoch=(\d+)\.json$")
 MISLABEL_NAME = re.compile(r"^mislabel_epoch=(\d+)\.json$")
@@ -277,7 +278,7 @@ class InfluenceData:
                 self._cache.popitem(last=False)
         return value
 
-    def _scores(self, directory: Path, epoch: int) -> Optional[tuple[list[int], Any]]:
+    def _scores(self, directory: Path, epoch: int) -> tuple[list[int], Any] | None:
         index = directory / f"epoch={epoch}-scores.json"
         if not index.exists():
             return None
@@ -285,13 +286,13 @@ class InfluenceData:
 
         return self._cached(index, lambda: load_full_scores(index))
 
-    def _score_column(self, directory: Path, epoch: int, train_index: int) -> Optional[list[Optional[float]]]:
+    def _score_column(self, directory: Path, epoch: int, train_index: int) -> list[float | None] | None:
         scores = self._scores(directory, epoch)
         if scores is None:
             return None
         return [_finite(v) for v in scores[1][:, train_index].tolist()]
 
-    def _histogram(self, directory: Path, epoch: int, val_index: int) -> Optional[dict[str, Any]]:
+    def _histogram(self, directory: Path, epoch: int, val_index: int) -> dict[str, Any] | None:
         scores = self._scores(directory, epoch)
         if scores is None or val_index not in scores[0]:
             return None
@@ -368,5 +369,5 @@ def _number(value: Any, default: float) -> float:
     return default if value is None else float(value)
 
 
-def _finite(value: float) -> Optional[float]:
-    return value if value == value and value not in (float("inf"), float("-inf")) else None
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -158,4 +158,4 @@ def _indices(request: wrappers.Request, name: str) -> list[int]:
     return [int(part) for part in parts]
 
 
-__all__ = ["InfluencePlugin", "PLUGIN_NAME"]
+__all__ = ["PLUGIN_NAME", "InfluencePlugin"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ def keeps_input(x: Any) -> bool:
     return looks_like_image(x) or x.numel() <= MAX_KEPT_INPUT_VALUES
 
 
-def render_input(x: Optional[torch.Tensor]) -> Optional[dict[str, Any]]:
+def render_input(x: torch.Tensor | None) -> dict[str, Any] | None:
     """A JSON rendering of one input: ``{"kind": "image", "shape", "png"}`` (base64 PNG) for images,
     ``{"kind": "values", "shape", "values", "truncated"}`` for anything else, None without an input.
 
@@ -75,7 +75,7 @@ def mislabel_examples(report: MislabelReport) -> dict[str, Any]:
     return {"val": {}, "train": train}
 
 
-def _entry(label: Any, prediction: Any, loss: Any, x: Optional[torch.Tensor]) -> dict[str, Any]:
+def _entry(label: Any, prediction: Any, loss: Any, x: torch.Tensor | None) -> dict[str, Any]:
     return {"label": to_builtin(label), "prediction": to_builtin(prediction),
             "loss": to_builtin(None if loss is None else float(loss)), "input": render_input(x)}
 
