@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from matplotlib.image import imread
 
+from lightning_influence.dashboard.data import InfluenceData
+from lightning_influence.reporting import report_to_dict
 from lightning_influence.reporting.examples import MAX_THUMBNAIL_SIDE, MAX_VALUES, keeps_input, render_input
+from lightning_influence.reporting.records import ExplainedPoint, Influencer, InfluenceReport, SolverSummary
 
 
 def decode(rendering: dict) -> np.ndarray:
@@ -55,3 +59,20 @@ def test_token_ids_and_features_keep_their_first_values():
 ])
 def test_records_keep_images_and_small_inputs(x, kept):
     assert keeps_input(x) is kept
+
+
+def test_reports_written_before_the_examples_object_still_load(tmp_path):
+    point = ExplainedPoint(7, 3, 8, 1.5, (Influencer(100, 0.25, 3, 3, 0.1, torch.arange(4.0)),),
+                           (Influencer(150, -0.5, 8, 8, 0.2),), input=torch.zeros(1, 8, 8))
+    report = report_to_dict(InfluenceReport(2, 20, "validation", 200, (point,), SolverSummary("cg", 0.1, True, 0.5)))
+    assert report["examples"]["train"]["100"]["input"]["values"] == [0.0, 1.0, 2.0, 3.0]
+    assert report["examples"]["train"]["150"]["input"] is None and report["examples"]["val"]["7"]["input"]["png"]
+    del report["examples"]
+    (tmp_path / "run" / "influence").mkdir(parents=True)
+    (tmp_path / "run" / "influence" / "epoch=2.json").write_text(json.dumps(report))
+    data = InfluenceData(tmp_path)
+    assert data.runs()["runs"][0]["analyses"][0]["has_examples"] is False
+    detail = data.point("run", 2, 7)
+    assert detail["input"] is None and detail["harmful"][0]["label"] is None
+    assert [e["train_index"] for e in detail["harmful"] + detail["helpful"]] == [100, 150]
+    assert detail["harmful"][0]["loss_change_if_removed"] == pytest.approx(-0.25 / 200)
