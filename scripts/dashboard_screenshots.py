@@ -110,15 +110,16 @@ def shoot(logdir: Path, out: Path) -> list[Path]:
         settle(page)
         written.append(page.screenshot(out / "dashboard-mislabel.png"))
 
-        click(page, "[data-tab='trust']")
-        page.wait_for(js("!!DOC.querySelector('#li-trace')"))
-        settle(page)
-        written.append(page.screenshot(out / "dashboard-trust.png"))
-
         for kind in ("text", "tabular"):
             page = open_run(chromium, url, f"{kind}/version_0")
             settle(page)
             written.append(page.screenshot(out / f"dashboard-{kind}.png"))
+
+        wait_for_scalars(url, "tabular/version_0", "influence/lissa_trace/")  # LiSSA: repeats and their agreement
+        click(page, "[data-tab='trust']")
+        page.wait_for(js("!!DOC.querySelector('#li-trace')"))
+        settle(page)
+        written.append(page.screenshot(out / "dashboard-trust.png"))
     return written
 
 

@@ -149,14 +149,15 @@ def test_text_and_tabular_runs_render_their_inputs(browser, kind, rendering):
         assert tokens == ids
 
 
-def test_trust_tab_shows_warnings_residuals_and_the_solver_trace(browser):
+@pytest.mark.parametrize("kind, solver, repeats", [("image", "cg", 1), ("tabular", "lissa", 2)])
+def test_trust_tab_shows_warnings_residuals_and_the_solver_trace(browser, kind, solver, repeats):
     root, url, chromium, _ = browser
-    wait_for_scalars(url, "image/version_0", "influence/cg_trace/epoch_1/")
-    page = open_dashboard(chromium, url, "image/version_0")
+    wait_for_scalars(url, f"{kind}/version_0", f"influence/{solver}_trace/epoch_1/")
+    page = open_dashboard(chromium, url, f"{kind}/version_0")
     click(page, "[data-tab='trust']")
     page.wait_for(f"!!{DOC}.querySelector('#li-trust')")
-    trust = report(root, "image")["trust"]
+    trust = report(root, kind)["trust"]
     warnings = page.evaluate(f"{DOC}.querySelector('#li-warnings').innerText")
     assert all(w["code"] in warnings and w["message"] in warnings for w in trust["warnings"])
     assert dom_indices(page, ".trust-points tbody tr", "valIndex") == [p["val_index"] for p in trust["points"]]
-    assert page.evaluate(f"{DOC}.querySelectorAll('#li-trace polyline.trace').length") == 1  # CG: one repeat
+    assert page.evaluate(f"{DOC}.querySelectorAll('#li-trace polyline.trace').length") == repeats

@@ -238,3 +238,16 @@ def test_bad_parameters_get_400_with_a_message(server, name, params, message):
         route(url, name, **params)
     assert error.value.code == 400
     assert message in error.value.read().decode()
+
+
+def test_trust_route_reports_lissa_repeat_agreement_and_one_trace_per_repeat(server):
+    root, url = server
+    report = read(root, "tabular", "epoch=1.json")
+    wait_for_scalars(url, RUNS["tabular"], "influence/lissa_trace/epoch_1/")
+    trust = route(url, "trust", run=RUNS["tabular"], epoch=1)
+    assert trust["solver"]["solver"] == "lissa" and trust["solver"]["settings"]["repeats"] == 2
+    assert [(p["repeat_pearson"], p["repeat_spearman"]) for p in trust["points"]] == [
+        (p["repeat_pearson"], p["repeat_spearman"]) for p in report["trust"]["points"]]
+    assert all(p["repeat_spearman"] is not None for p in trust["points"])
+    assert sorted(trust["traces"]) == ["repeat_0", "repeat_1"]
+    assert [w["code"] for w in trust["warnings"]] == [w["code"] for w in report["trust"]["warnings"]]
