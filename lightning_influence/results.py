@@ -18,7 +18,7 @@ class Influencer:
     """One training example's influence on a monitored validation point.
 
     ``influence`` follows the package convention: positive = harmful, negative = helpful.
-    ``input`` is the example's input tensor when the data looks like images (for grids), else None.
+    ``input`` is the example's input tensor when it is an image or small (see ``core.batching.keeps_input``), else None.
     """
 
     train_index: int

@@ -22,7 +22,7 @@ from lightning_influence.core.batching import (
     Batch,
     Description,
     describe_batch,
-    looks_like_image,
+    keeps_input,
     prepare_batch,
     row_value,
 )
@@ -110,7 +110,7 @@ def _influencers(
     with torch.no_grad():
         losses = loss_fn(model, batch).detach().cpu()
     info = describe(model, batch)
-    images = info.inputs is not None and looks_like_image(info.inputs[0])
+    images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
     return tuple(
         Influencer(
             train_index=int(index),
@@ -234,7 +234,7 @@ def _explained_points(
 ) -> list[ExplainedPoint]:
     """One record per monitored point with its harmful and helpful training examples described."""
     test_info = describe(model, test_batch)
-    images = test_info.inputs is not None and looks_like_image(test_info.inputs[0])
+    images = test_info.inputs is not None and keeps_input(test_info.inputs[0])  # images and small inputs
     points = []
     for row, val_index in enumerate(chosen):
         harmful = _influencers(model, loss_fn, train, top.harmful_indices[row], top.harmful_scores[row], device, describe)

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_influence.analysis.explain import Describe
 from lightning_influence.config import ExactConfig, LowRankConfig, config_to_dict, solver_name
-from lightning_influence.core.batching import describe_batch, looks_like_image, prepare_batch, row_value
+from lightning_influence.core.batching import describe_batch, keeps_input, prepare_batch, row_value
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
 from lightning_influence.core.modes import analysis_mode
@@ -80,7 +80,7 @@ def find_mislabel_candidates(
         chosen = scores.argsort(stable=True)[:top_m]  # most negative first
         batch = prepare_batch(train.fetch(chosen.tolist()), problem.device)
         info = describe(model, batch)
-    images = info.inputs is not None and looks_like_image(info.inputs[0])
+    images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
     candidates = tuple(
         MislabelCandidate(
             train_index=int(index),

@@ -17,6 +17,8 @@ LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 #: Channel counts and the smallest side of an input drawn as an image.
 IMAGE_CHANNELS = (1, 3, 4)
 MIN_IMAGE_SIDE = 4
+#: Non-image inputs up to this many values are kept on the result records (tabular rows, token ids) for rendering.
+MAX_KEPT_INPUT_VALUES = 4096
 
 
 def prepare_batch(batch: Batch, device: torch.device) -> Batch:
@@ -131,3 +133,11 @@ def row_value(values: Optional[torch.Tensor], row: int) -> Any:
         return None
     value = values[row]
     return value.item() if value.numel() == 1 else value.tolist()
+
+
+def keeps_input(x: Any) -> bool:
+    """Whether an example's input is kept on the result records: images, and other tensors of at most
+    ``MAX_KEPT_INPUT_VALUES`` values (tabular rows, token ids); large non-image inputs are dropped."""
+    if not isinstance(x, torch.Tensor) or x.is_complex():
+        return False
+    return looks_like_image(x) or x.numel() <= MAX_KEPT_INPUT_VALUES

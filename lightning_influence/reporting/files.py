@@ -19,6 +19,7 @@ from typing import IO, Any, Union
 import torch
 
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
+from lightning_influence.reporting.examples import mislabel_examples, report_examples
 from lightning_influence.results import (
     ExplainedPoint,
     Influencer,
@@ -85,6 +86,7 @@ def report_to_dict(report: InfluenceReport) -> dict[str, Any]:
         "timings": {str(key): to_builtin(float(value)) for key, value in report.timings.items()},
         "points": [_point_to_dict(point) for point in report.points],
         **({} if report.trust is None else {"trust": trust_to_dict(report.trust)}),
+        "examples": report_examples(report),  # labels, predictions, losses, small renderings (the dashboard's)
     }
 
 
@@ -218,6 +220,7 @@ def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
         "solver": _solver_to_dict(report.solver),
         "seconds": to_builtin(float(report.seconds)),
         "candidates": [_candidate_to_dict(candidate) for candidate in report.candidates],
+        "examples": mislabel_examples(report),  # the candidates' renderings (the dashboard's)
     }
 
 
