@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
 
 #: ``lightning_influence.core.config.SCORING_METHODS``, repeated so that ``--help`` does not import torch (tested).
-SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
+SCORING_METHODS = ("auto", "hooks", "factored", "jvp", "per_example_grad")
 
 STAGE = "posthoc"
 

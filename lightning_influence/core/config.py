@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 
 SOLVERS = ("lissa", "cg", "exact", "lowrank")
-SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
+SCORING_METHODS = ("auto", "hooks", "factored", "jvp", "per_example_grad")
 
 
 def _expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:
