@@ -22,7 +22,7 @@ from lightning_influence.core.candidates import (
 from lightning_influence.core.config import STest, check_damping, make_solver_config
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
-from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.params import ParameterSelector, analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 
@@ -33,11 +33,19 @@ DEFAULT_DAMPING = 0.01
 def make_problem(
     model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: str, damping: float, options: dict[str, Any]
 ) -> InfluenceProblem:
-    """Validate the arguments shared by every public function and build the problem."""
+    """Validate the arguments shared by every public function and build the problem.
+
+    ``options`` may also hold ``parameters`` (a selector, see :func:`~lightning_influence.core.params.select_parameters`)
+    and ``dtype`` (the analysis dtype); the rest are solver options.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    options = dict(options)
+    parameters: ParameterSelector = options.pop("parameters", None)
+    dtype: Optional[torch.dtype] = options.pop("dtype", None)
     config = make_solver_config(solver, options)
-    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config)
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config, parameters=parameters,
+                            dtype=dtype)
 
 
 def s_test(
@@ -59,7 +67,11 @@ def s_test(
         test_batch: one batch in the training batches' format.
         solver: ``"lissa"``, ``"cg"`` or ``"exact"``.
         damping: lambda added to H.
-        **options: solver options (see :class:`LissaConfig`, :class:`CGConfig`, :class:`ExactConfig`).
+        **options: solver options (see :class:`LissaConfig`, :class:`CGConfig`, :class:`ExactConfig`), and
+            ``parameters=`` to analyse only some trainable parameters (module-name prefixes or globs such as
+            ``"classifier"`` or ``"*.lora_*"``, or a predicate ``(name, param) -> bool``; "influence through the last
+            layers only", see docs/per-example.md) and ``dtype=`` (the analysis dtype: float32 by default whatever
+            the training precision, ``torch.float64`` for references).
 
     Returns:
         :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.layers import LayerRule, rule_for
@@ -149,7 +150,10 @@ class PerExampleEngine:
             if name not in uses:
                 reasons[name] = "not a module parameter"
         self.plan.generic = {n: reasons[n] for n in params if n in reasons}
-        self.plan.hooks = {n: slot.rule.kind for slot in slots for n in slot.names.values()}
+        for slot in slots:  # a weight tied between layers (GPT-2's embedding and head) lists both kinds
+            for n in slot.names.values():
+                kinds = self.plan.hooks.get(n, "").split("+")
+                self.plan.hooks[n] = "+".join(sorted({*kinds, slot.rule.kind} - {""}))
         self._slots = slots
         self._demote(set(self.plan.generic), "")
         return self._slots
@@ -227,6 +231,10 @@ class PerExampleEngine:
         return sum(s[n].reshape(k, -1) @ grads[n].reshape(grads[n].shape[0], -1).T for n in names)  # type: ignore[return-value]
 
     def _double_backward_dot(self, batch: Batch, names: list[str], s: Params, k: int) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            return self._double_backward_dot_impl(batch, names, s, k)
+
+    def _double_backward_dot_impl(self, batch: Batch, names: list[str], s: Params, k: int) -> torch.Tensor:
         leaves = {n: self.params[n].detach().requires_grad_(True) for n in names}
         weights = torch.ones(batch_size_of(batch), dtype=next(iter(leaves.values())).dtype,
                              device=next(iter(leaves.values())).device, requires_grad=True)
