@@ -65,7 +65,7 @@ class FunctionalLoss:
         if self.cast:
             batch = tree_map(lambda t: t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                              batch)
-        with _autocast_off(params):
+        with autocast_off(params):
             losses = functional_call(self._module, {**self.cast, **{_PREFIX + k: v for k, v in params.items()}},
                                      (batch,))
         return check_per_example_losses(losses, batch_size_of(batch))
@@ -109,7 +109,7 @@ class FunctionalLoss:
 
 
 @contextlib.contextmanager
-def _autocast_off(params: Params) -> Iterator[None]:
+def autocast_off(params: Params) -> Iterator[None]:
     """Disable autocast (a bf16/fp16-mixed training context) on the device the parameters live on."""
     device = next(iter(params.values())).device.type if params else "cpu"
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):

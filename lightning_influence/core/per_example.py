@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.layers import LayerRule, rule_for
-from lightning_influence.core.losses import FunctionalLoss
+from lightning_influence.core.losses import FunctionalLoss, autocast_off
 from lightning_influence.core.params import Params, flatten, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
@@ -278,6 +278,10 @@ class PerExampleEngine:
 
     def grad_dict(self, batch: Batch) -> Params:
         """Per-example gradients ``{name: [B, *shape]}`` of every analysed parameter (meant for a few points)."""
+        with autocast_off(self.params):
+            return self._grad_dict(batch)
+
+    def _grad_dict(self, batch: Batch) -> Params:
         if not self._checked:
             self.check(batch)
         grads = self._hook_grads(batch) if self._slots else {}
@@ -292,6 +296,10 @@ class PerExampleEngine:
 
     def dot(self, batch: Batch, s_vectors: torch.Tensor) -> torch.Tensor:
         """``[k, B]`` of ``s_j . grad L(z_i)`` for the rows ``s_j`` of ``s_vectors [k, P]``."""
+        with autocast_off(self.params):
+            return self._dot(batch, s_vectors)
+
+    def _dot(self, batch: Batch, s_vectors: torch.Tensor) -> torch.Tensor:
         if not self._checked:
             self.check(batch)
         k = s_vectors.shape[0]
