@@ -264,9 +264,12 @@ class PerExampleEngine:
         fast = self._hook_grads(few)
         reference = self._generic_loop(few, self.hooked)
         wrong = set()
+        # a parameter whose gradient vanishes in exact arithmetic (an attention key bias) is compared with the
+        # whole gradient's scale, not with its own rounding noise
+        floor = 1e-3 * torch.stack([r.norm() for r in reference.values()]).norm()
         for name, ref in reference.items():
             got = fast.get(name, torch.zeros_like(ref))
-            if (got - ref).norm() > HOOK_CHECK_TOLERANCE * ref.norm().clamp_min(1e-12) + 1e-12:
+            if (got - ref).norm() > HOOK_CHECK_TOLERANCE * torch.maximum(ref.norm(), floor) + 1e-12:
                 wrong.add(name)
         if wrong:
             warnings.warn(
