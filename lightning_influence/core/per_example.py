@@ -291,7 +291,7 @@ class PerExampleEngine:
         if self.generic:
             grads.update(self._generic_loop(batch, self.generic))
         size = batch_size_of(batch)
-        return {n: grads.get(n, self.params[n].new_zeros(size, *self.params[n].shape)) for n in self.params}
+        return {n: grads[n] if n in grads else self.params[n].new_zeros(size, *self.params[n].shape) for n in self.params}
 
     def grads(self, batch: Batch) -> torch.Tensor:
         """``[B, P]`` per-example gradients, flattened in the order of ``params``."""
