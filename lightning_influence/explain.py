@@ -15,7 +15,9 @@ from typing import Any, Optional, TypeVar
 import torch
 from torch import nn
 
-from lightning_influence.core.batching import Batch, prepare_batch
+from torch.utils._pytree import tree_map
+
+from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
     FeatureFn,
@@ -48,15 +50,25 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Description:
-    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None)."""
+    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None), and
+    ``texts``: one string per example from an ``example_formatter`` (token ids decoded, a tabular row), if given."""
 
     inputs: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
     predictions: Optional[torch.Tensor]
+    texts: Optional[list[str]] = None
 
 
-def describe_batch(model: nn.Module, batch: Batch) -> Description:
-    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax."""
+ExampleFormatter = Callable[[Any], str]
+
+
+def describe_batch(model: nn.Module, batch: Batch, example_formatter: Optional[ExampleFormatter] = None) -> Description:
+    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax.
+
+    ``example_formatter(example) -> str`` is called on each example of the batch (the batch's structure with every
+    batched tensor indexed by the row, e.g. ``{"input_ids": Tensor[T], ...}``), e.g. a tokenizer's ``decode``.
+    Bind it with ``functools.partial(describe_batch, example_formatter=...)`` to get a ``Describe``.
+    """
     inputs = labels = None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         inputs = batch[0]
@@ -70,7 +82,12 @@ def describe_batch(model: nn.Module, batch: Batch) -> Description:
             out = model(inputs)
         if isinstance(out, torch.Tensor) and out.dim() == 2:
             predictions = out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
-    return Description(inputs, labels, predictions)
+    texts = None
+    if example_formatter is not None:
+        rows = range(batch_size_of(batch))
+        texts = [str(example_formatter(tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
+                                                batch))) for i in rows]
+    return Description(inputs, labels, predictions, texts)
 
 
 @dataclass(frozen=True)

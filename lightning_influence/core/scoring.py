@@ -208,8 +208,9 @@ class StreamingTopK:
 
     def update(self, scores: torch.Tensor, indices: torch.Tensor) -> None:
         """Add a ``[k, b]`` block of scores for training examples ``indices [b]``."""
-        scores = torch.cat([self._scores, scores.detach().cpu().to(self._scores.dtype)], dim=1)
-        indices = torch.cat([self._indices, indices.cpu().long().expand(scores.shape[0], -1)], dim=1)
+        device = scores.device  # kept on the scores' device (no transfer per block); result() returns CPU tensors
+        scores = torch.cat([self._scores.to(device), scores.detach().to(self._scores.dtype)], dim=1)
+        indices = torch.cat([self._indices.to(device), indices.to(device).long().expand(scores.shape[0], -1)], dim=1)
         self._scores, self._indices = scores, indices
         if scores.shape[1] > 4 * self.m:
             self._compact()
@@ -223,7 +224,7 @@ class StreamingTopK:
         self._indices = self._indices.gather(1, keep)
 
     def result(self) -> TopInfluences:
-        return top_influences_of(self._scores, self._indices, self.m)
+        return top_influences_of(self._scores.cpu(), self._indices.cpu(), self.m)
 
 
 def top_influences_of(scores: torch.Tensor, indices: torch.Tensor, m: int) -> TopInfluences:
