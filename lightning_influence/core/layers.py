@@ -111,33 +111,49 @@ class ConvRule(LayerRule):
     def supports(self, module: nn.Module) -> Optional[str]:
         return None if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "only Conv1d/Conv2d"
 
+    @staticmethod
+    def _unfold_padding(module: nn.Module) -> Optional[tuple]:
+        """Zero padding that ``unfold`` can apply itself (symmetric), else None (padded in the hook)."""
+        pad = module._reversed_padding_repeated_twice  # type: ignore[attr-defined]
+        if module.padding_mode != "zeros" or any(pad[i] != pad[i + 1] for i in range(0, len(pad), 2)):
+            return None
+        return tuple(pad[::2][::-1])
+
     def feature(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         a = inputs[0].detach()
         pad = module._reversed_padding_repeated_twice  # type: ignore[attr-defined]
-        if any(pad):
+        if any(pad) and self._unfold_padding(module) is None:
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode  # type: ignore[attr-defined]
             a = F.pad(a, pad, mode=mode)
         return a
 
     def _columns(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """``[B, G, C_in/G * K, L]`` unfolded (already padded) inputs."""
+        """``[B, G, C_in/G * K, L]`` unfolded inputs."""
         conv1d = isinstance(module, nn.Conv1d)
         pair: Callable[[tuple], tuple] = (lambda t: (1, t[0])) if conv1d else (lambda t: tuple(t))
+        padding = self._unfold_padding(module) or (0,) * (1 if conv1d else 2)
         if conv1d:
-            a = a.unsqueeze(2)
+            a, padding = a.unsqueeze(2), (0, padding[0])
         columns = F.unfold(a, pair(module.kernel_size), dilation=pair(module.dilation),  # type: ignore[arg-type]
-                           stride=pair(module.stride))  # type: ignore[arg-type]
+                           padding=padding, stride=pair(module.stride))  # type: ignore[arg-type]
         groups = module.groups  # type: ignore[attr-defined]
         return columns.view(a.shape[0], groups, -1, columns.shape[-1])
 
     def _split_g(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(g.shape[0], module.groups, -1, g[0, 0].numel())  # type: ignore[attr-defined]
 
+    @staticmethod
+    def _per_example(gg: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``[B, G, O/G, P]`` per-example weight gradients ``g_i unfold(a_i)^T`` (bmm when there is one group)."""
+        if gg.shape[1] == 1:
+            return torch.bmm(gg[:, 0], columns[:, 0].transpose(1, 2)).unsqueeze(1)
+        return torch.einsum("bgol,bgpl->bgop", gg, columns)
+
     def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         out: Grads = {}
         if "weight" in names:
             columns, gg = self._columns(module, a), self._split_g(module, g)
-            per_example = torch.einsum("bgol,bgpl->bgop", gg, columns)
+            per_example = self._per_example(gg, columns)
             out["weight"] = per_example.reshape(g.shape[0], *module.weight.shape)  # type: ignore[union-attr]
         if "bias" in names:
             out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2)
@@ -151,7 +167,7 @@ class ConvRule(LayerRule):
             k = s["weight"].shape[0]
             s_w = s["weight"].reshape(k, groups, per_out, -1)  # [k, G, O/G, P]
             if k * per_out * length > per_out * columns.shape[2]:  # per-example gradients are smaller
-                per_example = torch.einsum("bgol,bgpl->bgop", gg, columns)
+                per_example = self._per_example(gg, columns)
                 total = s_w.reshape(k, -1) @ per_example.reshape(batch, -1).T
             else:
                 projected = torch.einsum("kgop,bgpl->bkgol", s_w, columns)
