@@ -86,14 +86,7 @@ class FunctionalLoss:
         """
         if check:
             with torch.no_grad():
-                losses = self(params, batch)
-            if not bool(torch.isfinite(losses).all()):
-                rows = (~torch.isfinite(losses)).nonzero().flatten()[:10].tolist()
-                raise ValueError(
-                    f"Expected finite per-example losses, but batch rows {rows} have loss {losses[rows].tolist()}."
-                    " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of"
-                    " range) and the model's weights."
-                )
+                check_finite_losses(self(params, batch))
 
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]
@@ -117,6 +110,18 @@ def autocast_off(params: Params) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def check_finite_losses(losses: torch.Tensor) -> torch.Tensor:
+    """Raise, naming the rows, when a per-example loss is NaN or infinite."""
+    if not bool(torch.isfinite(losses).all()):
+        rows = (~torch.isfinite(losses)).nonzero().flatten()[:10].tolist()
+        raise ValueError(
+            f"Expected finite per-example losses, but batch rows {rows} have loss {losses[rows].tolist()}."
+            " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of"
+            " range) and the model's weights."
+        )
+    return losses
 
 
 def check_per_example_losses(losses: Any, batch_size: int) -> torch.Tensor:

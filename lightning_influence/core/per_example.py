@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.layers import LayerRule, rule_for
-from lightning_influence.core.losses import FunctionalLoss, autocast_off
+from lightning_influence.core.losses import FunctionalLoss, autocast_off, check_finite_losses
 from lightning_influence.core.params import Params, flatten, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
@@ -191,6 +191,7 @@ class PerExampleEngine:
                 bad = {n for i in capture.bad for n in self._slots[i].names.values()}
                 self._demote(bad, "layer output is not per example (batch dimension not first)")
                 continue
+            check_finite_losses(losses.detach())
             if not capture.calls:
                 return []
             probes = [probe for _, _, probe in capture.calls]
@@ -257,7 +258,7 @@ class PerExampleEngine:
         """Compare hook gradients with autograd on (up to) the first two examples; demote what disagrees."""
         self._checked = True
         with torch.no_grad():  # a wrong loss shape is reported for the whole batch, not the slice checked below
-            self.loss(self.params, batch)
+            check_finite_losses(self.loss(self.params, batch))
         if not self.hooked:
             return
         few = slice_batch(batch, 0, min(2, batch_size_of(batch)))
