@@ -274,3 +274,18 @@ def test_gpt2_from_config():
 
     engine = check_engine(model, lm_loss, torch.randint(0, 30, (4, 10)))
     assert engine.plan.hooks["transformer.h.0.attn.c_attn.weight"] == "hf_conv1d"
+
+
+def test_knn_last_layer_gradient_features_on_bert():
+    from lightning_influence.core.candidates import last_layer_gradients
+
+    torch.manual_seed(11)
+    model = tiny_bert().double().eval()
+    batch = bert_batch()
+    factors = last_layer_gradients(model, batch, bert_loss)  # a hook on the classifier, no vmap
+    reference = explicit_grads(model, bert_loss, batch, ["classifier.weight", "classifier.bias"])
+    flat = factors.flat()  # [B, out * (in + 1)]: weight columns then the bias column, row by row
+    out_f, in_f = model.classifier.weight.shape
+    per_row = flat.view(-1, out_f, in_f + 1)
+    got = torch.cat([per_row[:, :, :in_f].reshape(len(flat), -1), per_row[:, :, in_f]], dim=1)
+    assert torch.allclose(got, reference, rtol=1e-8, atol=1e-10)
