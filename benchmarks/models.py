@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scoring import PeakRSS, build_model, clock, digits, set_threads  # noqa: E402
+from scoring import PeakRSS, build_model, clock, digits, set_threads
 
 NUM_VECTORS = 8
 #: Timed runs per figure, epochs included (the fastest is reported: other jobs on a shared machine only add time).
@@ -170,12 +170,12 @@ def run(name: str, quick: bool) -> dict[str, Any]:
         result["scoring_peak_mib"] = round(memory.peak_mib(), 1)
         methods = ("auto", "factored") if name in ("mlp", "cnn") else ("auto",)
         best = {m: float("inf") for m in methods}
+        outputs: dict[str, torch.Tensor] = {}
         for _ in range(REPEATS):  # alternate the methods so that load from other jobs hits both alike
             for m in methods:
-                out, seconds = timed(lambda: torch.cat(list(problem.scores(s, method=m)), dim=1))
+                outputs[m], seconds = timed(lambda m=m: torch.cat(list(problem.scores(s, method=m)), dim=1))
                 best[m] = min(best[m], seconds)
-                blocks = out if m == "auto" else blocks
-                reference = out if m == "factored" else None
+        blocks, reference = outputs["auto"], outputs.get("factored")
         result["scoring_seconds"] = best["auto"]
         result["scoring_over_epoch"] = result["scoring_seconds"] / epoch
         if reference is not None:

@@ -14,7 +14,6 @@ from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
-
 from torch.utils._pytree import tree_map
 
 from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
@@ -85,8 +84,8 @@ def describe_batch(model: nn.Module, batch: Batch, example_formatter: Optional[E
     texts = None
     if example_formatter is not None:
         rows = range(batch_size_of(batch))
-        texts = [str(example_formatter(tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) and t.dim() > 0 else t,
-                                                batch))) for i in rows]
+        texts = [str(example_formatter(tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) and t.dim() > 0
+                                                else t, batch))) for i in rows]
     return Description(inputs, labels, predictions, texts)
 
 

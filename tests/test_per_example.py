@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence.core.batching import batch_size_of, slice_batch
+from lightning_influence.core.config import CGConfig
 from lightning_influence.core.losses import FunctionalLoss
 from lightning_influence.core.params import trainable_parameters
 from lightning_influence.core.per_example import PerExampleEngine
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.config import CGConfig
 from lightning_influence.core.scoring import iter_scores
 
 TOLERANCE = 1e-5

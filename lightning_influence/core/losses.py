@@ -14,7 +14,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-
 from torch.utils._pytree import tree_map
 
 from lightning_influence.core.batching import Batch, add_batch_dim, batch_size_of, batched_in_dims

@@ -29,7 +29,12 @@ from lightning_influence.core.eigen import lanczos
 from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
 from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
 from lightning_influence.core.losses import FunctionalLoss, LossFn
-from lightning_influence.core.params import ParameterSelector, model_device, num_parameters, trainable_parameters
+from lightning_influence.core.params import (
+    ParameterSelector,
+    model_device,
+    num_parameters,
+    trainable_parameters,
+)
 from lightning_influence.core.per_example import PerExampleEngine
 from lightning_influence.core.scoring import iter_scores
 
