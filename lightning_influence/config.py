@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 SOLVERS = ("lissa", "cg", "exact", "lowrank")
-SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
+SCORING_METHODS = ("auto", "hooks", "factored", "jvp", "per_example_grad")
 #: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
 DEFAULT_DAMPING = 0.01
 DEFAULT_SOLVER = "lissa"

@@ -31,6 +31,7 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.core.features import FeatureFn
 from lightning_influence.core.losses import LossFn
 from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.params import ParameterSelector
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, top_influences_of
 from lightning_influence.distributed.collectives import SingleProcess
@@ -48,7 +49,11 @@ def make_problem(
     """Validate the arguments shared by every public function and build the problem."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), solver_config(solver, options))
+    options = dict(options)
+    parameters: ParameterSelector = options.pop("parameters", None)
+    dtype: Optional[torch.dtype] = options.pop("dtype", None)
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), solver_config(solver, options),
+                            parameters=parameters, dtype=dtype)
 
 
 def s_test(
@@ -71,7 +76,11 @@ def s_test(
         solver: ``"lissa"``, ``"cg"``, ``"exact"``, ``"lowrank"``, or a config object such as
             ``LissaConfig(depth=500)``.
         damping: lambda added to H.
-        **options: solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...).
+        **options: solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...), and
+            ``parameters=`` to analyse only some trainable parameters (module-name prefixes or globs such as
+            ``"classifier"`` or ``"*.lora_*"``, or a predicate ``(name, param) -> bool``; "influence through the last
+            layers only", see docs/per-example.md) and ``dtype=`` (the analysis dtype: float32 by default whatever
+            the training precision, ``torch.float64`` for references).
 
     Returns:
         :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.loggers import TensorBoardLogger
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -79,15 +80,25 @@ def model_input(batch: Batch) -> Optional[torch.Tensor]:
 
 @dataclass(frozen=True)
 class Description:
-    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None)."""
+    """What the tables and grids show for a batch: inputs, labels and model predictions (any may be None), and
+    ``texts``: one string per example from an ``example_formatter`` (token ids decoded, a tabular row), if given."""
 
     inputs: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
     predictions: Optional[torch.Tensor]
+    texts: Optional[list[str]] = None
 
 
-def describe_batch(model: nn.Module, batch: Batch) -> Description:
-    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax."""
+ExampleFormatter = Callable[[Any], str]
+
+
+def describe_batch(model: nn.Module, batch: Batch, example_formatter: Optional[ExampleFormatter] = None) -> Description:
+    """Inputs/labels from ``(input, target, ...)`` tuples or dicts with usual key names; predictions by argmax.
+
+    ``example_formatter(example) -> str`` is called on each example of the batch (the batch's structure with every
+    batched tensor indexed by the row, e.g. ``{"input_ids": Tensor[T], ...}``), e.g. a tokenizer's ``decode``.
+    Bind it with ``functools.partial(describe_batch, example_formatter=...)`` to get a ``Describe``.
+    """
     inputs = labels = None
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         inputs = batch[0]
@@ -101,7 +112,11 @@ def describe_batch(model: nn.Module, batch: Batch) -> Description:
             out = model(inputs)
         if isinstance(out, torch.Tensor) and out.dim() == 2:
             predictions = out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
-    return Description(inputs, labels, predictions)
+    texts = None
+    if example_formatter is not None:
+        texts = [str(example_formatter(tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) and t.dim() > 0
+                                                else t, batch))) for i in range(batch_size_of(batch))]
+    return Description(inputs, labels, predictions, texts)
 
 
 def looks_like_image(x: torch.Tensor) -> bool:

@@ -7,15 +7,17 @@ products can be taken with respect to a parameter dictionary without touching ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
 from lightning_influence.core.batching import Batch, add_batch_dim, batch_size_of, batched_in_dims
-from lightning_influence.core.params import Params, flatten
+from lightning_influence.core.params import Params, analysis_dtype, flatten
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -35,24 +37,44 @@ class _LossModule(nn.Module):
 
 
 class FunctionalLoss:
-    """``(params, batch) -> per-example losses [B]`` for a model and a user loss function."""
+    """``(params, batch) -> per-example losses [B]`` for a model and a user loss function.
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    The analysis runs in ``dtype`` (default: float32, or float64 for a float64 model; see
+    :func:`~lightning_influence.core.params.analysis_dtype`) whatever the training precision: floating parameters
+    and buffers in another dtype (bf16/fp16 weights, frozen ones included) are used through float copies, floating
+    batch tensors are cast too, and autocast is off during every call.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, dtype: Optional[torch.dtype] = None) -> None:
         if not callable(loss_fn):
             raise TypeError(f"Expected `loss_fn` to be a callable (model, batch) -> Tensor[B], but got {loss_fn!r}.")
         self.model = model
         self.loss_fn = loss_fn
         self._module = _LossModule(model, loss_fn)
+        self.dtype = analysis_dtype(model, dtype)
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+        #: Float copies of every floating parameter/buffer not already in the analysis dtype (empty when none).
+        self.cast = {
+            _PREFIX + name: t.detach().to(self.dtype)
+            for name, t in tensors
+            if t.is_floating_point() and t.dtype != self.dtype
+        }
 
     def __call__(self, params: Params, batch: Batch) -> torch.Tensor:
-        losses = functional_call(self._module, {_PREFIX + k: v for k, v in params.items()}, (batch,))
+        if self.cast:
+            batch = tree_map(lambda t: t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                             batch)
+        with autocast_off(params):
+            losses = functional_call(self._module, {**self.cast, **{_PREFIX + k: v for k, v in params.items()}},
+                                     (batch,))
         return check_per_example_losses(losses, batch_size_of(batch))
 
     def mean(self, params: Params, batch: Batch) -> torch.Tensor:
         return self(params, batch).mean()
 
     def per_example_grads(self, params: Params, batch: Batch, check: bool = True) -> torch.Tensor:
-        """``[B, P]`` matrix of per-example gradients ``grad L(z_i)`` (``vmap`` over ``grad``)."""
+        """``[B, P]`` matrix of per-example gradients ``grad L(z_i)`` (``vmap`` over ``grad``; module hooks when
+        ``vmap`` cannot trace the model)."""
         return flatten(self.per_example_grad_dict(params, batch, check), batch_dims=1)
 
     def per_example_grad_dict(self, params: Params, batch: Batch, check: bool = True) -> Params:
@@ -63,19 +85,30 @@ class FunctionalLoss:
         """
         if check:
             with torch.no_grad():
-                losses = self(params, batch)
-            if not bool(torch.isfinite(losses).all()):
-                rows = (~torch.isfinite(losses)).nonzero().flatten()[:10].tolist()
-                raise ValueError(
-                    f"Expected finite per-example losses, but batch rows {rows} have loss {losses[rows].tolist()}."
-                    " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of"
-                    " range) and the model's weights."
-                )
+                check_finite_losses(self(params, batch))
 
         def single(p: Params, example: Batch) -> torch.Tensor:
             return self(p, add_batch_dim(example))[0]
 
-        return vmap(grad(single), in_dims=(None, batched_in_dims(batch)))(params, batch)
+        try:
+            return vmap(grad(single), in_dims=(None, batched_in_dims(batch)))(params, batch)
+        except (RuntimeError, NotImplementedError) as err:  # vmap cannot trace it (.item(), data-dependent code)
+            if "out of memory" in str(err).lower():
+                raise
+            from lightning_influence.core.per_example import PerExampleEngine
+
+            return PerExampleEngine(self, params).grad_dict(batch)
+
+
+@contextlib.contextmanager
+def autocast_off(params: Params) -> Iterator[None]:
+    """Disable autocast (a bf16/fp16-mixed training context) on the device the parameters live on."""
+    device = next(iter(params.values())).device.type if params else "cpu"
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        with torch.autocast(device_type=device, enabled=False):
+            yield
+    else:
+        yield
 
 
 def check_per_example_losses(losses: Any, batch_size: int) -> torch.Tensor:
@@ -124,15 +157,18 @@ def _batch_structure(batch: Batch) -> str:
     return f"a {type(batch).__name__}"
 
 
-def check_finite_losses(losses: Any, indices: torch.Tensor, split: str) -> torch.Tensor:
-    """Per-example losses of the right shape and all finite; else an error naming the dataset indices."""
-    losses = check_per_example_losses(losses, len(indices))
+def check_finite_losses(losses: Any, indices: Optional[torch.Tensor] = None, split: str = "batch") -> torch.Tensor:
+    """Per-example losses, all finite; else an error naming the examples: dataset ``indices`` (of the ``split``)
+    when given, else the batch rows. With ``indices`` the shape is checked first."""
+    if indices is not None:
+        losses = check_per_example_losses(losses, len(indices))
     bad = ~torch.isfinite(losses.detach())
     if bool(bad.any()):
-        where = indices[bad.cpu()][:10].tolist()
+        where = (indices[bad.cpu()] if indices is not None else bad.nonzero().flatten())[:10].tolist()
+        what = f"the {split} examples" if indices is not None else "batch rows"
         raise ValueError(
-            f"Expected finite per-example losses, but the {split} examples {where} have loss"
-            f" {losses.detach()[bad][:10].tolist()}. Influence needs finite losses and gradients: check those examples"
-            " (NaN inputs, labels out of range) and the model (diverged weights), e.g. `torch.isfinite(loss)`."
+            f"Expected finite per-example losses, but {what} {where} have loss {losses.detach()[bad][:10].tolist()}."
+            " Influence needs finite losses and gradients: check those examples (NaN inputs, labels out of range)"
+            " and the model (diverged weights), e.g. `torch.isfinite(loss)`."
         )
     return losses

@@ -8,13 +8,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lightning_influence.core.params import model_device
+
 
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module, seed: int | None = None) -> Iterator[None]:
     """Run analysis in ``eval()`` mode with the RNG state saved, then restore both.
 
     BatchNorm uses its running statistics and dropout is off, so the analysed function is deterministic;
-    training continues afterwards exactly as it would have without the analysis.
+    training continues afterwards exactly as it would have without the analysis. Autocast is off and attention
+    uses the twice-differentiable math kernel.
     """
     modes = {module: module.training for module in model.modules()}
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
@@ -24,11 +27,25 @@ def analysis_mode(model: nn.Module, seed: int | None = None) -> Iterator[None]:
             torch.manual_seed(seed)
         model.eval()
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), _analysis_kernels(model):
                 yield
         finally:
             for module, mode in modes.items():
                 module.train(mode)
+
+
+@contextlib.contextmanager
+def _analysis_kernels(model: nn.Module) -> Iterator[None]:
+    """Autocast off (analysis in full precision whatever the training precision) and the math attention kernel
+    for ``scaled_dot_product_attention`` (the fused kernels have no double backward, which HVPs need)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = model_device(model).type
+    with contextlib.ExitStack() as stack:
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

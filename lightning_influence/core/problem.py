@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,7 +22,13 @@ from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
 from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conjugate_gradient
 from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
 from lightning_influence.core.losses import FunctionalLoss, LossFn
-from lightning_influence.core.params import model_device, num_parameters, trainable_parameters
+from lightning_influence.core.params import (
+    ParameterSelector,
+    model_device,
+    num_parameters,
+    trainable_parameters,
+)
+from lightning_influence.core.per_example import PerExampleEngine
 from lightning_influence.core.scoring import iter_scores
 from lightning_influence.results import SolveInfo, STest
 
@@ -37,14 +44,19 @@ class InfluenceProblem:
         train_loader: the training data; iterated in its own order for scoring, its dataset sampled by LiSSA.
         damping: lambda added to H (the training L2 strength / weight decay is a natural choice).
         config: the solver configuration.
+        parameters: analyse only these trainable parameters (module-name prefixes or globs, or a predicate
+            ``(name, param) -> bool``; see :func:`~lightning_influence.core.params.select_parameters`).
+        dtype: the analysis dtype (default float32, float64 for a float64 model); low-precision weights are upcast.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: float, config: SolverConfig
+        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: float, config: SolverConfig,
+        *, parameters: ParameterSelector = None, dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.model = model
-        self.loss = FunctionalLoss(model, loss_fn)
-        self.params = trainable_parameters(model)
+        self.loss = FunctionalLoss(model, loss_fn, dtype)
+        self.params = trainable_parameters(model, parameters, self.loss.dtype)
+        self._engine: PerExampleEngine | None = None
         self.num_params = num_parameters(self.params)
         self.device = model_device(model)
         self.train_loader = train_loader
@@ -56,8 +68,15 @@ class InfluenceProblem:
 
     # -- gradients and HVPs -------------------------------------------------------------------------------
     def gradients(self, batch: Batch) -> torch.Tensor:
-        """``[B, P]`` per-example gradients ``grad L(z)`` of ``batch``."""
-        return self.loss.per_example_grads(self.params, prepare_batch(batch, self.device)).detach()
+        """``[B, P]`` per-example gradients ``grad L(z)`` of ``batch`` (module hooks, no vmap: any model)."""
+        return self.per_example.grads(prepare_batch(batch, self.device)).detach()
+
+    @property
+    def per_example(self) -> PerExampleEngine:
+        """The hook-based per-example engine (its ``plan`` says which parameters took which path)."""
+        if self._engine is None:
+            self._engine = PerExampleEngine(self.loss, self.params)
+        return self._engine
 
     def train_batches(self) -> Iterator[Batch]:
         for batch in self.train_loader:
@@ -193,7 +212,7 @@ class InfluenceProblem:
                chunk_size: int = 256) -> Iterator[torch.Tensor]:
         """``[k, b]`` blocks of ``-s . grad L(z)`` over ``batches`` (default: the training loader), in order."""
         source = self.train_loader if batches is None else batches
-        return iter_scores(self.loss, self.params, source, s_vectors, method, chunk_size)
+        return iter_scores(self.loss, self.params, source, s_vectors, method, chunk_size, engine=self.per_example)
 
 
 def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig) -> SolveInfo:

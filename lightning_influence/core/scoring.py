@@ -1,7 +1,11 @@
 """Scoring training examples against s_test vectors: ``I(z_i, z_test) = -s_test . grad L(z_i)``.
 
-Three ways, equal to float tolerance:
+Four ways, equal to float tolerance:
 
+* ``hooks`` (:mod:`~lightning_influence.core.per_example`, the ``auto`` choice): module hooks record each
+  supported layer's inputs and output gradients in one forward/backward of the chunk and score per layer in
+  factored form (Linear with any leading dims, Conv1d/2d, Embedding, norm affines, Hugging Face Conv1D); every
+  other parameter takes a generic per-example autograd path. No ``vmap``: works for models it cannot trace.
 * ``factored`` (:mod:`~lightning_influence.core.factored`): when every trainable parameter belongs to an
   ``nn.Linear`` / ``nn.Conv2d``, per-example gradients factor as ``g_i a_i^T``: one forward pass, one backward
   pass for the layer output gradients, then one layer-sized matmul per test vector. Peak extra memory: the
@@ -13,8 +17,9 @@ Three ways, equal to float tolerance:
   parameter. Peak extra memory: ``chunk x P`` floats, kept under :data:`PER_EXAMPLE_BUDGET` by shrinking the
   chunk.
 
-``auto`` picks ``factored`` when the model allows it, else per-example gradients up to
-:data:`AUTO_PER_EXAMPLE_MAX_PARAMS` parameters, else ``jvp``. A chunk that runs out of memory is retried
+``auto`` picks ``hooks`` (measured at least as fast as the former choice, ``factored``, on the digits CNN and MLP:
+docs/per-example.md). ``jvp`` and ``per_example_grad`` fall back to loops without ``vmap`` when ``vmap`` cannot trace
+the model. A chunk that runs out of memory is retried
 in halves before the error is raised.
 """
 
@@ -32,6 +37,7 @@ from lightning_influence.core.batching import Batch, batch_size_of, prepare_batc
 from lightning_influence.core.factored import FactoredLayer, factored_dot, factored_layers
 from lightning_influence.core.losses import FunctionalLoss
 from lightning_influence.core.params import Params, num_parameters, unflatten
+from lightning_influence.core.per_example import PerExampleEngine
 from lightning_influence.results import TopInfluences
 
 #: Most floats held at once by the per-example-gradient path (chunk x P): 2^26 floats = 256 MiB in float32.
@@ -47,9 +53,7 @@ def resolve_method(method: str, num_params: int, factorable: bool = False) -> st
         raise ValueError(f"Expected `scoring` to be one of {SCORING_METHODS}, but got {method!r}.")
     if method != "auto":
         return method
-    if factorable:
-        return "factored"
-    return "per_example_grad" if num_params <= AUTO_PER_EXAMPLE_MAX_PARAMS else "jvp"
+    return "hooks"
 
 
 def score_chunk(
@@ -60,8 +64,11 @@ def score_chunk(
     method: str,
     layers: Optional[list[FactoredLayer]] = None,
     check: bool = True,
+    engine: Optional[PerExampleEngine] = None,
 ) -> torch.Tensor:
     """``[k, B]`` influence of every example of ``batch`` on each of the k test points."""
+    if method == "hooks":
+        return -(engine or PerExampleEngine(loss, params)).dot(batch, s_vectors)
     if method == "factored":
         layers = layers if layers is not None else factored_layers(loss.model, params)
         if layers is None:
@@ -80,7 +87,13 @@ def score_chunk(
     def directional(tangent: Params) -> torch.Tensor:
         return jvp(lambda p: loss(p, batch), (params,), (tangent,))[1]
 
-    return -vmap(directional)(unflatten(s_vectors, params))
+    tangents = unflatten(s_vectors, params)
+    try:
+        return -vmap(directional)(tangents)
+    except (RuntimeError, NotImplementedError) as err:  # vmap cannot trace the model (.item(), data-dependent code)
+        if _is_out_of_memory(err):
+            raise
+        return -torch.stack([directional({n: t[j] for n, t in tangents.items()}) for j in range(s_vectors.shape[0])])
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -109,6 +122,7 @@ def iter_scores(  # long: method choice, spot check, out-of-memory halving share
     s_vectors: torch.Tensor,
     method: str = "auto",
     chunk_size: int = 256,
+    engine: Optional[PerExampleEngine] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield ``[k, b]`` score blocks for consecutive examples of ``batches``, in order, chunk by chunk.
 
@@ -118,8 +132,10 @@ def iter_scores(  # long: method choice, spot check, out-of-memory halving share
     if chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be a positive int, but got {chunk_size!r}.")
     size = num_parameters(params)
-    layers = factored_layers(loss.model, params) if method in ("auto", "factored") else None
+    layers = factored_layers(loss.model, params) if method == "factored" else None
     requested, method = method, resolve_method(method, size, factorable=layers is not None)
+    if method == "hooks" and engine is None:
+        engine = PerExampleEngine(loss, params)
     if method == "per_example_grad":
         chunk_size = max(1, min(chunk_size, PER_EXAMPLE_BUDGET // size))
     device = s_vectors.device
@@ -146,7 +162,7 @@ def iter_scores(  # long: method choice, spot check, out-of-memory halving share
             stop = min(start + chunk_size, total)
             chunk = batch if (start, stop) == (0, total) else slice_batch(batch, start, stop)
             try:
-                block = score_chunk(loss, params, chunk, s_vectors, method, layers, check=False).detach()
+                block = score_chunk(loss, params, chunk, s_vectors, method, layers, check=False, engine=engine).detach()
             except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
                 if not _is_out_of_memory(err) or stop - start == 1:
                     raise
@@ -178,8 +194,9 @@ class StreamingTopK:
 
     def update(self, scores: torch.Tensor, indices: torch.Tensor) -> None:
         """Add a ``[k, b]`` block of scores for training examples ``indices [b]``."""
-        scores = torch.cat([self._scores, scores.detach().cpu().to(self._scores.dtype)], dim=1)
-        indices = torch.cat([self._indices, indices.cpu().long().expand(scores.shape[0], -1)], dim=1)
+        device = scores.device  # kept on the scores' device (no transfer per block); result() returns CPU tensors
+        scores = torch.cat([self._scores.to(device), scores.detach().to(self._scores.dtype)], dim=1)
+        indices = torch.cat([self._indices.to(device), indices.to(device).long().expand(scores.shape[0], -1)], dim=1)
         self._scores, self._indices = scores, indices
         if scores.shape[1] > 4 * self.m:
             self._compact()
@@ -193,7 +210,7 @@ class StreamingTopK:
         self._indices = self._indices.gather(1, keep)
 
     def result(self) -> TopInfluences:
-        return top_influences_of(self._scores, self._indices, self.m)
+        return top_influences_of(self._scores.cpu(), self._indices.cpu(), self.m)
 
 
 def top_influences_of(scores: torch.Tensor, indices: torch.Tensor, m: int) -> TopInfluences:

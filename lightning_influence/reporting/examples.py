@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_influence.reporting._format import to_builtin
 from lightning_influence.core.batching import looks_like_image
+from lightning_influence.reporting._format import to_builtin
 from lightning_influence.results import InfluenceReport, MislabelReport
 
 MAX_THUMBNAIL_SIDE = 64
