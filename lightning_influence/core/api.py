@@ -19,6 +19,7 @@ from lightning_influence.core.candidates import (
     collect_candidate_scores,
     select_candidates,
 )
+from lightning_influence.core import defaults
 from lightning_influence.core.config import STest, check_damping, make_solver_config
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
@@ -26,18 +27,26 @@ from lightning_influence.core.params import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, TopInfluences, top_influences_of
 
-#: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
-DEFAULT_DAMPING = 0.01
+#: Damping used when none is given: ``"auto"`` (a fraction of the curvature's top eigenvalue, see core.damping).
+DEFAULT_DAMPING = defaults.DEFAULT_DAMPING
+#: Options every solver takes, passed to :class:`InfluenceProblem` rather than to the solver config.
+PROBLEM_OPTIONS = ("curvature", "weight_decay", "allow_negative_curvature")
 
 
 def make_problem(
-    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: str, damping: float, options: dict[str, Any]
+    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: str, damping: float | str,
+    options: dict[str, Any],
 ) -> InfluenceProblem:
-    """Validate the arguments shared by every public function and build the problem."""
+    """Validate the arguments shared by every public function and build the problem.
+
+    ``options`` may hold ``curvature`` (default ``"gauss_newton"``), ``weight_decay`` and
+    ``allow_negative_curvature`` besides the solver's own options.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    config = make_solver_config(solver, options)
-    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config)
+    problem_options = {k: options[k] for k in PROBLEM_OPTIONS if k in options}
+    config = make_solver_config(solver, {k: v for k, v in options.items() if k not in PROBLEM_OPTIONS})
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config, **problem_options)
 
 
 def s_test(
@@ -47,7 +56,7 @@ def s_test(
     test_batch: Batch,
     *,
     solver: str = "lissa",
-    damping: float = DEFAULT_DAMPING,
+    damping: float | str = DEFAULT_DAMPING,
     **options: Any,
 ) -> STest:
     """Inverse-HVPs ``s_test = (H + damping I)^-1 grad L(z_test)`` for every example of ``test_batch``.
@@ -58,8 +67,10 @@ def s_test(
         train_loader: the training data defining ``H``.
         test_batch: one batch in the training batches' format.
         solver: ``"lissa"``, ``"cg"`` or ``"exact"``.
-        damping: lambda added to H.
-        **options: solver options (see :class:`LissaConfig`, :class:`CGConfig`, :class:`ExactConfig`).
+        damping: lambda added to the curvature, or ``"auto"`` (default: a fraction of its top eigenvalue).
+        **options: solver options (see :class:`LissaConfig`, :class:`CGConfig`, :class:`ExactConfig`), and
+            ``curvature`` (``"gauss_newton"``, the default, or ``"hessian"``), ``weight_decay`` (floor of the
+            automatic damping), ``allow_negative_curvature``.
 
     Returns:
         :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.
@@ -81,7 +92,7 @@ def influence(
     test_batch: Batch,
     *,
     solver: str = "lissa",
-    damping: float = DEFAULT_DAMPING,
+    damping: float | str = DEFAULT_DAMPING,
     candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = "torch",
@@ -130,7 +141,7 @@ def top_influences(
     *,
     top_k: int = 10,
     solver: str = "lissa",
-    damping: float = DEFAULT_DAMPING,
+    damping: float | str = DEFAULT_DAMPING,
     candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = "torch",
@@ -193,7 +204,7 @@ def self_influence(
     train_loader: Iterable[Batch],
     *,
     solver: str = "exact",
-    damping: float = DEFAULT_DAMPING,
+    damping: float | str = DEFAULT_DAMPING,
     chunk_size: int = 64,
     **options: Any,
 ) -> torch.Tensor:

@@ -8,6 +8,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from lightning_influence.core.defaults import CHECK_EVERY, MAX_RETRIES, RESIDUAL_TOL
+
 SOLVERS = ("lissa", "cg", "exact", "lowrank")
 SCORING_METHODS = ("auto", "factored", "jvp", "per_example_grad")
 
@@ -31,7 +33,12 @@ class LissaConfig:
         tol: stop a repeat early at the first step whose relative update ``||h_j - h_{j-1}|| / ||h_j||`` (max
             over the test points) falls below it; that step is the repeat's last trace entry (0 runs all
             ``depth`` steps).
-        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"``.
+        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (Hessian products only).
+        residual_tol: ``converged`` means ``max ||(C + damping I) x - v|| / ||v|| <= residual_tol`` on a fixed
+            training subset; a repeat also stops once its own estimate meets it.
+        check_every: steps between those residual checks (0: only the final check, no early stop).
+        max_retries: restarts after a divergence (``scale`` raised, or damping under ``"hessian"``) before
+            :class:`LissaDivergenceError`.
     """
 
     depth: int = 1000
@@ -41,6 +48,9 @@ class LissaConfig:
     seed: int = 0
     tol: float = 0.0
     hvp_method: str = "double_backward"
+    residual_tol: float = RESIDUAL_TOL
+    check_every: int = CHECK_EVERY
+    max_retries: int = MAX_RETRIES
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
@@ -62,6 +72,12 @@ class LissaConfig:
             "'double_backward' or 'forward_over_reverse'",
             self.hvp_method,
         )
+        _expect(isinstance(self.residual_tol, (int, float)) and self.residual_tol > 0, "residual_tol",
+                "a positive number", self.residual_tol)
+        _expect(isinstance(self.check_every, int) and self.check_every >= 0, "check_every", "an int >= 0",
+                self.check_every)
+        _expect(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "an int >= 0",
+                self.max_retries)
 
 
 @dataclass(frozen=True)
@@ -136,11 +152,13 @@ def make_solver_config(solver: str, options: dict[str, Any]) -> SolverConfig:
     return cls(**options)
 
 
-def check_damping(damping: float) -> float:
+def check_damping(damping: float | str) -> float | str:
+    if damping == "auto":
+        return "auto"
     _expect(
         isinstance(damping, (int, float)) and damping >= 0,
         "damping",
-        "a number >= 0 (the lambda added to H; pass the training weight decay / L2 strength)",
+        "'auto' or a number >= 0 (the lambda added to the curvature)",
         damping,
     )
     return float(damping)
@@ -148,7 +166,14 @@ def check_damping(damping: float) -> float:
 
 @dataclass(frozen=True)
 class SolveInfo:
-    """How an inverse-HVP solve went. ``trace`` rows are repeats (LiSSA) or one row of CG residuals."""
+    """How an inverse-HVP solve went. ``trace`` rows are repeats (LiSSA) or one row of CG residuals.
+
+    ``curvature`` names C in ``(C + damping I) x = v``; ``damping_requested``/``damping_rule`` say how ``damping``
+    was chosen; ``eigenvalue_min``/``eigenvalue_max`` are C's extreme eigenvalues (exact, or Lanczos estimates);
+    ``residual`` is ``max ||(C + damping I) x - v|| / ||v||`` on the check subset and ``converged`` means it is at
+    most ``residual_tol`` (when a residual was measured); ``retries`` records each LiSSA restart and
+    ``warnings`` what the user should know (e.g. damping raised above the Hessian's negative curvature).
+    """
 
     solver: str
     damping: float
@@ -159,6 +184,13 @@ class SolveInfo:
     eigenvalue_min: float | None = None
     eigenvalue_max: float | None = None
     iterations: int = 0
+    curvature: str | None = None
+    damping_requested: float | str | None = None
+    damping_rule: str | None = None
+    residual: float | None = None
+    residual_tol: float | None = None
+    retries: tuple[dict[str, Any], ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,16 @@ exposes each step of the data flow once: test gradients -> s_test -> scores.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.core.batching import Batch, prepare_batch
+from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
 from lightning_influence.core.config import (
     CGConfig,
     ExactConfig,
@@ -23,10 +25,33 @@ from lightning_influence.core.config import (
     SolverConfig,
     STest,
 )
+from lightning_influence.core.curvature import batch_product, check_curvature, curvature_matrix, dataset_product
+from lightning_influence.core.damping import (
+    Damping,
+    DampingChoice,
+    Spectrum,
+    check_damping_request,
+    choose_damping,
+    estimate_spectrum,
+)
+from lightning_influence.core.defaults import (
+    DEFAULT_CURVATURE,
+    NEGATIVE_CURVATURE_MARGIN,
+    RESIDUAL_TOL,
+    SPECTRUM_STEPS,
+    SUBSET_EXAMPLES,
+    SUBSET_SEED,
+)
 from lightning_influence.core.direct import ExactInverse, LowRankInverse, conjugate_gradient
 from lightning_influence.core.eigen import lanczos
-from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
-from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
+from lightning_influence.core.lissa import (
+    SCALE_MARGIN,
+    LissaDivergenceError,
+    estimate_scale,
+    lissa_repeats,
+    minibatch_stream,
+    repeat_seed,
+)
 from lightning_influence.core.losses import FunctionalLoss, LossFn
 from lightning_influence.core.params import model_device, num_parameters, trainable_parameters
 from lightning_influence.core.scoring import iter_scores
@@ -39,14 +64,25 @@ class InfluenceProblem:
 
     Args:
         model: the trained module; only its trainable parameters count.
-        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses, without the L2 term.
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses, without the L2 term. For
+            ``curvature="gauss_newton"`` it must call ``model(...)`` once (or be a
+            :class:`~lightning_influence.core.curvature.SplitLoss`).
         train_loader: the training data; iterated in its own order for scoring, its dataset sampled by LiSSA.
-        damping: lambda added to H (the training L2 strength / weight decay is a natural choice).
+        damping: lambda added to the curvature: a number (used as given) or ``"auto"`` (see
+            :mod:`~lightning_influence.core.damping`). ``problem.damping`` is the resolved number.
         config: the solver configuration.
+        curvature: ``"gauss_newton"`` (default, positive semi-definite) or ``"hessian"``.
+        weight_decay: the optimizer's weight decay, the floor of ``damping="auto"``.
+        allow_negative_curvature: with ``"hessian"``, keep a damping below ``|lambda_min|`` (warned) instead of
+            raising it.
+        subset_examples: training examples (fixed seeded subset) for the spectrum and the residual check
+            (None: all).
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: float, config: SolverConfig
+        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: Damping, config: SolverConfig,
+        *, curvature: str = DEFAULT_CURVATURE, weight_decay: float | None = None,
+        allow_negative_curvature: bool = False, subset_examples: int | None = SUBSET_EXAMPLES,
     ) -> None:
         self.model = model
         self.loss = FunctionalLoss(model, loss_fn)
@@ -54,13 +90,53 @@ class InfluenceProblem:
         self.num_params = num_parameters(self.params)
         self.device = model_device(model)
         self.train_loader = train_loader
-        self.damping = damping
         self.config = config
+        self.curvature = check_curvature(curvature)
+        self.weight_decay = weight_decay
+        self.allow_negative_curvature = allow_negative_curvature
+        self.subset_examples = subset_examples
+        self.damping_requested = check_damping_request(damping)
+        self._choice: DampingChoice | None = None
+        self._spectrum: Spectrum | None = None
+        self._subset: list[Batch] | None = None
+        self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._exact: ExactInverse | None = None
         self._low_rank: LowRankInverse | None = None
         self._scale: float | None = None
+        method = config.hvp_method if isinstance(config, LissaConfig) else "double_backward"
+        self._product = batch_product(self.loss, self.params, self.curvature, method)
 
-    # -- gradients and HVPs -------------------------------------------------------------------------------
+    # -- damping --------------------------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        """The damping the solvers use (resolved from ``"auto"`` and checked on first use)."""
+        return self.damping_choice().value
+
+    def damping_choice(self) -> DampingChoice:
+        """The damping, how it was chosen and the eigenvalue estimates behind it (computed once)."""
+        if self._choice is None:
+            with torch.inference_mode(False), torch.enable_grad():
+                self._choice = choose_damping(self.damping_requested, self.curvature, self.spectrum,
+                                              self.weight_decay, self.allow_negative_curvature)
+        return self._choice
+
+    def spectrum(self) -> Spectrum:
+        """Extreme eigenvalues of the curvature: exact for solver='exact', else Lanczos on the check subset."""
+        if self._spectrum is None:
+            if isinstance(self.config, ExactConfig):
+                w, _ = self._eigendecomposition()
+                n = sum(batch_size_of(b) for b in self.train_batches())
+                self._spectrum = Spectrum(float(w[-1]), float(w[0]), self.num_params, n)
+            else:
+                batches = self.check_batches()
+                like = next(iter(self.params.values()))
+                self._spectrum = estimate_spectrum(
+                    lambda v: dataset_product(self._product, batches, v), self.num_params,
+                    sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS,
+                )
+        return self._spectrum
+
+    # -- gradients and curvature products -------------------------------------------------------------------
     def gradients(self, batch: Batch) -> torch.Tensor:
         """``[B, P]`` per-example gradients ``grad L(z)`` of ``batch``."""
         return self.loss.per_example_grads(self.params, prepare_batch(batch, self.device)).detach()
@@ -70,29 +146,48 @@ class InfluenceProblem:
             yield prepare_batch(batch, self.device)
 
     def minibatch_hvp(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-        method = self.config.hvp_method if isinstance(self.config, LissaConfig) else "double_backward"
-        return batch_hvp(self.loss, self.params, batch, vectors, method)
+        """``C_b V`` for the curvature ``C_b`` (Gauss-Newton or Hessian) of the mean loss over ``batch``."""
+        return self._product(batch, vectors)
 
     def damped_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I) V`` over the whole training set."""
-        return dataset_hvp(self.loss, self.params, self.train_batches(), vectors) + self.damping * vectors
+        """``(C + damping I) V`` over the whole training set."""
+        return dataset_product(self.minibatch_hvp, self.train_batches(), vectors) + self.damping * vectors
+
+    def check_batches(self) -> list[Batch]:
+        """The fixed seeded training subset of the spectrum estimate and the residual check (kept in memory)."""
+        if self._subset is None:
+            self._subset = list(self._hvp_subset(self.subset_examples, SUBSET_SEED))
+        return self._subset
+
+    def residual(self, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``||(C + damping I) x - v|| / ||v||`` per row, with C over the check subset."""
+        with torch.inference_mode(False), torch.enable_grad():
+            applied = dataset_product(self._product, self.check_batches(), x) + self.damping * x
+        tiny = torch.finfo(vectors.dtype).tiny
+        return (applied - vectors).norm(dim=1) / vectors.norm(dim=1).clamp_min(tiny)
 
     # -- solvers ------------------------------------------------------------------------------------------
-    def exact_inverse(self) -> ExactInverse:
-        if self._exact is None:
+    def _eigendecomposition(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._eigh is None:
             limit = self.config.max_parameters if isinstance(self.config, ExactConfig) else ExactConfig().max_parameters
             if self.num_params > limit:
                 raise ValueError(
                     f"Expected at most {limit} trainable parameters for solver='exact' (it builds the"
-                    f" {self.num_params} x {self.num_params} Hessian), but got {self.num_params}. Use solver='lissa'"
-                    " or 'cg'."
+                    f" {self.num_params} x {self.num_params} curvature matrix), but got {self.num_params}. Use"
+                    " solver='lissa' or 'cg'."
                 )
-            matrix = hessian(self.loss, self.params, self.train_batches())
-            self._exact = ExactInverse.from_hessian(matrix, self.damping)
+            matrix = curvature_matrix(self.loss, self.params, self.train_batches(), self.curvature)
+            self._eigh = torch.linalg.eigh(matrix.double())
+        return self._eigh
+
+    def exact_inverse(self) -> ExactInverse:
+        if self._exact is None:
+            w, q = self._eigendecomposition()
+            self._exact = ExactInverse(w, q, self.damping)
         return self._exact
 
     def low_rank_inverse(self) -> LowRankInverse:
-        """Top ``rank`` eigenpairs of H by Lanczos (HVPs over a fixed subset of the training data), cached."""
+        """Top ``rank`` eigenpairs of C by Lanczos (products over a fixed subset of the training data), cached."""
         if self._low_rank is None:
             assert isinstance(self.config, LowRankConfig)
             config = self.config
@@ -100,7 +195,7 @@ class InfluenceProblem:
             like = next(iter(self.params.values()))
             generator = torch.Generator().manual_seed(config.seed)
             values, vectors = lanczos(
-                lambda v: dataset_hvp(self.loss, self.params, batches, v), self.num_params, config.steps,
+                lambda v: dataset_product(self.minibatch_hvp, batches, v), self.num_params, config.steps,
                 generator=generator, like=like,
             )
             keep = values.argsort(descending=True)[: config.rank]
@@ -149,50 +244,102 @@ class InfluenceProblem:
         return self._scale
 
     def lissa_partial(
-        self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None
+        self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None,
+        *, early_stop: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sum over LiSSA repeats ``repeat_ids`` of ``h_J / scale``, and their traces (for splitting repeats)."""
+        """Sum over LiSSA repeats ``repeat_ids`` of ``h_J / scale``, and their traces (for splitting repeats).
+
+        With ``early_stop`` a repeat ends once its own estimate meets ``config.residual_tol`` (checked every
+        ``config.check_every`` steps); the repeats still depend only on ``(seed, repeat)``.
+        """
         assert isinstance(self.config, LissaConfig)
-        seed = self.config.seed
+        config = self.config
+
+        def stop(estimate: torch.Tensor) -> bool:
+            return bool(self.residual(estimate, vectors).max() <= config.residual_tol)
+
         return lissa_repeats(
             self.minibatch_hvp,
-            lambda r: self._stream(repeat_seed(seed, r)),
+            lambda r: self._stream(repeat_seed(config.seed, r)),
             vectors,
             self.damping,
             self.lissa_scale(),
-            self.config,
+            config,
             repeat_ids,
             on_step,
+            stop if early_stop else None,
         )
 
+    def recover(self, error: LissaDivergenceError) -> dict[str, Any]:
+        """React to a divergence: measure the diverging minibatch's eigenvalues, then raise ``scale`` (a spike)
+        or, under ``"hessian"`` with negative curvature below the damping, the damping. Returns the record."""
+        return recover_from_divergence(self, error)
+
     def solve(self, vectors: torch.Tensor, on_step: Callable[[], None] | None = None) -> STest:
-        """``(H + damping I)^-1 v`` for every row of ``vectors`` with the configured solver."""
+        """``(C + damping I)^-1 v`` for every row of ``vectors`` with the configured solver."""
         start = time.perf_counter()
         config = self.config
         if isinstance(config, ExactConfig):
             inverse = self.exact_inverse()
             w = inverse.eigenvalues
             x = inverse.solve(vectors)
-            info = SolveInfo(
-                "exact", self.damping, 0.0, float(w[0]) + self.damping > 0, eigenvalue_min=float(w[0]),
-                eigenvalue_max=float(w[-1]),
-            )
+            info = self._info("exact", float(w[0]) + self.damping > 0, x, vectors, use_residual=False,
+                              eigenvalue_min=float(w[0]), eigenvalue_max=float(w[-1]))
         elif isinstance(config, LowRankConfig):
             low_rank = self.low_rank_inverse()
             x = low_rank.solve(vectors)
-            info = SolveInfo(
-                "lowrank", self.damping, 0.0, True, eigenvalue_min=float(low_rank.eigenvalues.min()),
-                eigenvalue_max=float(low_rank.eigenvalues.max()), iterations=config.steps,
-            )
+            info = self._info("lowrank", True, x, vectors, iterations=config.steps,
+                              eigenvalue_min=float(low_rank.eigenvalues.min()),
+                              eigenvalue_max=float(low_rank.eigenvalues.max()))
         elif isinstance(config, CGConfig):
             x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)
-            info = SolveInfo("cg", self.damping, 0.0, converged, trace=trace[None], iterations=iterations)
+            info = self._info("cg", converged, x, vectors, use_residual=False, trace=trace[None],
+                              iterations=iterations)
         else:
-            total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
-            x = total / config.repeats
-            info = lissa_info(self.damping, self.lissa_scale(), traces, config)
+            x, traces, retries = self._lissa_with_retries(vectors, config, on_step)
+            residual = float(self.residual(x, vectors).max())
+            info = lissa_info(self.damping, self.lissa_scale(), traces, config, residual=residual)
+            info = dataclasses.replace(info, **self._common_info(), retries=tuple(retries))
         seconds = time.perf_counter() - start
-        return STest(x, SolveInfo(**{**info.__dict__, "seconds": seconds}))
+        return STest(x, dataclasses.replace(info, seconds=seconds))
+
+    def _lissa_with_retries(
+        self, vectors: torch.Tensor, config: LissaConfig, on_step: Callable[[], None] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
+        retries: list[dict[str, Any]] = []
+        while True:
+            try:
+                total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
+                return total / config.repeats, traces, retries
+            except LissaDivergenceError as error:
+                if len(retries) >= config.max_retries:
+                    raise divergence_error(self, error, retries) from error
+                retries.append(self.recover(error))
+
+    def _common_info(self) -> dict[str, Any]:
+        choice = self.damping_choice()
+        found = choice.spectrum
+        return {
+            "curvature": self.curvature,
+            "damping": choice.value,
+            "damping_requested": choice.requested,
+            "damping_rule": choice.rule,
+            "warnings": choice.warnings,
+            "eigenvalue_min": None if found is None else found.bottom,
+            "eigenvalue_max": None if found is None else found.top,
+        }
+
+    def _info(self, solver: str, converged: bool, x: torch.Tensor, vectors: torch.Tensor, *,
+              use_residual: bool = True, **fields: Any) -> SolveInfo:
+        residual = float(self.residual(x, vectors).max())
+        if use_residual:
+            converged = converged and residual <= RESIDUAL_TOL
+        common = self._common_info()
+        del common["damping"]
+        common.update({k: v for k, v in fields.items() if k in ("eigenvalue_min", "eigenvalue_max")})
+        rest = {k: v for k, v in fields.items() if k not in common}
+        return SolveInfo(solver, self.damping, 0.0, converged, residual=residual, residual_tol=RESIDUAL_TOL,
+                         **{**common, **rest})
 
     # -- scoring ------------------------------------------------------------------------------------------
     def scores(self, s_vectors: torch.Tensor, batches: Iterable[Batch] | None = None, method: str = "auto",
@@ -202,12 +349,72 @@ class InfluenceProblem:
         return iter_scores(self.loss, self.params, source, s_vectors, method, chunk_size)
 
 
-def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig) -> SolveInfo:
-    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict."""
+def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig, *,
+               residual: float | None = None) -> SolveInfo:
+    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict.
+
+    With ``residual`` (``max ||(C + damping I) x - v|| / ||v||`` of the averaged solution, see
+    :meth:`InfluenceProblem.residual`) converged means ``residual <= config.residual_tol``; without it, the old
+    proxy (every repeat's last relative update below ``max(tol, 0.05)``) is used.
+    """
     steps = max(len(t) for t in traces)
     trace = torch.full((len(traces), steps), float("nan"))
     for row, t in zip(trace, traces):
         row[: len(t)] = t
-    final = torch.stack([t[-1] for t in traces])
-    converged = bool((final < max(config.tol, 0.05)).all())
-    return SolveInfo("lissa", damping, 0.0, converged, scale=scale, trace=trace, iterations=steps)
+    if residual is not None:
+        converged = residual <= config.residual_tol
+    else:
+        final = torch.stack([t[-1] for t in traces])
+        converged = bool((final < max(config.tol, 0.05)).all())
+    return SolveInfo("lissa", damping, 0.0, converged, scale=scale, trace=trace, iterations=steps,
+                     residual=residual, residual_tol=config.residual_tol)
+
+
+def recover_from_divergence(problem: InfluenceProblem, error: LissaDivergenceError) -> dict[str, Any]:
+    """See :meth:`InfluenceProblem.recover`: updates the problem's scale (or damping) and returns the record."""
+    like = next(iter(problem.params.values()))
+    batch = error.batch
+    with torch.inference_mode(False), torch.enable_grad():
+        found = estimate_spectrum(lambda v: problem.minibatch_hvp(batch, v), problem.num_params,
+                                  batch_size_of(batch), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS)
+    scale, damping = problem.lissa_scale(), problem.damping
+    record: dict[str, Any] = {
+        "step": error.step, "repeat": error.repeat, "batch_eigenvalue_max": found.top,
+        "batch_eigenvalue_min": found.bottom, "scale_before": scale, "damping_before": damping,
+    }
+    negative = found.bottom + damping < 0 and found.top + damping <= scale
+    if problem.curvature == "hessian" and negative and not problem.allow_negative_curvature:
+        raised = max(2.0 * damping, NEGATIVE_CURVATURE_MARGIN * -found.bottom)
+        note = (f"LiSSA diverged at step {error.step}: minibatch lambda_min={found.bottom:.3g} is below -damping;"
+                f" damping raised from {damping:.3g} to {raised:.3g}.")
+        choice = problem.damping_choice()
+        problem._choice = dataclasses.replace(
+            choice, value=raised, rule=f"{choice.rule}; raised after a LiSSA divergence",
+            warnings=(*choice.warnings, note))
+        problem._scale = scale + (raised - damping)
+        problem._exact = problem._low_rank = None
+        record.update(reason="negative curvature: damping raised", damping_after=raised, scale_after=problem._scale)
+    else:
+        problem._scale = max(2.0 * scale, SCALE_MARGIN * (found.top + damping))
+        record.update(reason="minibatch eigenvalue spike: scale raised", damping_after=damping,
+                      scale_after=problem._scale)
+    return record
+
+
+def divergence_error(problem: InfluenceProblem, error: LissaDivergenceError,
+                     retries: list[dict[str, Any]]) -> LissaDivergenceError:
+    """The error after the last retry, with every measured eigenvalue in its text."""
+    measured = "; ".join(
+        f"retry {i + 1}: minibatch eigenvalues [{r['batch_eigenvalue_min']:.3g}, {r['batch_eigenvalue_max']:.3g}],"
+        f" {r['reason']} (scale {r['scale_before']:.3g} -> {r['scale_after']:.3g}, damping"
+        f" {r['damping_before']:.3g} -> {r['damping_after']:.3g})"
+        for i, r in enumerate(retries)
+    ) or "no retry allowed (max_retries=0)"
+    found = problem.damping_choice().spectrum
+    subset = "" if found is None else f" Curvature eigenvalues on the check subset: [{found.bottom:.3g}, {found.top:.3g}]."
+    return LissaDivergenceError(
+        f"{error} Still diverging after {len(retries)} retr{'y' if len(retries) == 1 else 'ies'} ({measured}).{subset}"
+        f" curvature={problem.curvature!r}. Use curvature='gauss_newton', a larger `damping`, solver='cg', or a"
+        " larger `batch_size`.",
+        step=error.step, repeat=error.repeat, batch=error.batch, scale=error.scale, damping=error.damping,
+    )
