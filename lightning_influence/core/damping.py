@@ -88,7 +88,7 @@ def choose_damping(
 ) -> DampingChoice:
     """Resolve ``requested`` (see the module docstring); ``spectrum`` is called only when needed."""
     requested = check_damping_request(requested)
-    if isinstance(requested, float) and (curvature != "hessian" or allow_negative_curvature):
+    if isinstance(requested, float) and curvature != "hessian":
         return DampingChoice(requested, requested, "given")
     found = spectrum()
     if requested == "auto":

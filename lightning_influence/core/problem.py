@@ -124,7 +124,7 @@ class InfluenceProblem:
         """Extreme eigenvalues of the curvature: exact for solver='exact', else Lanczos on the check subset."""
         if self._spectrum is None:
             if isinstance(self.config, ExactConfig):
-                w, _ = self._eigendecomposition()
+                w, _ = self.curvature_eigh()
                 n = sum(batch_size_of(b) for b in self.train_batches())
                 self._spectrum = Spectrum(float(w[-1]), float(w[0]), self.num_params, n)
             else:
@@ -167,7 +167,8 @@ class InfluenceProblem:
         return (applied - vectors).norm(dim=1) / vectors.norm(dim=1).clamp_min(tiny)
 
     # -- solvers ------------------------------------------------------------------------------------------
-    def _eigendecomposition(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def curvature_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, Q)`` of the dense curvature over the whole training set (float64, ascending; small models)."""
         if self._eigh is None:
             limit = self.config.max_parameters if isinstance(self.config, ExactConfig) else ExactConfig().max_parameters
             if self.num_params > limit:
@@ -182,7 +183,7 @@ class InfluenceProblem:
 
     def exact_inverse(self) -> ExactInverse:
         if self._exact is None:
-            w, q = self._eigendecomposition()
+            w, q = self.curvature_eigh()
             self._exact = ExactInverse(w, q, self.damping)
         return self._exact
 
@@ -409,12 +410,19 @@ def divergence_error(problem: InfluenceProblem, error: LissaDivergenceError,
         f" {r['reason']} (scale {r['scale_before']:.3g} -> {r['scale_after']:.3g}, damping"
         f" {r['damping_before']:.3g} -> {r['damping_after']:.3g})"
         for i, r in enumerate(retries)
-    ) or "no retry allowed (max_retries=0)"
+    ) or f"max_retries={len(retries)}"
+    like = next(iter(problem.params.values()))
+    with torch.inference_mode(False), torch.enable_grad():
+        last = estimate_spectrum(lambda v: problem.minibatch_hvp(error.batch, v), problem.num_params,
+                                 batch_size_of(error.batch), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS)
     found = problem.damping_choice().spectrum
-    subset = "" if found is None else f" Curvature eigenvalues on the check subset: [{found.bottom:.3g}, {found.top:.3g}]."
+    subset = "" if found is None else f"; on the check subset [{found.bottom:.3g}, {found.top:.3g}]"
+    hint = "a larger `damping`, solver='cg', or a larger `batch_size`"
+    if problem.curvature == "hessian":
+        hint = "curvature='gauss_newton' (positive semi-definite), " + hint
     return LissaDivergenceError(
-        f"{error} Still diverging after {len(retries)} retr{'y' if len(retries) == 1 else 'ies'} ({measured}).{subset}"
-        f" curvature={problem.curvature!r}. Use curvature='gauss_newton', a larger `damping`, solver='cg', or a"
-        " larger `batch_size`.",
+        f"{error} Still diverging after {len(retries)} retr{'y' if len(retries) == 1 else 'ies'} ({measured})."
+        f" Curvature ({problem.curvature}) eigenvalues measured: minibatch at the divergence"
+        f" [{last.bottom:.3g}, {last.top:.3g}]{subset}. Try {hint}.",
         step=error.step, repeat=error.repeat, batch=error.batch, scale=error.scale, damping=error.damping,
     )
