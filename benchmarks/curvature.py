@@ -51,19 +51,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lightning_influence.core import defaults  # noqa: E402
-from lightning_influence.core.config import ExactConfig, LissaConfig  # noqa: E402
-from lightning_influence.core.direct import ExactInverse  # noqa: E402
-from lightning_influence.core.lissa import LissaDivergenceError  # noqa: E402
-from lightning_influence.core.params import analysis_mode  # noqa: E402
-from lightning_influence.core.problem import InfluenceProblem  # noqa: E402
+from lightning_influence.core import defaults
+from lightning_influence.core.config import ExactConfig, LissaConfig
+from lightning_influence.core.direct import ExactInverse
+from lightning_influence.core.lissa import LissaDivergenceError
+from lightning_influence.core.params import analysis_mode
+from lightning_influence.core.problem import InfluenceProblem
 
 N_TRAIN = 1200
 N_TEST_POINTS = 5
 LOO_POINTS = 2
 LOO_EXAMPLES = 6
 RETRAIN_STEPS = 60
-RETRAIN_LR = 0.2
+RETRAIN_LR = 0.2  # capped at 0.5 / lambda_max(Hessian) so that the retraining itself is stable
 FRACTIONS = (0.003, 0.01, 0.03, 0.1)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curvature-results.json")
 
@@ -214,6 +214,7 @@ def retrain_test_losses(setup: dict[str, Any], removed: list[int | None]) -> lis
     of ``removed`` (None: every example). Same objective as training (mean CE + weight decay / 2 ||theta||^2)."""
     x, y = setup["x"], setup["y"]
     wd = setup["weight_decay"] or 0.0
+    lr = min(RETRAIN_LR, 0.5 / setup["hessian_eigenvalue_max"])
     xt, yt = setup["test"]
     base = {k: v.detach().clone() for k, v in setup["model"].named_parameters()}
     buffers = {k: v for k, v in setup["model"].named_buffers()}
@@ -229,7 +230,7 @@ def retrain_test_losses(setup: dict[str, Any], removed: list[int | None]) -> lis
             objective = (weights * losses).sum() / len(y) + 0.5 * wd * sum((p**2).sum() for p in params.values())
             grads = torch.autograd.grad(objective, list(params.values()))
             with torch.no_grad():
-                params = {k: (p - RETRAIN_LR * g).requires_grad_(True) for (k, p), g in zip(params.items(), grads)}
+                params = {k: (p - lr * g).requires_grad_(True) for (k, p), g in zip(params.items(), grads)}
         with torch.no_grad():
             out.append(loss_fn_functional(model, params, buffers, (xt[:LOO_POINTS], yt[:LOO_POINTS])))
     return out
@@ -248,14 +249,18 @@ def leave_one_out(setup: dict[str, Any], reference: torch.Tensor, predictions: d
         losses = retrain_test_losses(setup, [None, *flat])
     base, after = losses[0], dict(zip(flat, losses[1:]))
     actual = [float(after[i][p] - base[p]) for p in range(LOO_POINTS) for i in chosen[p]]
-    result: dict[str, Any] = {"actual_mean_abs": sum(abs(a) for a in actual) / len(actual)}
+    result: dict[str, Any] = {"actual_mean_abs": sum(abs(a) for a in actual) / len(actual),
+                              "retrain_lr": min(RETRAIN_LR, 0.5 / setup["hessian_eigenvalue_max"])}
     for name, scores in predictions.items():
-        predicted = [float(-scores[p, i] / n) for p in range(LOO_POINTS) for i in chosen[p]]
-        result[name] = {
-            "pearson": float(pearsonr(predicted, actual)[0]),
-            "sign_agreement": sum((a > 0) == (b > 0) for a, b in zip(predicted, actual)) / len(actual),
-        }
+        result[name] = loo_agreement(scores, chosen, actual, n)
+    setup["loo"] = (chosen, actual)
     return result
+
+
+def loo_agreement(scores: torch.Tensor, chosen: list[list[int]], actual: list[float], n: int) -> dict[str, float]:
+    predicted = [float(-scores[p, i] / n) for p in range(LOO_POINTS) for i in chosen[p]]
+    return {"pearson": float(pearsonr(predicted, actual)[0]),
+            "sign_agreement": sum((a > 0) == (b > 0) for a, b in zip(predicted, actual)) / len(actual)}
 
 
 def scale_failure_rate(setup: dict[str, Any], test_grads: torch.Tensor, seeds: int, sizes: tuple[int, ...]) -> dict:
@@ -284,15 +289,23 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
         test_grads = exact_problem.gradients(setup["test"])
         eigh = exact_problem.curvature_eigh()
     ggn_w = eigh[0]
-    hessian_problem = problem_for(setup, ExactConfig(), curvature="hessian", allow_negative_curvature=True,
-                                  damping=0.0)
-    with analysis_mode(setup["model"]):
-        hess_w, _ = hessian_problem.curvature_eigh()
+    dense = "mlp" in name  # the dense Hessian of the CNN/transformer costs minutes: Lanczos there
+    hessian_problem = problem_for(setup, ExactConfig() if dense else LissaConfig(), curvature="hessian",
+                                  allow_negative_curvature=True, damping=0.0)
+    with analysis_mode(setup["model"]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dense:
+            hess_w = hessian_problem.curvature_eigh()[0]
+        else:
+            found = hessian_problem.spectrum()
+            hess_w = torch.tensor([found.bottom, found.top])
+    setup["hessian_eigenvalue_max"] = float(hess_w[-1])
     row: dict[str, Any] = {
         "parameters": exact_problem.num_params, "train_loss": setup["train_loss"],
         "test_accuracy": setup["test_accuracy"], "ggn_eigenvalue_max": float(ggn_w[-1]),
         "hessian_eigenvalue_min": float(hess_w[0]), "hessian_eigenvalue_max": float(hess_w[-1]),
-        "hessian_negative_eigenvalues": int((hess_w < 0).sum()),
+        "hessian_negative_eigenvalues": int((hess_w < 0).sum()) if dense else None,
+        "hessian_spectrum": "exact (dense)" if dense else f"Lanczos, {defaults.SPECTRUM_STEPS} steps",
     }
     default = lissa_run(setup, grads, test_grads)
     scores = default.pop("scores", None)
@@ -308,27 +321,92 @@ def run_model(name: str, quick: bool) -> dict[str, Any]:
             predictions["hessian_lissa"] = hessian_scores
         row["leave_one_out"] = leave_one_out(setup, reference, predictions)
     sweep = {}
-    for fraction in FRACTIONS if not quick and "mlp" in name else (defaults.AUTO_DAMPING_FRACTION,):
+    fractions = FRACTIONS if "mlp" in name else (0.01, 0.03)
+    for fraction in fractions if not quick else (defaults.AUTO_DAMPING_FRACTION,):
         damping = fraction * float(ggn_w[-1])
-        run = lissa_run(setup, grads, test_grads, damping=damping)
-        run_scores = run.pop("scores", None)
+        if fraction == defaults.AUTO_DAMPING_FRACTION and setup.get("weight_decay") is None and scores is not None:
+            run, run_scores = dict(default), scores  # the default run is this one
+        else:
+            run = lissa_run(setup, grads, test_grads, damping=damping)
+            run_scores = run.pop("scores", None)
         if run_scores is not None:
-            run.update(compare(run_scores, exact_scores(eigh, damping, grads, test_grads)))
+            exact = exact_scores(eigh, damping, grads, test_grads)
+            run.update(compare(run_scores, exact))
+            if "loo" in setup:
+                chosen, actual = setup["loo"]
+                run["loo_pearson_lissa"] = loo_agreement(run_scores, chosen, actual, len(setup["y"]))["pearson"]
+                run["loo_pearson_exact"] = loo_agreement(exact, chosen, actual, len(setup["y"]))["pearson"]
         sweep[str(fraction)] = {k: run[k] for k in ("answered", "damping", "residual", "converged", "steps",
-                                                    "pearson_min", "top10_overlap_min", "seconds") if k in run}
+                                                    "pearson_min", "top10_overlap_min", "loo_pearson_lissa",
+                                                    "loo_pearson_exact", "seconds") if k in run}
     row["fraction_sweep"] = sweep
-    if name in ("tanh_mlp_sgd", "bn_cnn"):
+    if "mlp" in name:
         row["scale_auto_failures"] = scale_failure_rate(setup, test_grads, 2 if quick else 3, (8, 32, 128))
+    elif name == "bn_cnn":
+        row["scale_auto_failures"] = scale_failure_rate(setup, test_grads, 2, (8, 32))
     row["seconds"] = time.perf_counter() - t0
     return row
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The markdown tables of docs/curvature.md, from the results file."""
+    print("| model | params | Hessian eigenvalues | answered | damping (auto) | worst residual | converged | retries |"
+          " steps | s | Pearson min vs exact GGN | top-10 overlap min |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in results["models"].items():
+        d = row["default"]
+        print(f"| {name} | {row['parameters']} | [{fmt(row['hessian_eigenvalue_min'])}, "
+              f"{fmt(row['hessian_eigenvalue_max'])}] ({row['hessian_negative_eigenvalues']} < 0) | {fmt(d['answered'])}"
+              f" | {fmt(d.get('damping'))} | {fmt(d.get('residual'), 2)} | {fmt(d.get('converged'))} |"
+              f" {d.get('retries', '-')} | {d.get('steps', '-')} | {fmt(d['seconds'], 2)} | {fmt(d.get('pearson_min'))} |"
+              f" {fmt(d.get('top10_overlap_min'), 2)} |")
+    print()
+    print("| model | Hessian LiSSA damping (auto, checked) | its residual | LOO Pearson: GGN LiSSA | GGN exact |"
+          " Hessian LiSSA | mean abs LOO change |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in results["models"].items():
+        h, loo = row.get("hessian_default", {}), row.get("leave_one_out", {})
+        print(f"| {name} | {fmt(h.get('damping'))} | {fmt(h.get('residual'), 2)} |"
+              f" {fmt(loo.get('gauss_newton_lissa', {}).get('pearson'), 2)} |"
+              f" {fmt(loo.get('gauss_newton_exact', {}).get('pearson'), 2)} |"
+              f" {fmt(loo.get('hessian_lissa', {}).get('pearson'), 2)} | {fmt(loo.get('actual_mean_abs'), 2)} |")
+    print()
+    print("| model | fraction | damping | worst residual | steps | Pearson min | top-10 min | LOO Pearson (LiSSA / exact) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in results["models"].items():
+        for fraction, run in row["fraction_sweep"].items():
+            print(f"| {name} | {fraction} | {fmt(run.get('damping'))} | {fmt(run.get('residual'), 2)} |"
+                  f" {run.get('steps', '-')} | {fmt(run.get('pearson_min'))} | {fmt(run.get('top10_overlap_min'), 2)} |"
+                  f" {fmt(run.get('loo_pearson_lissa'), 2)} / {fmt(run.get('loo_pearson_exact'), 2)} |")
+    print()
+    for name, row in results["models"].items():
+        if "scale_auto_failures" in row:
+            cells = ", ".join(f"B={b}: {v['failures']}/{v['runs']}" for b, v in row["scale_auto_failures"].items())
+            print(f"- {name}: scale='auto' divergences without retries: {cells}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the docs tables from the results file")
+    parser.add_argument("--out", default=OUT, help="results file (runs of some models merge into it)")
     parser.add_argument("--models", default="tanh_mlp_sgd,tanh_mlp_sgd_raw,relu_mlp_adam,bn_cnn,transformer")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.table:
+        with open(args.out) as f:
+            print_tables(json.load(f))
+        return
     results: dict[str, Any] = {
         "settings": {
             "n_train": N_TRAIN, "test_points": N_TEST_POINTS, "lissa": "LissaConfig() defaults",
@@ -339,14 +417,14 @@ def main() -> None:
         },
         "models": {},
     }
-    if os.path.exists(OUT) and args.models != parser.get_default("models"):
-        with open(OUT) as f:
+    if os.path.exists(args.out) and args.models != parser.get_default("models"):
+        with open(args.out) as f:
             results["models"] = json.load(f).get("models", {})
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
         results["models"][name] = run_model(name, args.quick)
         print(json.dumps(results["models"][name], indent=1, default=str), flush=True)
-        with open(OUT, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)
 
 

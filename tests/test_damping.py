@@ -86,8 +86,8 @@ def test_hessian_damping_below_negative_curvature_is_raised_with_a_warning(sgd_m
 
 def test_choose_damping_rules_without_a_model():
     spectrum = Spectrum(top=2.0, bottom=-0.5, steps=10, examples=100)
-    assert choose_damping("auto", "gauss_newton", lambda: spectrum).value == pytest.approx(0.02)
-    assert choose_damping("auto", "gauss_newton", lambda: spectrum, weight_decay=0.05).value == 0.05
+    assert choose_damping("auto", "gauss_newton", lambda: spectrum).value == pytest.approx(2 * defaults.AUTO_DAMPING_FRACTION)
+    assert choose_damping("auto", "gauss_newton", lambda: spectrum, weight_decay=0.15).value == 0.15
     assert choose_damping(0.3, "gauss_newton", lambda: 1 / 0).value == 0.3  # spectrum never asked for
     with pytest.warns(UserWarning):
         assert choose_damping(0.3, "hessian", lambda: spectrum).value == pytest.approx(0.625)

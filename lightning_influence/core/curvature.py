@@ -85,7 +85,7 @@ def map_floating(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         for key in list(obj.keys()):
             out[key] = map_floating(obj[key], fn)
         if dataclasses.is_dataclass(obj):  # e.g. transformers' ModelOutput: keep attributes in step
-            for key in obj.keys():
+            for key in obj:
                 object.__setattr__(out, key, out[key])
         return out
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):

@@ -12,7 +12,7 @@ CURVATURES = ("gauss_newton", "hessian")
 
 #: ``damping="auto"`` is ``AUTO_DAMPING_FRACTION`` times the curvature's top eigenvalue, floored at the
 #: optimizer's weight decay, and never above ``MAX_DAMPING_FRACTION`` times the top eigenvalue.
-AUTO_DAMPING_FRACTION = 0.01
+AUTO_DAMPING_FRACTION = 0.03
 MAX_DAMPING_FRACTION = 0.1
 DEFAULT_DAMPING = "auto"
 

@@ -25,7 +25,12 @@ from lightning_influence.core.config import (
     SolverConfig,
     STest,
 )
-from lightning_influence.core.curvature import batch_product, check_curvature, curvature_matrix, dataset_product
+from lightning_influence.core.curvature import (
+    batch_product,
+    check_curvature,
+    curvature_matrix,
+    dataset_product,
+)
 from lightning_influence.core.damping import (
     Damping,
     DampingChoice,
