@@ -371,15 +371,15 @@ def print_tables(results: dict[str, Any]) -> None:
               f" {d.get('retries', '-')} | {d.get('steps', '-')} | {fmt(d['seconds'], 2)} | {fmt(d.get('pearson_min'))} |"
               f" {fmt(d.get('top10_overlap_min'), 2)} |")
     print()
-    print("| model | Hessian LiSSA damping (auto, checked) | its residual | LOO Pearson: GGN LiSSA | GGN exact |"
+    print("| model | Hessian LiSSA damping (auto, checked) | its residual (converged) | LOO Pearson: GGN LiSSA | GGN exact |"
           " Hessian LiSSA | mean abs LOO change |")
     print("|---|---|---|---|---|---|---|")
     for name, row in results["models"].items():
         h, loo = row.get("hessian_default", {}), row.get("leave_one_out", {})
-        print(f"| {name} | {fmt(h.get('damping'))} | {fmt(h.get('residual'), 2)} |"
-              f" {fmt(loo.get('gauss_newton_lissa', {}).get('pearson'), 2)} |"
-              f" {fmt(loo.get('gauss_newton_exact', {}).get('pearson'), 2)} |"
-              f" {fmt(loo.get('hessian_lissa', {}).get('pearson'), 2)} | {fmt(loo.get('actual_mean_abs'), 2)} |")
+        print(f"| {name} | {fmt(h.get('damping'))} | {fmt(h.get('residual'), 2)} ({fmt(h.get('converged'))}) |"
+              f" {fmt(loo.get('gauss_newton_lissa', {}).get('pearson'), 3)} |"
+              f" {fmt(loo.get('gauss_newton_exact', {}).get('pearson'), 3)} |"
+              f" {fmt(loo.get('hessian_lissa', {}).get('pearson'), 3)} | {fmt(loo.get('actual_mean_abs'), 2)} |")
     print()
     print("| model | fraction | damping | worst residual | steps | Pearson min | top-10 min | LOO Pearson (LiSSA / exact) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -387,7 +387,7 @@ def print_tables(results: dict[str, Any]) -> None:
         for fraction, run in row["fraction_sweep"].items():
             print(f"| {name} | {fraction} | {fmt(run.get('damping'))} | {fmt(run.get('residual'), 2)} |"
                   f" {run.get('steps', '-')} | {fmt(run.get('pearson_min'))} | {fmt(run.get('top10_overlap_min'), 2)} |"
-                  f" {fmt(run.get('loo_pearson_lissa'), 2)} / {fmt(run.get('loo_pearson_exact'), 2)} |")
+                  f" {fmt(run.get('loo_pearson_lissa'), 3)} / {fmt(run.get('loo_pearson_exact'), 3)} |")
     print()
     for name, row in results["models"].items():
         if "scale_auto_failures" in row:
