@@ -358,6 +358,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def negatives(row: dict[str, Any]) -> str:
+    count = row["hessian_negative_eigenvalues"]
+    return "Lanczos" if count is None else f"{count} < 0"
+
+
 def print_tables(results: dict[str, Any]) -> None:
     """The markdown tables of docs/curvature.md, from the results file."""
     print("| model | params | Hessian eigenvalues | answered | damping (auto) | worst residual | converged | retries |"
@@ -366,7 +371,7 @@ def print_tables(results: dict[str, Any]) -> None:
     for name, row in results["models"].items():
         d = row["default"]
         print(f"| {name} | {row['parameters']} | [{fmt(row['hessian_eigenvalue_min'])}, "
-              f"{fmt(row['hessian_eigenvalue_max'])}] ({row['hessian_negative_eigenvalues']} < 0) | {fmt(d['answered'])}"
+              f"{fmt(row['hessian_eigenvalue_max'])}] ({negatives(row)}) | {fmt(d['answered'])}"
               f" | {fmt(d.get('damping'))} | {fmt(d.get('residual'), 2)} | {fmt(d.get('converged'))} |"
               f" {d.get('retries', '-')} | {d.get('steps', '-')} | {fmt(d['seconds'], 2)} | {fmt(d.get('pearson_min'))} |"
               f" {fmt(d.get('top10_overlap_min'), 2)} |")
