@@ -14,8 +14,28 @@ from typing import Any, Optional, Union
 
 SOLVERS = ("lissa", "cg", "exact", "lowrank")
 SCORING_METHODS = ("auto", "hooks", "factored", "jvp", "per_example_grad")
-#: Damping used when none is given: safe for the digits examples; pass your weight decay / L2 if larger.
-DEFAULT_DAMPING = 0.01
+#: Curvature used when none is given: the generalised Gauss-Newton matrix (positive semi-definite).
+DEFAULT_CURVATURE = "gauss_newton"
+CURVATURES = ("gauss_newton", "hessian")
+#: ``damping="auto"`` (the default) is ``AUTO_DAMPING_FRACTION`` times the curvature's top eigenvalue, floored at
+#: the optimizer's weight decay and never above ``MAX_DAMPING_FRACTION`` times the top eigenvalue. Measured in
+#: ``benchmarks/curvature.py`` (``benchmarks/curvature-results.json``), explained in ``docs/curvature.md``.
+DEFAULT_DAMPING = "auto"
+AUTO_DAMPING_FRACTION = 0.03
+MAX_DAMPING_FRACTION = 0.1
+#: Training examples (a fixed seeded subset) that the spectrum estimate and the residual check average over.
+SUBSET_EXAMPLES = 2048
+SUBSET_SEED = 0
+#: Lanczos steps for the extreme eigenvalues used by the damping rule and the negative-curvature check.
+SPECTRUM_STEPS = 30
+#: With ``curvature="hessian"``, damping below ``|lambda_min|`` is raised to this multiple of ``|lambda_min|``.
+NEGATIVE_CURVATURE_MARGIN = 1.25
+#: ``converged`` means ``max_rows ||(C + damping I) x - v|| / ||v|| <= RESIDUAL_TOL`` on the subset above.
+RESIDUAL_TOL = 0.1
+#: LiSSA checks that residual every ``CHECK_EVERY`` steps of a repeat and stops the repeat once it is met.
+CHECK_EVERY = 100
+#: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
+MAX_RETRIES = 3
 DEFAULT_SOLVER = "lissa"
 DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
@@ -49,7 +69,12 @@ class LissaConfig:
         tol: stop a repeat early at the first step whose relative update ``||h_j - h_{j-1}|| / ||h_j||`` (max
             over the test points) falls below it; that step is the repeat's last trace entry (0 runs all
             ``depth`` steps).
-        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"``.
+        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (Hessian products only).
+        residual_tol: ``converged`` means ``max ||(C + damping I) x - v|| / ||v|| <= residual_tol`` on a fixed
+            training subset; a repeat also stops once its own estimate meets it.
+        check_every: steps between those residual checks (0: only the final check, no early stop).
+        max_retries: restarts after a divergence (``scale`` raised, or damping under ``"hessian"``) before
+            :class:`LissaDivergenceError`.
     """
 
     depth: int = 1000
@@ -59,6 +84,9 @@ class LissaConfig:
     seed: int = 0
     tol: float = 0.0
     hvp_method: str = "double_backward"
+    residual_tol: float = RESIDUAL_TOL
+    check_every: int = CHECK_EVERY
+    max_retries: int = MAX_RETRIES
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
@@ -80,6 +108,12 @@ class LissaConfig:
             "'double_backward' or 'forward_over_reverse'",
             self.hvp_method,
         )
+        expect(isinstance(self.residual_tol, (int, float)) and self.residual_tol > 0, "residual_tol",
+               "a positive number", self.residual_tol)
+        expect(isinstance(self.check_every, int) and self.check_every >= 0, "check_every", "an int >= 0",
+               self.check_every)
+        expect(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "an int >= 0",
+               self.max_retries)
 
 
 @dataclass(frozen=True)
@@ -154,14 +188,24 @@ def make_solver_config(solver: str, options: dict[str, Any]) -> SolverConfig:
     return cls(**options)
 
 
-def check_damping(damping: float) -> float:
+def check_damping(damping: Union[float, str]) -> Union[float, str]:
+    """``"auto"`` or a number >= 0 (used as given)."""
+    if damping == "auto":
+        return "auto"
     expect(
-        isinstance(damping, (int, float)) and damping >= 0,
+        isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0,
         "damping",
-        "a number >= 0 (the lambda added to H; pass the training weight decay / L2 strength)",
+        "'auto' or a number >= 0 (the lambda added to the curvature)",
         damping,
     )
     return float(damping)
+
+
+def check_curvature(curvature: str) -> str:
+    expect(curvature in CURVATURES, "curvature", f"one of {CURVATURES}", curvature,
+           "'gauss_newton' (the default) is positive semi-definite; 'hessian' is the true second derivative"
+           " (indefinite before convergence).")
+    return curvature
 
 
 def check_num_candidates(num_candidates: Optional[int], n_train: Optional[int] = None) -> Optional[int]:
@@ -256,6 +300,7 @@ class CorrectionConfig:
         num_candidates: FastIF candidate preselection: each round, score only the union of the
             ``num_candidates`` training examples closest to each sampled anchor (largest ``|<G_anchor, G_i>|`` of
             last-layer loss gradients); None scores all. ``"random"`` still draws from all allowed examples.
+        curvature: the curvature of the s_test solves (``"gauss_newton"`` or ``"hessian"``).
     """
 
     iterations: int = 10
@@ -267,9 +312,11 @@ class CorrectionConfig:
     scoring: str = DEFAULT_SCORING
     chunk_size: int = DEFAULT_CHUNK_SIZE
     num_candidates: Optional[int] = None
+    curvature: str = DEFAULT_CURVATURE
 
     def __post_init__(self) -> None:
         expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        check_curvature(self.curvature)
         for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
             value = getattr(self, name)
             expect(isinstance(value, int) and value >= 1, name, "a positive int", value)

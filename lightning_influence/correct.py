@@ -34,6 +34,7 @@ from lightning_influence.callbacks._trainer import (
 )
 from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_SCORING,
     DEFAULT_SOLVER,
@@ -79,7 +80,8 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     train_indices: Optional[Sequence[int]] = None,
     loss_fn: Union[LossFn, str, None] = None,
     solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
+    curvature: str = DEFAULT_CURVATURE,
     solver_options: Optional[Mapping[str, Any]] = None,
     scoring: str = DEFAULT_SCORING,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -121,8 +123,9 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         train_indices: training indices to choose from (default: all).
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses or its import path (default:
             ``model.per_example_loss(batch)``).
-        solver, damping, solver_options: the s_test solve (see :func:`lightning_influence.s_test`); ``solver``
-            may be a config object such as ``LissaConfig(depth=200)``.
+        solver, damping, curvature, solver_options: the s_test solve (see :func:`lightning_influence.s_test`);
+            ``solver`` may be a config object such as ``LissaConfig(depth=200)``; ``damping="auto"`` (default) is
+            chosen from the curvature's spectrum at every round.
         scoring, chunk_size: how candidates are scored.
         seed: seeds anchor sampling and random selection.
         name: TensorBoard tags go under ``influence/correct/{name}/`` (default: ``selection``).
@@ -135,7 +138,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     """
     num_candidates, train_indices = _legacy_candidates(candidates, num_candidates, train_indices)
     settings = CorrectionConfig(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
-                                selection, seed, scoring, chunk_size, num_candidates)
+                                selection, seed, scoring, chunk_size, num_candidates, curvature)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
     config = solver_config(solver, dict(solver_options or {}))
@@ -153,10 +156,10 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
                    "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
-                   "solver": solver_name(config), "damping": check_damping(damping),
+                   "solver": solver_name(config), "damping": check_damping(damping), "curvature": curvature,
                    "solver_options": dict(solver_options or {}), "seed": seed, "train_size": len(train)}
     run = CorrectionRun(loss, train, anchor_data, eval_sets, allowed_indices(train_indices, len(train)), settings,
-                        config, float(damping), description)
+                        config, check_damping(damping), description)
     tag = f"influence/correct/{name or selection}"
     log_dir = shared_log_dir(trainer)  # every rank calls it: a broadcast under DDP
     report_path = _report_path(log_dir, tag)

@@ -31,7 +31,6 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.core.features import FeatureFn
 from lightning_influence.core.losses import LossFn
 from lightning_influence.core.modes import analysis_mode
-from lightning_influence.core.params import ParameterSelector
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, top_influences_of
 from lightning_influence.distributed.collectives import SingleProcess
@@ -40,20 +39,20 @@ from lightning_influence.distributed.solve import solve_s_test
 from lightning_influence.results import STest, TopInfluences
 
 SolverLike = Union[str, SolverConfig]
+#: Options of the problem rather than of the solver: accepted by every function beside the solver's own.
+PROBLEM_OPTIONS = ("curvature", "weight_decay", "allow_negative_curvature", "parameters", "dtype")
 
 
 def make_problem(
-    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: SolverLike, damping: float,
+    model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: SolverLike, damping: Union[float, str],
     options: dict[str, Any],
 ) -> InfluenceProblem:
     """Validate the arguments shared by every public function and build the problem."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    options = dict(options)
-    parameters: ParameterSelector = options.pop("parameters", None)
-    dtype: Optional[torch.dtype] = options.pop("dtype", None)
-    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), solver_config(solver, options),
-                            parameters=parameters, dtype=dtype)
+    problem_options = {k: options[k] for k in PROBLEM_OPTIONS if k in options}
+    config = solver_config(solver, {k: v for k, v in options.items() if k not in PROBLEM_OPTIONS})
+    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config, **problem_options)
 
 
 def s_test(
@@ -63,7 +62,7 @@ def s_test(
     test_batch: Batch,
     *,
     solver: SolverLike = DEFAULT_SOLVER,
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
     **options: Any,
 ) -> STest:
     """Inverse-HVPs ``s_test = (H + damping I)^-1 grad L(z_test)`` for every example of ``test_batch``.
@@ -75,8 +74,11 @@ def s_test(
         test_batch: one batch in the training batches' format.
         solver: ``"lissa"``, ``"cg"``, ``"exact"``, ``"lowrank"``, or a config object such as
             ``LissaConfig(depth=500)``.
-        damping: lambda added to H.
-        **options: solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...), and
+        damping: lambda added to the curvature, or ``"auto"`` (the default: a fraction of its top eigenvalue,
+            floored at ``weight_decay``; see docs/curvature.md).
+        **options: ``curvature`` (``"gauss_newton"``, the default, or ``"hessian"``), ``weight_decay`` (the floor
+            of the automatic damping), ``allow_negative_curvature`` (keep a damping below the Hessian's negative
+            curvature instead of raising it); solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...), and
             ``parameters=`` to analyse only some trainable parameters (module-name prefixes or globs such as
             ``"classifier"`` or ``"*.lora_*"``, or a predicate ``(name, param) -> bool``; "influence through the last
             layers only", see docs/per-example.md) and ``dtype=`` (the analysis dtype: float32 by default whatever
@@ -114,7 +116,7 @@ def influence(
     test_batch: Batch,
     *,
     solver: SolverLike = DEFAULT_SOLVER,
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
     num_candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
@@ -165,7 +167,7 @@ def top_influences(
     *,
     top_k: int = 10,
     solver: SolverLike = DEFAULT_SOLVER,
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
     num_candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
@@ -228,7 +230,7 @@ def self_influence(
     train_loader: Iterable[Batch],
     *,
     solver: SolverLike = "exact",
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
     chunk_size: int = 64,
     **options: Any,
 ) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -51,7 +51,12 @@ class ExplainedPoint:
 class SolveInfo:
     """How an inverse-HVP solve went: the settings used and the convergence ``trace``.
 
-    ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals.
+    ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals. ``curvature`` names C in
+    ``(C + damping I) x = v``; ``damping_requested``/``damping_rule`` say how ``damping`` was chosen;
+    ``eigenvalue_min``/``eigenvalue_max`` are C's extreme eigenvalues (exact, or Lanczos estimates); ``residual``
+    is ``max ||(C + damping I) x - v|| / ||v||`` on the check subset, and for LiSSA ``converged`` means it is at
+    most ``residual_tol``; ``retries`` records each LiSSA restart and ``warnings`` what the user should know
+    (e.g. damping raised above the Hessian's negative curvature).
     """
 
     solver: str
@@ -64,6 +69,13 @@ class SolveInfo:
     eigenvalue_min: Optional[float] = None
     eigenvalue_max: Optional[float] = None
     iterations: int = 0
+    curvature: Optional[str] = None
+    damping_requested: Optional[Union[float, str]] = None
+    damping_rule: Optional[str] = None
+    residual: Optional[float] = None
+    residual_tol: Optional[float] = None
+    retries: tuple[dict[str, Any], ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 #: The name reports used for :class:`SolveInfo` before the two records were merged.

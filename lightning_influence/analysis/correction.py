@@ -117,7 +117,7 @@ def choose_examples(
     if settings.selection == "random":
         picks = torch.randperm(len(allowed), generator=generator)[:k].tolist()
         return [int(allowed[i]) for i in picks], None
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=settings.curvature)
     with analysis_mode(model):
         if settings.num_candidates is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
             neighbours = find_candidates(model, anchor_batch, train, ExplainConfig(

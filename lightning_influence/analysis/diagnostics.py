@@ -2,9 +2,10 @@
 
 Three measurements per analysis, all computed the same way on every rank (no collective):
 
-* the relative residual ``||(H + damping I) x - v|| / ||v||`` of each solved ``x = s_test``, from one HVP with
-  the Hessian of a fixed seeded subset of :data:`RESIDUAL_EXAMPLES` training examples (the full training
-  set when it is no larger; the subset size is reported);
+* the relative residual ``||(C + damping I) x - v|| / ||v||`` of each solved ``x = s_test``: the solver's own
+  check (:meth:`InfluenceProblem.residual`, the curvature C of a fixed seeded subset of
+  ``SUBSET_EXAMPLES`` training examples; the subset size is reported), so the verdict "converged" and this
+  diagnosis never disagree;
 * the agreement between independent LiSSA repeats: Pearson and Spearman correlation of the top-k training
   scores ``-x_half . grad L(z)`` computed from the even-numbered and the odd-numbered repeats;
 * the model's distance from a minimum: ``||grad R + weight_decay theta|| / rms_i ||grad L(z_i)||`` estimated on a
@@ -24,17 +25,15 @@ import torch
 from torch import nn
 
 from lightning_influence.config import LissaConfig, SolverConfig
+from lightning_influence.core.batching import batch_size_of
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.eigen import top_eigenvalue
-from lightning_influence.core.hvp import dataset_hvp
 from lightning_influence.core.lissa import SCALE_MARGIN, minibatch_stream, repeat_seed
 from lightning_influence.core.params import flatten
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
 from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
 
-#: Training examples in the Hessian of the residual check (a fixed seeded subset beyond this).
-RESIDUAL_EXAMPLES = 2048
 #: Training examples whose per-example gradients measure the distance from a minimum.
 GRADIENT_EXAMPLES = 512
 #: Minibatches of the recursion's size probed for the top eigenvalue when ``scale`` is a number.
@@ -53,15 +52,6 @@ def fixed_subset(n: int, size: int, seed: int = 0) -> list[int]:
     if n <= size:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
-
-
-def relative_residuals(
-    problem: InfluenceProblem, train: IndexedData, v: torch.Tensor, x: torch.Tensor, subset: Sequence[int]
-) -> torch.Tensor:
-    """``||(H_S + damping I) x - v|| / ||v||`` per row, ``H_S`` the Hessian of the training examples ``subset``."""
-    batches = (batch for _, batch in train.batches_with_indices(subset))
-    damped = dataset_hvp(problem.loss, problem.params, batches, x.to(v.dtype)) + problem.damping * x
-    return (damped - v).norm(dim=1) / v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
 
 
 def correlations(a: torch.Tensor, b: torch.Tensor) -> tuple[Optional[float], Optional[float]]:
@@ -237,8 +227,8 @@ def diagnose(
     weight_decay: Optional[float] = None,
 ) -> TrustReport:
     """All diagnostics of one analysis (see the module docstring)."""
-    residual_subset = fixed_subset(len(train), RESIDUAL_EXAMPLES)
-    residuals = relative_residuals(problem, train, gradients, s_vectors, residual_subset).tolist()
+    residuals = problem.residual(s_vectors.to(gradients.dtype), gradients).tolist()  # the solver's own check
+    residual_examples = sum(batch_size_of(batch) for batch in problem.check_batches())
     agreement = (repeat_agreement(problem, train, top, *halves) if halves is not None
                  else [(None, None)] * len(val_indices))
     gradient_subset = fixed_subset(len(train), GRADIENT_EXAMPLES, seed=1)
@@ -249,7 +239,7 @@ def diagnose(
                 + setting_warnings(problem.config, info, problem.damping, weight_decay, top_eig)
                 + measurement_warnings([p.residual for p in points], [p.repeat_spearman for p in points], ratio,
                                        len(gradient_subset)))
-    return TrustReport(points, tuple(warnings), len(residual_subset), _finite(ratio), len(gradient_subset), top_eig)
+    return TrustReport(points, tuple(warnings), residual_examples, _finite(ratio), len(gradient_subset), top_eig)
 
 
 def _finite(value: float) -> Optional[float]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.diagnostics import diagnose
-from lightning_influence.config import ExplainConfig, SolverConfig, config_to_dict
+from lightning_influence.config import DEFAULT_CURVATURE, ExplainConfig, SolverConfig, config_to_dict
 from lightning_influence.core.batching import (
     Batch,
     Description,
@@ -137,15 +137,18 @@ def explain(
     on_lissa_step: Callable[[], None] | None = None,
     on_scored: Callable[[int], None] | None = None,
     weight_decay: Optional[float] = None,
+    curvature: str = DEFAULT_CURVATURE,
 ) -> Explanation:
     """Explain the monitored validation points of ``model`` by the training examples of ``train``.
 
     Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars.
-    ``weight_decay`` (the training L2 strength, when known) informs the self-diagnosis (``settings.diagnose``).
+    ``weight_decay`` (the training L2 strength, when known) floors ``damping="auto"`` and informs the
+    self-diagnosis (``settings.diagnose``); ``curvature`` is ``"gauss_newton"`` (default) or ``"hessian"``.
     """
     collectives = collectives or SingleProcess()
     _warn_top_k(settings.top_k, len(train))
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=curvature,
+                               weight_decay=weight_decay)
     device = problem.device
     timings: dict[str, float] = {}
 

@@ -105,7 +105,7 @@ def verify_leave_one_out(  # long: a 30-line docstring of the protocol; the body
         influences: ``I(z, z_test)`` of ``train_indices``, computed elsewhere (e.g. an InfluenceCallback report).
         steps: optimiser steps of every retraining run (baseline and each removal).
         optimizer: ``params -> torch.optim.Optimizer`` (default :func:`default_optimizer`, full-batch L-BFGS).
-        l2: L2 strength of the retraining objective. Default ``damping``: then the Hessian of the retrained
+        l2: L2 strength of the retraining objective. Default ``damping`` (0 with ``damping="auto"``): then the Hessian of the retrained
             objective is the damped ``H + damping I`` of the prediction. Pass 0 when ``optimizer`` applies the
             training weight decay itself.
         batch_size: examples per forward pass when evaluating the full-batch objective.
@@ -132,7 +132,7 @@ def verify_leave_one_out(  # long: a 30-line docstring of the protocol; the body
         batches = [(indices.to(device), prepare_batch(batch, device)) for indices, batch in data.batches_with_indices()]
         test = prepare_batch(test_example, device)
         factory = optimizer or default_optimizer
-        strength = damping if l2 is None else l2
+        strength = l2 if l2 is not None else (float(damping) if damping != "auto" else 0.0)
 
         def test_loss(params: Params) -> float:
             with torch.no_grad():

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Union
+from dataclasses import replace
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_influence.analysis.explain import Describe
-from lightning_influence.config import ExactConfig, LowRankConfig, config_to_dict, solver_name
+from lightning_influence.config import DEFAULT_CURVATURE, ExactConfig, LowRankConfig, config_to_dict, solver_name
 from lightning_influence.core.batching import describe_batch, keeps_input, prepare_batch, row_value
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
@@ -23,7 +24,7 @@ from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.sharding import shard
-from lightning_influence.results import MislabelCandidate, MislabelReport, SolveInfo
+from lightning_influence.results import MislabelCandidate, MislabelReport
 
 
 def self_influence_shard(
@@ -62,11 +63,14 @@ def find_mislabel_candidates(
     collectives: Collectives | None = None,
     describe: Describe = describe_batch,
     on_scored: Callable[[int], None] | None = None,
+    weight_decay: Optional[float] = None,
+    curvature: str = DEFAULT_CURVATURE,
 ) -> MislabelReport:
     """The ``top_m`` training examples with the largest ``|I(z, z)|``, with the training-loss rank beside them."""
     collectives = collectives or SingleProcess()
     start = time.perf_counter()
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=curvature,
+                               weight_decay=weight_decay)
     with analysis_mode(model):
         local = self_influence_shard(problem, train, shard(range(len(train)), collectives.rank,
                                                              collectives.world_size), on_scored)
@@ -93,6 +97,7 @@ def find_mislabel_candidates(
         )
         for row, index in enumerate(chosen.tolist())
     )
-    solver = SolveInfo(solver=solver_name(config), damping=damping, converged=True, seconds=time.perf_counter() - start,
-                       settings=config_to_dict(config))
+    solver = replace(problem.solve_info(solver_name(config), True, torch.zeros(0), torch.zeros(0), use_residual=False,
+                                        compute_residual=False),
+                     seconds=time.perf_counter() - start, settings=config_to_dict(config))
     return MislabelReport(epoch, global_step, len(train), candidates, solver, time.perf_counter() - start, scores)

@@ -33,6 +33,7 @@ from lightning_influence.callbacks._trainer import (
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_KNN_BACKEND,
     DEFAULT_SCORING,
@@ -40,6 +41,7 @@ from lightning_influence.config import (
     ExplainConfig,
     LowRankConfig,
     SolverConfig,
+    check_curvature,
     check_damping,
     check_num_candidates,
     solver_config,
@@ -77,7 +79,10 @@ class InfluenceCallback(pl.Callback):
         analyse_on_validate: analyse on a standalone ``trainer.validate(...)``.
         solver: ``"lissa"``, ``"cg"``, ``"exact"`` or ``"lowrank"`` with its default settings, or a solver config
             such as ``LissaConfig(depth=500, repeats=4)`` (in YAML: ``class_path``/``init_args``).
-        damping: lambda added to the Hessian; use at least the training weight decay.
+        damping: lambda added to the curvature, or ``"auto"`` (the default): 3% of the curvature's top eigenvalue,
+            floored at the optimizer's weight decay (docs/curvature.md). The value used is in every report.
+        curvature: ``"gauss_newton"`` (the default; positive semi-definite, right before convergence) or
+            ``"hessian"`` (its damping is raised above the most negative eigenvalue, with a warning).
         scoring: ``"auto"``, ``"factored"``, ``"jvp"`` or ``"per_example_grad"``.
         chunk_size: training examples scored at once (bounds memory).
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
@@ -123,7 +128,8 @@ class InfluenceCallback(pl.Callback):
         analyse_on_train_end: bool = True,
         analyse_on_validate: bool = True,
         solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
-        damping: float = DEFAULT_DAMPING,
+        damping: Union[float, str] = DEFAULT_DAMPING,
+        curvature: str = DEFAULT_CURVATURE,
         scoring: str = DEFAULT_SCORING,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         train_dataset: Optional[Dataset] = None,
@@ -161,6 +167,7 @@ class InfluenceCallback(pl.Callback):
             )
             check_knn_backend(knn_backend)
             self.damping = check_damping(damping)
+            self.curvature = check_curvature(curvature)
             self.solver_config: SolverConfig = solver_config(solver, _legacy_solver_options(solver_options))
             self.mislabel_config = LowRankConfig(rank=mislabel_rank)
         except (ImportError, TypeError, ValueError) as err:
@@ -361,7 +368,7 @@ class InfluenceCallback(pl.Callback):
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
                            on_lissa_step=lambda: on_step(1), on_scored=on_scored,
-                           weight_decay=weight_decay(trainer))
+                           weight_decay=weight_decay(trainer), curvature=self.curvature)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
         train = self._train_data(trainer, pl_module)
@@ -371,7 +378,7 @@ class InfluenceCallback(pl.Callback):
             return find_mislabel_candidates(
                 pl_module, self._resolve_loss_fn(pl_module), train, self.mislabel_config, self.damping,
                 self.mislabel_candidates, epoch=epoch, global_step=trainer.global_step, collectives=collectives,
-                on_scored=on_scored,
+                on_scored=on_scored, weight_decay=weight_decay(trainer), curvature=self.curvature,
             )
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:

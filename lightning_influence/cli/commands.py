@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional, Union
 
 from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
 from lightning_influence.config import (  # torch-free: `--help` stays fast
+    CURVATURES,
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_SCORING,
     DEFAULT_SOLVER,
@@ -59,6 +61,9 @@ def _scale(text: str) -> Union[float, str]:
     return text if text == "auto" else float(text)
 
 
+_damping = _scale  # a number, or "auto"
+
+
 INFLUENCE_OPTIONS = (
     Option("--val-indices", "val_indices", None, "validation dataset indices to explain (else the worst ones)",
            type=int, nargs="+"),
@@ -67,8 +72,10 @@ INFLUENCE_OPTIONS = (
            switch=True),
     Option("--top-k", "top_k", 10, "harmful and helpful training examples listed per point", type=int),
     Option("--solver", "solver", DEFAULT_SOLVER, "inverse-Hessian solver for s_test", choices=SOLVERS),
-    Option("--damping", "damping", DEFAULT_DAMPING, "lambda added to the Hessian; at least the training weight decay",
-           type=float),
+    Option("--damping", "damping", DEFAULT_DAMPING, "lambda added to the curvature, or 'auto' (a fraction of its top"
+           " eigenvalue)", type=_damping),
+    Option("--curvature", "curvature", DEFAULT_CURVATURE, "the curvature C of (C + damping I) s = grad L",
+           choices=CURVATURES),
     Option("--depth", "depth", LissaConfig.depth, "LiSSA recursion steps J per repeat", type=int),
     Option("--repeats", "repeats", LissaConfig.repeats, "LiSSA independent repeats T, averaged", type=int),
     Option("--batch-size", "batch_size", LissaConfig.batch_size, "LiSSA minibatch size B of each Hessian-vector product", type=int),
@@ -88,7 +95,8 @@ MISLABEL_OPTIONS = (
     Option("--top", "mislabel_candidates", 20, "training examples to list, largest |I(z, z)| first", type=int,
            aliases=("--candidates",)),
     Option("--rank", "mislabel_rank", LowRankConfig.rank, "eigenpairs of H (Lanczos) used for self-influence", type=int),
-    Option("--damping", "damping", DEFAULT_DAMPING, "lambda added to the Hessian", type=float),
+    Option("--damping", "damping", DEFAULT_DAMPING, "lambda added to the curvature, or 'auto'", type=_damping),
+    Option("--curvature", "curvature", DEFAULT_CURVATURE, "the curvature C of (C + damping I)", choices=CURVATURES),
     Option("--chunk-size", "chunk_size", DEFAULT_CHUNK_SIZE, "training examples per batch of gradients", type=int),
 )
 
@@ -154,7 +162,7 @@ def run_influence(args: argparse.Namespace) -> int:
         explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
                               settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
-                              on_scored=on_scored)
+                              on_scored=on_scored, curvature=settings.curvature)
     try:
         publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
@@ -193,6 +201,7 @@ def run_mislabel(args: argparse.Namespace) -> int:
         report = find_mislabel_candidates(
             context.model, context.loss_fn(settings.loss_fn), train, settings.mislabel, settings.damping,
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
+            curvature=settings.curvature,
         )
     try:
         path = publish_mislabel(context.writer(), context.output_dir, report, verbose=not args.quiet)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from lightning_influence.cli.commands import (
     STAGE,
+    _damping,
     add_checkpoint_arguments,
     check_exports,
     flags_of,
@@ -41,7 +42,7 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fresh optimizer (default: sgd)")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                         help="s_test solver (default: lissa)")
-    budget.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+    budget.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING,
                         help=f"lambda added to the Hessian (default: {DEFAULT_DAMPING})")
     budget.add_argument("--seed", type=int, default=0, help="seeds the held-out split, anchor sampling and random"
                         " selection (default: 0)")
@@ -158,7 +159,7 @@ def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
                        " from the checkpoint (default: 50)")
     group.add_argument("--solver", default="exact", choices=SOLVERS,
                        help="how the influence is computed (default: exact)")
-    group.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="lambda added to the Hessian; also the L2"
+    group.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING, help="lambda added to the curvature; also the L2"
                        f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
     group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: --damping)")
 

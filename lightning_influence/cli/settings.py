@@ -13,11 +13,13 @@ from typing import Any, Optional, Union
 
 from lightning_influence.cli.loading import UsageError, import_object
 from lightning_influence.config import (
+    DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_SOLVER,
     ExplainConfig,
     LowRankConfig,
     SolverConfig,
+    check_curvature,
     check_damping,
     solver_config,
 )
@@ -38,6 +40,7 @@ class AnalysisSettings:
     mislabel: LowRankConfig
     mislabel_count: int
     loss_fn: Any = None
+    curvature: str = DEFAULT_CURVATURE
 
 
 def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> AnalysisSettings:
@@ -57,6 +60,7 @@ def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> A
             mislabel=LowRankConfig(rank=merged.get("mislabel_rank", LowRankConfig.rank)),
             mislabel_count=int(merged.get("mislabel_candidates", 0)),
             loss_fn=_loss_fn(merged.get("loss_fn")),
+            curvature=check_curvature(merged.get("curvature", DEFAULT_CURVATURE)),
         )
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err

@@ -23,6 +23,7 @@ from lightning_influence.core.eigen import top_eigenvalue
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]
 StreamFactory = Callable[[int], Iterator[Batch]]
+StopCheck = Callable[[torch.Tensor], bool]
 
 #: A repeat is declared divergent when its update norm exceeds this multiple of ``||v||``.
 DIVERGENCE_FACTOR = 1e4
@@ -32,7 +33,16 @@ SCALE_MARGIN = 1.5
 
 
 class LissaDivergenceError(FloatingPointError):
-    """The LiSSA recursion blew up: ``scale`` too small or ``damping`` below the negative curvature."""
+    """The LiSSA recursion blew up: ``scale`` too small or ``damping`` below the negative curvature.
+
+    Carries where it happened (``step``, ``repeat``, the minibatch ``batch``, ``scale``, ``damping``) so that
+    the caller can measure that minibatch's eigenvalues and retry.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, repeat: int | None = None, batch: Batch = None,
+                 scale: float | None = None, damping: float | None = None) -> None:
+        super().__init__(message)
+        self.step, self.repeat, self.batch, self.scale, self.damping = step, repeat, batch, scale, damping
 
 
 def repeat_seed(seed: int, repeat: int) -> int:
@@ -90,22 +100,29 @@ def lissa_repeat(
     config: LissaConfig,
     repeat: int,
     on_step: Callable[[], None] | None = None,
+    stop: StopCheck | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows)."""
+    """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows).
+
+    ``stop(estimate)`` is asked every ``config.check_every`` steps with the current ``h_j / scale``; the repeat
+    ends when it answers True (e.g. its residual met the target).
+    """
     tiny = torch.finfo(v.dtype).tiny
     v_norm = v.norm(dim=1).clamp_min(tiny)
     h = v.clone()
     trace = []
     for step in range(config.depth):
-        h_next = lissa_step(h, v, hvp(next(stream), h) + damping * h, scale).detach()
+        batch = next(stream)
+        h_next = lissa_step(h, v, hvp(batch, h) + damping * h, scale).detach()
         update = (h_next - h).norm(dim=1)
         growth = float((update / v_norm).max())
         if not math.isfinite(growth) or growth > DIVERGENCE_FACTOR:
             raise LissaDivergenceError(
                 f"LiSSA diverged at step {step + 1} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
                 f" scale={scale:.4g} and damping={damping:.3g}. `scale` must exceed half the largest eigenvalue of"
-                " the minibatch Hessian plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
-                " `batch_size`. If the model has strong negative curvature, increase `damping`."
+                " the minibatch curvature plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
+                " `batch_size`. If the model has strong negative curvature, increase `damping`.",
+                step=step + 1, repeat=repeat, batch=batch, scale=scale, damping=damping,
             )
         h = h_next
         relative = float((update / h.norm(dim=1).clamp_min(tiny)).max())
@@ -113,6 +130,9 @@ def lissa_repeat(
         if on_step is not None:
             on_step()
         if config.tol > 0 and relative < config.tol:
+            break
+        every = getattr(config, "check_every", 0)
+        if stop is not None and every > 0 and (step + 1) % every == 0 and step + 1 < config.depth and stop(h / scale):
             break
     return h / scale, torch.tensor(trace)
 
@@ -126,12 +146,13 @@ def lissa_repeats(
     config: LissaConfig,
     repeat_ids: Sequence[int],
     on_step: Callable[[], None] | None = None,
+    stop: StopCheck | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum of the repeats ``repeat_ids`` (divide by ``config.repeats`` after combining) and their traces."""
     total = torch.zeros_like(vectors)
     traces = []
     for repeat in repeat_ids:
-        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step)
+        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step, stop)
         total += x
         traces.append(trace)
     return total, traces

@@ -61,13 +61,18 @@ class FunctionalLoss:
         }
 
     def __call__(self, params: Params, batch: Batch) -> torch.Tensor:
+        state, batch = self.functional_args(params, batch)
+        with autocast_off(params):
+            losses = functional_call(self._module, state, (batch,))
+        return check_per_example_losses(losses, batch_size_of(batch))
+
+    def functional_args(self, params: Params, batch: Batch) -> tuple[dict[str, torch.Tensor], Batch]:
+        """The state for ``functional_call`` of the loss module (``params`` and the upcast buffers) and the batch
+        with its floating tensors in the analysis dtype."""
         if self.cast:
             batch = tree_map(lambda t: t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
                              batch)
-        with autocast_off(params):
-            losses = functional_call(self._module, {**self.cast, **{_PREFIX + k: v for k, v in params.items()}},
-                                     (batch,))
-        return check_per_example_losses(losses, batch_size_of(batch))
+        return {**self.cast, **{_PREFIX + k: v for k, v in params.items()}}, batch
 
     def mean(self, params: Params, batch: Batch) -> torch.Tensor:
         return self(params, batch).mean()

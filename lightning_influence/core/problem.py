@@ -6,21 +6,51 @@ exposes each step of the data flow once: test gradients -> s_test -> scores.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.config import CGConfig, ExactConfig, LissaConfig, LowRankConfig, SolverConfig
-from lightning_influence.core.batching import Batch, prepare_batch
+from lightning_influence.config import (
+    DEFAULT_CURVATURE,
+    RESIDUAL_TOL,
+    SPECTRUM_STEPS,
+    SUBSET_EXAMPLES,
+    SUBSET_SEED,
+    CGConfig,
+    ExactConfig,
+    LissaConfig,
+    LowRankConfig,
+    SolverConfig,
+)
+from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
+from lightning_influence.core.curvature import (
+    batch_product,
+    check_curvature,
+    curvature_matrix,
+    dataset_product,
+)
+from lightning_influence.core.damping import (
+    Damping,
+    DampingChoice,
+    Spectrum,
+    check_damping_request,
+    choose_damping,
+    estimate_spectrum,
+)
 from lightning_influence.core.eigen import lanczos
-from lightning_influence.core.hvp import batch_hvp, dataset_hvp, hessian
 from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conjugate_gradient
-from lightning_influence.core.lissa import estimate_scale, lissa_repeats, minibatch_stream, repeat_seed
+from lightning_influence.core.lissa import (
+    LissaDivergenceError,
+    estimate_scale,
+    lissa_repeats,
+    minibatch_stream,
+    repeat_seed,
+)
 from lightning_influence.core.losses import FunctionalLoss, LossFn
 from lightning_influence.core.params import (
     ParameterSelector,
@@ -40,18 +70,29 @@ class InfluenceProblem:
 
     Args:
         model: the trained module; only its trainable parameters count.
-        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses, without the L2 term.
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses, without the L2 term. For
+            ``curvature="gauss_newton"`` it must call ``model(...)`` once (or be a
+            :class:`~lightning_influence.core.curvature.SplitLoss`).
         train_loader: the training data; iterated in its own order for scoring, its dataset sampled by LiSSA.
-        damping: lambda added to H (the training L2 strength / weight decay is a natural choice).
+        damping: lambda added to the curvature: a number (used as given) or ``"auto"`` (see
+            :mod:`~lightning_influence.core.damping`). ``problem.damping`` is the resolved number.
         config: the solver configuration.
+        curvature: ``"gauss_newton"`` (default, positive semi-definite) or ``"hessian"``.
+        weight_decay: the optimizer's weight decay, the floor of ``damping="auto"``.
+        allow_negative_curvature: with ``"hessian"``, keep a damping below ``|lambda_min|`` (warned) instead of
+            raising it.
+        subset_examples: training examples (fixed seeded subset) for the spectrum and the residual check
+            (None: all).
         parameters: analyse only these trainable parameters (module-name prefixes or globs, or a predicate
             ``(name, param) -> bool``; see :func:`~lightning_influence.core.params.select_parameters`).
         dtype: the analysis dtype (default float32, float64 for a float64 model); low-precision weights are upcast.
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: float, config: SolverConfig,
-        *, parameters: ParameterSelector = None, dtype: Optional[torch.dtype] = None,
+        self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: Damping, config: SolverConfig,
+        *, curvature: str = DEFAULT_CURVATURE, weight_decay: float | None = None,
+        allow_negative_curvature: bool = False, subset_examples: int | None = SUBSET_EXAMPLES,
+        parameters: ParameterSelector = None, dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.model = model
         self.loss = FunctionalLoss(model, loss_fn, dtype)
@@ -60,13 +101,53 @@ class InfluenceProblem:
         self.num_params = num_parameters(self.params)
         self.device = model_device(model)
         self.train_loader = train_loader
-        self.damping = damping
         self.config = config
+        self.curvature = check_curvature(curvature)
+        self.weight_decay = weight_decay
+        self.allow_negative_curvature = allow_negative_curvature
+        self.subset_examples = subset_examples
+        self.damping_requested = check_damping_request(damping)
+        self._choice: DampingChoice | None = None
+        self._spectrum: Spectrum | None = None
+        self._subset: list[Batch] | None = None
+        self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._exact: ExactInverse | None = None
         self._low_rank: LowRankInverse | None = None
         self._scale: float | None = None
+        method = config.hvp_method if isinstance(config, LissaConfig) else "double_backward"
+        self._product = batch_product(self.loss, self.params, self.curvature, method)
 
-    # -- gradients and HVPs -------------------------------------------------------------------------------
+    # -- damping --------------------------------------------------------------------------------------------
+    @property
+    def damping(self) -> float:
+        """The damping the solvers use (resolved from ``"auto"`` and checked on first use)."""
+        return self.damping_choice().value
+
+    def damping_choice(self) -> DampingChoice:
+        """The damping, how it was chosen and the eigenvalue estimates behind it (computed once)."""
+        if self._choice is None:
+            with torch.inference_mode(False), torch.enable_grad():
+                self._choice = choose_damping(self.damping_requested, self.curvature, self.spectrum,
+                                              self.weight_decay, self.allow_negative_curvature)
+        return self._choice
+
+    def spectrum(self) -> Spectrum:
+        """Extreme eigenvalues of the curvature: exact for solver='exact', else Lanczos on the check subset."""
+        if self._spectrum is None:
+            if isinstance(self.config, ExactConfig):
+                w, _ = self.curvature_eigh()
+                n = sum(batch_size_of(b) for b in self.train_batches())
+                self._spectrum = Spectrum(float(w[-1]), float(w[0]), self.num_params, n)
+            else:
+                batches = self.check_batches()
+                like = next(iter(self.params.values()))
+                self._spectrum = estimate_spectrum(
+                    lambda v: dataset_product(self._product, batches, v), self.num_params,
+                    sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS,
+                )
+        return self._spectrum
+
+    # -- gradients and curvature products -------------------------------------------------------------------
     def gradients(self, batch: Batch) -> torch.Tensor:
         """``[B, P]`` per-example gradients ``grad L(z)`` of ``batch`` (module hooks, no vmap: any model)."""
         return self.per_example.grads(prepare_batch(batch, self.device)).detach()
@@ -83,29 +164,49 @@ class InfluenceProblem:
             yield prepare_batch(batch, self.device)
 
     def minibatch_hvp(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-        method = self.config.hvp_method if isinstance(self.config, LissaConfig) else "double_backward"
-        return batch_hvp(self.loss, self.params, batch, vectors, method)
+        """``C_b V`` for the curvature ``C_b`` (Gauss-Newton or Hessian) of the mean loss over ``batch``."""
+        return self._product(batch, vectors)
 
     def damped_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I) V`` over the whole training set."""
-        return dataset_hvp(self.loss, self.params, self.train_batches(), vectors) + self.damping * vectors
+        """``(C + damping I) V`` over the whole training set."""
+        return dataset_product(self.minibatch_hvp, self.train_batches(), vectors) + self.damping * vectors
+
+    def check_batches(self) -> list[Batch]:
+        """The fixed seeded training subset of the spectrum estimate and the residual check (kept in memory)."""
+        if self._subset is None:
+            self._subset = list(self._hvp_subset(self.subset_examples, SUBSET_SEED))
+        return self._subset
+
+    def residual(self, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``||(C + damping I) x - v|| / ||v||`` per row, with C over the check subset."""
+        with torch.inference_mode(False), torch.enable_grad():
+            applied = dataset_product(self._product, self.check_batches(), x) + self.damping * x
+        tiny = torch.finfo(vectors.dtype).tiny
+        return (applied - vectors).norm(dim=1) / vectors.norm(dim=1).clamp_min(tiny)
 
     # -- solvers ------------------------------------------------------------------------------------------
-    def exact_inverse(self) -> ExactInverse:
-        if self._exact is None:
+    def curvature_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, Q)`` of the dense curvature over the whole training set (float64, ascending; small models)."""
+        if self._eigh is None:
             limit = self.config.max_parameters if isinstance(self.config, ExactConfig) else ExactConfig().max_parameters
             if self.num_params > limit:
                 raise ValueError(
                     f"Expected at most {limit} trainable parameters for solver='exact' (it builds the"
-                    f" {self.num_params} x {self.num_params} Hessian), but got {self.num_params}. Use solver='lissa'"
-                    " or 'cg'."
+                    f" {self.num_params} x {self.num_params} curvature matrix), but got {self.num_params}. Use"
+                    " solver='lissa' or 'cg'."
                 )
-            matrix = hessian(self.loss, self.params, self.train_batches())
-            self._exact = ExactInverse.from_hessian(matrix, self.damping)
+            matrix = curvature_matrix(self.loss, self.params, self.train_batches(), self.curvature)
+            self._eigh = torch.linalg.eigh(matrix.double())
+        return self._eigh
+
+    def exact_inverse(self) -> ExactInverse:
+        if self._exact is None:
+            w, q = self.curvature_eigh()
+            self._exact = ExactInverse(w, q, self.damping)
         return self._exact
 
     def low_rank_inverse(self) -> LowRankInverse:
-        """Top ``rank`` eigenpairs of H by Lanczos (HVPs over a fixed subset of the training data), cached."""
+        """Top ``rank`` eigenpairs of C by Lanczos (products over a fixed subset of the training data), cached."""
         if self._low_rank is None:
             assert isinstance(self.config, LowRankConfig)
             config = self.config
@@ -113,7 +214,7 @@ class InfluenceProblem:
             like = next(iter(self.params.values()))
             generator = torch.Generator().manual_seed(config.seed)
             values, vectors = lanczos(
-                lambda v: dataset_hvp(self.loss, self.params, batches, v), self.num_params, config.steps,
+                lambda v: dataset_product(self.minibatch_hvp, batches, v), self.num_params, config.steps,
                 generator=generator, like=like,
             )
             keep = values.argsort(descending=True)[: config.rank]
@@ -162,50 +263,130 @@ class InfluenceProblem:
         return self._scale
 
     def lissa_partial(
-        self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None
+        self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None,
+        *, early_stop: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Sum over LiSSA repeats ``repeat_ids`` of ``h_J / scale``, and their traces (for splitting repeats)."""
+        """Sum over LiSSA repeats ``repeat_ids`` of ``h_J / scale``, and their traces (for splitting repeats).
+
+        With ``early_stop`` a repeat ends once its own estimate meets ``config.residual_tol`` (checked every
+        ``config.check_every`` steps); the repeats still depend only on ``(seed, repeat)``.
+        """
         assert isinstance(self.config, LissaConfig)
-        seed = self.config.seed
+        config = self.config
+
+        def stop(estimate: torch.Tensor) -> bool:
+            return bool(self.residual(estimate, vectors).max() <= config.residual_tol)
+
         return lissa_repeats(
             self.minibatch_hvp,
-            lambda r: self._stream(repeat_seed(seed, r)),
+            lambda r: self._stream(repeat_seed(config.seed, r)),
             vectors,
             self.damping,
             self.lissa_scale(),
-            self.config,
+            config,
             repeat_ids,
             on_step,
+            stop if early_stop else None,
         )
 
+    def recover(self, error: LissaDivergenceError) -> dict[str, Any]:
+        """React to a divergence: measure the diverging minibatch's eigenvalues, then raise ``scale`` (a spike)
+        or, under ``"hessian"`` with negative curvature below the damping, the damping. Returns the record."""
+        from lightning_influence.core.recovery import recover_from_divergence
+
+        return recover_from_divergence(self, error)
+
+    def apply_recovery(self, record: dict[str, Any]) -> None:
+        """Set ``scale`` and damping to a recovery record's (the same record on every rank: same state)."""
+        if record["damping_after"] != self.damping:
+            choice = self.damping_choice()
+            self._choice = dataclasses.replace(
+                choice, value=record["damping_after"], rule=f"{choice.rule}; raised after a LiSSA divergence",
+                warnings=(*choice.warnings, record["note"]))
+            self._exact = self._low_rank = None
+        self._scale = record["scale_after"]
+
+    def divergence_error(self, error: LissaDivergenceError, retries: list[dict[str, Any]]) -> LissaDivergenceError:
+        """The error after the last retry, with every measured eigenvalue in its text."""
+        from lightning_influence.core.recovery import divergence_error
+
+        return divergence_error(self, error, retries)
+
+    def lissa_solve_info(self, traces: list[torch.Tensor], x: torch.Tensor, vectors: torch.Tensor,
+                         retries: Sequence[dict[str, Any]]) -> SolveInfo:
+        """The record of a LiSSA solve: traces, the residual of the averaged ``x`` (``converged`` means it met
+        ``residual_tol``), how the damping was chosen, and the retries."""
+        assert isinstance(self.config, LissaConfig)
+        residual = float(self.residual(x, vectors).max())
+        info = lissa_info(self.damping, self.lissa_scale(), traces, self.config, residual=residual)
+        return dataclasses.replace(info, **self._common_info(), retries=tuple(retries))
+
     def solve(self, vectors: torch.Tensor, on_step: Callable[[], None] | None = None) -> STest:
-        """``(H + damping I)^-1 v`` for every row of ``vectors`` with the configured solver."""
+        """``(C + damping I)^-1 v`` for every row of ``vectors`` with the configured solver."""
         start = time.perf_counter()
         config = self.config
         if isinstance(config, ExactConfig):
             inverse = self.exact_inverse()
             w = inverse.eigenvalues
             x = inverse.solve(vectors)
-            info = SolveInfo(
-                "exact", self.damping, converged=float(w[0]) + self.damping > 0, seconds=0.0,
-                eigenvalue_min=float(w[0]), eigenvalue_max=float(w[-1]),
-            )
+            info = self.solve_info("exact", float(w[0]) + self.damping > 0, x, vectors, use_residual=False,
+                              eigenvalue_min=float(w[0]), eigenvalue_max=float(w[-1]))
         elif isinstance(config, LowRankConfig):
             low_rank = self.low_rank_inverse()
             x = low_rank.solve(vectors)
-            info = SolveInfo(
-                "lowrank", self.damping, converged=True, seconds=0.0, eigenvalue_min=float(low_rank.eigenvalues.min()),
-                eigenvalue_max=float(low_rank.eigenvalues.max()), iterations=config.steps,
-            )
+            info = self.solve_info("lowrank", True, x, vectors, iterations=config.steps,
+                              eigenvalue_min=float(low_rank.eigenvalues.min()),
+                              eigenvalue_max=float(low_rank.eigenvalues.max()))
         elif isinstance(config, CGConfig):
             x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)
-            info = SolveInfo("cg", self.damping, converged=converged, seconds=0.0, trace=trace[None], iterations=iterations)
+            info = self.solve_info("cg", converged, x, vectors, use_residual=False, trace=trace[None],
+                              iterations=iterations)
         else:
-            total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
-            x = total / config.repeats
-            info = lissa_info(self.damping, self.lissa_scale(), traces, config)
+            x, traces, retries = self._lissa_with_retries(vectors, config, on_step)
+            info = self.lissa_solve_info(traces, x, vectors, retries)
         seconds = time.perf_counter() - start
-        return STest(x, replace(info, seconds=seconds))
+        return STest(x, dataclasses.replace(info, seconds=seconds))
+
+    def _lissa_with_retries(
+        self, vectors: torch.Tensor, config: LissaConfig, on_step: Callable[[], None] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[dict[str, Any]]]:
+        retries: list[dict[str, Any]] = []
+        while True:
+            try:
+                total, traces = self.lissa_partial(vectors, range(config.repeats), on_step)
+                return total / config.repeats, traces, retries
+            except LissaDivergenceError as error:
+                if len(retries) >= config.max_retries:
+                    raise self.divergence_error(error, retries) from error
+                retries.append(self.recover(error))
+
+    def _common_info(self) -> dict[str, Any]:
+        choice = self.damping_choice()
+        found = choice.spectrum
+        return {
+            "curvature": self.curvature,
+            "damping": choice.value,
+            "damping_requested": choice.requested,
+            "damping_rule": choice.rule,
+            "warnings": choice.warnings,
+            "eigenvalue_min": None if found is None else found.bottom,
+            "eigenvalue_max": None if found is None else found.top,
+        }
+
+    def solve_info(self, solver: str, converged: bool, x: torch.Tensor, vectors: torch.Tensor, *,
+                   use_residual: bool = True, compute_residual: bool = True, **fields: Any) -> SolveInfo:
+        """The record of a solve of ``vectors`` by ``x``: its residual on the check subset (``converged`` also
+        requires it below the tolerance when ``use_residual``), the curvature and how the damping was chosen."""
+        residual = float(self.residual(x, vectors).max()) if compute_residual else None
+        if use_residual and residual is not None:
+            converged = converged and residual <= RESIDUAL_TOL
+        common = self._common_info()
+        del common["damping"]
+        common.update({k: v for k, v in fields.items() if k in ("eigenvalue_min", "eigenvalue_max")})
+        rest = {k: v for k, v in fields.items() if k not in common}
+        return SolveInfo(solver, self.damping, converged, 0.0, residual=residual,
+                         residual_tol=RESIDUAL_TOL if residual is not None else None,
+                         **{**common, **rest})
 
     # -- scoring ------------------------------------------------------------------------------------------
     def scores(self, s_vectors: torch.Tensor, batches: Iterable[Batch] | None = None, method: str = "auto",
@@ -215,12 +396,22 @@ class InfluenceProblem:
         return iter_scores(self.loss, self.params, source, s_vectors, method, chunk_size, engine=self.per_example)
 
 
-def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig) -> SolveInfo:
-    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict."""
+def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig, *,
+               residual: float | None = None) -> SolveInfo:
+    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict.
+
+    With ``residual`` (``max ||(C + damping I) x - v|| / ||v||`` of the averaged solution, see
+    :meth:`InfluenceProblem.residual`) converged means ``residual <= config.residual_tol``; without it, the old
+    proxy (every repeat's last relative update below ``max(tol, 0.05)``) is used.
+    """
     steps = max(len(t) for t in traces)
     trace = torch.full((len(traces), steps), float("nan"))
     for row, t in zip(trace, traces):
         row[: len(t)] = t
-    final = torch.stack([t[-1] for t in traces])
-    converged = bool((final < max(config.tol, 0.05)).all())
-    return SolveInfo("lissa", damping, converged=converged, seconds=0.0, scale=scale, trace=trace, iterations=steps)
+    if residual is not None:
+        converged = residual <= config.residual_tol
+    else:
+        final = torch.stack([t[-1] for t in traces])
+        converged = bool((final < max(config.tol, 0.05)).all())
+    return SolveInfo("lissa", damping, converged, 0.0, scale=scale, trace=trace, iterations=steps,
+                     residual=residual, residual_tol=config.residual_tol)

@@ -11,12 +11,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from lightning_influence.config import CGConfig, LissaConfig
-from lightning_influence.core.problem import InfluenceProblem, lissa_info
+from lightning_influence.core.lissa import LissaDivergenceError
+from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.sharding import gather_checked
 from lightning_influence.results import SolveInfo
@@ -59,25 +60,45 @@ def solve_s_test_with_halves(
     start = time.perf_counter()
     ids = list(range(collectives.rank, config.repeats, collectives.world_size))
     halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
-
-    def run_halves() -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        sums: list[torch.Tensor] = []
-        traces: list[tuple[int, torch.Tensor]] = []
-        for half in halves:
-            total, half_traces = problem.lissa_partial(gradients, half, on_step)
-            sums.append(total)
-            traces.extend(zip(half, half_traces))
-        return torch.stack(sums), traces
-
-    (partial, _), gathered = gather_checked(collectives, run_halves, lambda result: result[1])
-    even_odd = collectives.sum(partial)
+    retries: list[dict[str, Any]] = []
+    while True:
+        outcome, gathered = gather_checked(collectives, lambda: _run_halves(problem, gradients, halves, on_step,
+                                                                            can_retry=len(retries) < config.max_retries),
+                                           lambda result: result[:2])
+        diverged = [shared for shared in gathered if shared[0] == "diverged"]
+        if not diverged:
+            break
+        if len(retries) >= config.max_retries:
+            if outcome[0] == "diverged":
+                raise problem.divergence_error(outcome[2], retries) from outcome[2]
+            raise RuntimeError(f"LiSSA diverged on another rank after {len(retries)} retries: {diverged[0][1]}")
+        record = diverged[0][1]  # every rank adopts the first diverging rank's recovery: the same state everywhere
+        problem.apply_recovery(record)
+        retries.append(record)
+    even_odd = collectives.sum(outcome[2])
     vectors = (even_odd[0] + even_odd[1]) / config.repeats
-    all_traces = [trace for _, trace in sorted((pair for pairs in gathered for pair in pairs), key=lambda p: p[0])]
-    info = lissa_info(problem.damping, problem.lissa_scale(), all_traces, config)
+    all_traces = [trace for _, trace in sorted((pair for _, pairs in gathered for pair in pairs), key=lambda p: p[0])]
+    info = problem.lissa_solve_info(all_traces, vectors, gradients, retries)
     means = None
     if config.repeats >= 2:
         means = (even_odd[0] / len(range(0, config.repeats, 2)), even_odd[1] / len(range(1, config.repeats, 2)))
     return vectors, replace(info, seconds=time.perf_counter() - start), means
+
+
+def _run_halves(problem: InfluenceProblem, gradients: torch.Tensor, halves: list[list[int]],
+                on_step: Callable[[], None] | None, can_retry: bool) -> tuple[Any, ...]:
+    """This rank's sums of its even and odd repeats and their traces: ``("ok", traces, sums)``; after a
+    divergence ``("diverged", recovery record or message, error)`` (the record when a retry is left)."""
+    sums: list[torch.Tensor] = []
+    traces: list[tuple[int, torch.Tensor]] = []
+    try:
+        for half in halves:
+            total, half_traces = problem.lissa_partial(gradients, half, on_step)
+            sums.append(total)
+            traces.extend(zip(half, half_traces))
+    except LissaDivergenceError as error:
+        return "diverged", problem.recover(error) if can_retry else str(error), error
+    return "ok", traces, torch.stack(sums)
 
 
 def _solve_cg_split(
@@ -99,6 +120,6 @@ def _solve_cg_split(
     length = max(len(trace) for _, _, trace in parts)
     padded = [torch.cat([t, t[-1:].expand(length - len(t))]) if len(t) else torch.zeros(length) for _, _, t in parts]
     trace = torch.stack(padded).max(dim=0).values
-    info = SolveInfo("cg", problem.damping, converged=all(c for c, _, _ in parts), seconds=time.perf_counter() - start,
-                     trace=trace[None], iterations=max(i for _, i, _ in parts))
-    return vectors, info
+    info = problem.solve_info("cg", all(c for c, _, _ in parts), vectors, gradients, use_residual=False,
+                              trace=trace[None], iterations=max(i for _, i, _ in parts))
+    return vectors, replace(info, seconds=time.perf_counter() - start)

@@ -99,11 +99,21 @@ def point_heading(point: ExplainedPoint) -> str:
 
 def solver_line(solver: SolveInfo) -> str:
     """One-line description of how s_test was solved: solver, damping, scale, convergence, time."""
-    status = "converged" if solver.converged else "NOT converged"
     return (
-        f"solver {solver.solver}, damping {format_float(solver.damping, 3)}, "
-        f"scale {format_float(solver.scale, 3)}, {status}, {format_float(solver.seconds, 3)} s"
+        f"solver {solver.solver} on {solver.curvature or 'hessian'}, damping {format_float(solver.damping, 3)}"
+        f"{f' ({solver.damping_requested})' if solver.damping_requested == 'auto' else ''}, "
+        f"scale {format_float(solver.scale, 3)}, {status_word(solver)}, {format_float(solver.seconds, 3)} s"
     )
+
+
+def status_word(solver: SolveInfo) -> str:
+    """The one status word every output uses: ``converged`` only when the solver's own residual check met its
+    tolerance, else ``NOT converged (unreliable)``, with the residual when one was measured."""
+    residual = "" if solver.residual is None else f", residual {format_float(solver.residual, 2)}"
+    limit = "" if solver.residual_tol is None else f" (tolerance {format_float(solver.residual_tol, 2)})"
+    if solver.converged:
+        return f"converged{residual}{limit}"
+    return f"NOT converged{residual}{limit}: unreliable"
 
 
 def timings_line(timings: dict[str, float]) -> str:

@@ -246,6 +246,15 @@ def _solver_to_dict(solver: SolveInfo) -> dict[str, Any]:
         "converged": bool(solver.converged),
         "seconds": to_builtin(float(solver.seconds)),
         "settings": to_builtin(dict(solver.settings)),
+        "curvature": solver.curvature,
+        "damping_requested": to_builtin(solver.damping_requested),
+        "damping_rule": solver.damping_rule,
+        "eigenvalue_min": to_builtin(solver.eigenvalue_min),
+        "eigenvalue_max": to_builtin(solver.eigenvalue_max),
+        "residual": to_builtin(solver.residual),
+        "residual_tol": to_builtin(solver.residual_tol),
+        "retries": to_builtin([dict(r) for r in solver.retries]),
+        "warnings": list(solver.warnings),
     }
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
-import threading
-from typing import Any
 
 import pytest
 import torch
@@ -24,9 +21,7 @@ from lightning_influence.core.candidates import (
     select_candidates,
 )
 from lightning_influence.core.features import last_linear_input
-from lightning_influence.config import ExactConfig
 from lightning_influence.core.data import IndexedData
-from lightning_influence.analysis.explain import explain
 from lightning_influence.config import ExplainConfig
 from lightning_influence.distributed.sharding import block_shard
 from lightning_influence.reporting import load_full_scores

@@ -257,6 +257,9 @@ def test_json_round_trip(tmp_path: Path) -> None:
         "converged": True,
         "seconds": 3.5,
         "settings": {"depth": STEPS, "repeats": 2},
+        # how the curvature and damping were chosen, and the residual check (unset in this hand-made record)
+        "curvature": None, "damping_requested": None, "damping_rule": None, "eigenvalue_min": None,
+        "eigenvalue_max": None, "residual": None, "residual_tol": None, "retries": [], "warnings": [],
     }
     for record, entry in zip(report.points, loaded["points"]):
         assert entry["val_index"] == record.val_index and entry["label"] == int(record.label)
