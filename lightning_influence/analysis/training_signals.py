@@ -245,10 +245,16 @@ class TrainingSignalRecorder:
         return {name: torch.argsort(score, descending=True, stable=True) for name, score in self.component_scores().items()}
 
     def suggested_labels(self) -> torch.Tensor:
-        """``argmax`` of the softmax probabilities averaged over the recorded checkpoints, ``[num_train]``."""
+        """The most likely class *other than the given label*, ``[num_train]``.
+
+        ``argmax_{j != y} sum_k softmax(z_k)_j`` over the recorded checkpoints: a memorising net ends up
+        predicting the given label of every example, so the given label is left out; the runner-up averaged over
+        training is the class a reviewer should check first.
+        """
         self._require()
-        assert self.probability_sum is not None
-        return self.probability_sum.argmax(dim=1)
+        assert self.probability_sum is not None and self.labels is not None
+        given = self.labels.clamp(min=0)[:, None]
+        return self.probability_sum.scatter(1, given, float("-inf")).argmax(dim=1)
 
     # -- checkpointing ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
