@@ -22,9 +22,11 @@ logit margin and EL2N of every training example every ``RECORD_EVERY`` epochs (f
 weights at each record are kept for the self-influence rankings. Rankings (each a score, larger = more
 suspicious):
 
-* from the recorder: ``final_loss``, ``final_margin``, ``final_el2n`` (last checkpoint = final weights),
-  ``early_loss``, ``early_el2n`` (checkpoint at 10% of training), ``mean_loss``, ``mean_el2n``, ``aum``
-  (areas under the curves over all checkpoints), ``mean_el2n@10`` (10 evenly spaced checkpoints only);
+* from the recorder: ``el2n_window`` (the default: mean EL2N over the checkpoints up to twice the one where
+  EL2N varies most across examples, see ``separation_window``), ``final_loss``, ``final_margin``,
+  ``final_el2n`` (last checkpoint = final weights), ``early_loss``, ``early_el2n`` (checkpoint at 10% of
+  training), ``mean_loss``, ``mean_el2n``, ``aum`` (areas under the curves over all checkpoints), and
+  ``el2n_window@10``, ``mean_el2n@10`` (the same from 10 evenly spaced checkpoints only);
 * ``si_final``: the library's self-influence ``|I(z, z)|`` at the final weights (lowrank, rank 64; damping
   1e-2 for the nets, 1e-3 = L2 for lr); ``si_early``: the same at the 10% snapshot;
 * ``tracin_self``: ``sum_k ||grad L(z; theta_k)||^2`` over 10 evenly spaced snapshots (TracIn self-influence
@@ -32,11 +34,11 @@ suspicious):
 * ``cleanlab``: ``find_label_issues`` ranked by self-confidence on 5-fold out-of-fold probabilities (the
   same model and recipe per fold; sklearn LogisticRegression with the same L2 for lr), the flagged issues
   first then the rest by self-confidence; ``cleanlab_sc``: the self-confidence score alone;
-* rank-average combinations (mean of the normalised ranks): ``mean_el2n+si_early``, ``mean_el2n+aum``.
+* rank-average combinations (sum of the normalised ranks): ``el2n_window+si_early``, ``mean_el2n+aum``.
 
 Metrics: recall at 5/10/20% of the training set checked, recall at k = number of flips (= precision at k),
 AUROC (flipped vs clean), mean +- std over seeds, paired per-seed differences of the default ranking
-``mean_el2n`` against each other ranking (wins / ties / losses), and the time of each ranking as a multiple
+``el2n_window`` against each other ranking (wins / ties / losses), and the time of each ranking as a multiple
 of one training run of the same model (training steps only). Results go to ``benchmarks/mislabel-results.json``.
 
 Usage::
@@ -73,7 +75,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_influence import self_influence
-from lightning_influence.analysis.training_signals import TrainingSignalRecorder, component_scores
+from lightning_influence.analysis.training_signals import TrainingSignalRecorder, separation_window
 from lightning_influence.core.data import IndexedData
 
 N_TRAIN = 1200
@@ -88,7 +90,7 @@ LR_EPOCHS = 500
 MAX_EPOCHS = 3000
 TRACIN_SNAPSHOTS = 10
 EARLY = 0.1
-DEFAULT = "mean_el2n"
+DEFAULT = "el2n_window"
 RESULTS = Path(__file__).with_name("mislabel-results.json")
 
 
@@ -274,11 +276,13 @@ def run_one(name: str, noise: str, seed: int, folds: int) -> dict[str, Any]:
     k = len(epochs_recorded)
     ten = sorted({round(i * (k - 1) / (TRACIN_SNAPSHOTS - 1)) for i in range(TRACIN_SNAPSHOTS)})
     scores["mean_el2n@10"] = recorder.signals["el2n"][:, ten].mean(dim=1)
+    ten_el2n = recorder.signals["el2n"][:, ten]
+    scores["el2n_window@10"] = ten_el2n[:, : separation_window(ten_el2n)].mean(dim=1)
     per_record = recorder.seconds / k
     seconds = {key: (per_record if key.startswith("final") else
                      per_record * (_early_index(epochs_recorded) + 1) if key.startswith("early") else recorder.seconds)
                for key in scores}
-    seconds["mean_el2n@10"] = per_record * len(ten)
+    seconds["mean_el2n@10"] = seconds["el2n_window@10"] = per_record * len(ten)
 
     damping = LR_L2 if name == "lr" else NET_DAMPING
     scores["si_final"], seconds["si_final"] = self_influence_score(model, x, y, damping)
@@ -298,7 +302,7 @@ def run_one(name: str, noise: str, seed: int, folds: int) -> dict[str, Any]:
     clean, seconds["cleanlab"], flagged = cleanlab_scores(name, x, y, seed, folds)
     scores.update(clean)
     seconds["cleanlab_sc"] = seconds["cleanlab"]
-    for first, second in (("mean_el2n", "si_early"), ("mean_el2n", "aum")):
+    for first, second in (("el2n_window", "si_early"), ("mean_el2n", "aum")):
         scores[f"{first}+{second}"] = normalised_rank(scores[first]) + normalised_rank(scores[second])
         seconds[f"{first}+{second}"] = seconds[first] + seconds[second]
     with torch.no_grad():

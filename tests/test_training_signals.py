@@ -275,3 +275,13 @@ def test_relabel_and_confusion_records():
     table = confusion_records([1, 1, 7, 1, 2], [7, 7, 1, 7, 2])
     assert table[0] == {"given_label": 1, "predicted_label": 7, "count": 3}
     assert sum(r["count"] for r in table) == 5
+
+
+def test_separation_window_doubles_the_checkpoint_where_el2n_varies_most():
+    from lightning_influence.analysis.training_signals import separation_window
+
+    el2n = torch.tensor([[0.5, 0.1, 0.0, 0.0, 0.0, 0.0], [0.5, 1.2, 0.9, 0.3, 0.0, 0.0]])  # spread peaks at 2
+    assert separation_window(el2n) == 4
+    assert separation_window(el2n[:, :3]) == 3  # capped at the checkpoints there are
+    scores = component_scores({"loss": el2n, "margin": -el2n, "el2n": el2n}, list(range(6)))
+    assert torch.allclose(scores["el2n_window"], el2n[:, :4].mean(1))

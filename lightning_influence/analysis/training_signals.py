@@ -15,7 +15,7 @@ Under DDP each rank computes its own shard (every ``world_size``-th index) and t
 only (``torch.distributed.gather_object`` or the collectives' ``gather_objects_to_root`` when present), where
 they are written into the full table by dataset index. Every rank must call :meth:`record` at the same epochs.
 
-The default mislabel score (``"mean_el2n"``) and the named component rankings are defined in
+The default mislabel score (``"el2n_window"``) and the named component rankings are defined in
 :func:`component_scores`; the evidence and the math are in ``docs/mislabel.md``.
 """
 
@@ -35,7 +35,7 @@ from lightning_influence.core.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 
 SIGNALS = ("loss", "margin", "el2n")
-DEFAULT_SCORE = "mean_el2n"
+DEFAULT_SCORE = "el2n_window"
 EARLY_FRACTION = 0.1
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
@@ -289,6 +289,19 @@ def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
     return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
 
 
+def separation_window(el2n: torch.Tensor, multiple: int = 2) -> int:
+    """Number of leading checkpoints averaged by the default score: ``min(K, multiple * k*)``.
+
+    ``k*`` (1-based) is the checkpoint with the largest variance of EL2N across examples. EL2N lies in
+    ``[0, sqrt 2]``; its variance across examples peaks when the model fits most examples (EL2N near 0) and not
+    yet the rest (near 1 or above): for a net that later memorises its flips this is the point of training
+    where the given labels separate best, found without knowing which labels are wrong.
+    """
+    variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
+    peak = int(variance.argmax()) + 1
+    return min(el2n.shape[1], multiple * peak)
+
+
 def component_scores(
     signals: dict[str, torch.Tensor], epochs: Sequence[int], early_fraction: float = EARLY_FRACTION
 ) -> dict[str, torch.Tensor]:
@@ -300,11 +313,13 @@ def component_scores(
     * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
     * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over training);
     * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
-    * ``mean_el2n`` is :data:`DEFAULT_SCORE`, the default.
+    * ``el2n_window`` (:data:`DEFAULT_SCORE`): the mean EL2N over the first ``separation_window(el2n)``
+      checkpoints: up to the checkpoint where the EL2N varies most across examples, and as many again.
     """
     loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
     early = _early_column(epochs, early_fraction)
     return {
+        "el2n_window": el2n[:, : separation_window(el2n)].nanmean(dim=1),
         "mean_el2n": el2n.nanmean(dim=1),
         "mean_loss": loss.nanmean(dim=1),
         "aum": -margin.nanmean(dim=1),
