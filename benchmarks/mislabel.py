@@ -22,8 +22,8 @@ logit margin and EL2N of every training example every ``RECORD_EVERY`` epochs (f
 weights at each record are kept for the self-influence rankings. Rankings (each a score, larger = more
 suspicious):
 
-* from the recorder: ``el2n_window`` (the default: mean EL2N over the checkpoints up to twice the one where
-  EL2N varies most across examples, see ``separation_window``), ``final_loss``, ``final_margin``,
+* from the recorder: ``el2n_window`` (the default: mean EL2N over the leading checkpoints chosen by
+  ``separation_window``: past the one where EL2N varies most across examples), ``final_loss``, ``final_margin``,
   ``final_el2n`` (last checkpoint = final weights), ``early_loss``, ``early_el2n`` (checkpoint at 10% of
   training), ``mean_loss``, ``mean_el2n``, ``aum`` (areas under the curves over all checkpoints), and
   ``el2n_window@10``, ``mean_el2n@10`` (the same from 10 evenly spaced checkpoints only);
@@ -377,6 +377,8 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=3,
+                        help="seeds first..first+n-1; 0-2 were used to choose the default score, 3-5 are held out")
     parser.add_argument("--quick", action="store_true", help="1 seed, asym10 only, 3 folds")
     parser.add_argument("--models", default="lr,mlp,cnn")
     parser.add_argument("--noises", default=",".join(NOISES))
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         args.summarise.write_text(json.dumps(stored, indent=1) + "\n")
         return
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     noises = ["asym10"] if args.quick else args.noises.split(",")
     folds = 3 if args.quick else 5
     print(f"machine: {machine()}\nseeds {seeds}, noises {noises}, models {args.models}, folds {folds}")

@@ -289,17 +289,23 @@ def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
     return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
 
 
-def separation_window(el2n: torch.Tensor, multiple: int = 2) -> int:
-    """Number of leading checkpoints averaged by the default score: ``min(K, multiple * k*)``.
+def separation_window(el2n: torch.Tensor, multiple: int = 2, plateau: float = 0.8) -> int:
+    """Number of leading checkpoints averaged by the default score.
 
-    ``k*`` (1-based) is the checkpoint with the largest variance of EL2N across examples. EL2N lies in
-    ``[0, sqrt 2]``; its variance across examples peaks when the model fits most examples (EL2N near 0) and not
-    yet the rest (near 1 or above): for a net that later memorises its flips this is the point of training
-    where the given labels separate best, found without knowing which labels are wrong.
+    With ``V_k`` the variance of EL2N across examples at checkpoint ``k`` (1-based) and ``k* = argmax_k V_k``:
+    the window ends at the later of ``multiple * k*`` and the last checkpoint of the run from ``k*`` on that
+    keeps ``V_k >= plateau * V_{k*}``, capped at ``K``. EL2N lies in ``[0, sqrt 2]``; its spread across examples
+    is largest when the model fits most examples (EL2N near 0) and not yet the rest: for a net that later
+    memorises its flips, ``V`` then collapses and the window stops before the flips are fitted; for a model
+    that never fits them (a regularised linear model) ``V`` stays on its plateau and the window covers it.
+    Found without knowing which labels are wrong.
     """
     variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
-    peak = int(variance.argmax()) + 1
-    return min(el2n.shape[1], multiple * peak)
+    peak = int(variance.argmax())
+    end = peak
+    while end + 1 < len(variance) and variance[end + 1] >= plateau * variance[peak]:
+        end += 1
+    return min(el2n.shape[1], max(end + 1, multiple * (peak + 1)))
 
 
 def component_scores(
@@ -314,7 +320,8 @@ def component_scores(
     * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over training);
     * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
     * ``el2n_window`` (:data:`DEFAULT_SCORE`): the mean EL2N over the first ``separation_window(el2n)``
-      checkpoints: up to the checkpoint where the EL2N varies most across examples, and as many again.
+      checkpoints: from the start past the checkpoint where EL2N varies most across examples, to twice that
+      checkpoint or to the end of its plateau, whichever is later.
     """
     loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
     early = _early_column(epochs, early_fraction)
