@@ -25,7 +25,7 @@ import csv
 import io
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
     }
 
 
-def gather_to_root(collectives: Collectives, obj: Any) -> Optional[list[Any]]:
+def gather_to_root(collectives: Collectives, obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` in rank order on rank 0, ``None`` on the others.
 
     Uses ``collectives.gather_objects_to_root`` when the implementation has it, else
@@ -86,7 +86,7 @@ def gather_to_root(collectives: Collectives, obj: Any) -> Optional[list[Any]]:
     if dist.is_available() and dist.is_initialized():
         group = getattr(collectives, "group", None)
         root = 0 if group is None else dist.get_global_rank(group, 0)
-        out: Optional[list[Any]] = [None] * collectives.world_size if collectives.rank == 0 else None
+        out: list[Any] | None = [None] * collectives.world_size if collectives.rank == 0 else None
         dist.gather_object(obj, out, dst=root, group=group)
         return out
     gathered = collectives.gather_objects(obj)
@@ -108,7 +108,7 @@ class TrainingSignalRecorder:
     """
 
     def __init__(
-        self, num_train: int, every_n_epochs: int = 1, epochs: Optional[Sequence[int]] = None, start: int = 0
+        self, num_train: int, every_n_epochs: int = 1, epochs: Sequence[int] | None = None, start: int = 0
     ) -> None:
         if num_train < 1:
             raise ValueError(f"Expected num_train >= 1, but got {num_train}.")
@@ -120,8 +120,8 @@ class TrainingSignalRecorder:
         self.start = int(start)
         self.epochs_recorded: list[int] = []
         self.signals: dict[str, torch.Tensor] = {}
-        self.probability_sum: Optional[torch.Tensor] = None
-        self.labels: Optional[torch.Tensor] = None
+        self.probability_sum: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
         self.seconds = 0.0
 
     # -- schedule --------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class TrainingSignalRecorder:
         model: nn.Module,
         data: IndexedData,
         epoch: int,
-        collectives: Optional[Collectives] = None,
+        collectives: Collectives | None = None,
         outputs_fn: OutputsFn = classification_outputs,
         force: bool = False,
     ) -> bool:
@@ -184,7 +184,7 @@ class TrainingSignalRecorder:
         indices: torch.Tensor,
         values: dict[str, torch.Tensor],
         labels: torch.Tensor,
-        collectives: Optional[Collectives] = None,
+        collectives: Collectives | None = None,
     ) -> None:
         """Add one checkpoint from this rank's examples ``indices`` (``values`` from :func:`example_signals`).
 
@@ -339,14 +339,14 @@ def component_scores(
 
 
 # -- records for reports --------------------------------------------------------------------------------------
-def candidate_order(scores: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
+def candidate_order(scores: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """Indices by descending score (ties by index), the first ``count`` (default all)."""
     order = torch.argsort(torch.nan_to_num(scores, nan=float("-inf")), descending=True, stable=True)
     return order if count is None else order[:count]
 
 
 def relabel_records(
-    scores: torch.Tensor, given: torch.Tensor, predicted: torch.Tensor, count: Optional[int] = None
+    scores: torch.Tensor, given: torch.Tensor, predicted: torch.Tensor, count: int | None = None
 ) -> list[dict[str, Any]]:
     """Rows ``{rank, train_index, given_label, predicted_label, score}``, most suspicious first.
 

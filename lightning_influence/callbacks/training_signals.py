@@ -15,7 +15,7 @@ so ``InfluenceCallback`` can call the same three pieces from its own hooks:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -60,10 +60,10 @@ class TrainingSignalsCallback(pl.Callback):
     def __init__(
         self,
         checkpoints: int = 10,
-        every_n_epochs: Optional[int] = None,
-        train_dataset: Optional[Dataset] = None,
-        batch_size: Optional[int] = None,
-        outputs_fn: Optional[OutputsFn] = None,
+        every_n_epochs: int | None = None,
+        train_dataset: Dataset | None = None,
+        batch_size: int | None = None,
+        outputs_fn: OutputsFn | None = None,
     ) -> None:
         if checkpoints < 1:
             raise ValueError(f"Expected checkpoints >= 1, but got {checkpoints}.")
@@ -72,10 +72,10 @@ class TrainingSignalsCallback(pl.Callback):
         self.train_dataset = train_dataset
         self.batch_size = batch_size
         self.outputs_fn = outputs_fn or classification_outputs
-        self.recorder: Optional[TrainingSignalRecorder] = None
-        self._data: Optional[IndexedData] = None
+        self.recorder: TrainingSignalRecorder | None = None
+        self._data: IndexedData | None = None
         self._collectives: Collectives = SingleProcess()
-        self._pending_state: Optional[dict[str, Any]] = None
+        self._pending_state: dict[str, Any] | None = None
         self._rank = 0
 
     # -- Lightning hooks ---------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class TrainingSignalsCallback(pl.Callback):
             raise RuntimeError("No training signals yet: the callback records from the first training epoch on.")
         return self.recorder.scores(method)
 
-    def relabel_records(self, count: Optional[int] = None, method: str = DEFAULT_SCORE) -> list[dict[str, Any]]:
+    def relabel_records(self, count: int | None = None, method: str = DEFAULT_SCORE) -> list[dict[str, Any]]:
         """Rows ``{rank, train_index, given_label, predicted_label, score}``, most suspicious first."""
         assert self.recorder is not None and self.recorder.labels is not None
         return relabel_records(self.scores(method), self.recorder.labels, self.recorder.suggested_labels(), count)
@@ -172,7 +172,7 @@ class TrainingSignalsCallback(pl.Callback):
             size = self.batch_size or (loader.batch_size if isinstance(loader, DataLoader) else None) or 256
             return IndexedData(self.train_dataset, collate, size)
         if not isinstance(loader, DataLoader):
-            raise ValueError(
+            raise TypeError(
                 f"TrainingSignalsCallback needs one training DataLoader over a map-style dataset, but got"
                 f" {type(loader).__name__}. Pass `TrainingSignalsCallback(train_dataset=...)`."
             )
