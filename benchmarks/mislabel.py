@@ -1,52 +1,63 @@
 #!/usr/bin/env python
-"""Finding flipped labels by self-influence, against training loss, random order and cleanlab.
+"""Finding flipped labels: signals recorded during training against final-weights rankings and cleanlab.
 
-scikit-learn's digits (pixels / 16), a seeded split of 1,200 training / 597 test images, and 10% of the
-*training* labels (120) flipped to a different, random class. Two models:
+scikit-learn's digits (pixels / 16), a seeded split of 1,200 training / 597 test images. Three kinds of label
+noise on the *training* labels, each chosen from a reference model (sklearn ``LogisticRegression``, 5-fold
+out-of-fold probabilities on the clean labels):
 
-* **lr**: logistic regression (``nn.Linear(64, 10)``) trained to convergence by full-batch L-BFGS on
-  ``mean CE + l2/2 ||theta||^2`` with ``l2 = 1e-3``;
-* **mlp**: a 64-64-10 tanh MLP (4,810 parameters) trained by full-batch Adam (weight decay 1e-4) until it
-  fits the flipped labels (training accuracy reported; 100% in every run so far).
+* ``asym10``: 10% of the examples (uniformly chosen) flipped to their class's most-confused class (the
+  class with the largest summed out-of-fold probability among the true class's examples);
+* ``uniform30``: 30% flipped to a uniformly random other class;
+* ``hard30``: the 30% with the lowest reference margin ``p_true - max_{j != true} p_j``, flipped to their
+  runner-up class.
 
-Each model ranks the training set by
+Three models, full-batch Adam (one step = one epoch), float64:
 
-* self-influence ``I(z, z) = -g^T (H + damping I)^-1 g`` (most negative first) with ``solver="lowrank"``
-  (rank 64, 128 Lanczos steps), at damping ``l2`` for lr (where ``H + l2 I`` is exactly the Hessian of the
-  training objective) and at several dampings for mlp; ``solver="exact"`` as the reference for lr;
-* training loss, highest first;
-* the per-example gradient norm ``||grad L(z)||`` (no Hessian: what self-influence adds ``H^-1`` to);
-* a random order;
-* cleanlab ``find_label_issues`` on 5-fold cross-validated predicted probabilities (sklearn
-  ``LogisticRegression`` with the matching L2 for lr; the same MLP and recipe trained per fold for mlp):
-  the issues it flags, ranked by self-confidence, then every other example by the same score, so that
-  the top 5/10/20/30% are defined; and cleanlab's self-confidence label-quality score on its own.
+* ``lr``: ``nn.Linear(64, 10)``, ``mean CE + 1e-3/2 ||theta||^2``, lr 0.05, 500 epochs (near the minimum);
+* ``mlp``: 64-64-10 tanh MLP, lr 1e-2, weight decay 1e-4, trained until training accuracy 1.0 (cap 3,000);
+* ``cnn``: conv 3x3 (8 channels) + tanh + max-pool, 128-64-10 tanh head, same recipe and stop.
 
-For each ranking: the fraction of the 120 flips among the top 5, 10, 20, 30% of the training set (recall at
-k, torchmetrics; at 5% the ceiling is 0.5, 60 checks for 120 flips), and the test accuracy after restoring
-the true labels of the flips found in the top 10% and retraining with the same seed, against no fix and
-fixing all flips. Mean +- std over seeds, and the paired per-seed differences at 10% between the main
-self-influence ranking (lr: damping 1e-3; mlp: 1e-2) and every other ranking, with wins / ties / losses.
-See ``docs/mislabel.md`` for a full run and its reading.
+During training a :class:`~lightning_influence.analysis.training_signals.TrainingSignalRecorder` records loss,
+logit margin and EL2N of every training example every ``RECORD_EVERY`` epochs (forward-only pass), and the
+weights at each record are kept for the self-influence rankings. Rankings (each a score, larger = more
+suspicious):
+
+* from the recorder: ``el2n_window`` (the default: mean EL2N over the leading checkpoints chosen by
+  ``separation_window``: past the one where EL2N varies most across examples), ``final_loss``, ``final_margin``,
+  ``final_el2n`` (last checkpoint = final weights), ``early_loss``, ``early_el2n`` (checkpoint at 10% of
+  training), ``mean_loss``, ``mean_el2n``, ``aum`` (areas under the curves over all checkpoints), and
+  ``el2n_window@10``, ``mean_el2n@10`` (the same from 10 evenly spaced checkpoints only);
+* ``si_final``: the library's self-influence ``|I(z, z)|`` at the final weights (lowrank, rank 64; damping
+  1e-2 for the nets, 1e-3 = L2 for lr); ``si_early``: the same at the 10% snapshot;
+* ``tracin_self``: ``sum_k ||grad L(z; theta_k)||^2`` over 10 evenly spaced snapshots (TracIn self-influence
+  with a constant learning rate);
+* ``cleanlab``: ``find_label_issues`` ranked by self-confidence on 5-fold out-of-fold probabilities (the
+  same model and recipe per fold; sklearn LogisticRegression with the same L2 for lr), the flagged issues
+  first then the rest by self-confidence; ``cleanlab_sc``: the self-confidence score alone;
+* rank-average combinations (sum of the normalised ranks): ``el2n_window+si_early``, ``mean_el2n+aum``.
+
+Metrics: recall at 5/10/20% of the training set checked, recall at k = number of flips (= precision at k),
+AUROC (flipped vs clean), mean +- std over seeds, paired per-seed differences of the default ranking
+``el2n_window`` against each other ranking (wins / ties / losses), and the time of each ranking as a multiple
+of one training run of the same model (training steps only). Results go to ``benchmarks/mislabel-results.json``.
 
 Usage::
 
-    python benchmarks/mislabel.py                  # 3 seeds, about 4 minutes on 2 cores
-    python benchmarks/mislabel.py --quick          # 1 seed, 400 epochs, 3 folds: a smoke run (~35 s)
-    python benchmarks/mislabel.py --seeds 5 --json mislabel.json
+    python benchmarks/mislabel.py              # seeds 3-5, 3 noise kinds, 3 models (654 s on 1 thread)
+    python benchmarks/mislabel.py --quick      # 1 seed, asym10 only, 3 folds (~1 min), no JSON unless --json
+    python benchmarks/mislabel.py --first-seed 0 --json design.json   # the seeds the default was chosen on
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,67 +69,134 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.functional import spearman_corrcoef
-from torchmetrics.functional.retrieval import retrieval_recall
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_influence import self_influence
-from lightning_influence.core.eigen import lanczos
-from lightning_influence.core.hvp import dataset_hvp
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import trainable_parameters
+from lightning_influence.analysis.training_signals import TrainingSignalRecorder, separation_window
+from lightning_influence.core.data import IndexedData
 
 N_TRAIN = 1200
-FLIP_FRACTION = 0.10
-FRACTIONS = (0.05, 0.10, 0.20, 0.30)
-FIX_FRACTION = 0.10
+FRACTIONS = (0.05, 0.10, 0.20)
+NOISES = {"asym10": 0.10, "uniform30": 0.30, "hard30": 0.30}
 LR_L2 = 1e-3
-MLP_HIDDEN = 64
-MLP_WEIGHT_DECAY = 1e-4
-MLP_LR = 1e-2
-MLP_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
-MLP_MAIN_DAMPING = 1e-2  # the one compared with the training-loss ranking in the notes
+NET_WEIGHT_DECAY = 1e-4
+NET_DAMPING = 1e-2
 RANK = 64
-FOLDS = 5
-LAMBDA_MIN_STEPS = 128
+RECORD_EVERY = {"lr": 10, "mlp": 5, "cnn": 5}
+LR_EPOCHS = 500
+MAX_EPOCHS = 3000
+TRACIN_SNAPSHOTS = 10
+EARLY = 0.1
+DEFAULT = "el2n_window"
+RESULTS = Path(__file__).with_name("mislabel-results.json")
 
 
-# -- data ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Task:
-    """One seeded split with flipped training labels."""
-
-    x_train: torch.Tensor
-    y_noisy: torch.Tensor
-    y_true: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    flipped: torch.Tensor  # bool [n_train]
-
-    def fixed_labels(self, order: torch.Tensor, fraction: float) -> torch.Tensor:
-        """Noisy labels with the flips among the top ``fraction`` of ``order`` restored (a reviewer's fix)."""
-        checked = order[: round(fraction * len(order))]
-        found = checked[self.flipped[checked]]
-        labels = self.y_noisy.clone()
-        labels[found] = self.y_true[found]
-        return labels
-
-
-def make_task(seed: int) -> Task:
+# -- data and noise --------------------------------------------------------------------------------------------
+def split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     images, labels = load_digits(return_X_y=True)
     x, y = torch.tensor(images / 16.0, dtype=torch.float64), torch.tensor(labels)
-    generator = torch.Generator().manual_seed(seed)
-    permutation = torch.randperm(len(y), generator=generator)
+    permutation = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     train, test = permutation[:N_TRAIN], permutation[N_TRAIN:]
-    flips = torch.randperm(N_TRAIN, generator=generator)[: int(FLIP_FRACTION * N_TRAIN)]
-    y_noisy = y[train].clone()
-    y_noisy[flips] = (y_noisy[flips] + torch.randint(1, 10, (len(flips),), generator=generator)) % 10
-    flipped = torch.zeros(N_TRAIN, dtype=torch.bool)
-    flipped[flips] = True
-    return Task(x[train], y_noisy, y[train], x[test], y[test], flipped)
+    return x[train], y[train], x[test], y[test]
+
+
+def reference_probabilities(x: torch.Tensor, y: torch.Tensor, seed: int) -> np.ndarray:
+    """Out-of-fold probabilities of a logistic regression on the *clean* labels (chooses the noise)."""
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    return cross_val_predict(LogisticRegression(C=1.0, max_iter=5000), x.numpy(), y.numpy(), cv=folds,
+                             method="predict_proba")
+
+
+def add_noise(kind: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noisy labels of ``kind``; every flipped label differs from the true one."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    count = round(NOISES[kind] * N_TRAIN)
+    noisy = y.clone()
+    if kind == "uniform30":
+        flips = torch.randperm(N_TRAIN, generator=generator)[:count]
+        noisy[flips] = (y[flips] + torch.randint(1, 10, (count,), generator=generator)) % 10
+        return noisy
+    probs = torch.from_numpy(reference_probabilities(x, y, seed))
+    if kind == "asym10":
+        confusion = torch.stack([probs[y == c].sum(0) for c in range(10)])
+        confusion.fill_diagonal_(-1.0)
+        most_confused = confusion.argmax(dim=1)
+        flips = torch.randperm(N_TRAIN, generator=generator)[:count]
+        noisy[flips] = most_confused[y[flips]]
+        return noisy
+    if kind == "hard30":
+        others = probs.scatter(1, y[:, None], -1.0)
+        margin = probs.gather(1, y[:, None]).squeeze(1) - others.amax(dim=1)
+        flips = torch.argsort(margin, stable=True)[:count]
+        noisy[flips] = others.argmax(dim=1)[flips]
+        return noisy
+    raise ValueError(kind)
+
+
+# -- models and training ---------------------------------------------------------------------------------------
+def make_model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "lr":
+        model = nn.Linear(64, 10)
+        nn.init.zeros_(model.weight)
+        nn.init.zeros_(model.bias)
+    elif name == "mlp":
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    else:
+        model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10))
+    return model.double()
+
+
+class WholeTensors(TensorDataset):
+    """A TensorDataset fetched a batch at a time (``__getitems__``), so the recorder's pass costs what the
+    full-batch training step's data access costs (nothing) rather than 1,200 per-example collations."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def train(name: str, x: torch.Tensor, y: torch.Tensor, seed: int, recorder: TrainingSignalRecorder | None = None,
+          snapshots: dict[int, dict] | None = None) -> tuple[nn.Module, int, float]:
+    """Full-batch Adam; ``(model, epochs, seconds of the training steps alone)``.
+
+    lr: fixed ``LR_EPOCHS``; nets: until the training step's own predictions fit every label (cap
+    ``MAX_EPOCHS``). The recorder (and the snapshot copies) run between steps, outside the timed part.
+    """
+    model = make_model(name, seed)
+    if name == "lr":
+        optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    else:
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=NET_WEIGHT_DECAY)
+    data = IndexedData(WholeTensors(x, y), collate_fn=_as_is, batch_size=N_TRAIN)
+    seconds, epoch, done = 0.0, 0, False
+    while not done:
+        began = time.perf_counter()
+        optimiser.zero_grad()
+        logits = model(x)
+        objective = F.cross_entropy(logits, y)
+        if name == "lr":
+            objective = objective + 0.5 * LR_L2 * sum((p**2).sum() for p in model.parameters())
+        objective.backward()
+        optimiser.step()
+        seconds += time.perf_counter() - began
+        fitted = bool((logits.argmax(dim=1) == y).all())
+        done = epoch + 1 >= (LR_EPOCHS if name == "lr" else MAX_EPOCHS) or (name != "lr" and fitted)
+        if recorder is not None and (recorder.due(epoch) or done):
+            recorder.record(model, data, epoch, force=done)
+            if snapshots is not None:
+                snapshots[epoch] = copy.deepcopy(model.state_dict())
+        epoch += 1
+    return model.eval(), epoch, seconds
 
 
 def per_example_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -126,287 +204,164 @@ def per_example_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor])
     return F.cross_entropy(model(inputs), targets, reduction="none")
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).double().mean())
+# -- rankings --------------------------------------------------------------------------------------------------
+def self_influence_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    began = time.perf_counter()
+    scores = self_influence(model, per_example_loss, loader, solver="lowrank", damping=damping, rank=RANK)
+    return -scores, time.perf_counter() - began  # |I(z, z)|
 
 
-# -- models ----------------------------------------------------------------------------------------------------
-def train_lr(x: torch.Tensor, y: torch.Tensor, seed: int, settings: Settings) -> nn.Module:
-    """``nn.Linear(64, 10)`` at the minimum of ``mean CE + l2/2 ||theta||^2`` (L-BFGS, strong Wolfe)."""
-    del seed  # convex: the minimum does not depend on the start
-    model = nn.Linear(64, 10).double()
-    nn.init.zeros_(model.weight)
-    nn.init.zeros_(model.bias)
-    optimiser = torch.optim.LBFGS(
-        model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14, history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        objective = F.cross_entropy(model(x), y) + 0.5 * LR_L2 * sum((p**2).sum() for p in model.parameters())
-        objective.backward()
-        return objective
-
-    for _ in range(5):
-        optimiser.step(closure)
-    return model
-
-
-def train_mlp(x: torch.Tensor, y: torch.Tensor, seed: int, settings: Settings) -> nn.Module:
-    """A 64-64-10 tanh MLP, full-batch Adam with small weight decay, seeded init: it memorises its labels."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, MLP_HIDDEN), nn.Tanh(), nn.Linear(MLP_HIDDEN, 10)).double()
-    optimiser = torch.optim.Adam(model.parameters(), lr=MLP_LR, weight_decay=MLP_WEIGHT_DECAY)
-    for _ in range(settings.mlp_epochs):
-        optimiser.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    return model.eval()
-
-
-def gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
-    """``||grad (mean CE + l2/2 ||theta||^2)||``: how close training got to a stationary point."""
-    params = list(model.parameters())
-    objective = F.cross_entropy(model(x), y) + 0.5 * l2 * sum((p**2).sum() for p in params)
-    return float(torch.cat([g.flatten() for g in torch.autograd.grad(objective, params)]).norm())
-
-
-def hessian_extremes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Smallest and largest Ritz values of H (mean loss, no L2) from 128 Lanczos steps on the full set."""
-    loss = FunctionalLoss(model, per_example_loss)
-    params = trainable_parameters(model)
-    size = sum(p.numel() for p in params.values())
-    batches = [(x, y)]
-    values, _ = lanczos(
-        lambda v: dataset_hvp(loss, params, batches, v), size, LAMBDA_MIN_STEPS,
-        generator=torch.Generator().manual_seed(0), like=next(iter(params.values())),
-    )
-    return float(values.min()), float(values.max())
-
-
-# -- rankings: each returns training indices, most suspicious first --------------------------------------------
-def self_influence_order(model: nn.Module, task: Task, solver: str, damping: float) -> tuple[torch.Tensor, float]:
-    loader = DataLoader(TensorDataset(task.x_train, task.y_noisy), batch_size=256)
-    options: dict[str, Any] = {"rank": RANK} if solver == "lowrank" else {}
-    start = time.perf_counter()
-    scores = self_influence(model, per_example_loss, loader, solver=solver, damping=damping, **options)
-    seconds = time.perf_counter() - start
-    return torch.argsort(scores, stable=True), seconds  # most negative I(z, z) = largest |I| first
-
-
-def loss_order(model: nn.Module, task: Task) -> torch.Tensor:
-    with torch.no_grad():
-        losses = per_example_loss(model, (task.x_train, task.y_noisy))
-    return torch.argsort(losses, descending=True, stable=True)
-
-
-def gradient_norm_order(model: nn.Module, task: Task) -> torch.Tensor:
-    """Per-example ``||grad L(z)||`` (no Hessian at all), largest first: what self-influence adds H^-1 to."""
+def squared_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     params = {name: p.detach() for name, p in model.named_parameters()}
 
-    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(torch.func.functional_call(model, p, (x[None],)), y[None])
+    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
 
-    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, task.x_train, task.y_noisy)
-    norms = torch.cat([g.flatten(1) for g in grads.values()], dim=1).norm(dim=1)
-    return torch.argsort(norms, descending=True, stable=True)
-
-
-def rank_agreement(first: torch.Tensor, second: torch.Tensor, fraction: float) -> tuple[float, float]:
-    """Spearman correlation of two orders over all examples, and the overlap of their top ``fraction``."""
-    positions = [torch.empty(len(o), dtype=torch.float64) for o in (first, second)]
-    for position, order in zip(positions, (first, second)):
-        position[order] = torch.arange(len(order), dtype=torch.float64)
-    top = round(fraction * len(first))
-    overlap = len(set(first[:top].tolist()) & set(second[:top].tolist())) / top
-    return float(spearman_corrcoef(positions[0], positions[1])), overlap
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    return sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values())
 
 
-def random_order(seed: int) -> torch.Tensor:
-    return torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(10_000 + seed))
-
-
-def cv_probabilities_lr(task: Task, seed: int, settings: Settings) -> np.ndarray:
-    """Out-of-fold probabilities of sklearn's LogisticRegression with the same L2 as ``train_lr``.
-
-    sklearn minimises ``1/2 ||w||^2 + C sum_i CE_i``; ours is ``mean CE + l2/2 ||w||^2``, the same up to a factor
-    when ``C = 1 / (l2 n_fold)`` (sklearn leaves the intercept unpenalised).
-    """
-    n_fold = N_TRAIN * (settings.folds - 1) / settings.folds
-    classifier = LogisticRegression(C=1.0 / (LR_L2 * n_fold), max_iter=5000)
-    folds = StratifiedKFold(settings.folds, shuffle=True, random_state=seed)
-    return cross_val_predict(
-        classifier, task.x_train.numpy(), task.y_noisy.numpy(), cv=folds, method="predict_proba"
-    )
-
-
-def cv_probabilities_mlp(task: Task, seed: int, settings: Settings) -> np.ndarray:
-    """Out-of-fold probabilities of the same MLP and recipe as ``train_mlp``, trained once per fold."""
-    folds = StratifiedKFold(settings.folds, shuffle=True, random_state=seed)
-    probabilities = np.zeros((N_TRAIN, 10))
-    for fit, held_out in folds.split(task.x_train.numpy(), task.y_noisy.numpy()):
-        model = train_mlp(task.x_train[fit], task.y_noisy[fit], seed, settings)
-        with torch.no_grad():
-            probabilities[held_out] = model(task.x_train[held_out]).softmax(dim=1).numpy()
-    return probabilities
-
-
-def cleanlab_orders(task: Task, probabilities: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(flagged issues then the rest, self-confidence alone, number flagged)``; ties broken by index."""
+def cleanlab_scores(name: str, x: torch.Tensor, y: torch.Tensor, seed: int, folds: int) -> tuple[dict[str, torch.Tensor], float, int]:
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    labels = task.y_noisy.numpy()
-    issues = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
-    quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
-    by_quality = np.argsort(quality, kind="stable")
-    flagged = {int(i) for i in issues}
-    rest = [int(i) for i in by_quality if int(i) not in flagged]
-    combined = torch.tensor([int(i) for i in issues] + rest)
-    return combined, torch.from_numpy(by_quality.copy()), len(issues)
+    began = time.perf_counter()
+    split_ = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    if name == "lr":
+        n_fold = N_TRAIN * (folds - 1) / folds
+        probs = cross_val_predict(LogisticRegression(C=1.0 / (LR_L2 * n_fold), max_iter=5000), x.numpy(), y.numpy(),
+                                  cv=split_, method="predict_proba")
+    else:
+        probs = np.zeros((N_TRAIN, 10))
+        for fit, held_out in split_.split(x.numpy(), y.numpy()):
+            model, _, _ = train(name, x[fit], y[fit], seed)
+            with torch.no_grad():
+                probs[held_out] = model(x[held_out]).softmax(dim=1).numpy()
+    labels = y.numpy()
+    issues = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    seconds = time.perf_counter() - began
+    order = [int(i) for i in issues]
+    flagged = set(order)
+    order += [int(i) for i in np.argsort(quality, kind="stable") if int(i) not in flagged]
+    combined = torch.empty(N_TRAIN, dtype=torch.float64)
+    combined[torch.tensor(order)] = torch.arange(N_TRAIN, 0, -1, dtype=torch.float64)
+    return {"cleanlab": combined, "cleanlab_sc": -torch.from_numpy(quality)}, seconds, len(issues)
+
+
+def normalised_rank(score: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty(len(score), dtype=torch.float64)
+    ranks[torch.argsort(score.double(), stable=True)] = torch.arange(len(score), dtype=torch.float64)
+    return ranks / (len(score) - 1)
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------
-def recall_at(order: torch.Tensor, flipped: torch.Tensor, fraction: float) -> float:
-    """Fraction of all flips among the first ``fraction`` of ``order`` (torchmetrics' retrieval recall@k)."""
-    preds = torch.empty(len(order), dtype=torch.float64)
-    preds[order] = torch.arange(len(order), 0, -1, dtype=torch.float64)  # earlier = higher score
-    return float(retrieval_recall(preds, flipped, top_k=round(fraction * len(order))))
+def metrics(score: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    out = {f"recall@{f:.0%}": float(flipped[order[: round(f * N_TRAIN)]].sum() / flipped.sum()) for f in FRACTIONS}
+    out["recall@k"] = float(flipped[order[: int(flipped.sum())]].double().mean())
+    out["auroc"] = float(roc_auc_score(flipped.numpy(), score.double().numpy()))
+    return out
 
 
-@dataclass
-class Settings:
-    seeds: list[int]
-    mlp_epochs: int
-    folds: int
-    mlp_dampings: tuple[float, ...]
+def run_one(name: str, noise: str, seed: int, folds: int) -> dict[str, Any]:
+    x, y_true, _, _ = split(seed)
+    y = add_noise(noise, x, y_true, seed)
+    flipped = y != y_true
+    recorder = TrainingSignalRecorder(N_TRAIN, every_n_epochs=RECORD_EVERY[name], start=RECORD_EVERY[name] - 1)
+    snapshots: dict[int, dict] = {}
+    model, epochs, train_seconds = train(name, x, y, seed, recorder, snapshots)
+    epochs_recorded = recorder.epochs_recorded
+    scores = recorder.component_scores(EARLY)
+    k = len(epochs_recorded)
+    ten = sorted({round(i * (k - 1) / (TRACIN_SNAPSHOTS - 1)) for i in range(TRACIN_SNAPSHOTS)})
+    scores["mean_el2n@10"] = recorder.signals["el2n"][:, ten].mean(dim=1)
+    ten_el2n = recorder.signals["el2n"][:, ten]
+    scores["el2n_window@10"] = ten_el2n[:, : separation_window(ten_el2n)].mean(dim=1)
+    per_record = recorder.seconds / k
+    seconds = {key: (per_record if key.startswith("final") else
+                     per_record * (_early_index(epochs_recorded) + 1) if key.startswith("early") else recorder.seconds)
+               for key in scores}
+    seconds["mean_el2n@10"] = seconds["el2n_window@10"] = per_record * len(ten)
 
+    damping = LR_L2 if name == "lr" else NET_DAMPING
+    scores["si_final"], seconds["si_final"] = self_influence_score(model, x, y, damping)
+    early_epoch = epochs_recorded[_early_index(epochs_recorded)]
+    early_model = make_model(name, seed)
+    early_model.load_state_dict(snapshots[early_epoch])
+    scores["si_early"], seconds["si_early"] = self_influence_score(early_model.eval(), x, y, damping)
 
-@dataclass
-class ModelResult:
-    """Per-method lists over seeds: recalls per fraction and test accuracy after the top-10% fix."""
+    began = time.perf_counter()
+    tracin = torch.zeros(N_TRAIN, dtype=torch.float64)
+    probe = make_model(name, seed)
+    for column in ten:
+        probe.load_state_dict(snapshots[epochs_recorded[column]])
+        tracin += squared_gradient_norms(probe.eval(), x, y)
+    scores["tracin_self"], seconds["tracin_self"] = tracin, time.perf_counter() - began
 
-    recalls: dict[str, list[list[float]]] = field(default_factory=dict)
-    fixed_accuracy: dict[str, list[float]] = field(default_factory=dict)
-    seconds: dict[str, list[float]] = field(default_factory=dict)
-    notes: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, key: str, value: Any, table: str = "notes") -> None:
-        getattr(self, table).setdefault(key, []).append(value)
-
-
-def run_model(
-    name: str, train: Callable[..., nn.Module], task: Task, seed: int, settings: Settings, result: ModelResult
-) -> None:
-    start = time.perf_counter()
-    model = train(task.x_train, task.y_noisy, seed, settings)
-    result.add("train seconds", time.perf_counter() - start)
-    result.add("train accuracy (noisy labels)", accuracy(model, task.x_train, task.y_noisy))
-    result.add("train accuracy on the flips (given label)", accuracy(model, task.x_train[task.flipped],
-                                                                     task.y_noisy[task.flipped]))
-    l2 = LR_L2 if name == "lr" else MLP_WEIGHT_DECAY
-    result.add("gradient norm of the objective", gradient_norm(model, task.x_train, task.y_noisy, l2))
+    clean, seconds["cleanlab"], flagged = cleanlab_scores(name, x, y, seed, folds)
+    scores.update(clean)
+    seconds["cleanlab_sc"] = seconds["cleanlab"]
+    for first, second in (("el2n_window", "si_early"), ("mean_el2n", "aum")):
+        scores[f"{first}+{second}"] = normalised_rank(scores[first]) + normalised_rank(scores[second])
+        seconds[f"{first}+{second}"] = seconds[first] + seconds[second]
     with torch.no_grad():
-        losses = per_example_loss(model, (task.x_train, task.y_noisy))
-    result.add("median training loss, flips", float(losses[task.flipped].median()))
-    result.add("median training loss, clean", float(losses[~task.flipped].median()))
-    low, high = hessian_extremes(model, task.x_train, task.y_noisy)
-    result.add("Hessian lambda_min (Lanczos)", low)
-    result.add("Hessian lambda_max (Lanczos)", high)
-
-    orders: dict[str, torch.Tensor] = {
-        "random": random_order(seed),
-        "training loss": loss_order(model, task),
-        "gradient norm": gradient_norm_order(model, task),
-    }
-    dampings = (LR_L2,) if name == "lr" else settings.mlp_dampings
-    for damping in dampings:
-        key = f"self-influence lowrank d={damping:g}"
-        orders[key], seconds = self_influence_order(model, task, "lowrank", damping)
-        result.add(key, seconds, "seconds")
-    if name == "lr":
-        key = f"self-influence exact d={LR_L2:g}"
-        orders[key], seconds = self_influence_order(model, task, "exact", LR_L2)
-        result.add(key, seconds, "seconds")
-    start = time.perf_counter()
-    probabilities = (cv_probabilities_lr if name == "lr" else cv_probabilities_mlp)(task, seed, settings)
-    combined, by_quality, flagged = cleanlab_orders(task, probabilities)
-    result.add("cleanlab find_label_issues", time.perf_counter() - start, "seconds")
-    result.add("cleanlab flagged", flagged)
-    result.add("cleanlab flagged precision", float(task.flipped[combined[:flagged]].double().mean()))
-    orders["cleanlab find_label_issues"] = combined
-    orders["cleanlab self-confidence"] = by_quality
-
-    spearman, overlap = rank_agreement(orders[main_key(name)], orders["training loss"], FIX_FRACTION)
-    result.add("self-influence vs training loss: Spearman", spearman)
-    result.add("self-influence vs training loss: top-10% overlap", overlap)
-    for key, order in orders.items():
-        result.add(key, [recall_at(order, task.flipped, f) for f in FRACTIONS], "recalls")
-    baselines = {"no fix": task.y_noisy, "fix all flips": task.y_true}
-    fixes = {**baselines, **{key: task.fixed_labels(order, FIX_FRACTION) for key, order in orders.items()}}
-    for key, labels in fixes.items():
-        retrained = train(task.x_train, labels, seed, settings)
-        result.add(key, accuracy(retrained, task.x_test, task.y_test), "fixed_accuracy")
-
-
-# -- output ----------------------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int = 2) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} +- {std:.{digits}f}"
-
-
-def main_key(name: str) -> str:
-    """The self-influence ranking each model is judged by (lr: damping = its L2; mlp: MLP_MAIN_DAMPING)."""
-    return f"self-influence lowrank d={LR_L2 if name == 'lr' else MLP_MAIN_DAMPING:g}"
-
-
-def print_paired(result: ModelResult, main: str) -> None:
-    """Per-seed differences at the top 10%: ``main`` minus each other ranking, with wins / ties / losses."""
-    column = FRACTIONS.index(FIX_FRACTION)
-    print(f"Paired over seeds, top {FIX_FRACTION:.0%}: `{main}` minus each ranking (mean +- std; wins/ties/losses)")
-    print()
-    for key, recalls in result.recalls.items():
-        if key == main:
-            continue
-        diffs = [a[column] - b[column] for a, b in zip(result.recalls[main], recalls)]
-        wins, losses = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
-        print(f"- vs {key}: {mean_std(diffs, 3)} ({wins}/{len(diffs) - wins - losses}/{losses})")
-
-
-def print_model(name: str, title: str, result: ModelResult, seeds: int) -> None:
-    header = ["ranking"] + [f"top {f:.0%}" for f in FRACTIONS] + ["test acc, top-10% fixed"]
-    rows = [header, ["---"] * len(header)]
-    for key in ("no fix", "fix all flips"):
-        rows.append([f"({key})"] + ["" for _ in FRACTIONS] + [mean_std(result.fixed_accuracy[key], 3)])
-    for key, recalls in result.recalls.items():
-        columns = list(zip(*recalls))
-        rows.append([key] + [mean_std(list(c)) for c in columns] + [mean_std(result.fixed_accuracy[key], 3)])
-    print(f"\n### {title}: fraction of the {int(FLIP_FRACTION * N_TRAIN)} flipped labels found in the top k% "
-          f"(mean +- std over {seeds} seeds)\n")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
-    print_paired(result, main_key(name))
-    print()
-    for key, values in result.notes.items():
-        digits = 2 if key == "cleanlab flagged" else 3
-        text = mean_std([float(v) for v in values], digits) if "lambda" not in key and "norm" not in key else (
-            ", ".join(f"{v:.3g}" for v in values))
-        print(f"- {key}: {text}")
-    for key, values in result.seconds.items():
-        print(f"- seconds, {key}: {mean_std(values, 2)}")
-
-
-def to_json(results: dict[str, ModelResult], settings: Settings, seconds: float) -> dict[str, Any]:
+        train_accuracy = float((model(x).argmax(dim=1) == y).double().mean())
+        began = time.perf_counter()
+        for _ in range(5):
+            model(x)
+        forward_seconds = (time.perf_counter() - began) / 5
     return {
-        "settings": {**settings.__dict__, "fractions": FRACTIONS, "n_train": N_TRAIN, "rank": RANK},
-        "machine": machine(),
-        "seconds": seconds,
-        "models": {name: r.__dict__ for name, r in results.items()},
+        "metrics": {key: metrics(score, flipped) for key, score in scores.items()},
+        "cost": {key: value / train_seconds for key, value in seconds.items()},
+        "seconds": {key: value for key, value in seconds.items()},
+        "train_seconds": train_seconds, "epochs": epochs, "checkpoints": k, "early_epoch": early_epoch,
+        "train_accuracy": train_accuracy, "flips": int(flipped.sum()), "cleanlab_flagged": flagged,
+        "record_pass_over_train_step": per_record / (train_seconds / epochs),
+        "forward_over_train_step": forward_seconds / (train_seconds / epochs),
     }
+
+
+def _early_index(epochs: list[int]) -> int:
+    first, last = epochs[0], epochs[-1]
+    return next(i for i, e in enumerate(epochs) if e >= first + EARLY * (last - first) - 1e-9)
+
+
+# -- summary ---------------------------------------------------------------------------------------------------
+def mean_std(values: list[float], digits: int = 3) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} +- {std:.{digits}f}"
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = list(runs[0]["metrics"])
+    names = list(runs[0]["metrics"][DEFAULT])
+    table = {key: {m: [r["metrics"][key][m] for r in runs] for m in names} for key in keys}
+    paired = {}
+    for key in keys:
+        if key == DEFAULT:
+            continue
+        paired[key] = {}
+        for m in ("recall@10%", "auroc"):
+            diffs = [r["metrics"][DEFAULT][m] - r["metrics"][key][m] for r in runs]
+            paired[key][m] = {"mean": statistics.fmean(diffs), "wins": sum(d > 1e-9 for d in diffs),
+                              "ties": sum(abs(d) <= 1e-9 for d in diffs), "losses": sum(d < -1e-9 for d in diffs)}
+    cost = {key: statistics.fmean(r["cost"][key] for r in runs) for key in keys}
+    return {"per_seed": table, "paired_default_minus": paired, "cost_x_training": cost}
+
+
+def print_summary(name: str, noise: str, runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    print(f"\n### {name}, {noise}: {runs[0]['flips']} flips, epochs {[r['epochs'] for r in runs]}, "
+          f"train accuracy {[round(r['train_accuracy'], 3) for r in runs]}, checkpoints {[r['checkpoints'] for r in runs]}\n")
+    print("| ranking | recall@5% | recall@10% | recall@20% | recall@k | AUROC | cost x training | default - this, r@10% (W/T/L) | default - this, AUROC (W/T/L) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, row in summary["per_seed"].items():
+        pair = summary["paired_default_minus"].get(key)
+        pair_text = ["", ""] if pair is None else [
+            f"{pair[m]['mean']:+.3f} ({pair[m]['wins']}/{pair[m]['ties']}/{pair[m]['losses']})" for m in ("recall@10%", "auroc")]
+        print(f"| {key} | " + " | ".join(mean_std(row[m]) for m in row) + f" | {summary['cost_x_training'][key]:.3f} | "
+              + " | ".join(pair_text) + " |")
 
 
 def machine() -> str:
@@ -420,40 +375,49 @@ def machine() -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
-def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (splits, flips, inits)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 400 MLP epochs, 3 folds")
-    parser.add_argument("--mlp-epochs", type=int, default=1000)
-    parser.add_argument("--json", type=Path, help="also write every figure here")
-    args = parser.parse_args(argv)
-    if args.quick:
-        return Settings([0], 400, 3, (1e-3, MLP_MAIN_DAMPING)), args
-    return Settings(list(range(args.seeds)), args.mlp_epochs, FOLDS, MLP_DAMPINGS), args
-
-
 def main(argv: list[str] | None = None) -> None:
-    settings, args = parse(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=3,
+                        help="seeds first..first+n-1; 0-2 were used to choose the default score, 3-5 are held out")
+    parser.add_argument("--quick", action="store_true", help="1 seed, asym10 only, 3 folds")
+    parser.add_argument("--models", default="lr,mlp,cnn")
+    parser.add_argument("--noises", default=",".join(NOISES))
+    parser.add_argument("--json", type=Path, help=f"results file (default {RESULTS.name} for a full run)")
+    parser.add_argument("--summarise", type=Path, help="only re-print (and re-summarise in place) a results file")
+    args = parser.parse_args(argv)
+    if args.summarise is not None:
+        stored = json.loads(args.summarise.read_text())
+        for key, entry in stored["results"].items():
+            entry.update(summarise(entry["runs"]))
+            print_summary(*key.split("/"), entry["runs"], entry)
+        stored["settings"]["default"] = DEFAULT
+        args.summarise.write_text(json.dumps(stored, indent=1) + "\n")
+        return
     torch.set_num_threads(1)
-    print(f"machine: {machine()}")
-    print(f"settings: {settings}")
-    start = time.perf_counter()
-    results = {"lr": ModelResult(), "mlp": ModelResult()}
-    for seed in settings.seeds:
-        task = make_task(seed)
-        for name, train in (("lr", train_lr), ("mlp", train_mlp)):
-            run_model(name, train, task, seed, settings, results[name])
-        print(f"seed {seed} done at {time.perf_counter() - start:.0f} s", flush=True)
-    titles = {
-        "lr": f"Logistic regression (L-BFGS, L2 {LR_L2:g})",
-        "mlp": f"MLP 64-{MLP_HIDDEN}-10 tanh (Adam, weight decay {MLP_WEIGHT_DECAY:g}, {settings.mlp_epochs} epochs)",
-    }
-    for name, result in results.items():
-        print_model(name, titles[name], result, len(settings.seeds))
-    total = time.perf_counter() - start
+    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
+    noises = ["asym10"] if args.quick else args.noises.split(",")
+    folds = 3 if args.quick else 5
+    print(f"machine: {machine()}\nseeds {seeds}, noises {noises}, models {args.models}, folds {folds}")
+    began = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in args.models.split(","):
+        for noise in noises:
+            runs = [run_one(name, noise, seed, folds) for seed in seeds]
+            summary = summarise(runs)
+            results[f"{name}/{noise}"] = {"runs": runs, **summary}
+            print_summary(name, noise, runs, summary)
+            print(f"({time.perf_counter() - began:.0f} s)", flush=True)
+    total = time.perf_counter() - began
     print(f"\ntotal {total:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(to_json(results, settings, total), indent=1) + "\n")
+    path = args.json or (None if args.quick else RESULTS)
+    if path is not None:
+        settings = {"seeds": seeds, "noises": {n: NOISES[n] for n in noises}, "folds": folds, "n_train": N_TRAIN,
+                    "record_every": RECORD_EVERY, "lr_epochs": LR_EPOCHS, "max_epochs": MAX_EPOCHS, "rank": RANK,
+                    "damping": {"lr": LR_L2, "nets": NET_DAMPING}, "early_fraction": EARLY, "default": DEFAULT}
+        path.write_text(json.dumps({"settings": settings, "machine": machine(), "seconds": total,
+                                    "results": results}, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -97,10 +97,8 @@ def main() -> None:
     pl.seed_everything(0)
     train_loader, val_loader = digits_loaders()
     logger = TensorBoardLogger(args.log_dir, name="digits")
-    # damping 0.1 (10x the weight decay): on the final checkpoint the self-diagnosis measured s_test residuals
-    # ||(H + damping I) x - v|| / ||v|| of 0.06-0.12 with it, against 0.36-1.23 (flagged) with damping 0.01,
-    # because this small CNN's Hessian has negative eigenvalues (see docs/trust.md).
-    callback = InfluenceCallback(num_worst=8, top_k=8, damping=0.1, every_n_epochs=args.every_n_epochs)
+    # default settings: Gauss-Newton curvature and damping chosen from its spectrum (docs/curvature.md)
+    callback = InfluenceCallback(num_worst=8, top_k=8, every_n_epochs=args.every_n_epochs)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
         log_every_n_steps=10, enable_model_summary=False,

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_influence.analysis.leave_one_out import verify_leave_one_out
+    from lightning_influence.analysis.training_signals import TrainingSignalRecorder
     from lightning_influence.callbacks.influence import InfluenceCallback
+    from lightning_influence.callbacks.training_signals import TrainingSignalsCallback
     from lightning_influence.config import (
         CGConfig,
         CorrectionConfig,
@@ -44,6 +46,8 @@ _LAZY = {
     "LissaDivergenceError": "lightning_influence.core.lissa",
     "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
     "InfluenceCallback": "lightning_influence.callbacks.influence",
+    "TrainingSignalsCallback": "lightning_influence.callbacks.training_signals",
+    "TrainingSignalRecorder": "lightning_influence.analysis.training_signals",
     "correct_errors": "lightning_influence.correct",
 }
 
@@ -76,6 +80,8 @@ __all__ = [
     "STest",
     "SolveInfo",
     "TopInfluences",
+    "TrainingSignalRecorder",
+    "TrainingSignalsCallback",
     "TrustReport",
     "correct_errors",
     "influence",

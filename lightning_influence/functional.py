@@ -229,16 +229,17 @@ def self_influence(
     loss_fn: LossFn,
     train_loader: Iterable[Batch],
     *,
-    solver: SolverLike = "exact",
+    solver: SolverLike = "lowrank",
     damping: Union[float, str] = DEFAULT_DAMPING,
     chunk_size: int = 64,
     **options: Any,
 ) -> torch.Tensor:
     """Self-influence ``I(z, z) = -grad L(z)^T (H + damping I)^-1 grad L(z)`` of every training example.
 
-    ``solver="exact"`` uses one eigendecomposition for all examples (small models); ``"lowrank"`` (the scalable
-    choice) takes the top ``rank`` eigenpairs of H by Lanczos and then needs one pass of per-example gradients:
-    ``g^T A^-1 g ~= sum_j (q_j . g)^2 / (w_j + damping) + ||g - Q Q^T g||^2 / damping``. ``"cg"``/``"lissa"``
+    ``solver="lowrank"`` (the default, the scalable choice) takes the top ``rank`` eigenpairs of H by Lanczos and
+    then needs one pass of per-example gradients:
+    ``g^T A^-1 g ~= sum_j (q_j . g)^2 / (w_j + damping) + ||g - Q Q^T g||^2 / damping``; ``"exact"`` uses one
+    eigendecomposition for all examples (small models, the reference). ``"cg"``/``"lissa"``
     solve one system per example (in chunks of ``chunk_size``): slow on large training sets.
 
     Returns:

@@ -185,7 +185,7 @@ def test_no_trainable_parameters_is_an_error():
 def test_self_influence_exact_and_cg_agree_and_are_negative(cnn_data):
     model, x, y, _, _ = cnn_data
     train = loader(x[:40], y[:40], 16)
-    exact = li.self_influence(model, cross_entropy_per_example, train, damping=1.0)
+    exact = li.self_influence(model, cross_entropy_per_example, train, solver="exact", damping=1.0)
     cg = li.self_influence(model, cross_entropy_per_example, train, solver="cg", damping=1.0, tol=1e-10,
                            max_iter=500)
     assert exact.shape == (40,)

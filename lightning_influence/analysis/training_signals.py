@@ -1,0 +1,382 @@
+"""Per-example training signals recorded over a training run, and mislabel rankings built from them.
+
+Pure torch (no Lightning). A :class:`TrainingSignalRecorder` is told, at the end of chosen epochs, to run
+forward-only passes of the model over the training set (a map-style dataset behind
+:class:`~lightning_influence.core.data.IndexedData`) and keeps, per training example and recorded epoch:
+
+* ``loss``: the cross-entropy of the given label, ``-log p_y``;
+* ``margin``: the logit margin ``z_y - max_{j != y} z_j`` (negative = the model prefers another class);
+* ``el2n``: the error L2 norm ``||softmax(z) - e_y||_2`` (Paul et al. 2021);
+
+plus the running sum of the softmax probabilities (for the suggested label). Memory: ``3 x n_train x
+checkpoints`` floats and ``n_train x classes`` for the probability sum, on rank 0 only.
+
+Under DDP each rank computes its own shard (every ``world_size``-th index) and the pieces are sent to rank 0
+only (``torch.distributed.gather_object`` or the collectives' ``gather_objects_to_root`` when present), where
+they are written into the full table by dataset index. Every rank must call :meth:`record` at the same epochs.
+
+The default mislabel score (``"el2n_window"``) and the named component rankings are defined in
+:func:`component_scores`; the evidence and the math are in ``docs/mislabel.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence.core.data import IndexedData
+from lightning_influence.distributed.collectives import Collectives, SingleProcess
+
+SIGNALS = ("loss", "margin", "el2n")
+DEFAULT_SCORE = "el2n_window"
+EARLY_FRACTION = 0.1
+OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def classification_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [B, C], labels [B])`` of a ``(inputs, labels, ...)`` batch: ``model(inputs)`` and ``labels``."""
+    inputs, labels = batch[0], batch[1]
+    return model(inputs), labels
+
+
+def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss``, ``margin`` and ``el2n`` per example (float32), and the softmax probabilities ``probs``.
+
+    ``loss = -log softmax(z)_y``, ``margin = z_y - max_{j != y} z_j``, ``el2n = ||softmax(z) - e_y||_2``.
+    """
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
+    logits = logits.detach().double()
+    labels = labels.detach().long().to(logits.device)
+    log_probs = logits.log_softmax(dim=1)
+    probs = log_probs.exp()
+    given = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    one_hot = F.one_hot(labels, logits.shape[1]).to(probs.dtype)
+    return {
+        "loss": (-log_probs.gather(1, labels[:, None]).squeeze(1)).float().cpu(),
+        "margin": (given - others).float().cpu(),
+        "el2n": (probs - one_hot).norm(dim=1).float().cpu(),
+        "probs": probs.float().cpu(),
+    }
+
+
+def gather_to_root(collectives: Collectives, obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0, ``None`` on the others.
+
+    Uses ``collectives.gather_objects_to_root`` when the implementation has it, else
+    ``torch.distributed.gather_object`` when a process group is initialised (the Lightning DDP strategy and
+    :class:`~lightning_influence.distributed.TorchDistributed` both run on one), else falls back to
+    ``gather_objects`` (every rank receives the list; rank 0 keeps it).
+    """
+    if collectives.world_size == 1:
+        return [obj]
+    to_root = getattr(collectives, "gather_objects_to_root", None)
+    if to_root is not None:
+        return to_root(obj)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        group = getattr(collectives, "group", None)
+        root = 0 if group is None else dist.get_global_rank(group, 0)
+        out: list[Any] | None = [None] * collectives.world_size if collectives.rank == 0 else None
+        dist.gather_object(obj, out, dst=root, group=group)
+        return out
+    gathered = collectives.gather_objects(obj)
+    return gathered if collectives.rank == 0 else None
+
+
+class TrainingSignalRecorder:
+    """Records ``loss``, ``margin`` and ``el2n`` of every training example at chosen epochs.
+
+    Args:
+        num_train: number of training examples (the dataset's length).
+        every_n_epochs: record at epochs ``start, start + every_n_epochs, ...`` (0-based epochs).
+        epochs: record exactly at these epochs instead (overrides ``every_n_epochs``).
+        start: first epoch recorded when ``epochs`` is not given.
+
+    After the records, rank 0 holds ``signals[name]`` as ``[num_train, checkpoints]`` float32 tensors (NaN for
+    an example not yet seen), ``epochs_recorded`` and ``probability_sum`` ``[num_train, classes]``; other ranks
+    hold only the schedule. Scores: :meth:`scores` (larger = more likely mislabelled).
+    """
+
+    def __init__(
+        self, num_train: int, every_n_epochs: int = 1, epochs: Sequence[int] | None = None, start: int = 0
+    ) -> None:
+        if num_train < 1:
+            raise ValueError(f"Expected num_train >= 1, but got {num_train}.")
+        if epochs is None and every_n_epochs < 1:
+            raise ValueError(f"Expected every_n_epochs >= 1, but got {every_n_epochs}.")
+        self.num_train = int(num_train)
+        self.every_n_epochs = int(every_n_epochs)
+        self.schedule = None if epochs is None else sorted({int(e) for e in epochs})
+        self.start = int(start)
+        self.epochs_recorded: list[int] = []
+        self.signals: dict[str, torch.Tensor] = {}
+        self.probability_sum: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.seconds = 0.0
+
+    # -- schedule --------------------------------------------------------------------------------------------
+    def due(self, epoch: int) -> bool:
+        """Whether ``epoch`` is scheduled and not recorded yet."""
+        if epoch in self.epochs_recorded:
+            return False
+        if self.schedule is not None:
+            return epoch in self.schedule
+        return epoch >= self.start and (epoch - self.start) % self.every_n_epochs == 0
+
+    # -- recording -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def record(
+        self,
+        model: nn.Module,
+        data: IndexedData,
+        epoch: int,
+        collectives: Collectives | None = None,
+        outputs_fn: OutputsFn = classification_outputs,
+        force: bool = False,
+    ) -> bool:
+        """Forward-only pass over this rank's shard at ``epoch`` if due (or ``force``); ``True`` if recorded.
+
+        The model runs in ``eval()`` mode under ``no_grad`` and is put back in its previous mode. Collective:
+        every rank must call it at the same epochs.
+        """
+        import time
+
+        collectives = collectives or SingleProcess()
+        if not (force or self.due(epoch)):
+            return False
+        if len(data) != self.num_train:
+            raise ValueError(f"Expected a training set of {self.num_train} examples, but got {len(data)}.")
+        began = time.perf_counter()
+        indices = list(range(collectives.rank, self.num_train, collectives.world_size))
+        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
+        was_training = model.training
+        model.eval()
+        try:
+            if indices:
+                for batch_indices, batch in data.batches_with_indices(indices):
+                    logits, labels = outputs_fn(model, batch)
+                    parts.append((batch_indices, example_signals(logits, labels), labels.detach().long().cpu()))
+        finally:
+            model.train(was_training)
+        if parts:
+            local_indices = torch.cat([p[0] for p in parts])
+            local = {name: torch.cat([p[1][name] for p in parts]) for name in (*SIGNALS, "probs")}
+            local_labels = torch.cat([p[2] for p in parts])
+        else:
+            local_indices, local, local_labels = torch.zeros(0, dtype=torch.long), {}, torch.zeros(0, dtype=torch.long)
+        self.add(epoch, local_indices, local, local_labels, collectives)
+        self.seconds += time.perf_counter() - began
+        return True
+
+    def add(
+        self,
+        epoch: int,
+        indices: torch.Tensor,
+        values: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        collectives: Collectives | None = None,
+    ) -> None:
+        """Add one checkpoint from this rank's examples ``indices`` (``values`` from :func:`example_signals`).
+
+        The per-rank pieces are gathered to rank 0 and written by dataset index. Collective.
+        """
+        collectives = collectives or SingleProcess()
+        pieces = gather_to_root(collectives, (indices, values, labels))
+        self.epochs_recorded.append(int(epoch))
+        if pieces is None:
+            return
+        column = len(self.epochs_recorded) - 1
+        for piece_indices, piece, piece_labels in pieces:
+            if len(piece_indices) == 0:
+                continue
+            self._write(column, piece_indices.long(), piece, piece_labels.long())
+
+    def _write(self, column: int, indices: torch.Tensor, piece: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for name in SIGNALS:
+            table = self.signals.get(name)
+            if table is None or table.shape[1] <= column:
+                grown = torch.full((self.num_train, column + 1), float("nan"))
+                if table is not None:
+                    grown[:, : table.shape[1]] = table
+                self.signals[name] = table = grown
+            table[indices, column] = piece[name].float()
+        probs = piece["probs"].float()
+        if self.probability_sum is None or self.probability_sum.shape[1] != probs.shape[1]:
+            if self.probability_sum is not None:
+                raise ValueError(f"Expected {self.probability_sum.shape[1]} classes, but got {probs.shape[1]}.")
+            self.probability_sum = torch.zeros(self.num_train, probs.shape[1])
+        self.probability_sum[indices] += probs
+        if self.labels is None:
+            self.labels = torch.full((self.num_train,), -1, dtype=torch.long)
+        self.labels[indices] = labels
+
+    # -- results (rank 0) ------------------------------------------------------------------------------------
+    def _require(self) -> None:
+        if not self.signals:
+            raise RuntimeError(
+                "No training signals recorded on this process: record() has not run yet, or this is not rank 0"
+                " (the signals are assembled on rank 0 only)."
+            )
+
+    def component_scores(self, early_fraction: float = EARLY_FRACTION) -> dict[str, torch.Tensor]:
+        """Every named score, ``[num_train]`` each, larger = more likely mislabelled (rank 0)."""
+        self._require()
+        return component_scores(self.signals, self.epochs_recorded, early_fraction)
+
+    def scores(self, method: str = DEFAULT_SCORE) -> torch.Tensor:
+        """The score ``method`` (default :data:`DEFAULT_SCORE`), ``[num_train]``, larger = more suspicious."""
+        scores = self.component_scores()
+        if method not in scores:
+            raise ValueError(f"Expected a score in {sorted(scores)}, but got {method!r}.")
+        return scores[method]
+
+    def rankings(self) -> dict[str, torch.Tensor]:
+        """Each named score as training indices, most suspicious first (stable: ties by index)."""
+        return {name: torch.argsort(score, descending=True, stable=True) for name, score in self.component_scores().items()}
+
+    def suggested_labels(self) -> torch.Tensor:
+        """The most likely class *other than the given label*, ``[num_train]``.
+
+        ``argmax_{j != y} sum_k softmax(z_k)_j`` over the recorded checkpoints: a memorising net ends up
+        predicting the given label of every example, so the given label is left out; the runner-up averaged over
+        training is the class a reviewer should check first.
+        """
+        self._require()
+        assert self.probability_sum is not None and self.labels is not None
+        given = self.labels.clamp(min=0)[:, None]
+        return self.probability_sum.scatter(1, given, float("-inf")).argmax(dim=1)
+
+    # -- checkpointing ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (the assembled tables live on rank 0; other ranks save the schedule)."""
+        return {
+            "num_train": self.num_train, "every_n_epochs": self.every_n_epochs, "schedule": self.schedule,
+            "start": self.start, "epochs_recorded": list(self.epochs_recorded),
+            "signals": {name: table.clone() for name, table in self.signals.items()},
+            "probability_sum": None if self.probability_sum is None else self.probability_sum.clone(),
+            "labels": None if self.labels is None else self.labels.clone(), "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_train"]) != self.num_train:
+            raise ValueError(
+                f"Expected saved training signals for {self.num_train} examples, but the checkpoint has"
+                f" {state['num_train']}: the training set changed since the checkpoint."
+            )
+        self.every_n_epochs, self.schedule, self.start = state["every_n_epochs"], state["schedule"], state["start"]
+        self.epochs_recorded = [int(e) for e in state["epochs_recorded"]]
+        self.signals = {name: table.clone() for name, table in state["signals"].items()}
+        self.probability_sum = None if state["probability_sum"] is None else state["probability_sum"].clone()
+        self.labels = None if state["labels"] is None else state["labels"].clone()
+        self.seconds = float(state.get("seconds", 0.0))
+
+
+# -- scores --------------------------------------------------------------------------------------------------
+def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
+    """The first recorded checkpoint at or after ``early_fraction`` of the span from the first to the last."""
+    first, last = epochs[0], epochs[-1]
+    target = first + early_fraction * (last - first)
+    return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
+
+
+def separation_window(el2n: torch.Tensor, multiple: int = 2, plateau: float = 0.8) -> int:
+    """Number of leading checkpoints averaged by the default score.
+
+    With ``V_k`` the variance of EL2N across examples at checkpoint ``k`` (1-based) and ``k* = argmax_k V_k``:
+    the window ends at the later of ``multiple * k*`` and the last checkpoint of the run from ``k*`` on that
+    keeps ``V_k >= plateau * V_{k*}``, capped at ``K``. EL2N lies in ``[0, sqrt 2]``; its spread across examples
+    is largest when the model fits most examples (EL2N near 0) and not yet the rest: for a net that later
+    memorises its flips, ``V`` then collapses and the window stops before the flips are fitted; for a model
+    that never fits them (a regularised linear model) ``V`` stays on its plateau and the window covers it.
+    Found without knowing which labels are wrong.
+    """
+    variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
+    peak = int(variance.argmax())
+    end = peak
+    while end + 1 < len(variance) and variance[end + 1] >= plateau * variance[peak]:
+        end += 1
+    return min(el2n.shape[1], max(end + 1, multiple * (peak + 1)))
+
+
+def component_scores(
+    signals: dict[str, torch.Tensor], epochs: Sequence[int], early_fraction: float = EARLY_FRACTION
+) -> dict[str, torch.Tensor]:
+    """Named mislabel scores from ``[n, checkpoints]`` tables; larger = more likely mislabelled.
+
+    With ``K`` checkpoints ``k = 1..K`` (NaN entries, e.g. examples missing from a checkpoint, are skipped):
+
+    * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
+    * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
+    * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over training);
+    * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
+    * ``el2n_window`` (:data:`DEFAULT_SCORE`): the mean EL2N over the first ``separation_window(el2n)``
+      checkpoints: from the start past the checkpoint where EL2N varies most across examples, to twice that
+      checkpoint or to the end of its plateau, whichever is later.
+    """
+    loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
+    early = _early_column(epochs, early_fraction)
+    return {
+        "el2n_window": el2n[:, : separation_window(el2n)].nanmean(dim=1),
+        "mean_el2n": el2n.nanmean(dim=1),
+        "mean_loss": loss.nanmean(dim=1),
+        "aum": -margin.nanmean(dim=1),
+        "early_el2n": el2n[:, early],
+        "early_loss": loss[:, early],
+        "final_loss": loss[:, -1],
+        "final_el2n": el2n[:, -1],
+        "final_margin": -margin[:, -1],
+    }
+
+
+# -- records for reports --------------------------------------------------------------------------------------
+def candidate_order(scores: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Indices by descending score (ties by index), the first ``count`` (default all)."""
+    order = torch.argsort(torch.nan_to_num(scores, nan=float("-inf")), descending=True, stable=True)
+    return order if count is None else order[:count]
+
+
+def relabel_records(
+    scores: torch.Tensor, given: torch.Tensor, predicted: torch.Tensor, count: int | None = None
+) -> list[dict[str, Any]]:
+    """Rows ``{rank, train_index, given_label, predicted_label, score}``, most suspicious first.
+
+    ``count = None`` lists the whole training set. ``rank`` is 0-based.
+    """
+    order = candidate_order(scores, count)
+    return [
+        {"rank": position, "train_index": int(i), "given_label": int(given[i]), "predicted_label": int(predicted[i]),
+         "score": float(scores[i])}
+        for position, i in enumerate(order.tolist())
+    ]
+
+
+def relabel_csv(records: Sequence[dict[str, Any]]) -> str:
+    """The relabel rows as CSV text with a header line."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["rank", "train_index", "given_label", "predicted_label", "score"],
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in records:
+        writer.writerow({key: row[key] for key in writer.fieldnames})
+    return buffer.getvalue()
+
+
+def confusion_records(given: Sequence[int], predicted: Sequence[int]) -> list[dict[str, int]]:
+    """How many candidates per ``(given_label, predicted_label)`` pair, most frequent first.
+
+    Pass the given and predicted labels of the candidates only; an asymmetric confusion (a class's labels
+    flipped to one other class) shows up as one large cell.
+    """
+    counts = Counter((int(g), int(p)) for g, p in zip(given, predicted))
+    return [{"given_label": g, "predicted_label": p, "count": c}
+            for (g, p), c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
