@@ -78,7 +78,8 @@ def s_test(
             floored at ``weight_decay``; see docs/curvature.md).
         **options: ``curvature`` (``"gauss_newton"``, the default, or ``"hessian"``), ``weight_decay`` (the floor
             of the automatic damping), ``allow_negative_curvature`` (keep a damping below the Hessian's negative
-            curvature instead of raising it); solver options with a solver name (see :class:`LissaConfig`, :class:`CGConfig`, ...), and
+            curvature instead of raising it); solver options with a solver name (see :class:`LissaConfig`,
+            :class:`CGConfig`, ...), and
             ``parameters=`` to analyse only some trainable parameters (module-name prefixes or globs such as
             ``"classifier"`` or ``"*.lora_*"``, or a predicate ``(name, param) -> bool``; "influence through the last
             layers only", see docs/per-example.md) and ``dtype=`` (the analysis dtype: float32 by default whatever

@@ -123,7 +123,8 @@ def lissa_top_eigenvalue(problem: InfluenceProblem, train: IndexedData) -> Optio
     largest = 0.0
     for _ in range(EIGEN_PROBE_BATCHES):
         batch = next(stream)
-        matvec = lambda x, b=batch: problem.minibatch_hvp(b, x) + problem.damping * x
+        def matvec(x, b=batch):
+            return problem.minibatch_hvp(b, x) + problem.damping * x
         largest = max(largest, top_eigenvalue(matvec, problem.num_params, generator=generator, like=like))
     return largest
 

@@ -105,7 +105,8 @@ def verify_leave_one_out(  # long: a 30-line docstring of the protocol; the body
         influences: ``I(z, z_test)`` of ``train_indices``, computed elsewhere (e.g. an InfluenceCallback report).
         steps: optimiser steps of every retraining run (baseline and each removal).
         optimizer: ``params -> torch.optim.Optimizer`` (default :func:`default_optimizer`, full-batch L-BFGS).
-        l2: L2 strength of the retraining objective. Default ``damping`` (0 with ``damping="auto"``): then the Hessian of the retrained
+        l2: L2 strength of the retraining objective. Default ``damping`` (0 with ``damping="auto"``): then the
+            Hessian of the retrained
             objective is the damped ``H + damping I`` of the prediction. Pass 0 when ``optimizer`` applies the
             training weight decay itself.
         batch_size: examples per forward pass when evaluating the full-batch objective.

@@ -78,7 +78,8 @@ INFLUENCE_OPTIONS = (
            choices=CURVATURES),
     Option("--depth", "depth", LissaConfig.depth, "LiSSA recursion steps J per repeat", type=int),
     Option("--repeats", "repeats", LissaConfig.repeats, "LiSSA independent repeats T, averaged", type=int),
-    Option("--batch-size", "batch_size", LissaConfig.batch_size, "LiSSA minibatch size B of each Hessian-vector product", type=int),
+    Option("--batch-size", "batch_size", LissaConfig.batch_size, "LiSSA minibatch size B of each curvature product",
+           type=int),
     Option("--scale", "scale", LissaConfig.scale, "LiSSA scale (a number above the top minibatch-Hessian eigenvalue, or"
            " 'auto' to estimate it)", type=_scale),
     Option("--seed", "seed", LissaConfig.seed, "LiSSA sampling seed", type=int),

@@ -132,7 +132,7 @@ def factored_dot(
     probes = [probe for _, _, probe in recorder.calls]
     output_grads = torch.autograd.grad(losses.sum(), probes, allow_unused=True)
     total = s_vectors.new_zeros(s_vectors.shape[0], losses.shape[0])
-    for (layer, a, probe), g in zip(recorder.calls, output_grads):
+    for (layer, a, _probe), g in zip(recorder.calls, output_grads):
         if g is None:
             continue
         s_w = tangents[layer.weight].reshape(s_vectors.shape[0], *layer.module.weight.shape)

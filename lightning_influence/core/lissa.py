@@ -87,7 +87,8 @@ def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: 
     largest = 0.0
     for _ in range(SCALE_PROBE_BATCHES):
         batch = next(stream)
-        largest = max(largest, top_eigenvalue(lambda x: hvp(batch, x) + damping * x, dim, generator=generator, like=like))
+        largest = max(largest, top_eigenvalue(lambda x, b=batch: hvp(b, x) + damping * x, dim, generator=generator,
+                                              like=like))
     return max(SCALE_MARGIN * largest, 1e-8)
 
 
