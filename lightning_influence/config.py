@@ -31,7 +31,7 @@ SPECTRUM_STEPS = 30
 #: With ``curvature="hessian"``, damping below ``|lambda_min|`` is raised to this multiple of ``|lambda_min|``.
 NEGATIVE_CURVATURE_MARGIN = 1.25
 #: ``converged`` means ``max_rows ||(C + damping I) x - v|| / ||v|| <= RESIDUAL_TOL`` on the subset above.
-RESIDUAL_TOL = 0.1
+RESIDUAL_TOL = 0.05
 #: LiSSA checks that residual every ``CHECK_EVERY`` steps of a repeat and stops the repeat once it is met.
 CHECK_EVERY = 100
 #: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
@@ -75,6 +75,9 @@ class LissaConfig:
         check_every: steps between those residual checks (0: only the final check, no early stop).
         max_retries: restarts after a divergence (``scale`` raised, or damping under ``"hessian"``) before
             :class:`LissaDivergenceError`.
+        average: also consider the mean of the iterates since the last power-of-two step (Polyak-Ruppert tail
+            averaging; the recursion's minibatch noise averages out) and keep whichever of it and the last
+            iterate has the smaller residual.
     """
 
     depth: int = 1000
@@ -87,6 +90,7 @@ class LissaConfig:
     residual_tol: float = RESIDUAL_TOL
     check_every: int = CHECK_EVERY
     max_retries: int = MAX_RETRIES
+    average: bool = True
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tensorboard_server import free_port, get_json
+from tensorboard_server import get_json, running_tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = "tensorboard_plugins"
@@ -58,34 +57,8 @@ def running_dashboard(logdir: Path, startup_timeout: float = 120.0) -> Iterator[
             _dist_info(Path(shim), declared)
             paths.insert(0, shim)
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        port = free_port()
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-                   "--port", str(port), "--load_fast", "false", "--reload_interval", "1"]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if process.poll() is not None:
-                    output = process.stdout.read() if process.stdout is not None else ""
-                    raise RuntimeError(f"TensorBoard exited with status {process.returncode}:\n{output}")
-                try:
-                    get_json(f"{url}/data/plugins_listing", timeout=2.0)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"TensorBoard did not answer on {url} within {startup_timeout} s") from None
-                    time.sleep(0.5)
+        with running_tensorboard(logdir, startup_timeout, env=env, ready_path="/data/plugins_listing") as url:
             yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 def wait_for_scalars(url: str, run: str, prefix: str, timeout: float = 60.0) -> None:

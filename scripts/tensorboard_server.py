@@ -38,12 +38,14 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
 
 
 @contextlib.contextmanager
-def running_tensorboard(logdir: Path, startup_timeout: float = 90.0) -> Iterator[str]:
-    """Yield the base URL of a TensorBoard serving ``logdir``; stop it (terminate, then kill) on exit."""
+def running_tensorboard(logdir: Path, startup_timeout: float = 90.0, env: dict[str, str] | None = None,
+                        ready_path: str = "/data/runs") -> Iterator[str]:
+    """Yield the base URL of a TensorBoard serving ``logdir`` (started with ``env``, ready once ``ready_path``
+    answers); stop it (terminate, then kill) on exit."""
     port = free_port()
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
                "--port", str(port), "--load_fast", "false", "--reload_interval", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -52,7 +54,7 @@ def running_tensorboard(logdir: Path, startup_timeout: float = 90.0) -> Iterator
                 output = process.stdout.read() if process.stdout is not None else ""
                 raise RuntimeError(f"TensorBoard exited with status {process.returncode}:\n{output}")
             try:
-                get_json(f"{url}/data/runs", timeout=2.0)
+                get_json(f"{url}{ready_path}", timeout=2.0)
                 break
             except OSError:
                 if time.monotonic() > deadline:

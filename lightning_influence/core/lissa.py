@@ -23,7 +23,8 @@ from lightning_influence.core.eigen import top_eigenvalue
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]
 StreamFactory = Callable[[int], Iterator[Batch]]
-StopCheck = Callable[[torch.Tensor], bool]
+#: ``residual(estimate) -> float``: the worst relative residual of an estimate (the repeat stops below the tolerance).
+StopCheck = Callable[[torch.Tensor], float]
 
 #: A repeat is declared divergent when its update norm exceeds this multiple of ``||v||``.
 DIVERGENCE_FACTOR = 1e4
@@ -105,13 +106,15 @@ def lissa_repeat(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows).
 
-    ``stop(estimate)`` is asked every ``config.check_every`` steps with the current ``h_j / scale``; the repeat
-    ends when it answers True (e.g. its residual met the target).
+    ``stop(estimate)`` (a residual) is asked every ``config.check_every`` steps and at the end, for the last
+    iterate and (``config.average``) the tail average; the better one is kept, and the repeat ends once it meets
+    ``config.residual_tol``. Without ``stop`` the tail average (or the last iterate) is returned.
     """
     tiny = torch.finfo(v.dtype).tiny
     v_norm = v.norm(dim=1).clamp_min(tiny)
     h = v.clone()
     trace = []
+    tail = TailAverage(h) if getattr(config, "average", False) else None
     for step in range(config.depth):
         batch = next(stream)
         h_next = lissa_step(h, v, hvp(batch, h) + damping * h, scale).detach()
@@ -126,6 +129,8 @@ def lissa_repeat(
                 step=step + 1, repeat=repeat, batch=batch, scale=scale, damping=damping,
             )
         h = h_next
+        if tail is not None:
+            tail.add(h)
         relative = float((update / h.norm(dim=1).clamp_min(tiny)).max())
         trace.append(relative)
         if on_step is not None:
@@ -133,9 +138,46 @@ def lissa_repeat(
         if config.tol > 0 and relative < config.tol:
             break
         every = getattr(config, "check_every", 0)
-        if stop is not None and every > 0 and (step + 1) % every == 0 and step + 1 < config.depth and stop(h / scale):
-            break
-    return h / scale, torch.tensor(trace)
+        if stop is not None and every > 0 and (step + 1) % every == 0 and step + 1 < config.depth:
+            estimate, residual = _best_estimate(h, tail, scale, stop)
+            if residual <= config.residual_tol:
+                return estimate, torch.tensor(trace)
+    if stop is not None:
+        return _best_estimate(h, tail, scale, stop)[0], torch.tensor(trace)
+    return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
+
+
+def _best_estimate(h: torch.Tensor, tail: TailAverage | None, scale: float,
+                   residual: StopCheck) -> tuple[torch.Tensor, float]:
+    """The last iterate or the tail average (divided by ``scale``), whichever has the smaller residual: the
+    average wins once the recursion fluctuates around the solution, the last iterate while it still moves."""
+    candidates = [h / scale] + ([tail.mean() / scale] if tail is not None else [])
+    scored = [(residual(c), i) for i, c in enumerate(candidates)]
+    best, index = min(scored)
+    return candidates[index], best
+
+
+class TailAverage:
+    """The mean of the recursion's iterates since the last power-of-two step (at most the latest half).
+
+    The minibatch noise of the recursion leaves ``h_j`` fluctuating around the solution once it has converged;
+    averaging the tail (Polyak-Ruppert) cuts that noise without storing iterates. The window restarts at every
+    power of two, so it never reaches back into the early, still-moving iterates by more than half the steps
+    (a longer window lags on slowly converging directions: measured on the logistic-regression reference test).
+    """
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.total, self.count, self.step = torch.zeros_like(like), 0, 0
+
+    def add(self, h: torch.Tensor) -> None:
+        self.step += 1
+        if self.step & (self.step - 1) == 0:  # a power of two: the window starts afresh
+            self.total, self.count = torch.zeros_like(h), 0
+        self.total += h
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
 
 
 def lissa_repeats(

@@ -274,8 +274,8 @@ class InfluenceProblem:
         assert isinstance(self.config, LissaConfig)
         config = self.config
 
-        def stop(estimate: torch.Tensor) -> bool:
-            return bool(self.residual(estimate, vectors).max() <= config.residual_tol)
+        def stop(estimate: torch.Tensor) -> float:
+            return float(self.residual(estimate, vectors).max())
 
         return lissa_repeats(
             self.minibatch_hvp,
