@@ -109,7 +109,8 @@ def main() -> None:
     train_loader, val_loader = loaders()
     logger = TensorBoardLogger(args.log_dir, name="text_classification")
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[InfluenceCallback()],
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
+        callbacks=[InfluenceCallback(example_formatter=decode)],  # defaults otherwise; decode: tokens as text
         log_every_n_steps=8, enable_model_summary=False,
     )
     trainer.fit(TinyBert(), train_loader, val_loader)

@@ -27,6 +27,7 @@ class Influencer:
     prediction: Any = None
     loss: Optional[float] = None
     input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    text: Optional[str] = None  # the example as the user's ``example_formatter`` renders it (e.g. decoded tokens)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ExplainedPoint:
     helpful: tuple[Influencer, ...]
     scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    text: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class MislabelCandidate:
     label: Any = None
     prediction: Any = None
     input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    text: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ def _influencers(
             prediction=row_value(info.predictions, row),
             loss=float(losses[row]),
             input=info.inputs[row].detach().cpu() if images else None,
+            text=None if info.texts is None else info.texts[row],
         )
         for row, (index, score) in enumerate(zip(indices.tolist(), scores.tolist()))
     )
@@ -251,5 +252,6 @@ def _explained_points(
             helpful=helpful,
             scores=kept_scores[row] if kept_scores is not None else None,
             input=test_info.inputs[row].detach().cpu() if images else None,
+            text=None if test_info.texts is None else test_info.texts[row],
         ))
     return points

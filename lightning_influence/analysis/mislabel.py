@@ -94,6 +94,7 @@ def find_mislabel_candidates(
             label=row_value(info.labels, row),
             prediction=row_value(info.predictions, row),
             input=info.inputs[row].detach().cpu() if images else None,
+            text=None if info.texts is None else info.texts[row],
         )
         for row, index in enumerate(chosen.tolist())
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,6 +48,7 @@ from lightning_influence.config import (
     check_num_candidates,
     solver_config,
 )
+from lightning_influence.core.batching import describe_batch
 from lightning_influence.core.candidates import check_knn_backend
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.features import FeatureFn
@@ -108,6 +111,9 @@ class InfluenceCallback(pl.Callback):
         verify_loo_steps: full-batch steps of each leave-one-out retraining (same optimiser class and
             hyperparameters as the trainer's first optimiser, warm-started from the analysed weights).
         verbose: print a summary table on rank zero after each analysis.
+        example_formatter: ``example -> str`` shown beside each example in the tables, the JSON and the
+            dashboard, e.g. ``lambda example: tokenizer.decode(example["input_ids"])`` for text; ``example`` is
+            one example of a batch (every batched tensor indexed by its row).
         **solver_options: deprecated: the solver's keyword options (``depth``, ``repeats``, ``batch_size``,
             ``scale``, ``seed``, ``tol``, ``max_iter``); pass a solver config instead. ``candidates`` is the old
             name of ``num_candidates``.
@@ -145,6 +151,7 @@ class InfluenceCallback(pl.Callback):
         diagnose: bool = True,
         verify_loo: int = 0,
         verify_loo_steps: int = 50,
+        example_formatter: Optional[Callable[[Any], str]] = None,
         **solver_options: Any,
     ) -> None:
         super().__init__()
@@ -173,6 +180,8 @@ class InfluenceCallback(pl.Callback):
         except (ImportError, TypeError, ValueError) as err:
             raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
         self.loss_fn = import_loss_fn(loss_fn) if isinstance(loss_fn, str) else loss_fn
+        self.example_formatter = example_formatter
+        self._describe = functools.partial(describe_batch, example_formatter=example_formatter)
         self.verify_loo = verify_loo
         self.verify_loo_steps = verify_loo_steps
         self._warned: set[str] = set()  # trust warnings already shown (each code once per callback)
@@ -368,7 +377,7 @@ class InfluenceCallback(pl.Callback):
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
                            on_lissa_step=lambda: on_step(1), on_scored=on_scored,
-                           weight_decay=weight_decay(trainer), curvature=self.curvature)
+                           weight_decay=weight_decay(trainer), curvature=self.curvature, describe=self._describe)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
         train = self._train_data(trainer, pl_module)
@@ -379,6 +388,7 @@ class InfluenceCallback(pl.Callback):
                 pl_module, self._resolve_loss_fn(pl_module), train, self.mislabel_config, self.damping,
                 self.mislabel_candidates, epoch=epoch, global_step=trainer.global_step, collectives=collectives,
                 on_scored=on_scored, weight_decay=weight_decay(trainer), curvature=self.curvature,
+                describe=self._describe,
             )
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:

@@ -53,22 +53,23 @@ def report_examples(report: InfluenceReport) -> dict[str, Any]:
     val: dict[str, Any] = {}
     train: dict[str, Any] = {}
     for point in report.points:
-        val[str(point.val_index)] = _entry(point.label, point.prediction, point.loss, point.input)
+        val[str(point.val_index)] = _entry(point.label, point.prediction, point.loss, point.input, point.text)
         for influencer in (*point.harmful, *point.helpful):
             train.setdefault(str(influencer.train_index), _entry(
-                influencer.label, influencer.prediction, influencer.loss, influencer.input))
+                influencer.label, influencer.prediction, influencer.loss, influencer.input, influencer.text))
     return {"val": val, "train": train}
 
 
 def mislabel_examples(report: MislabelReport) -> dict[str, Any]:
     """The mislabel candidates' renderings: ``{"train": {index: entry}}`` as in :func:`report_examples`."""
-    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input) for c in report.candidates}
+    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input, c.text) for c in report.candidates}
     return {"val": {}, "train": train}
 
 
-def _entry(label: Any, prediction: Any, loss: Any, x: torch.Tensor | None) -> dict[str, Any]:
-    return {"label": to_builtin(label), "prediction": to_builtin(prediction),
-            "loss": to_builtin(None if loss is None else float(loss)), "input": render_input(x)}
+def _entry(label: Any, prediction: Any, loss: Any, x: torch.Tensor | None, text: str | None = None) -> dict[str, Any]:
+    entry = {"label": to_builtin(label), "prediction": to_builtin(prediction),
+             "loss": to_builtin(None if loss is None else float(loss)), "input": render_input(x)}
+    return entry if text is None else {**entry, "text": text}
 
 
 def _thumbnail(x: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
             MISSING,
         ]
     ]
+    texts = [point.text]
     for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
         for rank, influencer in enumerate(influencers, start=1):
             cells = _example_cells(influencer.label, influencer.prediction, influencer.loss)
@@ -79,12 +80,17 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
                     format_influence(influencer.influence),
                 ]
             )
+            texts.append(influencer.text)
+    columns = POINT_COLUMNS
+    if any(text is not None for text in texts):  # the user's example_formatter: text, token or tabular examples
+        columns = (*POINT_COLUMNS, "example")
+        rows = [[*row, _short_text(text)] for row, text in zip(rows, texts)]
     lines = [
         f"**{_capitalise(point_heading(point))}**; {solver_line(solver)}.",
         "",
         f"Sign convention: {SIGN_CONVENTION}.",
         "",
-        _table(POINT_COLUMNS, rows),
+        _table(columns, rows),
     ]
     return "\n".join(lines)
 
@@ -168,6 +174,13 @@ def mislabel_agreement(report: MislabelReport) -> str:
         return "No candidates to compare with the training-loss ranking."
     shared = sum(1 for candidate in report.candidates if candidate.loss_rank < top)
     return f"{shared} of the top {top} by self-influence are also in the top {top} by training loss."
+
+
+def _short_text(text: str | None, limit: int = 120) -> str:
+    if text is None:
+        return MISSING
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _example_cells(label: Any, prediction: Any, loss: float | None) -> list[str]:

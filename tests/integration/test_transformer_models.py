@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_influence as li
 from lightning_influence import InfluenceCallback
 from tests.helpers import digits
 
@@ -103,11 +104,10 @@ class DictData(torch.utils.data.Dataset):
 
 
 def test_bert_classifier_end_to_end_through_the_callback(tmp_path):
-    # solver="cg" with damping 1.0: LiSSA on the Hessian diverges on this barely trained net (negative curvature);
-    # the Gauss-Newton default of the curvature work makes the callback's defaults sufficient.
+    # Gauss-Newton curvature and damping "auto" (the defaults); CG keeps the test short (LiSSA takes minutes here)
     pl.seed_everything(0)
-    callback = InfluenceCallback(num_worst=2, top_k=3, solver="cg", damping=1.0, max_iter=50, verbose=False,
-                                 strict=True, diagnose=False)
+    callback = InfluenceCallback(num_worst=2, top_k=3, solver=li.CGConfig(max_iter=50), verbose=False, strict=True,
+                                 diagnose=False, example_formatter=lambda example: str(example["input_ids"].tolist()))
     trainer = _trainer(tmp_path, callback, epochs=2)
     trainer.fit(TinyBertClassifier(), DataLoader(DictData(64, 0), batch_size=16, shuffle=True),
                 DataLoader(DictData(16, 1), batch_size=16))
@@ -117,3 +117,5 @@ def test_bert_classifier_end_to_end_through_the_callback(tmp_path):
     for point in record["points"]:
         assert len(point["harmful"]) == 3 and len(point["helpful"]) == 3
         assert point["harmful"][0][1] > 0 > point["helpful"][0][1]  # [train index, influence] pairs
+        assert record["examples"]["val"][str(point["val_index"])]["text"].startswith("[")  # the formatter's text
+    assert record["solver"]["curvature"] == "gauss_newton" and record["solver"]["damping_requested"] == "auto"

@@ -336,3 +336,18 @@ def test_console_summary() -> None:
         assert str(point.val_index) in text
         assert f"#{point.harmful[0].train_index}" in text and f"#{point.helpful[0].train_index}" in text
     assert "lissa" in text and "harmful" in text
+
+
+def test_example_texts_get_a_column_in_the_tables_and_an_entry_in_the_json():
+    from lightning_influence.reporting.examples import report_examples
+    from lightning_influence.results import ExplainedPoint, Influencer, InfluenceReport, SolveInfo
+
+    harmful = (Influencer(3, 0.5, label=1, prediction=1, loss=0.1, text="the BIG cat"),)
+    point = ExplainedPoint(7, 0, 1, 2.0, harmful, (), text="a SMALL dog")
+    report = InfluenceReport(1, 10, "fit_end", 20, (point,), SolveInfo("cg", 0.1, True, 1.0))
+    table = point_markdown(point, report.solver)
+    assert "| example |" in table and "a SMALL dog" in table and "the BIG cat" in table
+    examples = report_examples(report)
+    assert examples["val"]["7"]["text"] == "a SMALL dog" and examples["train"]["3"]["text"] == "the BIG cat"
+    plain = point_markdown(ExplainedPoint(7, 0, 1, 2.0, (), ()), report.solver)
+    assert "example" not in plain.splitlines()[4]  # no column when no formatter was given
