@@ -223,10 +223,13 @@ def test_mislabel_candidates_are_logged_and_written(tmp_path):
 
 
 @pytest.mark.parametrize("bar", ["tqdm", "rich", "none"])
-def test_progress_task_follows_the_trainer_bar_and_accepts_an_unknown_total(bar, capsys):
+def test_progress_task_follows_the_trainer_bar_and_accepts_an_unknown_total(bar, capsys, monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+    from lightning_influence.callbacks import progress
     from lightning_influence.callbacks.progress import progress_task
+
+    monkeypatch.setattr(progress, "_is_terminal", lambda: True)  # bars are for terminals (else: log lines)
 
     callbacks = {"tqdm": [TQDMProgressBar()], "rich": [RichProgressBar()], "none": []}[bar]
     trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=callbacks, enable_progress_bar=bar != "none",
