@@ -176,6 +176,8 @@ class LowRankConfig:
 
 
 SolverConfig = Union[LissaConfig, CGConfig, ExactConfig, LowRankConfig]
+#: A damping: a number, or ``"auto"``.
+Damping = Union[float, str]
 _CONFIGS = {"lissa": LissaConfig, "cg": CGConfig, "exact": ExactConfig, "lowrank": LowRankConfig}
 
 

@@ -236,19 +236,21 @@ class _CorrectionModule(pl.LightningModule):
 def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
     """Run a fit of ``steps`` steps on ``trainer`` and put its loops, callbacks, optimizers and module back."""
     strategy = trainer.strategy
-    saved = (trainer.fit_loop, trainer.callbacks, strategy.optimizers, strategy.lr_scheduler_configs,
+    saved = (trainer.fit_loop, trainer.callbacks, strategy.optimizers,  # type: ignore[attr-defined]
+             strategy.lr_scheduler_configs,
              strategy.lightning_module, trainer.should_stop)
     fit_loop = _FitLoop(trainer, min_epochs=0, max_epochs=-1)
     fit_loop.epoch_loop = _TrainingEpochLoop(trainer, min_steps=None, max_steps=steps)
     trainer.fit_loop = fit_loop
-    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+    # Trainer.callbacks is set by Lightning's connector: invisible to type checkers
+    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
             yield
     finally:
-        trainer.fit_loop, trainer.callbacks = saved[0], saved[1]
+        trainer.fit_loop, trainer.callbacks = saved[0], saved[1]  # type: ignore[attr-defined]
         strategy.optimizers, strategy.lr_scheduler_configs = saved[2], saved[3]
         if saved[4] is not None:
             strategy.connect(saved[4])

@@ -187,9 +187,9 @@ def top_influences(
     with analysis_mode(model):
         vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
         if data is None:
-            top = StreamingTopK(vectors.shape[0], top_k)
-            top.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
-            return top.result()
+            stream = StreamingTopK(vectors.shape[0], top_k)
+            stream.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
+            return stream.result()
         if settings.num_candidates is not None:
             neighbours = find_candidates(model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
             _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_influence.config import CorrectionConfig, ExplainConfig, SolverConfig, expect
+from lightning_influence.config import CorrectionConfig, Damping, ExplainConfig, SolverConfig, expect
 from lightning_influence.core.batching import Batch, describe_batch, prepare_batch
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.lissa import repeat_seed
@@ -105,7 +105,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch
 
 def choose_examples(
     model: nn.Module, loss_fn: LossFn, train: IndexedData, anchor_batch: Batch, allowed: Sequence[int],
-    settings: CorrectionConfig, config: SolverConfig, damping: float, collectives: Collectives,
+    settings: CorrectionConfig, config: SolverConfig, damping: Damping, collectives: Collectives,
     generator: torch.Generator,
 ) -> tuple[list[int], Optional[list[float]]]:
     """The training indices to fine-tune on this round and (helpful/harmful) their influence on the anchors.
@@ -151,7 +151,7 @@ class CorrectionRun:
     """
 
     def __init__(self, loss_fn: LossFn, train: IndexedData, anchors: IndexedData, eval_sets: dict[str, IndexedData],
-                 allowed: Sequence[int], settings: CorrectionConfig, config: SolverConfig, damping: float,
+                 allowed: Sequence[int], settings: CorrectionConfig, config: SolverConfig, damping: Damping,
                  description: dict[str, Any]) -> None:
         check_sizes(settings, len(anchors), len(allowed))
         self.loss_fn, self.train, self.anchors, self.eval_sets = loss_fn, train, anchors, eval_sets

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.diagnostics import diagnose
-from lightning_influence.config import DEFAULT_CURVATURE, ExplainConfig, SolverConfig, config_to_dict
+from lightning_influence.config import DEFAULT_CURVATURE, Damping, ExplainConfig, SolverConfig, config_to_dict
 from lightning_influence.core.batching import (
     Batch,
     Description,
@@ -118,7 +118,7 @@ def _influencers(
             label=row_value(info.labels, row),
             prediction=row_value(info.predictions, row),
             loss=float(losses[row]),
-            input=info.inputs[row].detach().cpu() if images else None,
+            input=info.inputs[row].detach().cpu() if images and info.inputs is not None else None,
             text=None if info.texts is None else info.texts[row],
         )
         for row, (index, score) in enumerate(zip(indices.tolist(), scores.tolist()))
@@ -131,7 +131,7 @@ def explain(
     train: IndexedData,
     val: IndexedData,
     config: SolverConfig,
-    damping: float,
+    damping: Damping,
     settings: ExplainConfig,
     collectives: Collectives | None = None,
     describe: Describe = describe_batch,
@@ -251,7 +251,7 @@ def _explained_points(
             harmful=harmful,
             helpful=helpful,
             scores=kept_scores[row] if kept_scores is not None else None,
-            input=test_info.inputs[row].detach().cpu() if images else None,
+            input=test_info.inputs[row].detach().cpu() if images and test_info.inputs is not None else None,
             text=None if test_info.texts is None else test_info.texts[row],
         ))
     return points

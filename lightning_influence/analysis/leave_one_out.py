@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.config import DEFAULT_DAMPING
+from lightning_influence.config import DEFAULT_DAMPING, Damping
 from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import FunctionalLoss, LossFn
@@ -90,7 +90,7 @@ def verify_leave_one_out(  # long: a 30-line docstring of the protocol; the body
     l2: Optional[float] = None,
     batch_size: int = 512,
     solver: str = "exact",
-    damping: float = DEFAULT_DAMPING,
+    damping: Damping = DEFAULT_DAMPING,
     **solver_options: Any,
 ) -> LeaveOneOutCheck:
     """Retrain without each of ``num_points`` training examples and compare with influence's prediction.
@@ -152,7 +152,7 @@ def verify_leave_one_out(  # long: a 30-line docstring of the protocol; the body
 
 def _chosen_points(
     model: nn.Module, loss_fn: LossFn, data: IndexedData, test_example: Batch, num_points: int,
-    train_indices: Optional[Sequence[int]], influences: Optional[Sequence[float]], solver: str, damping: float,
+    train_indices: Optional[Sequence[int]], influences: Optional[Sequence[float]], solver: str, damping: Damping,
     solver_options: dict[str, Any],
 ) -> tuple[list[int], torch.Tensor]:
     """The examples to remove and their influence: given, or the top ``num_points`` by ``|I|``."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.explain import Describe
-from lightning_influence.config import DEFAULT_CURVATURE, ExactConfig, LowRankConfig, config_to_dict, solver_name
+from lightning_influence.config import DEFAULT_CURVATURE, Damping, ExactConfig, LowRankConfig, config_to_dict, solver_name
 from lightning_influence.core.batching import describe_batch, keeps_input, prepare_batch, row_value
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
@@ -55,7 +55,7 @@ def find_mislabel_candidates(
     loss_fn: LossFn,
     train: IndexedData,
     config: Union[LowRankConfig, ExactConfig],
-    damping: float,
+    damping: Damping,
     top_m: int,
     *,
     epoch: int = 0,
@@ -93,7 +93,7 @@ def find_mislabel_candidates(
             loss_rank=int(loss_rank[index]),
             label=row_value(info.labels, row),
             prediction=row_value(info.predictions, row),
-            input=info.inputs[row].detach().cpu() if images else None,
+            input=info.inputs[row].detach().cpu() if images and info.inputs is not None else None,
             text=None if info.texts is None else info.texts[row],
         )
         for row, index in enumerate(chosen.tolist())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -115,9 +116,9 @@ def train_data(trainer: pl.Trainer, module: Optional[nn.Module], chunk_size: int
     ``fallback`` (e.g. the last fit's loader) or the module's ``train_dataloader()``."""
     if dataset is not None:
         return IndexedData(dataset, loader.collate_fn if isinstance(loader, DataLoader) else None, chunk_size)
-    candidates = [lambda: loader, lambda: trainer.train_dataloader,
-                  lambda: trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None,
-                  lambda: fallback, lambda: module.train_dataloader() if module is not None else None]
+    candidates: list[Callable[[], Any]] = [
+        lambda: loader, lambda: trainer.train_dataloader, lambda: _datamodule_loader(trainer), lambda: fallback,
+        lambda: _module_loader(module)]
     found = None
     for source in candidates:
         try:
@@ -135,10 +136,20 @@ def train_data(trainer: pl.Trainer, module: Optional[nn.Module], chunk_size: int
     return indexed(found, "train_dataloader", chunk_size)
 
 
+def _module_loader(module: Optional[nn.Module]) -> Any:
+    hook = getattr(module, "train_dataloader", None)
+    return hook() if callable(hook) else None
+
+
+def _datamodule_loader(trainer: pl.Trainer) -> Any:
+    datamodule = getattr(trainer, "datamodule", None)
+    return None if datamodule is None else datamodule.train_dataloader()
+
+
 def val_data(trainer: pl.Trainer, chunk_size: int, *, loader: Any = None, datamodule: Any = None,
              required: bool = True) -> Optional[IndexedData]:
     """The first validation DataLoader: ``loader``, the datamodule's, or the trainer's."""
-    source = datamodule or trainer.datamodule
+    source = datamodule or getattr(trainer, "datamodule", None)
     if loader is None and source is not None:
         try:
             loader = source.val_dataloader()
@@ -170,7 +181,7 @@ def collectives_for(trainer: pl.Trainer) -> Collectives:
 def shared_log_dir(trainer: pl.Trainer) -> Path:
     """The run's log directory as rank zero sees it, on every rank (a broadcast under DDP: call it on all)."""
     path = str(log_dir_of(trainer)) if trainer.is_global_zero else None
-    return Path(trainer.strategy.broadcast(path, src=0)) if trainer.world_size > 1 else Path(str(path))
+    return Path(str(trainer.strategy.broadcast(path, src=0))) if trainer.world_size > 1 else Path(str(path))
 
 
 def log_dir_of(trainer: pl.Trainer) -> Path:

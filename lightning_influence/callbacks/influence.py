@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
+from lightning_influence.callbacks._legacy import legacy_candidates, legacy_solver_options
 from lightning_influence.callbacks._trainer import (
     Writers,
     check_loss_on_examples,
@@ -55,9 +56,6 @@ from lightning_influence.core.features import FeatureFn
 from lightning_influence.core.losses import LossFn
 from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
 from lightning_influence.results import Explanation, MislabelReport
-
-#: Solver options the constructor once took as keywords (now set on the solver config).
-_LEGACY_SOLVER_OPTIONS = ("depth", "repeats", "batch_size", "scale", "seed", "tol", "max_iter")
 
 
 class InfluenceCallback(pl.Callback):
@@ -164,7 +162,7 @@ class InfluenceCallback(pl.Callback):
                f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
         _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
                verify_loo_steps)
-        num_candidates = _legacy_candidates(num_candidates, solver_options)
+        num_candidates = legacy_candidates(num_candidates, solver_options)
         try:
             self.settings = ExplainConfig(
                 top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
@@ -175,7 +173,7 @@ class InfluenceCallback(pl.Callback):
             check_knn_backend(knn_backend)
             self.damping = check_damping(damping)
             self.curvature = check_curvature(curvature)
-            self.solver_config: SolverConfig = solver_config(solver, _legacy_solver_options(solver_options))
+            self.solver_config: SolverConfig = solver_config(solver, legacy_solver_options(solver_options))
             self.mislabel_config = LowRankConfig(rank=mislabel_rank)
         except (ImportError, TypeError, ValueError) as err:
             raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
@@ -417,29 +415,6 @@ class InfluenceCallback(pl.Callback):
 def _last_epoch(trainer: pl.Trainer) -> int:
     """The index of the last finished training epoch (the label of an analysis after fit or on its weights)."""
     return max(trainer.current_epoch - 1, 0)
-
-
-def _legacy_solver_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The solver keywords the constructor once took, with a deprecation warning; anything else is an error."""
-    unknown = sorted(set(options) - set(_LEGACY_SOLVER_OPTIONS))
-    if unknown:
-        raise MisconfigurationException(f"InfluenceCallback got unexpected keyword argument(s) {unknown}.")
-    given = {key: value for key, value in options.items() if value is not None}
-    if given:
-        warnings.warn(
-            f"Passing solver options {sorted(given)} to InfluenceCallback is deprecated: pass a solver config, e.g."
-            f" `solver=LissaConfig({', '.join(f'{k}={v!r}' for k, v in given.items())})`.",
-            DeprecationWarning, stacklevel=3,
-        )
-    return given
-
-
-def _legacy_candidates(num_candidates: Optional[int], options: dict[str, Any]) -> Optional[int]:
-    if "candidates" not in options:
-        return num_candidates
-    warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (the same meaning).", DeprecationWarning,
-                  stacklevel=3)
-    return options.pop("candidates")
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:

@@ -53,7 +53,11 @@ def progress_task(trainer: pl.Trainer, description: str, total: Optional[int]) -
         from tqdm.auto import tqdm
 
         with tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, mininterval=0.5) as meter:
-            yield lambda n=1: meter.update(n)
+
+            def advance(n: int = 1) -> None:
+                meter.update(n)
+
+            yield advance
         return
     yield _log_lines(description, total)
 

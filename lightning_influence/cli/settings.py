@@ -16,6 +16,7 @@ from lightning_influence.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_SOLVER,
+    Damping,
     ExplainConfig,
     LowRankConfig,
     SolverConfig,
@@ -36,7 +37,7 @@ class AnalysisSettings:
 
     explain: ExplainConfig
     solver: SolverConfig
-    damping: float
+    damping: Damping
     mislabel: LowRankConfig
     mislabel_count: int
     loss_fn: Any = None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -210,11 +210,13 @@ def select_candidates(
         for indices, batch in train_batches:
             search.update(batch_features(model, batch, feature_fn, device, loss_fn), indices)
         return search.result()
-    pairs = [(indices, batch_features(model, batch, feature_fn, device).cpu()) for indices, batch in train_batches]
+    pairs = [(indices, cast(torch.Tensor, batch_features(model, batch, feature_fn, device)).cpu())
+             for indices, batch in train_batches]  # FAISS: plain feature tensors (never gradient factors)
+    query_features = cast(torch.Tensor, queries)
     if not pairs:  # e.g. a rank's empty shard
-        return Neighbours(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))
+        return Neighbours(torch.empty(len(query_features), 0, dtype=torch.long), torch.empty(len(query_features), 0))
     keys = torch.cat([f for _, f in pairs])
-    found = knn_faiss(queries, keys, min(k, len(keys)))
+    found = knn_faiss(query_features, keys, min(k, len(keys)))
     all_indices = torch.cat([i.long() for i, _ in pairs])
     return Neighbours(all_indices[found.indices], found.distances)
 

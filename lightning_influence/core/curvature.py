@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -224,7 +224,7 @@ def split_forward(loss: FunctionalLoss, params: Params, batch: Batch) -> SplitFo
     return SplitForward(substitute.outputs, substitute.leaves, losses)
 
 
-def _grad(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grad_outputs: list[torch.Tensor], *,
+def _grad(outputs: Sequence[torch.Tensor | None], inputs: list[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None], *,
           create_graph: bool = False, retain_graph: bool = True, batched: bool = True) -> list[torch.Tensor | None]:
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
     if not pairs:
@@ -339,8 +339,8 @@ def batch_ggn_matrix(loss: FunctionalLoss, params: Params, batch: Batch) -> torc
     pieces = [block.reshape(-1, *o.shape) for block, o in zip(eye.split(sizes, dim=1), split.outputs)]
     jacobian = flatten(_zeros_for_none(_grad(split.outputs, inputs, pieces), inputs, len(eye)), batch_dims=1)
     out_grads = list(torch.autograd.grad(split.losses.mean(), split.leaves, create_graph=True, allow_unused=True))
-    h_out = _grad(out_grads, split.leaves, pieces, retain_graph=False)
-    h_out = flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(h_out, pieces)], batch_dims=1)
+    h_rows = _grad(out_grads, split.leaves, pieces, retain_graph=False)
+    h_out = flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(h_rows, pieces)], batch_dims=1)
     return (jacobian.T @ h_out @ jacobian).detach()
 
 

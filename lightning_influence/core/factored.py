@@ -17,7 +17,7 @@ caller falls back to ``jvp`` or per-example gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,8 @@ def _conv_scores(
 ) -> torch.Tensor:
     """``[k, B]`` via the per-example weight gradient ``g_i unfold(a_i)^T`` of a (small) convolution."""
     batch, k = a.shape[0], s_w.shape[0]
-    columns = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    padding: Any = module.padding  # an int tuple: factored layers are checked to use no string padding
+    columns = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
     g = g.reshape(batch, g.shape[1], -1)  # [B, out, L]
     per_example = torch.bmm(g, columns.transpose(1, 2))  # [B, out, in*kh*kw]
     scores = per_example.reshape(batch, -1) @ s_w.reshape(k, -1).T
@@ -135,7 +136,8 @@ def factored_dot(
     for (layer, a, _probe), g in zip(recorder.calls, output_grads):
         if g is None:
             continue
-        s_w = tangents[layer.weight].reshape(s_vectors.shape[0], *layer.module.weight.shape)
+        weight = cast(torch.Tensor, layer.module.weight)
+        s_w = tangents[layer.weight].reshape(s_vectors.shape[0], *weight.shape)
         s_b = tangents[layer.bias] if layer.bias else None
         if isinstance(layer.module, nn.Conv2d):
             total += _conv_scores(layer.module, a, g, s_w, s_b)

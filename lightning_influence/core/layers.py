@@ -14,7 +14,7 @@ batch (tokens, positions, pixels) are summed over, which is what the per-example
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +23,30 @@ from torch import nn
 Tangents = dict[str, torch.Tensor]  # local name ("weight"/"bias") -> [k, *param shape]
 Grads = dict[str, torch.Tensor]  # local name -> [B, *param shape]
 
+#: A torch module as the rules use it: its attributes (padding, weight, ...) are dynamic, which a type checker
+#: sees as ``Tensor | Module``.
+Layer = Any
+
 
 class LayerRule:
     """How one layer type contributes to per-example gradients. Subclasses override the three methods."""
 
     kind = "layer"
 
-    def supports(self, module: nn.Module) -> Optional[str]:
+    def supports(self, module: Layer) -> Optional[str]:
         """``None`` when the rule applies to ``module`` as configured, else why not (a short phrase)."""
         return None
 
-    def feature(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def feature(self, module: Layer, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         return inputs[0].detach()
 
-    def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+    def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         raise NotImplementedError
 
-    def dot(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
+    def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
         grads = self.grads(module, a, g, set(s))
-        return sum(s[n].reshape(s[n].shape[0], -1) @ grads[n].reshape(grads[n].shape[0], -1).T for n in s)
+        return cast(torch.Tensor, sum(s[n].reshape(s[n].shape[0], -1) @ grads[n].reshape(grads[n].shape[0], -1).T
+                                      for n in s))
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +81,7 @@ class LinearRule(LayerRule):
     def _w(self, s_w: torch.Tensor) -> torch.Tensor:
         return s_w.transpose(1, 2) if self.transposed else s_w
 
-    def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+    def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         a, g = _tokens(a), _tokens(g)
         out: Grads = {}
         if "weight" in names:
@@ -86,9 +91,9 @@ class LinearRule(LayerRule):
             out["bias"] = g.sum(dim=1)
         return out
 
-    def dot(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
+    def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
         a, g = _tokens(a), _tokens(g)
-        total = 0
+        total: Any = 0
         if "weight" in s:
             total = _matrix_dot(a, g, self._w(s["weight"]))
         if "bias" in s:
@@ -108,18 +113,18 @@ class ConvRule(LayerRule):
 
     kind = "conv"
 
-    def supports(self, module: nn.Module) -> Optional[str]:
+    def supports(self, module: Layer) -> Optional[str]:
         return None if isinstance(module, (nn.Conv1d, nn.Conv2d)) else "only Conv1d/Conv2d"
 
     @staticmethod
-    def _unfold_padding(module: nn.Module) -> Optional[tuple]:
+    def _unfold_padding(module: Layer) -> Optional[tuple]:
         """Zero padding that ``unfold`` can apply itself (symmetric), else None (padded in the hook)."""
         pad = module._reversed_padding_repeated_twice  # type: ignore[attr-defined]
         if module.padding_mode != "zeros" or any(pad[i] != pad[i + 1] for i in range(0, len(pad), 2)):
             return None
         return tuple(pad[::2][::-1])
 
-    def feature(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def feature(self, module: Layer, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         a = inputs[0].detach()
         pad = module._reversed_padding_repeated_twice  # type: ignore[attr-defined]
         if any(pad) and self._unfold_padding(module) is None:
@@ -127,7 +132,7 @@ class ConvRule(LayerRule):
             a = F.pad(a, pad, mode=mode)
         return a
 
-    def _columns(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    def _columns(self, module: Layer, a: torch.Tensor) -> torch.Tensor:
         """``[B, G, C_in/G * K, L]`` unfolded inputs."""
         conv1d = isinstance(module, nn.Conv1d)
         pair: Callable[[tuple], tuple] = (lambda t: (1, t[0])) if conv1d else (lambda t: tuple(t))
@@ -139,7 +144,7 @@ class ConvRule(LayerRule):
         groups = module.groups  # type: ignore[attr-defined]
         return columns.view(a.shape[0], groups, -1, columns.shape[-1])
 
-    def _split_g(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    def _split_g(self, module: Layer, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(g.shape[0], module.groups, -1, g[0, 0].numel())  # type: ignore[attr-defined]
 
     @staticmethod
@@ -149,7 +154,7 @@ class ConvRule(LayerRule):
             return torch.bmm(gg[:, 0], columns[:, 0].transpose(1, 2)).unsqueeze(1)
         return torch.einsum("bgol,bgpl->bgop", gg, columns)
 
-    def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+    def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         out: Grads = {}
         if "weight" in names:
             columns, gg = self._columns(module, a), self._split_g(module, g)
@@ -159,8 +164,8 @@ class ConvRule(LayerRule):
             out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2)
         return out
 
-    def dot(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
-        total = 0
+    def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
+        total: Any = 0
         if "weight" in s:
             columns, gg = self._columns(module, a), self._split_g(module, g)
             batch, groups, per_out, length = gg.shape
@@ -185,27 +190,27 @@ class EmbeddingRule(LayerRule):
 
     kind = "embedding"
 
-    def supports(self, module: nn.Module) -> Optional[str]:
+    def supports(self, module: Layer) -> Optional[str]:
         if module.max_norm is not None:  # type: ignore[union-attr]
             return "max_norm renormalises rows in the forward"
         if module.scale_grad_by_freq:  # type: ignore[union-attr]
             return "scale_grad_by_freq couples positions"
         return None
 
-    def _masked(self, module: nn.Module, ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked(self, module: Layer, ids: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, g = ids.reshape(ids.shape[0], -1), _tokens(g)
         if module.padding_idx is not None:  # type: ignore[union-attr]
             g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)  # type: ignore[union-attr]
         return ids, g
 
-    def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+    def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         ids, g = self._masked(module, a, g)
         batch, rows = ids.shape[0], module.num_embeddings  # type: ignore[union-attr]
         flat = (ids + rows * torch.arange(batch, device=ids.device).unsqueeze(1)).reshape(-1)
         out = g.new_zeros(batch * rows, g.shape[-1]).index_add_(0, flat, g.reshape(-1, g.shape[-1]))
         return {"weight": out.view(batch, rows, -1)}
 
-    def dot(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
+    def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
         ids, g = self._masked(module, a, g)
         s_w = s["weight"]  # [k, V, D]
         rows = s_w[:, ids.reshape(-1)].view(s_w.shape[0], ids.shape[0], ids.shape[1], -1)  # [k, B, T, D]
@@ -218,7 +223,7 @@ class NormRule(LayerRule):
 
     kind = "norm"
 
-    def supports(self, module: nn.Module) -> Optional[str]:
+    def supports(self, module: Layer) -> Optional[str]:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.training:
                 return "BatchNorm in training mode couples the batch"
@@ -226,7 +231,7 @@ class NormRule(LayerRule):
                 return "BatchNorm without running statistics normalises with batch statistics"
         return None
 
-    def feature(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def feature(self, module: Layer, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         a = inputs[0].detach()
         if isinstance(module, nn.LayerNorm):
             return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
@@ -239,14 +244,14 @@ class NormRule(LayerRule):
         mean, var = module.running_mean.view(shape), module.running_var.view(shape)  # type: ignore[union-attr]
         return (a - mean) * torch.rsqrt(var + module.eps)
 
-    def _reduce(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, module: Layer, t: torch.Tensor) -> torch.Tensor:
         """Sum ``[B, ...]`` over everything but the batch and the parameter's own dimensions."""
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
             return t.reshape(t.shape[0], t.shape[1], -1).sum(dim=2)  # channels at dim 1
         shape = tuple(module.normalized_shape)  # type: ignore[union-attr]
         return t.reshape(t.shape[0], -1, *shape).sum(dim=1)
 
-    def grads(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+    def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         out: Grads = {}
         if "weight" in names:
             out["weight"] = self._reduce(module, g * a)
@@ -255,12 +260,12 @@ class NormRule(LayerRule):
         return out
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def _is_hf_conv1d(module: Layer) -> bool:
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
 
 
-def rule_for(module: nn.Module, parent: Optional[nn.Module]) -> tuple[Optional[LayerRule], str]:
+def rule_for(module: Layer, parent: Optional[nn.Module]) -> tuple[Optional[LayerRule], str]:
     """The rule for ``module`` and, when there is none, why (a short phrase for the plan's note)."""
     if isinstance(module, nn.Linear):
         if isinstance(parent, nn.MultiheadAttention):

@@ -11,8 +11,10 @@ function (:func:`lissa_step`); :func:`lissa_repeats` drives repeats whose miniba
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
@@ -64,7 +66,7 @@ def minibatch_stream(
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=RandomSampler(dataset, generator=generator),
+        sampler=RandomSampler(cast(Sized, dataset), generator=generator),
         collate_fn=collate_fn,
         drop_last=len(dataset) >= batch_size,  # type: ignore[arg-type]
     )
@@ -78,6 +80,10 @@ def lissa_step(h: torch.Tensor, v: torch.Tensor, damped_hvp: torch.Tensor, scale
     return v + h - damped_hvp / scale
 
 
+def _damped(hvp: BatchHVP, batch: Batch, damping: float, x: torch.Tensor) -> torch.Tensor:
+    return hvp(batch, x) + damping * x
+
+
 def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: int, like: torch.Tensor) -> float:
     """``SCALE_MARGIN`` times the largest top eigenvalue of ``H_j + damping I`` over probe minibatches.
 
@@ -88,8 +94,8 @@ def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: 
     largest = 0.0
     for _ in range(SCALE_PROBE_BATCHES):
         batch = next(stream)
-        largest = max(largest, top_eigenvalue(lambda x, b=batch: hvp(b, x) + damping * x, dim, generator=generator,
-                                              like=like))
+        largest = max(largest, top_eigenvalue(functools.partial(_damped, hvp, batch, damping), dim,
+                                              generator=generator, like=like))
     return max(SCALE_MARGIN * largest, 1e-8)
 
 

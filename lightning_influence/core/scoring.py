@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch.func import jvp, vmap
@@ -82,7 +82,7 @@ def score_chunk(
         tangents = unflatten(s_vectors, params)
         k = s_vectors.shape[0]
         total = sum(tangents[name].reshape(k, -1) @ g.reshape(g.shape[0], -1).T for name, g in grads.items())
-        return -total
+        return -cast(torch.Tensor, total)
 
     def directional(tangent: Params) -> torch.Tensor:
         return jvp(lambda p: loss(p, batch), (params,), (tangent,))[1]
@@ -109,8 +109,8 @@ def _factored_agrees(loss: FunctionalLoss, params: Params, batch: Batch, s_vecto
     grads = torch.autograd.grad(loss(leaves, example).sum(), list(leaves.values()), allow_unused=True)
     tangents = unflatten(s_vectors, params)
     k = s_vectors.shape[0]
-    reference = -sum(tangents[name].reshape(k, -1) @ g.reshape(-1)
-                     for name, g in zip(leaves, grads) if g is not None)
+    reference = -cast(torch.Tensor, sum(tangents[name].reshape(k, -1) @ g.reshape(-1)
+                                        for name, g in zip(leaves, grads) if g is not None))
     fast = score_chunk(loss, params, example, s_vectors, "factored", layers)[:, 0]
     return bool((fast - reference).norm() <= FACTORED_CHECK_TOLERANCE * reference.norm().clamp_min(1e-12))
 
@@ -148,7 +148,8 @@ def iter_scores(  # long: method choice, spot check, out-of-memory halving share
             if method == "per_example_grad":  # vmap over single examples would hide a wrong loss shape
                 with torch.no_grad():
                     loss(params, slice_batch(batch, 0, min(total, 2)))
-            if method == "factored" and requested == "auto" and not _factored_agrees(loss, params, batch, s_vectors, layers):
+            if (method == "factored" and requested == "auto" and layers is not None
+                    and not _factored_agrees(loss, params, batch, s_vectors, layers)):
                 warnings.warn(
                     "Factored scoring disagreed with autograd on a spot check (the loss may use a layer's parameters"
                     " outside its forward, or couple examples); scoring with jvp/per-example gradients instead.",

@@ -83,7 +83,7 @@ class InfluencePlugin(base_plugin.TBPlugin):
                                              run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags))
         return {tag[len(prefix):]: [[d.step, d.value] for d in data] for tag, data in sorted(series.get(run, {}).items())}
 
-    @wrappers.Request.application
+    @wrappers.Request.application  # type: ignore[arg-type]  # werkzeug's stubs expect a function, not a method
     def _relabel_csv(self, request: wrappers.Request) -> wrappers.Response:
         try:
             run, epoch = _run(request), _int(request, "epoch")

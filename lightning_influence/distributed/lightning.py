@@ -16,7 +16,7 @@ class StrategyCollectives:
     """
 
     def __init__(self, strategy: Strategy) -> None:
-        self.strategy = strategy
+        self.strategy: Any = strategy  # a parallel strategy: rank and world size are not on the base class
 
     @property
     def rank(self) -> int:

@@ -110,7 +110,7 @@ def _solve_cg_split(
     result, gathered = gather_checked(
         collectives,
         lambda: problem.solve(gradients[ids], on_step) if ids else None,
-        lambda r: None if r is None else (r.info.converged, r.info.iterations, r.info.trace[0]),
+        lambda r: None if r is None or r.info.trace is None else (r.info.converged, r.info.iterations, r.info.trace[0]),
     )
     full = torch.zeros_like(gradients)
     if result is not None:

@@ -81,7 +81,7 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
                 ]
             )
             texts.append(influencer.text)
-    columns = POINT_COLUMNS
+    columns: tuple[str, ...] = POINT_COLUMNS
     if any(text is not None for text in texts):  # the user's example_formatter: text, token or tabular examples
         columns = (*POINT_COLUMNS, "example")
         rows = [[*row, _short_text(text)] for row, text in zip(rows, texts)]
