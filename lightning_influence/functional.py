@@ -151,10 +151,9 @@ def influence(
         if data is None:
             return _stream_scores(problem, vectors, settings)
         if settings.num_candidates is not None:
-            neighbours = find_candidates(model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
-            _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
+            indices, scores = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
             table = scores.new_full((scores.shape[0], len(data)), float("nan"))
-            return table.scatter_(1, neighbours.indices, scores)
+            return table.scatter_(1, indices, scores)
         _, _, shard = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
     assert shard is not None  # keep_full_scores=True
     return shard.scores[:, shard.train_indices.argsort()]
@@ -191,11 +190,18 @@ def top_influences(
             stream.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
             return stream.result()
         if settings.num_candidates is not None:
-            neighbours = find_candidates(model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
-            _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
-            return top_influences_of(scores, neighbours.indices, top_k)
+            indices, scores = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+            return top_influences_of(scores, indices, top_k)
         top, _, _ = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
     return top
+
+
+def _candidate_scores(problem: InfluenceProblem, data: IndexedData, vectors: torch.Tensor, test_batch: Batch,
+                      settings: ExplainConfig, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each test point's candidates ``[q, k]`` (training indices) and their scores ``[q, k]``."""
+    neighbours = find_candidates(problem.model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
+    _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
+    return neighbours.indices, scores
 
 
 def _indexed(train_loader: Iterable[Batch], settings: ExplainConfig) -> Optional[IndexedData]:

@@ -238,19 +238,17 @@ class InfluenceData:
         return runs[run]
 
     def _report(self, run: str, epoch: int) -> tuple[Path, dict[str, Any]]:
-        directory = self._run(run)
-        path = directory / f"epoch={epoch}.json"
-        if not path.exists():
-            raise BadRequest(f"Run {run!r} has no analysis at epoch {epoch}: expected one of"
-                             f" {self._epochs(directory, REPORT_NAME)}.")
-        return directory, self._json(path)
+        return self._read(run, f"epoch={epoch}.json", REPORT_NAME, f"analysis at epoch {epoch}")
 
     def _mislabel_report(self, run: str, epoch: int) -> tuple[Path, dict[str, Any]]:
+        return self._read(run, f"mislabel_epoch={epoch}.json", MISLABEL_NAME, f"mislabel report at epoch {epoch}")
+
+    def _read(self, run: str, name: str, pattern: re.Pattern[str], what: str) -> tuple[Path, dict[str, Any]]:
+        """The run's directory and its report ``name``; a 400 naming the epochs there when it is missing."""
         directory = self._run(run)
-        path = directory / f"mislabel_epoch={epoch}.json"
+        path = directory / name
         if not path.exists():
-            raise BadRequest(f"Run {run!r} has no mislabel report at epoch {epoch}: expected one of"
-                             f" {self._epochs(directory, MISLABEL_NAME)}.")
+            raise BadRequest(f"Run {run!r} has no {what}: expected one of {self._epochs(directory, pattern)}.")
         return directory, self._json(path)
 
     def _point_summary(self, point: dict[str, Any], examples: dict[str, Any], trust: dict[int, Any]) -> dict[str, Any]:
