@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_influence.core.batching import MAX_KEPT_INPUT_VALUES, looks_like_image
 from lightning_influence.results import ExplainedPoint, Influencer, MislabelCandidate, SolveInfo
 
 SIGN_CONVENTION = (
@@ -121,3 +122,42 @@ def timings_line(timings: dict[str, float]) -> str:
     if not timings:
         return MISSING
     return ", ".join(f"{key} {format_float(seconds, 3)} s" for key, seconds in timings.items())
+
+
+MAX_INPUT_VALUES = 16  # values of a non-image input shown in a table cell
+
+
+def input_text(x: Any) -> str | None:
+    """A readable table cell for a non-image input: ``ids 101 2023 2003 ... (32 values)`` for integer inputs
+    (token ids), ``0.12 -1.3 0.5 ... (20 values)`` for real ones (tabular rows); None for images and no input.
+
+    Example:
+        >>> input_text(torch.tensor([101, 7592, 102]))
+        'ids 101 7592 102 (3 values)'
+    """
+    if not isinstance(x, torch.Tensor) or x.is_complex() or looks_like_image(x):
+        return None
+    flat = x.detach().cpu().reshape(-1)
+    shown = flat[:MAX_INPUT_VALUES].tolist()
+    integer = not (flat.is_floating_point() or flat.dtype == torch.bool)
+    cells = [str(int(v)) if integer else f"{float(v):.3g}" for v in shown]
+    more = " ..." if flat.numel() > MAX_INPUT_VALUES else ""
+    shape = f"shape {list(x.shape)}, " if x.ndim > 1 else ""
+    return f"{'ids ' if integer else ''}{' '.join(cells)}{more} ({shape}{flat.numel()} values)"
+
+
+def picture_note(inputs: list[Any]) -> str | None:
+    """The sentence a table carries when no image grid is drawn for its examples (None when one is).
+
+    A grid needs every example's input to look like an image; the note says which case stopped it, so a
+    missing picture is explained rather than silent.
+    """
+    if inputs and all(isinstance(x, torch.Tensor) and looks_like_image(x) for x in inputs):
+        return None
+    other = next((x for x in inputs if isinstance(x, torch.Tensor) and not looks_like_image(x)), None)
+    if other is not None:
+        return (f"No image grid: the inputs are not images (shape {list(other.shape)}), so the examples are shown "
+                "in this table only (`example` column; `InfluenceCallback(example_formatter=...)` renders them "
+                "as text).")
+    return ("No image grid: the examples' inputs were not kept (inputs are kept when they are images or have at "
+            f"most {MAX_KEPT_INPUT_VALUES} values), so the examples are shown in this table only.")

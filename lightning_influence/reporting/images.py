@@ -28,26 +28,49 @@ MAX_COLUMNS = 8
 MAX_CAPTION_VALUE = 12  # characters of a label or prediction shown under a tile
 TILE_INCHES = 1.7
 CAPTION_INCHES = 0.75
-TITLE_INCHES = 0.75
+TITLE_INCHES = 1.0  # four title lines
+HEADING_INCHES = 0.3  # the label line above each group of tiles
 MAX_TITLE_VALUE = 24  # characters of the validation label or prediction shown in the title
 TILE_PAD_INCHES = 0.1
-MIN_WIDTH_INCHES = 5.5  # room for the two title lines when there are only a few tiles
-ROLE_COLOURS = {"validation": "tab:blue", "harmful": "tab:red", "helpful": "tab:green"}
+MIN_WIDTH_INCHES = 6.5  # room for the title lines when there are only a few tiles
+COLOURS = {"validation": "tab:blue", "harmful": "tab:red", "helpful": "tab:green", "candidate": "tab:purple"}
+"""The frame colours, one meaning in every figure (and in the dashboard): red is only ever harmful."""
+COLOUR_KEY = "frames: red = harmful (raises the loss), green = helpful, blue = validation, purple = candidate"
+"""The colour key every figure's title ends with."""
+GROUP_HEADINGS = {
+    "validation": "validation example",
+    "harmful": "harmful: up-weighting raises its loss (positive influence), strongest first",
+    "helpful": "helpful: up-weighting lowers its loss (negative influence), strongest first",
+}
 MISLABEL_CAPTION_INCHES = 0.95  # five caption lines under each mislabel tile
-MISLABEL_TITLE_INCHES = 1.0  # four title lines
-MISLABEL_COLOURS = {"disagrees": "tab:red", "fits": "tab:orange"}
+MISLABEL_TITLE_INCHES = 1.15  # five title lines
+DIFFERS = "\u2260"  # marks a prediction that differs from the given label (text, not colour)
+
+Tile = tuple[str, str, np.ndarray]  # frame colour, caption, image
+Group = tuple[str | None, str, list[Tile]]  # heading (None: no heading line), heading colour, tiles
 
 
-def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS) -> Figure:
+def influence_grid_figure(
+    point: ExplainedPoint,
+    max_columns: int = MAX_COLUMNS,
+    *,
+    epoch: int | None = None,
+    global_step: int | None = None,
+) -> Figure:
     """Draw the validation example, then its top harmful, then its top helpful training examples.
 
-    Each tile is normalised to [0, 1] (grayscale for one channel), framed in the colour of its role
-    (blue validation, red harmful, green helpful) and captioned with its dataset index, label,
-    prediction and influence. The title names the validation point and the sign convention.
+    Each group has rows of its own under a heading line (``validation example``, ``harmful: ...``,
+    ``helpful: ...``): a group wraps onto further rows after ``max_columns`` tiles and never shares a row
+    with another group. Each tile is normalised to [0, 1] (grayscale for one channel), framed in the
+    colour of its role (:data:`COLOURS`: blue validation, red harmful, green helpful) and captioned with
+    its dataset index, label, prediction and influence. The title names the validation point, the epoch
+    and global step, the sign convention and the colour key.
 
     Args:
         point: the explained validation point; it and all its influencers must carry image inputs.
-        max_columns: tiles per row before wrapping onto a new row.
+        max_columns: tiles per row before a group wraps onto a new row.
+        epoch: the epoch of the analysis, shown in the title (``write_report`` passes the report's).
+        global_step: the global step of the analysis, shown in the title.
 
     Returns:
         A matplotlib figure with an Agg canvas, not registered with ``pyplot`` (no need to close it).
@@ -55,52 +78,61 @@ def influence_grid_figure(point: ExplainedPoint, max_columns: int = MAX_COLUMNS)
     Raises:
         ValueError: if an input is missing or does not look like an image.
     """
-    tiles = [(ROLE_COLOURS["validation"], _validation_caption(point), _tile_input(point.input, "point.input"))]
-    for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
-        for rank, influencer in enumerate(influencers, start=1):
-            name = f"point.{role}[{rank - 1}].input"
-            tiles.append((ROLE_COLOURS[role], _influencer_caption(influencer, role), _tile_input(influencer.input, name)))
     if max_columns < 1:
         raise ValueError(f"Expected `max_columns` to be a positive integer, but got {max_columns}.")
-    return _grid_figure(tiles, _title(point), max_columns, TITLE_INCHES, CAPTION_INCHES)
+    groups: list[Group] = [(
+        GROUP_HEADINGS["validation"], COLOURS["validation"],
+        [(COLOURS["validation"], _validation_caption(point), _tile_input(point.input, "point.input"))],
+    )]
+    for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
+        tiles = [
+            (COLOURS[role], _influencer_caption(influencer, role),
+             _tile_input(influencer.input, f"point.{role}[{rank}].input"))
+            for rank, influencer in enumerate(influencers)
+        ]
+        if tiles:
+            groups.append((GROUP_HEADINGS[role], COLOURS[role], tiles))
+    title = _title(point, epoch, global_step)
+    return _grid_figure(groups, title, max_columns, TITLE_INCHES, CAPTION_INCHES)
 
 
 def _grid_figure(
-    tiles: list[tuple[str, str, np.ndarray]], title: str, max_columns: int, title_inches: float, caption_inches: float
+    groups: list[Group], title: str, max_columns: int, title_inches: float, caption_inches: float
 ) -> Figure:
-    """A captioned grid of ``(frame colour, caption, image)`` tiles, ``max_columns`` per row, under ``title``."""
-    columns = min(len(tiles), max_columns)
-    rows = math.ceil(len(tiles) / columns)
+    """Captioned tiles under ``title``, each group on rows of its own (``max_columns`` tiles a row) below its
+    heading line. The layout is computed, not left to a layout engine: fixed-aspect image axes with
+    multi-line labels are where constrained layout clips captions."""
+    columns = max(1, min(max_columns, max(len(tiles) for _, _, tiles in groups)))
+    row_inches = TILE_INCHES + caption_inches
+    height = title_inches + sum(
+        (HEADING_INCHES if heading else 0.0) + math.ceil(len(tiles) / columns) * row_inches
+        for heading, _, tiles in groups
+    )
     width = max(columns * TILE_INCHES, MIN_WIDTH_INCHES)
-    height = title_inches + rows * (TILE_INCHES + caption_inches)
     figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
-    for position, (colour, caption, image) in enumerate(tiles):
-        row, column = divmod(position, columns)
-        rect = _tile_rect(row, column, columns, width, height, title_inches, caption_inches)
-        _draw_tile(figure.add_axes(rect), image, caption, colour)
+    left = (width - columns * TILE_INCHES) / 2
+    top = title_inches  # inches from the top of the figure
+    for heading, colour, tiles in groups:
+        if heading:
+            figure.text((left + TILE_PAD_INCHES) / width, 1 - (top + HEADING_INCHES / 2) / height, heading,
+                        color=colour, fontsize=8, fontweight="bold", va="center", ha="left")
+            top += HEADING_INCHES
+        for position, (frame, caption, image) in enumerate(tiles):
+            row, column = divmod(position, columns)
+            rect = _tile_rect(left + column * TILE_INCHES, top + row * row_inches, width, height)
+            _draw_tile(figure.add_axes(rect), image, caption, frame)
+        top += math.ceil(len(tiles) / columns) * row_inches
     figure.suptitle(title, fontsize=9, y=1 - TILE_PAD_INCHES / height, va="top")
     return figure
 
 
-def _tile_rect(
-    row: int,
-    column: int,
-    columns: int,
-    width: float,
-    height: float,
-    title_inches: float = TITLE_INCHES,
-    caption_inches: float = CAPTION_INCHES,
-) -> tuple[float, float, float, float]:
-    """Figure-fraction rectangle of one tile: a fixed grid (centred), the caption space left below it.
-
-    The layout is computed, not left to a layout engine: fixed-aspect image axes with multi-line labels
-    are where constrained layout clips captions.
-    """
-    left = (width - columns * TILE_INCHES) / 2 + column * TILE_INCHES + TILE_PAD_INCHES
-    top = height - title_inches - row * (TILE_INCHES + caption_inches) - TILE_PAD_INCHES
+def _tile_rect(left: float, top: float, width: float, height: float) -> tuple[float, float, float, float]:
+    """Figure-fraction rectangle of the tile whose cell starts ``left`` inches from the left edge and ``top``
+    inches below the top edge (the caption space is left below it)."""
     side = TILE_INCHES - 2 * TILE_PAD_INCHES
-    return (left / width, (top - side) / height, side / width, side / height)
+    bottom = height - top - TILE_PAD_INCHES - side
+    return ((left + TILE_PAD_INCHES) / width, bottom / height, side / width, side / height)
 
 
 def _tile_input(x: torch.Tensor | None, name: str) -> np.ndarray:
@@ -151,33 +183,42 @@ def _influencer_caption(influencer: Influencer, role: str) -> str:
     )
 
 
-def _label_lines(label: object, prediction: object) -> str:
-    """``label 3`` and ``pred 8`` lines, each value cut to fit under a tile (the markdown table has it all)."""
-    return f"label {_short(format_value(label))}\npred {_short(format_value(prediction))}"
+def _label_lines(label: object, prediction: object, mark_differs: bool = False) -> str:
+    """``label 3`` and ``pred 8`` lines, each value cut to fit under a tile (the markdown table has it all);
+    with ``mark_differs`` a prediction that differs from the label reads ``\u2260 pred 8``."""
+    differs = mark_differs and format_value(label) != format_value(prediction)
+    return f"label {_short(format_value(label))}\n{DIFFERS + ' ' if differs else ''}pred {_short(format_value(prediction))}"
 
 
 def _short(text: str, limit: int = MAX_CAPTION_VALUE) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def _title(point: ExplainedPoint) -> str:
+def _when(epoch: int | None, global_step: int | None) -> str:
+    """``epoch 3, step 120`` (each part says when it was not given)."""
+    return (f"epoch {'not given' if epoch is None else epoch}, "
+            f"step {'not given' if global_step is None else global_step}")
+
+
+def _title(point: ExplainedPoint, epoch: int | None, global_step: int | None) -> str:
     label = _short(format_value(point.label), MAX_TITLE_VALUE)
     prediction = _short(format_value(point.prediction), MAX_TITLE_VALUE)
     return (
-        f"Validation #{point.val_index} (loss {format_float(point.loss)})\n"
+        f"Validation #{point.val_index} at {_when(epoch, global_step)} (loss {format_float(point.loss)})\n"
         f"label {label}, prediction {prediction}\n"
-        "positive influence = harmful (red), negative = helpful (green)"
+        "positive influence = harmful, negative = helpful\n"
+        f"{COLOUR_KEY}"
     )
 
 
 def mislabel_grid_figure(report: MislabelReport, max_columns: int = MAX_COLUMNS) -> Figure:
     """Draw the mislabel candidates of ``report``, strongest ``|I(z, z)|`` first, each captioned.
 
-    Each tile is normalised to [0, 1] and captioned with its training index, given label, prediction,
-    self-influence ``I(z, z)`` and its rank by training loss (1 = highest loss, the plain baseline). The
-    frame is red when the model's prediction differs from the given label and orange when the model fits
-    the given label (a memorised example: only self-influence can still point at it). The title says what
-    is shown and how it was computed.
+    Each tile is normalised to [0, 1], framed in the candidate colour (purple, :data:`COLOURS`: red means
+    harmful in every figure, so it is not used here) and captioned with its training index, given label,
+    prediction (marked ``\u2260 pred`` when it differs from the given label), self-influence ``I(z, z)`` and
+    its rank by training loss (1 = highest loss, the plain baseline). The title says what is shown, the
+    epoch and global step, how it was computed and the colour key.
 
     Args:
         report: the mislabel analysis; every candidate must carry an image input, and there must be one.
@@ -194,21 +235,18 @@ def mislabel_grid_figure(report: MislabelReport, max_columns: int = MAX_COLUMNS)
     if not report.candidates:
         raise ValueError("Expected `report.candidates` to hold at least one candidate, but it is empty.")
     tiles = [
-        (_mislabel_colour(candidate), _candidate_caption(candidate, rank),
+        (COLOURS["candidate"], _candidate_caption(candidate, rank),
          _tile_input(candidate.input, f"report.candidates[{rank - 1}].input"))
         for rank, candidate in enumerate(report.candidates, start=1)
     ]
-    return _grid_figure(tiles, _mislabel_title(report), max_columns, MISLABEL_TITLE_INCHES, MISLABEL_CAPTION_INCHES)
-
-
-def _mislabel_colour(candidate: MislabelCandidate) -> str:
-    same = format_value(candidate.label) == format_value(candidate.prediction)
-    return MISLABEL_COLOURS["fits" if same else "disagrees"]
+    groups: list[Group] = [(None, COLOURS["candidate"], tiles)]
+    return _grid_figure(groups, _mislabel_title(report), max_columns, MISLABEL_TITLE_INCHES, MISLABEL_CAPTION_INCHES)
 
 
 def _candidate_caption(candidate: MislabelCandidate, rank: int) -> str:
     return (
-        f"#{rank}: train #{candidate.train_index}\n{_label_lines(candidate.label, candidate.prediction)}\n"
+        f"#{rank}: train #{candidate.train_index}\n"
+        f"{_label_lines(candidate.label, candidate.prediction, mark_differs=True)}\n"
         f"I(z,z)={format_influence(candidate.self_influence)}\nloss rank {candidate.loss_rank + 1}"
     )
 
@@ -217,7 +255,8 @@ def _mislabel_title(report: MislabelReport) -> str:
     solver = report.solver
     return (
         "Training examples the model bent most to fit:\nlarge |I(z,z)| = likely mislabelled, strongest first\n"
-        f"epoch {report.epoch}, step {report.global_step}, top {len(report.candidates)} of {report.train_size}; "
+        f"{_when(report.epoch, report.global_step)}, top {len(report.candidates)} of {report.train_size}; "
         f"{solver.solver}, damping {format_float(solver.damping, 3)}\n"
-        "red: prediction \u2260 given label; orange: fitted; loss rank 1 = highest loss"
+        f"{DIFFERS} pred: prediction differs from the given label; loss rank 1 = highest loss\n"
+        f"{COLOUR_KEY}"
     )

@@ -11,7 +11,9 @@ from lightning_influence.reporting._format import (
     format_influence,
     format_top,
     format_value,
+    input_text,
     mislabel_row,
+    picture_note,
     point_heading,
     solver_line,
     timings_line,
@@ -58,7 +60,9 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
 
     Returns:
         A header line, the sign convention and a table with one row for the validation example, then
-        ``harmful #1..`` and ``helpful #1..`` (strongest first).
+        ``harmful #1..`` and ``helpful #1..`` (strongest first). An ``example`` column holds the
+        ``example_formatter`` text or, without one, a non-image input's values (token ids, tabular row);
+        when the inputs are not all images a closing line says that no image grid is drawn, and why.
     """
     rows = [
         [
@@ -68,7 +72,8 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
             MISSING,
         ]
     ]
-    texts = [point.text]
+    texts = [_example_text(point.text, point.input)]
+    inputs = [point.input]
     for role, influencers in (("harmful", point.harmful), ("helpful", point.helpful)):
         for rank, influencer in enumerate(influencers, start=1):
             cells = _example_cells(influencer.label, influencer.prediction, influencer.loss)
@@ -80,11 +85,9 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
                     format_influence(influencer.influence),
                 ]
             )
-            texts.append(influencer.text)
-    columns: tuple[str, ...] = POINT_COLUMNS
-    if any(text is not None for text in texts):  # the user's example_formatter: text, token or tabular examples
-        columns = (*POINT_COLUMNS, "example")
-        rows = [[*row, _short_text(text)] for row, text in zip(rows, texts)]
+            texts.append(_example_text(influencer.text, influencer.input))
+            inputs.append(influencer.input)
+    columns, rows = _with_examples(POINT_COLUMNS, rows, texts)
     lines = [
         f"**{_capitalise(point_heading(point))}**; {solver_line(solver)}.",
         "",
@@ -92,7 +95,22 @@ def point_markdown(point: ExplainedPoint, solver: SolveInfo) -> str:
         "",
         _table(columns, rows),
     ]
-    return "\n".join(lines)
+    note = picture_note(inputs)
+    return "\n".join(lines if note is None else [*lines, "", f"_{note}_"])
+
+
+def _example_text(text: str | None, x: Any) -> str | None:
+    """The ``example`` cell: the user's ``example_formatter`` text, else a non-image input's values."""
+    return text if text is not None else input_text(x)
+
+
+def _with_examples(
+    columns: tuple[str, ...], rows: list[list[str]], texts: list[str | None]
+) -> tuple[tuple[str, ...], list[list[str]]]:
+    """Add the ``example`` column when any row has an example text (formatter, token ids, tabular values)."""
+    if all(text is None for text in texts):
+        return columns, rows
+    return (*columns, "example"), [[*row, _short_text(text)] for row, text in zip(rows, texts)]
 
 
 def report_markdown(report: InfluenceReport) -> str:
@@ -138,12 +156,16 @@ def mislabel_markdown(report: MislabelReport) -> str:
     Returns:
         Markdown with a heading, the solver line (solver, damping, settings, time), what the score means, a
         sentence on where the self-influence and training-loss rankings agree, and the table
-        ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank``.
+        ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank``
+        (plus ``example`` and a no-grid line for non-image inputs, as in :func:`point_markdown`).
     """
     rows = [
         mislabel_row(rank, candidate)
         for rank, candidate in enumerate(report.candidates, start=1)
     ]
+    texts = [_example_text(candidate.text, candidate.input) for candidate in report.candidates]
+    columns, rows = _with_examples(MISLABEL_COLUMNS, rows, texts)
+    note = picture_note([candidate.input for candidate in report.candidates]) if report.candidates else None
     solver = report.solver
     lines = [
         (
@@ -158,9 +180,9 @@ def mislabel_markdown(report: MislabelReport) -> str:
         f"- {SELF_INFLUENCE_NOTE}",
         f"- {mislabel_agreement(report)}",
         "",
-        _table(MISLABEL_COLUMNS, rows) if rows else "_No candidates._",
+        _table(columns, rows) if rows else "_No candidates._",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines if note is None else [*lines, "", f"_{note}_"])
 
 
 def mislabel_agreement(report: MislabelReport) -> str:

@@ -41,8 +41,9 @@ class SummaryWriterLike(Protocol):
 def write_report(writer: SummaryWriterLike, report: InfluenceReport) -> None:
     """Write everything in ``report`` to ``writer`` at step ``report.global_step``, then flush.
 
-    Per point ``i`` (its validation index): ``influence/val_{i}/examples`` (a captioned image grid, only
-    when the point and all its influencers carry image inputs), ``influence/val_{i}/table`` (markdown) and
+    Per point ``i`` (its validation index): ``influence/val_{i}/examples`` (a captioned image grid, one
+    block per group, epoch and step in its title; only when the point and all its influencers carry image
+    inputs, otherwise the table says why there is no grid), ``influence/val_{i}/table`` (markdown) and
     ``influence/val_{i}/scores`` (histogram of all scores, when present). For the report:
     ``influence/summary`` (markdown), ``influence/time/{key}_seconds`` per timing,
     ``influence/{solver}/final_update`` and the convergence trace
@@ -56,7 +57,7 @@ def write_report(writer: SummaryWriterLike, report: InfluenceReport) -> None:
     """
     step = report.global_step
     for point in report.points:
-        _write_point(writer, point, report.solver, step)
+        _write_point(writer, point, report.solver, report.epoch, step)
     writer.add_text(f"{PREFIX}/summary", report_markdown(report), global_step=step)
     for key, seconds in report.timings.items():
         writer.add_scalar(f"{PREFIX}/time/{_tag_part(key)}_seconds", float(seconds), global_step=step)
@@ -144,10 +145,11 @@ def has_image_inputs(point: ExplainedPoint) -> bool:
     return all(x is not None and looks_like_image(x) for x in inputs)
 
 
-def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: SolveInfo, step: int) -> None:
+def _write_point(writer: SummaryWriterLike, point: ExplainedPoint, solver: SolveInfo, epoch: int, step: int) -> None:
     tag = f"{PREFIX}/val_{point.val_index}"
     if has_image_inputs(point):
-        writer.add_figure(f"{tag}/examples", influence_grid_figure(point), global_step=step)
+        figure = influence_grid_figure(point, epoch=epoch, global_step=step)
+        writer.add_figure(f"{tag}/examples", figure, global_step=step)
     writer.add_text(f"{tag}/table", point_markdown(point, solver), global_step=step)
     if point.scores is not None:
         _write_histogram(writer, f"{tag}/scores", point.scores, step)

@@ -226,7 +226,9 @@ def test_grid_tiles_are_normalised_for_each_layout() -> None:
     assert [a.shape for a in arrays] == [(8, 8), (8, 12, 3), (6, 6, 3), (5, 5)]
     assert all(a.min() >= 0 and a.max() <= 1 for a in arrays)
     assert arrays[0].min() == 0 and arrays[0].max() == 1
-    assert figure.axes[2].get_position().y1 < figure.axes[1].get_position().y0  # wrapped onto a second row
+    position = [ax.get_position(original=True) for ax in figure.axes]
+    assert position[1].y1 < position[0].y0  # the helpful group starts on a row of its own
+    assert position[3].y1 < position[1].y0  # and wraps onto a second row of its own
 
 
 def test_markdown_mentions_every_index() -> None:
