@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,12 @@ def report_phases(log_dir: Path) -> list[dict[str, Any]]:
     return phases
 
 
+def sample_load(samples: list[float], stop: threading.Event, every: float = 5.0) -> None:
+    """Append the 1-minute load average every ``every`` seconds until ``stop`` is set."""
+    while not stop.wait(every):
+        samples.append(os.getloadavg()[0])
+
+
 def run_example(extra: list[str]) -> dict[str, Any]:
     """Run the example once in a temporary log directory; wall time, exit code and its reports' phases."""
     env = dict(os.environ)
@@ -76,9 +83,14 @@ def run_example(extra: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, str(ROOT / "examples" / "digits.py"), "--log-dir", tmp, *extra]
         load_before = os.getloadavg()
+        samples: list[float] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_load, args=(samples, stop), daemon=True)
+        sampler.start()
         start = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
         seconds = time.perf_counter() - start
+        stop.set()
         load_after = os.getloadavg()
         if done.returncode != 0:
             sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
@@ -94,6 +106,7 @@ def run_example(extra: list[str]) -> dict[str, Any]:
         "phases": phases,
         "load_average_1min_before": round(load_before[0], 2),
         "load_average_1min_after": round(load_after[0], 2),
+        "load_average_1min_mean_during": round(sum(samples) / len(samples), 2) if samples else None,
     }
 
 
@@ -116,7 +129,8 @@ def main() -> None:
     }
     print(f"examples/digits.py {' '.join(extra) or '(defaults)'}: {run['wall_seconds']} s wall "
           f"({run['analysis_seconds']} s in {run['analyses']} influence analyses), goal {GOAL_SECONDS:.0f} s; "
-          f"load {run['load_average_1min_before']} -> {run['load_average_1min_after']} on "
+          f"load {run['load_average_1min_before']} -> {run['load_average_1min_after']} "
+          f"(mean {run['load_average_1min_mean_during']}) on "
           f"{result['machine']['cpu_count']} cores")
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
