@@ -8,6 +8,7 @@ backend is selected or changed, and the caller's figures and windows are left al
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ MISLABEL_TITLE_INCHES = 1.15  # five title lines
 DIFFERS = "\u2260"  # marks a prediction that differs from the given label (text, not colour)
 
 Tile = tuple[str, str, np.ndarray]  # frame colour, caption, image
-Group = tuple[str | None, str, list[Tile]]  # heading (None: no heading line), heading colour, tiles
+Group = tuple[Optional[str], str, list[Tile]]  # heading (None: no heading line), heading colour, tiles
 
 
 def influence_grid_figure(

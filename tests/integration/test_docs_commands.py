@@ -140,6 +140,7 @@ def test_cheap_block_runs(where, kind, code, why, world, monkeypatch):
 
 
 LONG_PAGES = sorted({block[0].split("#")[0] for block in BLOCKS if block[1] != "cheap"})
+RAN: set[str] = set()  # a block repeated on several pages (the install line) runs once per job
 
 
 @pytest.mark.docs_long
@@ -150,6 +151,9 @@ def test_page_commands_run_in_order(page, request):
         pytest.skip("runs only with -m docs_long (installs, full example, benchmarks: a job of its own)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for where, kind, code, _ in (block for block in BLOCKS if block[0].startswith(f"{page}#")):
+        if code in RAN:
+            continue
+        RAN.add(code)
         script = f"set -euo pipefail\n{code}"
         if kind != "server":
             done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, timeout=LONG_SECONDS)
