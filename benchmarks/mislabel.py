@@ -348,7 +348,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             paired[key][m] = {"mean": statistics.fmean(diffs), "wins": sum(d > 1e-9 for d in diffs),
                               "ties": sum(abs(d) <= 1e-9 for d in diffs), "losses": sum(d < -1e-9 for d in diffs)}
     cost = {key: statistics.fmean(r["cost"][key] for r in runs) for key in keys}
-    return {"per_seed": table, "paired_default_minus": paired, "cost_x_training": cost}
+    mean = {key: {m: statistics.fmean(values) for m, values in row.items()} for key, row in table.items()}
+    return {"per_seed": table, "mean": mean, "paired_default_minus": paired, "cost_x_training": cost}
 
 
 def print_summary(name: str, noise: str, runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
