@@ -6,8 +6,9 @@ paragraph, right under a comment that names the results file(s) it comes from::
     <!-- figures: benchmarks/models-results.json -->
     | model | epoch (s) | ...
 
-Every number in the block (outside `code` spans and link targets) must be a value of that JSON as printed:
-``0.323`` matches 0.3234 (rounded to the printed decimals), ``1,126,410`` matches 1126410, and a number that is
+Every number in the block (outside `code` spans and link targets) must be a value of that JSON as printed, or
+the mean of one of its lists of numbers (per-seed, per-point values): ``0.323`` matches 0.3234 (rounded to the
+printed decimals), ``1,126,410`` matches 1126410, and a number that is
 part of a name (``MLP 64-1024-1024-10``) matches when the JSON holds that name. Pages in ``SWEPT`` carry no
 measured figure outside such blocks. See CONTRIBUTING.md.
 """
@@ -56,6 +57,9 @@ def _leaves(value: Any) -> tuple[list[float], list[str]]:
                 strings.append(str(key))
                 walk(child)
         elif isinstance(item, list):
+            values = [child for child in item if isinstance(child, (int, float)) and not isinstance(child, bool)]
+            if len(values) > 1:  # a list of per-seed or per-point values: its mean is quoted too
+                numbers.append(sum(values) / len(values))
             for child in item:
                 walk(child)
 
