@@ -89,6 +89,9 @@ def world(tmp_path_factory) -> Iterator[Path]:
     checks; the full run's cost is the ``docs_long`` job's and ``benchmarks/digits_walltime.py``'s.
     """
     sys.path.insert(0, str(ROOT))  # `examples.digits:DigitsCNN` resolves from the repository root
+    for name in [name for name in sys.modules if name.split(".")[0] == "examples"]:
+        if not str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(ROOT)):
+            del sys.modules[name]  # another distribution's top-level `examples` (kronfluence ships one)
     from examples import digits
 
     full_loaders = digits.digits_loaders
