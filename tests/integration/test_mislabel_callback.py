@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import InfluenceCallback
 from lightning_influence.cli import main
+from lightning_influence.reporting.export import report_schema
 from lightning_influence.reporting.tables import mislabel_confusion_markdown
 
 N_TRAIN = 400
@@ -105,6 +107,7 @@ def test_signals_recorded_through_the_callback_rank_planted_flips_high(mislabel_
     assert callback.mislabel.signals.recorder.epochs_recorded == [0, 4, 9, 13, 17, 22, 26, 30, 35, 39]
     report = _only(log_dir / "influence", "mislabel_epoch=*.json")
     assert report["ranking"] == "el2n_window" and report["training_signals"]["recorded"] is True
+    jsonschema.validate(report, report_schema("mislabel"))
     assert report["training_signals"]["epochs"] == callback.mislabel.signals.recorder.epochs_recorded
     order = [c["train_index"] for c in report["candidates"]]
     assert sorted(order) == list(range(N_TRAIN))  # "all": the JSON ranks the whole training set
