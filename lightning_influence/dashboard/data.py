@@ -182,12 +182,17 @@ class InfluenceData:
 
     # -- mislabel and trust -------------------------------------------------------------------------------
     def mislabel(self, run: str, epoch: int, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict[str, Any]:
-        """A page of mislabel candidates (strongest ``|I(z, z)|`` first) and the confusion table of given vs
-        predicted label over all candidates."""
+        """A page of mislabel candidates (in the report's ranking order) and the confusion table of given vs
+        predicted label over all candidates (predicted: the suggested label when training signals were recorded)."""
         _, report = self._mislabel_report(run, epoch)
         examples = _examples(report)
         candidates = report["candidates"]
-        page = [{"rank": offset + k, **c, "input": examples["train"].get(str(c["train_index"]), {}).get("input")}
+        from lightning_influence.reporting.relabel import predicted_label
+
+        # "prediction" is what the page shows as predicted: the suggested label when training signals were
+        # recorded (as in the confusion table and the relabel CSV); the model's own is kept as "model_prediction"
+        page = [{"rank": offset + k, **c, "prediction": predicted_label(c), "model_prediction": c.get("prediction"),
+                 "input": examples["train"].get(str(c["train_index"]), {}).get("input")}
                 for k, c in enumerate(candidates[offset: offset + limit])]
         return {"run": run, "epoch": epoch, "global_step": report["global_step"], "train_size": report["train_size"],
                 "definition": report.get("definition"), "solver": report.get("solver"), "total": len(candidates),
