@@ -40,6 +40,21 @@ DEFAULT_SOLVER = "lissa"
 DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
 DEFAULT_CHUNK_SIZE = 256
+#: Mislabel analysis: epochs of the training run at which the callback records per-example training signals
+#: (evenly spaced over ``max_epochs``); 10 cost 0.03-0.05 of the training time in ``benchmarks/mislabel.py``.
+DEFAULT_SIGNAL_CHECKPOINTS = 10
+#: Mislabel candidates shown with their inputs (TensorBoard grid and table, the JSON ``examples``); the JSON
+#: lists every candidate (``mislabel_candidates="all"``: the whole training set).
+MISLABEL_SHOWN = 64
+#: Mean AUROC range (lowest, highest over the memorising nets' noise settings) of the final-weights
+#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results.json``;
+#: ``tests/unit/analysis/test_mislabel_report.py`` recomputes them from that file.
+POSTHOC_MISLABEL_AUROC = {"self_influence": (0.907, 0.951), "training_signals": (0.984, 0.996)}
+NO_SIGNALS_NOTE = (
+    "No training signals (only the final weights): ranked by self-influence, which found fewer flipped labels"
+    " than the training-signal ranking on the memorising nets of benchmarks/mislabel.py (AUROC {si[0]}-{si[1]}"
+    " against {ts[0]}-{ts[1]}). Record them during training with InfluenceCallback(mislabel_candidates=...)."
+).format(si=POSTHOC_MISLABEL_AUROC["self_influence"], ts=POSTHOC_MISLABEL_AUROC["training_signals"])
 #: Nearest-neighbour search backends for candidate preselection, and the named built-in feature choices.
 KNN_BACKENDS = ("torch", "faiss")
 DEFAULT_KNN_BACKEND = "torch"

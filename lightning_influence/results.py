@@ -126,6 +126,9 @@ class MislabelCandidate:
     ``H + damping I`` is positive definite; a large ``|I(z, z)|`` means the model had to bend to fit it).
 
     ``loss_rank`` is the example's rank by training loss (0 = highest loss), the plain baseline shown beside it.
+    With training signals recorded (``MislabelReport.signals``), ``score`` is the candidate's value of the
+    report's ``ranking`` (larger = more suspicious) and ``suggested_label`` the most likely class other than
+    the given one over the recorded checkpoints; both are None without them.
     """
 
     train_index: int
@@ -136,11 +139,20 @@ class MislabelCandidate:
     prediction: Any = None
     input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     text: Optional[str] = None
+    score: Optional[float] = None
+    suggested_label: Any = None
 
 
 @dataclass(frozen=True)
 class MislabelReport:
-    """The top training examples by ``|I(z, z)|`` at one analysis, and how they were computed."""
+    """The top training examples by the report's ``ranking`` at one analysis, and how they were computed.
+
+    ``ranking`` names the ranking that orders ``candidates``: ``"self_influence"`` (largest ``|I(z, z)|``
+    first) without training signals, else the signals' default (``"el2n_window"``). ``rankings`` holds every
+    named score as ``Tensor[train_size]``, larger = more suspicious (``"self_influence"`` is ``-I(z, z)``).
+    ``signals`` describes the training signals used (``{"epochs", "seconds", "default"}``), None when the
+    analysis had none (post hoc, from a checkpoint only).
+    """
 
     epoch: int
     global_step: int
@@ -149,6 +161,9 @@ class MislabelReport:
     solver: SolveInfo
     seconds: float
     scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    ranking: str = "self_influence"
+    rankings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    signals: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

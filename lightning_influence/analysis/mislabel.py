@@ -1,4 +1,5 @@
-"""Mislabel candidates: training examples ranked by self-influence, each rank scoring a shard.
+"""Mislabel candidates: training examples ranked by self-influence, each rank scoring a shard, or by the
+training signals recorded during the run when there are some (``docs/mislabel.md``).
 
 ``I(z, z) = -g^T (H + damping I)^-1 g`` for every training example from one factorised inverse (low-rank
 Lanczos by default; exact for small models) and one pass of per-example gradients. The most negative values
@@ -16,7 +17,16 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.explain import Describe
-from lightning_influence.config import DEFAULT_CURVATURE, Damping, ExactConfig, LowRankConfig, config_to_dict, solver_name
+from lightning_influence.analysis.training_signals import DEFAULT_SCORE, TrainingSignalRecorder, candidate_order
+from lightning_influence.config import (
+    DEFAULT_CURVATURE,
+    MISLABEL_SHOWN,
+    Damping,
+    ExactConfig,
+    LowRankConfig,
+    config_to_dict,
+    solver_name,
+)
 from lightning_influence.core.batching import describe_batch, keeps_input, prepare_batch, row_value
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn, check_per_example_losses
@@ -50,13 +60,13 @@ def self_influence_shard(
     return torch.cat(kept_indices), torch.cat(scores), torch.cat(losses)
 
 
-def find_mislabel_candidates(
+def find_mislabel_candidates(  # long: one pass of scores, the optional signal rankings, then the records
     model: nn.Module,
     loss_fn: LossFn,
     train: IndexedData,
     config: Union[LowRankConfig, ExactConfig],
     damping: Damping,
-    top_m: int,
+    top_m: Optional[int],
     *,
     epoch: int = 0,
     global_step: int = 0,
@@ -65,8 +75,16 @@ def find_mislabel_candidates(
     on_scored: Callable[[int], None] | None = None,
     weight_decay: Optional[float] = None,
     curvature: str = DEFAULT_CURVATURE,
+    recorder: Optional[TrainingSignalRecorder] = None,
 ) -> MislabelReport:
-    """The ``top_m`` training examples with the largest ``|I(z, z)|``, with the training-loss rank beside them."""
+    """The ``top_m`` most suspicious training examples (``None``: all), with the training-loss rank beside them.
+
+    Without ``recorder`` (or before it has recorded, or on a rank other than 0, where the signals are not
+    assembled) the candidates are ranked by self-influence, largest ``|I(z, z)|`` first. With the training
+    signals of ``recorder`` they are ranked by its default score (:data:`DEFAULT_SCORE`); every named score
+    (``self_influence`` = ``-I(z, z)``, ``loss`` at these weights, and the recorder's components) is kept in
+    ``report.rankings``. Collective: every rank calls it.
+    """
     collectives = collectives or SingleProcess()
     start = time.perf_counter()
     problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=curvature,
@@ -75,30 +93,50 @@ def find_mislabel_candidates(
         local = self_influence_shard(problem, train, shard(range(len(train)), collectives.rank,
                                                              collectives.world_size), on_scored)
         parts = collectives.gather_objects(local)
-        order_indices = torch.cat([p[0] for p in parts])
-        order = order_indices.argsort()
+        order = torch.cat([p[0] for p in parts]).argsort()
         scores = torch.cat([p[1] for p in parts])[order]
         losses = torch.cat([p[2] for p in parts])[order]
         loss_rank = torch.empty_like(order)
         loss_rank[losses.argsort(descending=True, stable=True)] = torch.arange(len(losses))
-        chosen = scores.argsort(stable=True)[:top_m]  # most negative first
-        batch = prepare_batch(train.fetch(chosen.tolist()), problem.device)
-        info = describe(model, batch)
-    images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
-    candidates = tuple(
-        MislabelCandidate(
-            train_index=int(index),
-            self_influence=float(scores[index]),
-            loss=float(losses[index]),
-            loss_rank=int(loss_rank[index]),
-            label=row_value(info.labels, row),
-            prediction=row_value(info.predictions, row),
-            input=info.inputs[row].detach().cpu() if images and info.inputs is not None else None,
-            text=None if info.texts is None else info.texts[row],
-        )
-        for row, index in enumerate(chosen.tolist())
-    )
+        rankings: dict[str, torch.Tensor] = {"self_influence": -scores, "loss": losses}
+        ranking, signals, suggested = "self_influence", None, None
+        if recorder is not None and recorder.signals:
+            if recorder.num_train != len(train):
+                raise ValueError(f"Expected training signals for {len(train)} examples, but the recorder has"
+                                 f" {recorder.num_train}: record them on the same training set.")
+            rankings.update(recorder.component_scores())
+            ranking, suggested = DEFAULT_SCORE, recorder.suggested_labels()
+            signals = {"epochs": list(recorder.epochs_recorded), "seconds": float(recorder.seconds),
+                       "default": DEFAULT_SCORE}
+        chosen = candidate_order(rankings[ranking], top_m).tolist()
+        candidates = _candidates(problem, train, chosen, describe, scores, losses, loss_rank, rankings[ranking],
+                                 suggested)
     solver = replace(problem.solve_info(solver_name(config), True, torch.zeros(0), torch.zeros(0), use_residual=False,
                                         compute_residual=False),
                      seconds=time.perf_counter() - start, settings=config_to_dict(config))
-    return MislabelReport(epoch, global_step, len(train), candidates, solver, time.perf_counter() - start, scores)
+    return MislabelReport(epoch, global_step, len(train), candidates, solver, time.perf_counter() - start, scores,
+                          ranking=ranking, rankings=rankings, signals=signals)
+
+
+def _candidates(problem: InfluenceProblem, train: IndexedData, chosen: list[int], describe: Describe,
+                scores: torch.Tensor, losses: torch.Tensor, loss_rank: torch.Tensor, ranked_by: torch.Tensor,
+                suggested: Optional[torch.Tensor]) -> tuple[MislabelCandidate, ...]:
+    """The records of the ``chosen`` examples, described in chunks; inputs kept for the first ``MISLABEL_SHOWN``."""
+    out: list[MislabelCandidate] = []
+    step = max(1, train.batch_size)
+    for begin in range(0, len(chosen), step):
+        indices = chosen[begin: begin + step]
+        info = describe(problem.model, prepare_batch(train.fetch(indices), problem.device))
+        images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
+        for row, index in enumerate(indices):
+            shown = images and begin + row < MISLABEL_SHOWN and info.inputs is not None
+            out.append(MislabelCandidate(
+                train_index=int(index), self_influence=float(scores[index]), loss=float(losses[index]),
+                loss_rank=int(loss_rank[index]), label=row_value(info.labels, row),
+                prediction=row_value(info.predictions, row),
+                input=info.inputs[row].detach().cpu() if shown and info.inputs is not None else None,
+                text=None if info.texts is None else info.texts[row],
+                score=None if suggested is None else float(ranked_by[index]),
+                suggested_label=None if suggested is None else int(suggested[index]),
+            ))
+    return tuple(out)

@@ -21,9 +21,6 @@ The default mislabel score (``"el2n_window"``) and the named component rankings 
 
 from __future__ import annotations
 
-import csv
-import io
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -358,25 +355,3 @@ def relabel_records(
          "score": float(scores[i])}
         for position, i in enumerate(order.tolist())
     ]
-
-
-def relabel_csv(records: Sequence[dict[str, Any]]) -> str:
-    """The relabel rows as CSV text with a header line."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["rank", "train_index", "given_label", "predicted_label", "score"],
-                            lineterminator="\n")
-    writer.writeheader()
-    for row in records:
-        writer.writerow({key: row[key] for key in writer.fieldnames})
-    return buffer.getvalue()
-
-
-def confusion_records(given: Sequence[int], predicted: Sequence[int]) -> list[dict[str, int]]:
-    """How many candidates per ``(given_label, predicted_label)`` pair, most frequent first.
-
-    Pass the given and predicted labels of the candidates only; an asymmetric confusion (a class's labels
-    flipped to one other class) shows up as one large cell.
-    """
-    counts = Counter((int(g), int(p)) for g, p in zip(given, predicted))
-    return [{"given_label": g, "predicted_label": p, "count": c}
-            for (g, p), c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_solver_options
+from lightning_influence.callbacks._mislabel import MislabelAnalysis, mislabel_count
 from lightning_influence.callbacks._trainer import (
     Writers,
     check_loss_on_examples,
@@ -40,9 +40,9 @@ from lightning_influence.config import (
     DEFAULT_DAMPING,
     DEFAULT_KNN_BACKEND,
     DEFAULT_SCORING,
+    DEFAULT_SIGNAL_CHECKPOINTS,
     DEFAULT_SOLVER,
     ExplainConfig,
-    LowRankConfig,
     SolverConfig,
     check_curvature,
     check_damping,
@@ -72,7 +72,8 @@ class InfluenceCallback(pl.Callback):
             ``"package.module:function"`` (picklable, for YAML and ``ddp_spawn``). Default: the LightningModule's
             ``per_example_loss(batch)`` method.
         val_indices: validation dataset indices to explain. Default: the ``num_worst`` highest-loss examples.
-        num_worst: how many highest-loss validation examples to explain when ``val_indices`` is not given.
+        num_worst: how many highest-loss validation examples to explain when ``val_indices`` is not given; 0 with
+            ``mislabel_candidates`` set: the mislabel analysis alone (no validation point explained).
         misclassified_only: pick the worst among misclassified validation examples only.
         top_k: harmful and helpful training examples reported per point.
         every_n_epochs: also analyse at the end of validation every N epochs (0 = only at the end of fit).
@@ -89,9 +90,15 @@ class InfluenceCallback(pl.Callback):
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
         train_dataloader: a loader whose dataset and collate function to use instead.
         save_scores: also write the full ``[points, n_train]`` score matrix as a tensor file.
-        mislabel_candidates: also report this many training examples with the largest self-influence
-            ``|I(z, z)|`` (likely mislabelled) under ``influence/mislabel/`` (0 = off).
+        mislabel_candidates: also report this many likely mislabelled training examples under
+            ``influence/mislabel/`` (0 = off, ``"all"``: rank the whole training set in the JSON), ranked by the
+            training signals when recorded, else by self-influence ``|I(z, z)|`` (docs/mislabel.md).
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
+        training_signals: record per-example loss, margin and EL2N at ``signal_checkpoints`` epochs (one
+            forward pass over the training set each) for the mislabel ranking. Default: on with the analysis.
+        signal_checkpoints: recorded epochs, evenly spaced over ``max_epochs`` (every epoch without it).
+        signals_outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` for the recording (default:
+            ``module(batch[0]), batch[1]``).
         num_candidates: score each monitored point only against its ``num_candidates`` nearest training examples
             in feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
@@ -139,8 +146,11 @@ class InfluenceCallback(pl.Callback):
         train_dataset: Optional[Dataset] = None,
         train_dataloader: Optional[DataLoader] = None,
         save_scores: bool = False,
-        mislabel_candidates: int = 0,
+        mislabel_candidates: Union[int, str] = 0,
         mislabel_rank: int = 64,
+        training_signals: Optional[bool] = None,
+        signal_checkpoints: int = DEFAULT_SIGNAL_CHECKPOINTS,
+        signals_outputs_fn: Optional[Callable[..., Any]] = None,
         num_candidates: Optional[int] = None,
         knn_backend: str = DEFAULT_KNN_BACKEND,
         feature_fn: FeatureFn | str | None = None,
@@ -156,8 +166,12 @@ class InfluenceCallback(pl.Callback):
         _check(loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str), "loss_fn",
                "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
-        _check(isinstance(mislabel_candidates, int) and mislabel_candidates >= 0, "mislabel_candidates",
-               "an int >= 0", mislabel_candidates)
+        _check(mislabel_candidates == "all" or (isinstance(mislabel_candidates, int) and mislabel_candidates >= 0),
+               "mislabel_candidates", "an int >= 0 or 'all'", mislabel_candidates)
+        self.explains = val_indices is not None or num_worst != 0
+        _check(self.explains or mislabel_candidates != 0, "num_worst", "a positive int (0 only with"
+               " `mislabel_candidates` set: the mislabel analysis alone)", num_worst)
+        _check(self.explains or not verify_loo, "verify_loo", "0 without an explanation (num_worst=0)", verify_loo)
         _check(isinstance(verify_loo, int) and 0 <= verify_loo <= 2 * top_k, "verify_loo",
                f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
         _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
@@ -165,7 +179,7 @@ class InfluenceCallback(pl.Callback):
         num_candidates = legacy_candidates(num_candidates, solver_options)
         try:
             self.settings = ExplainConfig(
-                top_k=top_k, num_worst=num_worst, val_indices=None if val_indices is None else tuple(val_indices),
+                top_k=top_k, num_worst=num_worst or 1, val_indices=None if val_indices is None else tuple(val_indices),
                 misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size,
                 keep_full_scores=save_scores, diagnose=diagnose, num_candidates=num_candidates,
                 knn_backend=knn_backend, feature_fn=feature_fn,
@@ -174,7 +188,8 @@ class InfluenceCallback(pl.Callback):
             self.damping = check_damping(damping)
             self.curvature = check_curvature(curvature)
             self.solver_config: SolverConfig = solver_config(solver, legacy_solver_options(solver_options))
-            self.mislabel_config = LowRankConfig(rank=mislabel_rank)
+            self.mislabel = MislabelAnalysis(mislabel_count(mislabel_candidates), mislabel_rank, training_signals,
+                                             signal_checkpoints, signals_outputs_fn)
         except (ImportError, TypeError, ValueError) as err:
             raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
         self.loss_fn = import_loss_fn(loss_fn) if isinstance(loss_fn, str) else loss_fn
@@ -193,6 +208,7 @@ class InfluenceCallback(pl.Callback):
         self.verbose = verbose
         self.analysed: list[dict[str, Any]] = []  # {"epoch", "global_step", "stage", "val_indices"} per analysis
         self.last_explanation: Optional[Explanation] = None
+        self.last_mislabel: Optional[MislabelReport] = None  # rank zero: the last mislabel report written
         self._writers = Writers()
         self._fit_train_loader: Any = None
 
@@ -200,7 +216,8 @@ class InfluenceCallback(pl.Callback):
     @override
     def state_key(self) -> str:
         """Two callbacks in one Trainer keep their own checkpoint state when they explain different things."""
-        return self._generate_state_key(num_worst=self.settings.num_worst, val_indices=self.settings.val_indices,
+        return self._generate_state_key(num_worst=self.settings.num_worst if self.explains else 0,
+                                        val_indices=self.settings.val_indices,
                                         solver=type(self.solver_config).__name__,
                                         mislabel_candidates=self.mislabel_candidates)
 
@@ -216,6 +233,7 @@ class InfluenceCallback(pl.Callback):
             )
         if trainer.is_global_zero:
             self._check_writable(trainer)
+        self.mislabel.setup(trainer, pl_module, stage)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,7 +263,12 @@ class InfluenceCallback(pl.Callback):
             self._run(trainer, pl_module, "validate", _last_epoch(trainer))
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mislabel.on_train_epoch_end(trainer, pl_module, lambda: self._train_data(trainer, pl_module), self.strict)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mislabel.on_train_end(trainer, pl_module, lambda: self._train_data(trainer, pl_module), self.strict)
         if self.analyse_on_train_end:
             self._run(trainer, pl_module, "fit_end", _last_epoch(trainer))
 
@@ -255,11 +278,12 @@ class InfluenceCallback(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"analysed": [dict(entry) for entry in self.analysed]}
+        return {"analysed": [dict(entry) for entry in self.analysed], "signals": self.mislabel.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.analysed = [dict(entry) for entry in state_dict.get("analysed", [])]
+        self.mislabel.load_state_dict(state_dict.get("signals") or {})
 
     # -- the analysis --------------------------------------------------------------------------------------
     def _already_done(self, global_step: int, stage: str) -> bool:
@@ -276,8 +300,8 @@ class InfluenceCallback(pl.Callback):
             return
         try:
             with isolate_rng():
-                explanation = self._explain(trainer, pl_module)
-                mislabel = self._mislabel(trainer, pl_module, epoch) if self.mislabel_candidates else None
+                explanation = self._explain(trainer, pl_module) if self.explains else None
+                mislabel = self._mislabel(trainer, pl_module, epoch) if self.mislabel.enabled else None
         except Exception as err:  # noqa: BLE001 - the user's training must survive a failed analysis
             if self.strict:
                 raise
@@ -286,23 +310,27 @@ class InfluenceCallback(pl.Callback):
                 f" {type(err).__name__}: {err}\nTraining goes on. Pass `InfluenceCallback(strict=True)` to raise instead."
             )
             return
-        self.last_explanation = explanation
+        self.last_explanation = explanation or self.last_explanation
         self.analysed.append({"epoch": epoch, "global_step": trainer.global_step, "stage": stage,
-                              "val_indices": [p.val_index for p in explanation.points]})
+                              "val_indices": [p.val_index for p in explanation.points] if explanation else []})
         self._isolated(epoch, trainer, "writing its results",
                        lambda: self._write_all(trainer, pl_module, explanation, mislabel, stage, epoch))
         if trainer.world_size > 1:
             trainer.strategy.barrier("influence_written")  # no rank runs ahead into the next epoch
 
-    def _write_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
+    def _write_all(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Optional[Explanation],
                    mislabel: Optional[MislabelReport], stage: str, epoch: int) -> None:
         log_dir = shared_log_dir(trainer)  # a collective: every rank asks
-        publish_score_shard(log_dir, explanation, epoch)  # every rank writes its own shard of the full scores
+        if explanation is not None:
+            publish_score_shard(log_dir, explanation, epoch)  # every rank writes its own shard of the full scores
         if not trainer.is_global_zero:
             return
-        self._write(trainer, explanation, stage, epoch, log_dir)
+        if explanation is not None:
+            self._write(trainer, explanation, stage, epoch, log_dir)
         if mislabel is not None:
             self._write_mislabel(trainer, mislabel, log_dir)
+        if explanation is None:
+            return
         if explanation.trust is not None:
             self._warn_once(explanation.trust.warnings)
         if self.verify_loo:
@@ -378,16 +406,9 @@ class InfluenceCallback(pl.Callback):
                            weight_decay=weight_decay(trainer), curvature=self.curvature, describe=self._describe)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
-        train = self._train_data(trainer, pl_module)
-        collectives = collectives_for(trainer)
-        shard_size = len(range(collectives.rank, len(train), collectives.world_size))
-        with progress_task(trainer, "influence: self-influence", shard_size) as on_scored:
-            return find_mislabel_candidates(
-                pl_module, self._resolve_loss_fn(pl_module), train, self.mislabel_config, self.damping,
-                self.mislabel_candidates, epoch=epoch, global_step=trainer.global_step, collectives=collectives,
-                on_scored=on_scored, weight_decay=weight_decay(trainer), curvature=self.curvature,
-                describe=self._describe,
-            )
+        return self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module),
+                                    self._train_data(trainer, pl_module), self.damping, self.curvature,
+                                    self._describe, epoch)
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
         return resolve_loss_fn(pl_module, self.loss_fn)
@@ -409,6 +430,7 @@ class InfluenceCallback(pl.Callback):
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
 
     def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport, log_dir: Path) -> None:
+        self.last_mislabel = report
         publish_mislabel(self._writers.get(trainer, log_dir), log_dir, report, verbose=self.verbose)
 
 

@@ -28,11 +28,11 @@ from lightning_influence.analysis.training_signals import (
     OutputsFn,
     TrainingSignalRecorder,
     classification_outputs,
-    confusion_records,
     relabel_records,
 )
 from lightning_influence.core.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
+from lightning_influence.reporting.relabel import confusion_records
 
 
 def scheduled_epochs(max_epochs: int, checkpoints: int) -> list[int]:

@@ -64,6 +64,10 @@ def _scale(text: str) -> Union[float, str]:
 _damping = _scale  # a number, or "auto"
 
 
+def _top(text: str) -> Union[int, str]:
+    return text if text == "all" else int(text)
+
+
 INFLUENCE_OPTIONS = (
     Option("--val-indices", "val_indices", None, "validation dataset indices to explain (else the worst ones)",
            type=int, nargs="+"),
@@ -93,8 +97,8 @@ INFLUENCE_OPTIONS = (
 )
 
 MISLABEL_OPTIONS = (
-    Option("--top", "mislabel_candidates", 20, "training examples to list, largest |I(z, z)| first", type=int,
-           aliases=("--candidates",)),
+    Option("--top", "mislabel_candidates", 20, "training examples to list, largest |I(z, z)| first, or 'all' (the"
+           " JSON ranks the whole training set)", type=_top, aliases=("--candidates",)),
     Option("--rank", "mislabel_rank", LowRankConfig.rank, "eigenpairs of H (Lanczos) used for self-influence", type=int),
     Option("--damping", "damping", DEFAULT_DAMPING, "lambda added to the curvature, or 'auto'", type=_damping),
     Option("--curvature", "curvature", DEFAULT_CURVATURE, "the curvature C of (C + damping I)", choices=CURVATURES),
@@ -190,6 +194,7 @@ def run_mislabel(args: argparse.Namespace) -> int:
     from lightning_influence.core.data import IndexedData
     from lightning_influence.reporting import mislabel_to_dict
     from lightning_influence.reporting.publish import publish_mislabel
+    from lightning_influence.reporting.tables import ranking_line
 
     check_exports(args)
     context = load_context(args)
@@ -209,6 +214,8 @@ def run_mislabel(args: argparse.Namespace) -> int:
     finally:
         context.close()
     _exports(args, mislabel_to_dict(report), None)
+    if report.signals is None and args.quiet:  # else the summary table's caption says it
+        print(ranking_line(report))  # what ranking without training signals costs (also in the JSON)
     report_done(context, path)
     return 0
 
@@ -220,6 +227,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", metavar="PATH", help="write a long table, .csv or .parquet (needs pandas)")
     parser.add_argument("--pif-json", metavar="PATH", help="write the top lists in pytorch-influence-functions'"
                         " layout (influence reports only)")
+    parser.add_argument("--relabel", metavar="PATH", help="write the mislabel candidates as a relabel list, .csv or"
+                        " .json (rank, train_index, given_label, predicted_label, new_label = predicted_label to"
+                        " edit, score, self_influence, loss, loss_rank; mislabel reports only)")
     parser.add_argument("--scores", metavar="PATH", help="the score index epoch=N-scores.json beside the report"
                         " (written with --save-scores / save_scores=True): adds every training example's"
                         " influence to --pif-json")
@@ -229,10 +239,18 @@ def run_export(args: argparse.Namespace) -> int:
     from lightning_influence.reporting import load_full_scores
     from lightning_influence.reporting.export import load_report
 
-    if not args.table and not args.pif_json:
-        raise UsageError("Nothing to export: pass `--table out.csv` (or .parquet) and/or `--pif-json out.json`.")
+    if not args.table and not args.pif_json and not args.relabel:
+        raise UsageError("Nothing to export: pass `--table out.csv` (or .parquet), `--pif-json out.json` and/or"
+                         " `--relabel out.csv` (or .json).")
     check_exports(args)
     report = load_report(args.report)
+    if args.relabel:
+        if "candidates" not in report:
+            raise UsageError(f"`--relabel` needs a mislabel report (mislabel_epoch=N.json), but `{args.report}` is an"
+                             " influence report.")
+        from lightning_influence.reporting.relabel import write_relabel
+
+        print(f"Relabel list: {write_relabel(report, args.relabel)}")
     scores = None
     if args.scores:
         val_indices, scores = load_full_scores(args.scores)

@@ -39,7 +39,7 @@ class AnalysisSettings:
     solver: SolverConfig
     damping: Damping
     mislabel: LowRankConfig
-    mislabel_count: int
+    mislabel_count: Optional[int]  # None: the whole training set ("all")
     loss_fn: Any = None
     curvature: str = DEFAULT_CURVATURE
 
@@ -51,6 +51,8 @@ def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> A
     try:
         explain_args = {_EXPLAIN_RENAMES.get(k, k): v for k, v in merged.items()
                         if _EXPLAIN_RENAMES.get(k, k) in explain_fields}
+        if explain_args.get("num_worst") == 0:  # a mislabel-only callback config: nothing to explain there
+            explain_args.pop("num_worst")
         if explain_args.get("val_indices") is not None:
             explain_args["val_indices"] = tuple(explain_args["val_indices"])
         return AnalysisSettings(
@@ -59,12 +61,21 @@ def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> A
                                                                  if merged.get(k) is not None}),
             damping=check_damping(merged.get("damping", DEFAULT_DAMPING)),
             mislabel=LowRankConfig(rank=merged.get("mislabel_rank", LowRankConfig.rank)),
-            mislabel_count=int(merged.get("mislabel_candidates", 0)),
+            mislabel_count=_count(merged.get("mislabel_candidates", 0)),
             loss_fn=_loss_fn(merged.get("loss_fn")),
             curvature=check_curvature(merged.get("curvature", DEFAULT_CURVATURE)),
         )
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
+
+
+def _count(value: Any) -> Optional[int]:
+    """``mislabel_candidates``: an int >= 0, or ``"all"`` (None: every training example)."""
+    if value == "all":
+        return None
+    if int(value) < 0:
+        raise ValueError(f"Expected `mislabel_candidates` to be an int >= 0 or 'all', but got {value!r}.")
+    return int(value)
 
 
 def _solver(solver: Any, options: dict[str, Any]) -> SolverConfig:

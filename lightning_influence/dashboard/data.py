@@ -9,8 +9,6 @@ column (a training example's influence on each point) is ever returned.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -184,34 +182,34 @@ class InfluenceData:
 
     # -- mislabel and trust -------------------------------------------------------------------------------
     def mislabel(self, run: str, epoch: int, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict[str, Any]:
-        """A page of mislabel candidates (strongest ``|I(z, z)|`` first) and the confusion table of given vs
-        predicted label over all candidates."""
+        """A page of mislabel candidates (in the report's ranking order) and the confusion table of given vs
+        predicted label over all candidates (predicted: the suggested label when training signals were recorded)."""
         _, report = self._mislabel_report(run, epoch)
         examples = _examples(report)
         candidates = report["candidates"]
-        page = [{"rank": offset + k, **c, "input": examples["train"].get(str(c["train_index"]), {}).get("input")}
+        from lightning_influence.reporting.relabel import predicted_label
+
+        # "prediction" is what the page shows as predicted: the suggested label when training signals were
+        # recorded (as in the confusion table and the relabel CSV); the model's own is kept as "model_prediction"
+        page = [{"rank": offset + k, **c, "prediction": predicted_label(c), "model_prediction": c.get("prediction"),
+                 "input": examples["train"].get(str(c["train_index"]), {}).get("input")}
                 for k, c in enumerate(candidates[offset: offset + limit])]
         return {"run": run, "epoch": epoch, "global_step": report["global_step"], "train_size": report["train_size"],
                 "definition": report.get("definition"), "solver": report.get("solver"), "total": len(candidates),
                 "offset": offset, "limit": limit, "candidates": page, "confusion": _confusion(candidates)}
 
     def relabel_csv(self, run: str, epoch: int, train_indices: list[int]) -> str:
-        """A CSV of the chosen candidates: ``train_index,given_label,predicted_label,new_label,...`` where
-        ``new_label`` starts as the prediction (edit it before applying)."""
+        """A CSV of the chosen candidates (``lightning_influence.reporting.relabel``, as ``lightning-influence
+        export --relabel`` writes it): ``rank,train_index,given_label,predicted_label,new_label,...`` where
+        ``new_label`` starts as the predicted label (edit it before applying)."""
+        from lightning_influence.reporting.relabel import relabel_csv, relabel_rows
+
         _, report = self._mislabel_report(run, epoch)
-        by_index = {c["train_index"]: c for c in report["candidates"]}
-        missing = [i for i in train_indices if i not in by_index]
-        if missing:
-            raise BadRequest(f"Training examples {missing} are not mislabel candidates of run {run!r} at epoch {epoch}.")
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["train_index", "given_label", "predicted_label", "new_label", "self_influence", "loss",
-                         "loss_rank"])
-        for index in train_indices:
-            c = by_index[index]
-            writer.writerow([index, _csv(c.get("label")), _csv(c.get("prediction")), _csv(c.get("prediction")),
-                             _csv(c.get("self_influence")), _csv(c.get("loss")), c.get("loss_rank")])
-        return out.getvalue()
+        try:
+            rows = relabel_rows(report, train_indices)
+        except ValueError as err:
+            raise BadRequest(f"{err} (run {run!r})") from err
+        return relabel_csv(rows)
 
     def trust(self, run: str, epoch: int) -> dict[str, Any]:
         """The analysis' self-diagnosis: per-point residuals and repeat agreement, warnings, solver settings and
@@ -346,7 +344,9 @@ def _example(train: dict[str, Any], index: int) -> dict[str, Any]:
 
 def _confusion(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts of (given label, predicted label) among the candidates, labels in sorted order."""
-    keys = [(_csv(c.get("label")), _csv(c.get("prediction"))) for c in candidates]
+    from lightning_influence.reporting.relabel import predicted_label
+
+    keys = [(_csv(c.get("label")), _csv(predicted_label(c))) for c in candidates]
     labels = sorted({k for pair in keys for k in pair}, key=lambda s: (len(s), s))
     position = {label: i for i, label in enumerate(labels)}
     counts = [[0] * len(labels) for _ in labels]

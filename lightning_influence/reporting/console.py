@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from lightning_influence.config import MISLABEL_SHOWN
 from lightning_influence.reporting._format import (
     format_float,
     format_top,
@@ -14,7 +15,7 @@ from lightning_influence.reporting._format import (
     solver_line,
     timings_line,
 )
-from lightning_influence.reporting.tables import mislabel_agreement
+from lightning_influence.reporting.tables import mislabel_agreement, ranking_label, ranking_line
 from lightning_influence.results import InfluenceReport, MislabelReport
 
 
@@ -65,18 +66,22 @@ def mislabel_table(report: MislabelReport) -> Table:
     table = Table(
         title=(
             f"Mislabel candidates at epoch {report.epoch}, step {report.global_step}: top "
-            f"{len(report.candidates)} of {report.train_size} by |I(z, z)|"
+            f"{len(report.candidates)} of {report.train_size} by {ranking_label(report)}"
         ),
         caption=(
+            f"{ranking_line(report)}\n"
             f"solver {solver.solver}, damping {format_float(solver.damping, 3)}, "
             f"{format_float(report.seconds, 3)} s; {mislabel_agreement(report)}\n"
             "I(z, z) = -g^T (H + damping I)^-1 g <= 0: larger |I| = the model bent more to fit it"
         ),
     )
-    for name in ("rank", "train idx", "label", "pred", "I(z, z)", "loss", "loss rank"):
+    signals = report.signals is not None
+    for name in ("rank", "train idx", "label", "pred", "I(z, z)", "loss", "loss rank") + (
+            ("score", "suggested") if signals else ()):
         table.add_column(name, justify="right", style="red" if name == "I(z, z)" else None)
-    for rank, candidate in enumerate(report.candidates, start=1):
-        table.add_row(*mislabel_row(rank, candidate))
+    for rank, candidate in enumerate(report.candidates[:MISLABEL_SHOWN], start=1):
+        extra = [format_float(candidate.score), format_value(candidate.suggested_label)] if signals else []
+        table.add_row(*mislabel_row(rank, candidate), *extra)
     return table
 
 

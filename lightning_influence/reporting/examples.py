@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lightning_influence.config import MISLABEL_SHOWN
 from lightning_influence.core.batching import looks_like_image
 from lightning_influence.reporting._format import to_builtin
 from lightning_influence.results import InfluenceReport, MislabelReport
@@ -62,7 +63,8 @@ def report_examples(report: InfluenceReport) -> dict[str, Any]:
 
 def mislabel_examples(report: MislabelReport) -> dict[str, Any]:
     """The mislabel candidates' renderings: ``{"train": {index: entry}}`` as in :func:`report_examples`."""
-    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input, c.text) for c in report.candidates}
+    shown = report.candidates[:MISLABEL_SHOWN]  # the whole training set may be ranked: render the top only
+    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input, c.text) for c in shown}
     return {"val": {}, "train": train}
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any, Union
 
 import torch
 
+from lightning_influence.config import NO_SIGNALS_NOTE
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
 from lightning_influence.reporting.examples import mislabel_examples, report_examples
 from lightning_influence.results import (
@@ -34,6 +35,12 @@ SCHEMA_VERSION = 1
 SELF_INFLUENCE_DEFINITION = (
     "self_influence = I(z, z) = -g^T (H + damping I)^-1 g <= 0; larger |I(z, z)| = more likely mislabelled"
 )
+#: What each ``ranking`` orders by (the JSON's ``ranking_definition``; larger score = more suspicious).
+RANKING_DEFINITIONS = {
+    "self_influence": "largest |I(z, z)| first (self-influence at the analysed weights)",
+    "el2n_window": ("el2n_window: mean over the recorded checkpoints up to the EL2N-separation window of"
+                    " ||softmax(z) - e_y||_2; larger = more likely mislabelled (docs/mislabel.md)"),
+}
 FILE_MODE = 0o644
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -208,8 +215,10 @@ def load_full_scores(index_path: PathLike) -> tuple[list[int], torch.Tensor]:
 def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
     """Convert a mislabel report to JSON-serialisable builtins (schema version 1, see ``docs/mislabel.md``).
 
-    Candidates keep the report's order (strongest ``|I(z, z)|`` first); ``loss_rank`` is 0-based
-    (0 = highest training loss). ``report.scores`` is not included (it goes to the TensorBoard histogram).
+    Candidates keep the report's order (its ``ranking``: strongest ``|I(z, z)|`` first without training signals);
+    ``loss_rank`` is 0-based (0 = highest training loss). ``rankings`` lists every named ranking as training
+    indices (as many as there are candidates); ``training_signals`` says whether the run recorded them and,
+    when not, what that costs. ``report.scores`` is not included (it goes to the TensorBoard histogram).
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -219,9 +228,28 @@ def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
         "definition": SELF_INFLUENCE_DEFINITION,
         "solver": _solver_to_dict(report.solver),
         "seconds": to_builtin(float(report.seconds)),
+        "ranking": report.ranking,
+        "ranking_definition": RANKING_DEFINITIONS.get(report.ranking, report.ranking),
+        "training_signals": _signals_to_dict(report.signals),
         "candidates": [_candidate_to_dict(candidate) for candidate in report.candidates],
+        "rankings": _rankings_to_dict(report),
         "examples": mislabel_examples(report),  # the candidates' renderings (the dashboard's)
     }
+
+
+def _signals_to_dict(signals: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"recorded": true, "epochs", "seconds", "default"}``, or ``{"recorded": false, "note"}`` (what it costs)."""
+    if signals is None:
+        return {"recorded": False, "note": NO_SIGNALS_NOTE}
+    return {"recorded": True, **to_builtin(signals)}
+
+
+def _rankings_to_dict(report: MislabelReport) -> dict[str, list[int]]:
+    """Every named ranking as training indices, most suspicious first, as long as the candidate list."""
+    count = len(report.candidates)
+    return {name: [int(i) for i in torch.argsort(torch.nan_to_num(score.double(), nan=float("-inf")),
+                                                 descending=True, stable=True)[:count].tolist()]
+            for name, score in report.rankings.items()}
 
 
 def write_mislabel_files(directory: PathLike, report: MislabelReport) -> Path:
@@ -266,6 +294,8 @@ def _candidate_to_dict(candidate: MislabelCandidate) -> dict[str, Any]:
         "loss_rank": int(candidate.loss_rank),
         "label": to_builtin(candidate.label),
         "prediction": to_builtin(candidate.prediction),
+        "score": None if candidate.score is None else to_builtin(float(candidate.score)),
+        "suggested_label": to_builtin(candidate.suggested_label),
     }
 
 

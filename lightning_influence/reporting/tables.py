@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_influence.config import MISLABEL_SHOWN, NO_SIGNALS_NOTE
 from lightning_influence.reporting._format import (
     MISSING,
     SIGN_CONVENTION,
@@ -18,6 +19,7 @@ from lightning_influence.reporting._format import (
     solver_line,
     timings_line,
 )
+from lightning_influence.reporting.relabel import confusion_records
 from lightning_influence.results import (
     ExplainedPoint,
     InfluenceReport,
@@ -148,31 +150,39 @@ def report_markdown(report: InfluenceReport) -> str:
 
 
 def mislabel_markdown(report: MislabelReport) -> str:
-    """Markdown table of the mislabel candidates, strongest ``|I(z, z)|`` first, beside the loss baseline.
+    """Markdown table of the mislabel candidates in the report's ranking order, beside the loss baseline.
 
     Args:
         report: the mislabel analysis at one epoch / global step.
 
     Returns:
-        Markdown with a heading, the solver line (solver, damping, settings, time), what the score means, a
-        sentence on where the self-influence and training-loss rankings agree, and the table
-        ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank``
-        (plus ``example`` and a no-grid line for non-image inputs, as in :func:`point_markdown`).
+        Markdown with a heading, the solver line (solver, damping, settings, time), what the score means, the
+        ranking used (training signals, or what ranking without them costs), a sentence on where the
+        self-influence and training-loss rankings agree, and the table
+        ``rank | dataset index | given label | prediction | self-influence | training loss | loss rank`` (plus
+        ``score`` and ``suggested label`` with training signals, and ``example`` and a no-grid line for
+        non-image inputs, as in :func:`point_markdown`) of the first ``MISLABEL_SHOWN`` candidates.
     """
+    signals = report.signals is not None
+    shown = report.candidates[:MISLABEL_SHOWN]
     rows = [
-        mislabel_row(rank, candidate)
-        for rank, candidate in enumerate(report.candidates, start=1)
+        mislabel_row(rank, candidate) + ([format_float(candidate.score), format_value(candidate.suggested_label)]
+                                         if signals else [])
+        for rank, candidate in enumerate(shown, start=1)
     ]
-    texts = [_example_text(candidate.text, candidate.input) for candidate in report.candidates]
-    columns, rows = _with_examples(MISLABEL_COLUMNS, rows, texts)
+    columns = MISLABEL_COLUMNS + ((f"score ({report.ranking})", "suggested label") if signals else ())
+    texts = [_example_text(candidate.text, candidate.input) for candidate in shown]
+    columns, rows = _with_examples(columns, rows, texts)
     note = picture_note([candidate.input for candidate in report.candidates]) if report.candidates else None
     solver = report.solver
     lines = [
         (
             f"**Mislabel candidates**: epoch {report.epoch}, global step {report.global_step}, top "
-            f"{len(report.candidates)} of {report.train_size} training examples by |I(z, z)|."
+            f"{len(report.candidates)} of {report.train_size} training examples by {ranking_label(report)}"
+            + (f" (the first {len(shown)} shown)." if len(shown) < len(report.candidates) else ".")
         ),
         "",
+        f"- {ranking_line(report)}",
         (
             f"- Self-influence: solver {solver.solver}, damping {format_float(solver.damping, 3)}, settings "
             f"{_settings_text(solver.settings)}, {format_float(report.seconds, 3)} s."
@@ -183,6 +193,55 @@ def mislabel_markdown(report: MislabelReport) -> str:
         _table(columns, rows) if rows else "_No candidates._",
     ]
     return "\n".join(lines if note is None else [*lines, "", f"_{note}_"])
+
+
+def ranking_label(report: MislabelReport) -> str:
+    """What orders the candidates, in words: ``|I(z, z)|`` or the training-signal ranking's name."""
+    return "|I(z, z)|" if report.ranking == "self_influence" else f"`{report.ranking}` (training signals)"
+
+
+def ranking_line(report: MislabelReport) -> str:
+    """One sentence: the training signals the ranking used, or that there were none and what that costs."""
+    signals = report.signals
+    if signals is None:
+        return NO_SIGNALS_NOTE
+    epochs = list(signals.get("epochs", []))
+    span = f"epochs {epochs[0]}-{epochs[-1]}" if epochs else "no epochs"
+    return (f"Ranked by `{report.ranking}` from training signals recorded at {len(epochs)} checkpoints ({span},"
+            f" {format_float(signals.get('seconds'), 3)} s); the self-influence and signal rankings are in the"
+            " JSON `rankings`.")
+
+
+def confusion_candidates(report: MislabelReport) -> int:
+    """How many of the top candidates the per-class table counts: all of them, or the top 10% (at least
+    ``MISLABEL_SHOWN``) when the whole training set is ranked."""
+    count = len(report.candidates)
+    if count < report.train_size:
+        return count
+    return min(count, max(MISLABEL_SHOWN, report.train_size // 10))
+
+
+def mislabel_confusion_markdown(report: MislabelReport) -> str:
+    """Per-class table of the candidates: how many per (given label, predicted label) pair, largest first.
+
+    The predicted label is the training signals' suggested label (the most likely other class over the
+    recorded checkpoints) when there is one, else the model's prediction. An asymmetric confusion (one
+    class's labels flipped to one other class) shows up as one large row.
+    """
+    counted = report.candidates[:confusion_candidates(report)]
+    records = confusion_records([c.label for c in counted],
+                                [c.prediction if c.suggested_label is None else c.suggested_label for c in counted])
+    predicted = "suggested label (training signals)" if report.signals is not None else "prediction"
+    lines = [
+        (f"**Mislabel candidates per class**: epoch {report.epoch}, global step {report.global_step}; the top"
+         f" {len(counted)} candidates by {ranking_label(report)}, counted per (given label, {predicted}), largest"
+         " first."),
+        "",
+        _table(("given label", "predicted label", "candidates", "share"),
+               [[format_value(r["given_label"]), format_value(r["predicted_label"]), str(r["count"]),
+                 f"{r['count'] / len(counted):.0%}"] for r in records]) if records else "_No candidates._",
+    ]
+    return "\n".join(lines)
 
 
 def mislabel_agreement(report: MislabelReport) -> str:

@@ -6,12 +6,19 @@ Every tag lives under ``influence/``; see ``docs/output-format.md`` for the full
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 
+from lightning_influence.config import MISLABEL_SHOWN
 from lightning_influence.reporting.images import influence_grid_figure, looks_like_image, mislabel_grid_figure
-from lightning_influence.reporting.tables import mislabel_markdown, point_markdown, report_markdown
+from lightning_influence.reporting.tables import (
+    mislabel_confusion_markdown,
+    mislabel_markdown,
+    point_markdown,
+    report_markdown,
+)
 from lightning_influence.results import (
     ExplainedPoint,
     InfluenceReport,
@@ -108,8 +115,9 @@ def _number(value: float | None) -> str:
 def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> None:
     """Write a mislabel analysis to ``writer`` at step ``report.global_step``, then flush.
 
-    Tags: ``influence/mislabel/examples`` (captioned image grid of the candidates, only when there are
-    candidates and every one carries an image input), ``influence/mislabel/table`` (markdown),
+    Tags: ``influence/mislabel/examples`` (captioned image grid of the first ``MISLABEL_SHOWN`` candidates,
+    only when there are candidates and every one carries an image input), ``influence/mislabel/table``
+    (markdown), ``influence/mislabel/per_class`` (markdown: candidates per given/predicted label pair),
     ``influence/mislabel/self_influence`` (histogram of ``report.scores``, when present) and the scalar
     ``influence/mislabel/seconds``.
 
@@ -120,11 +128,13 @@ def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> 
     """
     step = report.global_step
     tag = f"{PREFIX}/mislabel"
-    if report.candidates and all(
-        candidate.input is not None and looks_like_image(candidate.input) for candidate in report.candidates
+    shown = replace(report, candidates=report.candidates[:MISLABEL_SHOWN])  # the grid: the top candidates only
+    if shown.candidates and all(
+        candidate.input is not None and looks_like_image(candidate.input) for candidate in shown.candidates
     ):
-        writer.add_figure(f"{tag}/examples", mislabel_grid_figure(report), global_step=step)
+        writer.add_figure(f"{tag}/examples", mislabel_grid_figure(shown), global_step=step)
     writer.add_text(f"{tag}/table", mislabel_markdown(report), global_step=step)
+    writer.add_text(f"{tag}/per_class", mislabel_confusion_markdown(report), global_step=step)
     if report.scores is not None:
         _write_histogram(writer, f"{tag}/self_influence", report.scores, step)
     writer.add_scalar(f"{tag}/seconds", float(report.seconds), global_step=step)

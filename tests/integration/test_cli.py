@@ -120,7 +120,7 @@ def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
     torch.testing.assert_close(table[0], torch.tensor(full, dtype=table.dtype))
 
 
-def test_cli_writes_what_the_callback_writes(checkpoint, tmp_path):
+def test_cli_writes_what_the_callback_writes(checkpoint, tmp_path, capsys):
     callback = InfluenceCallback(solver="exact", damping=0.5, num_worst=2, top_k=3, mislabel_candidates=5,
                                  mislabel_rank=16, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", logger=TensorBoardLogger(tmp_path, name="validate"),
@@ -140,6 +140,9 @@ def test_cli_writes_what_the_callback_writes(checkpoint, tmp_path):
             torch.testing.assert_close(torch.tensor([s for _, s in pa[kind]]), torch.tensor([s for _, s in pb[kind]]))
     ma, mb = _only(from_callback, "mislabel_epoch=*.json"), _only(out / "influence", "mislabel_epoch=*.json")
     jsonschema.validate(mb, report_schema("mislabel"))
+    # post hoc: no training signals, and the report says what that costs (JSON field and a console line)
+    assert mb["ranking"] == "self_influence" and mb["training_signals"]["recorded"] is False
+    assert mb["training_signals"]["note"] in capsys.readouterr().out
     assert [c["train_index"] for c in ma["candidates"]] == [c["train_index"] for c in mb["candidates"]]
     scores = [c["self_influence"] for c in mb["candidates"]]
     assert scores == sorted(scores) and all(s < 0 for s in scores)

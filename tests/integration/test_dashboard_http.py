@@ -21,6 +21,7 @@ from helpers.dashboard_runs import KINDS, fitted_runs
 
 from lightning_influence.reporting import load_full_scores
 from lightning_influence.reporting.export import report_schema
+from lightning_influence.reporting.relabel import predicted_label
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from dashboard_server import declared_entry_points, running_dashboard, wait_for_scalars
@@ -185,7 +186,8 @@ def test_mislabel_candidates_confusion_and_relabel_csv(server, kind):
     labels = confusion["labels"]
     for given in labels:
         for predicted in labels:
-            expected = sum(str(c["label"]) == given and str(c["prediction"]) == predicted for c in report["candidates"])
+            expected = sum(str(c["label"]) == given and str(predicted_label(c)) == predicted
+                           for c in report["candidates"])
             assert confusion["counts"][labels.index(given)][labels.index(predicted)] == expected
     chosen = [c["train_index"] for c in report["candidates"][:3]]
     query = urllib.parse.urlencode({"run": RUNS[kind], "epoch": 1, "train_indices": ",".join(map(str, chosen))})
@@ -195,8 +197,9 @@ def test_mislabel_candidates_confusion_and_relabel_csv(server, kind):
         rows = list(csv.DictReader(io.StringIO(response.read().decode())))
     assert [int(r["train_index"]) for r in rows] == chosen
     for row, candidate in zip(rows, report["candidates"]):
+        suggested = predicted_label(candidate)  # the training signals' suggested label (recorded during the fit)
         assert (row["given_label"], row["predicted_label"], row["new_label"]) == (
-            str(candidate["label"]), str(candidate["prediction"]), str(candidate["prediction"]))
+            str(candidate["label"]), str(suggested), str(suggested))
         assert float(row["self_influence"]) == pytest.approx(candidate["self_influence"])
 
 

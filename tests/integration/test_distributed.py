@@ -359,6 +359,23 @@ def _influence_tags(path: str) -> list[str]:
             if tag.startswith("influence/")]
 
 
+def _check_training_signals_assembled_by_index(path: str, model: nn.Module, train: TensorDataset) -> None:
+    """The callback's training signals (each rank recorded its shard, rank 0 assembled them by dataset index)
+    equal the EL2N of the final weights computed in one process, for every training example."""
+    from lightning_influence.analysis.training_signals import example_signals
+
+    with open(path) as handle:
+        report = json.load(handle)
+    assert report["ranking"] == "el2n_window" and report["training_signals"]["epochs"] == [0]  # max_epochs=1
+    assert sorted(c["train_index"] for c in report["candidates"]) == list(range(len(train)))
+    x, y = train.tensors
+    model.eval()
+    with torch.no_grad():
+        el2n = example_signals(model(x), y)["el2n"]
+    scores = torch.tensor([c["score"] for c in report["candidates"]])
+    torch.testing.assert_close(scores, el2n[[c["train_index"] for c in report["candidates"]]], rtol=1e-4, atol=1e-5)
+
+
 def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analysis(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -368,7 +385,7 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
     train, val = TensorDataset(x[:160], y[:160]), TensorDataset(x[1500:1540], y[1500:1540])
     lissa = {"depth": 30, "repeats": 2, "batch_size": 16, "seed": 0}  # repeat 0 on rank 0, repeat 1 on rank 1
     callback = li.InfluenceCallback(num_worst=2, top_k=3, damping=DAMPING, verbose=False, strict=True,
-                                    save_scores=True, **lissa)
+                                    save_scores=True, mislabel_candidates="all", mislabel_rank=8, **lissa)
     pl.seed_everything(0)
     model = sys.modules[__name__].TinyClassifier()
     trainer = pl.Trainer(
@@ -382,14 +399,15 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
     with_influence = [path for path in event_files if _influence_tags(path)]
     assert len(with_influence) == 1, event_files  # rank 0 only
     json_files = glob.glob(f"{tmp_path}/**/influence/*.json", recursive=True)
-    assert sorted(os.path.basename(path) for path in json_files) == ["epoch=0-scores.json", "epoch=0.json"]
+    assert sorted(os.path.basename(path) for path in json_files) == ["epoch=0-scores.json", "epoch=0.json",
+                                                                     "mislabel_epoch=0.json"]
     directory = os.path.dirname(json_files[0])
     with open(f"{directory}/epoch=0.json") as handle:
         record = json.load(handle)
     assert record["train_size"] == len(train) and record["solver"]["settings"]["repeats"] == 2
     # full scores: each rank wrote its own shard, rank 0 the index; together they cover the set once
     assert sorted(os.listdir(directory)) == ["epoch=0-scores-rank0.pt", "epoch=0-scores-rank1.pt",
-                                             "epoch=0-scores.json", "epoch=0.json"]
+                                             "epoch=0-scores.json", "epoch=0.json", "mislabel_epoch=0.json"]
     assert len(torch.load(f"{directory}/epoch=0-scores-rank1.pt", weights_only=True)["train_indices"]) == 80
     val_indices, full = load_full_scores(f"{directory}/epoch=0-scores.json")
     assert val_indices == [p["val_index"] for p in record["points"]] and not full.isnan().any()
@@ -397,6 +415,7 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
         assert [i for i, _ in point["harmful"]] == full[row].topk(3).indices.tolist()
 
     # ddp_spawn hands rank 0's final weights back to `model`: recompute on one process with the same settings
+    _check_training_signals_assembled_by_index(f"{directory}/mislabel_epoch=0.json", model, train)
     local = explain(model, lambda m, b: m.per_example_loss(b), IndexedData(train), IndexedData(val),
                     LissaConfig(**lissa), DAMPING, ExplainConfig(top_k=3, num_worst=2))
     assert [p["val_index"] for p in record["points"]] == [p.val_index for p in local.points]

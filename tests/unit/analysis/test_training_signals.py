@@ -19,12 +19,11 @@ from lightning_influence.analysis.training_signals import (
     DEFAULT_SCORE,
     TrainingSignalRecorder,
     component_scores,
-    confusion_records,
     example_signals,
-    relabel_csv,
     relabel_records,
 )
 from lightning_influence.core.data import IndexedData
+from lightning_influence.reporting.relabel import confusion_records, relabel_csv
 
 
 def _data(n: int = 200, flip: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from lightning_influence.reporting import (
     write_mislabel_files,
     write_mislabel_report,
 )
+from lightning_influence.reporting.tables import mislabel_confusion_markdown
 
 TEXT = "/text_summary"  # torch's SummaryWriter.add_text appends this to every text tag
 SIZE_GUIDANCE = {"images": 0, "scalars": 0, "tensors": 0, "histograms": 0}
@@ -71,7 +72,7 @@ def test_tensorboard_tags(tmp_path: Path) -> None:
     tags = events.Tags()
     assert tags["images"] == ["influence/mislabel/examples"]
     assert events.Images("influence/mislabel/examples")[0].step == report.global_step
-    assert tags["tensors"] == [f"influence/mislabel/table{TEXT}"]
+    assert sorted(tags["tensors"]) == [f"influence/mislabel/per_class{TEXT}", f"influence/mislabel/table{TEXT}"]
     assert events.SummaryMetadata(f"influence/mislabel/table{TEXT}").plugin_data.plugin_name == "text"
     table = text_of(events, "influence/mislabel/table")
     assert all(f"| {index} |" in table for index in TRAIN_INDICES)
@@ -85,7 +86,7 @@ def test_flat_inputs_give_no_image_and_no_scores_no_histogram(tmp_path: Path) ->
     events = write_events(tmp_path, make_report(input_shape=(64,), scores=False))
     tags = events.Tags()
     assert tags["images"] == [] and tags["histograms"] == []
-    assert tags["tensors"] == [f"influence/mislabel/table{TEXT}"]
+    assert sorted(tags["tensors"]) == [f"influence/mislabel/per_class{TEXT}", f"influence/mislabel/table{TEXT}"]
     assert tags["scalars"] == ["influence/mislabel/seconds"]
 
 
@@ -134,7 +135,10 @@ def test_json_round_trip(tmp_path: Path) -> None:
             "loss_rank": candidate.loss_rank,
             "label": int(candidate.label),
             "prediction": candidate.prediction,
+            "score": None,  # no training signals in this report
+            "suggested_label": None,
         }
+    assert loaded["ranking"] == "self_influence" and loaded["training_signals"]["recorded"] is False
     assert sorted(p.name for p in path.parent.iterdir()) == ["mislabel_epoch=2.json"]
 
 
@@ -170,3 +174,27 @@ def test_console_summary() -> None:
     text = buffer.getvalue()
     assert all(str(index) in text for index in TRAIN_INDICES)
     assert "lowrank" in text and "-1.50e+00" in text and "3 of the top 5" in text
+
+
+def test_per_class_table_counts_planted_pairs_largest_first() -> None:
+    """Given/suggested pairs planted: 4 x (8 -> 3), 2 x (1 -> 7), 1 x (5 -> 6); without a suggested label the
+    prediction counts."""
+    pairs = [(8, 3)] * 4 + [(1, 7)] * 2 + [(5, 6)]
+    candidates = tuple(
+        MislabelCandidate(train_index=i, self_influence=-1.0, loss=1.0, loss_rank=i, label=given, prediction=given,
+                          score=1.0 / (i + 1), suggested_label=suggested)
+        for i, (given, suggested) in enumerate(pairs)
+    )
+    report = replace(make_report(), candidates=candidates, ranking="el2n_window",
+                     signals={"epochs": [0, 4, 9], "seconds": 0.5, "default": "el2n_window"})
+    text = mislabel_confusion_markdown(report)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| 8 | 3 | 4 | 57% |", "| 1 | 7 | 2 | 29% |", "| 5 | 6 | 1 | 14% |"]
+    assert "suggested label (training signals)" in text
+    plain = replace(report, candidates=tuple(replace(c, suggested_label=None, prediction=2) for c in candidates),
+                    signals=None, ranking="self_influence")
+    rows = [line for line in mislabel_confusion_markdown(plain).splitlines() if line.startswith("| ")][2:]
+    assert rows == ["| 8 | 2 | 4 | 57% |", "| 1 | 2 | 2 | 29% |", "| 5 | 2 | 1 | 14% |"]
+    table = mislabel_markdown(report)
+    assert "score (el2n_window)" in table and "Ranked by `el2n_window`" in table
+    assert "No training signals" in mislabel_markdown(plain)

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""What recording training signals costs inside ``InfluenceCallback`` under minibatch training.
+
+``benchmarks/mislabel.py`` measures the recording with full-batch training (one step per epoch); a minibatch
+epoch is many steps, so one forward pass over the training set is a smaller share of it. Here the callback
+runs in mislabel-only mode (``num_worst=0``) on digits (1,200 training images, batch 32, Adam) for a 64-64-10
+tanh MLP and a small CNN, with the default ``signal_checkpoints=10``, for ``max_epochs`` 10 and 40. Per run:
+
+* ``train_seconds``: the same fit with ``training_signals=False`` (the training steps, Lightning's own fit
+  overhead and the final self-influence analysis), minus that analysis' own time;
+* ``record_seconds``: the recorder's time (its forward passes and the assembly), from the run with signals;
+* ``ratio = record_seconds / train_seconds`` (the figure the docs quote), and the self-influence analysis'
+  seconds over ``train_seconds`` for scale.
+
+Usage: ``python benchmarks/mislabel_callback_cost.py`` (about a minute on one thread); writes
+``benchmarks/mislabel-callback-cost-results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import InfluenceCallback
+
+RESULTS = Path(__file__).with_name("mislabel-callback-cost-results.json")
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "mlp":
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+        else:
+            self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                                     nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def fit(kind: str, epochs: int, signals: bool) -> InfluenceCallback:
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)[:1200]
+    y = torch.tensor(labels)[:1200]
+    callback = InfluenceCallback(num_worst=0, mislabel_candidates=16, training_signals=signals, verbose=False)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                             default_root_dir=root)
+        began = time.perf_counter()
+        trainer.fit(Classifier(kind), DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
+        callback.fit_seconds = time.perf_counter() - began
+    return callback
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    runs = {}
+    for kind in ("mlp", "cnn"):
+        for epochs in (10, 40):
+            plain, recorded = fit(kind, epochs, False), fit(kind, epochs, True)
+            analysis = plain.last_mislabel.seconds
+            train = plain.fit_seconds - analysis
+            record = recorded.mislabel.signals.recorder.seconds
+            runs[f"{kind}/{epochs}"] = {
+                "epochs_recorded": recorded.mislabel.signals.recorder.epochs_recorded,
+                "train_seconds": train, "record_seconds": record, "ratio": record / train,
+                "self_influence_seconds": analysis, "self_influence_ratio": analysis / train,
+            }
+            print(f"{kind} {epochs} epochs: training {train:.2f} s, recording {record:.2f} s"
+                  f" ({record / train:.3f} of training), self-influence {analysis:.2f} s", flush=True)
+    machine = f"{platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}"
+    RESULTS.write_text(json.dumps({"settings": {"n_train": 1200, "batch_size": 32, "signal_checkpoints": 10},
+                                   "machine": machine + ", 1 thread", "runs": runs}, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

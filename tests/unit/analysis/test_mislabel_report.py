@@ -1,0 +1,77 @@
+"""The mislabel report with and without training signals: its ranking, the named rankings, and the figures
+that the no-signals note quotes, recomputed from benchmarks/mislabel-results.json."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from helpers import LogisticRegression, cross_entropy_per_example, digits
+
+from lightning_influence.analysis.mislabel import find_mislabel_candidates
+from lightning_influence.analysis.training_signals import TrainingSignalRecorder
+from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, LowRankConfig
+from lightning_influence.core.data import IndexedData
+from lightning_influence.reporting import mislabel_to_dict
+
+RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "mislabel-results.json"
+
+
+def test_no_signals_note_quotes_the_benchmark_results_file():
+    results = json.loads(RESULTS.read_text())["results"]
+    for key, ranking in (("self_influence", "si_final"), ("training_signals", "el2n_window")):
+        means = [statistics.mean(results[f"{model}/{noise}"]["per_seed"][ranking]["auroc"])
+                 for model in ("mlp", "cnn") for noise in ("asym10", "uniform30", "hard30")]
+        assert POSTHOC_MISLABEL_AUROC[key] == (round(min(means), 3), round(max(means), 3)), key
+    low, high = POSTHOC_MISLABEL_AUROC["self_influence"]
+    assert f"AUROC {low}-{high}" in NO_SIGNALS_NOTE
+
+
+def _problem(n: int = 120):
+    x, y = digits(torch.float64)
+    x, y = x[:n], y[:n].clone()
+    y[:6] = (y[:6] + 3) % 10  # planted flips
+    torch.manual_seed(0)
+    model = LogisticRegression().double()
+    data = IndexedData(torch.utils.data.TensorDataset(x, y), None, 50)
+    return model, data
+
+
+def test_without_signals_ranks_by_self_influence_and_says_what_it_costs():
+    model, data = _problem()
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data, LowRankConfig(rank=8), 0.1, 5)
+    assert report.ranking == "self_influence" and report.signals is None
+    assert [c.train_index for c in report.candidates] == report.scores.argsort(stable=True)[:5].tolist()
+    as_json = mislabel_to_dict(report)
+    assert as_json["training_signals"] == {"recorded": False, "note": NO_SIGNALS_NOTE}
+    assert as_json["rankings"]["self_influence"] == [c.train_index for c in report.candidates]
+    assert set(as_json["rankings"]) == {"self_influence", "loss"}
+
+
+def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
+    model, data = _problem()
+    recorder = TrainingSignalRecorder(len(data), epochs=[0, 1, 2])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data.dataset.tensors
+    for epoch in range(3):
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        recorder.record(model, data, epoch)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data, LowRankConfig(rank=8), 0.1, None,
+                                      recorder=recorder)
+    assert report.ranking == "el2n_window" and report.signals["epochs"] == [0, 1, 2]
+    assert len(report.candidates) == len(data)  # None: the whole training set
+    expected = torch.argsort(recorder.scores(), descending=True, stable=True).tolist()
+    assert [c.train_index for c in report.candidates] == expected
+    assert [c.score for c in report.candidates] == sorted((c.score for c in report.candidates), reverse=True)
+    suggested = recorder.suggested_labels()
+    assert all(c.suggested_label == int(suggested[c.train_index]) != c.label for c in report.candidates)
+    assert sum(c.input is not None for c in report.candidates) == 64  # inputs kept for the first MISLABEL_SHOWN
+    rankings = mislabel_to_dict(report)["rankings"]
+    assert {"self_influence", "loss", "el2n_window", "aum", "final_margin"} <= set(rankings)
+    assert all(sorted(order) == list(range(len(data))) for order in rankings.values())
+    assert len(set(expected[:6]) & set(range(6))) >= 4  # the planted flips rank high
