@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -235,8 +236,8 @@ def print_table(payload: dict[str, Any]) -> None:
     print("| model | trainable params | epoch (s) | scoring, 8 vectors (s) | scoring / epoch | factored (s) |"
           " peak memory (MiB) | 8 test gradients, hooks / vmap (s) | s_test, defaults (s): damping + scale + recursion |"
           " damping (auto) |"
-          " worst residual (converged) | whole analysis / epoch | paths |")
-    print("|" + "---|" * 13)
+          " worst residual (converged) | whole analysis / epoch | training set for <= 5 epochs | paths |")
+    print("|" + "---|" * 14)
     for row in payload["results"]:
         vmap = "raises" if row["test_gradients_vmap_seconds"] is None else num(row["test_gradients_vmap_seconds"])
         paths = ", ".join(f"{path} {count}" for path, count in row["paths"].items())
@@ -247,8 +248,15 @@ def print_table(payload: dict[str, Any]) -> None:
               f" | {num(row['test_gradients_seconds'])} / {vmap} | {num(row['s_test_seconds'], 1)}:"
               f" {num(row['s_test_damping_seconds'], 1)} + {num(row['s_test_scale_seconds'], 1)}"
               f" + {num(row['s_test_recursion_seconds'], 1)}"
-              f" | {row['damping']:.3g} | {row['residual']:.3f} ({converged}) ({row['s_test_steps']} steps)"
-              f" | {num(row['analysis_over_epoch'], 1)} | {paths} |")
+              f" | {row['damping']:.3g} | {row['residual']:.3f} ({converged}, {row['s_test_steps']} steps)"
+              f" | {num(row['analysis_over_epoch'], 1)} | {break_even(row):,} | {paths} |")
+
+
+def break_even(row: dict[str, Any]) -> int:
+    """The training-set size from which the whole analysis takes at most 5 epochs: s_test does not grow with the
+    training set, while an epoch and the scoring grow linearly (scoring stays ``scoring_over_epoch`` epochs)."""
+    per_example_epoch = row["epoch_seconds"] / row["n_train"]
+    return math.ceil(row["s_test_seconds"] / (per_example_epoch * (5 - row["scoring_over_epoch"])))
 
 
 def main() -> None:
