@@ -11,31 +11,33 @@ import torch
 from helpers.lightning_models import TinyDigitsData, TinyDigitsModel
 
 from lightning_influence import InfluenceCallback
+from lightning_influence.analysis import explain
 from lightning_influence.core.problem import InfluenceProblem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_callback_defaults_on_cuda(monkeypatch):
+def test_callback_defaults_on_cuda(monkeypatch, tmp_path):
     devices: dict[str, set[str]] = {"s_test": set(), "scores": set()}
-    solve, scores = InfluenceProblem.solve, InfluenceProblem.scores
+    solve, scores = explain.solve_s_test_with_halves, InfluenceProblem.scores
 
-    def recorded_solve(self, vectors, *args, **kwargs):
-        result = solve(self, vectors, *args, **kwargs)
-        devices["s_test"].add(result.vectors.device.type)
-        return result
+    def recorded_solve(*args, **kwargs):
+        vectors, *rest = solve(*args, **kwargs)
+        devices["s_test"].add(vectors.device.type)
+        return (vectors, *rest)
 
     def recorded_scores(self, *args, **kwargs):
         for block in scores(self, *args, **kwargs):
             devices["scores"].add(block.device.type)
             yield block
 
-    monkeypatch.setattr(InfluenceProblem, "solve", recorded_solve)
+    monkeypatch.setattr(explain, "solve_s_test_with_halves", recorded_solve)
     monkeypatch.setattr(InfluenceProblem, "scores", recorded_scores)
     pl.seed_everything(0)
     callback = InfluenceCallback(num_worst=2, top_k=3, verbose=False, strict=True)
     trainer = pl.Trainer(max_epochs=2, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                         default_root_dir=tmp_path)  # without a logger the callback writes there
     model = TinyDigitsModel()
     trainer.fit(model, datamodule=TinyDigitsData())
     assert callback.analysed and next(model.parameters()).is_cuda
