@@ -373,7 +373,7 @@ def print_tables(results: dict[str, Any]) -> None:
         print(f"| {name} | {row['parameters']} | [{fmt(row['hessian_eigenvalue_min'])}, "
               f"{fmt(row['hessian_eigenvalue_max'])}] ({negatives(row)}) | {fmt(d['answered'])}"
               f" | {fmt(d.get('damping'))} | {fmt(d.get('residual'), 2)} | {fmt(d.get('converged'))} |"
-              f" {d.get('retries', '-')} | {d.get('steps', '-')} | {fmt(d['seconds'], 2)} | {fmt(d.get('pearson_min'))} |"
+              f" {d.get('retries', '-')} | {d.get('steps', '-')} | {fmt(d['seconds'], 2)} | {fmt(d.get('pearson_min'), 4)} |"
               f" {fmt(d.get('top10_overlap_min'), 2)} |")
     print()
     print("| model | Hessian LiSSA damping (auto, checked) | its residual (converged) | LOO Pearson: GGN LiSSA | GGN exact |"
@@ -391,7 +391,7 @@ def print_tables(results: dict[str, Any]) -> None:
     for name, row in results["models"].items():
         for fraction, run in row["fraction_sweep"].items():
             print(f"| {name} | {fraction} | {fmt(run.get('damping'))} | {fmt(run.get('residual'), 2)} |"
-                  f" {run.get('steps', '-')} | {fmt(run.get('pearson_min'))} | {fmt(run.get('top10_overlap_min'), 2)} |"
+                  f" {run.get('steps', '-')} | {fmt(run.get('pearson_min'), 4)} | {fmt(run.get('top10_overlap_min'), 2)} |"
                   f" {fmt(run.get('loo_pearson_lissa'), 3)} / {fmt(run.get('loo_pearson_exact'), 3)} |")
     print()
     for name, row in results["models"].items():

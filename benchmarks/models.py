@@ -6,24 +6,32 @@ classifier from a config on the generated keyword task of examples/text_classifi
 LoRA adapters from ``peft``) it measures, single-threaded, in process CPU seconds (benchmarks/scoring.py's clock):
 
 * one training epoch (AdamW, batch 32 for text and 64 for digits; fastest of 5 after a warm-up epoch);
+* ``s_test`` for the 8 test points with the defaults (LiSSA, Gauss-Newton curvature, ``damping="auto"`` floored
+  at the training weight decay, as the callback passes it), on the model after those 6 epochs (not converged):
+  the test gradients, the damping estimate and the solve with its residual checks, timed once (split into the
+  damping estimate, the ``scale="auto"`` estimate, and the recursion with its residual checks); the damping,
+  worst residual, ``converged`` and steps it reported;
 * (fastest of 5 runs) scoring the whole training set against 8 test vectors with ``InfluenceProblem.scores`` (``scoring="auto"``,
   i.e. the hook engine, chunks of 256), as seconds and as a ratio to the epoch; for the MLP and CNN also the
   former ``auto`` choice (``factored``) for comparison;
 * the 8 test points' per-example gradients (``InfluenceProblem.gradients``, hooks) and, where ``vmap`` can trace
   the model, the former ``vmap(grad)`` path;
 * peak resident memory of the first scoring pass above the memory before it (Linux high-water mark reset);
-* which path each parameter group took (``PerExampleEngine.plan``).
+* which path each parameter group took (``PerExampleEngine.plan``);
+* the whole analysis (``s_test`` + scoring) over one epoch.
 
 Usage::
 
     python benchmarks/models.py                      # writes benchmarks/models-results.json (a few minutes)
     python benchmarks/models.py --quick --json out.json
+    python benchmarks/models.py --table              # the docs table (docs/per-example.md) from the results file
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -33,26 +41,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the examples by module name: a top-level `examples` package of another project (kronfluence) would shadow them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from scoring import PeakRSS, build_model, clock, digits, set_threads
 
 NUM_VECTORS = 8
+#: The training runs' AdamW weight decay: the callback passes it to floor ``damping="auto"``.
+WEIGHT_DECAY = 1e-3
 #: Timed runs per figure, epochs included (the fastest is reported: other jobs on a shared machine only add time).
 REPEATS = 5
 
 
 def text_data(n: int, seed: int):
-    from examples.text_classification import KeywordSequences
+    from text_classification import KeywordSequences
 
     return KeywordSequences(n, seed=seed, flip=0.05)
 
 
 def tiny_bert(lora: bool):
     import torch
+    from text_classification import LENGTH, PAD, VOCAB
     from transformers import BertConfig, BertForSequenceClassification
-
-    from examples.text_classification import LENGTH, PAD, VOCAB
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -108,7 +119,8 @@ def epoch_seconds(model, loss_fn, dataset, batch_size: int) -> float:
     from torch.utils.data import DataLoader
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  weight_decay=WEIGHT_DECAY)
     times = []
     for _ in range(1 + REPEATS):
         model.train()
@@ -143,12 +155,34 @@ def timed(fn, repeats: int = 1) -> tuple[Any, float]:
     return out, best
 
 
+def s_test_defaults(model, loss_fn, loader, test_batch) -> dict[str, Any]:
+    """``s_test`` of the test batch as the callback computes it by default, timed once (call in analysis mode)."""
+    from lightning_influence.config import LissaConfig
+    from lightning_influence.core import InfluenceProblem
+
+    problem = InfluenceProblem(model, loss_fn, loader, "auto", LissaConfig(), weight_decay=WEIGHT_DECAY)
+    start = clock()
+    gradients = problem.gradients(test_batch)
+    problem.damping  # noqa: B018 - the spectrum estimate for damping="auto" (cached: the solve reuses it)
+    damped = clock()
+    problem.lissa_scale()  # scale="auto" (cached)
+    scaled = clock()
+    info = problem.solve(gradients).info
+    end = clock()
+    return {"s_test_seconds": end - start, "s_test_damping_seconds": damped - start,
+            "s_test_scale_seconds": scaled - damped, "s_test_recursion_seconds": end - scaled,
+            "curvature": info.curvature, "damping": info.damping,
+            "damping_rule": info.damping_rule, "s_test_steps": info.iterations, "residual": info.residual,
+            "residual_tol": info.residual_tol, "converged": info.converged, "retries": len(info.retries)}
+
+
 def run(name: str, quick: bool) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_influence.core import CGConfig, InfluenceProblem
-    from lightning_influence.core.params import analysis_mode
+    from lightning_influence.config import CGConfig
+    from lightning_influence.core import InfluenceProblem
+    from lightning_influence.core.modes import analysis_mode
 
     model, loss_fn, dataset, test_batch, batch_size = setup(name, quick)
     epoch = epoch_seconds(model, loss_fn, dataset, batch_size)
@@ -158,6 +192,7 @@ def run(name: str, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"model": name, "trainable_params": problem.num_params, "n_train": len(dataset),
                               "epoch_seconds": epoch}
     with analysis_mode(model):
+        result.update(s_test_defaults(model, loss_fn, loader, test_batch))
         problem.gradients(test_batch)  # warm-up (and the engine's one-time hook check)
         _, result["test_gradients_seconds"] = timed(lambda: problem.gradients(test_batch), REPEATS)
         try:
@@ -178,6 +213,7 @@ def run(name: str, quick: bool) -> dict[str, Any]:
         blocks, reference = outputs["auto"], outputs.get("factored")
         result["scoring_seconds"] = best["auto"]
         result["scoring_over_epoch"] = result["scoring_seconds"] / epoch
+        result["analysis_over_epoch"] = (result["s_test_seconds"] + result["scoring_seconds"]) / epoch
         if reference is not None:
             result["scoring_factored_seconds"] = best["factored"]
             result["hooks_vs_factored_rel_diff"] = float((blocks - reference).norm() / reference.norm())
@@ -188,28 +224,81 @@ def run(name: str, quick: bool) -> dict[str, Any]:
     return result
 
 
+MODEL_LABELS = {"mlp": "MLP 64-1024-1024-10 (digits)", "cnn": "tanh CNN (digits)", "bn_cnn": "BatchNorm CNN (digits)",
+                "bert": "tiny BERT (text)", "lora_bert": "LoRA BERT, r=4 (text)"}
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    """The table of docs/per-example.md, from a results file."""
+    def num(value: Any, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    print("| model | trainable params | epoch (s) | scoring, 8 vectors (s) | scoring / epoch | factored (s) |"
+          " peak memory (MiB) | 8 test gradients, hooks / vmap (s) | s_test, defaults (s): damping + scale + recursion |"
+          " damping (auto) |"
+          " worst residual (converged) | whole analysis / epoch | training set for <= 5 epochs | paths |")
+    print("|" + "---|" * 14)
+    for row in payload["results"]:
+        vmap = "raises" if row["test_gradients_vmap_seconds"] is None else num(row["test_gradients_vmap_seconds"])
+        paths = ", ".join(f"{path} {count}" for path, count in row["paths"].items())
+        converged = "yes" if row["converged"] else "no"
+        print(f"| {MODEL_LABELS.get(row['model'], row['model'])} | {row['trainable_params']:,} | {num(row['epoch_seconds'])}"
+              f" | {num(row['scoring_seconds'])} | {num(row['scoring_over_epoch'], 2)}"
+              f" | {num(row.get('scoring_factored_seconds'))} | {row['scoring_peak_mib']}"
+              f" | {num(row['test_gradients_seconds'])} / {vmap} | {num(row['s_test_seconds'], 1)}:"
+              f" {num(row['s_test_damping_seconds'], 1)} + {num(row['s_test_scale_seconds'], 1)}"
+              f" + {num(row['s_test_recursion_seconds'], 1)}"
+              f" | {row['damping']:.3g} | {row['residual']:.3f} ({converged}, {row['s_test_steps']} steps)"
+              f" | {num(row['analysis_over_epoch'], 1)} | {break_even(row):,} | {paths} |")
+
+
+def break_even(row: dict[str, Any]) -> int:
+    """The training-set size from which the whole analysis takes at most 5 epochs: s_test does not grow with the
+    training set, while an epoch and the scoring grow linearly (scoring stays ``scoring_over_epoch`` epochs)."""
+    per_example_epoch = row["epoch_seconds"] / row["n_train"]
+    return math.ceil(row["s_test_seconds"] / (per_example_epoch * (5 - row["scoring_over_epoch"])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller training sets (smoke run)")
     parser.add_argument("--json", default=str(Path(__file__).with_name("models-results.json")))
-    parser.add_argument("--models", default="mlp,cnn,bn_cnn,bert,lora_bert")
+    parser.add_argument("--models", default="mlp,cnn,bn_cnn,bert,lora_bert",
+                        help="models to run; a subset replaces those rows in an existing --json file")
+    parser.add_argument("--table", action="store_true", help="print the docs table from the --json file")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.json).read_text()))
+        return
     set_threads(1)
     import torch
 
+    previous = []
+    if args.models != parser.get_default("models") and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())["results"]
     results = []
     for name in args.models.split(","):
         start = time.perf_counter()
+        load = os.getloadavg()[0]
         row = run(name, args.quick)
         row["wall_seconds_total"] = round(time.perf_counter() - start, 1)
+        row["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min load before / after
         results.append(row)
         print(f"{name:>10}: params {row['trainable_params']:>8}  epoch {row['epoch_seconds']:.3f}s  scoring(8 pts)"
               f" {row['scoring_seconds']:.3f}s = {row['scoring_over_epoch']:.2f} epochs  peak +{row['scoring_peak_mib']} MiB"
               f"  grads(8) hooks {row['test_gradients_seconds']:.3f}s vmap {row['test_gradients_vmap_seconds']}"
               f"  factored {row.get('scoring_factored_seconds')} {row.get('vmap_error', '')}"
-              f"\n{'':>12}{row['plan_note']}", flush=True)
+              f"\n{'':>12}s_test {row['s_test_seconds']:.1f}s ({row['s_test_steps']} steps, damping {row['damping']:.3g},"
+              f" residual {row['residual']:.3f}, converged {row['converged']}); whole analysis"
+              f" {row['analysis_over_epoch']:.1f} epochs\n{'':>12}{row['plan_note']}", flush=True)
+    ran = {row["model"] for row in results}
+    order = parser.get_default("models").split(",")
+    merged = sorted([r for r in previous if r["model"] not in ran] + results,
+                    key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
     payload = {"clock": "process CPU seconds, 1 thread", "torch": torch.__version__, "machine": platform.machine(),
-               "quick": args.quick, "num_vectors": NUM_VECTORS, "results": results}
+               "quick": args.quick, "num_vectors": NUM_VECTORS,
+               "note": "shared 2-core machine: load_average is the 1-minute load before/after each model's run",
+               "results": merged}
     Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.json}")
 

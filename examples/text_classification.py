@@ -98,6 +98,28 @@ def loaders(n_train: int = 512, n_val: int = 128, batch_size: int = 32) -> tuple
             DataLoader(KeywordSequences(n_val, seed=1), batch_size=128))
 
 
+class KeywordDataModule(pl.LightningDataModule):
+    """The loaders of :func:`loaders`, for ``Trainer.fit(model, datamodule=...)`` and the command line::
+
+        lightning-influence influence CKPT --model examples.text_classification:TinyBert \\
+            --datamodule examples.text_classification:KeywordDataModule \\
+            --example-formatter examples.text_classification:decode
+    """
+
+    def __init__(self, n_train: int = 512, n_val: int = 128, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str) -> None:
+        self.loaders = loaders(self.hparams.n_train, self.hparams.n_val, self.hparams.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loaders[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loaders[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)

@@ -92,6 +92,8 @@ INFLUENCE_OPTIONS = (
     Option("--scoring", "scoring", DEFAULT_SCORING, "how training examples are scored",
            choices=SCORING_METHODS),
     Option("--chunk-size", "chunk_size", DEFAULT_CHUNK_SIZE, "training examples scored at once (bounds memory)", type=int),
+    Option("--example-formatter", "example_formatter", None, "import path of a function example -> str (e.g. a"
+           " tokenizer's decode) shown beside each example in the tables and the JSON"),
     Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score table"
            " (epoch=N-scores.json index + epoch=N-scores-rank0.pt)", switch=True),
 )
@@ -158,7 +160,9 @@ def run_influence(args: argparse.Namespace) -> int:
 
     check_exports(args)
     context = load_context(args)
-    settings = context.settings(flags_of(args, INFLUENCE_OPTIONS))
+    flags = flags_of(args, INFLUENCE_OPTIONS)
+    settings = context.settings(flags)
+    describe = _describe(context.callback_args, flags)
     chunk = settings.explain.chunk_size
     train = IndexedData.from_loader(context.train_loader, chunk)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
@@ -167,7 +171,8 @@ def run_influence(args: argparse.Namespace) -> int:
         explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
                               settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
-                              on_scored=on_scored, curvature=settings.curvature)
+                              on_scored=on_scored, curvature=settings.curvature,
+                              describe=describe)
     try:
         publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
@@ -179,6 +184,20 @@ def run_influence(args: argparse.Namespace) -> int:
     _exports(args, report, explanation.full_scores)
     report_done(context, path)
     return 0
+
+
+def _describe(callback_args: dict[str, Any], flags: dict[str, Any]) -> Any:
+    """``describe_batch`` with the ``example_formatter`` of the flags or the config (an import path or a callable)."""
+    import functools
+
+    from lightning_influence.core.batching import describe_batch
+
+    formatter = flags.get("example_formatter", callback_args.get("example_formatter"))
+    if isinstance(formatter, str):
+        formatter = import_object(formatter, "`--example-formatter`")
+    if formatter is not None and not callable(formatter):
+        raise UsageError(f"Expected `example_formatter` to name a function example -> str, but got {formatter!r}.")
+    return functools.partial(describe_batch, example_formatter=formatter)
 
 
 # -- mislabel --------------------------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import digits
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
 from lightning_influence import InfluenceCallback
-from tests.helpers import digits
 
 
 def _trainer(tmp_path, callback, epochs: int, **kwargs) -> pl.Trainer:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_influence as li
 from lightning_influence import influence
 from lightning_influence.config import CGConfig
 from lightning_influence.core.modes import analysis_mode
@@ -82,3 +83,29 @@ def test_transformer_engine_on_cuda():
     assert grads.is_cuda and scores.is_cuda
     assert torch.allclose(scores, -s @ grads.T, rtol=1e-3, atol=1e-4)
     assert not problem.per_example.plan.generic
+
+
+def test_s_test_with_the_defaults_stays_on_cuda(monkeypatch):
+    """LiSSA on Gauss-Newton curvature with damping "auto" (the defaults): the damping estimate, the recursion,
+    the residual check and the scores never copy a tensor to the host (``.cpu()`` is counted)."""
+    x, y = data(64)
+    model = cnn().cuda()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # CPU batches: moved to the model's device
+    copies: list[tuple[int, ...]] = []
+    to_host = torch.Tensor.cpu
+
+    def counted(tensor, *args, **kwargs):
+        copies.append(tuple(tensor.shape))
+        return to_host(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    result = li.s_test(model, ce, loader, (x[:2], y[:2]))
+    assert result.vectors.is_cuda and result.vectors.dtype == torch.float32
+    info = result.info
+    assert info.curvature == "gauss_newton" and info.damping_requested == "auto" and info.damping > 0
+    assert info.converged == (info.residual <= info.residual_tol)
+    problem = InfluenceProblem(model, ce, loader, info.damping, CGConfig())
+    with analysis_mode(model):
+        scores = torch.cat(list(problem.scores(result.vectors)), dim=1)
+    assert scores.is_cuda and scores.shape == (2, 64) and torch.isfinite(scores).all()
+    assert copies == [], f"tensors copied to the host in the hot loops: {copies[:5]}"
