@@ -266,7 +266,15 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn,bn_cnn,bert,lora_bert",
                         help="models to run; a subset replaces those rows in an existing --json file")
     parser.add_argument("--table", action="store_true", help="print the docs table from the --json file")
+    parser.add_argument("--derive", action="store_true",
+                        help="add the derived columns (break-even training-set size) to an existing --json file")
     args = parser.parse_args()
+    if args.derive:
+        payload = json.loads(Path(args.json).read_text())
+        for row in payload["results"]:
+            row["train_size_for_5_epochs"] = break_even(row)
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        return
     if args.table:
         print_table(json.loads(Path(args.json).read_text()))
         return
@@ -283,6 +291,7 @@ def main() -> None:
         row = run(name, args.quick)
         row["wall_seconds_total"] = round(time.perf_counter() - start, 1)
         row["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]  # 1-min load before / after
+        row["train_size_for_5_epochs"] = break_even(row)
         results.append(row)
         print(f"{name:>10}: params {row['trainable_params']:>8}  epoch {row['epoch_seconds']:.3f}s  scoring(8 pts)"
               f" {row['scoring_seconds']:.3f}s = {row['scoring_over_epoch']:.2f} epochs  peak +{row['scoring_peak_mib']} MiB"
