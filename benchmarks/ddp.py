@@ -59,6 +59,15 @@ TOP_K = 10
 N_TRAIN = 1400
 
 
+def mlp() -> nn.Module:
+    """The 64-1024-1024-10 tanh MLP of benchmarks/scoring.py and the issue's s_test table: 1,126,410 parameters."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(),
+                         nn.Linear(1024, 10))
+
+
+MODELS = {"cnn": lambda: small_cnn(), "mlp": lambda: mlp()}
+
+
 def small_cnn() -> nn.Module:
     """The digits example's CNN (examples/digits.py) without Lightning: about 2.5k parameters."""
     return nn.Sequential(
@@ -81,9 +90,9 @@ def digits_split() -> tuple[TensorDataset, TensorDataset]:
     return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
 
 
-def train_model(epochs: int) -> dict[str, torch.Tensor]:
+def train_model(epochs: int, name: str = "cnn") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = small_cnn()
+    model = MODELS[name]()
     train, _ = digits_split()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
     for _ in range(epochs):
@@ -94,16 +103,17 @@ def train_model(epochs: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def rank_main(rank: int, world_size: int, port: int, state: dict, config: LissaConfig, out: str) -> None:
+def rank_main(rank: int, world_size: int, port: int, state: dict, config: LissaConfig, out: str,
+              name: str = "cnn") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(minutes=5))
     try:
-        model = small_cnn()
+        model = MODELS[name]()
         model.load_state_dict(state)
         train, val = digits_split()
         train_data, val_data = IndexedData(train), IndexedData(val)
-        settings = ExplainConfig(top_k=TOP_K, num_worst=NUM_POINTS)
+        settings = ExplainConfig(top_k=TOP_K, num_worst=NUM_POINTS, diagnose=name == "cnn")  # MLP: s_test only
         warm_up = LissaConfig(depth=5, repeats=world_size, batch_size=config.batch_size, seed=config.seed)
         explain(model, per_example_loss, train_data, val_data, warm_up, DAMPING, settings, TorchDistributed())
         dist.barrier()
@@ -116,11 +126,18 @@ def rank_main(rank: int, world_size: int, port: int, state: dict, config: LissaC
                 start = time.perf_counter()
                 problem.lissa_scale()  # the part of s_test that every rank repeats (not split)
                 scale_seconds = time.perf_counter() - start
+                gradients = problem.gradients(val_data.fetch([p.val_index for p in result.points]))
+                start = time.perf_counter()
+                problem.residual(gradients, gradients)  # the final residual check, also on every rank
+                residual_seconds = time.perf_counter() - start
             record = {
                 "world_size": world_size,
                 "timings": result.timings,
                 "total": total,
                 "scale_seconds": scale_seconds,
+                "residual_seconds": residual_seconds,
+                "iterations": result.solver.iterations,
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "scale": result.solver.scale,
                 "val_indices": [p.val_index for p in result.points],
                 "harmful": [[i.train_index for i in p.harmful] for p in result.points],
@@ -137,10 +154,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(world_size: int, state: dict, config: LissaConfig) -> dict[str, Any]:
+def run(world_size: int, state: dict, config: LissaConfig, name: str = "cnn") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        mp.spawn(rank_main, args=(world_size, free_port(), state, config, out), nprocs=world_size, join=True)
+        mp.spawn(rank_main, args=(world_size, free_port(), state, config, out, name), nprocs=world_size, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -159,24 +176,30 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2", help="comma-separated world sizes; the first is the baseline")
     parser.add_argument("--train-epochs", type=int, default=5)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--model", choices=tuple(MODELS), default="cnn",
+                        help="cnn: the digits example's CNN (~2.5k params); mlp: the 64-1024-1024-10 MLP (1.13M)")
     args = parser.parse_args()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     config = LissaConfig(depth=args.depth, repeats=args.repeats, batch_size=args.batch_size, seed=0)
     print(f"machine: {machine()}")
     print("threads: 1 per rank (torch.set_num_threads(1), OMP_NUM_THREADS=1), the 1-rank run included, so R ranks"
           " use R cores; on a 2-core machine 2 ranks are the most that do not oversubscribe.")
-    print(f"problem: digits, {N_TRAIN} training examples, small CNN (~2.5k params, float32), {NUM_POINTS} monitored"
+    model_name = "small CNN (~2.5k params" if args.model == "cnn" else "MLP 64-1024-1024-10 (1.13M params"
+    print(f"problem: digits, {N_TRAIN} training examples, {model_name}, float32), {NUM_POINTS} monitored"
           f" points, LiSSA depth {config.depth} x {config.repeats} repeats, batch {config.batch_size}, scale auto,"
           f" damping {DAMPING}")
-    state = train_model(args.train_epochs)
-    results = [run(int(r), state, config) for r in args.ranks.split(",")]
+    state = train_model(args.train_epochs, args.model)
+    results = [run(int(r), state, config, args.model) for r in args.ranks.split(",")]
 
-    print(f"\n{'ranks':>5} {'s_test s':>9} {'of which scale':>15} {'scoring s':>10} {'explain s':>10} {'scale':>8}")
+    print(f"\n{'ranks':>5} {'s_test s':>9} {'of which scale':>15} {'residual':>9} {'scoring s':>10} {'explain s':>10}"
+          f" {'scale':>8}")
     for r in results:
         t = r["timings"]
-        print(f"{r['world_size']:>5} {t['s_test']:>9.2f} {r['scale_seconds']:>15.2f} {t['scoring']:>10.3f}"
-              f" {r['total']:>10.2f} {r['scale']:>8.3f}")
-    print("('of which scale': the scale='auto' estimate, timed apart on rank 0; every rank runs it, unsplit)")
+        print(f"{r['world_size']:>5} {t['s_test']:>9.2f} {r['scale_seconds']:>15.2f} {r['residual_seconds']:>9.2f}"
+              f" {t['scoring']:>10.3f} {r['total']:>10.2f} {r['scale']:>8.3f}")
+    print("('of which scale': the scale='auto' estimate, timed apart on rank 0; 'residual': the final residual"
+          " check of the averaged s_test, timed apart on rank 0)")
     base = results[0]
     for r in results[1:]:
         speedup = {k: base["timings"][k] / r["timings"][k] for k in ("s_test", "scoring")}
@@ -185,7 +208,11 @@ def main() -> None:
               f" scoring {speedup['scoring']:.2f}x, whole explain() {base['total'] / r['total']:.2f}x;"
               f" same points and top-{TOP_K} lists: {'yes' if same else 'NO'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        settings = {"model": args.model, "depth": config.depth, "repeats": config.repeats,
+                    "batch_size": config.batch_size, "damping": DAMPING, "points": NUM_POINTS, "n_train": N_TRAIN}
+        Path(args.json).write_text(json.dumps({"machine": machine(), "settings": settings, "load_before": load_before,
+                                               "load_after": load_after, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

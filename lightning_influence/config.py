@@ -50,8 +50,11 @@ FEATURE_NAMES = (LAST_LAYER_GRAD, ACTIVATIONS)
 #: example is scored, with a note), ``"always"`` whenever ``num_candidates`` is set.
 PRESELECT_POLICIES = ("auto", "always")
 DEFAULT_PRESELECT = "auto"
-#: Training examples the ``preselect="auto"`` probe times (features + kNN against scoring, best of 2 runs each).
-PRESELECT_PROBE_EXAMPLES = 64
+#: The ``preselect="auto"`` probe times features + kNN against scoring on the first training batch, at most this
+#: many examples (per-example costs fall with the batch size, so the probe uses the batches of the real run).
+PRESELECT_PROBE_EXAMPLES = 256
+#: Below this many probe batches in the training set ``preselect="auto"`` scores every example without probing.
+PRESELECT_MIN_BATCHES = 3
 #: Fine-tuning choices of :func:`~lightning_influence.correct_errors`.
 SELECTIONS = ("helpful", "random", "anchors", "harmful")
 

@@ -224,14 +224,15 @@ def select_candidates(
 
 @dataclass(frozen=True)
 class PreselectionEstimate:
-    """Does candidate preselection save time? Per-example seconds measured on one probe of training examples.
+    """Does candidate preselection save time? Per-example seconds measured on one probe batch of training examples.
 
     The candidate path computes features of all ``n_train`` examples (plus the kNN update, and the test points'
     features once: ``fixed_seconds``) and then scores the union of the ``q`` candidate sets of ``k``; full scoring
     scores all ``n_train``. The union is estimated as that of ``q`` independent random k-subsets,
     ``n (1 - (1 - k/n)^q)``: an over-estimate for gradient candidates, whose sets overlap more (docs/fast-path.md),
     so the estimate errs towards full scoring. Preselection pays when ``candidate_seconds < full_seconds``, i.e.
-    (without the fixed part) when ``feature_seconds / scoring_seconds < (1 - k/n)^q``.
+    (without the fixed part) when ``feature_seconds / scoring_seconds < (1 - k/n)^q``. ``probed=False``: the
+    training set is too small to be worth a probe (a few batches); full scoring is chosen without one.
     """
 
     n_train: int
@@ -240,6 +241,7 @@ class PreselectionEstimate:
     feature_seconds: float
     scoring_seconds: float
     fixed_seconds: float = 0.0
+    probed: bool = True
 
     @property
     def expected_union(self) -> float:
@@ -255,26 +257,18 @@ class PreselectionEstimate:
 
     @property
     def pays(self) -> bool:
-        return self.candidate_seconds < self.full_seconds
+        return self.probed and self.candidate_seconds < self.full_seconds
 
     def note(self) -> str:
         """One line on why every training example was scored instead."""
-        return (
-            f"num_candidates={self.k}: candidate preselection would not save time here (estimated"
-            f" {self.candidate_seconds:.3g} s for the features of {self.n_train} examples and scoring about"
-            f" {self.expected_union:.0f} candidates, against {self.full_seconds:.3g} s for scoring all {self.n_train}),"
-            " so every training example was scored (exact top lists). Pass preselect='always' to preselect anyway."
-        )
-
-
-def _best_seconds(step: Callable[[], object], runs: int = 2) -> float:
-    """The shortest of ``runs`` timings of ``step`` (the first run may pay one-off set-up costs)."""
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best
+        if not self.probed:
+            why = (f"the training set ({self.n_train} examples) is only a few batches, where finding candidates costs"
+                   " about as much as scoring everything")
+        else:
+            why = (f"estimated {self.candidate_seconds:.3g} s for the features of {self.n_train} examples and scoring"
+                   f" about {self.expected_union:.0f} candidates, against {self.full_seconds:.3g} s for scoring all")
+        return (f"num_candidates={self.k}: candidate preselection would not save time here ({why}), so every training"
+                " example was scored (exact top lists). Pass preselect='always' to preselect anyway.")
 
 
 def time_preselection(
@@ -292,23 +286,21 @@ def time_preselection(
 ) -> tuple[float, float, float]:
     """Seconds per example of the candidate features of ``probe`` (``probe_size`` training examples; with the
     torch kNN update) and of scoring it against ``vectors [q, P]`` (their values do not matter: the test gradients
-    do), and the seconds of the test points' features. Best of two runs each; the results are discarded."""
+    do), and the seconds of the test points' features. One run each (wall clock); the results are discarded."""
     feature_fn = resolve_feature_fn(feature_fn, backend)
     model, device = problem.model, problem.device
     start = time.perf_counter()
     queries = batch_features(model, test_batch, feature_fn, device, loss_fn)
     fixed = time.perf_counter() - start
-
-    def features() -> None:
-        keys = batch_features(model, probe, feature_fn, device, loss_fn)
-        if backend == "torch":
-            NearestNeighbours(queries, k).update(keys, torch.arange(probe_size))
-
-    def scoring() -> None:
-        for _ in problem.scores(vectors, [probe], method, chunk_size):
-            pass
-
-    return _best_seconds(features) / probe_size, _best_seconds(scoring) / probe_size, fixed
+    start = time.perf_counter()
+    keys = batch_features(model, probe, feature_fn, device, loss_fn)
+    if backend == "torch":
+        NearestNeighbours(queries, k).update(keys, torch.arange(probe_size))
+    features = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in problem.scores(vectors, [probe], method, chunk_size):
+        pass
+    return features / probe_size, (time.perf_counter() - start) / probe_size, fixed
 
 
 @dataclass(frozen=True)

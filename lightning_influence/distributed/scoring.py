@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_influence.config import PRESELECT_PROBE_EXAMPLES, ExplainConfig
+from lightning_influence.config import PRESELECT_MIN_BATCHES, PRESELECT_PROBE_EXAMPLES, ExplainConfig
 from lightning_influence.core.batching import Batch
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
@@ -102,10 +102,13 @@ def estimate_preselection(
     collectives: Collectives, loss_fn: Optional[LossFn] = None,
 ) -> PreselectionEstimate:
     """Whether preselecting ``settings.num_candidates`` candidates per row of ``vectors [q, P]`` would save time:
-    every rank times the same probe (the first ``PRESELECT_PROBE_EXAMPLES`` training examples) and the times are
-    averaged over ranks, so every rank gets the same estimate and takes the same decision."""
+    every rank times the same probe (the first training batch, at most ``PRESELECT_PROBE_EXAMPLES`` examples) and
+    the times are averaged over ranks, so every rank gets the same estimate and takes the same decision. A
+    training set of fewer than ``PRESELECT_MIN_BATCHES`` probe batches is not probed (full scoring)."""
     k = check_candidates(settings.num_candidates, len(train))  # type: ignore[arg-type]
-    size = min(len(train), PRESELECT_PROBE_EXAMPLES)
+    size = min(len(train), train.batch_size, PRESELECT_PROBE_EXAMPLES)
+    if len(train) < PRESELECT_MIN_BATCHES * size:
+        return PreselectionEstimate(len(train), k, vectors.shape[0], 0.0, 0.0, probed=False)
     probe = train.fetch(range(size))
     _, timings = gather_checked(collectives, lambda: time_preselection(
         problem, test_batch, probe, size, vectors, k, settings.feature_fn, settings.knn_backend, loss_fn,

@@ -2,6 +2,7 @@
 
 The probe's timings are replaced by fixed numbers (monkeypatched) wherever a decision is asserted, so no test
 depends on the machine's speed; one test runs the real probe and checks only that its figures are sane.
+Training sets here come in batches of at most 32 (180 examples), so they are large enough to be probed.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def test_estimate_pays_exactly_when_features_are_cheaper_than_the_expected_union
 
 def test_auto_scores_everything_and_warns_when_candidates_would_not_save_time(data, monkeypatch):
     model, x, y, xt, yt = data
-    full = li.influence(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact", damping=DAMPING)
+    full = li.influence(model, cross_entropy_per_example, loader(x, y, 32), (xt, yt), solver="exact", damping=DAMPING)
     _probe_returns(monkeypatch, feature_seconds=1.0, scoring_seconds=1.0)
     with pytest.warns(UserWarning, match="would not save time"):
-        fallback = li.influence(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact",
+        fallback = li.influence(model, cross_entropy_per_example, loader(x, y, 32), (xt, yt), solver="exact",
                                 damping=DAMPING, num_candidates=20)
     torch.testing.assert_close(fallback, full, rtol=1e-10, atol=1e-12)  # every example scored, no NaN
     with pytest.warns(UserWarning, match="would not save time"):
-        top = li.top_influences(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact",
+        top = li.top_influences(model, cross_entropy_per_example, loader(x, y, 32), (xt, yt), solver="exact",
                                 damping=DAMPING, num_candidates=20, top_k=3)
     assert torch.equal(top.harmful_indices, full.topk(3, dim=1).indices)  # the exact top lists
 
@@ -70,15 +71,24 @@ def test_auto_scores_everything_and_warns_when_candidates_would_not_save_time(da
 def test_auto_preselects_when_features_are_cheap_and_always_ignores_the_probe(data, monkeypatch):
     model, x, y, xt, yt = data
     _probe_returns(monkeypatch, feature_seconds=0.0, scoring_seconds=1.0)
-    sparse = li.influence(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact", damping=DAMPING,
+    sparse = li.influence(model, cross_entropy_per_example, loader(x, y, 32), (xt, yt), solver="exact", damping=DAMPING,
                           num_candidates=20)
     assert (~sparse.isnan()).sum(dim=1).tolist() == [20] * len(xt)
     _probe_returns(monkeypatch, feature_seconds=1.0, scoring_seconds=1.0)
-    forced = li.influence(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact",
+    forced = li.influence(model, cross_entropy_per_example, loader(x, y, 32), (xt, yt), solver="exact",
                           damping=DAMPING, num_candidates=20, preselect="always")
     torch.testing.assert_close(forced, sparse, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="`preselect`"):
         ExplainConfig(num_candidates=5, preselect="never")
+
+
+def test_a_training_set_of_a_few_batches_is_scored_whole_without_a_probe(data, monkeypatch):
+    model, x, y, xt, yt = data
+    monkeypatch.setattr(scoring, "time_preselection", lambda *args, **kwargs: pytest.fail("probed"))
+    with pytest.warns(UserWarning, match="only a few batches"):  # 180 examples in batches of 64: under 3 batches
+        scores = li.influence(model, cross_entropy_per_example, loader(x, y, 64), (xt, yt), solver="exact",
+                              damping=DAMPING, num_candidates=20)
+    assert not scores.isnan().any()
 
 
 def test_explain_notes_the_fallback_in_the_trust_report_and_every_rank_decides_alike(data, monkeypatch):
@@ -109,7 +119,7 @@ def test_explain_notes_the_fallback_in_the_trust_report_and_every_rank_decides_a
 
 def test_the_real_probe_gives_positive_per_example_times(data):
     model, x, y, xt, yt = data
-    train = IndexedData(TensorDataset(x, y), batch_size=64)
+    train = IndexedData(TensorDataset(x, y), batch_size=16)
     problem = InfluenceProblem(model, cross_entropy_per_example, train.loader(), DAMPING, li.ExactConfig())
     settings = ExplainConfig(num_candidates=20)
     with analysis_mode(model):
@@ -117,4 +127,4 @@ def test_the_real_probe_gives_positive_per_example_times(data):
                                                  SingleProcess(), cross_entropy_per_example)
     assert (estimate.n_train, estimate.k, estimate.q) == (N_TRAIN, 20, len(xt))
     assert 0 < estimate.feature_seconds < 1 and 0 < estimate.scoring_seconds < 1 and estimate.fixed_seconds >= 0
-    assert PRESELECT_PROBE_EXAMPLES < N_TRAIN  # the probe is a slice, not the training set
+    assert estimate.probed and PRESELECT_PROBE_EXAMPLES >= 16  # the probe is the first batch of 16
