@@ -293,6 +293,95 @@ def side_by_side(model, data, test, damping, exact, lissa, quick: bool) -> dict[
     return results
 
 
+# -- 4. preselect="auto": does the automatic choice pick the cheaper path? ----------------------------------------
+PRESELECT_FRACTIONS = (0.01, 0.10, 0.25)
+PRESELECT_POINTS = (1, 8)
+
+
+def _median(step, runs: int) -> tuple[dict[str, float], Any]:
+    """Median process CPU and wall seconds of ``runs`` calls of ``step`` (and its last result)."""
+    cpu, wall, result = [], [], None
+    for _ in range(runs):
+        with Timer() as t:
+            result = step()
+        cpu.append(t.cpu)
+        wall.append(t.wall)
+    return {"cpu": sorted(cpu)[len(cpu) // 2], "wall": sorted(wall)[len(wall) // 2]}, result
+
+
+def preselect_study(name: str, model, data, test, runs: int) -> dict[str, Any]:
+    """For k = 1, 10, 25 % and 1 or 8 test points: CPU seconds of full scoring, of candidates with
+    ``preselect="always"`` (features + kNN + scoring the union) and of ``preselect="auto"`` (probe, then the
+    path it chose), with the probe's estimate. s_test is not part of it (the same for every path): its
+    vectors come from a short LiSSA solve, since scoring costs do not depend on their values."""
+    from lightning_influence.core.candidates import CandidateScoreCollector
+    from lightning_influence.distributed.collectives import SingleProcess
+    from lightning_influence.distributed.scoring import (
+        choose_candidates, estimate_preselection, find_candidates, score_candidates, score_training_set)
+    from lightning_influence.config import ExplainConfig
+
+    x, y = data
+    train = IndexedData(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    problem = problem_for(model, x, y, 0.01, LissaConfig(depth=20, batch_size=32))
+    one = SingleProcess()
+    rows = []
+    for points, fraction in ((p, f) for p in PRESELECT_POINTS for f in PRESELECT_FRACTIONS):
+        k = max(1, round(fraction * len(x)))
+        tx, ty = test[0][:points], test[1][:points]
+        s, _ = solve(problem, (tx, ty))
+        settings = ExplainConfig(num_candidates=k, preselect="always")
+        with analysis_mode(model):
+            gradients = problem.gradients((tx, ty))
+            full, _ = _median(lambda: score_training_set(problem, train, s, settings, one, None), runs)
+
+            def always():
+                found = find_candidates(model, (tx, ty), train, settings, one, problem.device, shared.loss_fn)
+                return score_candidates(problem, train, s, found, settings, one, None), found
+
+            always, (_, found) = _median(always, runs)
+
+            def auto():
+                auto_settings = ExplainConfig(num_candidates=k)
+                chosen, _ = choose_candidates(problem, (tx, ty), gradients, train, auto_settings, one, shared.loss_fn)
+                if chosen is None:
+                    return score_training_set(problem, train, s, auto_settings, one, None), False
+                return score_candidates(problem, train, s, chosen, auto_settings, one, None), True
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                auto, (_, preselected) = _median(auto, runs)
+                estimate = estimate_preselection(problem, (tx, ty), gradients, train, settings, one, shared.loss_fn)
+            probe, _ = _median(lambda: estimate_preselection(problem, (tx, ty), gradients, train, settings,
+                                                                     one, shared.loss_fn), runs)
+        union = len(CandidateScoreCollector(found.indices).union())
+        rows.append({
+            "points": points, "fraction": fraction, "k": k, "union": union, "full": full, "always": always,
+            "auto": auto, "probe": probe, "auto_preselected": preselected,
+            "cheaper_path": "candidates" if always["cpu"] < full["cpu"] else "full",
+            "estimate": {"feature_seconds_per_example": estimate.feature_seconds,
+                         "scoring_seconds_per_example": estimate.scoring_seconds,
+                         "fixed_seconds": estimate.fixed_seconds, "expected_union": estimate.expected_union,
+                         "candidate_seconds": estimate.candidate_seconds, "full_seconds": estimate.full_seconds,
+                         "pays": estimate.pays},
+        })
+    return {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "runs": runs, "rows": rows}
+
+
+def print_preselect(study: dict[str, Any]) -> None:
+    for row in study["rows"]:
+        full, always, auto = row["full"]["cpu"], row["always"]["cpu"], row["auto"]["cpu"]
+        print(f"| {study['model']} | {row['points']} | {row['k']} | {row['union']} | {full:.3f} | {always:.3f} |"
+              f" {auto:.3f} ({'candidates' if row['auto_preselected'] else 'full'}) | {row['probe']['cpu']:.3f} |"
+              f" {row['estimate']['candidate_seconds']:.3f} / {row['estimate']['full_seconds']:.3f} ({row['full']['wall']:.3f}) |"
+              f" {auto / min(full, always):.2f} |")
+
+
+def load() -> dict[str, Any]:
+    """The 1- and 5-minute load averages and the CPU count (other jobs share this machine)."""
+    one, five, _ = os.getloadavg()
+    return {"loadavg_1min": one, "loadavg_5min": five, "cpu_count": os.cpu_count()}
+
+
 # -- driver ---------------------------------------------------------------------------------------------------
 def exact_scores(model, data, test, damping) -> tuple[torch.Tensor, float, float]:
     x, y = data
@@ -302,11 +391,26 @@ def exact_scores(model, data, test, damping) -> tuple[torch.Tensor, float, float
     return full_scores(problem, s), info.eigenvalue_min, t.cpu
 
 
+def run_preselect(models, data, tests, results: dict[str, Any], runs: int) -> None:
+    print("\n## preselect='auto' against full scoring and forced candidates (CPU s, median of"
+          f" {runs}; s_test excluded)")
+    print("| model | points | k | union | full | always | auto (chose) | probe | probe's estimate, wall: candidates / full"
+          " (full measured) | auto / best |\n|---|---:|---:|---:|---:|---:|---|---:|---|---:|")
+    results["preselect"] = []
+    for name in ("cnn", "mlp"):
+        study = preselect_study(name, models[name], data, tests[name], runs)
+        results["preselect"].append(study)
+        print_preselect(study)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 training examples, short recursions")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--recall-only", action="store_true", help="only the recall of kNN candidates (section 1)")
+    parser.add_argument("--preselect-only", action="store_true",
+                        help="only preselect='auto' against full scoring and forced candidates (section 4)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per path in section 4 (median reported)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -324,7 +428,14 @@ def main() -> None:
     info = shared.machine(1)
     print(f"Machine: {info['cpu']} | os.cpu_count()={info['cpu_count']} | torch {info['torch']} | 1 thread")
     print(f"Data: digits, {n_train} training examples, {NUM_POINTS} highest-loss held-out test points per model")
-    results: dict[str, Any] = {"machine": info, "n_train": n_train, "quick": args.quick}
+    results: dict[str, Any] = {"machine": info, "n_train": n_train, "quick": args.quick, "load_before": load()}
+    if args.preselect_only:
+        run_preselect(models, data, tests, results, args.runs)
+        results["load_after"] = load()
+        print(f"\nTotal wall time {time.perf_counter() - started:.0f} s; load {results['load_before']} -> {results['load_after']}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        return
 
     exact = {}
     for name in () if args.recall_only else ("lr", "cnn"):

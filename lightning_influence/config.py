@@ -61,6 +61,15 @@ DEFAULT_KNN_BACKEND = "torch"
 LAST_LAYER_GRAD = "last_layer_grad"
 ACTIVATIONS = "activations"
 FEATURE_NAMES = (LAST_LAYER_GRAD, ACTIVATIONS)
+#: When candidates are preselected: ``"auto"`` only where a timed probe says it saves time (else every training
+#: example is scored, with a note), ``"always"`` whenever ``num_candidates`` is set.
+PRESELECT_POLICIES = ("auto", "always")
+DEFAULT_PRESELECT = "auto"
+#: The ``preselect="auto"`` probe times features + kNN against scoring on the first training batch, at most this
+#: many examples (per-example costs fall with the batch size, so the probe uses the batches of the real run).
+PRESELECT_PROBE_EXAMPLES = 256
+#: Below this many probe batches in the training set ``preselect="auto"`` scores every example without probing.
+PRESELECT_MIN_BATCHES = 3
 #: Fine-tuning choices of :func:`~lightning_influence.correct_errors`.
 SELECTIONS = ("helpful", "random", "anchors", "harmful")
 
@@ -275,6 +284,8 @@ class ExplainConfig:
         knn_backend: ``"torch"`` (exact) or ``"faiss"``.
         feature_fn: how neighbours are found: None (``"last_layer_grad"`` with torch, ``"activations"`` with
             FAISS), a named choice, or ``(model, batch) -> Tensor[B, D]``.
+        preselect: with ``num_candidates``: ``"auto"`` preselects only when a timed probe estimates that it
+            saves time and otherwise scores every training example (with a note); ``"always"`` preselects.
     """
 
     top_k: int = 10
@@ -288,6 +299,7 @@ class ExplainConfig:
     num_candidates: Optional[int] = None
     knn_backend: str = DEFAULT_KNN_BACKEND
     feature_fn: Union[Callable[..., Any], str, None] = None
+    preselect: str = DEFAULT_PRESELECT
 
     def __post_init__(self) -> None:
         expect(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", "a positive int", self.top_k)
@@ -302,6 +314,8 @@ class ExplainConfig:
                self.chunk_size)
         check_num_candidates(self.num_candidates)
         check_feature_choice(self.feature_fn, self.knn_backend)
+        expect(self.preselect in PRESELECT_POLICIES, "preselect", " or ".join(repr(p) for p in PRESELECT_POLICIES),
+               self.preselect, "'auto' falls back to scoring every example when candidates would not save time.")
 
 
 @dataclass(frozen=True)

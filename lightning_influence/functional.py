@@ -18,6 +18,7 @@ from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DAMPING,
     DEFAULT_KNN_BACKEND,
+    DEFAULT_PRESELECT,
     DEFAULT_SCORING,
     DEFAULT_SOLVER,
     ExplainConfig,
@@ -34,7 +35,7 @@ from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, top_influences_of
 from lightning_influence.distributed.collectives import SingleProcess
-from lightning_influence.distributed.scoring import find_candidates, score_candidates, score_training_set
+from lightning_influence.distributed.scoring import choose_candidates, score_candidates, score_training_set
 from lightning_influence.distributed.solve import solve_s_test
 from lightning_influence.results import STest, TopInfluences
 
@@ -106,7 +107,7 @@ def _scoring_config(options: dict[str, Any], top_k: int, num_candidates: Optiona
     config = ExplainConfig(top_k=top_k, scoring=options.pop("scoring", DEFAULT_SCORING),
                            chunk_size=options.pop("chunk_size", DEFAULT_CHUNK_SIZE), keep_full_scores=keep_full_scores,
                            diagnose=False, num_candidates=num_candidates, knn_backend=knn_backend,
-                           feature_fn=feature_fn)
+                           feature_fn=feature_fn, preselect=options.pop("preselect", DEFAULT_PRESELECT))
     return config, options
 
 
@@ -137,6 +138,9 @@ def influence(
     default with ``knn_backend="faiss"``) takes Euclidean neighbours of the input of the model's last
     ``nn.Linear`` layer, and a callable ``feature_fn(model, batch) -> Tensor[B, D]`` those of its features.
     Entries of training examples that are not a candidate of that test point are **NaN** (absent, not zero).
+    With the default ``preselect="auto"`` the candidates are used only where a timed probe estimates that they
+    save time; otherwise every training example is scored (exact, no NaN) and a ``UserWarning`` says so
+    (``preselect="always"`` preselects whatever the cost).
 
     Returns:
         ``[n_test, n_train]`` scores. With a ``DataLoader`` over a map-style dataset, column j is dataset index j
@@ -150,8 +154,9 @@ def influence(
         vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
         if data is None:
             return _stream_scores(problem, vectors, settings)
-        if settings.num_candidates is not None:
-            indices, scores = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+        found = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+        if found is not None:
+            indices, scores = found
             table = scores.new_full((scores.shape[0], len(data)), float("nan"))
             return table.scatter_(1, indices, scores)
         _, _, shard = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
@@ -189,17 +194,22 @@ def top_influences(
             stream = StreamingTopK(vectors.shape[0], top_k)
             stream.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
             return stream.result()
-        if settings.num_candidates is not None:
-            indices, scores = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
-            return top_influences_of(scores, indices, top_k)
+        found = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+        if found is not None:
+            return top_influences_of(found[1], found[0], top_k)
         top, _, _ = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
     return top
 
 
 def _candidate_scores(problem: InfluenceProblem, data: IndexedData, vectors: torch.Tensor, test_batch: Batch,
-                      settings: ExplainConfig, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each test point's candidates ``[q, k]`` (training indices) and their scores ``[q, k]``."""
-    neighbours = find_candidates(problem.model, test_batch, data, settings, SingleProcess(), problem.device, loss_fn)
+                      settings: ExplainConfig, loss_fn: LossFn) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Each test point's candidates ``[q, k]`` (training indices) and their scores ``[q, k]``; None without
+    ``num_candidates``, or when ``preselect="auto"`` found scoring every example cheaper (it warns)."""
+    if settings.num_candidates is None:
+        return None
+    neighbours, _ = choose_candidates(problem, test_batch, vectors, data, settings, SingleProcess(), loss_fn)
+    if neighbours is None:
+        return None
     _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
     return neighbours.indices, scores
 

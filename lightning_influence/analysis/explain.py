@@ -34,7 +34,7 @@ from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.scoring import (
     candidate_score_shard,
-    find_candidates,
+    choose_candidates,
     score_candidates,
     score_training_set,
 )
@@ -162,10 +162,10 @@ def explain(
     with analysis_mode(model):
         chosen, losses, test_batch, gradients = timed(
             "select", lambda: _monitored_points(problem, loss_fn, val, settings, collectives, describe))
-        candidates = None
-        if settings.num_candidates is not None:
-            candidates = timed("candidates", lambda: find_candidates(model, test_batch, train, settings, collectives,
-                                                                     device, loss_fn))
+        candidates, note = None, None
+        if settings.num_candidates is not None:  # or None and a note when scoring everything is cheaper
+            candidates, note = timed("candidates", lambda: choose_candidates(problem, test_batch, gradients, train,
+                                                                             settings, collectives, loss_fn))
         s_vectors, info, halves = timed("s_test", lambda: solve_s_test_with_halves(problem, gradients, collectives,
                                                                                    on_lissa_step))
         top, kept_scores, score_shard = timed("scoring", lambda: _score(problem, train, s_vectors, candidates, settings,
@@ -174,6 +174,8 @@ def explain(
         if settings.diagnose:
             trust = timed("trust", lambda: _diagnose_safely(problem, train, chosen, gradients, s_vectors, halves, top,
                                                             info, weight_decay))
+            if note is not None:
+                trust = replace(trust, warnings=(*trust.warnings, TrustWarning("candidates_skipped", note, "info")))
         points = _explained_points(model, loss_fn, train, chosen, losses, test_batch, top, kept_scores, device, describe)
     info = replace(info, settings=config_to_dict(config))
     return Explanation(tuple(points), info, timings, len(train), score_shard, trust)

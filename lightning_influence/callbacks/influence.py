@@ -39,6 +39,7 @@ from lightning_influence.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_KNN_BACKEND,
+    DEFAULT_PRESELECT,
     DEFAULT_SCORING,
     DEFAULT_SIGNAL_CHECKPOINTS,
     DEFAULT_SOLVER,
@@ -106,6 +107,9 @@ class InfluenceCallback(pl.Callback):
             largest ``|<G_val, G_i>|`` of last-layer loss gradients (torch backend). ``"activations"`` (the
             default with FAISS): Euclidean neighbours of the input of the module's last ``nn.Linear`` layer. Or
             ``(module, batch) -> Tensor[B, D]`` features for a Euclidean neighbour search.
+        preselect: with ``num_candidates``: ``"auto"`` uses the candidates only where a timed probe estimates
+            that they save time, else scores every training example and says so (a warning and an ``info``
+            note in the trust report); ``"always"`` preselects whatever the cost.
         strict: re-raise errors of the analysis (and of writing its results) instead of warning and letting
             training go on.
         diagnose: self-diagnosis of every analysis (s_test residuals, agreement of repeat halves, warnings
@@ -154,6 +158,7 @@ class InfluenceCallback(pl.Callback):
         num_candidates: Optional[int] = None,
         knn_backend: str = DEFAULT_KNN_BACKEND,
         feature_fn: FeatureFn | str | None = None,
+        preselect: str = DEFAULT_PRESELECT,
         strict: bool = False,
         verbose: bool = True,
         diagnose: bool = True,
@@ -182,7 +187,7 @@ class InfluenceCallback(pl.Callback):
                 top_k=top_k, num_worst=num_worst or 1, val_indices=None if val_indices is None else tuple(val_indices),
                 misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size,
                 keep_full_scores=save_scores, diagnose=diagnose, num_candidates=num_candidates,
-                knn_backend=knn_backend, feature_fn=feature_fn,
+                knn_backend=knn_backend, feature_fn=feature_fn, preselect=preselect,
             )
             check_knn_backend(knn_backend)
             self.damping = check_damping(damping)

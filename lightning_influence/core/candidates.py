@@ -29,6 +29,7 @@ of the number of processes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional, cast
@@ -219,6 +220,87 @@ def select_candidates(
     found = knn_faiss(query_features, keys, min(k, len(keys)))
     all_indices = torch.cat([i.long() for i, _ in pairs])
     return Neighbours(all_indices[found.indices], found.distances)
+
+
+@dataclass(frozen=True)
+class PreselectionEstimate:
+    """Does candidate preselection save time? Per-example seconds measured on one probe batch of training examples.
+
+    The candidate path computes features of all ``n_train`` examples (plus the kNN update, and the test points'
+    features once: ``fixed_seconds``) and then scores the union of the ``q`` candidate sets of ``k``; full scoring
+    scores all ``n_train``. The union is estimated as that of ``q`` independent random k-subsets,
+    ``n (1 - (1 - k/n)^q)``: an over-estimate for gradient candidates, whose sets overlap more (docs/fast-path.md),
+    so the estimate errs towards full scoring. Preselection pays when ``candidate_seconds < full_seconds``, i.e.
+    (without the fixed part) when ``feature_seconds / scoring_seconds < (1 - k/n)^q``. ``probed=False``: the
+    training set is too small to be worth a probe (a few batches); full scoring is chosen without one.
+    """
+
+    n_train: int
+    k: int
+    q: int
+    feature_seconds: float
+    scoring_seconds: float
+    fixed_seconds: float = 0.0
+    probed: bool = True
+
+    @property
+    def expected_union(self) -> float:
+        return self.n_train * (1.0 - (1.0 - self.k / self.n_train) ** self.q)
+
+    @property
+    def candidate_seconds(self) -> float:
+        return self.fixed_seconds + self.n_train * self.feature_seconds + self.expected_union * self.scoring_seconds
+
+    @property
+    def full_seconds(self) -> float:
+        return self.n_train * self.scoring_seconds
+
+    @property
+    def pays(self) -> bool:
+        return self.probed and self.candidate_seconds < self.full_seconds
+
+    def note(self) -> str:
+        """One line on why every training example was scored instead."""
+        if not self.probed:
+            why = (f"the training set ({self.n_train} examples) is only a few batches, where finding candidates costs"
+                   " about as much as scoring everything")
+        else:
+            why = (f"estimated {self.candidate_seconds:.3g} s for the features of {self.n_train} examples and scoring"
+                   f" about {self.expected_union:.0f} candidates, against {self.full_seconds:.3g} s for scoring all")
+        return (f"num_candidates={self.k}: candidate preselection would not save time here ({why}), so every training"
+                " example was scored (exact top lists). Pass preselect='always' to preselect anyway.")
+
+
+def time_preselection(
+    problem: InfluenceProblem,
+    test_batch: Batch,
+    probe: Batch,
+    probe_size: int,
+    vectors: torch.Tensor,
+    k: int,
+    feature_fn: FeatureFn | str | None = None,
+    backend: str = "torch",
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
+    method: str = "auto",
+    chunk_size: int = 256,
+) -> tuple[float, float, float]:
+    """Seconds per example of the candidate features of ``probe`` (``probe_size`` training examples; with the
+    torch kNN update) and of scoring it against ``vectors [q, P]`` (their values do not matter: the test gradients
+    do), and the seconds of the test points' features. One run each (wall clock); the results are discarded."""
+    feature_fn = resolve_feature_fn(feature_fn, backend)
+    model, device = problem.model, problem.device
+    start = time.perf_counter()
+    queries = batch_features(model, test_batch, feature_fn, device, loss_fn)
+    fixed = time.perf_counter() - start
+    start = time.perf_counter()
+    keys = batch_features(model, probe, feature_fn, device, loss_fn)
+    if backend == "torch":
+        NearestNeighbours(queries, k).update(keys, torch.arange(probe_size))
+    features = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in problem.scores(vectors, [probe], method, chunk_size):
+        pass
+    return features / probe_size, (time.perf_counter() - start) / probe_size, fixed
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def estimate_spectrum(matvec: MatVec, dim: int, examples: int, *, like: torch.Te
     Ritz values lie inside the spectrum: ``top`` is a lower bound of ``lambda_max`` (tight after a few steps),
     ``bottom`` an upper bound of ``lambda_min`` (looser).
     """
-    values, _ = lanczos(matvec, dim, steps, generator=torch.Generator().manual_seed(seed), like=like)
+    values, _ = lanczos(matvec, dim, steps, generator=torch.Generator().manual_seed(seed), like=like,
+                        with_vectors=False)  # the values only: no [P, steps] Ritz vectors
     return Spectrum(float(values.max()), float(values.min()), len(values), examples)
 
 

@@ -35,7 +35,8 @@ def top_eigenvalue(
 
 
 def lanczos(
-    matvec: MatVec, dim: int, steps: int, *, generator: torch.Generator | None = None, like: torch.Tensor
+    matvec: MatVec, dim: int, steps: int, *, generator: torch.Generator | None = None, like: torch.Tensor,
+    with_vectors: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz pairs of a symmetric operator from ``steps`` Lanczos iterations with full reorthogonalisation.
 
@@ -45,6 +46,8 @@ def lanczos(
         steps: Krylov dimension m (at most P); the extreme eigenvalues converge first.
         generator: seeds the start vector.
         like: a tensor giving dtype and device of the basis.
+        with_vectors: form the Ritz vectors (``[P, m']``: as large as the basis); False returns an empty
+            ``[P, 0]`` in their place, for callers that need the eigenvalues only.
 
     Returns:
         ``(eigenvalues [m'], eigenvectors [P, m'])`` ascending, with ``m' <= steps`` (fewer if the Krylov
@@ -72,4 +75,6 @@ def lanczos(
         off = torch.tensor(betas[: m - 1], dtype=torch.float64)
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
+    if not with_vectors:
+        return values, basis.new_empty(dim, 0)
     return values, basis[:m].T @ vectors.to(basis)

@@ -84,16 +84,22 @@ def _damped(hvp: BatchHVP, batch: Batch, damping: float, x: torch.Tensor) -> tor
     return hvp(batch, x) + damping * x
 
 
-def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: int, like: torch.Tensor) -> float:
+def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: int, like: torch.Tensor,
+                   part: tuple[int, int] = (0, 1)) -> float:
     """``SCALE_MARGIN`` times the largest top eigenvalue of ``H_j + damping I`` over probe minibatches.
 
     Measured on minibatches of the recursion's own size: small-batch Hessians have far larger top
-    eigenvalues than the full one, and those are what the recursion must stay below.
+    eigenvalues than the full one, and those are what the recursion must stay below. ``part=(r, R)`` measures
+    only probe batches ``r, r + R, ...`` (the others are drawn and skipped, with their start vectors), so the
+    maximum over the R parts is exactly the single-process estimate: R processes split the work.
     """
     generator = torch.Generator().manual_seed(0)
     largest = 0.0
-    for _ in range(SCALE_PROBE_BATCHES):
+    for index in range(SCALE_PROBE_BATCHES):
         batch = next(stream)
+        if index % part[1] != part[0]:
+            torch.randn(1, dim, generator=generator, dtype=torch.float64)  # the start vector top_eigenvalue draws
+            continue
         largest = max(largest, top_eigenvalue(functools.partial(_damped, hvp, batch, damping), dim,
                                               generator=generator, like=like))
     return max(SCALE_MARGIN * largest, 1e-8)

@@ -177,10 +177,21 @@ class InfluenceProblem:
             self._subset = list(self._hvp_subset(self.subset_examples, SUBSET_SEED))
         return self._subset
 
-    def residual(self, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``||(C + damping I) x - v|| / ||v||`` per row, with C over the check subset."""
+    def check_product(self, x: torch.Tensor, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
+        """``(sum_b |b| C_b x, sum_b |b|)`` over check batches ``r, r + R, ...`` for ``part=(r, R)``: summed over
+        the R parts (e.g. by an all-reduce) and divided, it is ``C x`` over the whole check subset."""
+        batches = self.check_batches()[part[0]::part[1]]
         with torch.inference_mode(False), torch.enable_grad():
-            applied = dataset_product(self._product, self.check_batches(), x) + self.damping * x
+            sizes = [batch_size_of(batch) for batch in batches]
+            total = sum((size * self._product(batch, x) for size, batch in zip(sizes, batches)), torch.zeros_like(x))
+        return total, sum(sizes)
+
+    def residual(self, x: torch.Tensor, vectors: torch.Tensor,
+                 product: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """``||(C + damping I) x - v|| / ||v||`` per row, with C over the check subset (``product``: the
+        :meth:`check_product` of ``x``, when already computed, e.g. combined over ranks)."""
+        total, count = self.check_product(x) if product is None else product
+        applied = total / count + self.damping * x
         tiny = torch.finfo(vectors.dtype).tiny
         return (applied - vectors).norm(dim=1) / vectors.norm(dim=1).clamp_min(tiny)
 
@@ -254,13 +265,24 @@ class InfluenceProblem:
         """The recursion's ``scale``: the configured number, or estimated once on minibatches of size B."""
         assert isinstance(self.config, LissaConfig)
         if self._scale is None:
-            if self.config.scale == "auto":
-                like = next(iter(self.params.values()))
-                stream = self._stream(repeat_seed(self.config.seed, -1))
-                self._scale = estimate_scale(self.minibatch_hvp, stream, self.damping, self.num_params, like)
-            else:
-                self._scale = float(self.config.scale)
+            self._scale = self.estimate_lissa_scale() if self.config.scale == "auto" else float(self.config.scale)
         return self._scale
+
+    def estimate_lissa_scale(self, rank: int = 0, world_size: int = 1) -> float:
+        """The ``scale="auto"`` estimate (not cached), or with ``world_size`` R this rank's share of it: the
+        maximum over ranks equals the single-process estimate (:func:`~lightning_influence.core.lissa.estimate_scale`)."""
+        assert isinstance(self.config, LissaConfig)
+        like = next(iter(self.params.values()))
+        stream = self._stream(repeat_seed(self.config.seed, -1))
+        return estimate_scale(self.minibatch_hvp, stream, self.damping, self.num_params, like, (rank, world_size))
+
+    def set_lissa_scale(self, scale: float) -> None:
+        """Use ``scale`` from now on (e.g. the estimate combined over ranks)."""
+        self._scale = float(scale)
+
+    @property
+    def has_lissa_scale(self) -> bool:
+        return self._scale is not None
 
     def lissa_partial(
         self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: Callable[[], None] | None = None,
@@ -313,11 +335,11 @@ class InfluenceProblem:
         return divergence_error(self, error, retries)
 
     def lissa_solve_info(self, traces: list[torch.Tensor], x: torch.Tensor, vectors: torch.Tensor,
-                         retries: Sequence[dict[str, Any]]) -> SolveInfo:
+                         retries: Sequence[dict[str, Any]], residual: float | None = None) -> SolveInfo:
         """The record of a LiSSA solve: traces, the residual of the averaged ``x`` (``converged`` means it met
-        ``residual_tol``), how the damping was chosen, and the retries."""
+        ``residual_tol``; computed here unless given), how the damping was chosen, and the retries."""
         assert isinstance(self.config, LissaConfig)
-        residual = float(self.residual(x, vectors).max())
+        residual = float(self.residual(x, vectors).max()) if residual is None else residual
         info = lissa_info(self.damping, self.lissa_scale(), traces, self.config, residual=residual)
         return dataclasses.replace(info, **self._common_info(), retries=tuple(retries))
 

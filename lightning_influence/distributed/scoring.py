@@ -6,21 +6,24 @@ candidates. Every function is called on every rank with the same arguments and r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 from torch import nn
 
-from lightning_influence.config import ExplainConfig
+from lightning_influence.config import PRESELECT_MIN_BATCHES, PRESELECT_PROBE_EXAMPLES, ExplainConfig
 from lightning_influence.core.batching import Batch
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
     Neighbours,
+    PreselectionEstimate,
     check_candidates,
     collect_candidate_scores,
     merge_neighbours,
     select_candidates,
+    time_preselection,
 )
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.losses import LossFn
@@ -92,6 +95,42 @@ def find_candidates(
         model, test_batch, train.batches_with_indices(local), k, settings.feature_fn, settings.knn_backend, device,
         loss_fn))
     return merge_neighbours(parts, k)
+
+
+def estimate_preselection(
+    problem: InfluenceProblem, test_batch: Batch, vectors: torch.Tensor, train: IndexedData, settings: ExplainConfig,
+    collectives: Collectives, loss_fn: Optional[LossFn] = None,
+) -> PreselectionEstimate:
+    """Whether preselecting ``settings.num_candidates`` candidates per row of ``vectors [q, P]`` would save time:
+    every rank times the same probe (the first training batch, at most ``PRESELECT_PROBE_EXAMPLES`` examples) and
+    the times are averaged over ranks, so every rank gets the same estimate and takes the same decision. A
+    training set of fewer than ``PRESELECT_MIN_BATCHES`` probe batches is not probed (full scoring)."""
+    k = check_candidates(settings.num_candidates, len(train))  # type: ignore[arg-type]
+    size = min(len(train), train.batch_size, PRESELECT_PROBE_EXAMPLES)
+    if len(train) < PRESELECT_MIN_BATCHES * size:
+        return PreselectionEstimate(len(train), k, vectors.shape[0], 0.0, 0.0, probed=False)
+    probe = train.fetch(range(size))
+    _, timings = gather_checked(collectives, lambda: time_preselection(
+        problem, test_batch, probe, size, vectors, k, settings.feature_fn, settings.knn_backend, loss_fn,
+        settings.scoring, settings.chunk_size))
+    features, scoring, fixed = (sum(t[i] for t in timings) / len(timings) for i in range(3))
+    return PreselectionEstimate(len(train), k, vectors.shape[0], features, scoring, fixed)
+
+
+def choose_candidates(
+    problem: InfluenceProblem, test_batch: Batch, vectors: torch.Tensor, train: IndexedData, settings: ExplainConfig,
+    collectives: Collectives, loss_fn: Optional[LossFn] = None,
+) -> tuple[Optional[Neighbours], Optional[str]]:
+    """:func:`find_candidates`, or, with ``settings.preselect="auto"`` when :func:`estimate_preselection` says
+    that scoring every training example is cheaper, ``(None, note)``: the caller scores everything (rank 0 warns
+    with the note). ``vectors`` stand in for s_test in the timing (the test gradients: same shape)."""
+    if settings.preselect == "auto":
+        estimate = estimate_preselection(problem, test_batch, vectors, train, settings, collectives, loss_fn)
+        if not estimate.pays:
+            if collectives.rank == 0:
+                warnings.warn(estimate.note(), UserWarning, stacklevel=3)
+            return None, estimate.note()
+    return find_candidates(problem.model, test_batch, train, settings, collectives, problem.device, loss_fn), None
 
 
 def score_candidates(

@@ -58,6 +58,11 @@ def solve_s_test_with_halves(
             stacklevel=3,
         )
     start = time.perf_counter()
+    if config.scale == "auto" and collectives.world_size > 1 and not problem.has_lissa_scale:
+        # split the scale estimate's probe batches over ranks too; the max of the parts is the 1-process value
+        _, parts = gather_checked(collectives, lambda: problem.estimate_lissa_scale(collectives.rank,
+                                                                                    collectives.world_size))
+        problem.set_lissa_scale(max(parts))
     ids = list(range(collectives.rank, config.repeats, collectives.world_size))
     halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
     retries: list[dict[str, Any]] = []
@@ -78,7 +83,13 @@ def solve_s_test_with_halves(
     even_odd = collectives.sum(outcome[2])
     vectors = (even_odd[0] + even_odd[1]) / config.repeats
     all_traces = [trace for _, trace in sorted((pair for _, pairs in gathered for pair in pairs), key=lambda p: p[0])]
-    info = problem.lissa_solve_info(all_traces, vectors, gradients, retries)
+    # the residual check of the average, its curvature product split over ranks like the repeats
+    (total, count), _ = gather_checked(collectives, lambda: problem.check_product(
+        vectors, (collectives.rank, collectives.world_size)), lambda _: None)
+    combined = collectives.sum(torch.cat([total.flatten(), total.new_tensor([count])]))
+    product = (combined[:-1].reshape(vectors.shape), int(round(float(combined[-1]))))
+    residual = float(problem.residual(vectors, gradients, product).max())
+    info = problem.lissa_solve_info(all_traces, vectors, gradients, retries, residual)
     means = None
     if config.repeats >= 2:
         means = (even_odd[0] / len(range(0, config.repeats, 2)), even_odd[1] / len(range(1, config.repeats, 2)))

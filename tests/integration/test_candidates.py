@@ -94,12 +94,12 @@ def test_candidates_n_train_reproduces_full_scoring(cnn):
     train = loader(x, y, 64)
     full = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING)
     every = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                         num_candidates=N_TRAIN)
+                         num_candidates=N_TRAIN, preselect="always")
     torch.testing.assert_close(every, full, rtol=1e-10, atol=1e-12)
     top_full = li.top_influences(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
                                  top_k=5)
     top_every = li.top_influences(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                                  top_k=5, num_candidates=N_TRAIN)
+                                  top_k=5, num_candidates=N_TRAIN, preselect="always")
     assert torch.equal(top_every.harmful_indices, top_full.harmful_indices)
     assert torch.equal(top_every.helpful_indices, top_full.helpful_indices)
 
@@ -110,14 +110,14 @@ def test_non_candidates_are_absent_and_candidates_are_the_feature_space_neighbou
     train = loader(x, y, 64)
     full = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING)
     sparse = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                          num_candidates=k, feature_fn="activations")
+                          num_candidates=k, feature_fn="activations", preselect="always")
     nearest = torch.cdist(_features(model, xt), _features(model, x)).argsort(dim=1)[:, :k]
     for row in range(len(xt)):
         present = torch.isfinite(sparse[row]).nonzero().flatten()
         assert sorted(present.tolist()) == sorted(nearest[row].tolist())  # exactly its own k candidates
         torch.testing.assert_close(sparse[row, present], full[row, present], rtol=1e-10, atol=1e-12)
     top = li.top_influences(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                            num_candidates=k, top_k=5, feature_fn="activations")
+                            num_candidates=k, top_k=5, feature_fn="activations", preselect="always")
     for row in range(len(xt)):
         assert set(top.harmful_indices[row].tolist()) <= set(nearest[row].tolist())
         torch.testing.assert_close(top.harmful_scores[row, 0], full[row, nearest[row]].max(), rtol=1e-10, atol=1e-12)
@@ -159,7 +159,8 @@ def test_same_candidates_and_scores_on_any_number_of_ranks(cnn):
     vx, vy = digits(torch.float64)
     train = IndexedData(TensorDataset(x, y), batch_size=16)
     val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
-    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn="activations")
+    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn="activations",
+                             preselect="always")
     single = explain_on_threads(1, model, train, val, settings, DAMPING)[0]
     assert single.full_scores.shape == (3, len(x))
     assert (~single.full_scores.isnan()).sum(dim=1).tolist() == [20, 20, 20]  # non-candidates absent (NaN), not 0
@@ -183,10 +184,12 @@ def test_faiss_backend_gives_the_same_candidates_in_explain_on_one_and_two_ranks
     vx, vy = digits(torch.float64)
     train = IndexedData(TensorDataset(x, y), batch_size=16)
     val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
-    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn="activations")
+    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn="activations",
+                             preselect="always")
     reference = scored_indices(explain_on_threads(1, model, train, val, settings, DAMPING)[0])
     for world_size in (1, 2):
-        faiss_settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, knn_backend="faiss")
+        faiss_settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, knn_backend="faiss",
+                                       preselect="always")
         assert torch.equal(scored_indices(explain_on_threads(world_size, model, train, val, faiss_settings, DAMPING)[0]), reference)
 
 
@@ -228,7 +231,7 @@ def test_callback_with_candidates_writes_only_candidates(tmp_path):
         li.InfluenceCallback(num_candidates=5, knn_backend="faiss", feature_fn="last_layer_grad")
     k = 30
     callback = li.InfluenceCallback(num_worst=3, top_k=4, solver="exact", damping=0.5, num_candidates=k, save_scores=True,
-                                    verbose=False, feature_fn="activations")
+                                    verbose=False, feature_fn="activations", preselect="always")
     pl.seed_everything(0)
     train, val = _data()
     model = TinyDigits()

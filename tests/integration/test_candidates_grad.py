@@ -104,7 +104,8 @@ def test_same_gradient_candidates_on_any_number_of_ranks(data):
     vx, vy = digits(torch.float64)
     train = IndexedData(TensorDataset(x, y), batch_size=16)
     val = IndexedData(TensorDataset(vx[1500:1530], vy[1500:1530]))
-    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn=LAST_LAYER_GRAD)
+    settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, feature_fn=LAST_LAYER_GRAD,
+                             preselect="always")
     single = explain_on_threads(1, model, train, val, settings, DAMPING)[0]
     test_x = vx[1500:1530][[p.val_index for p in single.points]]
     test_y = vy[1500:1530][[p.val_index for p in single.points]]
@@ -121,11 +122,11 @@ def test_influence_with_gradient_candidates_keeps_the_full_scores_of_the_candida
     train = loader(x, y, batch_size=32)
     full = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING)
     sparse = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                          num_candidates=15, feature_fn=LAST_LAYER_GRAD)
+                          num_candidates=15, feature_fn=LAST_LAYER_GRAD, preselect="always")
     kept = ~sparse.isnan()
     assert kept.sum(dim=1).tolist() == [15] * len(xt)
     default = li.influence(model, cross_entropy_per_example, train, (xt, yt), solver="exact", damping=DAMPING,
-                           num_candidates=15)  # the default feature choice is last_layer_grad (torch backend)
+                           num_candidates=15, preselect="always")  # the default feature choice is last_layer_grad (torch backend)
     torch.testing.assert_close(default, sparse, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(sparse[kept], full[kept], rtol=1e-9, atol=1e-12)
 
