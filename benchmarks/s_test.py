@@ -244,13 +244,34 @@ def _line(row: dict[str, Any]) -> str:
             f"  damping {row['damping']:.3g}")
 
 
+def table(results: dict[str, Any]) -> str:
+    """The results as one markdown table (what docs/solvers.md quotes)."""
+    lines = ["| task (parameters, train) | method | seconds | peak MiB | residual | steps | Pearson mean (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for task, found in results["tasks"].items():
+        for method, row in found["methods"].items():
+            name = f"{task} ({found['parameters']:,}, {found['n_train']:,})"
+            if "error" in row:
+                lines.append(f"| {name} | {method} | {row['error']} | | | | |")
+                continue
+            residual = "-" if row.get("residual") is None else f"{row['residual']:.3g}"
+            quality = f"{row['pearson_mean']:.4f} ({row['pearson_min']:.4f})" if "pearson_mean" in row else "-"
+            lines.append(f"| {name} | {method} | {row['seconds']:.1f} | {row['peak_mib']:.0f} | {residual} |"
+                         f" {row.get('steps') if row.get('steps') is not None else '-'} | {quality} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=str(Path(__file__).with_name("s_test-results.json")))
+    parser.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
     import torch
 
     torch.set_num_threads(1)
