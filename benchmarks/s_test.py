@@ -15,8 +15,8 @@ pairwise score correlates positively with our ``I``, so it is compared as it com
 
 Usage::
 
-    python benchmarks/s_test.py            # full run (about 10 minutes on 2 cores)
-    python benchmarks/s_test.py --quick    # smoke run (fewer examples, no MLP; about 2 minutes)
+    python benchmarks/s_test.py            # full run (~400 s measured CPU time; 21 min wall on a busy 2-core VM)
+    python benchmarks/s_test.py --quick    # smoke run (fewer examples, no MLP; 6 min wall there)
     python benchmarks/s_test.py --json out.json  # default: benchmarks/s_test-results.json
 """
 

@@ -38,8 +38,8 @@ CHECK_EVERY = 100
 MAX_RETRIES = 3
 DEFAULT_SOLVER = "lissa"
 #: Conjugate gradient stops at this relative residual (a fifth of ``RESIDUAL_TOL``): measured in
-#: ``benchmarks/s_test.py`` (``benchmarks/s_test-results.json``, ``docs/solvers.md``), Pearson >= 0.9998 with the
-#: exact solve on every task there, in 6-15 steps.
+#: ``benchmarks/s_test.py`` (``benchmarks/s_test-results.json``, ``docs/solvers.md``): scores with Pearson >= 0.9998
+#: against the reference solve for every test point of every task there, in 10-12 steps.
 CG_TOL = 0.01
 DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
