@@ -180,3 +180,36 @@ def test_parameters_outside_linear_and_conv_get_a_diagonal():
 def test_config_rejects_unknown_preconditioner():
     with pytest.raises(ValueError, match="preconditioner"):
         CGConfig(preconditioner="shampoo")
+
+
+def test_distributed_solve_builds_the_preconditioner_from_shards_and_matches_one_process():
+    import copy
+
+    from lightning_influence.distributed.collectives import SingleProcess
+    from lightning_influence.distributed.solve import solve_s_test
+
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    x, y = digits(torch.float64)
+    train = loader(x[:96], y[:96], 32)
+    config = CGConfig(tol=1e-8, preconditioner="ekfac")
+
+    def solve(net: nn.Module, collectives) -> torch.Tensor:
+        with analysis_mode(net):
+            problem = InfluenceProblem(net, cross_entropy_per_example, train, 0.1, config)
+            return solve_s_test(problem, problem.gradients((x[200:203], y[200:203])), collectives, None)[0]
+
+    expected = solve(model, SingleProcess())
+    group, results = ThreadGroup(2), [None, None]
+
+    def run(rank: int) -> None:
+        with group.compute:
+            results[rank] = solve(copy.deepcopy(model), ThreadRank(group, rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got in results:
+        assert got is not None and torch.allclose(got, expected, rtol=1e-6, atol=1e-10)
