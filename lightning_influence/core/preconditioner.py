@@ -16,7 +16,8 @@ that basis, ``mean_i sum_c (Q_S^T dW_ic Q_A)^2`` (``dW_ic`` the per-example, per
 pass over the data. Parameters outside such layers get a diagonal (Hutchinson estimate of ``diag G``).
 
 The factors come from one pass over a fixed training subset (two for EK-FAC); a ``reduce`` callable (the
-distributed layer passes an all-reduce sum) combines per-rank sums, one call per pass. Built preconditioners are
+distributed layer passes an all-reduce sum) combines per-rank sums, one call per pass (and one for the diagonal
+when some parameters lie outside Linear/Conv2d layers). Built preconditioners are
 cached per model while its weights do not change (parameter version counters), independent of the damping.
 """
 
@@ -337,7 +338,10 @@ def build_preconditioner(  # long: two data passes, each followed by its reduce,
             layer.eigenvalues = (layer.corrected / examples).to(dtype)
             layer.corrected = None
     diagonal = _diagonal(product, params, mine, layers, offsets, start)
-    return KroneckerPreconditioner(kind, layers, reduce(diagonal) / world, offsets)
+    covered = {n for layer in layers for n in (layer.weight, layer.bias) if n is not None}
+    if set(params) - covered:  # the same on every rank: all reduce or none does
+        diagonal = reduce(diagonal) / world
+    return KroneckerPreconditioner(kind, layers, diagonal, offsets)
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[Any, KroneckerPreconditioner]]" = weakref.WeakKeyDictionary()
