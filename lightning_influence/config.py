@@ -37,6 +37,10 @@ CHECK_EVERY = 100
 #: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
 MAX_RETRIES = 3
 DEFAULT_SOLVER = "lissa"
+#: Conjugate gradient stops at this relative residual (a fifth of ``RESIDUAL_TOL``): measured in
+#: ``benchmarks/s_test.py`` (``benchmarks/s_test-results.json``, ``docs/solvers.md``): scores with Pearson >= 0.9998
+#: against the reference solve for every test point of every task there, in 10-12 steps.
+CG_TOL = 0.01
 DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
 DEFAULT_CHUNK_SIZE = 256
@@ -144,16 +148,32 @@ class LissaConfig:
                self.max_retries)
 
 
+#: Preconditioners of conjugate gradient (``CGConfig.preconditioner``): Kronecker-factored approximations of the
+#: Gauss-Newton curvature of Linear/Conv2d layers (see ``docs/solvers.md``).
+PRECONDITIONERS = ("kfac", "ekfac")
+
+
 @dataclass(frozen=True)
 class CGConfig:
-    """Conjugate gradient on full-data HVPs: stops when ``||r|| / ||v|| < tol`` or after ``max_iter``."""
+    """(Preconditioned) conjugate gradient on full-data curvature products.
+
+    Attributes:
+        max_iter: at most this many steps (one full-data product each).
+        tol: stop once every row's relative residual ``||(C + damping I) x - v|| / ||v||`` (the recurrence's)
+            is below it; ``SolveInfo.iterations`` is the steps taken.
+        preconditioner: None (plain CG), ``"kfac"`` or ``"ekfac"`` (eigenvalue-corrected K-FAC): built once
+            from a pass over the check subset and cached while the weights do not change.
+    """
 
     max_iter: int = 200
-    tol: float = 1e-6
+    tol: float = CG_TOL
+    preconditioner: Optional[str] = None
 
     def __post_init__(self) -> None:
         expect(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", "a positive int", self.max_iter)
         expect(isinstance(self.tol, (int, float)) and self.tol > 0, "tol", "a positive number", self.tol)
+        expect(self.preconditioner is None or self.preconditioner in PRECONDITIONERS, "preconditioner",
+               f"None or one of {PRECONDITIONERS}", self.preconditioner)
 
 
 @dataclass(frozen=True)

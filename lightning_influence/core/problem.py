@@ -59,6 +59,12 @@ from lightning_influence.core.params import (
     trainable_parameters,
 )
 from lightning_influence.core.per_example import PerExampleEngine
+from lightning_influence.core.preconditioner import (
+    KroneckerPreconditioner,
+    Reduce,
+    build_preconditioner,
+    cached_preconditioner,
+)
 from lightning_influence.core.scoring import iter_scores
 from lightning_influence.results import SolveInfo, STest
 
@@ -232,6 +238,18 @@ class InfluenceProblem:
             self._low_rank = LowRankInverse(values[keep], vectors[:, keep], self.damping, config.residual)
         return self._low_rank
 
+    def preconditioner(self, reduce: Reduce | None = None, shard: tuple[int, int] = (0, 1)) -> KroneckerPreconditioner:
+        """The K-FAC/EK-FAC preconditioner of ``config.preconditioner`` from the check subset, cached per model
+        while its weights do not change. Under DDP pass ``reduce`` (an all-reduce sum) and ``shard=(rank, world)``:
+        each rank reads its share of the subset and one reduce per data pass combines the statistics."""
+        assert isinstance(self.config, CGConfig) and self.config.preconditioner is not None
+        kind = self.config.preconditioner
+        key = (kind, tuple(self.params), self.loss.dtype, id(self.train_loader), self.subset_examples)
+        with torch.inference_mode(False), torch.enable_grad():
+            return cached_preconditioner(self.model, key, lambda: build_preconditioner(
+                kind, self.loss, self.params, self.check_batches(), product=self._product, reduce=reduce,
+                shard=shard))
+
     def _hvp_subset(self, examples: int | None, seed: int) -> Iterator[Batch]:
         loader = self.train_loader
         if examples is None or not isinstance(loader, DataLoader) or examples >= len(loader.dataset):  # type: ignore[arg-type]
@@ -360,9 +378,13 @@ class InfluenceProblem:
                               eigenvalue_min=float(low_rank.eigenvalues.min()),
                               eigenvalue_max=float(low_rank.eigenvalues.max()))
         elif isinstance(config, CGConfig):
-            x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config)
-            info = self.solve_info("cg", converged, x, vectors, use_residual=False, trace=trace[None],
-                              iterations=iterations)
+            precondition = None
+            if config.preconditioner is not None:
+                kronecker, damping = self.preconditioner(), self.damping
+                precondition = lambda r: kronecker.apply(r, damping)  # noqa: E731
+            x, trace, converged, iterations = conjugate_gradient(self.damped_hvp, vectors, config, precondition)
+            info = self.solve_info("cg", converged or float(trace[-1]) <= RESIDUAL_TOL, x, vectors, trace=trace[None],
+                                   iterations=iterations, settings={"preconditioner": config.preconditioner})
         else:
             x, traces, retries = self._lissa_with_retries(vectors, config, on_step)
             info = self.lissa_solve_info(traces, x, vectors, retries)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_influence.config import CGConfig, LissaConfig
+from lightning_influence.config import RESIDUAL_TOL, CGConfig, LissaConfig
 from lightning_influence.core.lissa import LissaDivergenceError
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.distributed.collectives import Collectives
@@ -45,6 +45,8 @@ def solve_s_test_with_halves(
     Each rank sums its even and its odd repeats separately; the two sums travel stacked in one all-reduce.
     """
     config = problem.config
+    if isinstance(config, CGConfig) and config.preconditioner is not None:  # factors: each rank a share, summed
+        problem.preconditioner(collectives.sum, (collectives.rank, collectives.world_size))
     if isinstance(config, CGConfig) and collectives.world_size > 1:
         return (*_solve_cg_split(problem, gradients, collectives, on_step), None)
     if not isinstance(config, LissaConfig):
@@ -116,6 +118,8 @@ def _solve_cg_split(
     problem: InfluenceProblem, gradients: torch.Tensor, collectives: Collectives, on_step: Callable[[], None] | None
 ) -> tuple[torch.Tensor, SolveInfo]:
     """CG with the test points split over ranks; the combined trace is the worst residual at each step."""
+    config = problem.config
+    assert isinstance(config, CGConfig)
     start = time.perf_counter()
     ids = list(range(collectives.rank, gradients.shape[0], collectives.world_size))
     result, gathered = gather_checked(
@@ -131,6 +135,7 @@ def _solve_cg_split(
     length = max(len(trace) for _, _, trace in parts)
     padded = [torch.cat([t, t[-1:].expand(length - len(t))]) if len(t) else torch.zeros(length) for _, _, t in parts]
     trace = torch.stack(padded).max(dim=0).values
-    info = problem.solve_info("cg", all(c for c, _, _ in parts), vectors, gradients, use_residual=False,
-                              trace=trace[None], iterations=max(i for _, i, _ in parts))
+    converged = all(c for c, _, _ in parts) or float(trace[-1]) <= RESIDUAL_TOL
+    info = problem.solve_info("cg", converged, vectors, gradients, trace=trace[None],
+                              iterations=max(i for _, i, _ in parts), settings={"preconditioner": config.preconditioner})
     return vectors, replace(info, seconds=time.perf_counter() - start)

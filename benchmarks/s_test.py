@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""s_test solvers side by side: our defaults, CG, K-FAC/EK-FAC preconditioned CG, a reference, Kronfluence EK-FAC.
+
+Four seeded tasks on scikit-learn's digits (float32, CPU, one thread): logistic regression (650 parameters), a
+small tanh CNN (2,420), an MLP 64-1000-1000-10 (1.08M, 1,200 training examples) and the digits example's model
+(the layers, data split and optimizer of ``examples/digits.py``, 15 epochs). For 8 test points each method
+computes s_test and scores every training example (``I = -s_test . grad L(z)``); every method runs in its own
+subprocess so that its peak memory (resident high-water mark above the process's memory after loading the model,
+as in ``benchmarks/scoring.py``) and its time (process CPU time: s_test including ``damping="auto"``, plus
+scoring) are its own. Quality is the Pearson correlation of each test point's training scores with the
+reference's (mean and minimum over the 8 points); the reference is the exact solve where the curvature fits in
+memory, else a long CG solve (relative residual 1e-4). Kronfluence (``pip install .[bench]``) fits its EK-FAC
+factors (true Fisher, sampled labels) and computes pairwise scores with the same damping as our solve (its
+pairwise score correlates positively with our ``I``, so it is compared as it comes).
+
+Usage::
+
+    python benchmarks/s_test.py            # full run (~400 s measured CPU time; 21 min wall on a busy 2-core VM)
+    python benchmarks/s_test.py --quick    # smoke run (fewer examples, no MLP; 6 min wall there)
+    python benchmarks/s_test.py --json out.json  # default: benchmarks/s_test-results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scoring import PeakRSS  # noqa: E402
+
+NUM_POINTS = 8
+CG_TOL = 1e-2
+REFERENCE_TOL = 1e-4
+METHOD_TIMEOUT_S = 240
+
+
+def task_specs(quick: bool) -> dict[str, dict[str, Any]]:
+    specs = {
+        "logreg": {"model": "logreg", "n_train": 300 if quick else 1200, "epochs": 30, "lr": 0.05},
+        "cnn": {"model": "cnn", "n_train": 300 if quick else 1200, "epochs": 10, "lr": 0.01},
+        "mlp": {"model": "mlp", "n_train": 1200, "epochs": 3, "lr": 1e-3},
+        "digits_example": {"model": "digits_example", "n_train": 1400, "epochs": 15, "lr": 0.01},
+    }
+    if quick:
+        del specs["mlp"]
+        specs["digits_example"]["epochs"] = 3
+    return specs
+
+
+def methods_for(task: str) -> list[str]:
+    reference = "long_cg" if task == "mlp" else "exact"
+    ours = ["default", "cg", "cg_ekfac"] + ([] if task == "mlp" else ["cg_kfac"])
+    return [reference, *ours, "kronfluence_ekfac"]
+
+
+# -- data and models ------------------------------------------------------------------------------------------
+def data(spec: dict[str, Any]):
+    import torch
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(labels)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[: spec["n_train"]], order[spec["n_train"] :][:NUM_POINTS]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def build_model(name: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 10, 3, padding=1, stride=2),
+                             nn.Tanh(), nn.Flatten(), nn.Linear(160, 10))
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 1000), nn.Tanh(), nn.Linear(1000, 1000), nn.Tanh(),
+                             nn.Linear(1000, 10))
+    if name == "digits_example":  # examples/digits.py's DigitsCNN.net
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1, stride=2),
+                             nn.Tanh(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    raise ValueError(name)
+
+
+def loss_fn(model, batch):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def train(spec: dict[str, Any], path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    (x, y), _ = data(spec)
+    model = build_model(spec["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec["lr"], weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(spec["epochs"]):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), 64):
+            chosen = order[start : start + 64]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[chosen]), y[chosen]).backward()
+            optimizer.step()
+    torch.save(model.state_dict(), path)
+
+
+# -- one method (run in its own process) ----------------------------------------------------------------------
+def run_method(task: str, method: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    (x, y), test = data(spec)
+    model = build_model(spec["model"])
+    model.load_state_dict(torch.load(workdir / f"{task}.pt"))
+    model.eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    ours = method in ("default", "cg", "cg_ekfac", "cg_kfac")  # what a user runs: damping="auto", timed
+    damping = None if ours else json.loads((workdir / f"{task}-damping.json").read_text())["damping"]
+    memory = PeakRSS()
+    start = time.process_time()
+    if method == "kronfluence_ekfac":
+        scores, info = _kronfluence(model, TensorDataset(x, y), TensorDataset(*test), damping, workdir / task)
+    else:
+        scores, info = _ours(model, loader, test, method, damping)
+    seconds = time.process_time() - start
+    torch.save(scores, workdir / f"{task}-{method}.pt")
+    return {"seconds": seconds, "peak_mib": memory.peak_mib(), **info}
+
+
+def _ours(model, loader, test, method: str, damping: float | None) -> tuple[Any, dict[str, Any]]:
+    from lightning_influence.config import CGConfig, ExactConfig, LissaConfig
+    from lightning_influence.core import InfluenceProblem
+    from lightning_influence.core.modes import analysis_mode
+
+    configs = {
+        "default": LissaConfig(), "exact": ExactConfig(), "long_cg": CGConfig(tol=REFERENCE_TOL, max_iter=300),
+        "cg": CGConfig(tol=CG_TOL), "cg_ekfac": CGConfig(tol=CG_TOL, preconditioner="ekfac"),
+        "cg_kfac": CGConfig(tol=CG_TOL, preconditioner="kfac"),
+    }
+    with analysis_mode(model):
+        problem = InfluenceProblem(model, loss_fn, loader, "auto" if damping is None else damping, configs[method])
+        result = problem.solve(problem.gradients(test))
+        scores = -__import__("torch").cat(list(problem.scores(result.vectors)), dim=1)
+    info = result.info
+    return scores, {"damping": info.damping, "residual": info.residual, "converged": info.converged,
+                    "steps": info.iterations, "solver": info.solver}
+
+
+def _kronfluence(model, train_set, test_set, damping: float, output: Path) -> tuple[Any, dict[str, Any]]:
+    import logging
+
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(batch[0])
+            if not sample:
+                return F.cross_entropy(logits, batch[1], reduction="sum")
+            with torch.no_grad():
+                sampled = torch.multinomial(torch.softmax(logits.detach(), dim=-1), num_samples=1).flatten()
+            return F.cross_entropy(logits, sampled, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+    torch.manual_seed(0)
+    model = prepare_model(model, Classification())
+    analyzer = Analyzer("s_test_bench", model, Classification(), cpu=True, disable_tqdm=True, output_dir=str(output),
+                        log_level=logging.WARNING)
+    analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=256,
+                             factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores("scores", "ekfac", test_set, train_set, per_device_query_batch_size=NUM_POINTS,
+                                     per_device_train_batch_size=256, score_args=ScoreArguments(damping_factor=damping),
+                                     overwrite_output_dir=True)
+    scores = analyzer.load_pairwise_scores("scores")["all_modules"]
+    return scores.float(), {"damping": damping, "residual": None, "converged": None, "steps": None,
+                             "solver": "kronfluence ekfac"}
+
+
+# -- driver ---------------------------------------------------------------------------------------------------
+def pearson(a, b) -> tuple[float, float]:
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    r = (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+    return float(r.mean()), float(r.min())
+
+
+def subprocess_run(task: str, method: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--one", json.dumps([task, method, spec]), "--workdir", str(workdir)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=METHOD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {METHOD_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_task(task: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    import torch
+
+    train(spec, workdir / f"{task}.pt")
+    rows: dict[str, Any] = {}
+    for method in ["default", *[m for m in methods_for(task) if m != "default"]]:  # default resolves the damping
+        row = subprocess_run(task, method, spec, workdir)
+        if method == "default" and "damping" in row:
+            (workdir / f"{task}-damping.json").write_text(json.dumps({"damping": row["damping"]}))
+        rows[method] = row
+        print(f"  {task:15s} {method:18s} {_line(row)}", flush=True)
+    reference = methods_for(task)[0]
+    if "error" not in rows[reference]:
+        expected = torch.load(workdir / f"{task}-{reference}.pt")
+        for method, row in rows.items():
+            if "error" not in row:
+                row["pearson_mean"], row["pearson_min"] = pearson(torch.load(workdir / f"{task}-{method}.pt"), expected)
+    params = sum(p.numel() for p in build_model(spec["model"]).parameters())
+    return {"parameters": params, "n_train": spec["n_train"], "reference": reference, "methods": rows}
+
+
+def _line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"ERROR {row['error']}"
+    residual = "-" if row.get("residual") is None else f"{row['residual']:.3g}"
+    return (f"{row['seconds']:7.1f} s  {row['peak_mib']:7.0f} MiB  residual {residual:>8s}  steps {row.get('steps')}"
+            f"  damping {row['damping']:.3g}")
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as one markdown table (what docs/solvers.md quotes)."""
+    lines = ["| task (parameters, train) | method | seconds | peak MiB | residual | steps | Pearson mean (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for task, found in results["tasks"].items():
+        for method, row in found["methods"].items():
+            name = f"{task} ({found['parameters']:,}, {found['n_train']:,})"
+            if "error" in row:
+                lines.append(f"| {name} | {method} | {row['error']} | | | | |")
+                continue
+            residual = "-" if row.get("residual") is None else f"{row['residual']:.3g}"
+            quality = f"{row['pearson_mean']:.4f} ({row['pearson_min']:.4f})" if "pearson_mean" in row else "-"
+            lines.append(f"| {name} | {method} | {row['seconds']:.1f} | {row['peak_mib']:.0f} | {residual} |"
+                         f" {row.get('steps') if row.get('steps') is not None else '-'} | {quality} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("s_test-results.json")))
+    parser.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    if args.one:
+        task, method, spec = json.loads(args.one)
+        print(json.dumps(run_method(task, method, spec, Path(args.workdir))))
+        return
+    started = time.perf_counter()
+    results: dict[str, Any] = {"quick": args.quick, "points": NUM_POINTS, "cg_tol": CG_TOL,
+                               "reference_tol": REFERENCE_TOL, "torch": torch.__version__,
+                               "machine": platform.machine(), "clock": "process CPU time, one thread", "tasks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task, spec in task_specs(args.quick).items():
+            results["tasks"][task] = run_task(task, spec, Path(tmp))
+            for method, row in results["tasks"][task]["methods"].items():
+                if "pearson_mean" in row:
+                    print(f"  {task:15s} {method:18s} pearson mean {row['pearson_mean']:.4f} min {row['pearson_min']:.4f}")
+    results["wall_seconds"] = time.perf_counter() - started
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json} ({results['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
