@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from lightning_influence.config import LissaConfig
 from lightning_influence.core.batching import Batch, prepare_batch
 from lightning_influence.core.eigen import top_eigenvalue
+from lightning_influence.results import SolveInfo
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]
 StreamFactory = Callable[[int], Iterator[Batch]]
@@ -211,3 +212,24 @@ def lissa_repeats(
         total += x
         traces.append(trace)
     return total, traces
+
+
+def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig, *,
+               residual: float | None = None) -> SolveInfo:
+    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict.
+
+    With ``residual`` (``max ||(C + damping I) x - v|| / ||v||`` of the averaged solution, see
+    ``InfluenceProblem.residual``) converged means ``residual <= config.residual_tol``; without it, the old
+    proxy (every repeat's last relative update below ``max(tol, 0.05)``) is used.
+    """
+    steps = max(len(t) for t in traces)
+    trace = torch.full((len(traces), steps), float("nan"))
+    for row, t in zip(trace, traces):
+        row[: len(t)] = t
+    if residual is not None:
+        converged = residual <= config.residual_tol
+    else:
+        final = torch.stack([t[-1] for t in traces])
+        converged = bool((final < max(config.tol, 0.05)).all())
+    return SolveInfo("lissa", damping, converged, 0.0, scale=scale, trace=trace, iterations=steps,
+                     residual=residual, residual_tol=config.residual_tol)

@@ -47,6 +47,7 @@ from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conju
 from lightning_influence.core.lissa import (
     LissaDivergenceError,
     estimate_scale,
+    lissa_info,
     lissa_repeats,
     minibatch_stream,
     repeat_seed,
@@ -439,23 +440,3 @@ class InfluenceProblem:
         source = self.train_loader if batches is None else batches
         return iter_scores(self.loss, self.params, source, s_vectors, method, chunk_size, engine=self.per_example)
 
-
-def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config: LissaConfig, *,
-               residual: float | None = None) -> SolveInfo:
-    """Summarise LiSSA repeats: padded trace matrix ``[repeats, steps]`` and a convergence verdict.
-
-    With ``residual`` (``max ||(C + damping I) x - v|| / ||v||`` of the averaged solution, see
-    :meth:`InfluenceProblem.residual`) converged means ``residual <= config.residual_tol``; without it, the old
-    proxy (every repeat's last relative update below ``max(tol, 0.05)``) is used.
-    """
-    steps = max(len(t) for t in traces)
-    trace = torch.full((len(traces), steps), float("nan"))
-    for row, t in zip(trace, traces):
-        row[: len(t)] = t
-    if residual is not None:
-        converged = residual <= config.residual_tol
-    else:
-        final = torch.stack([t[-1] for t in traces])
-        converged = bool((final < max(config.tol, 0.05)).all())
-    return SolveInfo("lissa", damping, converged, 0.0, scale=scale, trace=trace, iterations=steps,
-                     residual=residual, residual_tol=config.residual_tol)
