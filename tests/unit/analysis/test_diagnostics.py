@@ -86,7 +86,8 @@ def test_repeat_halves_are_even_and_odd_repeats_and_travel_in_one_all_reduce(log
     v = problem.gradients(val[:3])
     collectives = CountingCollectives()
     vectors, info, (even, odd) = solve_s_test_with_halves(problem, v, collectives, None)
-    assert collectives.summed == [torch.Size([2, 3, problem.num_params])]  # one collective for both halves
+    # one collective for both halves, then one for the residual check's split product (3 vectors + the count)
+    assert collectives.summed == [torch.Size([2, 3, problem.num_params]), torch.Size([3 * problem.num_params + 1])]
     torch.testing.assert_close(even, problem.lissa_partial(v, [0, 2, 4])[0] / 3)
     torch.testing.assert_close(odd, problem.lissa_partial(v, [1, 3])[0] / 2)
     torch.testing.assert_close(vectors, problem.solve(v).vectors)
