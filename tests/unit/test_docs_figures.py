@@ -25,7 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!-- figures: (?P<files>[^>]+?) -->\n(?P<block>(?:.+\n?)+)", re.M)
-NUMBER = re.compile(r"(?<![\w.\-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
+# a ratio's "x" (``1.86x``) ends the number, so the ratio itself is checked, not its leading digit
+NUMBER = re.compile(r"(?<![\w.\-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?!x\w)(?![^\Wx])")
 SKIP = re.compile(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->|https?://\S+")
 # a number followed by a unit or a measurement word: what the sweep looks for outside figures blocks
 MEASURED = re.compile(
