@@ -21,6 +21,7 @@ Usage::
     python benchmarks/ddp.py                      # repeats 4, depth 1000, 1 and 2 ranks
     python benchmarks/ddp.py --repeats 2 --json out.json
     python benchmarks/ddp.py --model mlp --depth 100 --repeats 2 --train-epochs 2 --json benchmarks/ddp-mlp-results.json
+    python benchmarks/ddp.py --derive --json benchmarks/ddp-mlp-results.json   # add the printed speed-ups, no run
 
 ``--model mlp`` runs the 1.13M-parameter MLP of the issue's s_test table (without the self-diagnosis). Besides
 wall seconds it records rank 0's process CPU seconds for the whole ``explain()``: on a machine shared with

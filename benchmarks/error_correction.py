@@ -21,6 +21,7 @@ per-seed paired differences of helpful against each baseline, and CPU/wall time.
 Usage::
 
     python benchmarks/error_correction.py                 # seeds 0, 1, 2; lr 0.01, 0.03, 0.1 (~70 s CPU)
+    python benchmarks/error_correction.py --json benchmarks/error-correction-results.json  # raw rows + printed tables
     python benchmarks/error_correction.py --seeds 5 --lr 0.03 --json error-correction.json
 """
 
