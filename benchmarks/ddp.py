@@ -21,6 +21,7 @@ Usage::
     python benchmarks/ddp.py                      # repeats 4, depth 1000, 1 and 2 ranks
     python benchmarks/ddp.py --repeats 2 --json out.json
     python benchmarks/ddp.py --model mlp --depth 100 --repeats 2 --train-epochs 2 --json benchmarks/ddp-mlp-results.json
+    python benchmarks/ddp.py --derive --json benchmarks/ddp-mlp-results.json   # add the printed speed-ups, no run
 
 ``--model mlp`` runs the 1.13M-parameter MLP of the issue's s_test table (without the self-diagnosis). Besides
 wall seconds it records rank 0's process CPU seconds for the whole ``explain()``: on a machine shared with
@@ -175,6 +176,14 @@ def machine() -> str:
             f"{load}; python {platform.python_version()}, torch {torch.__version__}, gloo backend")
 
 
+def speedups(base: dict, result: dict) -> dict:
+    """Ratios of the baseline's figures to ``result``'s: s_test and scoring wall, whole explain() wall, rank 0's CPU."""
+    ratios = {k: base["timings"][k] / result["timings"][k] for k in ("s_test", "scoring")}
+    ratios["explain"] = base["total"] / result["total"]
+    ratios["explain_cpu"] = base["explain_cpu_seconds"] / result["explain_cpu_seconds"]
+    return {"ranks": [base["world_size"], result["world_size"]], **{k: round(v, 2) for k, v in ratios.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=1000)
@@ -185,7 +194,14 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--model", choices=tuple(MODELS), default="cnn",
                         help="cnn: the digits example's CNN (~2.5k params); mlp: the 64-1024-1024-10 MLP (1.13M)")
+    parser.add_argument("--derive", action="store_true",
+                        help="add the printed speed-ups (rounded ratios) to an existing --json file, no run")
     args = parser.parse_args()
+    if args.derive:
+        payload = json.loads(Path(args.json).read_text())
+        payload["speedup"] = [speedups(payload["results"][0], r) for r in payload["results"][1:]]
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        return
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     config = LissaConfig(depth=args.depth, repeats=args.repeats, batch_size=args.batch_size, seed=0)
@@ -209,18 +225,19 @@ def main() -> None:
           " s_test, each timed apart on rank 0 in one process after the run; inside s_test both are split over ranks)")
     base = results[0]
     for r in results[1:]:
-        speedup = {k: base["timings"][k] / r["timings"][k] for k in ("s_test", "scoring")}
+        ratio = speedups(base, r)
         same = (r["val_indices"], r["harmful"], r["helpful"]) == (base["val_indices"], base["harmful"], base["helpful"])
-        print(f"speed-up {base['world_size']} -> {r['world_size']} ranks: s_test {speedup['s_test']:.2f}x,"
-              f" scoring {speedup['scoring']:.2f}x, whole explain() {base['total'] / r['total']:.2f}x, rank 0's"
-              f" CPU seconds {base['explain_cpu_seconds'] / r['explain_cpu_seconds']:.2f}x;"
+        print(f"speed-up {base['world_size']} -> {r['world_size']} ranks: s_test {ratio['s_test']:.2f}x,"
+              f" scoring {ratio['scoring']:.2f}x, whole explain() {ratio['explain']:.2f}x, rank 0's"
+              f" CPU seconds {ratio['explain_cpu']:.2f}x;"
               f" same points and top-{TOP_K} lists: {'yes' if same else 'NO'}")
     if args.json:
         load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
         settings = {"model": args.model, "depth": config.depth, "repeats": config.repeats,
                     "batch_size": config.batch_size, "damping": DAMPING, "points": NUM_POINTS, "n_train": N_TRAIN}
         Path(args.json).write_text(json.dumps({"machine": machine(), "settings": settings, "load_before": load_before,
-                                               "load_after": load_after, "results": results}, indent=2))
+                                               "load_after": load_after, "results": results,
+                                               "speedup": [speedups(base, r) for r in results[1:]]}, indent=2))
 
 
 if __name__ == "__main__":

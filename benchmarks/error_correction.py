@@ -21,6 +21,7 @@ per-seed paired differences of helpful against each baseline, and CPU/wall time.
 Usage::
 
     python benchmarks/error_correction.py                 # seeds 0, 1, 2; lr 0.01, 0.03, 0.1 (~70 s CPU)
+    python benchmarks/error_correction.py --json benchmarks/error-correction-results.json  # raw rows + printed tables
     python benchmarks/error_correction.py --seeds 5 --lr 0.03 --json error-correction.json
 """
 
@@ -196,7 +197,9 @@ def points(values: list[float]) -> str:
     return ", ".join(f"{100 * v:+.1f}" for v in values)
 
 
-def print_table(lr: float, all_results: dict[str, list[dict]]) -> None:
+def print_table(lr: float, all_results: dict[str, list[dict]]) -> dict:
+    """Print the docs table for one learning rate; return its cells and paired differences as printed."""
+    printed: dict = {"rows": {}, "paired": {}}
     print(f"\nlr {lr}:\n")
     failed = {s: sum("failed" in r for r in rows) for s, rows in all_results.items()}
     if any(failed.values()):
@@ -205,7 +208,7 @@ def print_table(lr: float, all_results: dict[str, list[dict]]) -> None:
                                                                         all_results.values())]
     results = {s: [rows[i] for i in ok_seeds] for s, rows in all_results.items()}
     if not ok_seeds:
-        return
+        return printed
     print("| selection | slice acc. before | slice acc. after | overall acc. before | overall after | outside the slice"
           " before | outside after | chosen labelled 8 / 1 | CPU s per run |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -215,7 +218,9 @@ def print_table(lr: float, all_results: dict[str, list[dict]]) -> None:
                                          f" {sum(r['chosen_labelled_confused'] for r in rows) / chosen:.0%}")
         cells = [mean_std([r[key] for r in rows]) for key in
                  ("slice_before", "slice_after", "overall_before", "overall_after", "others_before", "others_after")]
-        print(f"| {selection} | {' | '.join(cells)} | {labels} | {statistics.mean(r['cpu_seconds'] for r in rows):.1f} |")
+        cpu = f"{statistics.mean(r['cpu_seconds'] for r in rows):.1f}"
+        printed["rows"][selection] = [*cells, labels, cpu]
+        print(f"| {selection} | {' | '.join(cells)} | {labels} | {cpu} |")
     print("\nPaired per-seed differences after correction, helpful minus baseline (points):")
     helpful = results["helpful"]
     for baseline in ("random", "anchors", "harmful"):
@@ -224,10 +229,14 @@ def print_table(lr: float, all_results: dict[str, list[dict]]) -> None:
                                                                                   "others_after")}
         wins = [sum(d > 0 for d in diff["slice_after"]), sum(d == 0 for d in diff["slice_after"]),
                 sum(d < 0 for d in diff["slice_after"])]
+        printed["paired"][baseline] = {key: points(values) for key, values in diff.items()}
         print(f"  vs {baseline:8s} slice {points(diff['slice_after'])} (W/T/L {wins[0]}/{wins[1]}/{wins[2]});"
               f" overall {points(diff['overall_after'])}; outside the slice {points(diff['others_after'])}")
-    print(f"  helpful's own change: overall {points([r['overall_after'] - r['overall_before'] for r in helpful])};"
-          f" outside the slice {points([r['others_after'] - r['others_before'] for r in helpful])}")
+    own = {"overall": points([r["overall_after"] - r["overall_before"] for r in helpful]),
+           "others": points([r["others_after"] - r["others_before"] for r in helpful])}
+    printed["paired"]["helpful_own_change"] = own
+    print(f"  helpful's own change: overall {own['overall']}; outside the slice {own['others']}")
+    return printed
 
 
 def main() -> None:
@@ -267,11 +276,13 @@ def main() -> None:
           f" images, {round(100 * FLIP_FRACTION)}% of training {SLICE_CLASS}s labelled {CONFUSED_WITH};"
           f" {args.iterations} rounds x {ANCHORS} anchors, {EXAMPLES} examples, {STEPS} {args.optimizer} step;"
           f" solver {SOLVER} {SOLVER_OPTIONS}, damping {args.damping}")
-    for lr, by_selection in results.items():
-        print_table(lr, by_selection)
-    print(f"\ntotal: {time.process_time() - start_cpu:.0f} s CPU, {time.perf_counter() - start_wall:.0f} s wall")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"seeds": seeds, "results": {str(k): v for k, v in results.items()}}, indent=2))
+    tables = {str(lr): print_table(lr, by_selection) for lr, by_selection in results.items()}
+    total = {"cpu_seconds": round(time.process_time() - start_cpu), "wall_seconds": round(time.perf_counter() - start_wall)}
+    print(f"\ntotal: {total['cpu_seconds']} s CPU, {total['wall_seconds']} s wall")
+    if args.json is not None:  # the tables as printed (per cent, points) beside the raw per-seed rows
+        settings = {"model": args.model, "optimizer": args.optimizer, "damping": args.damping, "lr": args.lr}
+        args.json.write_text(json.dumps({"seeds": seeds, "settings": settings, "total": total, "tables": tables,
+                                         "results": {str(k): v for k, v in results.items()}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -403,6 +403,29 @@ def run_preselect(models, data, tests, results: dict[str, Any], runs: int) -> No
         print_preselect(study)
 
 
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """Add the derived figures the tables print (per cent of the training set, scoring time saved, x faster, per-step
+    costs) to the results of an earlier run, without running anything."""
+    for study in results.get("recall", []):
+        for row in study["rows"]:
+            row["percent_of_train"] = 100 * row["fraction"]
+            row["scoring_time_saved_percent"] = 100 * (1 - row["fast_cpu"] / study["full_scoring_cpu"])
+    for study in results.get("preselect", []):
+        for row in study["rows"]:
+            row["percent_of_train"] = 100 * row["fraction"]
+            row["auto_over_full_percent"] = 100 * (row["auto"]["cpu"] / row["full"]["cpu"] - 1)
+    sbs = results.get("side_by_side")
+    if sbs:
+        theirs = sbs["theirs"]
+        points, depth = len(theirs["pearson"]), sbs["settings"]["depth"]
+        theirs["s_test_ms_per_step"] = 1000 * theirs["s_test_cpu"] / (points * depth)
+        theirs["scoring_ms_per_gradient"] = 1000 * theirs["scoring_cpu"] / (points * results["n_train"])
+        sbs["x_faster_cpu"] = {key: theirs["cpu"] / row["cpu"] for key, row in sbs.items()
+                               if key.startswith("ours") and "cpu" in row}
+        sbs["ours_full"]["steps_of_theirs_per_step"] = sbs["ours_full"]["cpu"] / depth / (theirs["s_test_cpu"] / (points * depth))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 training examples, short recursions")
@@ -411,7 +434,12 @@ def main() -> None:
     parser.add_argument("--preselect-only", action="store_true",
                         help="only preselect='auto' against full scoring and forced candidates (section 4)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per path in section 4 (median reported)")
+    parser.add_argument("--derive", action="store_true",
+                        help="add the derived table figures (per cent, time saved, x faster) to an existing --json file")
     args = parser.parse_args()
+    if args.derive:
+        args.json.write_text(json.dumps(derive(json.loads(args.json.read_text())), indent=1))
+        return
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     started = time.perf_counter()

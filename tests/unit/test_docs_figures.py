@@ -9,8 +9,14 @@ paragraph, right under a comment that names the results file(s) it comes from::
 Every number in the block (outside `code` spans and link targets) must be a value of that JSON as printed, or
 the mean of one of its lists of numbers (per-seed, per-point values): ``0.323`` matches 0.3234 (rounded to the
 printed decimals), ``1,126,410`` matches 1126410, and a number that is
-part of a name (``MLP 64-1024-1024-10``) matches when the JSON holds that name. Pages in ``SWEPT`` carry no
-measured figure outside such blocks. See CONTRIBUTING.md.
+part of a name (``MLP 64-1024-1024-10``) matches when the JSON holds that name; a ratio's ``x`` ends its number
+(``1.86x`` is checked as 1.86). Every page (README.md and docs/*.md) carries no measured figure outside such
+blocks: the sweep reads a number followed by a unit (s, ms, min, %, x, points) or a number in the sentence after
+a measurement word (Pearson, Spearman, accuracy, AUROC, recall) as measured. It does not read as measured: a
+number glued to a letter, ``.``, ``,`` or ``@`` (``float32``, ``recall@10%``: a metric's cut-off, a setting),
+``N% of ...`` (a share of a set), or a threshold after ``below``/``above``/``exceeds``/``limit``. Settings
+and goals elsewhere are written so the sweep does not read them as measurements (``a tenth``, ``eight test
+points``, ``1.7 times``). See CONTRIBUTING.md.
 """
 
 from __future__ import annotations
@@ -25,16 +31,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!-- figures: (?P<files>[^>]+?) -->\n(?P<block>(?:.+\n?)+)", re.M)
-NUMBER = re.compile(r"(?<![\w.\-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
+# a ratio's "x" (``1.86x``) ends the number, so the ratio itself is checked, not its leading digit
+NUMBER = re.compile(r"(?<![\w.\-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[-+]?\d+)?(?!x\w)(?![^\Wx])")
 SKIP = re.compile(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->|https?://\S+")
-# a number followed by a unit or a measurement word: what the sweep looks for outside figures blocks
+# a number followed by a unit or a measurement word: what the sweep looks for outside figures blocks. A number
+# starts where no letter, digit, "." or "," precedes it, and one glued to "@" is a metric's cut-off (recall@10%,
+# a setting), not a measurement
+START = r"(?<![@\w.,])"
 MEASURED = re.compile(
-    r"\d[\d.,]*\s+(?:s|ms|min|minutes?|seconds?|hours?|points?)\b|\d[\d.,]*\s*(?:%(?!\s+of\b)|x(?!\w))"
-    r"|\b(?:Pearson|Spearman|accuracy|AUROC|recall)\b[^.|]*?(?<!below )(?<!above )(?<!exceeds )(?<!limit )\d",
+    rf"{START}\d[\d.,]*\s+(?:s|ms|min|minutes?|seconds?|hours?|points?)\b|{START}\d[\d.,]*\s*(?:%(?!\s+of\b)|x(?!\w))"
+    rf"|\b(?:Pearson|Spearman|accuracy|AUROC|recall)\b[^.|]*?(?<!below )(?<!above )(?<!exceeds )(?<!limit ){START}\d",
     re.I,
 )
-# the pages a new user reads first: every measured figure on them sits in a figures block
-SWEPT = ["README.md", "docs/index.md", "docs/quickstart.md", "docs/tensorboard.md", "docs/cli.md"]
+# every page: every measured figure on it sits in a figures block
+SWEPT = [str(page.relative_to(ROOT)) for page in PAGES]
 
 
 def _leaves(value: Any) -> tuple[list[float], list[str]]:
@@ -152,3 +162,11 @@ def test_digits_example_states_its_measured_run_time():
     numbers, strings = _leaves(results)
     quoted = NUMBER.findall(SKIP.sub(" ", re.search(r"\(([^()]*walltime[^()]*)\)", doc, re.S).group(1)))
     assert quoted and all(found(token, numbers, strings) for token in quoted), quoted
+
+
+def test_measured_reads_measurements_not_settings():
+    for text in ["took 5.2 s", "1.86x faster", "Pearson 0.95", "AUROC of 0.99", "a 12.5% gain", "lost 3 points"]:
+        assert MEASURED.search(text), text
+    for text in ["recall@10% / recall@k", "float32 Pearson.", "10% of the set", "Pearson below 0.05", "a tenth"]:
+        assert not MEASURED.search(text), text
+    assert NUMBER.findall("1.86x, 64x1024, top-10, 1e-3") == ["1.86", "1e-3"]
