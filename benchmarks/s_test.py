@@ -9,7 +9,9 @@ subprocess so that its peak memory (resident high-water mark above the process's
 as in ``benchmarks/scoring.py``) and its time (process CPU time: s_test including ``damping="auto"``, plus
 scoring) are its own. Quality is the Pearson correlation of each test point's training scores with the
 reference's (mean and minimum over the 8 points); the reference is the exact solve where the curvature fits in
-memory, else a long CG solve (relative residual 1e-4). Kronfluence (``pip install .[bench]``) fits its EK-FAC
+memory, else a long CG solve (relative residual 1e-4). Kronfluence (``pip install -c constraints-cpu.txt -e .[bench]``,
+then ``pip uninstall -y torchvision``: kronfluence pulls in a torchvision built for another torch, which breaks
+``import lightning`` with "operator torchvision::nms does not exist"; kronfluence itself runs without it) fits its EK-FAC
 factors (true Fisher, sampled labels) and computes pairwise scores with the same damping as our solve (its
 pairwise score correlates positively with our ``I``, so it is compared as it comes).
 
