@@ -107,16 +107,44 @@ def describe_batch(model: nn.Module, batch: Batch, example_formatter: Optional[E
         inputs = next((batch[k] for k in INPUT_KEYS if k in batch), None)
         labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
     predictions = None
-    if isinstance(inputs, torch.Tensor):
+    if isinstance(batch, dict):
+        predictions = _dict_batch_predictions(model, batch)
+    elif isinstance(inputs, torch.Tensor):
         with torch.no_grad():
-            out = model(inputs)
-        if isinstance(out, torch.Tensor) and out.dim() == 2:
-            predictions = out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
+            predictions = _predictions(model(inputs))
     texts = None
     if example_formatter is not None:
         texts = [str(example_formatter(tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) and t.dim() > 0
                                                 else t, batch))) for i in range(batch_size_of(batch))]
     return Description(inputs, labels, predictions, texts)
+
+
+def _predictions(out: Any) -> Optional[torch.Tensor]:
+    """Argmax of ``[B, C]`` logits (``out`` or its ``.logits``, as Hugging Face outputs carry them), the value of a
+    ``[B, 1]`` output; None for anything else."""
+    out = getattr(out, "logits", out)
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        return out.argmax(dim=1) if out.shape[1] > 1 else out[:, 0]
+    return None
+
+
+def _dict_batch_predictions(model: nn.Module, batch: dict[str, Any]) -> Optional[torch.Tensor]:
+    """Predictions for a dict batch: ``model(batch)`` (a LightningModule whose ``forward`` takes the batch),
+    else ``model(**batch)`` (a Hugging Face model), else ``model(batch[input key])``. A prediction is only
+    shown beside the scores, so a model that takes none of these forms gets none instead of an error."""
+    inputs = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+    calls: list[Callable[[], Any]] = [lambda: model(batch), lambda: model(**batch)]
+    if isinstance(inputs, torch.Tensor):
+        calls.append(lambda: model(inputs))
+    for call in calls:
+        try:
+            with torch.no_grad():
+                predictions = _predictions(call())
+        except Exception:  # noqa: BLE001 - try the next calling convention
+            continue
+        if predictions is not None and predictions.shape[0] == batch_size_of(batch):
+            return predictions
+    return None
 
 
 def looks_like_image(x: torch.Tensor) -> bool:

@@ -30,3 +30,25 @@ def test_formatter_on_tabular_tuples_through_partial():
     x, y = torch.tensor([[1.0, 2.5], [0.0, -1.0]]), torch.tensor([0, 1])
     info = describe(nn.Linear(2, 2), (x, y))
     assert info.texts == ["1.0, 2.5", "0.0, -1.0"] and info.predictions.shape == (2,)
+
+
+class _DictForward(nn.Module):
+    """A LightningModule-style model: ``forward`` takes the whole dict batch."""
+
+    def forward(self, batch):
+        return torch.nn.functional.one_hot(batch["input_ids"][:, 1], 5).float()
+
+
+class _KeywordForward(nn.Module):
+    """A Hugging Face-style model: keyword tensors in, an output object with ``.logits`` out."""
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return type("Output", (), {"logits": torch.nn.functional.one_hot(input_ids[:, 2], 5).float()})()
+
+
+def test_dict_batches_get_predictions_from_either_calling_convention():
+    batch = {"input_ids": torch.tensor([[1, 2, 4], [1, 3, 0]]), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([1, 0])}
+    assert describe_batch(_DictForward(), batch).predictions.tolist() == [2, 3]
+    assert describe_batch(_KeywordForward(), batch).predictions.tolist() == [4, 0]
+    assert describe_batch(nn.Linear(3, 2), batch).predictions is None  # takes neither form: no prediction, no error
