@@ -51,6 +51,15 @@ class ThreadRank:
         self.group.wait.wait()
 
 
+def run_ranks(world_size: int, run) -> None:
+    """Call ``run(rank)`` on ``world_size`` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def explain_on_threads(world_size: int, model, train: IndexedData, val: IndexedData, settings: ExplainConfig,
                        damping: float):
     """``explain`` with the exact solver on ``world_size`` thread ranks; every rank's result."""
@@ -61,11 +70,7 @@ def explain_on_threads(world_size: int, model, train: IndexedData, val: IndexedD
             results[rank] = explain(copy.deepcopy(model), cross_entropy_per_example, train, val, ExactConfig(),
                                     damping, settings, ThreadRank(group, rank))
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_ranks(world_size, run)
     assert all(result is not None for result in results), "a rank failed (see the thread exception above)"
     return results
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import digits
+from helpers.distributed import run_ranks
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -194,11 +195,7 @@ def test_two_ranks_assemble_by_index_to_the_single_process_result(rank_class):
             errors.append(err)
             group.wait.abort()
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_ranks(2, run)
     assert not errors, errors
     root, other = recorders
     assert root.epochs_recorded == other.epochs_recorded == single.epochs_recorded == [0, 2, 4]

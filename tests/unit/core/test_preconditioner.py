@@ -3,13 +3,11 @@ curvature's diagonal in the Kronecker eigenbasis, preconditioned CG against the 
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SmallCNN, cross_entropy_per_example, digits, loader
-from helpers.distributed import ThreadGroup, ThreadRank
+from helpers.distributed import ThreadGroup, ThreadRank, run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -137,11 +135,7 @@ def test_factor_all_reduce_over_two_ranks_equals_one_process():
                                        reduce=ThreadRank(group, rank).sum, shard=(rank, 2))
             results[rank] = pre.apply(vectors, 0.1)
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_ranks(2, run)
     for got in results:
         assert got is not None and torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
 
@@ -206,10 +200,6 @@ def test_distributed_solve_builds_the_preconditioner_from_shards_and_matches_one
         with group.compute:
             results[rank] = solve(copy.deepcopy(model), ThreadRank(group, rank))
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_ranks(2, run)
     for got in results:
         assert got is not None and torch.allclose(got, expected, rtol=1e-6, atol=1e-10)

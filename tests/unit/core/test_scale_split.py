@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
 from helpers import cross_entropy_per_example, digits, loader
-from helpers.distributed import ThreadGroup, ThreadRank
+from helpers.distributed import ThreadGroup, ThreadRank, run_ranks
 from torch import nn
 
 from lightning_influence.config import LissaConfig
@@ -52,11 +51,7 @@ def test_two_ranks_solve_with_the_single_process_scale(problem_parts):
             results[rank] = (problem.has_lissa_scale, *solve_s_test(problem, problem.gradients(test),
                                                                     ThreadRank(group, rank), None))
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_ranks(2, run)
     for had_scale, vectors, rank_info in results:
         assert not had_scale and rank_info.scale == info.scale
         torch.testing.assert_close(vectors, expected, rtol=1e-9, atol=1e-12)
