@@ -173,11 +173,12 @@ def setting_warnings(
             "damping_below_weight_decay", f"damping={damping:g} is below the training weight decay {weight_decay:g}:"
             " the Hessian of the trained objective already includes weight_decay * I. Use damping >= weight decay."))
     if isinstance(config, LissaConfig):
-        if top is not None and config.scale != "auto" and float(config.scale) < top:
+        if top is not None and config.scale != "auto" and float(config.scale) < SCALE_MARGIN * top:
             warnings.append(TrustWarning(
-                "scale_below_top_eigenvalue", f"scale={config.scale:g} is below the estimated top eigenvalue {top:.4g}"
-                " of the minibatch Hessian plus damping: the recursion can diverge or converge slowly. Use"
-                f" scale='auto' or scale >= {SCALE_MARGIN * top:.3g}."))
+                "scale_below_top_eigenvalue", f"scale={config.scale:g} is below {SCALE_MARGIN} x the estimated top"
+                f" eigenvalue {top:.4g} of the minibatch curvature plus damping (what scale='auto' uses): the"
+                " recursion diverges along directions above 2 x scale. Use scale='auto' or"
+                f" scale >= {SCALE_MARGIN * top:.3g}."))
         if config.batch_size < SMALL_LISSA_BATCH:
             warnings.append(TrustWarning(
                 "small_lissa_batch", f"LiSSA batch_size={config.batch_size} (< {SMALL_LISSA_BATCH}): minibatch Hessians"

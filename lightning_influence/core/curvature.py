@@ -256,16 +256,18 @@ def batch_ggn(loss: FunctionalLoss, params: Params, batch: Batch, vectors: torch
     dummies = [torch.zeros_like(o, requires_grad=True) for o in split.outputs]
     jt_u = torch.autograd.grad(split.outputs, inputs, grad_outputs=dummies, create_graph=True, allow_unused=True)
     out_grads = torch.autograd.grad(split.losses.mean(), split.leaves, create_graph=True, allow_unused=True)
-    if not batched:
-        rows = [_ggn_rows(split, inputs, dummies, list(jt_u), list(out_grads), v[None], leaves, batched=False)
-                for v in vectors]
-        return torch.cat(rows)
-    return _ggn_rows(split, inputs, dummies, list(jt_u), list(out_grads), vectors, leaves, batched=True)
+    out = torch.empty(vectors.shape, dtype=vectors.dtype, device=vectors.device)
+    if not batched:  # each row written into ``out`` in place: no per-row [1, P] tensors concatenated afterwards
+        for row, v in zip(out, vectors):
+            _ggn_rows(split, inputs, dummies, list(jt_u), list(out_grads), v[None], leaves, row[None], batched=False)
+        return out
+    return _ggn_rows(split, inputs, dummies, list(jt_u), list(out_grads), vectors, leaves, out, batched=True)
 
 
 def _ggn_rows(split: SplitForward, inputs: list[torch.Tensor], dummies: list[torch.Tensor],
               jt_u: list[torch.Tensor | None], out_grads: list[torch.Tensor | None], vectors: torch.Tensor,
-              like: Params, batched: bool) -> torch.Tensor:
+              like: Params, out: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``G V`` into ``out`` ``[k, P]`` (returned), parameter by parameter."""
     k = vectors.shape[0]
     pieces = list(unflatten(vectors, like).values())
     if not batched:
@@ -275,9 +277,15 @@ def _ggn_rows(split: SplitForward, inputs: list[torch.Tensor], dummies: list[tor
     hjv = _grad(out_grads, split.leaves, jv, batched=batched)  # H_out J V, per output
     hjv = [h if h is not None else _zeros(d, k, batched) for h, d in zip(hjv, dummies)]
     jthjv = _grad(split.outputs, inputs, hjv, batched=batched)  # J^T H_out J V, per parameter
-    if not batched:
-        jthjv = [j[None] if j is not None else None for j in jthjv]
-    return flatten(_zeros_for_none(jthjv, inputs, k), batch_dims=1).detach()
+    offset = 0
+    for value, parameter in zip(jthjv, inputs):
+        target = out[:, offset : offset + parameter.numel()]  # a view of out's columns
+        offset += parameter.numel()
+        if value is None:
+            target.zero_()
+        else:
+            target.copy_(value.detach().reshape(k, -1))
+    return out
 
 
 class GaussNewtonProduct:
@@ -321,11 +329,11 @@ def dataset_product(product: BatchProduct, batches: Iterable[Batch], vectors: to
     count = 0
     for batch in batches:
         size = batch_size_of(batch)
-        total += size * product(batch, vectors)
+        total.add_(product(batch, vectors), alpha=size)
         count += size
     if count == 0:
         raise ValueError("Expected the training data to hold at least one example, but it is empty.")
-    return total / count
+    return total.div_(count)
 
 
 def batch_ggn_matrix(loss: FunctionalLoss, params: Params, batch: Batch) -> torch.Tensor:

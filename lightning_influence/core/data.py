@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_influence.core.batching import batch_size_of
@@ -63,3 +63,23 @@ class IndexedData:
             size = batch_size_of(batch)
             yield order[start : start + size], batch
             start += size
+
+
+def subset_batches(loader: Iterable[Any], examples: int | None, seed: int, least_batch_size: int = 0) -> Iterator[Any]:
+    """A fixed seeded subset of ``examples`` examples of ``loader``'s map-style dataset (all of it when None or
+    at least its size), in batches of the loader's size or ``least_batch_size`` if larger: fewer, larger
+    curvature products cost less per example (LiSSA already holds products of its own ``batch_size``). Any
+    other iterable of batches is read whole, as it comes."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        yield from loader
+        return
+    size = max(loader.batch_size or 1, least_batch_size)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if examples is None or examples >= n:
+        if size == loader.batch_size and isinstance(loader.sampler, SequentialSampler):
+            yield from loader
+            return
+        chosen = list(range(n))
+    else:
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:examples].tolist()
+    yield from DataLoader(Subset(loader.dataset, chosen), batch_size=size, collate_fn=loader.collate_fn)

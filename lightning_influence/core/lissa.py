@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from lightning_influence.config import LissaConfig
 from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.eigen import top_eigenvalue
+from lightning_influence.core.eigen import lanczos
 from lightning_influence.results import SolveInfo
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]
@@ -31,8 +31,12 @@ StopCheck = Callable[[torch.Tensor], float]
 
 #: A repeat is declared divergent when its update norm exceeds this multiple of ``||v||``.
 DIVERGENCE_FACTOR = 1e4
-#: Minibatches whose top eigenvalue is measured for ``scale="auto"``, and the margin applied to the maximum.
-SCALE_PROBE_BATCHES = 8
+#: ``scale="auto"``: the top eigenvalue of ``H_j + damping I`` is measured on ``SCALE_PROBE_BATCHES`` minibatches by
+#: ``SCALE_PROBE_STEPS`` Lanczos steps each, and ``scale`` is ``SCALE_MARGIN`` times the largest. The recursion is
+#: stable while every minibatch eigenvalue stays below ``2 * scale``, i.e. up to 1.5x the probes' maximum; steps to
+#: converge grow in proportion to ``scale``. Measured in ``benchmarks/lissa_speed.py`` (``lissa-speed-results.json``).
+SCALE_PROBE_BATCHES = 4
+SCALE_PROBE_STEPS = 10
 SCALE_MARGIN = 1.5
 
 
@@ -81,6 +85,15 @@ def lissa_step(h: torch.Tensor, v: torch.Tensor, damped_hvp: torch.Tensor, scale
     return v + h - damped_hvp / scale
 
 
+def lissa_step_(h: torch.Tensor, v: torch.Tensor, hvp: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
+    """:func:`lissa_step` computed in ``hvp`` (``H_j h``, overwritten and returned): no new ``[k, P]`` tensor.
+
+    Each fresh tensor of tens of megabytes costs page faults on CPU (allocators map large blocks anew), which
+    measured as much as the curvature product itself on a 1M-parameter MLP: the recursion reuses its buffers.
+    """
+    return hvp.add_(h, alpha=damping).mul_(-1.0 / scale).add_(h).add_(v)
+
+
 def _damped(hvp: BatchHVP, batch: Batch, damping: float, x: torch.Tensor) -> torch.Tensor:
     return hvp(batch, x) + damping * x
 
@@ -89,7 +102,7 @@ def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: 
                    part: tuple[int, int] = (0, 1)) -> float:
     """``SCALE_MARGIN`` times the largest top eigenvalue of ``H_j + damping I`` over probe minibatches.
 
-    Measured on minibatches of the recursion's own size: small-batch Hessians have far larger top
+    Measured on minibatches of the recursion's own size: small-batch curvatures have far larger top
     eigenvalues than the full one, and those are what the recursion must stay below. ``part=(r, R)`` measures
     only probe batches ``r, r + R, ...`` (the others are drawn and skipped, with their start vectors), so the
     maximum over the R parts is exactly the single-process estimate: R processes split the work.
@@ -99,10 +112,11 @@ def estimate_scale(hvp: BatchHVP, stream: Iterator[Batch], damping: float, dim: 
     for index in range(SCALE_PROBE_BATCHES):
         batch = next(stream)
         if index % part[1] != part[0]:
-            torch.randn(1, dim, generator=generator, dtype=torch.float64)  # the start vector top_eigenvalue draws
+            torch.randn(dim, generator=generator, dtype=torch.float64)  # the start vector lanczos draws
             continue
-        largest = max(largest, top_eigenvalue(functools.partial(_damped, hvp, batch, damping), dim,
-                                              generator=generator, like=like))
+        values, _ = lanczos(functools.partial(_damped, hvp, batch, damping), dim, SCALE_PROBE_STEPS,
+                            generator=generator, like=like, with_vectors=False)
+        largest = max(largest, float(values.max()))
     return max(SCALE_MARGIN * largest, 1e-8)
 
 
@@ -119,27 +133,30 @@ def lissa_repeat(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows).
 
-    ``stop(estimate)`` (a residual) is asked every ``config.check_every`` steps and at the end, for the last
-    iterate and (``config.average``) the tail average; the better one is kept, and the repeat ends once it meets
-    ``config.residual_tol``. Without ``stop`` the tail average (or the last iterate) is returned.
+    ``stop(estimate)`` (a residual) is asked every ``config.check_every`` steps and at the end; the repeat
+    ends at the first check where the tail average (``config.average``) or else the last iterate meets
+    ``config.residual_tol``, and at the end keeps whichever of the two has the smaller residual. Without
+    ``stop`` the tail average (or the last iterate) is returned.
     """
     tiny = torch.finfo(v.dtype).tiny
     v_norm = v.norm(dim=1).clamp_min(tiny)
     h = v.clone()
     trace = []
     tail = TailAverage(h) if getattr(config, "average", False) else None
-    for step in range(config.depth):
+    every = getattr(config, "check_every", 0)
+    work = torch.empty_like(h)
+    for step in range(1, config.depth + 1):
         batch = next(stream)
-        h_next = lissa_step(h, v, hvp(batch, h) + damping * h, scale).detach()
-        update = (h_next - h).norm(dim=1)
+        h_next = lissa_step_(h, v, hvp(batch, h).detach(), damping, scale)
+        update = torch.sub(h_next, h, out=work).norm(dim=1)
         growth = float((update / v_norm).max())
         if not math.isfinite(growth) or growth > DIVERGENCE_FACTOR:
             raise LissaDivergenceError(
-                f"LiSSA diverged at step {step + 1} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
+                f"LiSSA diverged at step {step} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
                 f" scale={scale:.4g} and damping={damping:.3g}. `scale` must exceed half the largest eigenvalue of"
                 " the minibatch curvature plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
                 " `batch_size`. If the model has strong negative curvature, increase `damping`.",
-                step=step + 1, repeat=repeat, batch=batch, scale=scale, damping=damping,
+                step=step, repeat=repeat, batch=batch, scale=scale, damping=damping,
             )
         h = h_next
         if tail is not None:
@@ -150,33 +167,52 @@ def lissa_repeat(
             on_step()
         if config.tol > 0 and relative < config.tol:
             break
-        every = getattr(config, "check_every", 0)
-        if stop is not None and every > 0 and (step + 1) % every == 0 and step + 1 < config.depth:
-            estimate, residual = _best_estimate(h, tail, scale, stop)
-            if residual <= config.residual_tol:
-                return estimate, torch.tensor(trace)
+        if stop is not None and every > 0 and step % every == 0 and step < config.depth:
+            met = _first_meeting(h, tail, scale, stop, config.residual_tol)
+            if met is not None:
+                return met, torch.tensor(trace)
     if stop is not None:
-        return _best_estimate(h, tail, scale, stop)[0], torch.tensor(trace)
+        return _best_estimate(h, tail, scale, stop), torch.tensor(trace)
     return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
 
 
-def _best_estimate(h: torch.Tensor, tail: TailAverage | None, scale: float,
-                   residual: StopCheck) -> tuple[torch.Tensor, float]:
-    """The last iterate or the tail average (divided by ``scale``), whichever has the smaller residual: the
-    average wins once the recursion fluctuates around the solution, the last iterate while it still moves."""
-    candidates = [h / scale] + ([tail.mean() / scale] if tail is not None else [])
+def _candidates(h: torch.Tensor, tail: TailAverage | None, scale: float) -> list[torch.Tensor]:
+    """The tail average (when kept) and the last iterate, divided by ``scale``."""
+    return ([tail.mean() / scale] if tail is not None else []) + [h / scale]
+
+
+def _first_meeting(h: torch.Tensor, tail: TailAverage | None, scale: float, residual: StopCheck,
+                   tol: float) -> torch.Tensor | None:
+    """The first candidate (tail average, then last iterate) whose residual is at most ``tol``, else None.
+
+    Once the recursion fluctuates around the solution the average is the better one, and one product decides;
+    the last iterate is tried only when the average came within ``2 * tol`` (far from it, both miss).
+    """
+    candidates = _candidates(h, tail, scale)
+    first = residual(candidates[0])
+    if first <= tol:
+        return candidates[0]
+    if len(candidates) > 1 and first <= 2 * tol and residual(candidates[1]) <= tol:
+        return candidates[1]
+    return None
+
+
+def _best_estimate(h: torch.Tensor, tail: TailAverage | None, scale: float, residual: StopCheck) -> torch.Tensor:
+    """The tail average or the last iterate, whichever has the smaller residual: the average wins once the
+    recursion fluctuates around the solution, the last iterate while it still moves."""
+    candidates = _candidates(h, tail, scale)
     scored = [(residual(c), i) for i, c in enumerate(candidates)]
-    best, index = min(scored)
-    return candidates[index], best
+    return candidates[min(scored)[1]]
 
 
 class TailAverage:
-    """The mean of the recursion's iterates since the last power-of-two step (at most the latest half).
+    """The mean of the recursion's iterates over the latest half of the steps, restarted after each power of two.
 
     The minibatch noise of the recursion leaves ``h_j`` fluctuating around the solution once it has converged;
-    averaging the tail (Polyak-Ruppert) cuts that noise without storing iterates. The window restarts at every
-    power of two, so it never reaches back into the early, still-moving iterates by more than half the steps
-    (a longer window lags on slowly converging directions: measured on the logistic-regression reference test).
+    averaging the tail (Polyak-Ruppert) cuts that noise without storing iterates. The window restarts after
+    steps 1, 2, 4, 8, ..., so at a check step ``2^m`` it holds steps ``2^(m-1) + 1 .. 2^m``, and it never reaches
+    back into the early, still-moving iterates by more than half the steps (a longer window lags on slowly
+    converging directions: measured on the logistic-regression reference test).
     """
 
     def __init__(self, like: torch.Tensor) -> None:
@@ -184,7 +220,8 @@ class TailAverage:
 
     def add(self, h: torch.Tensor) -> None:
         self.step += 1
-        if self.step & (self.step - 1) == 0:  # a power of two: the window starts afresh
+        previous = self.step - 1
+        if previous & (previous - 1) == 0:  # the step after 0, 1, 2, 4, 8, ...: the window starts afresh
             self.total, self.count = torch.zeros_like(h), 0
         self.total += h
         self.count += 1

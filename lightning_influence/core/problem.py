@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from lightning_influence.config import (
     DEFAULT_CURVATURE,
@@ -21,6 +21,7 @@ from lightning_influence.config import (
     SPECTRUM_STEPS,
     SUBSET_EXAMPLES,
     SUBSET_SEED,
+    TOP_EIGENVALUE_STEPS,
     CGConfig,
     ExactConfig,
     LissaConfig,
@@ -42,6 +43,7 @@ from lightning_influence.core.damping import (
     choose_damping,
     estimate_spectrum,
 )
+from lightning_influence.core.data import subset_batches
 from lightning_influence.core.eigen import lanczos
 from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conjugate_gradient
 from lightning_influence.core.lissa import (
@@ -66,6 +68,7 @@ from lightning_influence.core.preconditioner import (
     build_preconditioner,
     cached_preconditioner,
 )
+from lightning_influence.core.residual import ResidualMemo, relative_residual
 from lightning_influence.core.scoring import iter_scores
 from lightning_influence.results import SolveInfo, STest
 
@@ -121,6 +124,7 @@ class InfluenceProblem:
         self._exact: ExactInverse | None = None
         self._low_rank: LowRankInverse | None = None
         self._scale: float | None = None
+        self._residuals = ResidualMemo()
         method = config.hvp_method if isinstance(config, LissaConfig) else "double_backward"
         self._product = batch_product(self.loss, self.params, self.curvature, method)
 
@@ -139,7 +143,8 @@ class InfluenceProblem:
         return self._choice
 
     def spectrum(self) -> Spectrum:
-        """Extreme eigenvalues of the curvature: exact for solver='exact', else Lanczos on the check subset."""
+        """Extreme eigenvalues of the curvature: exact for solver='exact', else Lanczos on the check subset
+        (``SPECTRUM_STEPS`` for the Hessian, ``TOP_EIGENVALUE_STEPS`` for Gauss-Newton: only its top is used)."""
         if self._spectrum is None:
             if isinstance(self.config, ExactConfig):
                 w, _ = self.curvature_eigh()
@@ -150,7 +155,8 @@ class InfluenceProblem:
                 like = next(iter(self.params.values()))
                 self._spectrum = estimate_spectrum(
                     lambda v: dataset_product(self._product, batches, v), self.num_params,
-                    sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS,
+                    sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED,
+                    steps=SPECTRUM_STEPS if self.curvature == "hessian" else TOP_EIGENVALUE_STEPS,
                 )
         return self._spectrum
 
@@ -189,18 +195,27 @@ class InfluenceProblem:
         the R parts (e.g. by an all-reduce) and divided, it is ``C x`` over the whole check subset."""
         batches = self.check_batches()[part[0]::part[1]]
         with torch.inference_mode(False), torch.enable_grad():
-            sizes = [batch_size_of(batch) for batch in batches]
-            total = sum((size * self._product(batch, x) for size, batch in zip(sizes, batches)), torch.zeros_like(x))
-        return total, sum(sizes)
+            total, count = torch.zeros_like(x), 0
+            for batch in batches:
+                size = batch_size_of(batch)
+                total.add_(self._product(batch, x), alpha=size)  # in place: no [k, P] temporaries per batch
+                count += size
+        return total, count
 
     def residual(self, x: torch.Tensor, vectors: torch.Tensor,
                  product: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """``||(C + damping I) x - v|| / ||v||`` per row, with C over the check subset (``product``: the
         :meth:`check_product` of ``x``, when already computed, e.g. combined over ranks)."""
-        total, count = self.check_product(x) if product is None else product
-        applied = total / count + self.damping * x
-        tiny = torch.finfo(vectors.dtype).tiny
-        return (applied - vectors).norm(dim=1) / vectors.norm(dim=1).clamp_min(tiny)
+        rows = self.known_residual(x, vectors)
+        if rows is None:
+            total, count = self.check_product(x) if product is None else product
+            rows = relative_residual(total / count + self.damping * x, vectors)
+            self._residuals.add(x, vectors, self.damping, rows)
+        return rows
+
+    def known_residual(self, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor | None:
+        """The rows of an earlier :meth:`residual` of equal ``x`` and ``vectors`` at the current damping, or None."""
+        return self._residuals.find(x, vectors, self.damping)
 
     # -- solvers ------------------------------------------------------------------------------------------
     def curvature_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +223,9 @@ class InfluenceProblem:
         if self._eigh is None:
             limit = self.config.max_parameters if isinstance(self.config, ExactConfig) else ExactConfig().max_parameters
             if self.num_params > limit:
-                raise ValueError(
-                    f"Expected at most {limit} trainable parameters for solver='exact' (it builds the"
-                    f" {self.num_params} x {self.num_params} curvature matrix), but got {self.num_params}. Use"
-                    " solver='lissa' or 'cg'."
-                )
+                raise ValueError(f"Expected at most {limit} trainable parameters for solver='exact' (it builds the"
+                                 f" {self.num_params} x {self.num_params} curvature matrix), but got"
+                                 f" {self.num_params}. Use solver='lissa' or 'cg'.")
             matrix = curvature_matrix(self.loss, self.params, self.train_batches(), self.curvature)
             self._eigh = torch.linalg.eigh(matrix.double())
         return self._eigh
@@ -252,14 +265,9 @@ class InfluenceProblem:
                 shard=shard))
 
     def _hvp_subset(self, examples: int | None, seed: int) -> Iterator[Batch]:
-        loader = self.train_loader
-        if examples is None or not isinstance(loader, DataLoader) or examples >= len(loader.dataset):  # type: ignore[arg-type]
-            yield from self.train_batches()
-            return
-        chosen = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(seed))[:examples]  # type: ignore[arg-type]
-        subset = DataLoader(Subset(loader.dataset, chosen.tolist()), batch_size=loader.batch_size or 256,
-                            collate_fn=loader.collate_fn)
-        for batch in subset:
+        """A fixed seeded subset of the training data in batches of at least LiSSA's ``batch_size``."""
+        least = self.config.batch_size if isinstance(self.config, LissaConfig) else 0
+        for batch in subset_batches(self.train_loader, examples, seed, least):
             yield prepare_batch(batch, self.device)
 
     def inverse_operator(self) -> ExactInverse | LowRankInverse | None:

@@ -70,8 +70,9 @@ def solve_s_test_with_halves(
     retries: list[dict[str, Any]] = []
     while True:
         outcome, gathered = gather_checked(collectives, lambda: _run_halves(problem, gradients, halves, on_step,
-                                                                            can_retry=len(retries) < config.max_retries),
-                                           lambda result: result[:2])
+                                                                            can_retry=len(retries) < config.max_retries,
+                                                                            runs_all=len(ids) == config.repeats),
+                                           lambda result: (result[0], result[1], result[3]))
         diverged = [shared for shared in gathered if shared[0] == "diverged"]
         if not diverged:
             break
@@ -84,13 +85,9 @@ def solve_s_test_with_halves(
         retries.append(record)
     even_odd = collectives.sum(outcome[2])
     vectors = (even_odd[0] + even_odd[1]) / config.repeats
-    all_traces = [trace for _, trace in sorted((pair for _, pairs in gathered for pair in pairs), key=lambda p: p[0])]
-    # the residual check of the average, its curvature product split over ranks like the repeats
-    (total, count), _ = gather_checked(collectives, lambda: problem.check_product(
-        vectors, (collectives.rank, collectives.world_size)), lambda _: None)
-    combined = collectives.sum(torch.cat([total.flatten(), total.new_tensor([count])]))
-    product = (combined[:-1].reshape(vectors.shape), int(round(float(combined[-1]))))
-    residual = float(problem.residual(vectors, gradients, product).max())
+    all_traces = [trace for _, trace in sorted((pair for shared in gathered for pair in shared[1]), key=lambda p: p[0])]
+    known = [shared[2] for shared in gathered if shared[2] is not None]
+    residual = known[0] if known else _split_residual(problem, vectors, gradients, collectives)
     info = problem.lissa_solve_info(all_traces, vectors, gradients, retries, residual)
     means = None
     if config.repeats >= 2:
@@ -98,10 +95,21 @@ def solve_s_test_with_halves(
     return vectors, replace(info, seconds=time.perf_counter() - start), means
 
 
+def _split_residual(problem: InfluenceProblem, vectors: torch.Tensor, gradients: torch.Tensor,
+                    collectives: Collectives) -> float:
+    """The residual check of the combined solution, its curvature product split over ranks like the repeats."""
+    (total, count), _ = gather_checked(collectives, lambda: problem.check_product(
+        vectors, (collectives.rank, collectives.world_size)), lambda _: None)
+    combined = collectives.sum(torch.cat([total.flatten(), total.new_tensor([count])]))
+    product = (combined[:-1].reshape(vectors.shape), int(round(float(combined[-1]))))
+    return float(problem.residual(vectors, gradients, product).max())
+
+
 def _run_halves(problem: InfluenceProblem, gradients: torch.Tensor, halves: list[list[int]],
-                on_step: Callable[[], None] | None, can_retry: bool) -> tuple[Any, ...]:
-    """This rank's sums of its even and odd repeats and their traces: ``("ok", traces, sums)``; after a
-    divergence ``("diverged", recovery record or message, error)`` (the record when a retry is left)."""
+                on_step: Callable[[], None] | None, can_retry: bool, runs_all: bool) -> tuple[Any, ...]:
+    """This rank's sums of its even and odd repeats and their traces: ``("ok", traces, sums, residual)``, where
+    ``residual`` is the known residual of the whole solution when this rank ran every repeat (else None); after a
+    divergence ``("diverged", recovery record or message, error, None)`` (the record when a retry is left)."""
     sums: list[torch.Tensor] = []
     traces: list[tuple[int, torch.Tensor]] = []
     try:
@@ -110,8 +118,9 @@ def _run_halves(problem: InfluenceProblem, gradients: torch.Tensor, halves: list
             sums.append(total)
             traces.extend(zip(half, half_traces))
     except LissaDivergenceError as error:
-        return "diverged", problem.recover(error) if can_retry else str(error), error
-    return "ok", traces, torch.stack(sums)
+        return "diverged", problem.recover(error) if can_retry else str(error), error, None
+    known = problem.known_residual(sum(sums) / len(traces), gradients) if runs_all and traces else None
+    return "ok", traces, torch.stack(sums), None if known is None else float(known.max())
 
 
 def _solve_cg_split(

@@ -25,6 +25,7 @@ from lightning_influence.config import CGConfig, ExactConfig, LissaConfig
 from lightning_influence.results import SolveInfo
 from lightning_influence.core.data import IndexedData
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.lissa import SCALE_MARGIN
 from lightning_influence.distributed.collectives import SingleProcess
 from lightning_influence.analysis.explain import explain
 from lightning_influence.config import ExplainConfig
@@ -167,11 +168,11 @@ def test_setting_warnings_say_which_knob_to_turn():
     assert codes(CGConfig(), weight_decay=0.0) == ["no_weight_decay"]
     assert codes(CGConfig(), damping=1e-4, weight_decay=1e-3) == ["damping_below_weight_decay"]
     assert codes(LissaConfig(scale=2.0), top=5.0) == ["scale_below_top_eigenvalue"]
-    assert codes(LissaConfig(scale=10.0), top=5.0) == []
+    assert codes(LissaConfig(scale=SCALE_MARGIN * 5.0), top=5.0) == []
     assert codes(LissaConfig(batch_size=2)) == ["small_lissa_batch"]
     assert codes(CGConfig(), info=SolveInfo("cg", 0.01, 0.0, False)) == ["not_converged"]
     message = setting_warnings(LissaConfig(scale=2.0), converged, 0.01, None, 5.0)[0].message
-    assert "scale='auto'" in message and "7.5" in message  # the fix: auto, or 1.5 x the estimate
+    assert "scale='auto'" in message and f"{SCALE_MARGIN * 5.0:.3g}" in message  # the fix: auto, or what auto uses
 
 
 def test_divergence_prone_lissa_is_flagged_end_to_end():

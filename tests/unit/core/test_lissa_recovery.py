@@ -11,6 +11,7 @@ from torch import nn
 import lightning_influence as li
 from lightning_influence.config import ExactConfig, LissaConfig
 from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.lissa import SCALE_MARGIN
 from lightning_influence.core.problem import InfluenceProblem
 
 
@@ -61,7 +62,8 @@ def test_a_too_small_scale_is_recovered_and_the_retry_recorded(sgd_mlp):
     assert 1 <= len(retries) <= config.max_retries
     first = retries[0]
     assert first["reason"].startswith("minibatch eigenvalue spike") and first["scale_before"] == 1e-3
-    assert first["scale_after"] >= 1.5 * first["batch_eigenvalue_max"]  # measured on the diverging minibatch
+    # measured on the diverging minibatch: the recursion is stable there from then on (2 * scale above it)
+    assert first["scale_after"] >= SCALE_MARGIN * first["batch_eigenvalue_max"] > 0.5 * first["batch_eigenvalue_max"]
     assert result.info.scale == retries[-1]["scale_after"] and torch.isfinite(result.vectors).all()
 
 
