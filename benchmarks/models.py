@@ -173,7 +173,8 @@ def s_test_defaults(model, loss_fn, loader, test_batch) -> dict[str, Any]:
             "s_test_scale_seconds": scaled - damped, "s_test_recursion_seconds": end - scaled,
             "curvature": info.curvature, "damping": info.damping,
             "damping_rule": info.damping_rule, "s_test_steps": info.iterations, "residual": info.residual,
-            "residual_tol": info.residual_tol, "converged": info.converged, "retries": len(info.retries)}
+            "residual_tol": info.residual_tol, "converged": info.converged, "retries": len(info.retries),
+            "curvature_products": "stored Jacobian" if problem.products.stored() is not None else "autograd"}
 
 
 def run(name: str, quick: bool) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def print_table(payload: dict[str, Any]) -> None:
               f" | {num(row.get('scoring_factored_seconds'))} | {row['scoring_peak_mib']}"
               f" | {num(row['test_gradients_seconds'])} / {vmap} | {num(row['s_test_seconds'], 1)}:"
               f" {num(row['s_test_damping_seconds'], 1)} + {num(row['s_test_scale_seconds'], 1)}"
-              f" + {num(row['s_test_recursion_seconds'], 1)}"
+              f" + {num(row['s_test_recursion_seconds'], 1)} ({row.get('curvature_products', 'autograd')})"
               f" | {row['damping']:.3g} | {row['residual']:.3f} ({converged}, {row['s_test_steps']} steps)"
               f" | {num(row['analysis_over_epoch'], 1)} | {break_even(row):,} | {paths} |")
 

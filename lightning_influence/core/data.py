@@ -74,12 +74,15 @@ def subset_batches(loader: Iterable[Any], examples: int | None, seed: int, least
         yield from loader
         return
     size = max(loader.batch_size or 1, least_batch_size)
-    n = len(loader.dataset)  # type: ignore[arg-type]
-    if examples is None or examples >= n:
-        if size == loader.batch_size and isinstance(loader.sampler, SequentialSampler):
-            yield from loader
-            return
-        chosen = list(range(n))
-    else:
-        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:examples].tolist()
+    chosen = subset_indices(len(loader.dataset), examples, seed)  # type: ignore[arg-type]
+    if len(chosen) == len(loader.dataset) and size == loader.batch_size and isinstance(loader.sampler, SequentialSampler):  # type: ignore[arg-type]
+        yield from loader
+        return
     yield from DataLoader(Subset(loader.dataset, chosen), batch_size=size, collate_fn=loader.collate_fn)
+
+
+def subset_indices(n: int, examples: int | None, seed: int) -> list[int]:
+    """The dataset indices of :func:`subset_batches`: all ``n`` in order, or ``examples`` of them by a seeded shuffle."""
+    if examples is None or examples >= n:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:examples].tolist()

@@ -29,12 +29,7 @@ from lightning_influence.config import (
     SolverConfig,
 )
 from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
-from lightning_influence.core.curvature import (
-    batch_product,
-    check_curvature,
-    curvature_matrix,
-    dataset_product,
-)
+from lightning_influence.core.curvature import check_curvature, curvature_matrix, dataset_product
 from lightning_influence.core.damping import (
     Damping,
     DampingChoice,
@@ -68,6 +63,8 @@ from lightning_influence.core.preconditioner import (
     build_preconditioner,
     cached_preconditioner,
 )
+from lightning_influence.core.products import TrainingCurvature
+from lightning_influence.core.recovery import divergence_error, recover_from_divergence
 from lightning_influence.core.residual import ResidualMemo, relative_residual
 from lightning_influence.core.scoring import iter_scores
 from lightning_influence.results import SolveInfo, STest
@@ -96,13 +93,15 @@ class InfluenceProblem:
         parameters: analyse only these trainable parameters (module-name prefixes or globs, or a predicate
             ``(name, param) -> bool``; see :func:`~lightning_influence.core.params.select_parameters`).
         dtype: the analysis dtype (default float32, float64 for a float64 model); low-precision weights are upcast.
+        store_jacobian: Gauss-Newton products from the stored output Jacobian when it fits (the same matrix;
+            :mod:`~lightning_influence.core.jacobian`); False always differentiates through the model.
     """
 
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], damping: Damping, config: SolverConfig,
         *, curvature: str = DEFAULT_CURVATURE, weight_decay: float | None = None,
         allow_negative_curvature: bool = False, subset_examples: int | None = SUBSET_EXAMPLES,
-        parameters: ParameterSelector = None, dtype: Optional[torch.dtype] = None,
+        parameters: ParameterSelector = None, dtype: Optional[torch.dtype] = None, store_jacobian: bool = True,
     ) -> None:
         self.model = model
         self.loss = FunctionalLoss(model, loss_fn, dtype)
@@ -126,7 +125,10 @@ class InfluenceProblem:
         self._scale: float | None = None
         self._residuals = ResidualMemo()
         method = config.hvp_method if isinstance(config, LissaConfig) else "double_backward"
-        self._product = batch_product(self.loss, self.params, self.curvature, method)
+        store = store_jacobian and isinstance(config, (LissaConfig, CGConfig))
+        self.products = TrainingCurvature(self.loss, self.params, self.curvature, method, train_loader, self.device,
+                                          store)
+        self._product = self.products.autograd
 
     # -- damping --------------------------------------------------------------------------------------------
     @property
@@ -151,10 +153,10 @@ class InfluenceProblem:
                 n = sum(batch_size_of(b) for b in self.train_batches())
                 self._spectrum = Spectrum(float(w[-1]), float(w[0]), self.num_params, n)
             else:
-                batches = self.check_batches()
+                batches = self.check_units()
                 like = next(iter(self.params.values()))
                 self._spectrum = estimate_spectrum(
-                    lambda v: dataset_product(self._product, batches, v), self.num_params,
+                    lambda v: dataset_product(self.products, batches, v), self.num_params,
                     sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED,
                     steps=SPECTRUM_STEPS if self.curvature == "hessian" else TOP_EIGENVALUE_STEPS,
                 )
@@ -177,12 +179,14 @@ class InfluenceProblem:
             yield prepare_batch(batch, self.device)
 
     def minibatch_hvp(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-        """``C_b V`` for the curvature ``C_b`` (Gauss-Newton or Hessian) of the mean loss over ``batch``."""
-        return self._product(batch, vectors)
+        """``C_b V`` for the curvature ``C_b`` (Gauss-Newton or Hessian) of the mean loss over ``batch`` (a
+        :class:`~lightning_influence.core.jacobian.RowBatch` of training indices when the Jacobian is stored)."""
+        return self.products(batch, vectors)
 
     def damped_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(C + damping I) V`` over the whole training set."""
-        return dataset_product(self.minibatch_hvp, self.train_batches(), vectors) + self.damping * vectors
+        batches = self.products.units([], self.products.indices(None, 0)) or self.train_batches()
+        return dataset_product(self.products, batches, vectors) + self.damping * vectors
 
     def check_batches(self) -> list[Batch]:
         """The fixed seeded training subset of the spectrum estimate and the residual check (kept in memory)."""
@@ -190,15 +194,18 @@ class InfluenceProblem:
             self._subset = list(self._hvp_subset(self.subset_examples, SUBSET_SEED))
         return self._subset
 
+    def check_units(self) -> list[Batch]:
+        """The check subset as the products see it: its batches, or index chunks of the stored Jacobian."""
+        return self.products.units(self.check_batches(), self.products.indices(self.subset_examples, SUBSET_SEED))
+
     def check_product(self, x: torch.Tensor, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, int]:
         """``(sum_b |b| C_b x, sum_b |b|)`` over check batches ``r, r + R, ...`` for ``part=(r, R)``: summed over
         the R parts (e.g. by an all-reduce) and divided, it is ``C x`` over the whole check subset."""
-        batches = self.check_batches()[part[0]::part[1]]
         with torch.inference_mode(False), torch.enable_grad():
             total, count = torch.zeros_like(x), 0
-            for batch in batches:
+            for batch in self.check_units()[part[0]::part[1]]:
                 size = batch_size_of(batch)
-                total.add_(self._product(batch, x), alpha=size)  # in place: no [k, P] temporaries per batch
+                total.add_(self.products(batch, x), alpha=size)  # in place: no [k, P] temporaries per batch
                 count += size
         return total, count
 
@@ -286,6 +293,9 @@ class InfluenceProblem:
                 f" its dataset), but got {type(loader).__name__}. Wrap the data in a DataLoader."
             )
         assert isinstance(self.config, LissaConfig)
+        rows = self.products.rows_stream(self.config.batch_size, seed)
+        if rows is not None:
+            return rows
         return minibatch_stream(loader.dataset, self.config.batch_size, loader.collate_fn, seed, self.device)
 
     def lissa_scale(self) -> float:
@@ -338,13 +348,6 @@ class InfluenceProblem:
             stop if early_stop else None,
         )
 
-    def recover(self, error: LissaDivergenceError) -> dict[str, Any]:
-        """React to a divergence: measure the diverging minibatch's eigenvalues, then raise ``scale`` (a spike)
-        or, under ``"hessian"`` with negative curvature below the damping, the damping. Returns the record."""
-        from lightning_influence.core.recovery import recover_from_divergence
-
-        return recover_from_divergence(self, error)
-
     def apply_recovery(self, record: dict[str, Any]) -> None:
         """Set ``scale`` and damping to a recovery record's (the same record on every rank: same state)."""
         if record["damping_after"] != self.damping:
@@ -354,12 +357,6 @@ class InfluenceProblem:
                 warnings=(*choice.warnings, record["note"]))
             self._exact = self._low_rank = None
         self._scale = record["scale_after"]
-
-    def divergence_error(self, error: LissaDivergenceError, retries: list[dict[str, Any]]) -> LissaDivergenceError:
-        """The error after the last retry, with every measured eigenvalue in its text."""
-        from lightning_influence.core.recovery import divergence_error
-
-        return divergence_error(self, error, retries)
 
     def lissa_solve_info(self, traces: list[torch.Tensor], x: torch.Tensor, vectors: torch.Tensor,
                          retries: Sequence[dict[str, Any]], residual: float | None = None) -> SolveInfo:
@@ -410,8 +407,8 @@ class InfluenceProblem:
                 return total / config.repeats, traces, retries
             except LissaDivergenceError as error:
                 if len(retries) >= config.max_retries:
-                    raise self.divergence_error(error, retries) from error
-                retries.append(self.recover(error))
+                    raise divergence_error(self, error, retries) from error
+                retries.append(recover_from_divergence(self, error))
 
     def _common_info(self) -> dict[str, Any]:
         choice = self.damping_choice()

@@ -18,6 +18,7 @@ import torch
 from lightning_influence.config import RESIDUAL_TOL, CGConfig, LissaConfig
 from lightning_influence.core.lissa import LissaDivergenceError
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.recovery import divergence_error, recover_from_divergence
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.sharding import gather_checked
 from lightning_influence.results import SolveInfo
@@ -78,7 +79,7 @@ def solve_s_test_with_halves(
             break
         if len(retries) >= config.max_retries:
             if outcome[0] == "diverged":
-                raise problem.divergence_error(outcome[2], retries) from outcome[2]
+                raise divergence_error(problem, outcome[2], retries) from outcome[2]
             raise RuntimeError(f"LiSSA diverged on another rank after {len(retries)} retries: {diverged[0][1]}")
         record = diverged[0][1]  # every rank adopts the first diverging rank's recovery: the same state everywhere
         problem.apply_recovery(record)
@@ -118,8 +119,8 @@ def _run_halves(problem: InfluenceProblem, gradients: torch.Tensor, halves: list
             sums.append(total)
             traces.extend(zip(half, half_traces))
     except LissaDivergenceError as error:
-        return "diverged", problem.recover(error) if can_retry else str(error), error, None
-    known = problem.known_residual(sum(sums) / len(traces), gradients) if runs_all and traces else None
+        return "diverged", recover_from_divergence(problem, error) if can_retry else str(error), error, None
+    known = problem.known_residual(torch.stack(sums).sum(dim=0) / len(traces), gradients) if runs_all and traces else None
     return "ok", traces, torch.stack(sums), None if known is None else float(known.max())
 
 
