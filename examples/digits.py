@@ -1,6 +1,6 @@
 """A small CNN on scikit-learn's digits, with InfluenceCallback explaining its worst validation predictions.
 
-Run ``python examples/digits.py`` (37.1 s of wall time with the defaults on 2 idle CPU cores, the fastest
+Run ``python examples/digits.py`` (33.6 s of wall time with the defaults on 2 idle CPU cores, the fastest
 of the runs in benchmarks/digits-walltime-results.json; a busy machine takes longer), then open TensorBoard on
 the printed log directory: the IMAGES tab shows each explained validation digit beside its most harmful and most helpful
 training digits, TEXT has the same as tables, and HISTOGRAMS/SCALARS show the score distributions and the

@@ -2,13 +2,16 @@
 
 With M outputs per example, the Gauss-Newton product of a minibatch b is
 ``G_b V = (1/|b|) sum_{i in b} J_i^T H_i J_i V``, with ``J_i [M, P]`` the Jacobian of example i's outputs in the
-parameters and ``H_i [M, M]`` the Hessian of its loss in those outputs. When the N examples' Jacobians fit in
-:data:`JACOBIAN_BUDGET` numbers they are computed once per analysis (M passes of the per-example hook engine
-over the training set, and M double-backward passes for the ``H_i``), and every later product is three tensor
-contractions over stored rows instead of a forward and ``1 + 2k`` backward passes: the same matrix, so the
-same answers. Minibatches are then given by training-set indices (:class:`RowBatch`), drawn exactly as
-:func:`~lightning_influence.core.lissa.minibatch_stream` draws its batches. The store is checked against the
-autograd product once; a model it does not fit, or one it disagrees with, keeps the autograd products.
+parameters and ``H_i [M, M]`` the Hessian of its loss in those outputs. Writing ``H_i = R_i R_i^T`` (its
+eigendecomposition, ``R_i = Q_i sqrt(w_i)``, keeping the r columns whose eigenvalue is not zero for every
+example: r = M - 1 for cross-entropy), ``G_b = (1/|b|) sum F_i^T F_i`` with ``F_i = R_i^T J_i [r, P]``. When the
+N examples' ``F_i`` fit in :data:`JACOBIAN_BUDGET` numbers they are computed once per analysis (the ``H_i`` by M
+double-backward passes, then r passes of the per-example hook engine over the training set, each the gradient
+of ``column_c(R_i) . f_i``), and every later product is two matrix products over stored rows instead of a
+forward and ``1 + 2k`` backward passes: the same matrix, so the same answers. Minibatches are then given by
+training-set indices (:class:`RowBatch`), drawn exactly as :func:`~lightning_influence.core.lissa.minibatch_stream`
+draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
+disagrees with, keeps the autograd products.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
-from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
+from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch, slice_batch
 from lightning_influence.core.curvature import BatchProduct, SplitLoss, map_floating, split_forward, split_module
 from lightning_influence.core.losses import FunctionalLoss
 from lightning_influence.core.params import Params
@@ -29,6 +32,8 @@ from lightning_influence.core.per_example import PerExampleEngine
 JACOBIAN_BUDGET = 2**27
 #: Training examples per index chunk of a product over a subset (bounds the gathered rows' memory).
 ROW_CHUNK = 1024
+#: Examples of the one product compared with autograd before the store is used.
+AGREEMENT_EXAMPLES = 32
 #: Largest relative difference from the autograd product (one minibatch, random vectors) for the store to be used.
 AGREEMENT_TOLERANCE = 1e-3
 
@@ -51,41 +56,40 @@ def row_stream(n: int, batch_size: int, seed: int) -> Iterator[RowBatch]:
 
 
 class OutputJacobian:
-    """The stored ``J [N, M, P]`` and ``H [N, M, M]`` of the training set; :meth:`product` is ``G_b V``."""
+    """The stored factors ``F [N, r, P]`` of the training set (``G_i = F_i^T F_i``); :meth:`product` is ``G_b V``."""
 
-    def __init__(self, jacobian: torch.Tensor, hessian: torch.Tensor) -> None:
-        self.jacobian, self.hessian = jacobian, hessian
-        self._last: tuple[RowBatch, torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, factors: torch.Tensor) -> None:
+        self.factors = factors
+        self._last: tuple[RowBatch, torch.Tensor] | None = None
 
-    def rows(self, rows: RowBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``J`` and ``H`` of ``rows``: views for a range; else gathered, and kept while the same batch is asked
-        again (a Lanczos run on one minibatch, the scale probe)."""
+    def rows(self, rows: RowBatch) -> torch.Tensor:
+        """``F`` of ``rows``: a view for a range; else gathered, and kept while the same batch is asked again (a
+        Lanczos run on one minibatch, the scale probe)."""
         index = rows.indices
         first = int(index[0])
         if bool((index == torch.arange(first, first + len(index))).all()):
-            return self.jacobian[first : first + len(index)], self.hessian[first : first + len(index)]
+            return self.factors[first : first + len(index)]
         if self._last is None or self._last[0] is not rows:
-            index = index.to(self.jacobian.device)
-            self._last = (rows, self.jacobian[index], self.hessian[index])
-        return self._last[1], self._last[2]
+            self._last = (rows, self.factors[index.to(self.factors.device)])
+        return self._last[1]
 
     def product(self, rows: RowBatch, vectors: torch.Tensor) -> torch.Tensor:
-        _, m, p = self.jacobian.shape
-        jacobian, hessian = self.rows(rows)
-        b = jacobian.shape[0]
-        flat = jacobian.reshape(b * m, p)
-        jv = (vectors @ flat.T).reshape(-1, b, m)  # [k, b, M]
-        hjv = torch.einsum("bmn,kbn->kbm", hessian, jv)
-        return (hjv.reshape(-1, b * m) @ flat).div_(b)
+        factors = self.rows(rows)
+        b, r, p = factors.shape
+        flat = factors.reshape(b * r, p)
+        return ((vectors @ flat.T) @ flat).div_(b)
 
 
 class _Outputs:
-    """A per-example "loss" that is output coordinate ``m`` of the model, for the hook engine's gradients."""
+    """A per-example "loss" ``weights_i . f_i`` (the model's flat outputs), for the hook engine's gradients.
+
+    Batches come as ``(batch, weights [B, M])`` so that slicing a batch slices its weights too."""
 
     def __init__(self, loss: FunctionalLoss, target: torch.nn.Module | None) -> None:
-        self.loss, self.target, self.m = loss, target, 0
+        self.loss, self.target = loss, target
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, weighted: Batch) -> torch.Tensor:
+        batch, weights = weighted
         loss_fn = self.loss.loss_fn
         if isinstance(loss_fn, SplitLoss):
             outputs = loss_fn.outputs_fn(model, batch)
@@ -98,7 +102,7 @@ class _Outputs:
             finally:
                 handle.remove()
             outputs = captured[0]
-        return flat_outputs(outputs, batch_size_of(batch))[:, self.m]
+        return (flat_outputs(outputs, batch_size_of(batch)) * weights).sum(dim=1)
 
 
 def flat_outputs(outputs: Any, size: int) -> torch.Tensor:
@@ -146,21 +150,29 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
     m = flat_outputs(_output_probe(loss, params, first), batch_size_of(first)).shape[1]
     if m == 0 or n * m * p > budget:
         return None
+    # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
+    roots = _hessian_roots(torch.cat([_hessians(loss, params, prepare_batch(raw, device)) for raw in ordered]))
     target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
-    coordinate = _Outputs(loss, target)
-    engine = PerExampleEngine(FunctionalLoss(loss.model, coordinate, loss.dtype), params)
-    jacobian = torch.empty(n, m, p, dtype=loss.dtype, device=device)
-    hessian = torch.empty(n, m, m, dtype=loss.dtype, device=device)
+    engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
+    factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
     start = 0
     for raw in ordered:
         batch = prepare_batch(raw, device)
         size = batch_size_of(batch)
-        for coordinate.m in range(m):
-            jacobian[start : start + size, coordinate.m] = engine.grads(batch)
-        hessian[start : start + size] = _hessians(loss, params, batch)
+        for c in range(roots.shape[2]):
+            factors[start : start + size, c] = engine.grads((batch, roots[start : start + size, :, c]))
         start += size
-    store = OutputJacobian(jacobian, hessian)
+    store = OutputJacobian(factors)
     return store if _agrees(store, reference, first, n, p, loss.dtype, device) else None
+
+
+def _hessian_roots(hessians: torch.Tensor) -> torch.Tensor:
+    """``R [N, M, r]`` with ``R_i R_i^T = H_i``: eigenvectors times the root of their (clamped) eigenvalues, keeping
+    the columns whose eigenvalue is above ``1e-6`` of the largest for some example."""
+    values, vectors = torch.linalg.eigh(0.5 * (hessians + hessians.transpose(1, 2)))
+    values = values.clamp_min(0.0)
+    keep = (values > 1e-6 * values.max().clamp_min(torch.finfo(values.dtype).tiny)).any(dim=0)
+    return (vectors * values.sqrt()[:, None, :])[:, :, keep]
 
 
 def _output_probe(loss: FunctionalLoss, params: Params, batch: Batch) -> Any:
@@ -172,8 +184,10 @@ def _output_probe(loss: FunctionalLoss, params: Params, batch: Batch) -> Any:
 
 def _agrees(store: OutputJacobian, reference: BatchProduct, batch: Batch, n: int, p: int, dtype: torch.dtype,
             device: torch.device) -> bool:
-    size = batch_size_of(batch)
-    vectors = torch.randn(2, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype).to(device)
-    expected = reference(batch, vectors)
-    got = store.product(RowBatch(torch.arange(min(size, n))), vectors)
+    """One product on the first ``AGREEMENT_EXAMPLES`` examples and a random vector, stored against autograd (one
+    vector: the autograd product's batched-or-looped timing is left to real use)."""
+    size = min(batch_size_of(batch), n, AGREEMENT_EXAMPLES)
+    vectors = torch.randn(1, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype).to(device)
+    expected = reference(slice_batch(batch, 0, size), vectors)
+    got = store.product(RowBatch(torch.arange(size)), vectors)
     return float((got - expected).norm() / expected.norm().clamp_min(torch.finfo(dtype).tiny)) <= AGREEMENT_TOLERANCE

@@ -78,7 +78,7 @@ def test_transformer_with_dict_batches_has_the_same_products():
     with analysis_mode(model), torch.enable_grad():
         store = build_output_jacobian(problem.loss, problem.params, problem.train_loader, problem.device,
                                       problem._product)
-        assert store is not None and store.jacobian.shape == (40, 3, problem.num_params)
+        assert store is not None and store.factors.shape == (40, 2, problem.num_params)  # cross-entropy: rank M - 1
         chosen = torch.tensor([0, 7, 39, 12])
         batch = {"input_ids": ids[chosen], "attention_mask": mask[chosen], "labels": labels[chosen]}
         assert _relative(store.product(RowBatch(chosen), vectors), problem._product(batch, vectors)) < 1e-5
