@@ -172,7 +172,7 @@ def run_influence(args: argparse.Namespace) -> int:
                               IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
                               settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
                               on_scored=on_scored, curvature=settings.curvature,
-                              describe=describe)
+                              describe=describe, weight_decay=context.weight_decay)
     try:
         publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
@@ -226,7 +226,7 @@ def run_mislabel(args: argparse.Namespace) -> int:
         report = find_mislabel_candidates(
             context.model, context.loss_fn(settings.loss_fn), train, settings.mislabel, settings.damping,
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
-            curvature=settings.curvature,
+            curvature=settings.curvature, weight_decay=context.weight_decay,
         )
     try:
         path = publish_mislabel(context.writer(), context.output_dir, report, verbose=not args.quiet)

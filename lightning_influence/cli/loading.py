@@ -70,6 +70,7 @@ class PosthocContext:
     global_step: int
     output_dir: Path
     callback_args: dict[str, Any] = field(default_factory=dict)
+    weight_decay: Optional[float] = None
     _writer: Any = None
 
     def settings(self, flags: dict[str, Any]) -> Any:
@@ -129,7 +130,16 @@ def load_context(args: argparse.Namespace) -> PosthocContext:
     train_loader, val_loader = _loaders(model, datamodule)
     output_dir = Path(args.output_dir) if args.output_dir else checkpoint.parent / f"{checkpoint.stem}-influence"
     return PosthocContext(model, train_loader, val_loader, checkpoint, int(meta.get("epoch", 0)),
-                          int(meta.get("global_step", 0)), output_dir, callback_args)
+                          int(meta.get("global_step", 0)), output_dir, callback_args, checkpoint_weight_decay(meta))
+
+
+def checkpoint_weight_decay(meta: dict[str, Any]) -> Optional[float]:
+    """The training weight decay saved in a Lightning checkpoint: the first optimiser's first parameter group, as
+    the callback reads it from the trainer (it floors ``damping="auto"`` and informs the trust report)."""
+    states = meta.get("optimizer_states") or []
+    groups = states[0].get("param_groups") if states and isinstance(states[0], dict) else None
+    value = groups[0].get("weight_decay") if groups else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _from_config(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:

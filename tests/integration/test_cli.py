@@ -261,3 +261,23 @@ def test_verify_loo_subcommand_writes_predicted_and_actual_changes(checkpoint, t
     with torch.no_grad():
         assert record["val_index"] == int(model.per_example_loss((x, y)).argmax())
     assert main([*argv[:-3], "--val-index", "999", "--output-dir", str(out)]) == 2
+
+
+def test_the_cli_passes_the_checkpoints_weight_decay_like_the_callback(checkpoint, tmp_path, monkeypatch):
+    from lightning_influence.analysis import explain as explain_module
+    from lightning_influence.cli.loading import checkpoint_weight_decay
+
+    # TinyDigitsModel trains with SGD(weight_decay=1e-3): the floor of damping="auto" and the trust report's input
+    assert checkpoint_weight_decay(torch.load(checkpoint, map_location="cpu", weights_only=False)) == pytest.approx(1e-3)
+    assert checkpoint_weight_decay({"state_dict": {}}) is None
+    assert checkpoint_weight_decay({"optimizer_states": [{"param_groups": [{"lr": 0.1}]}]}) is None
+    seen: dict = {}
+    real = explain_module.explain
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain_module, "explain", spy)
+    assert main(["influence", str(checkpoint), *MODEL, *ANALYSIS, "--output-dir", str(tmp_path), "--quiet"]) == 0
+    assert seen["weight_decay"] == pytest.approx(1e-3)
