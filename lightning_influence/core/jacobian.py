@@ -17,6 +17,7 @@ disagrees with, keeps the autograd products.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from itertools import islice
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -147,11 +148,13 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
     p = sum(t.numel() for t in params.values())
     ordered = DataLoader(loader.dataset, batch_size=max(loader.batch_size or 1, 64), collate_fn=loader.collate_fn)
     first = prepare_batch(next(iter(ordered)), device)
-    m = flat_outputs(_output_probe(loss, params, first), batch_size_of(first)).shape[1]
+    hessians = [_hessians(loss, params, first)]  # [B, M, M]: M, the outputs per example, before the budget check
+    m = hessians[0].shape[1]
     if m == 0 or n * m * p > budget:
         return None
     # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
-    roots = _hessian_roots(torch.cat([_hessians(loss, params, prepare_batch(raw, device)) for raw in ordered]))
+    hessians += [_hessians(loss, params, prepare_batch(raw, device)) for raw in islice(ordered, 1, None)]
+    roots = _hessian_roots(torch.cat(hessians))
     target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
     engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
     factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
@@ -173,13 +176,6 @@ def _hessian_roots(hessians: torch.Tensor) -> torch.Tensor:
     values = values.clamp_min(0.0)
     keep = (values > 1e-6 * values.max().clamp_min(torch.finfo(values.dtype).tiny)).any(dim=0)
     return (vectors * values.sqrt()[:, None, :])[:, :, keep]
-
-
-def _output_probe(loss: FunctionalLoss, params: Params, batch: Batch) -> Any:
-    """The model's outputs on ``batch`` (requiring grad through the parameters), as the Gauss-Newton split sees them."""
-    with torch.enable_grad():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        return split_forward(loss, leaves, batch).outputs
 
 
 def _agrees(store: OutputJacobian, reference: BatchProduct, batch: Batch, n: int, p: int, dtype: torch.dtype,

@@ -5,7 +5,7 @@ With ``A_j = H_j + damping I`` for a fresh minibatch Hessian ``H_j`` each step::
     h_0 = v,   h_j = v + h_{j-1} - A_j h_{j-1} / scale,   x = h_J / scale
 
 converges to ``A^-1 v`` when every eigenvalue of ``A_j / scale`` lies in (0, 2). The update step is a pure
-function (:func:`lissa_step`); :func:`lissa_repeats` drives repeats whose minibatches depend only on
+function (:func:`lissa_step_`, in place); :func:`lissa_repeats` drives repeats whose minibatches depend only on
 ``(seed, repeat)``, so a repeat gives the same vector on whichever process runs it.
 """
 
@@ -80,13 +80,9 @@ def minibatch_stream(
             yield prepare_batch(batch, device)
 
 
-def lissa_step(h: torch.Tensor, v: torch.Tensor, damped_hvp: torch.Tensor, scale: float) -> torch.Tensor:
-    """One Neumann step ``v + h - (H_j + damping I) h / scale`` (``damped_hvp`` is ``(H_j + damping I) h``)."""
-    return v + h - damped_hvp / scale
-
-
 def lissa_step_(h: torch.Tensor, v: torch.Tensor, hvp: torch.Tensor, damping: float, scale: float) -> torch.Tensor:
-    """:func:`lissa_step` computed in ``hvp`` (``H_j h``, overwritten and returned): no new ``[k, P]`` tensor.
+    """One Neumann step ``v + h - (H_j + damping I) h / scale``, computed in ``hvp`` (``H_j h``, overwritten and
+    returned): no new ``[k, P]`` tensor.
 
     Each fresh tensor of tens of megabytes costs page faults on CPU (allocators map large blocks anew), which
     measured as much as the curvature product itself on a 1M-parameter MLP: the recursion reuses its buffers.
