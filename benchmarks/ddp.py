@@ -52,13 +52,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence.config import LissaConfig
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.modes import analysis_mode
-from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.distributed import TorchDistributed
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExplainConfig
+from lightning_influence.config import ExplainConfig, LissaConfig
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
+from lightning_influence.distributed import TorchDistributed
 
 DAMPING = 1e-2
 NUM_POINTS = 8

@@ -52,13 +52,12 @@ from torch import nn
 from torchmetrics.functional import pearson_corrcoef
 
 from lightning_influence import top_influences
-from lightning_influence.config import ExactConfig, LissaConfig
+from lightning_influence.config import LAST_LAYER_GRAD, ExactConfig, LissaConfig
 from lightning_influence.core import InfluenceProblem, LissaDivergenceError
-from lightning_influence.config import LAST_LAYER_GRAD
 from lightning_influence.core.candidates import Neighbours, knn_torch, select_candidates
-from lightning_influence.core.features import GradientFactors, batch_features, factored_similarity
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.per_example.features import GradientFactors, batch_features, factored_similarity
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
 
 NUM_POINTS = 8
 TOP = 10
@@ -314,11 +313,16 @@ def preselect_study(name: str, model, data, test, runs: int) -> dict[str, Any]:
     ``preselect="always"`` (features + kNN + scoring the union) and of ``preselect="auto"`` (probe, then the
     path it chose), with the probe's estimate. s_test is not part of it (the same for every path): its
     vectors come from a short LiSSA solve, since scoring costs do not depend on their values."""
+    from lightning_influence.config import ExplainConfig
     from lightning_influence.core.candidates import CandidateScoreCollector
     from lightning_influence.distributed.collectives import SingleProcess
     from lightning_influence.distributed.scoring import (
-        choose_candidates, estimate_preselection, find_candidates, score_candidates, score_training_set)
-    from lightning_influence.config import ExplainConfig
+        choose_candidates,
+        estimate_preselection,
+        find_candidates,
+        score_candidates,
+        score_training_set,
+    )
 
     x, y = data
     train = IndexedData(torch.utils.data.TensorDataset(x, y), batch_size=256)

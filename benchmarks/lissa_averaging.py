@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 from digits import DigitsCNN, digits_loaders  # noqa: E402
 
 from lightning_influence import LissaConfig  # noqa: E402
-from lightning_influence.core.modes import analysis_mode  # noqa: E402
 from lightning_influence.core.problem import InfluenceProblem  # noqa: E402
+from lightning_influence.core.tensors.modes import analysis_mode  # noqa: E402
 from lightning_influence.distributed.collectives import SingleProcess  # noqa: E402
 from lightning_influence.distributed.solve import solve_s_test  # noqa: E402
 

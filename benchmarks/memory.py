@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence.config import LissaConfig
-from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.modes import analysis_mode
 
 #: (what, hidden width, test vectors, training examples): widths 448 and 896 give 234,762 and 870,922 parameters.
 CASES = [("damping", 448, 8, 256), ("damping", 896, 8, 256), ("lissa", 448, 8, 256), ("lissa", 896, 8, 256),

@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_influence import self_influence
 from lightning_influence.analysis.training_signals import TrainingSignalRecorder, separation_window
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.tensors.data import IndexedData
 
 N_TRAIN = 1200
 FRACTIONS = (0.05, 0.10, 0.20)

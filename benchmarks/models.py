@@ -137,7 +137,7 @@ def vmap_grads(problem, batch):
     """The former path: ``vmap(grad)`` over single examples (no fallback)."""
     from torch.func import grad, vmap
 
-    from lightning_influence.core.batching import add_batch_dim, batched_in_dims
+    from lightning_influence.core.tensors.batching import add_batch_dim, batched_in_dims
 
     def single(p, example):
         return problem.loss(p, add_batch_dim(example))[0]
@@ -183,7 +183,7 @@ def run(name: str, quick: bool) -> dict[str, Any]:
 
     from lightning_influence.config import CGConfig
     from lightning_influence.core import InfluenceProblem
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     model, loss_fn, dataset, test_batch, batch_size = setup(name, quick)
     epoch = epoch_seconds(model, loss_fn, dataset, batch_size)

@@ -148,7 +148,7 @@ def run_method(task: str, method: str, spec: dict[str, Any], workdir: Path) -> d
 def _ours(model, loader, test, method: str, damping: float | None) -> tuple[Any, dict[str, Any]]:
     from lightning_influence.config import CGConfig, ExactConfig, LissaConfig
     from lightning_influence.core import InfluenceProblem
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     configs = {
         "default": LissaConfig(), "exact": ExactConfig(), "long_cg": CGConfig(tol=REFERENCE_TOL, max_iter=300),

@@ -187,9 +187,9 @@ def run_one(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from lightning_influence import LissaDivergenceError, s_test
     from lightning_influence.config import LissaConfig
     from lightning_influence.core import InfluenceProblem
-    from lightning_influence.core.modes import analysis_mode
-    from lightning_influence.core.factored import factored_layers
+    from lightning_influence.core.per_example.factored import factored_layers
     from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET, resolve_method
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     (x, y), (x_test, y_test) = digits(config["n_train"])
     model = build_model(config["model"])
@@ -301,10 +301,10 @@ def profile_model(name: str, epoch: float, data, workdir: Path) -> dict[str, flo
 
     from lightning_influence.config import LissaConfig
     from lightning_influence.core import InfluenceProblem
-    from lightning_influence.core.batching import add_batch_dim
-    from lightning_influence.core.modes import analysis_mode
-    from lightning_influence.core.params import flatten, unflatten
     from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET, score_chunk
+    from lightning_influence.core.tensors.batching import add_batch_dim
+    from lightning_influence.core.tensors.modes import analysis_mode
+    from lightning_influence.core.tensors.params import flatten, unflatten
 
     x, y = data
     n_train = len(x)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
         LissaConfig,
         LowRankConfig,
     )
-    from lightning_influence.core.lissa import LissaDivergenceError
+    from lightning_influence.core.solvers.neumann import LissaDivergenceError
     from lightning_influence.correct import correct_errors
     from lightning_influence.functional import influence, s_test, self_influence, top_influences
     from lightning_influence.results import (
@@ -43,7 +43,7 @@ _LAZY = {
     **dict.fromkeys(("CorrectionReport", "Explanation", "LeaveOneOutCheck", "MislabelReport", "SolveInfo", "STest",
                      "TopInfluences", "TrustReport"), "lightning_influence.results"),
     **dict.fromkeys(("influence", "s_test", "self_influence", "top_influences"), "lightning_influence.functional"),
-    "LissaDivergenceError": "lightning_influence.core.lissa",
+    "LissaDivergenceError": "lightning_influence.core.solvers.neumann",
     "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
     "InfluenceCallback": "lightning_influence.callbacks.influence",
     "TrainingSignalsCallback": "lightning_influence.callbacks.training_signals",

@@ -45,8 +45,8 @@ from lightning_influence.config import (
     solver_config,
     solver_name,
 )
-from lightning_influence.core.losses import LossFn
-from lightning_influence.core.params import model_device
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.params import model_device
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.correction import (
     correction_markdown,

@@ -26,14 +26,14 @@ from lightning_influence.config import (
     check_damping,
     solver_config,
 )
-from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.candidates import check_knn_backend
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.features import FeatureFn
-from lightning_influence.core.losses import LossFn
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.per_example.features import FeatureFn
+from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, top_influences_of
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import SingleProcess
 from lightning_influence.distributed.scoring import choose_candidates, score_candidates, score_training_set
 from lightning_influence.distributed.solve import solve_s_test

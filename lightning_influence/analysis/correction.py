@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from lightning_influence.config import CorrectionConfig, Damping, ExplainConfig, SolverConfig, expect
-from lightning_influence.core.batching import Batch, describe_batch, prepare_batch
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.lissa import repeat_seed
-from lightning_influence.core.losses import LossFn, check_per_example_losses
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.solvers.neumann import repeat_seed
+from lightning_influence.core.tensors.batching import Batch, describe_batch, prepare_batch
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.scoring import find_candidates, score_training_set
 from lightning_influence.distributed.sharding import gather_checked, shard

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from lightning_influence.config import LissaConfig, SolverConfig
-from lightning_influence.core.batching import batch_size_of
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.eigen import top_eigenvalue
-from lightning_influence.core.lissa import SCALE_MARGIN, minibatch_stream, repeat_seed
-from lightning_influence.core.params import flatten
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
+from lightning_influence.core.solvers.neumann import SCALE_MARGIN, minibatch_stream, repeat_seed
+from lightning_influence.core.tensors.batching import batch_size_of
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.eigen import top_eigenvalue
+from lightning_influence.core.tensors.params import flatten
 from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
 
 #: Training examples whose per-example gradients measure the distance from a minimum.

@@ -18,7 +18,10 @@ from torch import nn
 
 from lightning_influence.analysis.diagnostics import diagnose
 from lightning_influence.config import DEFAULT_CURVATURE, Damping, ExplainConfig, SolverConfig, config_to_dict
-from lightning_influence.core.batching import (
+from lightning_influence.core.candidates import Neighbours
+from lightning_influence.core.per_example.losses import LossFn, call_loss_fn, check_finite_losses
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.batching import (
     Batch,
     Description,
     describe_batch,
@@ -26,11 +29,8 @@ from lightning_influence.core.batching import (
     prepare_batch,
     row_value,
 )
-from lightning_influence.core.candidates import Neighbours
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn, call_loss_fn, check_finite_losses
-from lightning_influence.core.modes import analysis_mode, check_state_unchanged, state_snapshot
-from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode, check_state_unchanged, state_snapshot
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.scoring import (
     candidate_score_shard,

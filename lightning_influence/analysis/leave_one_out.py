@@ -23,11 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.config import DEFAULT_DAMPING, Damping
-from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import FunctionalLoss, LossFn
-from lightning_influence.core.modes import analysis_mode
-from lightning_influence.core.params import Params, model_device, trainable_parameters
+from lightning_influence.core.per_example.losses import FunctionalLoss, LossFn
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
+from lightning_influence.core.tensors.params import Params, model_device, trainable_parameters
 from lightning_influence.functional import influence
 from lightning_influence.results import LeaveOneOutCheck
 

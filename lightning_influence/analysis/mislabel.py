@@ -27,11 +27,11 @@ from lightning_influence.config import (
     config_to_dict,
     solver_name,
 )
-from lightning_influence.core.batching import describe_batch, keeps_input, prepare_batch, row_value
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn, check_per_example_losses
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.batching import describe_batch, keeps_input, prepare_batch, row_value
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.sharding import shard
 from lightning_influence.results import MislabelCandidate, MislabelReport

@@ -2,7 +2,7 @@
 
 Pure torch (no Lightning). A :class:`TrainingSignalRecorder` is told, at the end of chosen epochs, to run
 forward-only passes of the model over the training set (a map-style dataset behind
-:class:`~lightning_influence.core.data.IndexedData`) and keeps, per training example and recorded epoch:
+:class:`~lightning_influence.core.tensors.data.IndexedData`) and keeps, per training example and recorded epoch:
 
 * ``loss``: the cross-entropy of the given label, ``-log p_y``;
 * ``margin``: the logit margin ``z_y - max_{j != y} z_j`` (negative = the model prefers another class);
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 
 SIGNALS = ("loss", "margin", "el2n")

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_influence.analysis.leave_one_out import verify_leave_one_out
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting.files import write_json_atomic
 from lightning_influence.results import Explanation
 

@@ -23,8 +23,8 @@ from lightning_influence.callbacks._trainer import collectives_for, weight_decay
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.callbacks.training_signals import TrainingSignalsCallback
 from lightning_influence.config import Damping, LowRankConfig
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.results import MislabelReport
 
 #: ``mislabel_candidates`` meaning every training example (the JSON then ranks the whole training set).

@@ -20,8 +20,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 
 #: What every "no loss function" message shows.
@@ -88,10 +88,10 @@ def check_picklable(loss_fn: LossFn, trainer: pl.Trainer) -> None:
 def check_loss_on_examples(module: nn.Module, loss_fn: LossFn, train: IndexedData, count: int = 2) -> None:
     """Run ``loss_fn`` on the first ``count`` training examples (eval mode, no gradients): a loss of the wrong
     shape is reported before training, not after it."""
-    from lightning_influence.core.batching import prepare_batch
-    from lightning_influence.core.losses import call_loss_fn, check_per_example_losses
-    from lightning_influence.core.modes import analysis_mode
-    from lightning_influence.core.params import model_device
+    from lightning_influence.core.per_example.losses import call_loss_fn, check_per_example_losses
+    from lightning_influence.core.tensors.batching import prepare_batch
+    from lightning_influence.core.tensors.modes import analysis_mode
+    from lightning_influence.core.tensors.params import model_device
 
     count = min(count, len(train))
     if count == 0:

@@ -50,11 +50,11 @@ from lightning_influence.config import (
     check_num_candidates,
     solver_config,
 )
-from lightning_influence.core.batching import describe_batch
 from lightning_influence.core.candidates import check_knn_backend
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.features import FeatureFn
-from lightning_influence.core.losses import LossFn
+from lightning_influence.core.per_example.features import FeatureFn
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.batching import describe_batch
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
 from lightning_influence.results import Explanation, MislabelReport
 

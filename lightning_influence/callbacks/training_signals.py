@@ -30,7 +30,7 @@ from lightning_influence.analysis.training_signals import (
     classification_outputs,
     relabel_records,
 )
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.relabel import confusion_records
 

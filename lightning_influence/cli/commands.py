@@ -154,7 +154,7 @@ def add_influence_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_influence(args: argparse.Namespace) -> int:
     from lightning_influence.analysis.explain import explain
-    from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.tensors.data import IndexedData
     from lightning_influence.reporting import report_to_dict
     from lightning_influence.reporting.publish import influence_report, publish_explanation, publish_score_shard
 
@@ -190,7 +190,7 @@ def _describe(callback_args: dict[str, Any], flags: dict[str, Any]) -> Any:
     """``describe_batch`` with the ``example_formatter`` of the flags or the config (an import path or a callable)."""
     import functools
 
-    from lightning_influence.core.batching import describe_batch
+    from lightning_influence.core.tensors.batching import describe_batch
 
     formatter = flags.get("example_formatter", callback_args.get("example_formatter"))
     if isinstance(formatter, str):
@@ -210,7 +210,7 @@ def add_mislabel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_mislabel(args: argparse.Namespace) -> int:
     from lightning_influence.analysis.mislabel import find_mislabel_candidates
-    from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.tensors.data import IndexedData
     from lightning_influence.reporting import mislabel_to_dict
     from lightning_influence.reporting.publish import publish_mislabel
     from lightning_influence.reporting.tables import ranking_line

@@ -97,9 +97,9 @@ def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Name
     """The validation indices to fix: given ones, else the misclassified ones (optionally of one label)."""
     import torch
 
-    from lightning_influence.core.batching import describe_batch, prepare_batch
-    from lightning_influence.core.data import IndexedData
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.batching import describe_batch, prepare_batch
+    from lightning_influence.core.tensors.data import IndexedData
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     val = IndexedData.from_loader(val_loader)
     device = torch.device(args.device)
@@ -168,9 +168,9 @@ def run_verify_loo(args: argparse.Namespace) -> int:
     import torch
 
     from lightning_influence.analysis.leave_one_out import verify_leave_one_out
-    from lightning_influence.core.batching import prepare_batch
-    from lightning_influence.core.data import IndexedData
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.batching import prepare_batch
+    from lightning_influence.core.tensors.data import IndexedData
+    from lightning_influence.core.tensors.modes import analysis_mode
     from lightning_influence.reporting import write_json_atomic
 
     check_exports(args)

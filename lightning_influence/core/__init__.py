@@ -4,9 +4,9 @@ Parameters, per-example losses and gradients, curvature-vector products, the inv
 LiSSA, low-rank), scoring and the nearest-neighbour candidates. Everything above builds on these.
 """
 
-from lightning_influence.core.curvature import OutputCaptureError, SplitLoss
-from lightning_influence.core.lissa import LissaDivergenceError
+from lightning_influence.core.curvature.products import OutputCaptureError, SplitLoss
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK
+from lightning_influence.core.solvers.neumann import LissaDivergenceError
 
 __all__ = ["InfluenceProblem", "LissaDivergenceError", "OutputCaptureError", "SplitLoss", "StreamingTopK"]

@@ -39,9 +39,7 @@ from torch import nn
 
 from lightning_influence.config import ACTIVATIONS, KNN_BACKENDS, LAST_LAYER_GRAD
 from lightning_influence.config import check_feature_choice as check_feature_fn
-from lightning_influence.core.batching import Batch
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.features import (
+from lightning_influence.core.per_example.features import (
     FeatureFn,
     GradientFactors,
     batch_features,
@@ -49,6 +47,8 @@ from lightning_influence.core.features import (
     last_linear_input,
 )
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.data import IndexedData
 
 
 def check_candidates(candidates: int, n_train: int) -> int:

@@ -28,9 +28,7 @@ from lightning_influence.config import (
     LowRankConfig,
     SolverConfig,
 )
-from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch
-from lightning_influence.core.curvature import check_curvature, curvature_matrix, dataset_product
-from lightning_influence.core.damping import (
+from lightning_influence.core.curvature.damping import (
     Damping,
     DampingChoice,
     Spectrum,
@@ -38,10 +36,19 @@ from lightning_influence.core.damping import (
     choose_damping,
     estimate_spectrum,
 )
-from lightning_influence.core.data import subset_batches
-from lightning_influence.core.eigen import lanczos
-from lightning_influence.core.inverse import ExactInverse, LowRankInverse, conjugate_gradient
-from lightning_influence.core.lissa import (
+from lightning_influence.core.curvature.preconditioner import (
+    KroneckerPreconditioner,
+    Reduce,
+    build_preconditioner,
+    cached_preconditioner,
+)
+from lightning_influence.core.curvature.products import check_curvature, curvature_matrix, dataset_product
+from lightning_influence.core.curvature.training import TrainingCurvature
+from lightning_influence.core.per_example.engine import PerExampleEngine
+from lightning_influence.core.per_example.losses import FunctionalLoss, LossFn
+from lightning_influence.core.scoring import iter_scores
+from lightning_influence.core.solvers.inverse import ExactInverse, LowRankInverse, conjugate_gradient
+from lightning_influence.core.solvers.neumann import (
     LissaDivergenceError,
     estimate_scale,
     lissa_info,
@@ -49,40 +56,33 @@ from lightning_influence.core.lissa import (
     minibatch_stream,
     repeat_seed,
 )
-from lightning_influence.core.losses import FunctionalLoss, LossFn
-from lightning_influence.core.params import (
+from lightning_influence.core.solvers.recovery import divergence_error, recover_from_divergence
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch
+from lightning_influence.core.tensors.data import subset_batches
+from lightning_influence.core.tensors.eigen import lanczos
+from lightning_influence.core.tensors.params import (
     ParameterSelector,
     model_device,
     num_parameters,
     trainable_parameters,
 )
-from lightning_influence.core.per_example import PerExampleEngine
-from lightning_influence.core.preconditioner import (
-    KroneckerPreconditioner,
-    Reduce,
-    build_preconditioner,
-    cached_preconditioner,
-)
-from lightning_influence.core.products import TrainingCurvature
-from lightning_influence.core.recovery import divergence_error, recover_from_divergence
-from lightning_influence.core.residual import ResidualMemo, relative_residual
-from lightning_influence.core.scoring import iter_scores
+from lightning_influence.core.tensors.residual import ResidualMemo, relative_residual
 from lightning_influence.results import SolveInfo, STest
 
 
 class InfluenceProblem:
     """Influence of the training data of ``train_loader`` on test points, for ``model`` as it is now.
 
-    Call inside :func:`~lightning_influence.core.params.analysis_mode` (the public functions do).
+    Call inside :func:`~lightning_influence.core.tensors.params.analysis_mode` (the public functions do).
 
     Args:
         model: the trained module; only its trainable parameters count.
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses, without the L2 term. For
             ``curvature="gauss_newton"`` it must call ``model(...)`` once (or be a
-            :class:`~lightning_influence.core.curvature.SplitLoss`).
+            :class:`~lightning_influence.core.curvature.products.SplitLoss`).
         train_loader: the training data; iterated in its own order for scoring, its dataset sampled by LiSSA.
         damping: lambda added to the curvature: a number (used as given) or ``"auto"`` (see
-            :mod:`~lightning_influence.core.damping`). ``problem.damping`` is the resolved number.
+            :mod:`~lightning_influence.core.curvature.damping`). ``problem.damping`` is the resolved number.
         config: the solver configuration.
         curvature: ``"gauss_newton"`` (default, positive semi-definite) or ``"hessian"``.
         weight_decay: the optimizer's weight decay, the floor of ``damping="auto"``.
@@ -91,10 +91,10 @@ class InfluenceProblem:
         subset_examples: training examples (fixed seeded subset) for the spectrum and the residual check
             (None: all).
         parameters: analyse only these trainable parameters (module-name prefixes or globs, or a predicate
-            ``(name, param) -> bool``; see :func:`~lightning_influence.core.params.select_parameters`).
+            ``(name, param) -> bool``; see :func:`~lightning_influence.core.tensors.params.select_parameters`).
         dtype: the analysis dtype (default float32, float64 for a float64 model); low-precision weights are upcast.
         store_jacobian: Gauss-Newton products from the stored output Jacobian when it fits (the same matrix;
-            :mod:`~lightning_influence.core.jacobian`); False always differentiates through the model.
+            :mod:`~lightning_influence.core.curvature.jacobian`); False always differentiates through the model.
     """
 
     def __init__(
@@ -180,7 +180,7 @@ class InfluenceProblem:
 
     def minibatch_hvp(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         """``C_b V`` for the curvature ``C_b`` (Gauss-Newton or Hessian) of the mean loss over ``batch`` (a
-        :class:`~lightning_influence.core.jacobian.RowBatch` of training indices when the Jacobian is stored)."""
+        :class:`~lightning_influence.core.curvature.jacobian.RowBatch` of training indices when the Jacobian is stored)."""
         return self.products(batch, vectors)
 
     def damped_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -307,7 +307,7 @@ class InfluenceProblem:
 
     def estimate_lissa_scale(self, rank: int = 0, world_size: int = 1) -> float:
         """The ``scale="auto"`` estimate (not cached), or with ``world_size`` R this rank's share of it: the
-        maximum over ranks equals the single-process estimate (:func:`~lightning_influence.core.lissa.estimate_scale`)."""
+        maximum over ranks equals the single-process estimate (see ``estimate_scale``)."""
         assert isinstance(self.config, LissaConfig)
         like = next(iter(self.params.values()))
         stream = self._stream(repeat_seed(self.config.seed, -1))

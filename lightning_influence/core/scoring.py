@@ -2,11 +2,11 @@
 
 Four ways, equal to float tolerance:
 
-* ``hooks`` (:mod:`~lightning_influence.core.per_example`, the ``auto`` choice): module hooks record each
+* ``hooks`` (:mod:`~lightning_influence.core.per_example.engine`, the ``auto`` choice): module hooks record each
   supported layer's inputs and output gradients in one forward/backward of the chunk and score per layer in
   factored form (Linear with any leading dims, Conv1d/2d, Embedding, norm affines, Hugging Face Conv1D); every
   other parameter takes a generic per-example autograd path. No ``vmap``: works for models it cannot trace.
-* ``factored`` (:mod:`~lightning_influence.core.factored`): when every trainable parameter belongs to an
+* ``factored`` (:mod:`~lightning_influence.core.per_example.factored`): when every trainable parameter belongs to an
   ``nn.Linear`` / ``nn.Conv2d``, per-example gradients factor as ``g_i a_i^T``: one forward pass, one backward
   pass for the layer output gradients, then one layer-sized matmul per test vector. Peak extra memory: the
   chunk's activations and output gradients plus ``chunk x k x min(in, out)`` per linear layer.
@@ -33,11 +33,11 @@ import torch
 from torch.func import jvp, vmap
 
 from lightning_influence.config import SCORING_METHODS
-from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch, slice_batch
-from lightning_influence.core.factored import FactoredLayer, factored_dot, factored_layers
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params, num_parameters, unflatten
-from lightning_influence.core.per_example import PerExampleEngine
+from lightning_influence.core.per_example.engine import PerExampleEngine
+from lightning_influence.core.per_example.factored import FactoredLayer, factored_dot, factored_layers
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
+from lightning_influence.core.tensors.params import Params, num_parameters, unflatten
 from lightning_influence.results import TopInfluences
 
 #: Most floats held at once by the per-example-gradient path (chunk x P): 2^26 floats = 256 MiB in float32.

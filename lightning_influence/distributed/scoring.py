@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lightning_influence.config import PRESELECT_MIN_BATCHES, PRESELECT_PROBE_EXAMPLES, ExplainConfig
-from lightning_influence.core.batching import Batch
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
     Neighbours,
@@ -25,10 +24,11 @@ from lightning_influence.core.candidates import (
     select_candidates,
     time_preselection,
 )
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.losses import LossFn
+from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import StreamingTopK, merge_top_influences, top_influences_of
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.sharding import block_shard, gather_checked, shard
 from lightning_influence.results import ScoreShard, TopInfluences

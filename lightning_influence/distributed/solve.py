@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 
 from lightning_influence.config import RESIDUAL_TOL, CGConfig, LissaConfig
-from lightning_influence.core.lissa import LissaDivergenceError
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.recovery import divergence_error, recover_from_divergence
+from lightning_influence.core.solvers.neumann import LissaDivergenceError
+from lightning_influence.core.solvers.recovery import divergence_error, recover_from_divergence
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.sharding import gather_checked
 from lightning_influence.results import SolveInfo

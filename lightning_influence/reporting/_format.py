@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_influence.core.batching import MAX_KEPT_INPUT_VALUES, looks_like_image
+from lightning_influence.core.tensors.batching import MAX_KEPT_INPUT_VALUES, looks_like_image
 from lightning_influence.results import ExplainedPoint, Influencer, MislabelCandidate, SolveInfo
 
 SIGN_CONVENTION = (

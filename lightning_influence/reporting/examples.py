@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_influence.config import MISLABEL_SHOWN
-from lightning_influence.core.batching import looks_like_image
+from lightning_influence.core.tensors.batching import looks_like_image
 from lightning_influence.reporting._format import to_builtin
 from lightning_influence.results import InfluenceReport, MislabelReport
 

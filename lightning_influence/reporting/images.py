@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_influence.core.batching import IMAGE_CHANNELS, MIN_IMAGE_SIDE, looks_like_image
+from lightning_influence.core.tensors.batching import IMAGE_CHANNELS, MIN_IMAGE_SIDE, looks_like_image
 from lightning_influence.reporting._format import format_float, format_influence, format_value
 from lightning_influence.results import (
     ExplainedPoint,

@@ -16,11 +16,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from helpers.lightning_models import TinyDigitsData, TinyDigitsModel
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers.lightning_models import TinyDigitsData, TinyDigitsModel
 from lightning_influence import CGConfig, InfluenceCallback, LissaConfig
 
 

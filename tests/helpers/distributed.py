@@ -11,7 +11,7 @@ import torch
 from helpers import cross_entropy_per_example
 from lightning_influence.analysis.explain import explain
 from lightning_influence.config import ExactConfig, ExplainConfig
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.tensors.data import IndexedData
 
 
 class ThreadGroup:

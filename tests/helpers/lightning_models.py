@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import glob
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-import glob
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from helpers import digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import digits
 
 
 class TinyDigitsModel(pl.LightningModule):

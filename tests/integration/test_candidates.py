@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
+from lightning_influence.config import ExplainConfig
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
     check_candidates,
@@ -20,9 +21,8 @@ from lightning_influence.core.candidates import (
     knn_torch,
     select_candidates,
 )
-from lightning_influence.core.features import last_linear_input
-from lightning_influence.core.data import IndexedData
-from lightning_influence.config import ExplainConfig
+from lightning_influence.core.per_example.features import last_linear_input
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.sharding import block_shard
 from lightning_influence.reporting import load_full_scores
 
@@ -216,11 +216,11 @@ def test_select_candidates_accepts_a_user_feature_function(cnn):
 
 def test_callback_with_candidates_writes_only_candidates(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.loggers import TensorBoardLogger
     from helpers.lightning_models import TinyDigitsModel as TinyDigits
     from helpers.lightning_models import read_events as _events
     from helpers.lightning_models import tiny_datasets as _data
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
     with pytest.raises(MisconfigurationException, match="`num_candidates`"):

@@ -12,11 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import LAST_LAYER_GRAD
+from lightning_influence.config import LAST_LAYER_GRAD, ExplainConfig
 from lightning_influence.core.candidates import NearestNeighbours, knn_torch, select_candidates
-from lightning_influence.core.features import GradientFactors, factored_similarity, last_layer_gradients
-from lightning_influence.core.data import IndexedData
-from lightning_influence.config import ExplainConfig
+from lightning_influence.core.per_example.features import GradientFactors, factored_similarity, last_layer_gradients
+from lightning_influence.core.tensors.data import IndexedData
 
 N_TRAIN = 180
 DAMPING = 1.0

@@ -10,15 +10,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.lightning_models import TinyDigitsModel
 from helpers import digits
+from helpers.lightning_models import TinyDigitsModel
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.core.features import factored_similarity, last_layer_gradients
+from lightning_influence.core.per_example.features import factored_similarity, last_layer_gradients
 
 DAMPING = 0.2
 N_TRAIN = 300

@@ -15,9 +15,9 @@ import multiprocessing.forkserver
 import os
 import socket
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -32,14 +32,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import CGConfig, LissaConfig
-from lightning_influence.core.data import IndexedData
-from lightning_influence.distributed import SingleProcess, TorchDistributed
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExplainConfig
+from lightning_influence.config import CGConfig, ExplainConfig, LissaConfig
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.distributed import SingleProcess, TorchDistributed
 from lightning_influence.distributed.sharding import shard
-from lightning_influence.results import Explanation
 from lightning_influence.reporting import load_full_scores
+from lightning_influence.results import Explanation
 
 pytestmark = pytest.mark.ddp  # every test here runs several gloo processes (or their results)
 

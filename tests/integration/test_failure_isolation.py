@@ -11,8 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers.lightning_models import TinyDigitsModel
 from helpers import digits
+from helpers.lightning_models import TinyDigitsModel
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger

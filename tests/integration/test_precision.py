@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import influence
 from lightning_influence.config import CGConfig
-from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 def ce(model, batch):

@@ -21,9 +21,9 @@ import lightning_influence as li
 import lightning_influence.distributed.scoring as scoring
 from lightning_influence.config import PRESELECT_PROBE_EXAMPLES, ExplainConfig
 from lightning_influence.core.candidates import PreselectionEstimate
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import SingleProcess
 
 N_TRAIN = 180

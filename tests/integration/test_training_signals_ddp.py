@@ -42,7 +42,7 @@ def _setup() -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]
 
 def _record(collectives=None):
     from lightning_influence.analysis.training_signals import TrainingSignalRecorder
-    from lightning_influence.core.data import IndexedData
+    from lightning_influence.core.tensors.data import IndexedData
 
     x, y, states = _setup()
     data = IndexedData(TensorDataset(x, y), batch_size=10)

@@ -11,10 +11,9 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import CGConfig
-from lightning_influence.core.data import IndexedData
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExplainConfig
+from lightning_influence.config import CGConfig, ExplainConfig
+from lightning_influence.core.tensors.data import IndexedData
 
 
 @pytest.fixture(scope="module")

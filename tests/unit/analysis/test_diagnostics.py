@@ -21,23 +21,21 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import CGConfig, ExactConfig, LissaConfig
-from lightning_influence.results import SolveInfo
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.lissa import SCALE_MARGIN
-from lightning_influence.distributed.collectives import SingleProcess
-from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExplainConfig
-from lightning_influence.distributed.solve import solve_s_test_with_halves
-from lightning_influence.reporting import InfluenceReport, SolverSummary, report_to_dict, write_report
-from lightning_influence.results import PointTrust, TrustReport, TrustWarning
 from lightning_influence.analysis.diagnostics import (
     correlations,
     gradient_ratio,
     setting_warnings,
     structure_warnings,
 )
+from lightning_influence.analysis.explain import explain
+from lightning_influence.config import CGConfig, ExactConfig, ExplainConfig, LissaConfig
+from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.solvers.neumann import SCALE_MARGIN
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.distributed.collectives import SingleProcess
+from lightning_influence.distributed.solve import solve_s_test_with_halves
+from lightning_influence.reporting import InfluenceReport, SolverSummary, report_to_dict, write_report
+from lightning_influence.results import PointTrust, SolveInfo, TrustReport, TrustWarning
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def test_exact_solve_has_zero_residual_and_lissa_a_small_one_matching_the_materi
     problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), 0.05, LissaConfig(depth=60, repeats=2))
     v = problem.gradients(val[:2])
     x = problem.solve(v).vectors
-    from lightning_influence.core.hvp import hessian
+    from lightning_influence.core.curvature.hvp import hessian
 
     matrix = hessian(problem.loss, problem.params, data.loader()) + 0.05 * torch.eye(problem.num_params).double()
     expected = (x @ matrix - v).norm(dim=1) / v.norm(dim=1)

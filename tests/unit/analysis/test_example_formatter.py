@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from lightning_influence.core.batching import describe_batch
+from lightning_influence.core.tensors.batching import describe_batch
 
 
 def test_formatter_sees_each_example_of_a_dict_batch():

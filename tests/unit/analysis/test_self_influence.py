@@ -9,11 +9,11 @@ from scipy.stats import spearmanr
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.core import InfluenceProblem
-from lightning_influence.config import LowRankConfig
-from lightning_influence.core.data import IndexedData
-from lightning_influence.distributed.sharding import shard
 from lightning_influence.analysis.mislabel import find_mislabel_candidates, self_influence_shard
+from lightning_influence.config import LowRankConfig
+from lightning_influence.core import InfluenceProblem
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.distributed.sharding import shard
 
 L2 = 1e-2  # plain Newton from zero does not converge on these noisy labels at 1e-3
 
@@ -62,7 +62,7 @@ def test_sharded_self_influence_covers_every_example_once(noisy_logistic):
     model, x, y, _ = noisy_logistic
     data = IndexedData(TensorDataset(x[:101], y[:101]), batch_size=16)
     problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), L2, LowRankConfig(rank=16))
-    with li.core.modes.analysis_mode(model):
+    with li.core.tensors.modes.analysis_mode(model):
         full_indices, full, _ = self_influence_shard(problem, data, list(range(101)))
         parts = [self_influence_shard(problem, data, shard(range(101), r, 3)) for r in range(3)]
     indices = torch.cat([p[0] for p in parts])

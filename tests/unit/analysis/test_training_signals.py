@@ -23,7 +23,7 @@ from lightning_influence.analysis.training_signals import (
     example_signals,
     relabel_records,
 )
-from lightning_influence.core.data import IndexedData
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting.relabel import confusion_records, relabel_csv
 
 

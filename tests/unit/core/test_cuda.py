@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_influence as li
 from lightning_influence import influence
 from lightning_influence.config import CGConfig
-from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.modes import analysis_mode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

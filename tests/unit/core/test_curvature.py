@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import LogisticRegression, SmallCNN, cross_entropy_per_example, digits
 from torch import nn
 
-from lightning_influence.core.curvature import (
+from lightning_influence.core.curvature.products import (
     OutputCaptureError,
     SplitLoss,
     batch_ggn,
@@ -19,8 +19,8 @@ from lightning_influence.core.curvature import (
     curvature_matrix,
     dataset_product,
 )
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import flatten, trainable_parameters
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.params import flatten, trainable_parameters
 
 
 def _explicit_ggn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ from torch import nn
 
 from lightning_influence import config as defaults
 from lightning_influence.config import ExactConfig, LissaConfig
-from lightning_influence.core.damping import Spectrum, choose_damping, optimizer_weight_decay
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.curvature.damping import Spectrum, choose_damping, optimizer_weight_decay
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The stored output Jacobian (lightning_influence.core.jacobian): the same Gauss-Newton products as autograd, the
+"""The stored output Jacobian (lightning_influence.core.curvature.jacobian): the same Gauss-Newton products as autograd, the
 same LiSSA minibatches, the same s_test, and a fallback wherever it does not apply."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_influence.config import CGConfig, LissaConfig
-from lightning_influence.core.jacobian import RowBatch, build_output_jacobian, row_stream
-from lightning_influence.core.lissa import minibatch_stream
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.curvature.jacobian import RowBatch, build_output_jacobian, row_stream
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.solvers.neumann import minibatch_stream
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 def _cnn_problem(store: bool = True, config=None, batch_norm: bool = False):

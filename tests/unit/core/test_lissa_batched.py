@@ -9,7 +9,7 @@ from torch import nn
 import lightning_influence as li
 from lightning_influence.config import LissaConfig
 from lightning_influence.core import InfluenceProblem
-from lightning_influence.core.modes import analysis_mode
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 def _setup():

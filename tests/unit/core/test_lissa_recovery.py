@@ -10,9 +10,9 @@ from torch import nn
 
 import lightning_influence as li
 from lightning_influence.config import ExactConfig, LissaConfig
-from lightning_influence.core.modes import analysis_mode
-from lightning_influence.core.lissa import SCALE_MARGIN
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.solvers.neumann import SCALE_MARGIN
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 @pytest.fixture(scope="module")

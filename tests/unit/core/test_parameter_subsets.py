@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import influence
 from lightning_influence.config import CGConfig
-from lightning_influence.core.params import select_parameters, trainable_parameters
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.params import select_parameters, trainable_parameters
 
 
 def ce(model, batch):

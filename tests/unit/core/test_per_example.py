@@ -1,4 +1,4 @@
-"""Hook-based per-example engine (core/per_example.py): scores and gradients equal explicit per-example autograd
+"""Hook-based per-example engine (core/per_example/engine.py): scores and gradients equal explicit per-example autograd
 for every supported layer type, transformers built from configs included; the generic path covers the rest."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.core.batching import batch_size_of, slice_batch
 from lightning_influence.config import CGConfig
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import trainable_parameters
-from lightning_influence.core.per_example import PerExampleEngine
+from lightning_influence.core.per_example.engine import PerExampleEngine
+from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import iter_scores
+from lightning_influence.core.tensors.batching import batch_size_of, slice_batch
+from lightning_influence.core.tensors.params import trainable_parameters
 
 TOLERANCE = 1e-5
 
@@ -277,7 +277,7 @@ def test_gpt2_from_config():
 
 
 def test_knn_last_layer_gradient_features_on_bert():
-    from lightning_influence.core.features import last_layer_gradients
+    from lightning_influence.core.per_example.features import last_layer_gradients
 
     torch.manual_seed(11)
     model = tiny_bert().double().eval()

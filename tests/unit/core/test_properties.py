@@ -8,9 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
-from lightning_influence.core.data import IndexedData
-from lightning_influence.core.scoring import StreamingTopK, top_influences_of
-from lightning_influence.core.scoring import merge_top_influences
+from lightning_influence.core.scoring import StreamingTopK, merge_top_influences, top_influences_of
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.sharding import shard
 
 

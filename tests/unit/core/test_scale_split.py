@@ -11,8 +11,8 @@ from helpers.distributed import ThreadGroup, ThreadRank, run_ranks
 from torch import nn
 
 from lightning_influence.config import LissaConfig
-from lightning_influence.core.modes import analysis_mode
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import SingleProcess
 from lightning_influence.distributed.solve import solve_s_test
 

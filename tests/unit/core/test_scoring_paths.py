@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_influence.core.scoring as scoring
-from lightning_influence.core.factored import factored_layers
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import trainable_parameters
+from lightning_influence.core.per_example.factored import factored_layers
+from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.scoring import iter_scores, resolve_method, score_chunk
+from lightning_influence.core.tensors.params import trainable_parameters
 
 
 def _loss(model, batch):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_influence as li
 from lightning_influence.config import LissaConfig
 from lightning_influence.core import InfluenceProblem, StreamingTopK
-from lightning_influence.core.hvp import batch_hvp, hessian
+from lightning_influence.core.curvature.hvp import batch_hvp, hessian
 from lightning_influence.core.scoring import iter_scores
 
 
@@ -82,7 +82,7 @@ def test_lissa_repeats_depend_only_on_seed_and_repeat_index(cnn_data):
     model, x, y, xt, yt = cnn_data
     config = LissaConfig(depth=30, repeats=3, batch_size=16, seed=7)
     problem = InfluenceProblem(model, cross_entropy_per_example, loader(x, y), 0.05, config)
-    with li.core.modes.analysis_mode(model):
+    with li.core.tensors.modes.analysis_mode(model):
         v = problem.gradients((xt, yt))
         full = problem.solve(v).vectors
         part_a, _ = problem.lissa_partial(v, [0, 2])

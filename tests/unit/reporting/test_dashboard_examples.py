@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.image import imread
 
+from lightning_influence.core.tensors.batching import keeps_input
 from lightning_influence.dashboard.data import InfluenceData
 from lightning_influence.reporting import report_to_dict
-from lightning_influence.core.batching import keeps_input
 from lightning_influence.reporting.examples import MAX_THUMBNAIL_SIDE, MAX_VALUES, render_input
 from lightning_influence.results import ExplainedPoint, Influencer, InfluenceReport, SolverSummary
 

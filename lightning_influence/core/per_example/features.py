@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_influence.config import ACTIVATIONS, LAST_LAYER_GRAD, check_feature_choice
-from lightning_influence.core.batching import Batch, model_input, prepare_batch
+from lightning_influence.core.tensors.batching import Batch, model_input, prepare_batch
 
 FeatureFn = Callable[[nn.Module, Batch], torch.Tensor]
 #: Entries of the ``[q, b, D]`` products formed at once by :func:`factored_similarity`.

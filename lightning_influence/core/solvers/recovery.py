@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_influence.config import NEGATIVE_CURVATURE_MARGIN, SPECTRUM_STEPS, SUBSET_SEED
-from lightning_influence.core.batching import batch_size_of
-from lightning_influence.core.damping import estimate_spectrum
-from lightning_influence.core.lissa import SCALE_MARGIN, LissaDivergenceError
+from lightning_influence.core.curvature.damping import estimate_spectrum
+from lightning_influence.core.solvers.neumann import SCALE_MARGIN, LissaDivergenceError
+from lightning_influence.core.tensors.batching import batch_size_of
 
 if TYPE_CHECKING:
     from lightning_influence.core.problem import InfluenceProblem

@@ -1,7 +1,7 @@
 """Where an analysis's curvature products come from: autograd through the model, or the stored output Jacobian.
 
 :class:`TrainingCurvature` is ``(batch, V) -> C_b V`` for the training data of one analysis. Batches are data
-batches (autograd) or :class:`~lightning_influence.core.jacobian.RowBatch` index batches (stored Jacobian). It
+batches (autograd) or :class:`~lightning_influence.core.curvature.jacobian.RowBatch` index batches (stored Jacobian). It
 decides once, on first use, whether the Jacobian is stored (Gauss-Newton, LiSSA or CG, map-style data, within
 the budget, agreeing with autograd), and hands out the training subsets and LiSSA minibatches in the form its
 products take.
@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_influence.core.batching import Batch
-from lightning_influence.core.curvature import batch_product
-from lightning_influence.core.data import subset_indices
-from lightning_influence.core.jacobian import ROW_CHUNK, OutputJacobian, RowBatch, build_output_jacobian, row_stream
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params
+from lightning_influence.core.curvature.jacobian import ROW_CHUNK, OutputJacobian, RowBatch, build_output_jacobian, row_stream
+from lightning_influence.core.curvature.products import batch_product
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.data import subset_indices
+from lightning_influence.core.tensors.params import Params
 
 
 class TrainingCurvature:

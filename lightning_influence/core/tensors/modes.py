@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lightning_influence.core.params import model_device
+from lightning_influence.core.tensors.params import model_device
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from lightning_influence.core.batching import Batch, add_batch_dim, batch_size_of, batched_in_dims
-from lightning_influence.core.params import Params, analysis_dtype, flatten
+from lightning_influence.core.tensors.batching import Batch, add_batch_dim, batch_size_of, batched_in_dims
+from lightning_influence.core.tensors.params import Params, analysis_dtype, flatten
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -40,7 +40,7 @@ class FunctionalLoss:
     """``(params, batch) -> per-example losses [B]`` for a model and a user loss function.
 
     The analysis runs in ``dtype`` (default: float32, or float64 for a float64 model; see
-    :func:`~lightning_influence.core.params.analysis_dtype`) whatever the training precision: floating parameters
+    :func:`~lightning_influence.core.tensors.params.analysis_dtype`) whatever the training precision: floating parameters
     and buffers in another dtype (bf16/fp16 weights, frozen ones included) are used through float copies, floating
     batch tensors are cast too, and autocast is off during every call.
     """
@@ -100,7 +100,7 @@ class FunctionalLoss:
         except (RuntimeError, NotImplementedError) as err:  # vmap cannot trace it (.item(), data-dependent code)
             if "out of memory" in str(err).lower():
                 raise
-            from lightning_influence.core.per_example import PerExampleEngine
+            from lightning_influence.core.per_example.engine import PerExampleEngine
 
             return PerExampleEngine(self, params).grad_dict(batch)
 

@@ -9,7 +9,7 @@ N examples' ``F_i`` fit in :data:`JACOBIAN_BUDGET` numbers they are computed onc
 double-backward passes, then r passes of the per-example hook engine over the training set, each the gradient
 of ``column_c(R_i) . f_i``), and every later product is two matrix products over stored rows instead of a
 forward and ``1 + 2k`` backward passes: the same matrix, so the same answers. Minibatches are then given by
-training-set indices (:class:`RowBatch`), drawn exactly as :func:`~lightning_influence.core.lissa.minibatch_stream`
+training-set indices (:class:`RowBatch`), drawn exactly as :func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
 draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
 disagrees with, keeps the autograd products.
 """
@@ -23,11 +23,11 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
-from lightning_influence.core.batching import Batch, batch_size_of, prepare_batch, slice_batch
-from lightning_influence.core.curvature import BatchProduct, SplitLoss, map_floating, split_forward, split_module
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params
-from lightning_influence.core.per_example import PerExampleEngine
+from lightning_influence.core.curvature.products import BatchProduct, SplitLoss, map_floating, split_forward, split_module
+from lightning_influence.core.per_example.engine import PerExampleEngine
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
+from lightning_influence.core.tensors.params import Params
 
 #: Most numbers (N examples x M outputs x P parameters) the stored Jacobian may hold: 512 MiB in float32.
 JACOBIAN_BUDGET = 2**27
@@ -46,7 +46,7 @@ class RowBatch(NamedTuple):
 
 
 def row_stream(n: int, batch_size: int, seed: int) -> Iterator[RowBatch]:
-    """The index minibatches :func:`~lightning_influence.core.lissa.minibatch_stream` draws for ``seed``: the
+    """The index minibatches :func:`~lightning_influence.core.solvers.neumann.minibatch_stream` draws for ``seed``: the
     same seeded shuffles, epoch after epoch, so both streams visit the same examples in the same groups."""
     generator = torch.Generator().manual_seed(seed)
     sampler = BatchSampler(RandomSampler(cast(Sized, range(n)), generator=generator), batch_size,

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from lightning_influence.config import LissaConfig
-from lightning_influence.core.batching import Batch, prepare_batch
-from lightning_influence.core.eigen import lanczos
+from lightning_influence.core.tensors.batching import Batch, prepare_batch
+from lightning_influence.core.tensors.eigen import lanczos
 from lightning_influence.results import SolveInfo
 
 BatchHVP = Callable[[Batch, torch.Tensor], torch.Tensor]

@@ -1,4 +1,4 @@
-"""Per-layer rules for per-example gradients in factored form (used by :mod:`~lightning_influence.core.per_example`).
+"""Per-layer rules for per-example gradients in factored form (used by :mod:`~lightning_influence.core.per_example.engine`).
 
 A forward hook records what a layer needs (its input, or its normalised input for norm layers) and the engine
 gets ``g = dL_i/dy_i``, the gradient of example i's loss with respect to the layer's output, from one backward

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_influence.core.batching import batch_size_of
+from lightning_influence.core.tensors.batching import batch_size_of
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Per-example scores and gradients from module hooks: no ``vmap``, so any model that runs forward/backward works.
 
 One ordinary forward pass over a batch records, for every supported layer owning trainable parameters, what its
-rule needs (:mod:`~lightning_influence.core.layers`); one backward pass of ``sum_i L_i`` gives every layer's
+rule needs (:mod:`~lightning_influence.core.per_example.rules`); one backward pass of ``sum_i L_i`` gives every layer's
 output gradients ``g_i = dL_i/dy_i`` (in ``eval()`` mode example i's loss depends on example i only, so the
 gradient of the sum with respect to row i of an activation is example i's own). The parameters themselves are
 detached: no weight gradient is ever formed. Scores ``s . grad L(z_i)`` then come out per layer in factored form.
@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
-from lightning_influence.core.layers import LayerRule, rule_for
-from lightning_influence.core.losses import FunctionalLoss, autocast_off, check_finite_losses
-from lightning_influence.core.params import Params, flatten, unflatten
+from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_finite_losses
+from lightning_influence.core.per_example.rules import LayerRule, rule_for
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.tensors.params import Params, flatten, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
 HOOK_CHECK_TOLERANCE = 1e-3

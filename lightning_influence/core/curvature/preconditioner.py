@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from lightning_influence.config import PRECONDITIONERS
-from lightning_influence.core.batching import Batch, batch_size_of
-from lightning_influence.core.curvature import BatchProduct, split_forward, split_module
-from lightning_influence.core.layers import ConvRule
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params
+from lightning_influence.core.curvature.products import BatchProduct, split_forward, split_module
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.per_example.rules import ConvRule
+from lightning_influence.core.tensors.batching import Batch, batch_size_of
+from lightning_influence.core.tensors.params import Params
 
 #: Per-example model outputs up to this size use the exact square root of the output Hessian (one backward per
 #: output); larger outputs (language models) use the gradient of the loss itself (the empirical Fisher).

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.core.batching import Batch
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params, unflatten
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.params import Params, unflatten
 
 
 @dataclass(frozen=True)

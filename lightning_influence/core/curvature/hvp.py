@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import torch
 from torch.func import grad, jvp, vmap
 
-from lightning_influence.core.batching import Batch, batch_size_of
-from lightning_influence.core.losses import FunctionalLoss
-from lightning_influence.core.params import Params, flatten, unflatten
+from lightning_influence.core.per_example.losses import FunctionalLoss
+from lightning_influence.core.tensors.batching import Batch, batch_size_of
+from lightning_influence.core.tensors.params import Params, flatten, unflatten
 
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 

@@ -23,7 +23,7 @@ from lightning_influence.config import (
     SPECTRUM_STEPS,
     check_damping,
 )
-from lightning_influence.core.eigen import MatVec, lanczos
+from lightning_influence.core.tensors.eigen import MatVec, lanczos
 
 Damping = Union[float, str]
 

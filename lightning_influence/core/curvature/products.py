@@ -28,10 +28,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from lightning_influence.config import CURVATURES, check_curvature
-from lightning_influence.core.batching import Batch, batch_size_of, slice_batch
-from lightning_influence.core.hvp import batch_hvp, hessian
-from lightning_influence.core.losses import FunctionalLoss, autocast_off, check_per_example_losses
-from lightning_influence.core.params import Params, flatten, unflatten
+from lightning_influence.core.curvature.hvp import batch_hvp, hessian
+from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_per_example_losses
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.tensors.params import Params, flatten, unflatten
 
 BatchProduct = Callable[[Batch, torch.Tensor], torch.Tensor]
 
@@ -137,7 +137,7 @@ class _SplitModule(nn.Module):
 
 _HOW_TO_FIX = (
     " Write `loss_fn` so that it calls `model(...)` exactly once and computes the per-example loss from that"
-    " output, or pass `loss_fn=SplitLoss(outputs_fn, loss_of_outputs)` (lightning_influence.core.curvature) with"
+    " output, or pass `loss_fn=SplitLoss(outputs_fn, loss_of_outputs)` (lightning_influence.core.curvature.products) with"
     " `outputs_fn(model, batch) -> outputs` and `loss_of_outputs(outputs, batch) -> Tensor[B]`."
     " (curvature='hessian' needs no split, but its solves diverge on nets with negative curvature.)"
 )

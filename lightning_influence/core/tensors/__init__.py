@@ -1,0 +1,1 @@
+"""Primitives: parameters, batches, data subsets, analysis mode, Lanczos, residuals."""
