@@ -199,7 +199,7 @@ def scale_study(name, model, data, test, damping, exact, lissa: dict[str, Any]) 
             row.update(value=info.scale, pearson=pearson, cpu=t.cpu, converged=info.converged,
                        last_update=float(info.trace[0, -1]))
         except LissaDivergenceError as err:
-            row.update(value=problem.lissa_scale(), diverged=str(err).split(" (")[0])
+            row.update(value=problem.solver.scale, diverged=str(err).split(" (")[0])
         rows.append(row)
     return rows
 

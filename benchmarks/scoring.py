@@ -250,7 +250,7 @@ def run_one(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
         problem = InfluenceProblem(model, loss_fn, loader, DAMPING, LissaConfig(**options))
         start = clock()
         with analysis_mode(model):
-            scale = problem.lissa_scale()
+            scale = problem.solver.scale
         scale_seconds = clock() - start
         result.update(seconds=seconds, scale_seconds=scale_seconds, first_call_overhead=first_call, peak_mib=peak,
                       scale=scale, diverged=diverged, converged=bool(st and st.info.converged),

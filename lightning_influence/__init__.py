@@ -18,10 +18,14 @@ if TYPE_CHECKING:
         ExplainConfig,
         LissaConfig,
         LowRankConfig,
+        ProblemConfig,
     )
+    from lightning_influence.core.curvature import Curvature, register_curvature
+    from lightning_influence.core.solvers import Solver, register_solver
     from lightning_influence.core.solvers.neumann import LissaDivergenceError
     from lightning_influence.correct import correct_errors
     from lightning_influence.functional import influence, s_test, self_influence, top_influences
+    from lightning_influence.reporting.views import register_view
     from lightning_influence.results import (
         CorrectionReport,
         Explanation,
@@ -38,8 +42,11 @@ __version__ = "0.1.0"
 #: Where each public name lives. Nothing is imported until a name is used: ``import lightning_influence`` (e.g. by
 #: the TensorBoard plugin's entry point) costs no torch or Lightning import.
 _LAZY = {
-    **dict.fromkeys(("CGConfig", "CorrectionConfig", "ExactConfig", "ExplainConfig", "LissaConfig", "LowRankConfig"),
-                    "lightning_influence.config"),
+    **dict.fromkeys(("CGConfig", "CorrectionConfig", "ExactConfig", "ExplainConfig", "LissaConfig", "LowRankConfig",
+                     "ProblemConfig"), "lightning_influence.config"),
+    **dict.fromkeys(("Solver", "register_solver"), "lightning_influence.core.solvers"),
+    **dict.fromkeys(("Curvature", "register_curvature"), "lightning_influence.core.curvature"),
+    "register_view": "lightning_influence.reporting.views",
     **dict.fromkeys(("CorrectionReport", "Explanation", "LeaveOneOutCheck", "MislabelReport", "SolveInfo", "STest",
                      "TopInfluences", "TrustReport"), "lightning_influence.results"),
     **dict.fromkeys(("influence", "s_test", "self_influence", "top_influences"), "lightning_influence.functional"),
@@ -68,6 +75,7 @@ __all__ = [
     "CGConfig",
     "CorrectionConfig",
     "CorrectionReport",
+    "Curvature",
     "ExactConfig",
     "ExplainConfig",
     "Explanation",
@@ -77,14 +85,19 @@ __all__ = [
     "LissaDivergenceError",
     "LowRankConfig",
     "MislabelReport",
+    "ProblemConfig",
     "STest",
     "SolveInfo",
+    "Solver",
     "TopInfluences",
     "TrainingSignalRecorder",
     "TrainingSignalsCallback",
     "TrustReport",
     "correct_errors",
     "influence",
+    "register_curvature",
+    "register_solver",
+    "register_view",
     "s_test",
     "self_influence",
     "top_influences",

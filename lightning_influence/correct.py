@@ -39,10 +39,10 @@ from lightning_influence.config import (
     DEFAULT_SCORING,
     DEFAULT_SOLVER,
     CorrectionConfig,
+    ProblemConfig,
     SolverConfig,
-    check_damping,
     check_num_candidates,
-    solver_config,
+    resolve_problem,
     solver_name,
 )
 from lightning_influence.core.per_example.losses import LossFn
@@ -89,6 +89,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     name: Optional[str] = None,
     verbose: bool = True,
     candidates: Optional[Union[int, Sequence[int]]] = None,
+    problem: Optional[ProblemConfig] = None,
 ) -> CorrectionReport:
     r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
 
@@ -131,17 +132,19 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         name: TensorBoard tags go under ``influence/correct/{name}/`` (default: ``selection``).
         verbose: print the before/after table on rank zero.
         candidates: deprecated: an int is ``num_candidates``, a sequence ``train_indices``.
+        problem: the s_test problem as one :class:`~lightning_influence.ProblemConfig` (solver, curvature, damping,
+            ``parameters``, ...) instead of ``solver``, ``damping``, ``curvature`` and ``solver_options``.
 
     Returns:
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
         the chosen indices (with their influence), the anchors' loss before/after and the metrics.
     """
     num_candidates, train_indices = _legacy_candidates(candidates, num_candidates, train_indices)
+    setup = resolve_problem(problem, solver, damping, curvature, dict(solver_options or {}))
     settings = CorrectionConfig(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
-                                selection, seed, scoring, chunk_size, num_candidates, curvature)
+                                selection, seed, scoring, chunk_size, num_candidates, setup.curvature)
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
-    config = solver_config(solver, dict(solver_options or {}))
     loss = resolve_loss_fn(model, loss_fn, who="correct_errors")
     train = train_data(trainer, None, chunk_size, loader=train_dataloaders if train_dataloaders is not None
                        else datamodule.train_dataloader() if datamodule is not None else None)
@@ -156,10 +159,11 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
                    "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
-                   "solver": solver_name(config), "damping": check_damping(damping), "curvature": curvature,
-                   "solver_options": dict(solver_options or {}), "seed": seed, "train_size": len(train)}
+                   "solver": solver_name(setup.solver_config), "damping": setup.damping,
+                   "curvature": setup.curvature, "solver_options": dict(solver_options or {}), "seed": seed,
+                   "train_size": len(train)}
     run = CorrectionRun(loss, train, anchor_data, eval_sets, allowed_indices(train_indices, len(train)), settings,
-                        config, check_damping(damping), description)
+                        setup, description)
     tag = f"influence/correct/{name or selection}"
     log_dir = shared_log_dir(trainer)  # every rank calls it: a broadcast under DDP
     report_path = _report_path(log_dir, tag)

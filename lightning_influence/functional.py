@@ -22,8 +22,8 @@ from lightning_influence.config import (
     DEFAULT_SCORING,
     DEFAULT_SOLVER,
     ExplainConfig,
+    ProblemConfig,
     SolverConfig,
-    check_damping,
     solver_config,
 )
 from lightning_influence.core.candidates import check_knn_backend
@@ -37,7 +37,7 @@ from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import SingleProcess
 from lightning_influence.distributed.scoring import choose_candidates, score_candidates, score_training_set
 from lightning_influence.distributed.solve import solve_s_test
-from lightning_influence.results import STest, TopInfluences
+from lightning_influence.results import SolveInfo, STest, TopInfluences
 
 SolverLike = Union[str, SolverConfig]
 #: Options of the problem rather than of the solver: accepted by every function beside the solver's own.
@@ -46,14 +46,40 @@ PROBLEM_OPTIONS = ("curvature", "weight_decay", "allow_negative_curvature", "par
 
 def make_problem(
     model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], solver: SolverLike, damping: Union[float, str],
-    options: dict[str, Any],
+    options: dict[str, Any], problem: Optional[ProblemConfig] = None,
 ) -> InfluenceProblem:
-    """Validate the arguments shared by every public function and build the problem."""
+    """Validate the arguments shared by every public function and build the problem: from ``problem`` (a
+    :class:`ProblemConfig`) or from ``solver``, ``damping`` and the problem and solver ``options`` (not both)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    if problem is not None:
+        loose = sorted(options) + [name for name, value, default in (("solver", solver, DEFAULT_SOLVER),
+                                                                   ("damping", damping, DEFAULT_DAMPING))
+                                   if value is not default and value != default]
+        if loose:
+            raise TypeError(f"Got {loose} beside `problem`: set them on the ProblemConfig instead.")
+        return InfluenceProblem(model, loss_fn, train_loader, problem)
     problem_options = {k: options[k] for k in PROBLEM_OPTIONS if k in options}
     config = solver_config(solver, {k: v for k, v in options.items() if k not in PROBLEM_OPTIONS})
-    return InfluenceProblem(model, loss_fn, train_loader, check_damping(damping), config, **problem_options)
+    return InfluenceProblem(model, loss_fn, train_loader, ProblemConfig(solver=config, damping=damping,
+                                                                        **problem_options))
+
+
+def solve_checked(problem: InfluenceProblem, gradients: torch.Tensor, caller: str) -> STest:
+    """s_test of ``gradients`` in one process; warns (once per call) when the solve's own residual check says it
+    did not converge, with the residual, the tolerance and what to try, as the reports do."""
+    vectors, info = solve_s_test(problem, gradients, SingleProcess(), None)
+    if not info.converged:
+        warn_not_converged(info, caller)
+    return STest(vectors, info)
+
+
+def warn_not_converged(info: SolveInfo, caller: str) -> None:
+    residual = "" if info.residual is None else f" (residual {info.residual:.3g} > tolerance {info.residual_tol:.3g})"
+    warnings.warn(
+        f"li.{caller}: the {info.solver} solve of s_test did not converge{residual}: the scores are unreliable."
+        f" Try solver='cg' (damping {info.damping:.3g}), a larger `depth` for LiSSA or `max_iter` for CG, or a larger"
+        " `damping`.", UserWarning, stacklevel=3)
 
 
 def s_test(
@@ -64,6 +90,7 @@ def s_test(
     *,
     solver: SolverLike = DEFAULT_SOLVER,
     damping: Union[float, str] = DEFAULT_DAMPING,
+    problem: Optional[ProblemConfig] = None,
     **options: Any,
 ) -> STest:
     """Inverse-HVPs ``s_test = (H + damping I)^-1 grad L(z_test)`` for every example of ``test_batch``.
@@ -85,14 +112,17 @@ def s_test(
             ``"classifier"`` or ``"*.lora_*"``, or a predicate ``(name, param) -> bool``; "influence through the last
             layers only", see docs/per-example.md) and ``dtype=`` (the analysis dtype: float32 by default whatever
             the training precision, ``torch.float64`` for references).
+        problem: all of these problem knobs at once as a :class:`ProblemConfig` (then leave ``solver``, ``damping``
+            and the problem options out).
+
+    Warns (``UserWarning``, once per call) when the solve's own residual check says it did not converge.
 
     Returns:
         :class:`STest` with ``vectors`` ``[n_test, P]`` and a :class:`SolveInfo` record of the solve.
     """
-    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    setup = make_problem(model, loss_fn, train_loader, solver, damping, options, problem)
     with analysis_mode(model):
-        vectors, info = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
-    return STest(vectors, info)
+        return solve_checked(setup, setup.gradients(test_batch), "s_test")
 
 
 def _scoring_config(options: dict[str, Any], top_k: int, num_candidates: Optional[int], feature_fn: Any,
@@ -122,6 +152,7 @@ def influence(
     num_candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
+    problem: Optional[ProblemConfig] = None,
     **options: Any,
 ) -> torch.Tensor:
     """Influence ``I(z, z_test) = -s_test . grad L(z)`` of every training example on every test example.
@@ -148,18 +179,18 @@ def influence(
         follow its iteration order.
     """
     settings, options = _scoring_config(options, 1, num_candidates, feature_fn, knn_backend, keep_full_scores=True)
-    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    setup = make_problem(model, loss_fn, train_loader, solver, damping, options, problem)
     data = _indexed(train_loader, settings)
     with analysis_mode(model):
-        vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
+        vectors = solve_checked(setup, setup.gradients(test_batch), "influence").vectors
         if data is None:
-            return _stream_scores(problem, vectors, settings)
-        found = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+            return _stream_scores(setup, vectors, settings)
+        found = _candidate_scores(setup, data, vectors, test_batch, settings, loss_fn)
         if found is not None:
             indices, scores = found
             table = scores.new_full((scores.shape[0], len(data)), float("nan"))
             return table.scatter_(1, indices, scores)
-        _, _, shard = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
+        _, _, shard = score_training_set(setup, data, vectors, settings, SingleProcess(), None)
     assert shard is not None  # keep_full_scores=True
     return shard.scores[:, shard.train_indices.argsort()]
 
@@ -176,6 +207,7 @@ def top_influences(
     num_candidates: Optional[int] = None,
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
+    problem: Optional[ProblemConfig] = None,
     **options: Any,
 ) -> TopInfluences:
     """The ``top_k`` most harmful and most helpful training examples per test example, streamed.
@@ -186,18 +218,18 @@ def top_influences(
     can overlap when ``k < 2 * top_k``).
     """
     settings, options = _scoring_config(options, top_k, num_candidates, feature_fn, knn_backend, keep_full_scores=False)
-    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
+    setup = make_problem(model, loss_fn, train_loader, solver, damping, options, problem)
     data = _indexed(train_loader, settings)
     with analysis_mode(model):
-        vectors, _ = solve_s_test(problem, problem.gradients(test_batch), SingleProcess(), None)
+        vectors = solve_checked(setup, setup.gradients(test_batch), "top_influences").vectors
         if data is None:
             stream = StreamingTopK(vectors.shape[0], top_k)
-            stream.update(_stream_scores(problem, vectors, settings), torch.arange(_count(problem)))
+            stream.update(_stream_scores(setup, vectors, settings), torch.arange(_count(setup)))
             return stream.result()
-        found = _candidate_scores(problem, data, vectors, test_batch, settings, loss_fn)
+        found = _candidate_scores(setup, data, vectors, test_batch, settings, loss_fn)
         if found is not None:
             return top_influences_of(found[1], found[0], top_k)
-        top, _, _ = score_training_set(problem, data, vectors, settings, SingleProcess(), None)
+        top, _, _ = score_training_set(setup, data, vectors, settings, SingleProcess(), None)
     return top
 
 
@@ -249,6 +281,7 @@ def self_influence(
     solver: SolverLike = "lowrank",
     damping: Union[float, str] = DEFAULT_DAMPING,
     chunk_size: int = 64,
+    problem: Optional[ProblemConfig] = None,
     **options: Any,
 ) -> torch.Tensor:
     """Self-influence ``I(z, z) = -grad L(z)^T (H + damping I)^-1 grad L(z)`` of every training example.
@@ -266,16 +299,15 @@ def self_influence(
     Returns:
         ``[n_train]`` scores in ``train_loader``'s order. Large ``|I(z, z)|`` marks likely mislabelled examples.
     """
-    problem = make_problem(model, loss_fn, train_loader, solver, damping, options)
-    results = []
+    setup = make_problem(model, loss_fn, train_loader, solver, damping, options, problem)
+    results, unconverged = [], []
     with analysis_mode(model):
-        for batch in problem.train_batches():
+        for batch in setup.train_batches():
             for start in range(0, batch_size_of(batch), chunk_size):
-                grads = problem.gradients(slice_batch(batch, start, start + chunk_size))
-                inverse = problem.inverse_operator()
-                if inverse is not None:
-                    results.append(-inverse.quadratic_forms(grads))
-                else:
-                    vectors, _ = solve_s_test(problem, grads, SingleProcess(), None)
-                    results.append(-(vectors * grads).sum(dim=1))
+                scores, info = setup.self_influence(setup.gradients(slice_batch(batch, start, start + chunk_size)))
+                results.append(scores)
+                if info is not None and not info.converged:
+                    unconverged.append(info)
+    if unconverged:
+        warn_not_converged(max(unconverged, key=lambda i: i.residual or 0.0), "self_influence")
     return torch.cat(results)

@@ -86,10 +86,15 @@ SolverSummary = SolveInfo
 
 @dataclass(frozen=True)
 class STest:
-    """``s_test = (H + damping I)^-1 grad L(z_test)``, one flat row per test point, and how it was solved."""
+    """``s_test = (H + damping I)^-1 grad L(z_test)``, one flat row per test point, and how it was solved.
+
+    ``halves``: for a solver of independent repeats (LiSSA with at least 2), the means of its even- and its
+    odd-numbered repeats, which the trust report compares; None otherwise.
+    """
 
     vectors: torch.Tensor
     info: SolveInfo
+    halves: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_influence.config import CorrectionConfig, Damping, ExplainConfig, SolverConfig, expect
+from lightning_influence.config import CorrectionConfig, ExplainConfig, ProblemConfig, expect
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.solvers.neumann import repeat_seed
@@ -105,8 +105,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch
 
 def choose_examples(
     model: nn.Module, loss_fn: LossFn, train: IndexedData, anchor_batch: Batch, allowed: Sequence[int],
-    settings: CorrectionConfig, config: SolverConfig, damping: Damping, collectives: Collectives,
-    generator: torch.Generator,
+    settings: CorrectionConfig, setup: ProblemConfig, collectives: Collectives, generator: torch.Generator,
 ) -> tuple[list[int], Optional[list[float]]]:
     """The training indices to fine-tune on this round and (helpful/harmful) their influence on the anchors.
 
@@ -117,7 +116,7 @@ def choose_examples(
     if settings.selection == "random":
         picks = torch.randperm(len(allowed), generator=generator)[:k].tolist()
         return [int(allowed[i]) for i in picks], None
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=settings.curvature)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
     with analysis_mode(model):
         if settings.num_candidates is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
             neighbours = find_candidates(model, anchor_batch, train, ExplainConfig(
@@ -151,11 +150,11 @@ class CorrectionRun:
     """
 
     def __init__(self, loss_fn: LossFn, train: IndexedData, anchors: IndexedData, eval_sets: dict[str, IndexedData],
-                 allowed: Sequence[int], settings: CorrectionConfig, config: SolverConfig, damping: Damping,
+                 allowed: Sequence[int], settings: CorrectionConfig, setup: ProblemConfig,
                  description: dict[str, Any]) -> None:
         check_sizes(settings, len(anchors), len(allowed))
         self.loss_fn, self.train, self.anchors, self.eval_sets = loss_fn, train, anchors, eval_sets
-        self.allowed, self.settings, self.config, self.damping = list(allowed), settings, config, damping
+        self.allowed, self.settings, self.setup = list(allowed), settings, setup
         self.description = description
         self.before: dict[str, Metrics] = {}
         self.rounds: list[CorrectionIteration] = []
@@ -179,7 +178,7 @@ class CorrectionRun:
         else:
             try:
                 chosen, influence = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.allowed,
-                                                    self.settings, self.config, self.damping, collectives, generator)
+                                                    self.settings, self.setup, collectives, generator)
             except ValueError as err:  # e.g. CG meeting negative curvature once the steps left the minimum
                 raise ValueError(f"Choosing the examples of round {iteration} failed: {err} (the model after"
                                  f" {iteration - 1} round(s) of steps may be far from a minimum: lower `lr`.)") from err

@@ -24,22 +24,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_influence.config import LissaConfig, SolverConfig
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
-from lightning_influence.core.solvers.neumann import SCALE_MARGIN, minibatch_stream, repeat_seed
 from lightning_influence.core.tensors.batching import batch_size_of
 from lightning_influence.core.tensors.data import IndexedData
-from lightning_influence.core.tensors.eigen import top_eigenvalue
 from lightning_influence.core.tensors.params import flatten
 from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
 
 #: Training examples whose per-example gradients measure the distance from a minimum.
 GRADIENT_EXAMPLES = 512
-#: Minibatches of the recursion's size probed for the top eigenvalue when ``scale`` is a number.
-EIGEN_PROBE_BATCHES = 2
 #: Heuristic thresholds of the warnings (documented in docs/trust.md).
-SMALL_LISSA_BATCH = 8
 DEEP_WEIGHT_LAYERS = 8
 WIDE_LAYER_UNITS = 1024
 GRADIENT_RATIO_LIMIT = 0.1
@@ -109,26 +103,6 @@ def gradient_ratio(
     return math.sqrt(max(float(mean.norm()) ** 2 - variance, 0.0)) / max(math.sqrt(second_moment), 1e-300)
 
 
-def lissa_top_eigenvalue(problem: InfluenceProblem, train: IndexedData) -> Optional[float]:
-    """Estimated top eigenvalue of the recursion's ``H_j + damping I`` (what ``scale`` must exceed), or None."""
-    config = problem.config
-    if not isinstance(config, LissaConfig):
-        return None
-    if config.scale == "auto":
-        return problem.lissa_scale() / SCALE_MARGIN
-    stream = minibatch_stream(train.dataset, config.batch_size, train.collate_fn, repeat_seed(config.seed, -2),
-                              problem.device)
-    like = next(iter(problem.params.values()))
-    generator = torch.Generator().manual_seed(0)
-    largest = 0.0
-    for _ in range(EIGEN_PROBE_BATCHES):
-        batch = next(stream)
-        def matvec(x, b=batch):
-            return problem.minibatch_hvp(b, x) + problem.damping * x
-        largest = max(largest, top_eigenvalue(matvec, problem.num_params, generator=generator, like=like))
-    return largest
-
-
 def structure_warnings(model: nn.Module) -> list[TrustWarning]:
     """BatchNorm/Dropout (handled by eval mode), and depth/width beyond which Basu et al. found estimates fragile."""
     warnings = []
@@ -154,10 +128,9 @@ def structure_warnings(model: nn.Module) -> list[TrustWarning]:
     return warnings
 
 
-def setting_warnings(
-    config: SolverConfig, info: SolveInfo, damping: float, weight_decay: Optional[float], top: Optional[float]
-) -> list[TrustWarning]:
-    """No damping / weight decay, divergence-prone LiSSA settings, a solve that did not converge."""
+def setting_warnings(info: SolveInfo, damping: float, weight_decay: Optional[float]) -> list[TrustWarning]:
+    """No damping / weight decay, a solve that did not converge (the solver's own settings: its
+    :meth:`~lightning_influence.core.solvers.Solver.trust_warnings`)."""
     warnings = []
     if damping == 0:
         warnings.append(TrustWarning(
@@ -172,18 +145,6 @@ def setting_warnings(
         warnings.append(TrustWarning(
             "damping_below_weight_decay", f"damping={damping:g} is below the training weight decay {weight_decay:g}:"
             " the Hessian of the trained objective already includes weight_decay * I. Use damping >= weight decay."))
-    if isinstance(config, LissaConfig):
-        if top is not None and config.scale != "auto" and float(config.scale) < SCALE_MARGIN * top:
-            warnings.append(TrustWarning(
-                "scale_below_top_eigenvalue", f"scale={config.scale:g} is below {SCALE_MARGIN} x the estimated top"
-                f" eigenvalue {top:.4g} of the minibatch curvature plus damping (what scale='auto' uses): the"
-                " recursion diverges along directions above 2 x scale. Use scale='auto' or"
-                f" scale >= {SCALE_MARGIN * top:.3g}."))
-        if config.batch_size < SMALL_LISSA_BATCH:
-            warnings.append(TrustWarning(
-                "small_lissa_batch", f"LiSSA batch_size={config.batch_size} (< {SMALL_LISSA_BATCH}): minibatch Hessians"
-                " of few examples have far larger top eigenvalues than the full one, so the recursion needs a large"
-                " scale and is divergence-prone. Raise `batch_size` or use more `repeats`."))
     if not info.converged:
         warnings.append(TrustWarning(
             "not_converged", f"The {info.solver} solve did not meet its convergence test. Raise `depth` (LiSSA) or"
@@ -235,10 +196,11 @@ def diagnose(
                  else [(None, None)] * len(val_indices))
     gradient_subset = fixed_subset(len(train), GRADIENT_EXAMPLES, seed=1)
     ratio = gradient_ratio(problem, train, gradient_subset, weight_decay or 0.0)
-    top_eig = lissa_top_eigenvalue(problem, train)
+    top_eig = problem.solver.top_eigenvalue()
     points = tuple(PointTrust(int(i), _finite(r), p, s) for i, r, (p, s) in zip(val_indices, residuals, agreement))
     warnings = (structure_warnings(problem.model)
-                + setting_warnings(problem.config, info, problem.damping, weight_decay, top_eig)
+                + setting_warnings(info, problem.damping, weight_decay)
+                + problem.solver.trust_warnings(top_eig)
                 + measurement_warnings([p.residual for p in points], [p.repeat_spearman for p in points], ratio,
                                        len(gradient_subset)))
     return TrustReport(points, tuple(warnings), residual_examples, _finite(ratio), len(gradient_subset), top_eig)

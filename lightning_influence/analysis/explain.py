@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.diagnostics import diagnose
-from lightning_influence.config import DEFAULT_CURVATURE, Damping, ExplainConfig, SolverConfig, config_to_dict
+from lightning_influence.config import ExplainConfig, ProblemConfig, config_to_dict
 from lightning_influence.core.candidates import Neighbours
 from lightning_influence.core.per_example.losses import LossFn, call_loss_fn, check_finite_losses
 from lightning_influence.core.problem import InfluenceProblem
@@ -130,26 +130,23 @@ def explain(
     loss_fn: LossFn,
     train: IndexedData,
     val: IndexedData,
-    config: SolverConfig,
-    damping: Damping,
+    setup: ProblemConfig,
     settings: ExplainConfig,
     collectives: Collectives | None = None,
     describe: Describe = describe_batch,
     on_lissa_step: Callable[[], None] | None = None,
     on_scored: Callable[[int], None] | None = None,
-    weight_decay: Optional[float] = None,
-    curvature: str = DEFAULT_CURVATURE,
 ) -> Explanation:
     """Explain the monitored validation points of ``model`` by the training examples of ``train``.
 
-    Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars.
-    ``weight_decay`` (the training L2 strength, when known) floors ``damping="auto"`` and informs the
-    self-diagnosis (``settings.diagnose``); ``curvature`` is ``"gauss_newton"`` (default) or ``"hessian"``.
+    Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars. ``setup``
+    poses the problem (solver, curvature, damping, ...); its ``weight_decay`` (the training L2 strength, when
+    known) floors ``damping="auto"`` and informs the self-diagnosis (``settings.diagnose``).
     """
     collectives = collectives or SingleProcess()
     _warn_top_k(settings.top_k, len(train))
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=curvature,
-                               weight_decay=weight_decay)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
+    weight_decay = setup.weight_decay
     device = problem.device
     timings: dict[str, float] = {}
 
@@ -177,7 +174,7 @@ def explain(
             if note is not None:
                 trust = replace(trust, warnings=(*trust.warnings, TrustWarning("candidates_skipped", note, "info")))
         points = _explained_points(model, loss_fn, train, chosen, losses, test_batch, top, kept_scores, device, describe)
-    info = replace(info, settings=config_to_dict(config))
+    info = replace(info, settings=config_to_dict(setup.solver_config))
     return Explanation(tuple(points), info, timings, len(train), score_shard, trust)
 
 

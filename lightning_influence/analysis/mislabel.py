@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,13 +19,9 @@ from torch import nn
 from lightning_influence.analysis.explain import Describe
 from lightning_influence.analysis.training_signals import DEFAULT_SCORE, TrainingSignalRecorder, candidate_order
 from lightning_influence.config import (
-    DEFAULT_CURVATURE,
     MISLABEL_SHOWN,
-    Damping,
-    ExactConfig,
-    LowRankConfig,
+    ProblemConfig,
     config_to_dict,
-    solver_name,
 )
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
@@ -41,8 +37,7 @@ def self_influence_shard(
     problem: InfluenceProblem, train: IndexedData, indices: list[int], on_scored: Callable[[int], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(indices, self-influence, training loss)`` for the examples ``indices`` of ``train``."""
-    inverse = problem.inverse_operator()
-    if inverse is None:
+    if not problem.solver.factorised:
         raise ValueError("Expected a factorised solver ('lowrank' or 'exact') for self-influence of every example.")
     kept_indices, scores, losses = [], [], []
     for batch_indices, batch in train.batches_with_indices(indices):
@@ -51,7 +46,7 @@ def self_influence_shard(
         with torch.no_grad():
             loss = check_per_example_losses(problem.loss.loss_fn(problem.model, batch), len(batch_indices))
         kept_indices.append(batch_indices)
-        scores.append(-inverse.quadratic_forms(grads).cpu())
+        scores.append(problem.self_influence(grads)[0].cpu())
         losses.append(loss.detach().cpu())
         if on_scored is not None:
             on_scored(len(batch_indices))
@@ -64,8 +59,7 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
     model: nn.Module,
     loss_fn: LossFn,
     train: IndexedData,
-    config: Union[LowRankConfig, ExactConfig],
-    damping: Damping,
+    setup: ProblemConfig,
     top_m: Optional[int],
     *,
     epoch: int = 0,
@@ -73,8 +67,6 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
     collectives: Collectives | None = None,
     describe: Describe = describe_batch,
     on_scored: Callable[[int], None] | None = None,
-    weight_decay: Optional[float] = None,
-    curvature: str = DEFAULT_CURVATURE,
     recorder: Optional[TrainingSignalRecorder] = None,
 ) -> MislabelReport:
     """The ``top_m`` most suspicious training examples (``None``: all), with the training-loss rank beside them.
@@ -87,8 +79,7 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
     """
     collectives = collectives or SingleProcess()
     start = time.perf_counter()
-    problem = InfluenceProblem(model, loss_fn, train.loader(), damping, config, curvature=curvature,
-                               weight_decay=weight_decay)
+    problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
     with analysis_mode(model):
         local = self_influence_shard(problem, train, shard(range(len(train)), collectives.rank,
                                                              collectives.world_size), on_scored)
@@ -111,9 +102,9 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
         chosen = candidate_order(rankings[ranking], top_m).tolist()
         candidates = _candidates(problem, train, chosen, describe, scores, losses, loss_rank, rankings[ranking],
                                  suggested)
-    solver = replace(problem.solve_info(solver_name(config), True, torch.zeros(0), torch.zeros(0), use_residual=False,
+    solver = replace(problem.solve_info(problem.solver.name, True, torch.zeros(0), torch.zeros(0), use_residual=False,
                                         compute_residual=False),
-                     seconds=time.perf_counter() - start, settings=config_to_dict(config))
+                     seconds=time.perf_counter() - start, settings=config_to_dict(setup.solver_config))
     return MislabelReport(epoch, global_step, len(train), candidates, solver, time.perf_counter() - start, scores,
                           ranking=ranking, rankings=rankings, signals=signals)
 

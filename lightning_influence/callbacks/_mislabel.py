@@ -11,6 +11,7 @@ by self-influence; training goes on.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -19,10 +20,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_influence.analysis.explain import Describe
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import OutputsFn
-from lightning_influence.callbacks._trainer import collectives_for, weight_decay
+from lightning_influence.callbacks._trainer import collectives_for
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.callbacks.training_signals import TrainingSignalsCallback
-from lightning_influence.config import Damping, LowRankConfig
+from lightning_influence.config import LowRankConfig, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.results import MislabelReport
@@ -122,14 +123,15 @@ class MislabelAnalysis:
 
     # -- the report (collective: every rank) ------------------------------------------------------------------
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
-               damping: Damping, curvature: str, describe: Describe, epoch: int) -> MislabelReport:
-        """Self-influence of every training example, ranked by the recorded signals when there are some."""
+               setup: ProblemConfig, describe: Describe, epoch: int) -> MislabelReport:
+        """Self-influence of every training example (``setup``'s problem, solved by this analysis's low-rank
+        inverse), ranked by the recorded signals when there are some."""
         collectives = collectives_for(trainer)
         shard_size = len(range(collectives.rank, len(train), collectives.world_size))
         recorder = None if self.signals is None else self.signals.recorder
         with progress_task(trainer, "influence: self-influence", shard_size) as on_scored:
             return find_mislabel_candidates(
-                pl_module, loss_fn, train, self.config, damping, self.count, epoch=epoch,
-                global_step=trainer.global_step, collectives=collectives, on_scored=on_scored,
-                weight_decay=weight_decay(trainer), curvature=curvature, describe=describe, recorder=recorder,
+                pl_module, loss_fn, train, replace(setup, solver=self.config), self.count, epoch=epoch,
+                global_step=trainer.global_step, collectives=collectives, on_scored=on_scored, describe=describe,
+                recorder=recorder,
             )

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,18 +20,17 @@ from lightning_influence.analysis.explain import explain
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_solver_options
 from lightning_influence.callbacks._mislabel import MislabelAnalysis, mislabel_count
 from lightning_influence.callbacks._trainer import (
-    Writers,
     check_loss_on_examples,
     check_picklable,
     collectives_for,
     import_loss_fn,
-    log_dir_of,
     resolve_loss_fn,
     shared_log_dir,
     train_data,
     val_data,
     weight_decay,
 )
+from lightning_influence.callbacks.base import AnalysisCallback, should_skip_analysis
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
@@ -44,22 +42,23 @@ from lightning_influence.config import (
     DEFAULT_SIGNAL_CHECKPOINTS,
     DEFAULT_SOLVER,
     ExplainConfig,
+    ProblemConfig,
     SolverConfig,
-    check_curvature,
-    check_damping,
     check_num_candidates,
-    solver_config,
+    resolve_problem,
 )
 from lightning_influence.core.candidates import check_knn_backend
 from lightning_influence.core.per_example.features import FeatureFn
 from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.solvers import solver_type
 from lightning_influence.core.tensors.batching import describe_batch
 from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.distributed.solve import CollectiveRanks
 from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
 from lightning_influence.results import Explanation, MislabelReport
 
 
-class InfluenceCallback(pl.Callback):
+class InfluenceCallback(AnalysisCallback):
     r"""Explain the model's worst validation predictions by the training examples that caused them.
 
     At the end of fit (and optionally every N epochs, and on ``trainer.validate``) it computes
@@ -86,6 +85,10 @@ class InfluenceCallback(pl.Callback):
             floored at the optimizer's weight decay (docs/curvature.md). The value used is in every report.
         curvature: ``"gauss_newton"`` (the default; positive semi-definite, right before convergence) or
             ``"hessian"`` (its damping is raised above the most negative eigenvalue, with a warning).
+        problem: all the problem's knobs in one :class:`~lightning_influence.ProblemConfig` (solver, curvature,
+            damping, weight decay, ``parameters`` such as LoRA adapters ``["*lora_*"]``, dtype), e.g. from YAML as
+            ``class_path``/``init_args``; then leave ``solver``, ``damping`` and ``curvature`` at their defaults.
+            Its ``weight_decay`` None: read from the trainer's first optimizer at each analysis.
         scoring: ``"auto"``, ``"factored"``, ``"jvp"`` or ``"per_example_grad"``.
         chunk_size: training examples scored at once (bounds memory).
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
@@ -165,9 +168,10 @@ class InfluenceCallback(pl.Callback):
         verify_loo: int = 0,
         verify_loo_steps: int = 50,
         example_formatter: Optional[Callable[[Any], str]] = None,
+        problem: Optional[ProblemConfig] = None,
         **solver_options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(strict)
         _check(loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str), "loss_fn",
                "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
         _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
@@ -190,9 +194,7 @@ class InfluenceCallback(pl.Callback):
                 knn_backend=knn_backend, feature_fn=feature_fn, preselect=preselect,
             )
             check_knn_backend(knn_backend)
-            self.damping = check_damping(damping)
-            self.curvature = check_curvature(curvature)
-            self.solver_config: SolverConfig = solver_config(solver, legacy_solver_options(solver_options))
+            self.problem = resolve_problem(problem, solver, damping, curvature, legacy_solver_options(solver_options))
             self.mislabel = MislabelAnalysis(mislabel_count(mislabel_candidates), mislabel_rank, training_signals,
                                              signal_checkpoints, signals_outputs_fn)
         except (ImportError, TypeError, ValueError) as err:
@@ -202,19 +204,16 @@ class InfluenceCallback(pl.Callback):
         self._describe = functools.partial(describe_batch, example_formatter=example_formatter)
         self.verify_loo = verify_loo
         self.verify_loo_steps = verify_loo_steps
-        self._warned: set[str] = set()  # trust warnings already shown (each code once per callback)
         self.mislabel_candidates = mislabel_candidates
         self.every_n_epochs = every_n_epochs
         self.analyse_on_train_end = analyse_on_train_end
         self.analyse_on_validate = analyse_on_validate
         self.train_dataset = train_dataset
         self.train_dataloader = train_dataloader
-        self.strict = strict
         self.verbose = verbose
         self.analysed: list[dict[str, Any]] = []  # {"epoch", "global_step", "stage", "val_indices"} per analysis
         self.last_explanation: Optional[Explanation] = None
         self.last_mislabel: Optional[MislabelReport] = None  # rank zero: the last mislabel report written
-        self._writers = Writers()
         self._fit_train_loader: Any = None
 
     @property
@@ -223,7 +222,7 @@ class InfluenceCallback(pl.Callback):
         """Two callbacks in one Trainer keep their own checkpoint state when they explain different things."""
         return self._generate_state_key(num_worst=self.settings.num_worst if self.explains else 0,
                                         val_indices=self.settings.val_indices,
-                                        solver=type(self.solver_config).__name__,
+                                        solver=type(self.problem.solver).__name__,
                                         mislabel_candidates=self.mislabel_candidates)
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
@@ -259,7 +258,7 @@ class InfluenceCallback(pl.Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if should_skip_analysis(trainer):
             return
         fn = trainer.state.fn
         if fn == TrainerFn.FITTING and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -274,7 +273,7 @@ class InfluenceCallback(pl.Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.mislabel.on_train_end(trainer, pl_module, lambda: self._train_data(trainer, pl_module), self.strict)
-        if self.analyse_on_train_end:
+        if self.analyse_on_train_end and not should_skip_analysis(trainer):
             self._run(trainer, pl_module, "fit_end", _last_epoch(trainer))
 
     @override
@@ -291,13 +290,13 @@ class InfluenceCallback(pl.Callback):
         self.mislabel.load_state_dict(state_dict.get("signals") or {})
 
     # -- the analysis --------------------------------------------------------------------------------------
-    def _already_done(self, global_step: int, stage: str) -> bool:
+    def _already_done(self, global_step: int) -> bool:
         """The weights at ``global_step`` were analysed already: by the last validation before fit end, or by the
         fit-end analysis before a ``trainer.validate`` on the same weights. The answer is the same on every rank."""
         return any(e["global_step"] == global_step for e in self.analysed)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int) -> None:
-        if self._already_done(trainer.global_step, stage):
+        if self._already_done(trainer.global_step):
             if stage == "validate" and self.verbose:
                 done = next(e for e in self.analysed if e["global_step"] == trainer.global_step)
                 rank_zero_info(f"Influence analysis skipped: these weights (step {trainer.global_step}) were analysed"
@@ -342,47 +341,6 @@ class InfluenceCallback(pl.Callback):
             self._isolated(epoch, trainer, "running the leave-one-out check",
                            lambda: self._verify_loo(trainer, pl_module, explanation, epoch, log_dir))
 
-    def _isolated(self, epoch: int, trainer: pl.Trainer, what: str, action: Any) -> None:
-        """Run ``action``; a failure warns and training goes on (``strict=True`` re-raises)."""
-        try:
-            action()
-        except Exception as err:  # noqa: BLE001 - the user's training must survive a failed write
-            if self.strict:
-                raise
-            rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
-            warnings.warn(
-                f"Influence analysis at epoch {epoch} (step {trainer.global_step}) failed{rank} while {what}:"
-                f" {type(err).__name__}: {err}\nTraining goes on. Pass `InfluenceCallback(strict=True)` to raise instead.",
-                stacklevel=2,
-            )
-
-    def _warn_once(self, warnings: Any) -> None:
-        for warning in warnings:
-            if warning.code in self._warned:
-                continue
-            self._warned.add(warning.code)
-            text = f"Influence trust [{warning.code}]: {warning.message}"
-            rank_zero_warn(text) if warning.severity == "warning" else rank_zero_info(text)
-
-    def _check_writable(self, trainer: pl.Trainer) -> None:
-        """Warn before training when the results directory cannot be written (a fixable setup problem)."""
-        log_dir = log_dir_of(trainer)  # rank zero only: no collective here
-        target = log_dir / "influence"
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-            probe = target / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            message = (
-                f"InfluenceCallback cannot write its results to {target} ({type(err).__name__}: {err}). Give the"
-                " logger a writable directory, e.g. `Trainer(logger=TensorBoardLogger(save_dir=...))` or"
-                " `Trainer(default_root_dir=...)`."
-            )
-            if self.strict:
-                raise MisconfigurationException(message) from err
-            rank_zero_warn(message + " Training goes on; the analyses will be skipped when writing fails.")
-
     def _verify_loo(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
                     epoch: int, log_dir: Path) -> None:
         """Leave-one-out spot check of the first explained point (rank zero): scalars and ``loo_epoch=N.json``."""
@@ -398,22 +356,26 @@ class InfluenceCallback(pl.Callback):
         train = self._train_data(trainer, pl_module)
         val = self._val_data(trainer)
         collectives = collectives_for(trainer)
-        config = self.solver_config
-        steps = getattr(config, "depth", 0) * len(range(collectives.rank, getattr(config, "repeats", 0),
-                                                        collectives.world_size))
+        setup = self._problem(trainer)
+        steps = solver_type(setup.solver).progress_steps(setup.solver, CollectiveRanks(collectives))
         # with candidates only their union is scored, which is known after the neighbour search: no end shown
         shard_size = (None if self.settings.num_candidates is not None
                       else len(range(collectives.rank, len(train), collectives.world_size)))
         with progress_task(trainer, "influence: s_test", steps) as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
-            return explain(pl_module, loss_fn, train, val, config, self.damping, self.settings, collectives,
-                           on_lissa_step=lambda: on_step(1), on_scored=on_scored,
-                           weight_decay=weight_decay(trainer), curvature=self.curvature, describe=self._describe)
+            return explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
+                           on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe)
+
+    def _problem(self, trainer: pl.Trainer) -> ProblemConfig:
+        """The problem config, its weight decay read from the trainer's optimizer when the config leaves it open."""
+        if self.problem.weight_decay is not None:
+            return self.problem
+        return replace(self.problem, weight_decay=weight_decay(trainer))
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
         return self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module),
-                                    self._train_data(trainer, pl_module), self.damping, self.curvature,
-                                    self._describe, epoch)
+                                    self._train_data(trainer, pl_module), self._problem(trainer), self._describe,
+                                    epoch)
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
         return resolve_loss_fn(pl_module, self.loss_fn)

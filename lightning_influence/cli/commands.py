@@ -169,10 +169,9 @@ def run_influence(args: argparse.Namespace) -> int:
     with _progress(args, "influence: s_test", steps) as on_step, \
             _progress(args, "influence: scoring", len(train)) as on_scored:
         explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
-                              IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
-                              settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
-                              on_scored=on_scored, curvature=settings.curvature,
-                              describe=describe, weight_decay=context.weight_decay)
+                              IndexedData.from_loader(single_loader(context.val_loader), chunk),
+                              settings.problem(context.weight_decay), settings.explain, on_lissa_step=lambda: on_step(1),
+                              on_scored=on_scored, describe=describe)
     try:
         publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,
@@ -224,9 +223,8 @@ def run_mislabel(args: argparse.Namespace) -> int:
     train = IndexedData.from_loader(context.train_loader, settings.explain.chunk_size)
     with _progress(args, "influence: self-influence", len(train)) as on_scored:
         report = find_mislabel_candidates(
-            context.model, context.loss_fn(settings.loss_fn), train, settings.mislabel, settings.damping,
+            context.model, context.loss_fn(settings.loss_fn), train, settings.problem(context.weight_decay, settings.mislabel),
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
-            curvature=settings.curvature, weight_decay=context.weight_decay,
         )
     try:
         path = publish_mislabel(context.writer(), context.output_dir, report, verbose=not args.quiet)

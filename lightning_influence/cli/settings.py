@@ -19,6 +19,7 @@ from lightning_influence.config import (
     Damping,
     ExplainConfig,
     LowRankConfig,
+    ProblemConfig,
     SolverConfig,
     check_curvature,
     check_damping,
@@ -42,6 +43,11 @@ class AnalysisSettings:
     mislabel_count: Optional[int]  # None: the whole training set ("all")
     loss_fn: Any = None
     curvature: str = DEFAULT_CURVATURE
+
+    def problem(self, weight_decay: Optional[float], solver: Optional[SolverConfig] = None) -> ProblemConfig:
+        """The analysis's :class:`ProblemConfig` (``solver``: another solver config than the explanation's)."""
+        return ProblemConfig(solver=solver or self.solver, damping=self.damping, curvature=self.curvature,
+                             weight_decay=weight_decay)
 
 
 def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> AnalysisSettings:

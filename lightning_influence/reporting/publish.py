@@ -21,6 +21,7 @@ from lightning_influence.reporting import (
     write_score_index,
     write_score_shard,
 )
+from lightning_influence.reporting.views import write_views
 from lightning_influence.results import Explanation, MislabelReport
 
 
@@ -54,6 +55,7 @@ def publish_explanation(
     """
     report = influence_report(explanation, epoch=epoch, global_step=global_step, stage=stage)
     write_report(writer, report)
+    write_views(writer, report)
     path = write_report_files(Path(log_dir) / "influence", report)
     if explanation.score_shard is not None:
         write_score_index(Path(log_dir) / "influence", epoch, [p.val_index for p in explanation.points],

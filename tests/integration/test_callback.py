@@ -113,7 +113,7 @@ def test_state_dict_round_trip_prevents_repeating_an_analysis(tmp_path):
     restored = InfluenceCallback(num_worst=1, top_k=1, solver="cg", damping=1.0, verbose=False)
     restored.load_state_dict(state)
     assert restored.analysed == callback.analysed
-    assert restored._already_done(callback.analysed[0]["global_step"], "fit_end")
+    assert restored._already_done(callback.analysed[0]["global_step"])
 
 
 def test_missing_loss_function_explains_both_fixes(tmp_path):
@@ -304,3 +304,23 @@ def test_validate_right_after_fit_does_not_repeat_the_analysis(tmp_path):
     _, val = tiny_datasets()
     trainer.validate(model, DataLoader(val, batch_size=25), verbose=False)
     assert [(e["stage"], e["epoch"]) for e in callback.analysed] == [("fit_end", 1)]  # same weights: skipped
+
+
+def test_fast_dev_run_and_sanity_check_are_skipped_like_lightning_callbacks(tmp_path):
+    callback = InfluenceCallback(num_worst=1, top_k=1, solver="cg", damping=1.0, every_n_epochs=1, verbose=False)
+    train, val = tiny_datasets()
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(TinyDigitsModel(), DataLoader(train, batch_size=32), DataLoader(val, batch_size=25))
+    assert callback.analysed == []  # a smoke test of the loop: no analysis (ModelCheckpoint skips it too)
+    assert li.callbacks.base.should_skip_analysis(trainer)
+
+
+def test_problem_config_reaches_the_callback_and_flat_arguments_beside_it_are_refused(tmp_path):
+    setup = li.ProblemConfig(solver="cg", damping=1.0, parameters=["net.3"])
+    callback = InfluenceCallback(num_worst=1, top_k=2, problem=setup, verbose=False)
+    _fit(tmp_path, callback, epochs=1)
+    solver = callback.last_explanation.solver
+    assert (solver.solver, solver.damping) == ("cg", 1.0)
+    with pytest.raises(MisconfigurationException, match=r"\['damping'\] beside `problem`"):
+        InfluenceCallback(problem=setup, damping=0.5)

@@ -66,8 +66,9 @@ def test_no_import_runs_up_a_layer(path):
 
 
 def test_config_is_torch_free():
-    source = (PACKAGE / "config.py").read_text(encoding="utf-8")
-    assert "import torch" not in source and "from torch" not in source
+    for path in (PACKAGE / "config").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        assert "import torch" not in source and "from torch" not in source, path
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -80,3 +81,27 @@ def test_modules_and_functions_stay_short(path):
             nearby = " ".join(lines[max(node.lineno - 2, 0): node.lineno])
             assert length <= MAX_FUNCTION_LINES or LONG_REASON in nearby, (
                 f"{path}:{node.lineno} {node.name} has {length} lines: split it or write `{LONG_REASON} why`")
+
+
+SOLVER_CONFIGS = {"LissaConfig", "CGConfig", "ExactConfig", "LowRankConfig"}
+CURVATURE_NAMES = {"gauss_newton", "hessian"}
+
+
+def _names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_dispatch_on_solver_configs_or_curvature_names(path):
+    """Solvers and curvatures are objects with a registry: code asks the object (``solver.split``,
+    ``curvature.psd``), it never branches on which config class or curvature name it holds."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            found = _names(node.args[1]) & SOLVER_CONFIGS if len(node.args) == 2 else set()
+            assert not found, f"{path}:{node.lineno} dispatches on {found}: ask the solver object instead"
+        if isinstance(node, ast.Compare):
+            constants = {c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)}
+            found = constants & CURVATURE_NAMES
+            assert not found, f"{path}:{node.lineno} compares a curvature name {found}: ask the curvature object"

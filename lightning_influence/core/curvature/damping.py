@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -21,11 +21,11 @@ from lightning_influence.config import (
     MAX_DAMPING_FRACTION,
     NEGATIVE_CURVATURE_MARGIN,
     SPECTRUM_STEPS,
+    Damping,
     check_damping,
 )
+from lightning_influence.core.curvature.base import Curvature, make_curvature
 from lightning_influence.core.tensors.eigen import MatVec, lanczos
-
-Damping = Union[float, str]
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,6 @@ class DampingChoice:
     warnings: tuple[str, ...] = ()
 
 
-def check_damping_request(damping: Any) -> Damping:
-    """A number >= 0 or ``"auto"`` (see :func:`lightning_influence.config.check_damping`)."""
-    return check_damping(damping)
-
-
 def estimate_spectrum(matvec: MatVec, dim: int, examples: int, *, like: torch.Tensor, seed: int = 0,
                       steps: int = SPECTRUM_STEPS) -> Spectrum:
     """Top and bottom eigenvalue of a symmetric operator by ``steps`` Lanczos steps (seeded start vector).
@@ -76,14 +71,14 @@ def estimate_spectrum(matvec: MatVec, dim: int, examples: int, *, like: torch.Te
 
 def choose_damping(
     requested: Damping,
-    curvature: str,
+    curvature: Curvature | str,
     spectrum: Callable[[], Spectrum],
     weight_decay: float | None = None,
     allow_negative_curvature: bool = False,
 ) -> DampingChoice:
     """Resolve ``requested`` (see the module docstring); ``spectrum`` is called only when needed."""
-    requested = check_damping_request(requested)
-    if isinstance(requested, float) and curvature != "hessian":
+    curvature, requested = make_curvature(curvature), check_damping(requested)
+    if isinstance(requested, float) and curvature.psd:
         return DampingChoice(requested, requested, "given")
     found = spectrum()
     if requested == "auto":
@@ -91,10 +86,11 @@ def choose_damping(
     else:
         value, rule = float(requested), "given"
     notes: list[str] = []
-    if curvature == "hessian" and found.bottom < 0 and value + found.bottom <= 0:
+    if not curvature.psd and found.bottom < 0 and value + found.bottom <= 0:
         note = (
-            f"damping={value:.3g} is below |lambda_min|={-found.bottom:.3g} of the Hessian (Lanczos estimate,"
-            f" lambda_max={found.top:.3g}): H + damping I is indefinite and the solve would diverge or flip signs."
+            f"damping={value:.3g} is below |lambda_min|={-found.bottom:.3g} of the curvature ({curvature.name}; Lanczos"
+            f" estimate, lambda_max={found.top:.3g}): C + damping I is indefinite and the solve would diverge or flip"
+            " signs."
         )
         if allow_negative_curvature:
             notes.append(note + " Kept because allow_negative_curvature=True.")

@@ -1,4 +1,4 @@
-"""Curvature-vector products of the mean training loss: generalised Gauss-Newton (default) or Hessian.
+"""Gauss-Newton products of the mean training loss, and the output split they need.
 
 The Gauss-Newton product ``G V = (1/B) sum_i J_i^T H_out,i J_i V`` needs the loss split into the model's
 outputs ``f(theta)`` and a loss of those outputs ``l(f)``. One forward pass gives both: a forward hook on the
@@ -27,8 +27,6 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from lightning_influence.config import CURVATURES, check_curvature
-from lightning_influence.core.curvature.hvp import batch_hvp, hessian
 from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_per_example_losses
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.tensors.params import Params, flatten, unflatten
@@ -308,21 +306,6 @@ class GaussNewtonProduct:
         return batch_ggn(self.loss, self.params, batch, vectors, bool(self.batched) and vectors.shape[0] > 1)
 
 
-def batch_product(loss: FunctionalLoss, params: Params, curvature: str,
-                  hvp_method: str = "double_backward") -> BatchProduct:
-    """``(batch, V) -> C_b V`` for ``curvature`` in :data:`CURVATURES`."""
-    if curvature == "gauss_newton":
-        return GaussNewtonProduct(loss, params)
-    if curvature == "hessian":
-
-        def hvp(batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
-            with twice_differentiable():
-                return batch_hvp(loss, params, batch, vectors, hvp_method)
-
-        return hvp
-    raise ValueError(f"Expected `curvature` to be one of {CURVATURES}, but got {curvature!r}.")
-
-
 def dataset_product(product: BatchProduct, batches: Iterable[Batch], vectors: torch.Tensor) -> torch.Tensor:
     """``C V`` for the curvature of the mean loss over all examples of ``batches`` (weighted by batch size)."""
     total = torch.zeros_like(vectors)
@@ -352,15 +335,10 @@ def batch_ggn_matrix(loss: FunctionalLoss, params: Params, batch: Batch) -> torc
     return (jacobian.T @ h_out @ jacobian).detach()
 
 
-def curvature_matrix(loss: FunctionalLoss, params: Params, batches: Iterable[Batch], curvature: str,
-                     chunk_size: int = 64, examples_per_block: int = 32) -> torch.Tensor:
-    """The dense ``[P, P]`` curvature of the mean training loss (small models only: the exact reference).
-
-    The Gauss-Newton matrix is summed from :func:`batch_ggn_matrix` over blocks of ``examples_per_block``.
-    """
-    if curvature == "hessian":
-        return hessian(loss, params, batches, chunk_size)
-    check_curvature(curvature)
+def ggn_matrix(loss: FunctionalLoss, params: Params, batches: Iterable[Batch],
+               examples_per_block: int = 32) -> torch.Tensor:
+    """The dense ``[P, P]`` Gauss-Newton matrix of the mean training loss (small models only: the exact reference),
+    summed from :func:`batch_ggn_matrix` over blocks of ``examples_per_block`` examples."""
     size = sum(p.numel() for p in params.values())
     first = next(iter(params.values()))
     total = torch.zeros(size, size, dtype=first.dtype, device=first.device)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_influence.core.curvature.base import Curvature
 from lightning_influence.core.curvature.jacobian import ROW_CHUNK, OutputJacobian, RowBatch, build_output_jacobian, row_stream
-from lightning_influence.core.curvature.products import batch_product
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.tensors.batching import Batch
 from lightning_influence.core.tensors.data import subset_indices
@@ -28,18 +28,18 @@ class TrainingCurvature:
 
     Args:
         loss, params: the analysis's loss and parameters.
-        curvature: ``"gauss_newton"`` or ``"hessian"``.
+        curvature: the curvature object (its ``storable`` decides whether the Jacobian may be stored).
         hvp_method: the Hessian product's method.
         train_loader: the training data.
         device: where the products run.
         store: allow the stored Jacobian (only for Gauss-Newton).
     """
 
-    def __init__(self, loss: FunctionalLoss, params: Params, curvature: str, hvp_method: str,
+    def __init__(self, loss: FunctionalLoss, params: Params, curvature: Curvature, hvp_method: str,
                  train_loader: Iterable[Batch], device: torch.device, store: bool) -> None:
-        self.autograd = batch_product(loss, params, curvature, hvp_method)
+        self.autograd = curvature.product(loss, params, hvp_method)
         self.loss, self.params, self.train_loader, self.device = loss, params, train_loader, device
-        self._store: OutputJacobian | bool | None = None if store and curvature == "gauss_newton" else False
+        self._store: OutputJacobian | bool | None = None if store and curvature.storable else False
 
     def __call__(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         if isinstance(batch, RowBatch):

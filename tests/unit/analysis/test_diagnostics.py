@@ -30,6 +30,7 @@ from lightning_influence.analysis.diagnostics import (
 from lightning_influence.analysis.explain import explain
 from lightning_influence.config import CGConfig, ExactConfig, ExplainConfig, LissaConfig
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.solvers import make_solver
 from lightning_influence.core.solvers.neumann import SCALE_MARGIN
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import SingleProcess
@@ -51,8 +52,7 @@ def logistic():
 def test_exact_solve_has_zero_residual_and_lissa_a_small_one_matching_the_materialised_hessian(logistic):
     model, train, val = logistic
     data = IndexedData(train, batch_size=64)
-    exact = explain(model, cross_entropy_per_example, data, IndexedData(val), ExactConfig(), 0.05,
-                    ExplainConfig(top_k=5, num_worst=3))
+    exact = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=ExactConfig(), damping=0.05), ExplainConfig(top_k=5, num_worst=3))
     assert exact.trust.residual_examples == 200  # the whole training set: below SUBSET_EXAMPLES
     assert all(p.residual < 1e-8 for p in exact.trust.points)
     assert all(p.repeat_pearson is None for p in exact.trust.points)  # a deterministic solver has no repeats
@@ -87,8 +87,8 @@ def test_repeat_halves_are_even_and_odd_repeats_and_travel_in_one_all_reduce(log
     vectors, info, (even, odd) = solve_s_test_with_halves(problem, v, collectives, None)
     # one collective for both halves, then one for the residual check's split product (3 vectors + the count)
     assert collectives.summed == [torch.Size([2, 3, problem.num_params]), torch.Size([3 * problem.num_params + 1])]
-    torch.testing.assert_close(even, problem.lissa_partial(v, [0, 2, 4])[0] / 3)
-    torch.testing.assert_close(odd, problem.lissa_partial(v, [1, 3])[0] / 2)
+    torch.testing.assert_close(even, problem.solver.partial(v, [0, 2, 4])[0] / 3)
+    torch.testing.assert_close(odd, problem.solver.partial(v, [1, 3])[0] / 2)
     torch.testing.assert_close(vectors, problem.solve(v).vectors)
     assert info.trace.shape[0] == 5
     single = LissaConfig(depth=30, repeats=1, batch_size=16)
@@ -100,12 +100,11 @@ def test_repeat_agreement_is_the_correlation_of_the_top_k_scores_of_the_two_halv
     model, train, val = logistic
     data = IndexedData(train)
     config = LissaConfig(depth=100, repeats=4, batch_size=32)
-    result = explain(model, cross_entropy_per_example, data, IndexedData(val), config, 0.05,
-                     ExplainConfig(top_k=6, num_worst=2))
+    result = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=config, damping=0.05), ExplainConfig(top_k=6, num_worst=2))
     problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), 0.05, config)
     v = problem.gradients(val[[p.val_index for p in result.points]])
-    even = problem.lissa_partial(v, [0, 2])[0] / 2
-    odd = problem.lissa_partial(v, [1, 3])[0] / 2
+    even = problem.solver.partial(v, [0, 2])[0] / 2
+    odd = problem.solver.partial(v, [1, 3])[0] / 2
     for row, (point, trust) in enumerate(zip(result.points, result.trust.points)):
         indices = sorted({i.train_index for i in (*point.harmful, *point.helpful)})
         g = problem.gradients(train[indices])
@@ -132,8 +131,7 @@ def test_gradient_ratio_is_tiny_at_the_optimum_and_large_at_initialisation(logis
     fresh = LogisticRegression().double()
     fresh_problem = InfluenceProblem(fresh, cross_entropy_per_example, data.loader(), 0.05, ExactConfig())
     assert gradient_ratio(fresh_problem, data, range(200)) > 0.1
-    result = explain(fresh, cross_entropy_per_example, data, IndexedData(val_of(train)), CGConfig(), 0.05,
-                     ExplainConfig(top_k=3, num_worst=1), weight_decay=0.05)
+    result = explain(fresh, cross_entropy_per_example, data, IndexedData(val_of(train)), ProblemConfig(solver=CGConfig(), damping=0.05, weight_decay=0.05), ExplainConfig(top_k=3, num_worst=1))
     assert "model_not_converged" in {w.code for w in result.trust.warnings}
 
 
@@ -158,18 +156,22 @@ def test_structure_warnings_name_batchnorm_dropout_depth_and_width():
 def test_setting_warnings_say_which_knob_to_turn():
     converged = SolveInfo("lissa", 0.0, converged=True, seconds=0.0)
 
-    def codes(config, info=converged, damping=0.01, weight_decay=None, top=None):
-        return [w.code for w in setting_warnings(config, info, damping, weight_decay, top)]
+    def codes(info=converged, damping=0.01, weight_decay=None):
+        return [w.code for w in setting_warnings(info, damping, weight_decay)]
 
-    assert codes(CGConfig()) == []
-    assert codes(CGConfig(), damping=0.0) == ["no_damping"]
-    assert codes(CGConfig(), weight_decay=0.0) == ["no_weight_decay"]
-    assert codes(CGConfig(), damping=1e-4, weight_decay=1e-3) == ["damping_below_weight_decay"]
-    assert codes(LissaConfig(scale=2.0), top=5.0) == ["scale_below_top_eigenvalue"]
-    assert codes(LissaConfig(scale=SCALE_MARGIN * 5.0), top=5.0) == []
-    assert codes(LissaConfig(batch_size=2)) == ["small_lissa_batch"]
-    assert codes(CGConfig(), info=SolveInfo("cg", 0.01, 0.0, False)) == ["not_converged"]
-    message = setting_warnings(LissaConfig(scale=2.0), converged, 0.01, None, 5.0)[0].message
+    def solver_codes(config, top=None):  # the solver's own settings: asked of the solver object
+        return [w.code for w in make_solver(config, None).trust_warnings(top)]  # type: ignore[arg-type]
+
+    assert codes() == []
+    assert codes(damping=0.0) == ["no_damping"]
+    assert codes(weight_decay=0.0) == ["no_weight_decay"]
+    assert codes(damping=1e-4, weight_decay=1e-3) == ["damping_below_weight_decay"]
+    assert solver_codes(CGConfig()) == []
+    assert solver_codes(LissaConfig(scale=2.0), top=5.0) == ["scale_below_top_eigenvalue"]
+    assert solver_codes(LissaConfig(scale=SCALE_MARGIN * 5.0), top=5.0) == []
+    assert solver_codes(LissaConfig(batch_size=2)) == ["small_lissa_batch"]
+    assert codes(info=SolveInfo("cg", 0.01, 0.0, False)) == ["not_converged"]
+    message = make_solver(LissaConfig(scale=2.0), None).trust_warnings(5.0)[0].message
     assert "scale='auto'" in message and f"{SCALE_MARGIN * 5.0:.3g}" in message  # the fix: auto, or what auto uses
 
 
@@ -179,9 +181,7 @@ def test_divergence_prone_lissa_is_flagged_end_to_end():
     model = SmallCNN().double()
     fit_adam(model, x[:150], y[:150], 1e-3, epochs=30)
     config = LissaConfig(depth=5, repeats=2, batch_size=4, scale=0.1)  # top eigenvalue here: about 0.38
-    result = explain(model, cross_entropy_per_example, IndexedData(TensorDataset(x[:150], y[:150])),
-                     IndexedData(TensorDataset(x[1500:1520], y[1500:1520])), config, 1e-3,
-                     ExplainConfig(top_k=5, num_worst=2), weight_decay=1e-3)
+    result = explain(model, cross_entropy_per_example, IndexedData(TensorDataset(x[:150], y[:150])), IndexedData(TensorDataset(x[1500:1520], y[1500:1520])), ProblemConfig(solver=config, damping=1e-3, weight_decay=1e-3), ExplainConfig(top_k=5, num_worst=2))
     codes = {w.code for w in result.trust.warnings}
     assert {"small_lissa_batch", "scale_below_top_eigenvalue", "not_converged"} <= codes
     assert result.trust.top_eigenvalue > 0.1
@@ -274,8 +274,7 @@ def test_a_failing_diagnosis_is_reported_and_the_analysis_kept(logistic, monkeyp
         raise RuntimeError("out of memory in the gradient pass")
 
     monkeypatch.setattr(trust_module, "gradient_ratio", broken)
-    result = explain(model, cross_entropy_per_example, IndexedData(train), IndexedData(val), CGConfig(), 0.05,
-                     ExplainConfig(top_k=3, num_worst=1))
+    result = explain(model, cross_entropy_per_example, IndexedData(train), IndexedData(val), ProblemConfig(solver=CGConfig(), damping=0.05), ExplainConfig(top_k=3, num_worst=1))
     assert len(result.points[0].harmful) == 3  # the analysis itself is intact
     (warning,) = result.trust.warnings
     assert warning.code == "diagnosis_failed" and "out of memory" in warning.message and "diagnose=False" in warning.message

@@ -41,7 +41,7 @@ def _problem(n: int = 120):
 
 def test_without_signals_ranks_by_self_influence_and_says_what_it_costs():
     model, data = _problem()
-    report = find_mislabel_candidates(model, cross_entropy_per_example, data, LowRankConfig(rank=8), 0.1, 5)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data, ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), 5)
     assert report.ranking == "self_influence" and report.signals is None
     assert [c.train_index for c in report.candidates] == report.scores.argsort(stable=True)[:5].tolist()
     as_json = mislabel_to_dict(report)
@@ -61,8 +61,7 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         recorder.record(model, data, epoch)
-    report = find_mislabel_candidates(model, cross_entropy_per_example, data, LowRankConfig(rank=8), 0.1, None,
-                                      recorder=recorder)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data, ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), None, recorder=recorder)
     assert report.ranking == "el2n_window" and report.signals["epochs"] == [0, 1, 2]
     assert len(report.candidates) == len(data)  # None: the whole training set
     expected = torch.argsort(recorder.scores(), descending=True, stable=True).tolist()

@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from helpers import LogisticRegression, SmallCNN, cross_entropy_per_example, digits
 from torch import nn
 
-from lightning_influence.core.curvature.products import (
-    OutputCaptureError,
-    SplitLoss,
-    batch_ggn,
-    batch_product,
-    curvature_matrix,
-    dataset_product,
-)
+from lightning_influence.core.curvature import batch_product, curvature_matrix
+from lightning_influence.core.curvature.products import OutputCaptureError, SplitLoss, batch_ggn, dataset_product
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.tensors.params import flatten, trainable_parameters
 

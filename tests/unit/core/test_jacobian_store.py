@@ -43,11 +43,11 @@ def test_stored_products_equal_the_autograd_gauss_newton_products(batch_norm):
     indices = torch.tensor([5, 17, 3, 250, 64, 65])
     with analysis_mode(model), torch.enable_grad():
         store = build_output_jacobian(problem.loss, problem.params, problem.train_loader, problem.device,
-                                      problem._product)
+                                      problem.products.autograd)
         assert store is not None
-        expected = problem._product((x[indices], y[indices]), vectors)
+        expected = problem.products.autograd((x[indices], y[indices]), vectors)
         assert _relative(store.product(RowBatch(indices), vectors), expected) < 1e-5
-        whole = problem._product((x, y), vectors)  # a contiguous range is read as a view, not gathered
+        whole = problem.products.autograd((x, y), vectors)  # a contiguous range is read as a view, not gathered
         assert _relative(store.product(RowBatch(torch.arange(len(x))), vectors), whole) < 1e-5
 
 
@@ -77,11 +77,11 @@ def test_transformer_with_dict_batches_has_the_same_products():
     vectors = torch.randn(2, problem.num_params, generator=torch.Generator().manual_seed(1))
     with analysis_mode(model), torch.enable_grad():
         store = build_output_jacobian(problem.loss, problem.params, problem.train_loader, problem.device,
-                                      problem._product)
+                                      problem.products.autograd)
         assert store is not None and store.factors.shape == (40, 2, problem.num_params)  # cross-entropy: rank M - 1
         chosen = torch.tensor([0, 7, 39, 12])
         batch = {"input_ids": ids[chosen], "attention_mask": mask[chosen], "labels": labels[chosen]}
-        assert _relative(store.product(RowBatch(chosen), vectors), problem._product(batch, vectors)) < 1e-5
+        assert _relative(store.product(RowBatch(chosen), vectors), problem.products.autograd(batch, vectors)) < 1e-5
 
 
 def test_row_stream_draws_the_minibatches_of_the_data_stream():
@@ -107,7 +107,7 @@ def test_no_store_over_the_budget_or_for_the_hessian():
     model, problem, _, _ = _cnn_problem()
     with analysis_mode(model), torch.enable_grad():
         assert build_output_jacobian(problem.loss, problem.params, problem.train_loader, problem.device,
-                                     problem._product, budget=1000) is None
+                                     problem.products.autograd, budget=1000) is None
     x, y = digits(torch.float32)
     hessian = InfluenceProblem(model, cross_entropy_per_example, DataLoader(TensorDataset(x[:100], y[:100])), 0.1,
                                LissaConfig(), curvature="hessian")

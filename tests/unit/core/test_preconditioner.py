@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.config import CGConfig, ExactConfig
 from lightning_influence.core.curvature.preconditioner import build_preconditioner
-from lightning_influence.core.curvature.products import curvature_matrix
+from lightning_influence.core.curvature import curvature_matrix
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.tensors.modes import analysis_mode
 
@@ -42,7 +42,7 @@ def test_equals_exact_inverse_when_curvature_is_kronecker(kind, case):
     problem = InfluenceProblem(model, loss_fn, DataLoader(data, batch_size=16), 0.1, CGConfig(preconditioner=kind))
     with analysis_mode(model):
         expected = _dense_inverse(problem, 0.1)
-        got = problem.preconditioner().apply(torch.eye(len(expected), dtype=torch.float64), 0.1)
+        got = problem.solver.preconditioner().apply(torch.eye(len(expected), dtype=torch.float64), 0.1)
     assert torch.allclose(got, expected, rtol=0, atol=1e-10 * float(expected.abs().max()))
 
 
@@ -68,7 +68,7 @@ def test_ekfac_eigenvalues_are_the_curvature_diagonal_in_the_kronecker_basis():
     problem = InfluenceProblem(model, cross_entropy_per_example, loader(x[:96], y[:96], 32), 0.1,
                                CGConfig(preconditioner="ekfac"))
     with analysis_mode(model):
-        pre = problem.preconditioner()
+        pre = problem.solver.preconditioner()
         matrix = curvature_matrix(problem.loss, problem.params, problem.train_batches(), "gauss_newton")
     assert [type(layer.module).__name__ for layer in pre.layers] == ["Conv2d", "Conv2d", "Linear"]
     for layer in pre.layers:
@@ -147,13 +147,13 @@ def test_cached_while_the_weights_do_not_change():
     train = loader(x[:64], y[:64], 32)
     problem = InfluenceProblem(model, cross_entropy_per_example, train, 0.1, CGConfig(preconditioner="kfac"))
     with analysis_mode(model):
-        first = problem.preconditioner()
+        first = problem.solver.preconditioner()
         again = InfluenceProblem(model, cross_entropy_per_example, train, 0.5, CGConfig(preconditioner="kfac"))
-        assert again.preconditioner() is first  # another damping, same factors
+        assert again.solver.preconditioner() is first  # another damping, same factors
     with torch.no_grad():
         model.head.weight.mul_(1.5)
     with analysis_mode(model):
-        assert problem.preconditioner() is not first
+        assert problem.solver.preconditioner() is not first
 
 
 def test_parameters_outside_linear_and_conv_get_a_diagonal():
@@ -163,7 +163,7 @@ def test_parameters_outside_linear_and_conv_get_a_diagonal():
     problem = InfluenceProblem(model, cross_entropy_per_example, loader(x[:64], y[:64], 32), 0.1,
                                CGConfig(preconditioner="ekfac"))
     with analysis_mode(model):
-        pre = problem.preconditioner()
+        pre = problem.solver.preconditioner()
     start, shape = pre.offsets["2.weight"]
     assert len(pre.layers) == 2
     norm = pre.diagonal[start : start + 2 * shape.numel()]  # LayerNorm weight and bias: Hutchinson, clamped at 0

@@ -31,10 +31,10 @@ def test_the_largest_part_is_the_single_process_estimate(problem_parts, world_si
     model, train, config, _ = problem_parts
     problem = InfluenceProblem(model, cross_entropy_per_example, train, 0.01, config)
     with analysis_mode(model):
-        whole = problem.estimate_lissa_scale()
-        parts = [problem.estimate_lissa_scale(rank, world_size) for rank in range(world_size)]
+        whole = problem.solver.estimate_scale()
+        parts = [problem.solver.estimate_scale((rank, world_size)) for rank in range(world_size)]
         assert max(parts) == whole  # bit for bit: same batches, same start vectors
-        assert problem.lissa_scale() == whole
+        assert problem.solver.scale == whole
 
 
 def test_two_ranks_solve_with_the_single_process_scale(problem_parts):
@@ -48,7 +48,7 @@ def test_two_ranks_solve_with_the_single_process_scale(problem_parts):
         own = copy.deepcopy(model)
         problem = InfluenceProblem(own, cross_entropy_per_example, train, 0.01, config)
         with group.compute, analysis_mode(own):
-            results[rank] = (problem.has_lissa_scale, *solve_s_test(problem, problem.gradients(test),
+            results[rank] = (problem.solver.has_scale, *solve_s_test(problem, problem.gradients(test),
                                                                     ThreadRank(group, rank), None))
 
     run_ranks(2, run)

@@ -85,8 +85,8 @@ def test_lissa_repeats_depend_only_on_seed_and_repeat_index(cnn_data):
     with li.core.tensors.modes.analysis_mode(model):
         v = problem.gradients((xt, yt))
         full = problem.solve(v).vectors
-        part_a, _ = problem.lissa_partial(v, [0, 2])
-        part_b, _ = InfluenceProblem(model, cross_entropy_per_example, loader(x, y), 0.05, config).lissa_partial(v, [1])
+        part_a, _ = problem.solver.partial(v, [0, 2])
+        part_b, _ = InfluenceProblem(model, cross_entropy_per_example, loader(x, y), 0.05, config).solver.partial(v, [1])
     torch.testing.assert_close((part_a + part_b) / 3, full, rtol=1e-10, atol=1e-12)
 
 

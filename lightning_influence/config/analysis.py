@@ -1,0 +1,149 @@
+"""What an analysis explains and how it scores (``ExplainConfig``), and what a correction run does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from lightning_influence.config.defaults import (
+    ACTIVATIONS,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CURVATURE,
+    DEFAULT_KNN_BACKEND,
+    DEFAULT_PRESELECT,
+    DEFAULT_SCORING,
+    FEATURE_NAMES,
+    KNN_BACKENDS,
+    LAST_LAYER_GRAD,
+    PRESELECT_POLICIES,
+    SCORING_METHODS,
+    SELECTIONS,
+    expect,
+)
+from lightning_influence.config.problem import check_curvature
+
+
+def check_num_candidates(num_candidates: Optional[int], n_train: Optional[int] = None) -> Optional[int]:
+    """``num_candidates`` (FastIF's kNN width) must be None or a positive int, at most ``n_train`` when known."""
+    ok = num_candidates is None or (isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
+                                    and num_candidates >= 1)
+    expect(ok, "num_candidates", "None or a positive int (training examples scored per point)", num_candidates)
+    if n_train is not None and num_candidates is not None:
+        expect(num_candidates <= n_train, "num_candidates",
+               f"at most the training-set size {n_train} (or None to score every training example)", num_candidates)
+    return num_candidates
+
+
+def check_feature_choice(feature_fn: Any, knn_backend: str = DEFAULT_KNN_BACKEND) -> None:
+    """``feature_fn`` is None, a callable or a named choice; ``"last_layer_grad"`` needs the torch backend."""
+    expect(knn_backend in KNN_BACKENDS, "knn_backend", f"one of {KNN_BACKENDS}", knn_backend)
+    if feature_fn is None or callable(feature_fn):
+        return
+    if feature_fn not in FEATURE_NAMES:
+        raise ValueError(
+            f"Expected `feature_fn` to be None (the default), {LAST_LAYER_GRAD!r} (last-layer loss gradients),"
+            f" {ACTIVATIONS!r} (input of the last nn.Linear) or a callable (model, batch) -> Tensor[B, D], but got"
+            f" {feature_fn!r}."
+        )
+    if feature_fn == LAST_LAYER_GRAD and knn_backend != "torch":
+        raise ValueError(
+            f"feature_fn={LAST_LAYER_GRAD!r} ranks by a factored gradient inner product that FAISS cannot index;"
+            " use knn_backend='torch' (exact) with it, or the default activation features with FAISS."
+        )
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """What an analysis explains and how it scores; validated on construction.
+
+    Attributes:
+        top_k: harmful and helpful training examples reported per point.
+        num_worst: highest-loss validation examples explained when ``val_indices`` is not given.
+        val_indices: validation dataset indices to explain (overrides ``num_worst``).
+        misclassified_only: pick the worst among misclassified validation examples only.
+        scoring: how training examples are scored (one of :data:`SCORING_METHODS`).
+        chunk_size: training examples scored at once (bounds memory).
+        keep_full_scores: keep every score (each rank its shard) for the score files.
+        diagnose: run the self-diagnosis (residuals, repeat agreement, warnings).
+        num_candidates: FastIF: score each point only against its ``num_candidates`` nearest training examples.
+        knn_backend: ``"torch"`` (exact) or ``"faiss"``.
+        feature_fn: how neighbours are found: None (``"last_layer_grad"`` with torch, ``"activations"`` with
+            FAISS), a named choice, or ``(model, batch) -> Tensor[B, D]``.
+        preselect: with ``num_candidates``: ``"auto"`` preselects only when a timed probe estimates that it
+            saves time and otherwise scores every training example (with a note); ``"always"`` preselects.
+    """
+
+    top_k: int = 10
+    num_worst: int = 8
+    val_indices: Optional[tuple[int, ...]] = None
+    misclassified_only: bool = False
+    scoring: str = DEFAULT_SCORING
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    keep_full_scores: bool = False
+    diagnose: bool = True
+    num_candidates: Optional[int] = None
+    knn_backend: str = DEFAULT_KNN_BACKEND
+    feature_fn: Union[Callable[..., Any], str, None] = None
+    preselect: str = DEFAULT_PRESELECT
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.top_k, int) and self.top_k >= 1, "top_k", "a positive int", self.top_k)
+        expect(isinstance(self.num_worst, int) and self.num_worst >= 1, "num_worst", "a positive int", self.num_worst)
+        if self.val_indices is not None:
+            ok = len(self.val_indices) > 0 and all(isinstance(i, int) and i >= 0 for i in self.val_indices)
+            expect(ok, "val_indices", "a non-empty list of validation dataset indices (ints >= 0)", self.val_indices)
+            expect(len(set(self.val_indices)) == len(self.val_indices), "val_indices", "free of duplicates",
+                   list(self.val_indices), "List each validation index once.")
+        expect(self.scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), self.scoring)
+        expect(isinstance(self.chunk_size, int) and self.chunk_size >= 1, "chunk_size", "a positive int",
+               self.chunk_size)
+        check_num_candidates(self.num_candidates)
+        check_feature_choice(self.feature_fn, self.knn_backend)
+        expect(self.preselect in PRESELECT_POLICIES, "preselect", " or ".join(repr(p) for p in PRESELECT_POLICIES),
+               self.preselect, "'auto' falls back to scoring every example when candidates would not save time.")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """What one correction run (:func:`~lightning_influence.correct_errors`) does; validated on construction.
+
+    Attributes:
+        iterations: rounds of (sample anchors, choose examples, fine-tune).
+        anchors_per_iteration: anchors sampled (without replacement) per round; all of them if fewer exist.
+        examples_per_iteration: training examples fine-tuned on per round.
+        steps_per_iteration: optimizer steps per round, each on the mean loss of the chosen examples.
+        selection: ``"helpful"`` (most negative influence), ``"harmful"`` (most positive), ``"random"``
+            candidates, or ``"anchors"`` (fine-tune on the round's anchors themselves).
+        seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
+        scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
+        chunk_size: training examples scored at once.
+        num_candidates: FastIF candidate preselection: each round, score only the union of the
+            ``num_candidates`` training examples closest to each sampled anchor (largest ``|<G_anchor, G_i>|`` of
+            last-layer loss gradients); None scores all. ``"random"`` still draws from all allowed examples.
+        curvature: the curvature of the s_test solves (``"gauss_newton"`` or ``"hessian"``).
+    """
+
+    iterations: int = 10
+    anchors_per_iteration: int = 10
+    examples_per_iteration: int = 10
+    steps_per_iteration: int = 1
+    selection: str = "helpful"
+    seed: int = 0
+    scoring: str = DEFAULT_SCORING
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    num_candidates: Optional[int] = None
+    curvature: str = DEFAULT_CURVATURE
+
+    def __post_init__(self) -> None:
+        expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        check_curvature(self.curvature)
+        for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
+            value = getattr(self, name)
+            expect(isinstance(value, int) and value >= 1, name, "a positive int", value)
+        expect(self.selection in SELECTIONS, "selection", f"one of {SELECTIONS}", self.selection)
+        expect(isinstance(self.seed, int), "seed", "an int", self.seed)
+        expect(self.scoring in SCORING_METHODS, "scoring", " or ".join(repr(m) for m in SCORING_METHODS), self.scoring)
+        check_num_candidates(self.num_candidates)
+
+

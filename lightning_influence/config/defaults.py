@@ -1,0 +1,81 @@
+"""Every default of the package, defined once (torch-free), and the one error helper every config uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SOLVERS = ("lissa", "cg", "exact", "lowrank")
+SCORING_METHODS = ("auto", "hooks", "factored", "jvp", "per_example_grad")
+#: Curvature used when none is given: the generalised Gauss-Newton matrix (positive semi-definite).
+DEFAULT_CURVATURE = "gauss_newton"
+CURVATURES = ("gauss_newton", "hessian")
+#: ``damping="auto"`` (the default) is ``AUTO_DAMPING_FRACTION`` times the curvature's top eigenvalue, floored at
+#: the optimizer's weight decay and never above ``MAX_DAMPING_FRACTION`` times the top eigenvalue. Measured in
+#: ``benchmarks/curvature.py`` (``benchmarks/curvature-results.json``), explained in ``docs/curvature.md``.
+DEFAULT_DAMPING = "auto"
+AUTO_DAMPING_FRACTION = 0.03
+MAX_DAMPING_FRACTION = 0.1
+#: Training examples (a fixed seeded subset) that the spectrum estimate and the residual check average over.
+SUBSET_EXAMPLES = 2048
+SUBSET_SEED = 0
+#: Lanczos steps for the extreme eigenvalues of the Hessian (the damping rule and the negative-curvature check).
+SPECTRUM_STEPS = 30
+#: Lanczos steps for the Gauss-Newton curvature, where ``damping="auto"`` needs only the top eigenvalue: it is
+#: separated from the bulk and agreed to 4 digits after 8 steps on every model of ``benchmarks/models.py``.
+TOP_EIGENVALUE_STEPS = 10
+#: With ``curvature="hessian"``, damping below ``|lambda_min|`` is raised to this multiple of ``|lambda_min|``.
+NEGATIVE_CURVATURE_MARGIN = 1.25
+#: ``converged`` means ``max_rows ||(C + damping I) x - v|| / ||v|| <= RESIDUAL_TOL`` on the subset above.
+RESIDUAL_TOL = 0.05
+#: LiSSA checks that residual every ``CHECK_EVERY`` steps of a repeat and stops the repeat once it is met (a check
+#: costs one curvature product per check-subset batch, about a tenth of the steps between checks on digits).
+CHECK_EVERY = 50
+#: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
+MAX_RETRIES = 3
+DEFAULT_SOLVER = "lissa"
+#: Conjugate gradient stops at this relative residual (a fifth of ``RESIDUAL_TOL``): measured in
+#: ``benchmarks/s_test.py`` (``benchmarks/s_test-results.json``, ``docs/solvers.md``): scores with Pearson >= 0.9998
+#: against the reference solve for every test point of every task there, in 10-12 steps.
+CG_TOL = 0.01
+DEFAULT_SCORING = "auto"
+#: Training examples scored at once (bounds memory).
+DEFAULT_CHUNK_SIZE = 256
+#: Mislabel analysis: epochs of the training run at which the callback records per-example training signals
+#: (evenly spaced over ``max_epochs``); 10 cost 0.03-0.05 of the training time in ``benchmarks/mislabel.py``.
+DEFAULT_SIGNAL_CHECKPOINTS = 10
+#: Mislabel candidates shown with their inputs (TensorBoard grid and table, the JSON ``examples``); the JSON
+#: lists every candidate (``mislabel_candidates="all"``: the whole training set).
+MISLABEL_SHOWN = 64
+#: Mean AUROC range (lowest, highest over the memorising nets' noise settings) of the final-weights
+#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results.json``;
+#: ``tests/unit/analysis/test_mislabel_report.py`` recomputes them from that file.
+POSTHOC_MISLABEL_AUROC = {"self_influence": (0.907, 0.951), "training_signals": (0.984, 0.996)}
+NO_SIGNALS_NOTE = (
+    "No training signals (only the final weights): ranked by self-influence, which found fewer flipped labels"
+    " than the training-signal ranking on the memorising nets of benchmarks/mislabel.py (AUROC {si[0]}-{si[1]}"
+    " against {ts[0]}-{ts[1]}). Record them during training with InfluenceCallback(mislabel_candidates=...)."
+).format(si=POSTHOC_MISLABEL_AUROC["self_influence"], ts=POSTHOC_MISLABEL_AUROC["training_signals"])
+#: Nearest-neighbour search backends for candidate preselection, and the named built-in feature choices.
+KNN_BACKENDS = ("torch", "faiss")
+DEFAULT_KNN_BACKEND = "torch"
+LAST_LAYER_GRAD = "last_layer_grad"
+ACTIVATIONS = "activations"
+FEATURE_NAMES = (LAST_LAYER_GRAD, ACTIVATIONS)
+#: When candidates are preselected: ``"auto"`` only where a timed probe says it saves time (else every training
+#: example is scored, with a note), ``"always"`` whenever ``num_candidates`` is set.
+PRESELECT_POLICIES = ("auto", "always")
+DEFAULT_PRESELECT = "auto"
+#: The ``preselect="auto"`` probe times features + kNN against scoring on the first training batch, at most this
+#: many examples (per-example costs fall with the batch size, so the probe uses the batches of the real run).
+PRESELECT_PROBE_EXAMPLES = 256
+#: Below this many probe batches in the training set ``preselect="auto"`` scores every example without probing.
+PRESELECT_MIN_BATCHES = 3
+#: Fine-tuning choices of :func:`~lightning_influence.correct_errors`.
+SELECTIONS = ("helpful", "random", "anchors", "harmful")
+
+
+def expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be {allowed}, but got {value!r}.{(' ' + hint) if hint else ''}")
+
+

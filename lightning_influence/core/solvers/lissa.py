@@ -1,0 +1,267 @@
+"""The LiSSA solver: the Neumann recursion of :mod:`~lightning_influence.core.solvers.neumann` with its scale, its
+recovery from a divergence and its retries, the repeats split over ranks (FastIF's scheme).
+
+Rank r runs repeats r, r + R, ...; each repeat depends only on ``(seed, repeat)``, so the combined answer does
+not depend on the number of ranks. The sums of the even- and of the odd-numbered repeats travel stacked in one
+sum over ranks; their means are the halves the trust report compares. After a divergence every rank adopts the
+first diverging rank's recovery (a larger ``scale``, or under a curvature that is not positive semi-definite a
+larger damping) and the repeats run again, at most ``max_retries`` times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_influence.config import NEGATIVE_CURVATURE_MARGIN, SPECTRUM_STEPS, SUBSET_SEED, LissaConfig
+from lightning_influence.core.curvature.damping import estimate_spectrum
+from lightning_influence.core.solvers.base import ONE_PROCESS, OnStep, Ranks, Solver
+from lightning_influence.core.solvers.neumann import (
+    SCALE_MARGIN,
+    LissaDivergenceError,
+    estimate_scale,
+    lissa_info,
+    lissa_repeats,
+    minibatch_stream,
+    repeat_seed,
+)
+from lightning_influence.core.tensors.batching import Batch, batch_size_of
+from lightning_influence.results import SolveInfo, STest, TrustWarning
+
+#: Below this LiSSA batch size the trust report warns (minibatch curvatures of few examples spike).
+SMALL_LISSA_BATCH = 8
+
+
+class LissaSolver(Solver):
+    """LiSSA (see the module docstring); ``config`` is a :class:`~lightning_influence.config.LissaConfig`."""
+
+    name: ClassVar[str] = "lissa"
+    split: ClassVar[str] = "repeats"
+    stores_jacobian: ClassVar[bool] = True
+    config: LissaConfig
+
+    def __init__(self, config: LissaConfig, problem: Any) -> None:
+        super().__init__(config, problem)
+        self._scale: float | None = None
+
+    @property
+    def hvp_method(self) -> str:
+        return self.config.hvp_method
+
+    @property
+    def check_batch_size(self) -> int:
+        return self.config.batch_size
+
+    @classmethod
+    def progress_steps(cls, config: LissaConfig, ranks: Ranks = ONE_PROCESS) -> int:
+        return config.depth * len(range(ranks.rank, config.repeats, ranks.world_size))
+
+    # -- scale -----------------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """The recursion's ``scale``: the configured number, or estimated once on minibatches of size B."""
+        if self._scale is None:
+            self._scale = self.estimate_scale() if self.config.scale == "auto" else float(self.config.scale)
+        return self._scale
+
+    @property
+    def has_scale(self) -> bool:
+        return self._scale is not None
+
+    def estimate_scale(self, part: tuple[int, int] = (0, 1)) -> float:
+        """The ``scale="auto"`` estimate (not cached), or with ``part=(r, R)`` this rank's share of it: the
+        maximum over the R parts equals the single-process estimate."""
+        like = next(iter(self.problem.params.values()))
+        stream = self.stream(repeat_seed(self.config.seed, -1))
+        return estimate_scale(self.problem.minibatch_hvp, stream, self.problem.damping, self.problem.num_params,
+                              like, part)
+
+    def prepare(self, ranks: Ranks = ONE_PROCESS) -> None:
+        """Estimate ``scale="auto"`` once, its probe batches split over ranks (the maximum of the parts)."""
+        if self.config.scale == "auto" and not self.has_scale and ranks.world_size > 1:
+            _, parts = ranks.gather(lambda: self.estimate_scale((ranks.rank, ranks.world_size)))
+            self._scale = max(parts)
+
+    def top_eigenvalue(self) -> float | None:
+        """The top eigenvalue of the recursion's ``H_j + damping I`` (what ``scale`` must exceed): the scale
+        estimate's own probe, divided by its margin."""
+        if self.config.scale == "auto":
+            return self.scale / SCALE_MARGIN
+        return self.estimate_scale() / SCALE_MARGIN
+
+    def stream(self, seed: int) -> Iterator[Batch]:
+        """LiSSA's endless seeded minibatches (index batches of the stored Jacobian when it is stored)."""
+        problem = self.problem
+        if not isinstance(problem.train_loader, DataLoader):
+            raise TypeError(
+                "Expected `train_loader` to be a torch DataLoader for solver='lissa' (it samples minibatches from"
+                f" its dataset), but got {type(problem.train_loader).__name__}. Wrap the data in a DataLoader."
+            )
+        rows = problem.products.rows_stream(self.config.batch_size, seed)
+        if rows is not None:
+            return rows
+        loader = problem.train_loader
+        return minibatch_stream(loader.dataset, self.config.batch_size, loader.collate_fn, seed, problem.device)
+
+    # -- the recursion ---------------------------------------------------------------------------------------
+    def partial(self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: OnStep | None = None,
+                *, early_stop: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sum over repeats ``repeat_ids`` of ``h_J / scale``, and their traces. With ``early_stop`` a repeat ends
+        once its own estimate meets ``residual_tol`` (checked every ``check_every`` steps)."""
+        config = self.config
+
+        def stop(estimate: torch.Tensor) -> float:
+            return float(self.problem.residual(estimate, vectors).max())
+
+        return lissa_repeats(self.problem.minibatch_hvp, lambda r: self.stream(repeat_seed(config.seed, r)),
+                             vectors, self.problem.damping, self.scale, config, repeat_ids, on_step,
+                             stop if early_stop else None)
+
+    # long: the retry loop, the split over ranks and the combination read best in one place
+    def solve(self, vectors: torch.Tensor, on_step: OnStep | None = None, ranks: Ranks = ONE_PROCESS) -> STest:
+        config = self.config
+        if config.repeats < ranks.world_size and ranks.rank == 0:
+            warnings.warn(
+                f"LiSSA repeats={config.repeats} < {ranks.world_size} processes: {ranks.world_size - config.repeats}"
+                f" rank(s) idle during s_test. Set `repeats` to a multiple of the number of processes (e.g."
+                f" {ranks.world_size}): a lower-variance s_test in the same time.", stacklevel=4)
+        start = time.perf_counter()
+        self.prepare(ranks)
+        ids = list(range(ranks.rank, config.repeats, ranks.world_size))
+        halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
+        retries: list[dict[str, Any]] = []
+        while True:
+            outcome, gathered = ranks.gather(
+                lambda: self._run_halves(vectors, halves, on_step, can_retry=len(retries) < config.max_retries,
+                                         runs_all=len(ids) == config.repeats),
+                lambda result: (result[0], result[1], result[3]))
+            diverged = [shared for shared in gathered if shared[0] == "diverged"]
+            if not diverged:
+                break
+            if len(retries) >= config.max_retries:
+                if outcome[0] == "diverged":
+                    raise self.divergence_error(outcome[2], retries) from outcome[2]
+                raise RuntimeError(f"LiSSA diverged on another rank after {len(retries)} retries: {diverged[0][1]}")
+            record = diverged[0][1]  # every rank adopts the first diverging rank's recovery: the same state everywhere
+            self.adopt(record)
+            retries.append(record)
+        even_odd = ranks.sum(outcome[2])
+        x = (even_odd[0] + even_odd[1]) / config.repeats
+        traces = [t for _, t in sorted((pair for shared in gathered for pair in shared[1]), key=lambda p: p[0])]
+        known = [shared[2] for shared in gathered if shared[2] is not None]
+        residual = known[0] if known else self.problem.split_residual(x, vectors, ranks)
+        info = self.record(traces, x, vectors, retries, residual)
+        halves_means = None
+        if config.repeats >= 2:
+            halves_means = (even_odd[0] / len(range(0, config.repeats, 2)),
+                            even_odd[1] / len(range(1, config.repeats, 2)))
+        return STest(x, dataclasses.replace(info, seconds=time.perf_counter() - start), halves_means)
+
+    def _run_halves(self, vectors: torch.Tensor, halves: list[list[int]], on_step: OnStep | None, can_retry: bool,
+                    runs_all: bool) -> tuple[Any, ...]:
+        """This rank's sums of its even and odd repeats and their traces: ``("ok", traces, sums, residual)``, where
+        ``residual`` is the known residual of the whole solution when this rank ran every repeat (else None); after
+        a divergence ``("diverged", recovery record or message, error, None)`` (the record when a retry is left)."""
+        sums: list[torch.Tensor] = []
+        traces: list[tuple[int, torch.Tensor]] = []
+        try:
+            for half in halves:
+                total, half_traces = self.partial(vectors, half, on_step)
+                sums.append(total)
+                traces.extend(zip(half, half_traces))
+        except LissaDivergenceError as error:
+            return "diverged", self.recover(error) if can_retry else str(error), error, None
+        known = None
+        if runs_all and traces:
+            known = self.problem.known_residual(torch.stack(sums).sum(dim=0) / len(traces), vectors)
+        return "ok", traces, torch.stack(sums), None if known is None else float(known.max())
+
+    def record(self, traces: list[torch.Tensor], x: torch.Tensor, vectors: torch.Tensor,
+               retries: Sequence[dict[str, Any]], residual: float | None = None) -> SolveInfo:
+        """The record of a solve: traces, the residual of the averaged ``x`` (``converged`` means it met
+        ``residual_tol``; computed here unless given), how the damping was chosen, and the retries."""
+        residual = float(self.problem.residual(x, vectors).max()) if residual is None else residual
+        info = lissa_info(self.problem.damping, self.scale, traces, self.config, residual=residual)
+        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries))
+
+    # -- recovery --------------------------------------------------------------------------------------------
+    def recover(self, error: LissaDivergenceError) -> dict[str, Any]:
+        """Measure the diverging minibatch's eigenvalues, then raise ``scale`` (an eigenvalue spike) or, under a
+        curvature that is not positive semi-definite with negative curvature below the damping, the damping;
+        adopt the change and return its record."""
+        problem = self.problem
+        found = self._batch_spectrum(error.batch)
+        scale, damping = self.scale, problem.damping
+        record: dict[str, Any] = {
+            "step": error.step, "repeat": error.repeat, "batch_eigenvalue_max": found.top,
+            "batch_eigenvalue_min": found.bottom, "scale_before": scale, "damping_before": damping,
+        }
+        negative = found.bottom + damping < 0 and found.top + damping <= scale
+        if not problem.curvature.psd and negative and not problem.settings.allow_negative_curvature:
+            raised = max(2.0 * damping, NEGATIVE_CURVATURE_MARGIN * -found.bottom)
+            note = (f"LiSSA diverged at step {error.step}: minibatch lambda_min={found.bottom:.3g} is below -damping;"
+                    f" damping raised from {damping:.3g} to {raised:.3g}.")
+            record.update(reason="negative curvature: damping raised", damping_after=raised,
+                          scale_after=scale + (raised - damping), note=note)
+        else:
+            record.update(reason="minibatch eigenvalue spike: scale raised", damping_after=damping,
+                          scale_after=max(2.0 * scale, SCALE_MARGIN * (found.top + damping)), note="")
+        self.adopt(record)
+        return record
+
+    def adopt(self, record: dict[str, Any]) -> None:
+        """Take a recovery record's scale and damping (the same record on every rank: the same state)."""
+        if record["damping_after"] != self.problem.damping:
+            self.problem.raise_damping(record["damping_after"], "raised after a LiSSA divergence", record["note"])
+        self._scale = record["scale_after"]
+
+    def divergence_error(self, error: LissaDivergenceError, retries: list[dict[str, Any]]) -> LissaDivergenceError:
+        """The error after the last retry, with every measured eigenvalue in its text."""
+        measured = "; ".join(
+            f"retry {i + 1}: minibatch eigenvalues [{r['batch_eigenvalue_min']:.3g}, {r['batch_eigenvalue_max']:.3g}],"
+            f" {r['reason']} (scale {r['scale_before']:.3g} -> {r['scale_after']:.3g}, damping"
+            f" {r['damping_before']:.3g} -> {r['damping_after']:.3g})"
+            for i, r in enumerate(retries)
+        ) or f"max_retries={len(retries)}"
+        last = self._batch_spectrum(error.batch)
+        found = self.problem.damping_choice().spectrum
+        subset = "" if found is None else f"; on the check subset [{found.bottom:.3g}, {found.top:.3g}]"
+        curvature = self.problem.curvature
+        hint = "a larger `damping`, solver='cg', or a larger `batch_size`"
+        if not curvature.psd:
+            hint = "curvature='gauss_newton' (positive semi-definite), " + hint
+        return LissaDivergenceError(
+            f"{error} Still diverging after {len(retries)} retr{'y' if len(retries) == 1 else 'ies'} ({measured})."
+            f" Curvature ({curvature.name}) eigenvalues measured: minibatch at the divergence"
+            f" [{last.bottom:.3g}, {last.top:.3g}]{subset}. Try {hint}.",
+            step=error.step, repeat=error.repeat, batch=error.batch, scale=error.scale, damping=error.damping,
+        )
+
+    def _batch_spectrum(self, batch: Batch) -> Any:
+        problem = self.problem
+        like = next(iter(problem.params.values()))
+        with torch.inference_mode(False), torch.enable_grad():
+            return estimate_spectrum(lambda v: problem.minibatch_hvp(batch, v), problem.num_params,
+                                     batch_size_of(batch), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS)
+
+    # -- trust -----------------------------------------------------------------------------------------------
+    def trust_warnings(self, top: float | None) -> list[TrustWarning]:
+        config, found = self.config, []
+        if top is not None and config.scale != "auto" and float(config.scale) < SCALE_MARGIN * top:
+            found.append(TrustWarning(
+                "scale_below_top_eigenvalue", f"scale={config.scale:g} is below {SCALE_MARGIN} x the estimated top"
+                f" eigenvalue {top:.4g} of the minibatch curvature plus damping (what scale='auto' uses): the"
+                " recursion diverges along directions above 2 x scale. Use scale='auto' or"
+                f" scale >= {SCALE_MARGIN * top:.3g}."))
+        if config.batch_size < SMALL_LISSA_BATCH:
+            found.append(TrustWarning(
+                "small_lissa_batch", f"LiSSA batch_size={config.batch_size} (< {SMALL_LISSA_BATCH}): minibatch"
+                " Hessians of few examples have far larger top eigenvalues than the full one, so the recursion needs"
+                " a large scale and is divergence-prone. Raise `batch_size` or use more `repeats`."))
+        return found
