@@ -101,7 +101,7 @@ def shoot(logdir: Path, out: Path) -> list[Path]:  # long: one screenshot per vi
         train_index = page.evaluate(js("DOC.querySelector('#li-harmful [data-train-index]').dataset.trainIndex"))
         click(page, f"#li-harmful [data-train-index='{train_index}']")
         page.wait_for(js(f"DOC.querySelector('#li-example-detail')?.dataset.trainIndex === '{train_index}'"
-                         " && DOC.querySelector('#li-classes')"))
+                         " && !!DOC.querySelector('#li-classes')"))
         settle(page)
         written.append(page.screenshot(out / "dashboard-examples.png"))
 
@@ -129,7 +129,7 @@ def shoot(logdir: Path, out: Path) -> list[Path]:  # long: one screenshot per vi
         dark = chromium.open("about:blank")
         dark.send("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
         dark.send("Page.navigate", {"url": f"{url}/#influence&p.influence.run={urllib.parse.quote(DIGITS, safe='')}"})
-        dark.wait_for(js("DOC && DOC.documentElement.classList.contains('dark') && DOC.querySelector('#li-point-detail')"),
+        dark.wait_for(js("DOC && DOC.documentElement.classList.contains('dark') && !!DOC.querySelector('#li-point-detail')"),
                       timeout=90)
         settle(dark)
         written.append(dark.screenshot(out / "dashboard-dark.png"))
@@ -148,7 +148,7 @@ def shoot_broken(logdir: Path, out: Path) -> Path:
             json.dumps({"val_indices": [], "train_size": 1400, "shards": ["epoch=1-scores-rank0.pt"]}))
         with running_dashboard(root) as url, Chromium(width=1400, height=900) as chromium:
             page = open_run(chromium, url, "missing_shard/version_0", epoch=1)
-            page.wait_for(js("DOC.querySelector('#li-unreadable') && DOC.querySelector('#li-point-detail')"))
+            page.wait_for(js("!!DOC.querySelector('#li-unreadable') && !!DOC.querySelector('#li-point-detail')"))
             page.evaluate(js("DOC.querySelector('#li-unreadable').open = true"))
             settle(page)
             return page.screenshot(out / "dashboard-unreadable.png")

@@ -171,7 +171,7 @@ def frame(page, expression: str):
 
 
 def wait(page, expression: str, timeout: float = 30):
-    return page.wait_for(expression.replace("DOC", DOC), timeout=timeout)
+    return page.wait_for(f"!!({expression.replace('DOC', DOC)})", timeout=timeout)  # an element comes back as {}
 
 
 def open_hash(chromium: Chromium, url: str, **state) -> object:
@@ -291,8 +291,10 @@ def test_tensorboard_reload_shows_a_new_analysis(browser):
     (directory / "epoch=7.json").write_text(json.dumps(added))
     try:
         time.sleep(2.5)  # the server's run list is cached for 2 s
+        before = int(frame(page, "DOC.documentElement.dataset.reloads || '0'"))
         page.evaluate("document.querySelector('app-header-reload button').click()")
         wait(page, "[...DOC.querySelectorAll('#li-analysis option')].some(o => o.value === '7')", timeout=20)
+        assert int(frame(page, "DOC.documentElement.dataset.reloads || '0'")) > before  # TensorBoard's message
     finally:
         (directory / "epoch=7.json").unlink()
 

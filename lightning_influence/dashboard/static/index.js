@@ -110,7 +110,11 @@ function listenForReload() {
       try { message = JSON.parse(event.data); } catch (_) { return; }
       if (message.isReply) return;
       channel.port1.postMessage(JSON.stringify({ type: message.type, id: message.id, payload: null, error: null, isReply: true }));
-      if (message.type === "experimental.DataReloaded" || message.type === "experimental.RunsChanged") refreshRuns();
+      if (message.type === "experimental.DataReloaded" || message.type === "experimental.RunsChanged") {
+        const seen = document.documentElement.dataset;  // counted, so a test can tell the reload from the poll
+        seen.reloads = String(Number(seen.reloads || 0) + 1);
+        refreshRuns();
+      }
     };
     if (window.parent !== window) window.parent.postMessage("experimental.bootstrap", "*", [channel.port2]);
   } catch (_) { /* not inside TensorBoard: polling only */ }
