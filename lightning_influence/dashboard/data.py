@@ -131,7 +131,7 @@ class InfluenceData:
         for kind in ("harmful", "helpful"):
             result[kind] = [
                 {"rank": rank, "train_index": index, "influence": influence,
-                 "loss_change_if_removed": None if influence is None else -influence / n,
+                 "loss_change_if_removed": views.loss_change(influence, n),
                  **views.example_entry(examples["train"], index)}
                 for rank, (index, influence) in enumerate(point[kind], start=1)
             ]

@@ -83,6 +83,11 @@ def point_summary(point: dict[str, Any], examples: dict[str, Any], trust: dict[i
             "trust": trust.get(index, {"badge": "unknown"})}
 
 
+def loss_change(influence: Any, n: int) -> float | None:
+    """``-I / n``: the estimated change of the point's loss if the example were removed (None if I is not a number)."""
+    return -influence / n if isinstance(influence, (int, float)) and not isinstance(influence, bool) else None
+
+
 def distinct(rows: list[dict[str, Any]], key: str) -> list[str]:
     """The distinct values of ``key`` as text, in natural order (for the filter menus)."""
     return sorted({_text(r.get(key)) for r in rows if r.get(key) is not None}, key=lambda s: (len(s), s))

@@ -224,3 +224,27 @@ def test_class_summary_counts_the_top_lists(examples):
     index, _ = point["harmful"][0]
     r, c = classes["rows"].index(str(train[str(index)]["label"])), classes["columns"].index(str(point["label"]))
     assert classes["cells"][r][c]["harmful"] >= 1
+
+
+def test_an_unexpected_error_is_a_json_500_not_an_html_page(tmp_path):
+    from types import SimpleNamespace
+
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    from lightning_influence.dashboard.plugin import InfluencePlugin
+
+    plugin = InfluencePlugin(SimpleNamespace(logdir=str(tmp_path), data_provider=None))
+    apps = plugin.get_plugin_apps()
+
+    def broken() -> None:
+        raise RuntimeError("something nobody planned for")
+
+    plugin.data.runs = broken  # type: ignore[method-assign]
+    response = Client(apps["/runs"], Response).get("/runs")
+    body = json.loads(response.get_data(as_text=True))
+    assert response.status_code == 500 and response.headers["Content-Type"].startswith("application/json")
+    assert body["error"] == "RuntimeError: something nobody planned for" and "rest of the tab" in body["hint"]
+    plugin.data = type(plugin.data)(str(tmp_path))  # the real data on an empty log dir: no runs, no error
+    assert json.loads(Client(plugin.get_plugin_apps()["/runs"], Response).get("/runs").get_data(as_text=True)) == {
+        "runs": [], "unreadable": []}
