@@ -36,12 +36,14 @@ export async function drawPoints() {
     return;
   }
   const visible = page.points.map((p) => p.val_index);
+  const missing = state.point !== null && !visible.includes(state.point) ? state.point : null;
   if (!visible.includes(state.point)) state.point = visible.length ? visible[0] : null;  // kept when it is in this analysis
   writeHash();
   const redraw = () => { state.pointsShown = PAGE; drawPoints().catch(showMainError); };
   const sorts = [["loss", "highest loss"], ["influence", "largest harmful influence"], ["residual", "largest residual"], ["index", "index"]];
   const list = h("div", { className: "list", id: "li-points", role: "listbox", "aria-label": "validation points" },
     h("h3", {}, `Validation points (${page.total}${page.total !== page.all ? ` of ${page.all}` : ""})`),
+    missing !== null ? h("div", { className: "small", id: "li-point-missing" }, `Point #${missing} is not among these points at epoch ${state.epoch}${page.total !== page.all ? " with these filters" : ""}.`) : null,
     page.model_warnings.length ? h("div", { className: "model-warning", id: "li-model-warning" }, "Model-level warning: ", page.model_warnings.map((w) => w.code).join(", "), " (see Trust); badges say \"model warning\".") : null,
     page.points.length ? null : h("div", { className: "empty" }, "No point matches these filters."),
     page.points.map((p) => h("div", {
