@@ -19,6 +19,7 @@ CASES = {
     "missing_shard": "the score index of epoch 1 lists a .pt shard that is not there (DDP without shared disk)",
     "bad_mislabel": "mislabel_epoch=1.json truncated; mislabel_epoch=0.json is fine",
     "zero_points": "epoch=1.json has no points",
+    "mislabel_only": "only mislabel reports, as `lightning-influence mislabel` writes beside a checkpoint",
 }
 
 
@@ -51,4 +52,6 @@ def broken_runs(good_run: Path, root: Path) -> Path:
     (influence["bad_mislabel"] / "mislabel_epoch=1.json").write_text(text[: len(text) // 3])
     _edit(influence["zero_points"] / "epoch=1.json", lambda r: (r.__setitem__("points", []),
                                                                r["trust"].__setitem__("points", [])))
+    for report in influence["mislabel_only"].glob("epoch=*"):
+        report.unlink()
     return root

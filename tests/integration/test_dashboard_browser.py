@@ -334,6 +334,11 @@ def test_bad_files_leave_the_rest_working_with_a_readable_message(broken_site):
     page = open_hash(chromium, url, run="bad_mislabel/version_0", tab="mislabel")
     wait(page, "DOC.querySelectorAll('#li-candidates tbody tr').length")
     assert frame(page, "[...DOC.querySelectorAll('#li-mislabel-epoch option')].map(o => o.value)") == ["0"]
+    page = open_hash(chromium, url, run="mislabel_only/version_0")  # no analysis: say so, offer the Mislabel tab
+    wait(page, "DOC.querySelector('#li-only-mislabel button')")
+    assert "no influence analysis" in frame(page, "DOC.querySelector('#li-only-mislabel').textContent")
+    frame(page, "DOC.querySelector('#li-only-mislabel button').click()")
+    wait(page, "DOC.querySelectorAll('#li-candidates tbody tr').length")
 
 
 def test_a_report_broken_while_open_gives_a_message_in_its_pane_only(broken_site):

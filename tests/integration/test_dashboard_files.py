@@ -74,6 +74,7 @@ def test_runs_lists_unreadable_files_and_keeps_the_rest(broken):
     assert "JSON list" in reasons["not_an_object/epoch=1.json"]
     assert all(u["hint"] for u in answer["unreadable"])
     assert [a["global_step"] for a in runs["no_global_step"]["analyses"]] == [None, None]
+    assert runs["mislabel_only"]["analyses"] == [] and runs["mislabel_only"]["mislabel"] == [0, 1]
 
 
 @pytest.mark.parametrize("run, route, params", [

@@ -118,7 +118,7 @@ function labelTable(table, id, field, title) {
   const max = Math.max(1, ...table.counts.flat());
   return h("div", { className: "confusion", id },
     h("h4", {}, title),
-    h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "given \\ " + (field === "model_prediction" ? "pred" : "sugg.")), table.labels.map((l) => h("th", {}, l)))),
+    h("table", {}, h("thead", {}, h("tr", {}, h("th", { className: "corner", title: "rows: given label; columns: " + (field === "model_prediction" ? "model prediction" : "suggested label") }, field === "model_prediction" ? "given\\pred" : "given\\sugg."), table.labels.map((l) => h("th", {}, l)))),
       h("tbody", {}, table.labels.map((given, i) => h("tr", {}, h("th", {}, given), table.counts[i].map((count, j) => h("td", {
         className: `${i === j ? "diagonal" : ""} ${count ? "clickable" : ""}`,
         style: { background: count ? `rgba(${i === j ? "84, 110, 122" : "198, 40, 40"}, ${(0.12 + 0.6 * count / max).toFixed(2)})` : "" },
