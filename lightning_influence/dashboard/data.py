@@ -214,9 +214,11 @@ class InfluenceData:
         rows = views.filter_rows(views.candidate_rows(report), filters, "train_index")
         return {"run": run, "epoch": epoch, "train_indices": [r["train_index"] for r in rows]}
 
-    def relabel_csv(self, run: str, epoch: int, train_indices: list[int] | None) -> str:
+    def relabel_csv(self, run: str, epoch: int, train_indices: list[int] | None,
+                    new_labels: dict[int, str] | None = None) -> str:
         """A CSV of the chosen candidates (every one when ``train_indices`` is None), as ``lightning-influence
-        export --relabel`` writes it: ``rank,train_index,given_label,predicted_label,new_label,...``."""
+        export --relabel`` writes it: ``rank,train_index,given_label,predicted_label,new_label,...``; ``new_labels``
+        replaces ``new_label`` (the suggestion) where the user edited it."""
         from lightning_influence.reporting.relabel import relabel_csv, relabel_rows
 
         _, report = self._mislabel_report(run, epoch)
@@ -224,7 +226,11 @@ class InfluenceData:
             rows = relabel_rows(report, train_indices)
         except ValueError as err:
             raise BadRequest(f"{err} (run {run!r})") from err
-        return relabel_csv(rows)
+        edited = new_labels or {}
+        unknown = sorted(set(edited) - {row["train_index"] for row in rows})
+        if unknown:
+            raise BadRequest(f"Expected `new_labels` for selected candidates only, but got {unknown}.")
+        return relabel_csv([{**row, "new_label": edited.get(row["train_index"], row["new_label"])} for row in rows])
 
     def trust(self, run: str, epoch: int) -> dict[str, Any]:
         """The analysis' self-diagnosis: per-point residuals and repeat agreement, warnings, solver settings and

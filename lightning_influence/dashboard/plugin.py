@@ -109,7 +109,7 @@ class InfluencePlugin(base_plugin.TBPlugin):
         try:
             run, epoch = _run(request), _int(request, "epoch")
             indices = None if request.args.get("all") == "1" else _indices(request, "train_indices")
-            text = self.data.relabel_csv(run, epoch, indices)
+            text = self.data.relabel_csv(run, epoch, indices, _new_labels(request))
         except Exception as err:  # every failure answers JSON, as the other routes
             return _error(request, err)
         response = http_util.Respond(request, text, "text/csv")
@@ -179,6 +179,18 @@ def _int(request: wrappers.Request, name: str, default: int | None = None, minim
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise BadRequest(f"Expected `{name}` to be an integer {allowed}, but got {value}.")
     return value
+
+
+def _new_labels(request: wrappers.Request) -> dict[int, str]:
+    """``new_labels=3:7,17:2`` (training index: the label to write as new_label) as a dict."""
+    text = request.args.get("new_labels", "")
+    result = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        index, _, label = part.partition(":")
+        if not index.strip().isdigit() or not label.strip():
+            raise BadRequest(f"Expected `new_labels` as index:label pairs, e.g. 3:7,17:2, but got {text!r}.")
+        result[int(index)] = label.strip()
+    return result
 
 
 def _optional_int(request: wrappers.Request, name: str) -> int | None:

@@ -234,7 +234,15 @@ def test_digits_example_mislabel_tab_states_its_ranking_and_selects_every_candid
     wait(page, "DOC.querySelector('#li-relabel').textContent.includes('(32 selected)')")
     href = frame(page, "DOC.querySelector('#li-relabel').href")
     assert len(urllib.parse.parse_qs(urllib.parse.urlparse(href).query)["train_indices"][0].split(",")) == 32
-    first = report["candidates"][0]["train_index"]  # a candidate -> its influence on the monitored points
+    first = report["candidates"][0]["train_index"]  # editing a new label goes into the CSV link
+    frame(page, "DOC.querySelector('#li-filter-given').value = ''; DOC.querySelector('#li-filter-given')"
+          ".dispatchEvent(new Event('change'))")
+    wait(page, f"DOC.querySelector('#li-candidates tr[data-train-index=\"{first}\"] input.new-label')")
+    frame(page, f"(() => {{ const i = DOC.querySelector('#li-candidates tr[data-train-index=\"{first}\"] input.new-label');"
+          " i.value = '7'; i.dispatchEvent(new Event('change')); })()")
+    href = frame(page, "DOC.querySelector('#li-relabel').href")
+    assert urllib.parse.parse_qs(urllib.parse.urlparse(href).query)["new_labels"] == [f"{first}:7"]
+    # a candidate -> its influence on the monitored points
     frame(page, f"DOC.querySelector('#li-candidates tr[data-train-index=\"{first}\"] .open-example').click()")
     wait(page, f"DOC.querySelector('#li-example-detail')?.dataset.trainIndex === '{first}'")
 

@@ -189,6 +189,15 @@ def test_digits_example_writes_a_mislabel_report_shown_in_its_ranking(examples):
             {"run": "digits/version_0", "epoch": 0, "all": "1"}), timeout=30) as response:
         rows = list(csv.DictReader(io.StringIO(response.read().decode())))
     assert [int(r["rank"]) for r in rows] == list(range(1, 33))
+    first, second = (c["train_index"] for c in report["candidates"][:2])  # a label edited in the table wins
+    with urllib.request.urlopen(f"{url}/data/plugin/influence/relabel.csv?" + urllib.parse.urlencode(
+            {"run": "digits/version_0", "epoch": 0, "train_indices": f"{first},{second}",
+             "new_labels": f"{first}:7"}), timeout=30) as response:
+        rows = list(csv.DictReader(io.StringIO(response.read().decode())))
+    assert [r["new_label"] for r in rows] == ["7", str(report["candidates"][1]["suggested_label"])]
+    status, body = call(url, "relabel.csv", run="digits/version_0", epoch=0, train_indices=str(first),
+                        new_labels=f"{second}:1")
+    assert status == 400 and "selected candidates only" in body["error"]
     other = next(name for name in report["rankings"] if name != "el2n_window")
     _, reordered = call(url, "mislabel", run="digits/version_0", epoch=0, order=other, limit=500)
     position = {index: k for k, index in enumerate(report["rankings"][other])}

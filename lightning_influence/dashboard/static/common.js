@@ -3,7 +3,7 @@
 export const PAGE = 50;
 export const state = {
   runs: [], unreadable: [], run: null, epoch: null, tab: "points", point: null, example: null,
-  mislabelEpoch: null, selected: new Set(), pointsShown: PAGE, examplesShown: PAGE, candidatesShown: PAGE,
+  mislabelEpoch: null, selected: new Set(), newLabels: new Map(), pointsShown: PAGE, examplesShown: PAGE, candidatesShown: PAGE,
   pointSort: "loss", exampleSort: "harmful_count", filters: {}, candidateFilters: {}, order: null,
 };
 export const HASH_KEYS = ["run", "epoch", "tab", "point", "example", "mislabel", "sort", "esort", "order", "label", "prediction", "wrong"];

@@ -47,7 +47,7 @@ function resetRun() {
   const analyses = run ? run.analyses : [];
   state.epoch = analyses.length ? analyses[analyses.length - 1].epoch : null;
   state.mislabelEpoch = run && run.mislabel.length ? run.mislabel[run.mislabel.length - 1] : null;
-  state.point = null; state.example = null; state.selected = new Set(); state.filters = {}; state.candidateFilters = {}; state.order = null;
+  state.point = null; state.example = null; state.selected = new Set(); state.newLabels = new Map(); state.filters = {}; state.candidateFilters = {}; state.order = null;
   resetPaging();
 }
 

@@ -27,7 +27,7 @@ export async function drawMislabel() {
   const bySignals = page.ranking !== "self_influence";
   const redraw = () => { state.candidatesShown = PAGE; drawMislabel().catch((e) => setMain(errorBox(e, "li-main-error"))); };
   const epochSelect = select("li-mislabel-epoch", run.mislabel.map((ep) => [ep, `epoch ${ep}`]), state.mislabelEpoch,
-    (v) => { state.mislabelEpoch = Number(v); state.selected = new Set(); redraw(); }, "Mislabel report");
+    (v) => { state.mislabelEpoch = Number(v); state.selected = new Set(); state.newLabels = new Map(); redraw(); }, "Mislabel report");
   const orderSelect = page.rankings.length > 1 ? select("li-order", page.rankings.map((r) => [r, r === page.ranking ? `${r} (the report's)` : r]), page.order,
     (v) => { state.order = v === page.ranking ? null : v; redraw(); }, "order by") : null;
   const filter = (key) => (v) => { f[key] = v || undefined; redraw(); };
@@ -41,7 +41,7 @@ export async function drawMislabel() {
       h("input", { type: "search", id: "li-candidate-search", placeholder: "train index", size: 8, value: f.index || "" })));
   const csvLink = h("a", { id: "li-relabel", className: "button", download: `relabel_epoch=${state.mislabelEpoch}.csv` });
   const columns = ["", "rank", "input", "train", "given", "model prediction", page.has_suggested ? "suggested label" : null,
-    bySignals ? `score (${page.ranking})` : null, "self-influence I(z,z)", "loss", "loss rank", ""].filter((c) => c !== null);
+    bySignals ? `score (${page.ranking})` : null, "self-influence I(z,z)", "loss", "loss rank", "new label", ""].filter((c) => c !== null);
   const table = h("table", { className: "candidates", id: "li-candidates" },
     h("thead", {}, h("tr", {}, columns.map((t) => h("th", {}, t)))),
     h("tbody", {}, page.candidates.map((c) => h("tr", { className: text(c.label) !== text(c.model_prediction) ? "disagrees" : "", "data-train-index": c.train_index },
@@ -49,6 +49,8 @@ export async function drawMislabel() {
       h("td", {}, c.rank), h("td", {}, rendering(c)), h("td", {}, `#${c.train_index}`), h("td", { className: "given" }, fmt(c.label)),
       h("td", { className: "model" }, fmt(c.model_prediction)), page.has_suggested ? h("td", { className: "suggested" }, fmt(c.suggested_label)) : null,
       bySignals ? h("td", { className: "score" }, fmt(c.score, 4)) : null, h("td", {}, sci(c.self_influence)), h("td", {}, fmt(c.loss)), h("td", {}, fmt(c.loss_rank)),
+      h("td", {}, h("input", { className: "new-label", size: 3, value: state.newLabels.get(c.train_index) ?? text(c.predicted), "aria-label": `new label of #${c.train_index}`,
+        title: "the label the relabel CSV writes for this candidate (edit it; the row is then selected)", onchange: (ev) => editLabel(c, ev.target.value) })),
       h("td", {}, h("button", { className: "link open-example", title: "which monitored points this training example harms or helps", onclick: () => openExample(c.train_index) }, "influence →"))))));
   const chooser = (query, label, id) => h("button", { id, onclick: () => selectWhere(query) }, label);
   setMain(h("div", { className: "mislabel" },
@@ -56,7 +58,8 @@ export async function drawMislabel() {
       chooser({}, `select all ${page.all}`, "li-select-all"),
       chooser({ wrong: "1" }, "select where the model disagrees with the label", "li-select-disagree"),
       page.total !== page.all ? chooser({ ...f }, `select the ${page.total} matching`, "li-select-matching") : null,
-      h("button", { onclick: () => { state.selected = new Set(); selectedAll = false; syncSelection(); } }, "clear"), csvLink),
+      h("button", { onclick: () => { state.selected = new Set(); selectedAll = false; syncSelection(); } }, "clear"), csvLink,
+      h("span", { className: "small" }, "new label: edit it in the table to override the suggestion")),
     h("div", { className: "ranking", id: "li-ranking" },
       h("b", {}, `${page.all} candidates ranked by ${page.ranking}`), ` (of ${fmt(page.train_size)} training examples, step ${fmt(page.global_step)}). `,
       page.ranking_definition,
@@ -72,6 +75,13 @@ export async function drawMislabel() {
       "Given label (rows) vs the model's prediction (columns), all candidates; off the diagonal: the model disagrees with the label"),
     page.suggestions ? labelTable(page.suggestions, "li-suggestions", "suggested_label",
       "Given label (rows) → suggested label (columns), all candidates") : null))));
+  syncSelection();
+}
+
+function editLabel(candidate, value) {
+  if (value.trim() === "" || value.trim() === text(candidate.predicted)) state.newLabels.delete(candidate.train_index);
+  else state.newLabels.set(candidate.train_index, value.trim());
+  state.selected.add(candidate.train_index);
   syncSelection();
 }
 
@@ -111,6 +121,8 @@ export function syncSelection() {
   link.classList.toggle("disabled", chosen.length === 0);
   if (!chosen.length) { link.removeAttribute("href"); return; }
   const query = selectedAll && chosen.length > URL_LIMIT ? { all: "1" } : { train_indices: chosen.join(",") };
+  const edited = [...state.newLabels].filter(([index]) => state.selected.has(index));
+  if (edited.length) query.new_labels = edited.map(([index, label]) => `${index}:${label}`).join(",");
   link.href = `relabel.csv?${new URLSearchParams({ run: state.run, epoch: state.mislabelEpoch, ...query })}`;
 }
 
