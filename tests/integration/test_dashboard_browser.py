@@ -220,7 +220,7 @@ def test_digits_example_mislabel_tab_states_its_ranking_and_selects_every_candid
     ranking = frame(page, "DOC.querySelector('#li-ranking').innerText")
     assert "ranked by el2n_window" in ranking and report["ranking_definition"][:30] in ranking
     headers = frame(page, "[...DOC.querySelectorAll('#li-candidates thead th')].map(t => t.textContent)")
-    assert "score (el2n_window)" in headers and "model prediction" in headers and "suggested label" in headers
+    assert "score (el2n_window)" in headers and "model pred." in headers and "suggested" in headers
     scores = frame(page, "[...DOC.querySelectorAll('#li-candidates td.score')].map(t => Number(t.textContent))")
     assert scores == sorted(scores, reverse=True) and len(scores) == 32
     label = str(report["candidates"][0]["label"])  # filter to one given label, then select all 32

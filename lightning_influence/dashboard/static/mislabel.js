@@ -40,10 +40,12 @@ export async function drawMislabel() {
     h("form", { className: "search", onsubmit: (e) => { e.preventDefault(); filter("index")(e.target.elements[0].value); } },
       h("input", { type: "search", id: "li-candidate-search", placeholder: "train index", size: 8, value: f.index || "" })));
   const csvLink = h("a", { id: "li-relabel", className: "button", download: `relabel_epoch=${state.mislabelEpoch}.csv` });
-  const columns = ["", "rank", "input", "train", "given", "model prediction", page.has_suggested ? "suggested label" : null,
-    bySignals ? `score (${page.ranking})` : null, "self-influence I(z,z)", "loss", "loss rank", "new label", ""].filter((c) => c !== null);
+  const columns = [["", ""], ["rank", "1 = most suspicious in this order"], ["input", ""], ["train", "training index"], ["given", "the label in the data"],
+    ["model pred.", "the model's own prediction at the analysed weights"], page.has_suggested ? ["suggested", "the class the training signals point to (never the given one)"] : null,
+    bySignals ? [`score (${page.ranking})`, page.ranking_definition] : null, ["I(z,z)", page.definition || "self-influence"], ["loss", "training loss"],
+    ["loss rank", "1 = highest training loss"], ["new label", "written as new_label in the relabel CSV; edit it"], ["", ""]].filter((c) => c !== null);
   const table = h("table", { className: "candidates", id: "li-candidates" },
-    h("thead", {}, h("tr", {}, columns.map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, columns.map(([t, title]) => h("th", { title: title || null }, t)))),
     h("tbody", {}, page.candidates.map((c) => h("tr", { className: text(c.label) !== text(c.model_prediction) ? "disagrees" : "", "data-train-index": c.train_index },
       h("td", {}, h("input", { type: "checkbox", "aria-label": `select #${c.train_index}`, checked: state.selected.has(c.train_index), onchange: (ev) => toggle(c.train_index, ev.target.checked) })),
       h("td", {}, c.rank), h("td", {}, rendering(c)), h("td", {}, `#${c.train_index}`), h("td", { className: "given" }, fmt(c.label)),
@@ -51,7 +53,7 @@ export async function drawMislabel() {
       bySignals ? h("td", { className: "score" }, fmt(c.score, 4)) : null, h("td", {}, sci(c.self_influence)), h("td", {}, fmt(c.loss)), h("td", {}, fmt(c.loss_rank)),
       h("td", {}, h("input", { className: "new-label", size: 3, value: state.newLabels.get(c.train_index) ?? text(c.predicted), "aria-label": `new label of #${c.train_index}`,
         title: "the label the relabel CSV writes for this candidate (edit it; the row is then selected)", onchange: (ev) => editLabel(c, ev.target.value) })),
-      h("td", {}, h("button", { className: "link open-example", title: "which monitored points this training example harms or helps", onclick: () => openExample(c.train_index) }, "influence →"))))));
+      h("td", {}, h("button", { className: "link open-example", title: "which monitored points this training example harms or helps", onclick: () => openExample(c.train_index) }, "influence"))))));
   const chooser = (query, label, id) => h("button", { id, onclick: () => selectWhere(query) }, label);
   setMain(h("div", { className: "mislabel" },
     h("div", { className: "toolbar" }, epochSelect, orderSelect,
