@@ -137,7 +137,7 @@ def main() -> None:
     )
     trainer.fit(TinyBert(), train_loader, val_loader)
     flipped = train_loader.dataset.flipped.nonzero().flatten().tolist()
-    print(f"\nFlipped training labels (for comparison with the mislabel candidates): {flipped}")
+    print(f"\nFlipped training labels (compare them with the harmful lists in the Influence tab): {flipped}")
     print(f"Open the results with:\n  tensorboard --logdir {logger.log_dir}\n"
           f"JSON results are in {logger.log_dir}/influence/")
 

@@ -130,3 +130,42 @@ def fitted_runs() -> Path:
             fit_run(root, kind)
         _ROOT["root"] = root
     return _ROOT["root"]
+
+
+EXAMPLES = {"digits": ("examples.digits", ["--epochs", "1", "--every-n-epochs", "0"]),
+            "text_classification": ("examples.text_classification", ["--epochs", "1"])}
+
+
+def run_example(root: Path, name: str, arguments: list[str] | None = None) -> Path:
+    """Run the shipped example ``name`` (its own ``main()``, in this process, with one epoch unless ``arguments``
+    say otherwise) into ``root``; return
+    its log directory (``root/<name>/version_0``). The text example trains on its real dict batches and writes
+    the decoded sentences (its ``example_formatter``); the digits example writes a mislabel report."""
+    import importlib
+    import sys
+
+    repository = str(Path(__file__).resolve().parents[2])
+    if repository not in sys.path:
+        sys.path.insert(0, repository)
+    module_name, default = EXAMPLES[name]
+    arguments = default if arguments is None else arguments
+    module = importlib.import_module(module_name)
+    saved = sys.argv
+    sys.argv = [module_name, *arguments, "--log-dir", str(root)]
+    try:
+        module.main()
+    finally:
+        sys.argv = saved
+    return root / name / "version_0"
+
+
+def example_runs() -> Path:
+    """A log directory with one-epoch runs of ``examples/digits.py`` and ``examples/text_classification.py``
+    (``digits/version_0``, ``text_classification/version_0``), made once per test process."""
+    if "examples" not in _ROOT:
+        root = Path(tempfile.mkdtemp(prefix="dashboard-examples-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        for name in EXAMPLES:
+            run_example(root, name)
+        _ROOT["examples"] = root
+    return _ROOT["examples"]

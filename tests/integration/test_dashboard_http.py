@@ -182,13 +182,15 @@ def test_mislabel_candidates_confusion_and_relabel_csv(server, kind):
     page = route(url, "mislabel", run=RUNS[kind], epoch=1)
     assert [c["train_index"] for c in page["candidates"]] == [c["train_index"] for c in report["candidates"]]
     assert [c["self_influence"] for c in page["candidates"]] == [c["self_influence"] for c in report["candidates"]]
-    confusion = page["confusion"]
-    labels = confusion["labels"]
-    for given in labels:
-        for predicted in labels:
-            expected = sum(str(c["label"]) == given and str(predicted_label(c)) == predicted
-                           for c in report["candidates"])
-            assert confusion["counts"][labels.index(given)][labels.index(predicted)] == expected
+    assert [c["rank"] for c in page["candidates"]] == list(range(1, len(report["candidates"]) + 1))  # 1-based
+    assert [c["loss_rank"] for c in page["candidates"]] == [c["loss_rank"] + 1 for c in report["candidates"]]
+    assert page["ranking"] == report["ranking"] and page["ranking_definition"] == report["ranking_definition"]
+    for table, field in ((page["confusion"], "prediction"), (page["suggestions"], "suggested_label")):
+        labels = table["labels"]  # given vs the model's own prediction; given vs the suggested label
+        for given in labels:
+            for other in labels:
+                expected = sum(str(c["label"]) == given and str(c[field]) == other for c in report["candidates"])
+                assert table["counts"][labels.index(given)][labels.index(other)] == expected
     chosen = [c["train_index"] for c in report["candidates"][:3]]
     query = urllib.parse.urlencode({"run": RUNS[kind], "epoch": 1, "train_indices": ",".join(map(str, chosen))})
     with urllib.request.urlopen(f"{url}/data/plugin/influence/relabel.csv?{query}", timeout=10) as response:
@@ -198,6 +200,7 @@ def test_mislabel_candidates_confusion_and_relabel_csv(server, kind):
     assert [int(r["train_index"]) for r in rows] == chosen
     for row, candidate in zip(rows, report["candidates"]):
         suggested = predicted_label(candidate)  # the training signals' suggested label (recorded during the fit)
+        assert int(row["rank"]) == report["candidates"].index(candidate) + 1
         assert (row["given_label"], row["predicted_label"], row["new_label"]) == (
             str(candidate["label"]), str(suggested), str(suggested))
         assert float(row["self_influence"]) == pytest.approx(candidate["self_influence"])
@@ -239,8 +242,9 @@ def test_bad_parameters_get_400_with_a_message(server, name, params, message):
     _, url = server
     with pytest.raises(urllib.error.HTTPError) as error:
         route(url, name, **params)
-    assert error.value.code == 400
-    assert message in error.value.read().decode()
+    assert error.value.code == 400 and error.value.headers["Content-Type"].startswith("application/json")
+    body = json.loads(error.value.read().decode())
+    assert message in body["error"] and body["status"] == 400
 
 
 def test_trust_route_reports_lissa_repeat_agreement_and_one_trace_per_repeat(server):
