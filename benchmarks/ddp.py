@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExplainConfig, LissaConfig
+from lightning_influence.config import ExplainConfig, LissaConfig, ProblemConfig
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.modes import analysis_mode

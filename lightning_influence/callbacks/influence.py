@@ -217,6 +217,21 @@ class InfluenceCallback(AnalysisCallback):
         self._fit_train_loader: Any = None
 
     @property
+    def solver_config(self) -> SolverConfig:
+        """The solver config of :attr:`problem`."""
+        return self.problem.solver_config
+
+    @property
+    def damping(self) -> Union[float, str]:
+        """The requested damping of :attr:`problem` (a number or ``"auto"``)."""
+        return self.problem.damping
+
+    @property
+    def curvature(self) -> str:
+        """The curvature name of :attr:`problem`."""
+        return self.problem.curvature
+
+    @property
     @override
     def state_key(self) -> str:
         """Two callbacks in one Trainer keep their own checkpoint state when they explain different things."""

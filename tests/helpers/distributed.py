@@ -10,7 +10,7 @@ import torch
 
 from helpers import cross_entropy_per_example
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import ExactConfig, ExplainConfig
+from lightning_influence.config import ExactConfig, ExplainConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
 
 

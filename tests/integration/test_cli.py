@@ -275,9 +275,9 @@ def test_the_cli_passes_the_checkpoints_weight_decay_like_the_callback(checkpoin
     real = explain_module.explain
 
     def spy(*args, **kwargs):
-        seen.update(kwargs)
+        seen["setup"] = args[4]  # the ProblemConfig
         return real(*args, **kwargs)
 
     monkeypatch.setattr(explain_module, "explain", spy)
     assert main(["influence", str(checkpoint), *MODEL, *ANALYSIS, "--output-dir", str(tmp_path), "--quiet"]) == 0
-    assert seen["weight_decay"] == pytest.approx(1e-3)
+    assert seen["setup"].weight_decay == pytest.approx(1e-3)

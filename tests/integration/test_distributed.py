@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import CGConfig, ExplainConfig, LissaConfig
+from lightning_influence.config import CGConfig, ExplainConfig, LissaConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed import SingleProcess, TorchDistributed
 from lightning_influence.distributed.sharding import shard

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import CGConfig, ExplainConfig
+from lightning_influence.config import CGConfig, ExplainConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
 
 

@@ -28,7 +28,7 @@ from lightning_influence.analysis.diagnostics import (
     structure_warnings,
 )
 from lightning_influence.analysis.explain import explain
-from lightning_influence.config import CGConfig, ExactConfig, ExplainConfig, LissaConfig
+from lightning_influence.config import CGConfig, ExactConfig, ExplainConfig, LissaConfig, ProblemConfig
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.solvers import make_solver
 from lightning_influence.core.solvers.neumann import SCALE_MARGIN

@@ -12,7 +12,7 @@ from helpers import LogisticRegression, cross_entropy_per_example, digits
 
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import TrainingSignalRecorder
-from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, LowRankConfig
+from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, LowRankConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting import mislabel_to_dict
 

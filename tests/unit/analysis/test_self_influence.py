@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 import lightning_influence as li
 from lightning_influence.analysis.mislabel import find_mislabel_candidates, self_influence_shard
-from lightning_influence.config import LowRankConfig
+from lightning_influence.config import LowRankConfig, ProblemConfig
 from lightning_influence.core import InfluenceProblem
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.sharding import shard
