@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from lightning_influence.analysis.leave_one_out import verify_leave_one_out
     from lightning_influence.analysis.training_signals import TrainingSignalRecorder
     from lightning_influence.callbacks.influence import InfluenceCallback
+    from lightning_influence.callbacks.mislabel import MislabelCallback
     from lightning_influence.callbacks.training_signals import TrainingSignalsCallback
     from lightning_influence.config import (
         CGConfig,
@@ -53,6 +54,7 @@ _LAZY = {
     "LissaDivergenceError": "lightning_influence.core.solvers.neumann",
     "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
     "InfluenceCallback": "lightning_influence.callbacks.influence",
+    "MislabelCallback": "lightning_influence.callbacks.mislabel",
     "TrainingSignalsCallback": "lightning_influence.callbacks.training_signals",
     "TrainingSignalRecorder": "lightning_influence.analysis.training_signals",
     "correct_errors": "lightning_influence.correct",
@@ -84,6 +86,7 @@ __all__ = [
     "LissaConfig",
     "LissaDivergenceError",
     "LowRankConfig",
+    "MislabelCallback",
     "MislabelReport",
     "ProblemConfig",
     "STest",

@@ -32,10 +32,10 @@ class AnalysisCallback(pl.Callback):
         self._warned: set[str] = set()  # trust warnings already shown (each code once per callback)
         self._writers = Writers()
 
-    def _isolated(self, epoch: int, trainer: pl.Trainer, what: str, action: Any) -> None:
-        """Run ``action``; a failure warns and training goes on (``strict=True`` re-raises)."""
+    def _isolated(self, epoch: int, trainer: pl.Trainer, what: str, action: Any) -> Any:
+        """``action()``; a failure warns, returns None and training goes on (``strict=True`` re-raises)."""
         try:
-            action()
+            return action()
         except Exception as err:  # noqa: BLE001 - the user's training must survive a failed write
             if self.strict:
                 raise
@@ -45,6 +45,7 @@ class AnalysisCallback(pl.Callback):
                 f" {type(err).__name__}: {err}\nTraining goes on. Pass `strict=True` to the callback to raise instead.",
                 stacklevel=2,
             )
+            return None
 
     def _warn_once(self, warnings: Any) -> None:
         for warning in warnings:
