@@ -358,6 +358,28 @@ def retrainings(name: str, spec: Spec, train_data: Data, test: Data, args: argpa
     return record
 
 
+def extra_checks(name: str, spec: Spec, train_data: Data, test: Data, record: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Two more self-check variants on the same held-out masks (cached apart): warm-started for half the epochs
+    (all K masks), and cold retrainings with the full recipe from the shared initialisation (the first 5 masks)."""
+    key = json.dumps([name, repr(asdict(spec)), args.check_subsets, args.quick, "extra-v1"], sort_keys=True)
+    path = CACHE / f"lds-extra-{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    if path.exists() and not args.retrain:
+        return torch.load(path, weights_only=False)
+    start = record["state"]
+    half_epochs = max(1, spec.epochs // 2)
+    t0 = time.perf_counter()
+    half = torch.stack([test_losses(spec, train(spec, train_data, m.bool().nonzero().flatten(), start=start,
+                                                epochs=half_epochs), test) for m in record["check_masks"]])
+    t1 = time.perf_counter()
+    cold = torch.stack([test_losses(spec, train(spec, train_data, m.bool().nonzero().flatten()), test)
+                        for m in record["check_masks"][:5]])
+    extra = {"half_losses": half, "half_epochs": half_epochs, "half_seconds": t1 - t0, "cold_losses": cold,
+             "cold_seconds": time.perf_counter() - t1}
+    torch.save(extra, path)
+    return extra
+
+
 # -- attributions ---------------------------------------------------------------------------------------------
 def loader_of(data: Data, batch: int = 256) -> DataLoader:
     return DataLoader(dataset(data), batch_size=batch)
@@ -446,7 +468,12 @@ class Facts:
     top: float  # top Gauss-Newton eigenvalue (Lanczos, the package's estimate)
     mean: float  # trace / P (Hutchinson)
     weight_decay: float
-    sweep_self_check: dict[float, float] = field(default_factory=dict)  # damping -> held-out LDS
+    #: held-out LDS per candidate damping, from all K warm-started retrainings and from the first 5 of them,
+    #: from K retrainings warm-started for half the epochs, and from 5 cold retrainings (the full recipe)
+    self_check: dict[float, float] = field(default_factory=dict)
+    self_check_k5: dict[float, float] = field(default_factory=dict)
+    self_check_half: dict[float, float] = field(default_factory=dict)
+    self_check_cold: dict[float, float] = field(default_factory=dict)
 
 
 def rule_top(fraction: float) -> Callable[[Facts], float]:
@@ -461,8 +488,18 @@ def rule_fixed(value: float) -> Callable[[Facts], float]:
     return lambda f: value
 
 
-def rule_self_check(f: Facts) -> float:
-    return max(f.sweep_self_check, key=lambda d: f.sweep_self_check[d])
+COARSE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def rule_self_check(k5: bool = False, coarse: bool = False, variant: str = "self_check") -> Callable[[Facts], float]:
+    """The candidate damping (the sweep, or the decades ``COARSE``) with the best held-out LDS."""
+
+    def rule(f: Facts) -> float:
+        table = f.self_check_k5 if k5 else getattr(f, variant)
+        candidates = [d for d in table if not coarse or any(math.isclose(d, c) for c in COARSE)]
+        return max(candidates, key=lambda d: table[d])
+
+    return rule
 
 
 RULES: dict[str, Callable[[Facts], float]] = {
@@ -470,7 +507,10 @@ RULES: dict[str, Callable[[Facts], float]] = {
     "top_0.001": rule_top(0.001),
     "mean_0.1": rule_mean(0.1), "mean_1": rule_mean(1.0), "mean_10": rule_mean(10.0),
     "fixed_1e-3": rule_fixed(1e-3), "fixed_1e-4": rule_fixed(1e-4),
-    "self_check": rule_self_check,
+    "self_check": rule_self_check(), "self_check_k5": rule_self_check(k5=True),
+    "self_check_coarse": rule_self_check(coarse=True), "self_check_k5_coarse": rule_self_check(k5=True, coarse=True),
+    "self_check_half": rule_self_check(variant="self_check_half"),
+    "self_check_cold": rule_self_check(variant="self_check_cold"),
 }
 
 
@@ -654,6 +694,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for d in SWEEP:
         per_point = lds(att.at(d), masks, losses)
         sweep[f"{d:g}"] = {**summary(per_point), "damping": d}
+        if att.eigh is None:  # the CG solve behind it
+            info = att.cg(d)[1]
+            sweep[f"{d:g}"]["solve"] = {k: info[k] for k in ("converged", "iterations", "residual", "seconds")}
     rows["sweep"] = sweep
     rows["sweep_solver"] = "exact" if att.eigh is not None else "cg"
     if att.eigh is not None:  # real CG at two sweep dampings: the exact sweep is what CG converges to
@@ -666,13 +709,26 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # the self-check: LDS of each sweep damping against K warm-started held-out retrainings
     check = {d: float(lds(att.at(d), record["check_masks"], record["check_losses"]).mean()) for d in SWEEP}
-    facts = Facts(top=top, mean=mean, weight_decay=spec.weight_decay, sweep_self_check=check)
+    cm, cl = record["check_masks"][:5], record["check_losses"][:5]
+    check_k5 = {d: float(lds(att.at(d), cm, cl).mean()) for d in SWEEP}
+    extra = extra_checks(name, spec, train_data, test, record, args)
+    check_half = {d: float(lds(att.at(d), record["check_masks"], extra["half_losses"]).mean()) for d in SWEEP}
+    check_cold = {d: float(lds(att.at(d), record["check_masks"][:5], extra["cold_losses"]).mean()) for d in SWEEP}
+    facts = Facts(top=top, mean=mean, weight_decay=spec.weight_decay, self_check=check, self_check_k5=check_k5,
+                  self_check_half=check_half, self_check_cold=check_cold)
     rules = {}
     for rule, fn in RULES.items():
         d = float(fn(facts))
         rules[rule] = {**summary(lds(att.at(d), masks, losses)), "damping": d}
     rows["rules"] = rules
     rows["self_check_lds"] = {f"{d:g}": round(v, 4) for d, v in check.items()}
+    rows["self_check_lds_k5"] = {f"{d:g}": round(v, 4) for d, v in check_k5.items()}
+    rows["self_check_lds_half"] = {f"{d:g}": round(v, 4) for d, v in check_half.items()}
+    rows["self_check_lds_cold"] = {f"{d:g}": round(v, 4) for d, v in check_cold.items()}
+    rows["self_check_seconds"] = {"warm_half": round(extra["half_seconds"], 1), "cold_5": round(extra["cold_seconds"], 1),
+                                  "full_training": round(record["seconds_full_train"], 2)}
+    # its cost: K warm-started retrainings of warm_epochs / epochs of a training run each
+    rows["self_check_cost_in_trainings"] = round(len(record["check_masks"]) * record["warm_epochs"] / spec.epochs / 2, 3)
     mark("rules")
 
     peer_scores, skipped = run_peers(name, spec, model, record, att, args)
@@ -831,6 +887,11 @@ RULES_DOC = {
     "fixed_1e-3": "1e-3", "fixed_1e-4": "1e-4",
     "self_check": "the sweep damping with the best LDS against K warm-started retrainings (held-out subset seeds,"
                   " from the trained weights, a quarter of the epochs)",
+    "self_check_k5": "self_check with only the first 5 warm-started retrainings",
+    "self_check_coarse": "self_check choosing among the decades 1e-4, 1e-3, 1e-2, 1e-1, 1 only",
+    "self_check_k5_coarse": "self_check with 5 retrainings and the decades only",
+    "self_check_half": "self_check against K retrainings warm-started for half the epochs (same masks)",
+    "self_check_cold": "self_check against 5 cold retrainings with the full recipe from the shared initialisation",
 }
 
 
