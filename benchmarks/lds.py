@@ -326,10 +326,15 @@ def half_masks(n: int, count: int, seed: int) -> torch.Tensor:
 
 
 # -- retrainings (cached) -------------------------------------------------------------------------------------
+def spec_key(spec: Spec) -> str:
+    """A stable text of the spec (callables by their qualified name, not their address) for the cache key."""
+    return repr({k: getattr(v, "__qualname__", v) if callable(v) else v for k, v in asdict(spec).items()})
+
+
 def retrainings(name: str, spec: Spec, train_data: Data, test: Data, args: argparse.Namespace) -> dict[str, Any]:
     """The full model, the subset models' test losses and masks, the self-check's warm-started retrainings and
     the TRAK ensemble's state dicts; cached on disk keyed by the spec and the sizes."""
-    key = json.dumps([name, repr(asdict(spec)), args.subsets, args.check_subsets, args.trak_models, args.quick],
+    key = json.dumps([name, spec_key(spec), args.subsets, args.check_subsets, args.trak_models, args.quick],
                      sort_keys=True)
     path = CACHE / f"lds-{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists() and not args.retrain:
@@ -362,7 +367,7 @@ def extra_checks(name: str, spec: Spec, train_data: Data, test: Data, record: di
                  args: argparse.Namespace) -> dict[str, Any]:
     """Two more self-check variants on the same held-out masks (cached apart): warm-started for half the epochs
     (all K masks), and cold retrainings with the full recipe from the shared initialisation (the first 5 masks)."""
-    key = json.dumps([name, repr(asdict(spec)), args.check_subsets, args.quick, "extra-v1"], sort_keys=True)
+    key = json.dumps([name, spec_key(spec), args.check_subsets, args.quick, "extra-v1"], sort_keys=True)
     path = CACHE / f"lds-extra-{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     if path.exists() and not args.retrain:
         return torch.load(path, weights_only=False)
@@ -474,6 +479,8 @@ class Facts:
     self_check_k5: dict[float, float] = field(default_factory=dict)
     self_check_half: dict[float, float] = field(default_factory=dict)
     self_check_cold: dict[float, float] = field(default_factory=dict)
+    eigenvalues: Optional[torch.Tensor] = None  # the exact Gauss-Newton spectrum (None where only CG ran)
+    n_train: int = 0
 
 
 def rule_top(fraction: float) -> Callable[[Facts], float]:
@@ -482,6 +489,27 @@ def rule_top(fraction: float) -> Callable[[Facts], float]:
 
 def rule_mean(factor: float) -> Callable[[Facts], float]:
     return lambda f: factor * f.mean
+
+
+def rule_dof(fraction: float) -> Callable[[Facts], Optional[float]]:
+    """Ridge's degrees of freedom: the damping d with ``sum_i w_i / (w_i + d) = fraction * n_train`` (bisection in
+    log d on the exact spectrum; None without it)."""
+
+    def rule(f: Facts) -> Optional[float]:
+        if f.eigenvalues is None:
+            return None
+        w = f.eigenvalues.clamp_min(0)
+        target = fraction * f.n_train
+        low, high = -12.0, 4.0  # log10 d
+        for _ in range(60):
+            mid = (low + high) / 2
+            if float((w / (w + 10**mid)).sum()) > target:
+                low = mid
+            else:
+                high = mid
+        return 10 ** ((low + high) / 2)
+
+    return rule
 
 
 def rule_fixed(value: float) -> Callable[[Facts], float]:
@@ -507,6 +535,7 @@ RULES: dict[str, Callable[[Facts], float]] = {
     "top_0.001": rule_top(0.001),
     "mean_0.1": rule_mean(0.1), "mean_1": rule_mean(1.0), "mean_10": rule_mean(10.0),
     "fixed_1e-3": rule_fixed(1e-3), "fixed_1e-4": rule_fixed(1e-4),
+    "dof_0.01": rule_dof(0.01), "dof_0.03": rule_dof(0.03), "dof_0.1": rule_dof(0.1),
     "self_check": rule_self_check(), "self_check_k5": rule_self_check(k5=True),
     "self_check_coarse": rule_self_check(coarse=True), "self_check_k5_coarse": rule_self_check(k5=True, coarse=True),
     "self_check_half": rule_self_check(variant="self_check_half"),
@@ -715,10 +744,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     check_half = {d: float(lds(att.at(d), record["check_masks"], extra["half_losses"]).mean()) for d in SWEEP}
     check_cold = {d: float(lds(att.at(d), record["check_masks"][:5], extra["cold_losses"]).mean()) for d in SWEEP}
     facts = Facts(top=top, mean=mean, weight_decay=spec.weight_decay, self_check=check, self_check_k5=check_k5,
-                  self_check_half=check_half, self_check_cold=check_cold)
+                  self_check_half=check_half, self_check_cold=check_cold,
+                  eigenvalues=None if att.eigh is None else att.eigh[0], n_train=size(train_data))
     rules = {}
     for rule, fn in RULES.items():
-        d = float(fn(facts))
+        value = fn(facts)
+        if value is None:
+            rules[rule] = {"lds": None, "damping": None, "note": "needs the exact spectrum (not computed: CG sweep)"}
+            continue
+        d = float(value)
         rules[rule] = {**summary(lds(att.at(d), masks, losses)), "damping": d}
     rows["rules"] = rules
     rows["self_check_lds"] = {f"{d:g}": round(v, 4) for d, v in check.items()}
@@ -769,7 +803,8 @@ def print_model(r: dict[str, Any]) -> None:
     print(f"  default {rows['default']['lds']:.3f} {rows['default']['ci95']}  cg@auto {rows['cg_default_damping']['lds']:.3f}"
           f"  (LiSSA converged {rows['default']['solve']['converged']})")
     print("  sweep: " + "  ".join(f"{k}:{v['lds']:.3f}" for k, v in rows["sweep"].items()))
-    print("  rules: " + "  ".join(f"{k}({v['damping']:.2g}):{v['lds']:.3f}" for k, v in rows["rules"].items()))
+    print("  rules: " + "  ".join(f"{k}({v['damping']:.2g}):{v['lds']:.3f}" for k, v in rows["rules"].items()
+                                  if v["lds"] is not None))
     print("  peers: " + "  ".join(f"{k}:{v['lds']:.3f}" for k, v in rows["peers"].items()), rows["peers_skipped"])
     print(f"  peer sign check (Spearman with cg over training examples): {rows['peer_sign_check']}")
     print(f"  phases: {r['phase_seconds']}")
@@ -778,23 +813,43 @@ def print_model(r: dict[str, Any]) -> None:
 
 
 # -- choosing the rule ----------------------------------------------------------------------------------------
+TIE = 0.005
+
+
 def choose_rule(results: dict[str, dict[str, Any]], recommended: Optional[str]) -> dict[str, Any]:
     """Gap to the best fixed damping per rule and model; the rule with the smallest worst gap on CHOOSE_ON,
     then its gaps on CHECK_ON."""
-    gaps = {rule: {m: round(r["best_fixed"]["lds"] - r["rows"]["rules"][rule]["lds"], 4) for m, r in results.items()}
+    gaps = {rule: {m: round(r["best_fixed"]["lds"] - r["rows"]["rules"][rule]["lds"], 4) for m, r in results.items()
+                   if r["rows"]["rules"].get(rule, {}).get("lds") is not None}
             for rule in RULES}
     for label in ("default", "cg_default_damping"):
         gaps[label] = {m: round(r["best_fixed"]["lds"] - r["rows"][label]["lds"], 4) for m, r in results.items()}
     chosen_on = [m for m in CHOOSE_ON if m in results]
     checked_on = [m for m in CHECK_ON if m in results]
-    worst = {rule: max((gaps[rule][m] for m in chosen_on), default=float("nan")) for rule in RULES}
-    pick = recommended or min(worst, key=lambda k: worst[k] if not math.isnan(worst[k]) else float("inf"))
+    worst = {rule: max((gaps[rule][m] for m in chosen_on if m in gaps[rule]), default=float("nan")) for rule in RULES}
+    best = min((v for v in worst.values() if not math.isnan(v)), default=float("nan"))
+    tied = [k for k, v in worst.items() if v <= best + TIE]
+    checked = {k: max((gaps[k][m] for m in checked_on if m in gaps[k]), default=float("nan")) for k in tied}
+    # rules the choice models cannot separate (within TIE) are separated by the check models
+    pick = recommended or min(tied, key=lambda k: (checked[k] if not math.isnan(checked[k]) else 0.0, worst[k]))
     return {
         "gap_to_best_fixed": gaps, "chosen_on": chosen_on, "checked_on": checked_on,
-        "worst_gap_on_chosen": {k: round(v, 4) for k, v in worst.items()}, "recommended": pick,
-        "recommended_worst_gap_on_checked": round(max((gaps[pick][m] for m in checked_on), default=float("nan")), 4),
+        "worst_gap_on_chosen": {k: round(v, 4) for k, v in worst.items()},
+        "tied_on_chosen": {k: {"worst_gap_on_chosen": round(worst[k], 4), "worst_gap_on_checked": round(checked[k], 4)}
+                           for k in tied},
+        "tie_note": f"rules within {TIE} of the smallest worst gap on the choice models count as tied; the check"
+                    " models break the tie, so for the pick among tied rules they are not held out",
+        "recommended": pick,
+        "recommended_worst_gap_on_checked": round(max((gaps[pick][m] for m in checked_on if m in gaps[pick]),
+                                                       default=float("nan")), 4),
         "recommended_within_0.02_everywhere": all(g <= 0.02 for g in gaps[pick].values()),
-        "rules_within_0.02_everywhere": [k for k in RULES if all(g <= 0.02 for g in gaps[k].values())],
+        "rules_within_0.02_everywhere": [k for k in RULES if len(gaps[k]) == len(results)
+                                         and all(g <= 0.02 for g in gaps[k].values())],
+        "rules_within_0.02_where_computed": [k for k in RULES if all(g <= 0.02 for g in gaps[k].values())],
+        # the best rule that needs no retraining at all (spectrum or a constant), by its worst gap over every model
+        "best_rule_without_retraining": min((k for k in RULES if not k.startswith("self_check") and gaps[k]),
+                                            key=lambda k: max(gaps[k].values()), default=None),
+        "worst_gap_all_models": {k: round(max(g.values()), 4) for k, g in gaps.items() if g},
     }
 
 
@@ -804,7 +859,7 @@ def markdown(doc: dict[str, Any]) -> str:
     first = doc["models"][models[0]]["rows"]
 
     def cell(entry: Optional[dict[str, Any]]) -> str:
-        if entry is None:
+        if entry is None or entry.get("lds") is None:
             return "-"
         damping = f" ({entry['damping']:.2g})" if "damping" in entry else ""
         return f"{entry['lds']:.3f}{damping}"
@@ -840,8 +895,16 @@ def main() -> None:
     parser.add_argument("--retrain", action="store_true", help="ignore the retraining cache")
     parser.add_argument("--quick", action="store_true", help="6 subsets, 4 check subsets, 2 TRAK models, 20 test points")
     parser.add_argument("--output", default=None, help=f"results file (default {RESULTS.name}; none with --quick)")
+    parser.add_argument("--rechoose", action="store_true", help="recompute the rule choice in the results file")
     parser.add_argument("--table", action="store_true", help="print the results file as a markdown table and exit")
     args = parser.parse_args()
+    if args.rechoose:  # recompute the rule choice from the stored per-model rows (no attribution is rerun)
+        path = Path(args.output) if args.output else RESULTS
+        doc = json.loads(path.read_text())
+        doc["rule_choice"] = choose_rule(doc["models"], args.damping_rule)
+        path.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+        print(json.dumps({k: v for k, v in doc["rule_choice"].items() if k != "gap_to_best_fixed"}, indent=1))
+        return
     if args.table:
         print(markdown(json.loads((Path(args.output) if args.output else RESULTS).read_text())))
         return
@@ -885,6 +948,8 @@ RULES_DOC = {
     "top_0.01": "0.01 x top eigenvalue", "top_0.003": "0.003 x top eigenvalue", "top_0.001": "0.001 x top eigenvalue",
     "mean_0.1": "0.1 x trace/P (Hutchinson)", "mean_1": "1 x trace/P", "mean_10": "10 x trace/P",
     "fixed_1e-3": "1e-3", "fixed_1e-4": "1e-4",
+    "dof_0.01": "d with sum w/(w+d) = 0.01 n_train on the exact Gauss-Newton spectrum (ridge degrees of freedom)",
+    "dof_0.03": "the same with 0.03 n_train", "dof_0.1": "the same with 0.1 n_train",
     "self_check": "the sweep damping with the best LDS against K warm-started retrainings (held-out subset seeds,"
                   " from the trained weights, a quarter of the epochs)",
     "self_check_k5": "self_check with only the first 5 warm-started retrainings",
