@@ -37,8 +37,12 @@ Rows per model:
   matrix product and carries no solver error (what CG converges to); ``tiny_bert`` (21k) runs CG per damping.
   ``cg_check`` rows rerun real CG at two dampings on the exact-swept models to show the two agree;
 * rules (plain functions below, computed from the model's own spectrum): ``top_f`` = f x lambda_max,
-  ``mean_c`` = c x trace/P (Hutchinson, Gauss-Newton products), ``fixed`` = a constant, ``self_check`` = the
-  sweep damping whose influence best predicts K short warm-started retrainings on held-out subsets;
+  ``mean_c`` = c x trace/P (Hutchinson, Gauss-Newton products), ``fixed`` = a constant, ``dof_f`` = the damping
+  whose ridge degrees of freedom ``sum w / (w + d)`` equal f x n_train, ``self_check*`` = the candidate damping
+  whose influence best predicts (LDS) K retrainings on held-out half-subsets: warm-started from the trained
+  weights for a quarter (``self_check``) or half (``self_check_half``) of the epochs, or cold with the full recipe
+  (``self_check_cold``, K = 5); ``_k5`` uses 5 of them, ``_coarse`` only the decades 1e-4 ... 1. The rule is chosen
+  on the digits models (``CHOOSE_ON``) and checked on the others (``CHECK_ON``); ``rule_choice`` in the results;
 * peers: TracIn (last checkpoint, ``-grad L(z_t) . grad L(z_i)``), Kronfluence EK-FAC (damping 1e-8, its default,
   and ``None``, its heuristic 0.1 x mean eigenvalue), TRAK (``traker``, 1 and 5 models, ``BasicProjector`` on
   CPU). A missing peer package is skipped with the reason recorded.
@@ -479,6 +483,7 @@ class Facts:
     self_check_k5: dict[float, float] = field(default_factory=dict)
     self_check_half: dict[float, float] = field(default_factory=dict)
     self_check_cold: dict[float, float] = field(default_factory=dict)
+    self_check_half_k5: dict[float, float] = field(default_factory=dict)
     eigenvalues: Optional[torch.Tensor] = None  # the exact Gauss-Newton spectrum (None where only CG ran)
     n_train: int = 0
 
@@ -540,6 +545,8 @@ RULES: dict[str, Callable[[Facts], float]] = {
     "self_check_coarse": rule_self_check(coarse=True), "self_check_k5_coarse": rule_self_check(k5=True, coarse=True),
     "self_check_half": rule_self_check(variant="self_check_half"),
     "self_check_cold": rule_self_check(variant="self_check_cold"),
+    "self_check_half_k5": rule_self_check(variant="self_check_half_k5"),
+    "self_check_half_coarse": rule_self_check(coarse=True, variant="self_check_half"),
 }
 
 
@@ -743,8 +750,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     extra = extra_checks(name, spec, train_data, test, record, args)
     check_half = {d: float(lds(att.at(d), record["check_masks"], extra["half_losses"]).mean()) for d in SWEEP}
     check_cold = {d: float(lds(att.at(d), record["check_masks"][:5], extra["cold_losses"]).mean()) for d in SWEEP}
+    check_half_k5 = {d: float(lds(att.at(d), record["check_masks"][:5], extra["half_losses"][:5]).mean())
+                     for d in SWEEP}
     facts = Facts(top=top, mean=mean, weight_decay=spec.weight_decay, self_check=check, self_check_k5=check_k5,
-                  self_check_half=check_half, self_check_cold=check_cold,
+                  self_check_half=check_half, self_check_cold=check_cold, self_check_half_k5=check_half_k5,
                   eigenvalues=None if att.eigh is None else att.eigh[0], n_train=size(train_data))
     rules = {}
     for rule, fn in RULES.items():
@@ -957,6 +966,8 @@ RULES_DOC = {
     "self_check_k5_coarse": "self_check with 5 retrainings and the decades only",
     "self_check_half": "self_check against K retrainings warm-started for half the epochs (same masks)",
     "self_check_cold": "self_check against 5 cold retrainings with the full recipe from the shared initialisation",
+    "self_check_half_k5": "self_check_half with only the first 5 of its retrainings",
+    "self_check_half_coarse": "self_check_half choosing among the decades 1e-4, 1e-3, 1e-2, 1e-1, 1 only",
 }
 
 

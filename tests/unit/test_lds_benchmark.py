@@ -82,3 +82,18 @@ def test_rule_choice_takes_the_smallest_worst_gap_on_the_choice_models(bench) ->
     assert choice["chosen_on"] == ["logreg", "cnn_bn"] and choice["checked_on"] == ["tabular_mlp"]
     assert choice["recommended_worst_gap_on_checked"] == pytest.approx(0.05)
     assert not choice["recommended_within_0.02_everywhere"]
+
+
+def test_degrees_of_freedom_rule_solves_its_equation(bench) -> None:
+    """With every eigenvalue 1, sum w / (w + d) = P / (1 + d) = f n gives d = P / (f n) - 1."""
+    facts = bench.Facts(top=1.0, mean=1.0, weight_decay=0.0, eigenvalues=torch.ones(200, dtype=torch.float64),
+                        n_train=1000)
+    assert bench.rule_dof(0.1)(facts) == pytest.approx(200 / 100 - 1, rel=1e-6)
+    assert bench.rule_dof(0.1)(bench.Facts(top=1.0, mean=1.0, weight_decay=0.0)) is None  # no spectrum, no answer
+
+
+def test_self_check_rule_takes_the_best_held_out_damping(bench) -> None:
+    table = {1e-4: 0.2, 1e-3: 0.5, 3e-3: 0.7, 1e-2: 0.6, 1e-1: 0.1}
+    facts = bench.Facts(top=1.0, mean=1.0, weight_decay=0.0, self_check=table)
+    assert bench.RULES["self_check"](facts) == 3e-3
+    assert bench.RULES["self_check_coarse"](facts) == 1e-2  # 3e-3 is not a decade
