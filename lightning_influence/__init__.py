@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         ProblemConfig,
     )
     from lightning_influence.core.curvature import Curvature, register_curvature
+    from lightning_influence.core.curvature.damping import DampingRule, register_damping_rule
     from lightning_influence.core.solvers import Solver, register_solver
     from lightning_influence.core.solvers.neumann import LissaDivergenceError
     from lightning_influence.correct import correct_errors
@@ -47,6 +48,7 @@ _LAZY = {
                      "ProblemConfig"), "lightning_influence.config"),
     **dict.fromkeys(("Solver", "register_solver"), "lightning_influence.core.solvers"),
     **dict.fromkeys(("Curvature", "register_curvature"), "lightning_influence.core.curvature"),
+    **dict.fromkeys(("DampingRule", "register_damping_rule"), "lightning_influence.core.curvature.damping"),
     "register_view": "lightning_influence.reporting.views",
     **dict.fromkeys(("CorrectionReport", "Explanation", "LeaveOneOutCheck", "MislabelReport", "SolveInfo", "STest",
                      "TopInfluences", "TrustReport"), "lightning_influence.results"),
@@ -78,6 +80,7 @@ __all__ = [
     "CorrectionConfig",
     "CorrectionReport",
     "Curvature",
+    "DampingRule",
     "ExactConfig",
     "ExplainConfig",
     "Explanation",
@@ -99,6 +102,7 @@ __all__ = [
     "correct_errors",
     "influence",
     "register_curvature",
+    "register_damping_rule",
     "register_solver",
     "register_view",
     "s_test",

@@ -34,14 +34,25 @@ def curvature_names() -> tuple[str, ...]:
     return tuple(_CURVATURE_NAMES)
 
 
+#: Damping rule names: ``"auto"`` plus any added by ``core.curvature.damping.register_damping_rule``.
+_DAMPING_RULE_NAMES: list[str] = [DEFAULT_DAMPING]
+
+
+def register_damping_name(name: str) -> None:
+    """Make ``damping=name`` valid (see :func:`lightning_influence.core.curvature.damping.register_damping_rule`)."""
+    expect(isinstance(name, str) and name.isidentifier(), "name", "a damping rule name (an identifier)", name)
+    if name not in _DAMPING_RULE_NAMES:
+        _DAMPING_RULE_NAMES.append(name)
+
+
 def check_damping(damping: Union[float, str]) -> Union[float, str]:
-    """``"auto"`` or a number >= 0 (used as given)."""
-    if damping == "auto":
-        return "auto"
+    """A damping rule's name (``"auto"``, ...) or a number >= 0 (used as given)."""
+    if isinstance(damping, str) and damping in _DAMPING_RULE_NAMES:
+        return damping
     expect(
         isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0,
         "damping",
-        "'auto' or a number >= 0 (the lambda added to the curvature)",
+        f"one of {tuple(_DAMPING_RULE_NAMES)} or a number >= 0 (the lambda added to the curvature)",
         damping,
     )
     return float(damping)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,6 +23,7 @@ from lightning_influence.config import (
     SPECTRUM_STEPS,
     Damping,
     check_damping,
+    register_damping_name,
 )
 from lightning_influence.core.curvature.base import Curvature, make_curvature
 from lightning_influence.core.tensors.eigen import MatVec, lanczos
@@ -81,8 +82,8 @@ def choose_damping(
     if isinstance(requested, float) and curvature.psd:
         return DampingChoice(requested, requested, "given")
     found = spectrum()
-    if requested == "auto":
-        value, rule = _auto(found, weight_decay)
+    if isinstance(requested, str):
+        value, rule = DAMPING_RULES[requested].choose(found, weight_decay)
     else:
         value, rule = float(requested), "given"
     notes: list[str] = []
@@ -104,18 +105,55 @@ def choose_damping(
     return DampingChoice(value, requested, rule, found, tuple(notes))
 
 
-def _auto(found: Spectrum, weight_decay: float | None) -> tuple[float, str]:
-    top = max(found.top, 0.0)
-    value = AUTO_DAMPING_FRACTION * top
-    rule = f"auto: {AUTO_DAMPING_FRACTION} x lambda_max ({top:.3g})"
-    if weight_decay is not None and weight_decay > value:
-        value, rule = float(weight_decay), f"auto: the weight decay {weight_decay:.3g} (above {rule[6:]})"
-    cap = MAX_DAMPING_FRACTION * top
-    if value > cap > 0:
-        value, rule = cap, f"{rule}, capped at {MAX_DAMPING_FRACTION} x lambda_max"
-    if value <= 0:
-        value, rule = float(weight_decay or 1e-8), f"auto: curvature is zero on the subset; {weight_decay or 1e-8:.3g}"
-    return value, rule
+class DampingRule:
+    """A damping chosen from the curvature's spectrum (and the weight decay): ``damping=rule.name`` uses it.
+
+    A subclass sets ``name`` and implements :meth:`choose`; ``register_damping_rule(Rule())`` makes the name valid
+    wherever a damping is given (the callback, the functional API, ``ProblemConfig``, the command line).
+    """
+
+    name: ClassVar[str] = ""
+
+    def choose(self, found: Spectrum, weight_decay: float | None) -> tuple[float, str]:
+        """The damping and the rule in words (it goes into every solve record and report)."""
+        raise NotImplementedError
+
+
+class TopEigenvalueFraction(DampingRule):
+    """``damping="auto"``: ``AUTO_DAMPING_FRACTION`` x lambda_max, floored at the weight decay, capped at
+    ``MAX_DAMPING_FRACTION`` x lambda_max (``benchmarks/lds.py`` measures how it predicts retraining)."""
+
+    name: ClassVar[str] = "auto"
+
+    def choose(self, found: Spectrum, weight_decay: float | None) -> tuple[float, str]:
+        top = max(found.top, 0.0)
+        value = AUTO_DAMPING_FRACTION * top
+        rule = f"auto: {AUTO_DAMPING_FRACTION} x lambda_max ({top:.3g})"
+        if weight_decay is not None and weight_decay > value:
+            value, rule = float(weight_decay), f"auto: the weight decay {weight_decay:.3g} (above {rule[6:]})"
+        cap = MAX_DAMPING_FRACTION * top
+        if value > cap > 0:
+            value, rule = cap, f"{rule}, capped at {MAX_DAMPING_FRACTION} x lambda_max"
+        if value <= 0:
+            value = float(weight_decay or 1e-8)
+            rule = f"auto: curvature is zero on the subset; {value:.3g}"
+        return value, rule
+
+
+#: Damping rule of each registered name.
+DAMPING_RULES: dict[str, DampingRule] = {}
+
+
+def register_damping_rule(rule: DampingRule) -> DampingRule:
+    """Make ``damping=rule.name`` choose the damping with ``rule``."""
+    if not isinstance(rule, DampingRule) or not rule.name:
+        raise TypeError(f"Expected a DampingRule instance with a `name`, but got {rule!r}.")
+    register_damping_name(rule.name)
+    DAMPING_RULES[rule.name] = rule
+    return rule
+
+
+register_damping_rule(TopEigenvalueFraction())
 
 
 def optimizer_weight_decay(optimizer: Any) -> float | None:
