@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
+from lightning_influence.cli.threads import AUTO, parse_threads
 from lightning_influence.config import (  # torch-free: `--help` stays fast
     CURVATURES,
     DEFAULT_CHUNK_SIZE,
@@ -127,6 +128,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--loss-fn", help="per-example loss as an import path to a callable (module, batch) ->"
                         " Tensor[B] (default: the model's per_example_loss(batch) method)")
     source.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda:0 (default: cpu)")
+    source.add_argument("--threads", type=parse_threads, default=AUTO, help="CPU threads for torch: a number, or"
+                        " 'auto' (default): OMP_NUM_THREADS when set, else the cores that the machine's load leaves"
+                        " idle (at least 1). More threads than idle cores make the analysis several times slower")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="run directory for TensorBoard events and influence/*.json (default:"
                      " <checkpoint dir>/<checkpoint name>-influence)")
