@@ -263,6 +263,14 @@ class LeaveOneOutCheck:
         train_size: n.
         steps: retraining steps per run.
         seconds: wall time of all retraining runs.
+        damping: the number the influence was solved with (``damping="auto"`` resolved), None when influences
+            were given.
+        l2: the L2 strength of the retraining objective.
+        start_test_loss: the test loss at the analysed parameters, before any retraining.
+        last_step_change: how much the baseline's last step still moved the test loss (its resolution: a
+            removal's change smaller than this is not measured).
+        slope: least-squares ``actual ~= slope * predicted`` (through 0; 1 = the magnitudes agree).
+        sign_agreement: share of the removals whose actual change has the predicted sign.
     """
 
     train_indices: tuple[int, ...]
@@ -275,6 +283,12 @@ class LeaveOneOutCheck:
     train_size: int
     steps: int
     seconds: float
+    damping: Optional[float] = None
+    l2: float = 0.0
+    start_test_loss: Optional[float] = None
+    last_step_change: Optional[float] = None
+    slope: Optional[float] = None
+    sign_agreement: Optional[float] = None
 
 
 @dataclass(frozen=True)

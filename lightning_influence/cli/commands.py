@@ -170,8 +170,9 @@ def run_influence(args: argparse.Namespace) -> int:
     chunk = settings.explain.chunk_size
     train = IndexedData.from_loader(context.train_loader, chunk)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
-    with _progress(args, "influence: s_test", steps) as on_step, \
-            _progress(args, "influence: scoring", len(train)) as on_scored:
+    waiting = "validation losses, damping and LiSSA scale" if steps else "validation losses, damping and solve"
+    with progress_tasks(args, ("influence: s_test", steps, waiting),
+                        ("influence: scoring", len(train), None if steps else waiting)) as (on_step, on_scored):
         explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
                               settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
@@ -226,7 +227,8 @@ def run_mislabel(args: argparse.Namespace) -> int:
         flags["mislabel_candidates"] = MISLABEL_OPTIONS[0].default
     settings = context.settings(flags)
     train = IndexedData.from_loader(context.train_loader, settings.explain.chunk_size)
-    with _progress(args, "influence: self-influence", len(train)) as on_scored:
+    waiting = f"top {settings.mislabel.rank} curvature eigenpairs (Lanczos) and damping"
+    with progress_tasks(args, ("mislabel: self-influence", len(train), waiting)) as (on_scored,):
         report = find_mislabel_candidates(
             context.model, context.loss_fn(settings.loss_fn), train, settings.mislabel, settings.damping,
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
@@ -302,23 +304,36 @@ def _exports(args: argparse.Namespace, report: dict[str, Any], full_scores: Any)
         print(f"pytorch-influence-functions layout: {write_pytorch_influence_functions_json(report, args.pif_json, full_scores)}")
 
 
+#: One progress task: description, total units, and the work before its first unit (or None).
+Task = tuple[str, int, Optional[str]]
+
+
 @contextlib.contextmanager
-def _progress(args: argparse.Namespace, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar of ``total`` units on stderr (nothing with ``--quiet``); yields ``advance(n)``."""
-    if args.quiet or total <= 0:
-        yield _ignore
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_tasks(args: argparse.Namespace, *tasks: Task) -> Iterator[list[Callable[[int], None]]]:
+    """Progress of each task on stderr (nothing with ``--quiet``); yields one ``advance(n)`` per task.
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
+    One rich display on a terminal (a rich display cannot nest), else a line every few seconds per task;
+    rates count from each task's first unit, and its ``waiting`` label names the work before that unit
+    (shown, with its elapsed time, while it runs).
+    """
+    import sys
 
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
+    from lightning_influence.callbacks.progress import log_lines, own_rich_progress, rich_task
 
-        yield advance
+    with contextlib.ExitStack() as stack:
+        if args.quiet:
+            yield [_ignore for _ in tasks]
+            return
+        if not sys.stderr.isatty():
+            def emit(line: str) -> None:
+                print(line, file=sys.stderr, flush=True)
+
+            yield [stack.enter_context(log_lines(d, t, w, emit)) if t > 0 else _ignore for d, t, w in tasks]
+            return
+        from rich.console import Console
+
+        display = stack.enter_context(own_rich_progress(Console(stderr=True)))
+        yield [stack.enter_context(rich_task(display, d, t, w)) if t > 0 else _ignore for d, t, w in tasks]
 
 
 def _ignore(n: int = 1) -> None:

@@ -13,6 +13,7 @@ from lightning_influence.cli.commands import (
     add_checkpoint_arguments,
     check_exports,
     flags_of,
+    progress_tasks,
     report_done,
     single_loader,
 )
@@ -155,13 +156,15 @@ def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-index", type=int, help="validation example to predict (default: the highest-loss one)")
     group.add_argument("--num-points", type=int, default=10, help="training examples removed one at a time, largest"
                        " |I| first (default: 10)")
-    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps of every retraining, warm-started"
-                       " from the checkpoint (default: 50)")
+    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps (up to 10 iterations each) of"
+                       " every retraining, warm-started from the checkpoint; the report says whether the baseline had"
+                       " settled enough to resolve the changes (default: 50)")
     group.add_argument("--solver", default="exact", choices=SOLVERS,
                        help="how the influence is computed (default: exact)")
     group.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING, help="lambda added to the curvature; also the L2"
                        f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
-    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: --damping)")
+    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: the damping"
+                       " used, 'auto' resolved to its number)")
 
 
 def run_verify_loo(args: argparse.Namespace) -> int:
@@ -172,6 +175,11 @@ def run_verify_loo(args: argparse.Namespace) -> int:
     from lightning_influence.core.data import IndexedData
     from lightning_influence.core.modes import analysis_mode
     from lightning_influence.reporting import write_json_atomic
+    from lightning_influence.reporting.leave_one_out import (
+        leave_one_out_summary,
+        leave_one_out_to_dict,
+        write_leave_one_out_scalars,
+    )
 
     check_exports(args)
     context = load_context(args)
@@ -187,26 +195,23 @@ def run_verify_loo(args: argparse.Namespace) -> int:
         raise UsageError(f"`--val-index` {args.val_index} is outside the validation set (size {len(val)}).")
     else:
         val_index = args.val_index
-    check = verify_leave_one_out(
-        context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
-        num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
-    )
-    record = {"val_index": val_index, "train_indices": list(check.train_indices), "influence": check.influence.tolist(),
-              "predicted_loss_change": check.predicted.tolist(), "actual_loss_change": check.actual.tolist(),
-              "pearson": check.pearson, "spearman": check.spearman, "steps": check.steps, "solver": args.solver,
-              "damping": args.damping, "train_size": check.train_size, "epoch": context.epoch,
-              "global_step": context.global_step, "stage": STAGE}
+    options = {"weight_decay": context.weight_decay} if context.weight_decay is not None else {}
+    waiting = f"influence of every training example (solver {args.solver}, damping {args.damping})"
+    with progress_tasks(args, ("verify-loo: retraining", (args.num_points + 1) * args.steps, waiting)) as (on_step,):
+        check = verify_leave_one_out(
+            context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
+            num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
+            on_step=on_step, **options,
+        )
+    record = leave_one_out_to_dict(check, val_index, solver=args.solver, damping_requested=args.damping,
+                                   epoch=context.epoch, global_step=context.global_step, stage=STAGE)
     try:
         writer = context.writer()
-        for name in ("pearson", "spearman"):
-            if getattr(check, name) is not None:
-                writer.add_scalar(f"influence/trust/loo_{name}", getattr(check, name), global_step=context.global_step)
+        write_leave_one_out_scalars(writer, check, context.global_step)
         path = write_json_atomic(context.output_dir / "influence" / f"loo_epoch={context.epoch}.json", record)
     finally:
         context.close()
-    if not args.quiet:
-        print(f"Leave-one-out check, validation example {val_index}, {len(check.train_indices)} removals,"
-              f" {check.steps} steps each: Pearson {check.pearson}, Spearman {check.spearman}")
+    print(leave_one_out_summary(check, val_index))
     report_done(context, path)
     return 0
 
