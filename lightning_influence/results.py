@@ -302,7 +302,9 @@ class Metrics:
 
 @dataclass(frozen=True)
 class CorrectionIteration:
-    """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``."""
+    """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``;
+    ``anchor_indices`` index the anchor data (its dataset's indices when the anchors are a ``Subset``).
+    ``damping`` and ``residual`` are those of the round's s_test solve (helpful/harmful selection only)."""
 
     iteration: int
     anchor_indices: tuple[int, ...]
@@ -312,6 +314,9 @@ class CorrectionIteration:
     anchor_loss_after: float
     metrics: dict[str, Metrics]
     seconds: float
+    damping: Optional[float] = None
+    residual: Optional[float] = None
+    converged: Optional[bool] = None
 
 
 @dataclass(frozen=True)

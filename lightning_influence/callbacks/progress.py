@@ -41,28 +41,40 @@ def progress_task(trainer: pl.Trainer, description: str, total: Optional[int],
     progress bar, and for empty tasks.
     """
     bar = trainer.progress_bar_callback
-    if not trainer.is_global_zero or bar is None or (total is not None and total <= 0):
-        yield _ignore
-        return
-    if not _is_terminal():
-        with log_lines(description, total, waiting, rank_zero_info) as advance:
+    live = getattr(bar, "progress", None) if isinstance(bar, RichProgressBar) else None
+    if (trainer.is_global_zero and live is not None and _is_terminal()
+            and not getattr(bar, "_progress_stopped", False) and not (total is not None and total <= 0)):
+        with rich_task(live, description, total, waiting) as advance:  # join the bar's running display
             yield advance
         return
-    if isinstance(bar, RichProgressBar):
-        live = getattr(bar, "progress", None)
-        if live is not None and not getattr(bar, "_progress_stopped", False):
-            with rich_task(live, description, total, waiting) as advance:  # join the bar's running display
-                yield advance
-            return
-        with own_rich_progress() as own, rich_task(own, description, total, waiting) as advance:
-            yield advance
-        return
-    if isinstance(bar, TQDMProgressBar):
-        with _tqdm_task(description, total) as advance:
-            yield advance
-        return
-    with log_lines(description, total, waiting, rank_zero_info) as advance:
+    with kind_task(bar_kind(trainer), description, total, waiting) as advance:
         yield advance
+
+
+def bar_kind(trainer: pl.Trainer) -> Optional[str]:
+    """``"rich"``, ``"tqdm"``, ``"plain"`` (another bar) or None (no bar, or not rank zero): how to show progress."""
+    bar = trainer.progress_bar_callback
+    if not trainer.is_global_zero or bar is None:
+        return None
+    return "rich" if isinstance(bar, RichProgressBar) else "tqdm" if isinstance(bar, TQDMProgressBar) else "plain"
+
+
+@contextlib.contextmanager
+def kind_task(kind: Optional[str], description: str, total: Optional[int], waiting: Optional[str] = None,
+              from_open: bool = False) -> Iterator[Advance]:
+    """A task shown in the way ``kind`` (:func:`bar_kind`) names, in its own display; ``from_open``: the work
+    starts now (the rate counts from here, not from the first unit)."""
+    if kind is None or (total is not None and total <= 0):
+        yield _ignore
+    elif not _is_terminal() or kind == "plain":
+        with log_lines(description, total, waiting, rank_zero_info, from_open) as advance:
+            yield advance
+    elif kind == "rich":
+        with own_rich_progress() as own, rich_task(own, description, total, waiting, from_open) as advance:
+            yield advance
+    else:
+        with _tqdm_task(description, total, from_open) as advance:
+            yield advance
 
 
 def _ignore(n: int = 1) -> None:
@@ -90,9 +102,11 @@ def own_rich_progress(console: Any = None) -> Any:
 
 
 @contextlib.contextmanager
-def rich_task(progress: Any, description: str, total: Optional[int], waiting: Optional[str] = None) -> Iterator[Advance]:
-    """A task of ``progress`` whose clock starts at its first unit; until then a pulsing ``waiting`` task runs."""
-    task = progress.add_task(description, total=total, start=False)
+def rich_task(progress: Any, description: str, total: Optional[int], waiting: Optional[str] = None,
+              from_open: bool = False) -> Iterator[Advance]:
+    """A task of ``progress`` whose clock starts at its first unit (``from_open``: now); until then a pulsing
+    ``waiting`` task runs."""
+    task = progress.add_task(description, total=total, start=from_open)
     before = progress.add_task(f"{description}: {waiting}", total=None) if waiting else None
     last = [0.0]
 
@@ -131,11 +145,13 @@ def _tick(progress: Any, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def _tqdm_task(description: str, total: Optional[int]) -> Iterator[Advance]:
-    """A tqdm bar opened at the first unit, so its rate is the task's own."""
+def _tqdm_task(description: str, total: Optional[int], from_open: bool = False) -> Iterator[Advance]:
+    """A tqdm bar opened at the first unit (``from_open``: now), so its rate is the task's own."""
     from tqdm.auto import tqdm
 
     meter: list[Any] = []
+    if from_open:
+        meter.append(tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, mininterval=0.5))
 
     def advance(n: int = 1) -> None:
         if not meter:
@@ -151,12 +167,12 @@ def _tqdm_task(description: str, total: Optional[int]) -> Iterator[Advance]:
 
 @contextlib.contextmanager
 def log_lines(description: str, total: Optional[int], waiting: Optional[str] = None,
-              emit: Callable[[str], None] = print) -> Iterator[Advance]:
+              emit: Callable[[str], None] = print, from_open: bool = False) -> Iterator[Advance]:
     """``advance(n)`` that emits ``description: done/total (rate/s, elapsed, time left)`` at most every
-    :data:`LOG_EVERY_SECONDS`, the rate counted from the task's first unit; while ``waiting`` runs (before the
-    first unit) a line with its elapsed time every :data:`LOG_EVERY_SECONDS`."""
+    :data:`LOG_EVERY_SECONDS`, the rate counted from the task's first unit (``from_open``: from now); while
+    ``waiting`` runs (before the first unit) a line with its elapsed time every :data:`LOG_EVERY_SECONDS`."""
     opened = time.monotonic()
-    state: dict[str, Any] = {"done": 0, "first": None, "first_units": 0, "logged": opened}
+    state: dict[str, Any] = {"done": 0, "first": opened if from_open else None, "first_units": 0, "logged": opened}
     stop = threading.Event()
 
     def heartbeat() -> None:

@@ -169,11 +169,13 @@ def run_influence(args: argparse.Namespace) -> int:
     describe = _describe(context.callback_args, flags)
     chunk = settings.explain.chunk_size
     train = IndexedData.from_loader(context.train_loader, chunk)
+    loss_fn = context.loss_fn(settings.loss_fn)
+    check_training_losses(context, loss_fn, train, args.device)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
     waiting = "validation losses, damping and LiSSA scale" if steps else "validation losses, damping and solve"
     with progress_tasks(args, ("influence: s_test", steps, waiting),
                         ("influence: scoring", len(train), None if steps else waiting)) as (on_step, on_scored):
-        explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
+        explanation = explain(context.model, loss_fn, train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk), settings.solver,
                               settings.damping, settings.explain, on_lissa_step=lambda: on_step(1),
                               on_scored=on_scored, curvature=settings.curvature,
@@ -184,6 +186,11 @@ def run_influence(args: argparse.Namespace) -> int:
                                    global_step=context.global_step, stage=STAGE, verbose=not args.quiet)
     finally:
         context.close()
+    asked = settings.explain.num_worst if settings.explain.val_indices is None else None
+    if asked is not None and len(explanation.points) < asked:
+        print(f"Explained {len(explanation.points)} of the {asked} validation points asked for (--num-worst):"
+              + (f" only {len(explanation.points)} are misclassified (--misclassified-only)."
+                 if settings.explain.misclassified_only else f" the validation set has {len(explanation.points)}."))
     report = report_to_dict(influence_report(explanation, epoch=context.epoch, global_step=context.global_step,
                                              stage=STAGE))
     _exports(args, report, explanation.full_scores)
@@ -227,10 +234,12 @@ def run_mislabel(args: argparse.Namespace) -> int:
         flags["mislabel_candidates"] = MISLABEL_OPTIONS[0].default
     settings = context.settings(flags)
     train = IndexedData.from_loader(context.train_loader, settings.explain.chunk_size)
+    loss_fn = context.loss_fn(settings.loss_fn)
+    check_training_losses(context, loss_fn, train, args.device)
     waiting = f"top {settings.mislabel.rank} curvature eigenpairs (Lanczos) and damping"
     with progress_tasks(args, ("mislabel: self-influence", len(train), waiting)) as (on_scored,):
         report = find_mislabel_candidates(
-            context.model, context.loss_fn(settings.loss_fn), train, settings.mislabel, settings.damping,
+            context.model, loss_fn, train, settings.mislabel, settings.damping,
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
             curvature=settings.curvature, weight_decay=context.weight_decay,
         )
@@ -340,6 +349,31 @@ def _ignore(n: int = 1) -> None:
     """Progress sink that does nothing."""
 
 
+def check_training_losses(context: PosthocContext, loss_fn: Callable[[Any, Any], Any], train: Any,
+                          device: str = "cpu") -> None:
+    """Fail before the analysis, naming the training examples, when some have a non-finite loss (a NaN input,
+    a label out of range): every curvature product and score would carry it, and the error would surface far
+    from its cause (a failed eigensolver, or every validation point reported as bad)."""
+    import torch
+
+    from lightning_influence.core.batching import prepare_batch
+    from lightning_influence.core.modes import analysis_mode
+
+    bad: list[int] = []
+    values: list[float] = []
+    with analysis_mode(context.model), torch.no_grad():
+        for indices, batch in train.batches_with_indices():
+            losses = loss_fn(context.model, prepare_batch(batch, torch.device(device))).detach().cpu().reshape(-1)
+            wrong = ~torch.isfinite(losses)
+            bad += indices[wrong].tolist()
+            values += losses[wrong].tolist()
+    if bad:
+        shown = ", ".join(f"{i} ({v})" for i, v in list(zip(bad, values))[:10]) + (" ..." if len(bad) > 10 else "")
+        raise UsageError(f"Expected a finite loss for every training example, but {len(bad)} have none: dataset"
+                         f" indices {shown}. Check their inputs and labels (a NaN or inf input, a label out of"
+                         " range), or leave them out of the training DataLoader.")
+
+
 def single_loader(loader: Any) -> Any:
     if isinstance(loader, (list, tuple)):
         if not loader:
@@ -349,4 +383,24 @@ def single_loader(loader: Any) -> Any:
 
 
 def report_done(context: PosthocContext, path: Path) -> None:
-    print(f"Results: {path}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    print(f"Results: {path}\n{tensorboard_hint(context)}")
+
+
+def tensorboard_hint(context: PosthocContext) -> str:
+    """The TensorBoard command that shows this analysis beside the training run it belongs to, when the
+    checkpoint sits in a Lightning run (``<run>/checkpoints/x.ckpt``) and the results were written inside it."""
+    output = context.output_dir.resolve()
+    folder = context.checkpoint.resolve().parent
+    run = folder.parent if folder.name == "checkpoints" else None
+    if run is not None and run in output.parents:
+        return (f"TensorBoard (the training run and this analysis, under {output.relative_to(run)}):"
+                f" tensorboard --logdir {_shown(run)}")
+    return f"TensorBoard: tensorboard --logdir {_shown(output)}"
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is inside it (as the user typed it), else absolute."""
+    try:
+        return path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path

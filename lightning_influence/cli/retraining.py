@@ -12,10 +12,12 @@ from lightning_influence.cli.commands import (
     _damping,
     add_checkpoint_arguments,
     check_exports,
+    check_training_losses,
     flags_of,
     progress_tasks,
     report_done,
     single_loader,
+    tensorboard_hint,
 )
 from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
 from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SOLVERS
@@ -55,6 +57,7 @@ def run_correct(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
+    from lightning_influence.core.data import IndexedData
     from lightning_influence.correct import correct_errors
 
     if not 0 <= args.heldout_fraction < 1:
@@ -71,6 +74,7 @@ def run_correct(args: argparse.Namespace) -> int:
                          " `--heldout-fraction` or pass more `--anchor-indices`.")
     trainer = _posthoc_trainer(args, context)
     loss_fn = _loss_fn(args, context)
+    check_training_losses(context, loss_fn, IndexedData.from_loader(context.train_loader), args.device)
     try:
         report = correct_errors(
             trainer, context.model, Subset(val_loader.dataset, anchors), train_dataloaders=context.train_loader,
@@ -90,8 +94,28 @@ def run_correct(args: argparse.Namespace) -> int:
         print(f"Corrected checkpoint: {args.save_checkpoint}")
     print(f"Slice: {len(anchors)} anchor(s), {len(heldout)} held out; {len(report.iterations)} round(s) of"
           f" {args.selection!r} selection")
-    print(f"Results: {context.output_dir / 'influence'}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    verdict = correction_verdict(report, args)
+    if verdict:
+        print(verdict)
+    print(f"Results: {context.output_dir / 'influence'}\n{tensorboard_hint(context)}")
     return 0
+
+
+def correction_verdict(report: Any, args: argparse.Namespace) -> str:
+    """A line when the run fixed nothing on the slice (no accuracy gained on the held-out part, or on the anchors
+    without one), with the knobs that change how far it moves; empty otherwise."""
+    measured = "heldout" if "heldout" in report.before else "anchors"
+    before, after = report.before[measured].accuracy, report.after[measured].accuracy
+    if before is None or after is None or after > before or not report.iterations:
+        return ""
+    changes = ", ".join(f"{name} {report.before[name].accuracy:.3f} -> {report.after[name].accuracy:.3f}"
+                        for name in ("anchors", "heldout", "val") if name in report.before
+                        and report.before[name].accuracy is not None and report.after[name].accuracy is not None)
+    steps = args.iterations * args.steps_per_iteration
+    return (f"Nothing fixed: {changes} (accuracy). The run took {steps} {args.optimizer} step(s) of lr {args.lr} in all,"
+            f" each on {args.examples_per_iteration} chosen training example(s). To move the slice further raise"
+            " --lr (e.g. tenfold), --steps-per-iteration or --iterations, or try --optimizer adam, and watch the"
+            " validation accuracy; --selection random on the same budget shows what the influence selection adds.")
 
 
 def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Namespace) -> list[int]:
@@ -159,8 +183,9 @@ def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps (up to 10 iterations each) of"
                        " every retraining, warm-started from the checkpoint; the report says whether the baseline had"
                        " settled enough to resolve the changes (default: 50)")
-    group.add_argument("--solver", default="exact", choices=SOLVERS,
-                       help="how the influence is computed (default: exact)")
+    group.add_argument("--solver", default="cg", choices=SOLVERS,
+                       help="how the influence is computed (default: cg, to its tolerance; exact costs one curvature"
+                       " product per parameter)")
     group.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING, help="lambda added to the curvature; also the L2"
                        f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
     group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: the damping"
@@ -184,6 +209,7 @@ def run_verify_loo(args: argparse.Namespace) -> int:
     check_exports(args)
     context = load_context(args)
     loss_fn = _loss_fn(args, context)
+    check_training_losses(context, loss_fn, IndexedData.from_loader(context.train_loader), args.device)
     val = IndexedData.from_loader(single_loader(context.val_loader))
     device = torch.device(args.device)
     if args.val_index is None:

@@ -33,7 +33,10 @@ def predicted_label(candidate: dict[str, Any]) -> Any:
 
 
 def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
-    """One row per candidate (:data:`RELABEL_COLUMNS`), in the report's order (``rank`` 0-based).
+    """One row per candidate (:data:`RELABEL_COLUMNS`), in the report's order.
+
+    ``rank`` and ``loss_rank`` are 1-based, as the console and TensorBoard tables show them (1 = the strongest
+    candidate; 1 = the highest training loss); the JSON report keeps ``loss_rank`` 0-based.
 
     Args:
         report: a mislabel report dict.
@@ -54,9 +57,10 @@ def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] 
     for index in order:
         rank, c = ranked[index]
         predicted = predicted_label(c)
-        rows.append({"rank": rank, "train_index": index, "given_label": c.get("label"), "predicted_label": predicted,
+        loss_rank = c.get("loss_rank")
+        rows.append({"rank": rank + 1, "train_index": index, "given_label": c.get("label"), "predicted_label": predicted,
                      "new_label": predicted, "score": c.get("score"), "self_influence": c.get("self_influence"),
-                     "loss": c.get("loss"), "loss_rank": c.get("loss_rank")})
+                     "loss": c.get("loss"), "loss_rank": None if loss_rank is None else int(loss_rank) + 1})
     return rows
 
 
