@@ -261,12 +261,15 @@ class LeaveOneOutCheck:
         pearson, spearman: agreement of ``predicted`` and ``actual`` (None with fewer than 3 points).
         base_test_loss: the test loss after the baseline retraining.
         train_size: n.
-        steps: retraining steps per run.
+        steps: retraining steps allowed per run.
         seconds: wall time of all retraining runs.
         damping: the number the influence was solved with (``damping="auto"`` resolved), None when influences
             were given.
         l2: the L2 strength of the retraining objective.
+        l2_towards_zero: the part of ``l2`` that pulls towards 0 (the training's weight decay); the rest pulls
+            towards the analysed weights.
         start_test_loss: the test loss at the analysed parameters, before any retraining.
+        steps_run: steps each run took, the baseline first (a run stops early once its test loss has settled).
         last_step_change: how much the baseline's last step still moved the test loss (its resolution: a
             removal's change smaller than this is not measured).
         slope: least-squares ``actual ~= slope * predicted`` (through 0; 1 = the magnitudes agree).
@@ -285,7 +288,9 @@ class LeaveOneOutCheck:
     seconds: float
     damping: Optional[float] = None
     l2: float = 0.0
+    l2_towards_zero: float = 0.0
     start_test_loss: Optional[float] = None
+    steps_run: tuple[int, ...] = ()
     last_step_change: Optional[float] = None
     slope: Optional[float] = None
     sign_agreement: Optional[float] = None

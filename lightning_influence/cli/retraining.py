@@ -221,15 +221,15 @@ def run_verify_loo(args: argparse.Namespace) -> int:
         raise UsageError(f"`--val-index` {args.val_index} is outside the validation set (size {len(val)}).")
     else:
         val_index = args.val_index
-    options = {"weight_decay": context.weight_decay} if context.weight_decay is not None else {}
     waiting = f"influence of every training example (solver {args.solver}, damping {args.damping})"
     with progress_tasks(args, ("verify-loo: retraining", (args.num_points + 1) * args.steps, waiting)) as (on_step,):
         check = verify_leave_one_out(
             context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
             num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
-            on_step=on_step, **options,
+            on_step=on_step, weight_decay=context.weight_decay,
         )
     record = leave_one_out_to_dict(check, val_index, solver=args.solver, damping_requested=args.damping,
+                                   weight_decay=context.weight_decay,
                                    epoch=context.epoch, global_step=context.global_step, stage=STAGE)
     try:
         writer = context.writer()

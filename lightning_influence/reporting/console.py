@@ -18,7 +18,6 @@ from lightning_influence.reporting._format import (
 from lightning_influence.reporting.tables import mislabel_agreement, ranking_label, ranking_line
 from lightning_influence.results import InfluenceReport, MislabelReport
 
-
 #: Characters of a number in the tables (``-1.65e+00``): such columns are never narrower.
 NUMBER_WIDTH = 9
 

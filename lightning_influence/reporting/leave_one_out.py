@@ -16,6 +16,11 @@ from lightning_influence.results import LeaveOneOutCheck
 RESOLUTION_SHARE = 0.1
 
 
+#: The summary says the analysed weights are far from a minimum when the baseline moved the test loss by more than
+#: this many median predicted changes.
+FAR_FROM_MINIMUM = 10
+
+
 def resolved(check: LeaveOneOutCheck) -> Optional[bool]:
     """Whether the baseline had settled: its last step moved the test loss by less than :data:`RESOLUTION_SHARE`
     of the median ``|predicted|`` (None when unknown)."""
@@ -30,7 +35,8 @@ def leave_one_out_to_dict(check: LeaveOneOutCheck, val_index: int, **extra: Any)
         "val_index": val_index, "train_indices": list(check.train_indices), "influence": check.influence,
         "predicted_loss_change": check.predicted, "actual_loss_change": check.actual,
         "pearson": check.pearson, "spearman": check.spearman, "slope": check.slope,
-        "sign_agreement": check.sign_agreement, "damping": check.damping, "l2": check.l2, "steps": check.steps,
+        "sign_agreement": check.sign_agreement, "damping": check.damping, "l2": check.l2,
+        "l2_towards_zero": check.l2_towards_zero, "steps": check.steps, "steps_run": list(check.steps_run),
         "start_test_loss": check.start_test_loss, "base_test_loss": check.base_test_loss,
         "baseline_change": (None if check.start_test_loss is None else check.base_test_loss - check.start_test_loss),
         "last_step_change": check.last_step_change, "resolved": resolved(check),
@@ -53,8 +59,10 @@ def leave_one_out_summary(check: LeaveOneOutCheck, val_index: int, optimizer: st
     damping = "given influences" if check.damping is None else f"damping {format_float(check.damping, 3)}"
     lines = [
         f"Leave-one-out check, validation example {val_index}: {removed} training example(s) removed one at a time,"
-        f" each run {check.steps} full-batch {optimizer} steps from the analysed weights (float64, L2"
-        f" {format_float(check.l2, 3)}; influence with {damping}), {check.seconds:.0f} s.",
+        f" each run up to {check.steps} full-batch {optimizer} steps from the analysed weights ({_steps(check)};"
+        f" float64; L2"
+        f" {format_float(check.l2, 3)}, {format_float(check.l2_towards_zero, 3)} of it towards 0 and the rest towards"
+        f" the analysed weights; influence with {damping}), {check.seconds:.0f} s.",
     ]
     if check.start_test_loss is not None:
         lines.append(
@@ -68,6 +76,15 @@ def leave_one_out_summary(check: LeaveOneOutCheck, val_index: int, optimizer: st
         f" agree {signs}; median |predicted| {format_float(_median_abs(check.predicted), 2)}, median |actual|"
         f" {format_float(_median_abs(check.actual), 2)}."
     )
+    drift = None if check.start_test_loss is None else abs(check.base_test_loss - check.start_test_loss)
+    median = _median_abs(check.predicted)
+    if drift is not None and median and drift > FAR_FROM_MINIMUM * median:
+        lines.append(
+            f"  The baseline itself moved the loss by {format_float(drift, 2)}, {drift / median:.0f} times the median"
+            " predicted change: the analysed weights are far from a minimum of the retraining objective, so every"
+            " run ends far from them and the prediction (made at them) can only agree roughly. A converged"
+            " checkpoint, or a larger L2 (--l2, --damping), keeps the runs closer."
+        )
     settled = resolved(check)
     if settled is False:
         lines.append(
@@ -79,6 +96,13 @@ def leave_one_out_summary(check: LeaveOneOutCheck, val_index: int, optimizer: st
         lines.append(f"  Resolved: the baseline's last step moved the loss by {format_float(check.last_step_change, 2)},"
                      f" under {RESOLUTION_SHARE:g} of the median predicted change.")
     return "\n".join(lines)
+
+
+def _steps(check: LeaveOneOutCheck) -> str:
+    if not check.steps_run:
+        return "steps taken unknown"
+    low, high = min(check.steps_run), max(check.steps_run)
+    return f"{low} to {high} taken: a run stops once its loss settles" if low != high else f"{low} taken"
 
 
 def _median_abs(values: torch.Tensor) -> Optional[float]:
