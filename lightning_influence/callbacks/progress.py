@@ -210,7 +210,11 @@ def _line(description: str, total: Optional[int], done: int, counted: int, secon
     rate = counted / seconds
     elapsed = seconds + (done - counted) / rate  # the first advance's units took about as long as the others
     left = f", about {(total - done) / rate:.0f} s left" if total else ""
-    return f"{description}: {done}{of} ({_rate(rate)}, {elapsed:.0f} s elapsed{left})"
+    return f"{description}: {done}{of} ({_rate(rate)}, {_seconds(elapsed)} elapsed{left})"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
 
 
 def _rate(rate: float) -> str:
