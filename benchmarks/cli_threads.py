@@ -80,16 +80,21 @@ def main() -> None:
                     record = run([str(checkpoint) if a == "CKPT" else a for a in argv], threads, Path(tmp) / "out")
                     runs[name].append(record)
                     print(name, record, flush=True)
-    summary = {}
+                    write(cores, args.repeats, runs, settings)  # after every run: a partial file survives a stop
+
+
+def write(cores: int, repeats: int, runs: dict[str, list[dict[str, Any]]], settings: list[int]) -> None:
+    summary: dict[str, dict[str, float]] = {}
     for name, records in runs.items():
-        median = {t: statistics.median(r["seconds"] for r in records if r["threads"] == t) for t in settings}
+        median = {t: statistics.median(r["seconds"] for r in records if r["threads"] == t) for t in settings
+                  if any(r["threads"] == t for r in records)}
         summary[name] = {f"median_seconds_threads_{t}": round(s, 1) for t, s in median.items()}
-        if len(settings) > 1:
-            summary[name]["slowdown_with_all_cores"] = round(median[cores] / median[1], 2)
-    result = {"cores": cores, "repeats": args.repeats, "runs": runs, "summary": summary,
-              "mean_load_before": round(statistics.mean(r["load_before"] for rs in runs.values() for r in rs), 2)}
+        if len(median) > 1:
+            summary[name]["ratio_all_cores_to_one"] = round(median[cores] / median[1], 2)
+    loads = [r["load_before"] for rs in runs.values() for r in rs]
+    result = {"cores": cores, "repeats": repeats, "runs": runs, "summary": summary,
+              "mean_load_before": round(statistics.mean(loads), 2) if loads else None}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
