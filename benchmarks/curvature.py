@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lightning_influence import config as defaults
 from lightning_influence.config import ExactConfig, LissaConfig
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.solvers.inverse import ExactInverse
+from lightning_influence.core.solvers.exact import ExactInverse
 from lightning_influence.core.solvers.neumann import LissaDivergenceError
 from lightning_influence.core.tensors.modes import analysis_mode
 

@@ -407,7 +407,7 @@ def problem_of(model: nn.Module, spec: Spec, train_data: Data, solver: str, damp
 
 def gradients(model: nn.Module, spec: Spec, data: Data) -> torch.Tensor:
     """``[N, P]`` per-example loss gradients by the package's engine (the order its s_test vectors use)."""
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     problem = problem_of(model, spec, data, "cg", 1.0)
     with analysis_mode(model):
@@ -416,7 +416,7 @@ def gradients(model: nn.Module, spec: Spec, data: Data) -> torch.Tensor:
 
 def hutchinson_mean_eigenvalue(model: nn.Module, spec: Spec, train_data: Data, probes: int) -> float:
     """trace(G) / P by Rademacher probes through Gauss-Newton products over the whole training set."""
-    from lightning_influence.core.modes import analysis_mode
+    from lightning_influence.core.tensors.modes import analysis_mode
 
     problem = problem_of(model, spec, train_data, "cg", 0.0)
     g = torch.Generator().manual_seed(11)

@@ -11,16 +11,16 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loops import _TrainingEpochLoop
 from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_influence.analysis.correction import CorrectionRun, allowed_indices
 from lightning_influence.callbacks._trainer import (
@@ -32,6 +32,7 @@ from lightning_influence.callbacks._trainer import (
     train_data,
     val_data,
 )
+from lightning_influence.callbacks.progress import bar_kind, kind_task
 from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CURVATURE,
@@ -156,12 +157,14 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     val = val_data(trainer, chunk_size, loader=val_dataloaders, datamodule=datamodule, required=False)
     if val is not None:
         eval_sets["val"] = val
+    in_dataset_terms = functools.partial(_in_dataset_terms, anchors=_subset_indices(anchors),
+                                         heldout=_subset_indices(heldout))
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
                    "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
                    "solver": solver_name(setup.solver_config), "damping": setup.damping,
-                   "curvature": setup.curvature, "solver_options": dict(solver_options or {}), "seed": seed,
-                   "train_size": len(train)}
+                   "damping_requested": setup.damping, "curvature": setup.curvature,
+                   "solver_options": dict(solver_options or {}), "seed": seed, "train_size": len(train)}
     run = CorrectionRun(loss, train, anchor_data, eval_sets, allowed_indices(train_indices, len(train)), settings,
                         setup, description)
     tag = f"influence/correct/{name or selection}"
@@ -169,15 +172,16 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     report_path = _report_path(log_dir, tag)
     if iterations == 0:
         run.start(model, model_device(model), SingleProcess())
-        report = run.report()
+        report = in_dataset_terms(run.report())
         if trainer.is_global_zero:
             _write_outputs(trainer, log_dir, tag, report, report_path, verbose)
         return report
-    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, log_dir, verbose)
+    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, log_dir, verbose, in_dataset_terms,
+                               bar_kind(trainer))
     with _isolated_fit(trainer, iterations * steps_per_iteration):
         trainer.fit(module, train_dataloaders=DataLoader(_StepIds(iterations * steps_per_iteration), batch_size=None))
     if run.rounds:
-        return run.report()
+        return in_dataset_terms(run.report())
     return CorrectionReport.from_dict(_read_json(report_path))  # the run happened in spawned processes
 
 
@@ -195,10 +199,16 @@ class _CorrectionModule(pl.LightningModule):
     """Wraps the user's model for one correction run: loss of the chosen examples, rounds in the batch hooks."""
 
     def __init__(self, model: nn.Module, run: CorrectionRun, make_optimizer: Callable[[Iterable[nn.Parameter]], Any],
-                 tag: str, log_dir: Path, verbose: bool) -> None:
+                 tag: str, log_dir: Path, verbose: bool,
+                 finish: Optional[Callable[[CorrectionReport], CorrectionReport]] = None,
+                 progress: Optional[str] = None) -> None:
         super().__init__()
         self.model = model
         self.run = run
+        self.finish = finish
+        self.progress = progress  # how the trainer shows progress (callbacks.progress.bar_kind), or None
+        self._rounds: Optional[contextlib.ExitStack] = None
+        self._advance: Callable[[int], None] = _no_progress  # picklable (spawn-based strategies)
         self.make_optimizer = make_optimizer
         self.tag, self.log_dir, self.verbose = tag, log_dir, verbose  # log_dir resolved once, on every rank
 
@@ -216,6 +226,10 @@ class _CorrectionModule(pl.LightningModule):
         return self.run.loss_fn(self.model, self.run.step_batch()).mean()
 
     def on_train_start(self) -> None:
+        self._rounds = contextlib.ExitStack()
+        if self.trainer.is_global_zero:  # each round: s_test, scoring, its steps and the evaluation
+            self._advance = self._rounds.enter_context(kind_task(
+                self.progress, "correct: rounds", self.run.settings.iterations, from_open=True))
         self.run.start(self.model, self.device, self._collectives())
         if self.trainer.is_global_zero:
             write_correction_scalars(_WRITERS.get(self.trainer, self.log_dir), self.tag, 0, self.run.before, None)
@@ -227,13 +241,19 @@ class _CorrectionModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:
             record = self.run.end_round(self.model, self.device, self._collectives())
+            self._advance(1)
             if self.trainer.is_global_zero:
                 write_correction_scalars(_WRITERS.get(self.trainer, self.log_dir), self.tag, record.iteration, record.metrics,
                                          record)
 
     def on_train_end(self) -> None:
+        if self._rounds is not None:
+            self._rounds.close()
+            self._rounds, self._advance = None, _no_progress
         if self.trainer.is_global_zero:
-            _write_outputs(self.trainer, self.log_dir, self.tag, self.run.report(), self.report_path, self.verbose)
+            report = self.run.report()
+            _write_outputs(self.trainer, self.log_dir, self.tag, self.finish(report) if self.finish else report,
+                           self.report_path, self.verbose)
 
 
 @contextlib.contextmanager
@@ -243,11 +263,12 @@ def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
     saved = (trainer.fit_loop, trainer.callbacks, strategy.optimizers,  # type: ignore[attr-defined]
              strategy.lr_scheduler_configs,
              strategy.lightning_module, trainer.should_stop)
-    fit_loop = _FitLoop(trainer, min_epochs=0, max_epochs=-1)
+    fit_loop = _FitLoop(trainer, min_epochs=0, max_epochs=1)  # one epoch of `steps` items
     fit_loop.epoch_loop = _TrainingEpochLoop(trainer, min_steps=None, max_steps=steps)
     trainer.fit_loop = fit_loop
     # Trainer.callbacks is set by Lightning's connector: invisible to type checkers
-    trainer.callbacks = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]  # type: ignore[attr-defined]
+    # no callbacks: the run shows its rounds itself (an epoch bar of slow steps read "Epoch 0/-2 ... 0.00it/s")
+    trainer.callbacks = []  # type: ignore[attr-defined]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -272,6 +293,39 @@ def _make_optimizer(optimizer: OptimizerLike, lr: float) -> Callable[[Iterable[n
     raise ValueError(
         f"Expected `optimizer` to be 'sgd', 'adam', a callable params -> Optimizer or an Optimizer, but got {optimizer!r}."
     )
+
+
+def _no_progress(n: int = 1) -> None:
+    """Progress sink of the ranks (and runs) that show none."""
+
+
+def _subset_indices(data: Optional[DataLike]) -> Optional[list[int]]:
+    """The dataset indices of a ``Subset`` (or a DataLoader over one), else None."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return [int(i) for i in dataset.indices] if isinstance(dataset, Subset) else None
+
+
+def _in_dataset_terms(report: CorrectionReport, anchors: Optional[list[int]],
+                      heldout: Optional[list[int]]) -> CorrectionReport:
+    """The report as a user reads it: anchor indices of the underlying dataset (e.g. validation indices) when the
+    anchors are a ``Subset`` of it, and the damping as the number the solves used (``damping_requested`` keeps
+    what was asked; each round has its own ``damping`` and ``residual``)."""
+    settings = dict(report.settings)
+    steps = report.iterations
+    if anchors is not None:
+        settings["anchor_dataset_indices"] = anchors
+        steps = tuple(replace(r, anchor_indices=tuple(anchors[i] for i in r.anchor_indices),
+                              chosen_indices=tuple(anchors[i] for i in r.chosen_indices)
+                              if report.selection == "anchors" else r.chosen_indices) for r in steps)
+    if heldout is not None:
+        settings["heldout_dataset_indices"] = heldout
+    used = [r.damping for r in steps if r.damping is not None]
+    if used:
+        settings["damping"] = used[0] if max(used) == min(used) else {"first": used[0], "last": used[-1]}
+    residuals = [r.residual for r in steps if r.residual is not None]
+    if residuals:
+        settings["residual_max"] = max(residuals)
+    return CorrectionReport(report.selection, settings, report.before, steps)
 
 
 def _existing_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

@@ -266,8 +266,19 @@ class LeaveOneOutCheck:
         pearson, spearman: agreement of ``predicted`` and ``actual`` (None with fewer than 3 points).
         base_test_loss: the test loss after the baseline retraining.
         train_size: n.
-        steps: retraining steps per run.
+        steps: retraining steps allowed per run.
         seconds: wall time of all retraining runs.
+        damping: the number the influence was solved with (``damping="auto"`` resolved), None when influences
+            were given.
+        l2: the L2 strength of the retraining objective.
+        l2_towards_zero: the part of ``l2`` that pulls towards 0 (the training's weight decay); the rest pulls
+            towards the analysed weights.
+        start_test_loss: the test loss at the analysed parameters, before any retraining.
+        steps_run: steps each run took, the baseline first (a run stops early once its test loss has settled).
+        last_step_change: how much the baseline's last step still moved the test loss (its resolution: a
+            removal's change smaller than this is not measured).
+        slope: least-squares ``actual ~= slope * predicted`` (through 0; 1 = the magnitudes agree).
+        sign_agreement: share of the removals whose actual change has the predicted sign.
     """
 
     train_indices: tuple[int, ...]
@@ -280,6 +291,14 @@ class LeaveOneOutCheck:
     train_size: int
     steps: int
     seconds: float
+    damping: Optional[float] = None
+    l2: float = 0.0
+    l2_towards_zero: float = 0.0
+    start_test_loss: Optional[float] = None
+    steps_run: tuple[int, ...] = ()
+    last_step_change: Optional[float] = None
+    slope: Optional[float] = None
+    sign_agreement: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -293,7 +312,9 @@ class Metrics:
 
 @dataclass(frozen=True)
 class CorrectionIteration:
-    """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``."""
+    """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``;
+    ``anchor_indices`` index the anchor data (its dataset's indices when the anchors are a ``Subset``).
+    ``damping`` and ``residual`` are those of the round's s_test solve (helpful/harmful selection only)."""
 
     iteration: int
     anchor_indices: tuple[int, ...]
@@ -303,6 +324,9 @@ class CorrectionIteration:
     anchor_loss_after: float
     metrics: dict[str, Metrics]
     seconds: float
+    damping: Optional[float] = None
+    residual: Optional[float] = None
+    converged: Optional[bool] = None
 
 
 @dataclass(frozen=True)

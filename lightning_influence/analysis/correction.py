@@ -29,7 +29,7 @@ from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.scoring import find_candidates, score_training_set
 from lightning_influence.distributed.sharding import gather_checked, shard
 from lightning_influence.distributed.solve import solve_s_test
-from lightning_influence.results import CorrectionIteration, CorrectionReport, Metrics
+from lightning_influence.results import CorrectionIteration, CorrectionReport, Metrics, SolveInfo
 
 
 def allowed_indices(train_indices: Optional[Sequence[int]], train_size: int) -> list[int]:
@@ -106,8 +106,9 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch
 def choose_examples(
     model: nn.Module, loss_fn: LossFn, train: IndexedData, anchor_batch: Batch, allowed: Sequence[int],
     settings: CorrectionConfig, setup: ProblemConfig, collectives: Collectives, generator: torch.Generator,
-) -> tuple[list[int], Optional[list[float]]]:
-    """The training indices to fine-tune on this round and (helpful/harmful) their influence on the anchors.
+) -> tuple[list[int], Optional[list[float]], Optional[SolveInfo]]:
+    """The training indices to fine-tune on this round, (helpful/harmful) their influence on the anchors and how
+    the s_test solve went.
 
     Must be called on every rank with the same arguments: s_test repeats and candidate scoring are split over
     ranks, and every rank gets the same answer.
@@ -115,7 +116,7 @@ def choose_examples(
     k = settings.examples_per_iteration
     if settings.selection == "random":
         picks = torch.randperm(len(allowed), generator=generator)[:k].tolist()
-        return [int(allowed[i]) for i in picks], None
+        return [int(allowed[i]) for i in picks], None, None
     problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
     with analysis_mode(model):
         if settings.num_candidates is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
@@ -127,12 +128,12 @@ def choose_examples(
             expect(len(allowed) >= k, "examples_per_iteration", f"at most the {len(allowed)} nearest-neighbour"
                    " candidates of this round's anchors", k, "Raise `num_candidates` (neighbours per anchor).")
         gradient = problem.gradients(anchor_batch).mean(dim=0, keepdim=True)  # grad of the anchors' mean loss
-        s_vector, _ = solve_s_test(problem, gradient, collectives, None)
+        s_vector, info = solve_s_test(problem, gradient, collectives, None)
         top, _, _ = score_training_set(problem, train, s_vector, ExplainConfig(
             top_k=k, scoring=settings.scoring, chunk_size=settings.chunk_size), collectives, None, indices=allowed)
     if settings.selection == "helpful":
-        return top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist()
-    return top.harmful_indices[0].tolist(), top.harmful_scores[0].tolist()
+        return top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist(), info
+    return top.harmful_indices[0].tolist(), top.harmful_scores[0].tolist(), info
 
 
 class CorrectionRun:
@@ -174,17 +175,17 @@ class CorrectionRun:
         anchor_ids = sample_anchors(len(self.anchors), self.settings.anchors_per_iteration, generator)
         anchor_batch = fetch(self.anchors, anchor_ids, device)
         if self.settings.selection == "anchors":
-            chosen, influence, source = anchor_ids, None, self.anchors
+            chosen, influence, source, info = anchor_ids, None, self.anchors, None
         else:
             try:
-                chosen, influence = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.allowed,
-                                                    self.settings, self.setup, collectives, generator)
+                chosen, influence, info = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.allowed,
+                                                          self.settings, self.setup, collectives, generator)
             except ValueError as err:  # e.g. CG meeting negative curvature once the steps left the minimum
                 raise ValueError(f"Choosing the examples of round {iteration} failed: {err} (the model after"
                                  f" {iteration - 1} round(s) of steps may be far from a minimum: lower `lr`.)") from err
             source = self.train
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
-                       "chosen": chosen, "influence": influence, "batch": fetch(source, chosen, device),
+                       "chosen": chosen, "influence": influence, "batch": fetch(source, chosen, device), "info": info,
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
 
     def step_batch(self) -> Batch:
@@ -196,8 +197,12 @@ class CorrectionRun:
         after = mean_loss(model, self.loss_fn, r["anchor_batch"], len(r["anchor_ids"]))
         metrics = self.evaluate_all(model, device, collectives)
         influence = None if r["influence"] is None else tuple(float(v) for v in r["influence"])
+        info = r["info"]
         record = CorrectionIteration(r["iteration"], tuple(r["anchor_ids"]), tuple(int(i) for i in r["chosen"]),
-                                     influence, r["anchor_loss_before"], after, metrics, time.perf_counter() - r["start"])
+                                     influence, r["anchor_loss_before"], after, metrics, time.perf_counter() - r["start"],
+                                     None if info is None else float(info.damping),
+                                     None if info is None or info.residual is None else float(info.residual),
+                                     None if info is None else bool(info.converged))
         self.rounds.append(record)
         self._round = {}
         return record

@@ -10,9 +10,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_influence.analysis.leave_one_out import verify_leave_one_out
+from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting.files import write_json_atomic
+from lightning_influence.reporting.leave_one_out import (
+    leave_one_out_summary,
+    leave_one_out_to_dict,
+    write_leave_one_out_scalars,
+)
 from lightning_influence.results import Explanation
 
 
@@ -32,23 +38,17 @@ def leave_one_out_check(trainer: pl.Trainer, module: pl.LightningModule, loss_fn
     chosen = sorted(pairs, key=lambda index: -abs(pairs[index]))[:count]
     template = optimizers[0]
     hyper = {key: template.param_groups[0][key] for key in template.defaults if key in template.param_groups[0]}
-    with isolate_rng():
+    steps_total = (len(chosen) + 1) * steps
+    with isolate_rng(), progress_task(trainer, "influence: leave-one-out retraining", steps_total) as on_step:
         check = verify_leave_one_out(
             module, loss_fn, train.loader(), val.fetch([point.val_index]), train_indices=chosen,
             influences=[pairs[i] for i in chosen], steps=steps,
-            optimizer=lambda params: type(template)(params, **hyper), l2=0.0,
+            optimizer=lambda params: type(template)(params, **hyper), l2=0.0, on_step=on_step,
         )
-    for name in ("pearson", "spearman"):
-        value = getattr(check, name)
-        if value is not None:
-            writer.add_scalar(f"influence/trust/loo_{name}", value, global_step=trainer.global_step)
+    write_leave_one_out_scalars(writer, check, trainer.global_step)
     writer.flush()
-    write_json_atomic(log_dir / "influence" / f"loo_epoch={epoch}.json", {
-        "val_index": point.val_index, "train_indices": list(check.train_indices),
-        "influence": check.influence.tolist(), "predicted_loss_change": check.predicted.tolist(),
-        "actual_loss_change": check.actual.tolist(), "pearson": check.pearson, "spearman": check.spearman,
-        "steps": check.steps, "optimizer": type(template).__name__, "train_size": check.train_size,
-    })
+    write_json_atomic(log_dir / "influence" / f"loo_epoch={epoch}.json", leave_one_out_to_dict(
+        check, point.val_index, damping=explanation.solver.damping, optimizer=type(template).__name__,
+        epoch=epoch, global_step=trainer.global_step))
     if verbose:
-        rank_zero_info(f"Leave-one-out check (val {point.val_index}, {len(chosen)} removals):"
-                       f" Pearson {check.pearson}, Spearman {check.spearman}")
+        rank_zero_info(leave_one_out_summary(check, point.val_index, type(template).__name__))

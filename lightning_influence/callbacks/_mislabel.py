@@ -129,7 +129,8 @@ class MislabelAnalysis:
         collectives = collectives_for(trainer)
         shard_size = len(range(collectives.rank, len(train), collectives.world_size))
         recorder = None if self.signals is None else self.signals.recorder
-        with progress_task(trainer, "influence: self-influence", shard_size) as on_scored:
+        with progress_task(trainer, "influence: self-influence", shard_size,
+                           "curvature eigenpairs (Lanczos) and damping") as on_scored:
             return find_mislabel_candidates(
                 pl_module, loss_fn, train, replace(setup, solver=self.config), self.count, epoch=epoch,
                 global_step=trainer.global_step, collectives=collectives, on_scored=on_scored, describe=describe,

@@ -376,7 +376,7 @@ class InfluenceCallback(AnalysisCallback):
         # with candidates only their union is scored, which is known after the neighbour search: no end shown
         shard_size = (None if self.settings.num_candidates is not None
                       else len(range(collectives.rank, len(train), collectives.world_size)))
-        with progress_task(trainer, "influence: s_test", steps) as on_step, \
+        with progress_task(trainer, "influence: s_test", steps, "validation losses, damping and scale") as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             return explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
                            on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe)

@@ -81,6 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):
+            from lightning_influence.cli.threads import apply_threads
+
+            apply_threads(args.threads)
         return int(args.run(args))
     except (UsageError, ImportError, ValueError) as err:
         print(f"lightning-influence {args.command}: error: {err}", file=sys.stderr)

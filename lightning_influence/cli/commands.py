@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
+from lightning_influence.cli.threads import AUTO, parse_threads
 from lightning_influence.config import (  # torch-free: `--help` stays fast
     CURVATURES,
     DEFAULT_CHUNK_SIZE,
@@ -127,6 +128,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--loss-fn", help="per-example loss as an import path to a callable (module, batch) ->"
                         " Tensor[B] (default: the model's per_example_loss(batch) method)")
     source.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda:0 (default: cpu)")
+    source.add_argument("--threads", type=parse_threads, default=AUTO, help="CPU threads for torch: a number, or"
+                        " 'auto' (default): OMP_NUM_THREADS when set, else the cores that the machine's load leaves"
+                        " idle (at least 1). More threads than idle cores make the analysis several times slower")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="run directory for TensorBoard events and influence/*.json (default:"
                      " <checkpoint dir>/<checkpoint name>-influence)")
@@ -165,10 +169,13 @@ def run_influence(args: argparse.Namespace) -> int:
     describe = _describe(context.callback_args, flags)
     chunk = settings.explain.chunk_size
     train = IndexedData.from_loader(context.train_loader, chunk)
+    loss_fn = context.loss_fn(settings.loss_fn)
+    check_training_losses(context, loss_fn, train, args.device)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
-    with _progress(args, "influence: s_test", steps) as on_step, \
-            _progress(args, "influence: scoring", len(train)) as on_scored:
-        explanation = explain(context.model, context.loss_fn(settings.loss_fn), train,
+    waiting = "validation losses, damping and LiSSA scale" if steps else "validation losses, damping and solve"
+    with progress_tasks(args, ("influence: s_test", steps, waiting),
+                        ("influence: scoring", len(train), None if steps else waiting)) as (on_step, on_scored):
+        explanation = explain(context.model, loss_fn, train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk),
                               settings.problem(context.weight_decay), settings.explain, on_lissa_step=lambda: on_step(1),
                               on_scored=on_scored, describe=describe)
@@ -178,6 +185,11 @@ def run_influence(args: argparse.Namespace) -> int:
                                    global_step=context.global_step, stage=STAGE, verbose=not args.quiet)
     finally:
         context.close()
+    asked = settings.explain.num_worst if settings.explain.val_indices is None else None
+    if asked is not None and len(explanation.points) < asked:
+        print(f"Explained {len(explanation.points)} of the {asked} validation points asked for (--num-worst):"
+              + (f" only {len(explanation.points)} are misclassified (--misclassified-only)."
+                 if settings.explain.misclassified_only else f" the validation set has {len(explanation.points)}."))
     report = report_to_dict(influence_report(explanation, epoch=context.epoch, global_step=context.global_step,
                                              stage=STAGE))
     _exports(args, report, explanation.full_scores)
@@ -221,9 +233,12 @@ def run_mislabel(args: argparse.Namespace) -> int:
         flags["mislabel_candidates"] = MISLABEL_OPTIONS[0].default
     settings = context.settings(flags)
     train = IndexedData.from_loader(context.train_loader, settings.explain.chunk_size)
-    with _progress(args, "influence: self-influence", len(train)) as on_scored:
+    loss_fn = context.loss_fn(settings.loss_fn)
+    check_training_losses(context, loss_fn, train, args.device)
+    waiting = f"top {settings.mislabel.rank} curvature eigenpairs (Lanczos) and damping"
+    with progress_tasks(args, ("mislabel: self-influence", len(train), waiting)) as (on_scored,):
         report = find_mislabel_candidates(
-            context.model, context.loss_fn(settings.loss_fn), train, settings.problem(context.weight_decay, settings.mislabel),
+            context.model, loss_fn, train, settings.problem(context.weight_decay, settings.mislabel),
             settings.mislabel_count, epoch=context.epoch, global_step=context.global_step, on_scored=on_scored,
         )
     try:
@@ -296,27 +311,65 @@ def _exports(args: argparse.Namespace, report: dict[str, Any], full_scores: Any)
         print(f"pytorch-influence-functions layout: {write_pytorch_influence_functions_json(report, args.pif_json, full_scores)}")
 
 
+#: One progress task: description, total units, and the work before its first unit (or None).
+Task = tuple[str, int, Optional[str]]
+
+
 @contextlib.contextmanager
-def _progress(args: argparse.Namespace, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar of ``total`` units on stderr (nothing with ``--quiet``); yields ``advance(n)``."""
-    if args.quiet or total <= 0:
-        yield _ignore
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_tasks(args: argparse.Namespace, *tasks: Task) -> Iterator[list[Callable[[int], None]]]:
+    """Progress of each task on stderr (nothing with ``--quiet``); yields one ``advance(n)`` per task.
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(description, total=total)
+    One rich display on a terminal (a rich display cannot nest), else a line every few seconds per task;
+    rates count from each task's first unit, and its ``waiting`` label names the work before that unit
+    (shown, with its elapsed time, while it runs).
+    """
+    import sys
 
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
+    from lightning_influence.callbacks.progress import log_lines, own_rich_progress, rich_task
 
-        yield advance
+    with contextlib.ExitStack() as stack:
+        if args.quiet:
+            yield [_ignore for _ in tasks]
+            return
+        if not sys.stderr.isatty():
+            def emit(line: str) -> None:
+                print(line, file=sys.stderr, flush=True)
+
+            yield [stack.enter_context(log_lines(d, t, w, emit)) if t > 0 else _ignore for d, t, w in tasks]
+            return
+        from rich.console import Console
+
+        display = stack.enter_context(own_rich_progress(Console(stderr=True)))
+        yield [stack.enter_context(rich_task(display, d, t, w)) if t > 0 else _ignore for d, t, w in tasks]
 
 
 def _ignore(n: int = 1) -> None:
     """Progress sink that does nothing."""
+
+
+def check_training_losses(context: PosthocContext, loss_fn: Callable[[Any, Any], Any], train: Any,
+                          device: str = "cpu") -> None:
+    """Fail before the analysis, naming the training examples, when some have a non-finite loss (a NaN input,
+    a label out of range): every curvature product and score would carry it, and the error would surface far
+    from its cause (a failed eigensolver, or every validation point reported as bad)."""
+    import torch
+
+    from lightning_influence.core.tensors.batching import prepare_batch
+    from lightning_influence.core.tensors.modes import analysis_mode
+
+    bad: list[int] = []
+    values: list[float] = []
+    with analysis_mode(context.model), torch.no_grad():
+        for indices, batch in train.batches_with_indices():
+            losses = loss_fn(context.model, prepare_batch(batch, torch.device(device))).detach().cpu().reshape(-1)
+            wrong = ~torch.isfinite(losses)
+            bad += indices[wrong].tolist()
+            values += losses[wrong].tolist()
+    if bad:
+        shown = ", ".join(f"{i} ({v})" for i, v in list(zip(bad, values))[:10]) + (" ..." if len(bad) > 10 else "")
+        raise UsageError(f"Expected a finite loss for every training example, but {len(bad)} have none: dataset"
+                         f" indices {shown}. Check their inputs and labels (a NaN or inf input, a label out of"
+                         " range), or leave them out of the training DataLoader.")
 
 
 def single_loader(loader: Any) -> Any:
@@ -328,4 +381,24 @@ def single_loader(loader: Any) -> Any:
 
 
 def report_done(context: PosthocContext, path: Path) -> None:
-    print(f"Results: {path}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    print(f"Results: {path}\n{tensorboard_hint(context)}")
+
+
+def tensorboard_hint(context: PosthocContext) -> str:
+    """The TensorBoard command that shows this analysis beside the training run it belongs to, when the
+    checkpoint sits in a Lightning run (``<run>/checkpoints/x.ckpt``) and the results were written inside it."""
+    output = context.output_dir.resolve()
+    folder = context.checkpoint.resolve().parent
+    run = folder.parent if folder.name == "checkpoints" else None
+    if run is not None and run in output.parents:
+        return (f"TensorBoard (the training run and this analysis, under {output.relative_to(run)}):"
+                f" tensorboard --logdir {_shown(run)}")
+    return f"TensorBoard: tensorboard --logdir {_shown(output)}"
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when it is inside it (as the user typed it), else absolute."""
+    try:
+        return path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,8 +31,7 @@ def import_object(path: str, what: str) -> Any:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise UsageError(f"Expected {what} as an import path like `package.module:Name`, but got `{path}`.")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: `examples.digits:DigitsCNN` works from the repository
+    working_directory_importable()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -43,6 +43,13 @@ def import_object(path: str, what: str) -> Any:
             raise UsageError(f"Module `{module_name}` has no `{attribute}` (asked for {what} `{path}`).")
         obj = getattr(obj, part)
     return obj
+
+
+def working_directory_importable() -> None:
+    """Put the working directory on ``sys.path`` (like ``python -m``): ``examples.digits:DigitsCNN`` and a config's
+    ``class_path: examples.digits.DigitsCNN`` resolve from the repository root with the console script too."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def parse_json_object(text: Optional[str], option: str) -> dict[str, Any]:
@@ -149,16 +156,42 @@ def _from_config(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[Any, A
     model_class = import_object(args.model, "`--model`") if args.model else None
     datamodule_class = import_object(args.datamodule, "`--datamodule`") if args.datamodule else None
     config = _read_config(Path(args.config))
+    working_directory_importable()
     try:
-        cli = LightningCLI(model_class, datamodule_class, args=config, run=False, save_config_callback=None,
-                           trainer_defaults={"logger": False})
-    except SystemExit as err:  # jsonargparse reports bad configs by exiting
-        raise UsageError(f"LightningCLI could not read `{args.config}` (see the message above). Pass `--model`"
-                         " (and `--datamodule`) when the config has no `class_path` for them.") from err
+        with warnings.catch_warnings():  # "args and command line arguments": the command line is this command's
+            warnings.filterwarnings("ignore", ".*args parameter is intended.*")
+            cli = LightningCLI(model_class, datamodule_class, args=config, run=False, save_config_callback=None,
+                               trainer_defaults={"logger": False}, parser_kwargs={"exit_on_error": False})
+    except (SystemExit, argparse.ArgumentError) as err:  # jsonargparse's reading of the config failed
+        raise UsageError(_config_error(args, config, err)) from err
     model = cli.model
     model.on_load_checkpoint(meta)
     model.load_state_dict(meta["state_dict"])
     return model, cli.datamodule, _influence_callback_args(cli.config)
+
+
+def _config_error(args: argparse.Namespace, config: dict[str, Any], err: BaseException) -> str:
+    """What went wrong reading the config, and the hint that fits it."""
+    text = " ".join(str(err).split()) or "see the message above"
+    if "No module named" in text:
+        hint = ("A `class_path` names a module that is not importable from here: run from the directory that"
+                " contains it (the working directory is importable) or add that directory to PYTHONPATH.")
+    elif (args.model is None and not _has_class_path(config, "model")) or (
+            args.datamodule is None and "data" in config and not _has_class_path(config, "data")):
+        hint = ("Pass `--model` (and `--datamodule`) when the config gives only their init arguments (the"
+                " `config.yaml` of a `LightningCLI(MyModel, MyData)` run has no `class_path` for them).")
+    else:
+        hint = "Check the entry it names against the class's constructor arguments."
+    return f"LightningCLI could not read `{args.config}`: {text[:600]}. {hint}"
+
+
+def _has_class_path(config: dict[str, Any], key: str) -> bool:
+    return isinstance(config.get(key), dict) and "class_path" in config[key]
+
+
+#: Top-level keys of a config saved by a LightningCLI subcommand (fit, validate, ...) that are arguments of the
+#: Trainer method, not of the model, data or trainer: the checkpoint is given on this command line instead.
+_METHOD_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -170,7 +203,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(config, dict):
         raise UsageError(f"Expected `{path}` to hold a mapping (trainer:, model:, data:), but got {type(config).__name__}.")
-    config.pop("ckpt_path", None)  # written by LightningCLI's SaveConfigCallback; the checkpoint is given here
+    for key in _METHOD_KEYS:  # written by LightningCLI's SaveConfigCallback beside a run
+        config.pop(key, None)
     return config
 
 

@@ -12,9 +12,12 @@ from lightning_influence.cli.commands import (
     _damping,
     add_checkpoint_arguments,
     check_exports,
+    check_training_losses,
     flags_of,
+    progress_tasks,
     report_done,
     single_loader,
+    tensorboard_hint,
 )
 from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
 from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SOLVERS
@@ -54,6 +57,7 @@ def run_correct(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import Subset
 
+    from lightning_influence.core.tensors.data import IndexedData
     from lightning_influence.correct import correct_errors
 
     if not 0 <= args.heldout_fraction < 1:
@@ -70,6 +74,7 @@ def run_correct(args: argparse.Namespace) -> int:
                          " `--heldout-fraction` or pass more `--anchor-indices`.")
     trainer = _posthoc_trainer(args, context)
     loss_fn = _loss_fn(args, context)
+    check_training_losses(context, loss_fn, IndexedData.from_loader(context.train_loader), args.device)
     try:
         report = correct_errors(
             trainer, context.model, Subset(val_loader.dataset, anchors), train_dataloaders=context.train_loader,
@@ -89,8 +94,28 @@ def run_correct(args: argparse.Namespace) -> int:
         print(f"Corrected checkpoint: {args.save_checkpoint}")
     print(f"Slice: {len(anchors)} anchor(s), {len(heldout)} held out; {len(report.iterations)} round(s) of"
           f" {args.selection!r} selection")
-    print(f"Results: {context.output_dir / 'influence'}\nTensorBoard: tensorboard --logdir {context.output_dir}")
+    verdict = correction_verdict(report, args)
+    if verdict:
+        print(verdict)
+    print(f"Results: {context.output_dir / 'influence'}\n{tensorboard_hint(context)}")
     return 0
+
+
+def correction_verdict(report: Any, args: argparse.Namespace) -> str:
+    """A line when the run fixed nothing on the slice (no accuracy gained on the held-out part, or on the anchors
+    without one), with the knobs that change how far it moves; empty otherwise."""
+    measured = "heldout" if "heldout" in report.before else "anchors"
+    before, after = report.before[measured].accuracy, report.after[measured].accuracy
+    if before is None or after is None or after > before or not report.iterations:
+        return ""
+    changes = ", ".join(f"{name} {report.before[name].accuracy:.3f} -> {report.after[name].accuracy:.3f}"
+                        for name in ("anchors", "heldout", "val") if name in report.before
+                        and report.before[name].accuracy is not None and report.after[name].accuracy is not None)
+    steps = args.iterations * args.steps_per_iteration
+    return (f"Nothing fixed: {changes} (accuracy). The run took {steps} {args.optimizer} step(s) of lr {args.lr} in all,"
+            f" each on {args.examples_per_iteration} chosen training example(s). To move the slice further raise"
+            " --lr (e.g. tenfold), --steps-per-iteration or --iterations, or try --optimizer adam, and watch the"
+            " validation accuracy; --selection random on the same budget shows what the influence selection adds.")
 
 
 def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Namespace) -> list[int]:
@@ -155,13 +180,16 @@ def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--val-index", type=int, help="validation example to predict (default: the highest-loss one)")
     group.add_argument("--num-points", type=int, default=10, help="training examples removed one at a time, largest"
                        " |I| first (default: 10)")
-    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps of every retraining, warm-started"
-                       " from the checkpoint (default: 50)")
-    group.add_argument("--solver", default="exact", choices=SOLVERS,
-                       help="how the influence is computed (default: exact)")
+    group.add_argument("--steps", type=int, default=50, help="full-batch L-BFGS steps (up to 10 iterations each) of"
+                       " every retraining, warm-started from the checkpoint; the report says whether the baseline had"
+                       " settled enough to resolve the changes (default: 50)")
+    group.add_argument("--solver", default="cg", choices=SOLVERS,
+                       help="how the influence is computed (default: cg, to its tolerance; exact costs one curvature"
+                       " product per parameter)")
     group.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING, help="lambda added to the curvature; also the L2"
                        f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
-    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: --damping)")
+    group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: the damping"
+                       " used, 'auto' resolved to its number)")
 
 
 def run_verify_loo(args: argparse.Namespace) -> int:
@@ -172,10 +200,16 @@ def run_verify_loo(args: argparse.Namespace) -> int:
     from lightning_influence.core.tensors.data import IndexedData
     from lightning_influence.core.tensors.modes import analysis_mode
     from lightning_influence.reporting import write_json_atomic
+    from lightning_influence.reporting.leave_one_out import (
+        leave_one_out_summary,
+        leave_one_out_to_dict,
+        write_leave_one_out_scalars,
+    )
 
     check_exports(args)
     context = load_context(args)
     loss_fn = _loss_fn(args, context)
+    check_training_losses(context, loss_fn, IndexedData.from_loader(context.train_loader), args.device)
     val = IndexedData.from_loader(single_loader(context.val_loader))
     device = torch.device(args.device)
     if args.val_index is None:
@@ -187,26 +221,23 @@ def run_verify_loo(args: argparse.Namespace) -> int:
         raise UsageError(f"`--val-index` {args.val_index} is outside the validation set (size {len(val)}).")
     else:
         val_index = args.val_index
-    check = verify_leave_one_out(
-        context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
-        num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
-    )
-    record = {"val_index": val_index, "train_indices": list(check.train_indices), "influence": check.influence.tolist(),
-              "predicted_loss_change": check.predicted.tolist(), "actual_loss_change": check.actual.tolist(),
-              "pearson": check.pearson, "spearman": check.spearman, "steps": check.steps, "solver": args.solver,
-              "damping": args.damping, "train_size": check.train_size, "epoch": context.epoch,
-              "global_step": context.global_step, "stage": STAGE}
+    waiting = f"influence of every training example (solver {args.solver}, damping {args.damping})"
+    with progress_tasks(args, ("verify-loo: retraining", (args.num_points + 1) * args.steps, waiting)) as (on_step,):
+        check = verify_leave_one_out(
+            context.model, loss_fn, context.train_loader, prepare_batch(val.fetch([val_index]), device),
+            num_points=args.num_points, steps=args.steps, solver=args.solver, damping=args.damping, l2=args.l2,
+            on_step=on_step, weight_decay=context.weight_decay,
+        )
+    record = leave_one_out_to_dict(check, val_index, solver=args.solver, damping_requested=args.damping,
+                                   weight_decay=context.weight_decay,
+                                   epoch=context.epoch, global_step=context.global_step, stage=STAGE)
     try:
         writer = context.writer()
-        for name in ("pearson", "spearman"):
-            if getattr(check, name) is not None:
-                writer.add_scalar(f"influence/trust/loo_{name}", getattr(check, name), global_step=context.global_step)
+        write_leave_one_out_scalars(writer, check, context.global_step)
         path = write_json_atomic(context.output_dir / "influence" / f"loo_epoch={context.epoch}.json", record)
     finally:
         context.close()
-    if not args.quiet:
-        print(f"Leave-one-out check, validation example {val_index}, {len(check.train_indices)} removals,"
-              f" {check.steps} steps each: Pearson {check.pearson}, Spearman {check.spearman}")
+    print(leave_one_out_summary(check, val_index))
     report_done(context, path)
     return 0
 

@@ -16,6 +16,7 @@ from lightning_influence.config import (
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
     DEFAULT_SOLVER,
+    SOLVERS,
     Damping,
     ExplainConfig,
     LowRankConfig,
@@ -93,12 +94,26 @@ def _solver(solver: Any, options: dict[str, Any]) -> SolverConfig:
         init_args = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
         cls = import_object(str(get("class_path")), "the solver `class_path`")
         solver = cls(**init_args)
+    elif isinstance(solver, dict) or hasattr(solver, "as_dict"):  # a config object jsonargparse flattened to its fields
+        solver = _solver_from_fields(solver.as_dict() if hasattr(solver, "as_dict") else dict(solver))
     config: Union[str, SolverConfig] = solver
     if isinstance(config, str):
         fields = {f.name for f in dataclasses.fields(solver_config(config))}
         return solver_config(config, {k: v for k, v in options.items() if k in fields})
     fields = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in options.items() if k in fields})
+
+
+def _solver_from_fields(values: dict[str, Any]) -> SolverConfig:
+    """The solver config whose fields are exactly these (as in the ``config.yaml`` LightningCLI saves: a
+    dataclass argument is written as its fields, without ``class_path``), else the first that has them all."""
+    classes = [type(solver_config(name)) for name in SOLVERS]
+    exact = [c for c in classes if {f.name for f in dataclasses.fields(c)} == set(values)]
+    fitting = exact or [c for c in classes if set(values) <= {f.name for f in dataclasses.fields(c)}]
+    if not fitting:
+        raise ValueError(f"Expected `solver` to be a solver name ({', '.join(SOLVERS)}), a `class_path`/`init_args`"
+                         f" entry or the fields of one solver config, but got the fields {sorted(values)}.")
+    return fitting[0](**values)
 
 
 def _loss_fn(value: Optional[Any]) -> Any:

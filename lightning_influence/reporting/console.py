@@ -18,6 +18,9 @@ from lightning_influence.reporting._format import (
 from lightning_influence.reporting.tables import mislabel_agreement, ranking_label, ranking_line
 from lightning_influence.results import InfluenceReport, MislabelReport
 
+#: Characters of a number in the tables (``-1.65e+00``): such columns are never narrower.
+NUMBER_WIDTH = 9
+
 
 def summary_table(report: InfluenceReport) -> Table:
     """Build a rich table summarising ``report``.
@@ -76,9 +79,14 @@ def mislabel_table(report: MislabelReport) -> Table:
         ),
     )
     signals = report.signals is not None
-    for name in ("rank", "train idx", "label", "pred", "I(z, z)", "loss", "loss rank") + (
-            ("score", "suggested") if signals else ()):
-        table.add_column(name, justify="right", style="red" if name == "I(z, z)" else None)
+    columns = {"rank": 4, "train idx": 5, "label": 5, "pred": 4, "I(z, z)": NUMBER_WIDTH, "loss": 6, "loss rank": 4}
+    if signals:
+        columns.update({"score": 6, "sugg. label": 5})
+    for name, width in columns.items():
+        # numbers are never cut (80 columns once cut I(z, z) to "-1.65e..."); headers wrap between words instead
+        number = name in ("I(z, z)", "loss", "score")
+        table.add_column(name, justify="right", style="red" if name == "I(z, z)" else None, no_wrap=number,
+                         min_width=width)
     for rank, candidate in enumerate(report.candidates[:MISLABEL_SHOWN], start=1):
         extra = [format_float(candidate.score), format_value(candidate.suggested_label)] if signals else []
         table.add_row(*mislabel_row(rank, candidate), *extra)

@@ -36,6 +36,18 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _damping(settings: dict) -> str:
+    """The damping the solves used (a number, or the first and last round's), with what was asked when it differs."""
+    used, asked = settings.get("damping"), settings.get("damping_requested")
+    if isinstance(used, dict):
+        text = f"{used['first']:.3g} (round 1) to {used['last']:.3g}"
+    else:
+        text = f"{used:.3g}" if isinstance(used, (int, float)) else str(used)
+    residual = settings.get("residual_max")
+    text += f" ({asked})" if asked is not None and asked != used else ""
+    return text + (f", s_test residual up to {residual:.3g}" if isinstance(residual, (int, float)) else "")
+
+
 def correction_markdown(report: CorrectionReport) -> str:
     """Settings, the before/after table per evaluation set, and per round the chosen examples."""
     s = report.settings
@@ -43,7 +55,7 @@ def correction_markdown(report: CorrectionReport) -> str:
         f"**Error correction** (selection `{report.selection}`): {len(report.iterations)} rounds,"
         f" {s.get('anchors_per_iteration')} anchors, {s.get('examples_per_iteration')} examples and"
         f" {s.get('steps_per_iteration')} step(s) per round, lr {s.get('lr')} ({s.get('optimizer')}),"
-        f" solver {s.get('solver')}, damping {s.get('damping')}. Influence I(z, A) = -s_test . grad L(z):"
+        f" solver {s.get('solver')}, damping {_damping(s)}. Influence I(z, A) = -s_test . grad L(z):"
         " negative = helpful to the anchors, positive = harmful."
     )
     lines = [

@@ -49,7 +49,7 @@ def influence_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     n = report["train_size"]
     for point in report["points"]:
         for kind in ("harmful", "helpful"):
-            for rank, (train_index, influence) in enumerate(point[kind]):
+            for rank, (train_index, influence) in enumerate(point[kind], start=1):  # 1-based, as the tables show
                 rows.append({
                     "epoch": report["epoch"], "global_step": report["global_step"], "stage": report["stage"],
                     "val_index": point["val_index"], "val_label": point["label"],
@@ -61,10 +61,12 @@ def influence_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def mislabel_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per mislabel candidate, strongest ``|I(z, z)|`` first (``rank`` 0)."""
+    """One row per mislabel candidate, strongest first; ``rank`` and ``loss_rank`` 1-based, as the console and
+    TensorBoard tables show them (the JSON report keeps ``loss_rank`` 0-based)."""
     return [
-        {"epoch": report["epoch"], "global_step": report["global_step"], "rank": rank, **candidate}
-        for rank, candidate in enumerate(report["candidates"])
+        {"epoch": report["epoch"], "global_step": report["global_step"], "rank": rank, **candidate,
+         **({"loss_rank": candidate["loss_rank"] + 1} if isinstance(candidate.get("loss_rank"), int) else {})}
+        for rank, candidate in enumerate(report["candidates"], start=1)
     ]
 
 

@@ -33,8 +33,10 @@ def predicted_label(candidate: dict[str, Any]) -> Any:
 
 
 def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] = None) -> list[dict[str, Any]]:
-    """One row per candidate (:data:`RELABEL_COLUMNS`), in the report's order; ``rank`` and ``loss_rank`` are
-    1-based (1 = most suspicious, 1 = highest training loss), as the console table and the dashboard show them.
+    """One row per candidate (:data:`RELABEL_COLUMNS`), in the report's order.
+
+    ``rank`` and ``loss_rank`` are 1-based, as the console and TensorBoard tables show them (1 = the strongest
+    candidate; 1 = the highest training loss); the JSON report keeps ``loss_rank`` 0-based.
 
     Args:
         report: a mislabel report dict.
@@ -58,7 +60,7 @@ def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] 
         loss_rank = c.get("loss_rank")
         rows.append({"rank": rank + 1, "train_index": index, "given_label": c.get("label"), "predicted_label": predicted,
                      "new_label": predicted, "score": c.get("score"), "self_influence": c.get("self_influence"),
-                     "loss": c.get("loss"), "loss_rank": None if loss_rank is None else loss_rank + 1})
+                     "loss": c.get("loss"), "loss_rank": None if loss_rank is None else int(loss_rank) + 1})
     return rows
 
 

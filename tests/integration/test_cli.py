@@ -226,7 +226,7 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
     assert main(argv) == 0
     report = _only(out / "influence", "correct_*.json")
     assert report["selection"] == "helpful" and len(report["iterations"]) == 3
-    positions = {i for step in report["iterations"] for i in step["anchor_indices"]}  # into the anchor set
+    sampled = {i for step in report["iterations"] for i in step["anchor_indices"]}  # validation indices (#27)
     model = TinyDigitsModel.load_from_checkpoint(checkpoint)
     data = TinyDigitsData()
     data.setup("fit")
@@ -235,7 +235,11 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
         wrong = set((model(x).argmax(1) != y).nonzero().flatten().tolist())
     held = round(0.25 * len(wrong))
     assert report["before"]["heldout"]["size"] == held  # a quarter of the misclassified slice is held out
-    assert report["before"]["anchors"]["size"] == len(wrong) - held and max(positions) < len(wrong) - held
+    anchors, heldout = report["settings"]["anchor_dataset_indices"], report["settings"]["heldout_dataset_indices"]
+    assert report["before"]["anchors"]["size"] == len(anchors) == len(wrong) - held and len(heldout) == held
+    assert sampled <= set(anchors) and set(anchors) | set(heldout) == wrong and not set(anchors) & set(heldout)
+    assert report["settings"]["damping_requested"] == 0.5 and report["settings"]["damping"] == 0.5
+    assert all(step["damping"] == 0.5 and 0 <= step["residual"] < 1 for step in report["iterations"])
     assert report["before"]["anchors"]["accuracy"] == 0.0  # the anchors are misclassified examples
     assert report["after"]["anchors"]["loss"] < report["before"]["anchors"]["loss"]
     corrected = TinyDigitsModel.load_from_checkpoint(saved)  # a loadable checkpoint with the new weights

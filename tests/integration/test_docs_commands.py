@@ -137,6 +137,8 @@ def test_cheap_block_runs(where, kind, code, why, world, monkeypatch):
             for flag, value in zip(argv, argv[1:]):
                 if flag in ("--table", "--pif-json", "--save-checkpoint"):
                     assert (world / value).is_file(), f"{where}: {flag} {value} wrote nothing"
+        stray = sorted(p.name for p in world.iterdir() if p.name != "runs")
+        assert not stray, f"{where}: a documented command left {stray} in the directory it runs from: write under runs/"
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -154,7 +154,8 @@ def test_export_relabel_round_trip(mislabel_run, tmp_path, suffix):
             rows = list(csv.DictReader(handle))
     assert len(rows) == N_TRAIN
     for rank, (row, candidate) in enumerate(zip(rows, report["candidates"])):
-        assert int(row["rank"]) == rank + 1 and int(row["train_index"]) == candidate["train_index"]
+        assert int(row["rank"]) == rank + 1 and int(row["train_index"]) == candidate["train_index"]  # 1-based (#27)
+        assert int(row["loss_rank"]) == candidate["loss_rank"] + 1
         assert int(row["given_label"]) == candidate["label"]
         assert int(row["predicted_label"]) == int(row["new_label"]) == candidate["suggested_label"]
         assert float(row["score"]) == pytest.approx(candidate["score"])

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.config import CGConfig, ExactConfig
-from lightning_influence.core.curvature.preconditioner import build_preconditioner
 from lightning_influence.core.curvature import curvature_matrix
+from lightning_influence.core.curvature.preconditioner import build_preconditioner
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.tensors.modes import analysis_mode
 

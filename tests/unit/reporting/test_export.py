@@ -80,7 +80,7 @@ def test_influence_rows_are_the_long_layout_with_the_loss_change_estimate():
         assert row["influence"] == pytest.approx(float(scores[position, row["train_index"]]))
         assert row["loss_change_if_removed"] == pytest.approx(-row["influence"] / N_TRAIN)
     harmful = [r["influence"] for r in rows if r["val_index"] == 7 and r["kind"] == "harmful"]
-    assert harmful == sorted(harmful, reverse=True) and [r["rank"] for r in rows[:3]] == [0, 1, 2]
+    assert harmful == sorted(harmful, reverse=True) and [r["rank"] for r in rows[:3]] == [1, 2, 3]  # 1-based (#27)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -97,7 +97,8 @@ def test_table_round_trip(tmp_path, suffix):
     assert frame["train_index"].tolist() == expected["train_index"].tolist()
     mislabel = export.export_table(_mislabel(), tmp_path / f"mislabel{suffix}")
     frame = pandas.read_csv(mislabel) if suffix == ".csv" else pandas.read_parquet(mislabel)
-    assert frame["train_index"].tolist() == [0, 1, 2, 3] and frame["rank"].tolist() == [0, 1, 2, 3]
+    assert frame["train_index"].tolist() == [0, 1, 2, 3] and frame["rank"].tolist() == [1, 2, 3, 4]
+    assert frame["loss_rank"].tolist() == [1, 2, 3, 4]  # 1-based like the console (the JSON's are 0-based)
 
 
 def test_missing_pandas_or_pyarrow_gives_a_clear_error(tmp_path, monkeypatch):
