@@ -44,16 +44,19 @@ class AnalysisSettings:
     mislabel_count: Optional[int]  # None: the whole training set ("all")
     loss_fn: Any = None
     curvature: str = DEFAULT_CURVATURE
+    problem_fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # parameters, dtype, weight_decay, ...
 
     def problem(self, weight_decay: Optional[float], solver: Optional[SolverConfig] = None) -> ProblemConfig:
-        """The analysis's :class:`ProblemConfig` (``solver``: another solver config than the explanation's)."""
-        return ProblemConfig(solver=solver or self.solver, damping=self.damping, curvature=self.curvature,
-                             weight_decay=weight_decay)
+        """The analysis's :class:`ProblemConfig` (``solver``: another solver config than the explanation's;
+        ``weight_decay``: the checkpoint's, unless the config's ``problem`` sets one)."""
+        fields = {"weight_decay": weight_decay, **self.problem_fields}
+        return ProblemConfig(solver=solver or self.solver, damping=self.damping, curvature=self.curvature, **fields)
 
 
 def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> AnalysisSettings:
     """Settings from a config's ``InfluenceCallback`` arguments overridden by command-line ``flags``."""
-    merged = {**callback_args, **flags}
+    problem = _init_args(callback_args.get("problem"))  # InfluenceCallback(problem=ProblemConfig(...)) in the YAML
+    merged = {**{k: v for k, v in callback_args.items() if k != "problem"}, **problem, **flags}
     explain_fields = {f.name for f in dataclasses.fields(ExplainConfig)}
     try:
         explain_args = {_EXPLAIN_RENAMES.get(k, k): v for k, v in merged.items()
@@ -71,9 +74,28 @@ def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> A
             mislabel_count=_count(merged.get("mislabel_candidates", 0)),
             loss_fn=_loss_fn(merged.get("loss_fn")),
             curvature=check_curvature(merged.get("curvature", DEFAULT_CURVATURE)),
+            problem_fields={k: problem[k] for k in _PROBLEM_EXTRAS if problem.get(k) is not None},
         )
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
+
+
+#: ProblemConfig fields beside solver, damping and curvature (which have flags of their own).
+_PROBLEM_EXTRAS = ("weight_decay", "allow_negative_curvature", "parameters", "dtype")
+
+
+def _init_args(value: Any) -> dict[str, Any]:
+    """The fields of a YAML dataclass entry: ``class_path``/``init_args``, a plain mapping (as LightningCLI saves
+    a dataclass argument) or an object with those attributes; None gives no fields."""
+    if value is None:
+        return {}
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        args = value.get("init_args", value) if "class_path" in value else value
+        args = args.as_dict() if hasattr(args, "as_dict") else dict(args or {})
+        return {k: v for k, v in args.items() if k not in ("class_path", "__path__")}
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
 def _count(value: Any) -> Optional[int]:

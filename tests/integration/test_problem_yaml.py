@@ -43,3 +43,16 @@ def test_problem_config_from_lightningcli_yaml(tmp_path):
     assert influence.problem == expected and mislabel.problem == expected
     assert influence.last_explanation.solver.damping == 0.5 and influence.last_explanation.solver.solver == "cg"
     assert mislabel.last_report is not None and len(mislabel.last_report.candidates) == 5
+
+
+def test_the_command_line_reads_the_callbacks_problem_config_and_flags_override_it():
+    from lightning_influence.cli.settings import analysis_settings
+
+    problem = {"class_path": "lightning_influence.ProblemConfig",
+               "init_args": {"solver": {"class_path": "lightning_influence.CGConfig", "init_args": {"max_iter": 50}},
+                             "damping": 0.5, "parameters": ["net.3"], "weight_decay": 0.01}}
+    settings = analysis_settings({"num_worst": 2, "problem": problem}, {})
+    assert settings.problem(weight_decay=1e-3) == ProblemConfig(solver=CGConfig(max_iter=50), damping=0.5,
+                                                                parameters=("net.3",), weight_decay=0.01)
+    saved = analysis_settings({"problem": {"solver": "exact", "damping": "auto", "parameters": None}}, {"damping": 0.2})
+    assert saved.problem(weight_decay=1e-3) == ProblemConfig(solver="exact", damping=0.2, weight_decay=1e-3)
