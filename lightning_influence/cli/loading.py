@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 
 class UsageError(Exception):
     """Bad command-line input: printed without a traceback, exit status 2."""
@@ -118,6 +116,8 @@ def load_context(args: argparse.Namespace) -> PosthocContext:
         raise UsageError(f"Expected `checkpoint` to be a checkpoint file, but `{checkpoint}` does not exist.")
     if args.config is None and args.model is None:
         raise UsageError("Name the model: pass `--model package.module:ModelClass` or `--config config.yaml`.")
+    import torch  # here, not at import: `--help` stays free of torch
+
     meta = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     if "state_dict" not in meta:
         raise UsageError(f"Expected a Lightning checkpoint (a dict with `state_dict`), but `{checkpoint}` has"

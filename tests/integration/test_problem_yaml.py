@@ -56,3 +56,13 @@ def test_the_command_line_reads_the_callbacks_problem_config_and_flags_override_
                                                                 parameters=("net.3",), weight_decay=0.01)
     saved = analysis_settings({"problem": {"solver": "exact", "damping": "auto", "parameters": None}}, {"damping": 0.2})
     assert saved.problem(weight_decay=1e-3) == ProblemConfig(solver="exact", damping=0.2, weight_decay=1e-3)
+
+
+def test_the_command_lines_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lightning_influence.cli import build_parser; build_parser().format_help();"
+            " print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # --help answers without the seconds that importing torch costs
