@@ -152,6 +152,21 @@ def setting_warnings(info: SolveInfo, damping: float, weight_decay: Optional[flo
     return warnings
 
 
+def unconverged_points(points: Sequence[PointTrust], tolerance: Optional[float]) -> list[TrustWarning]:
+    """The monitored points whose own s_test residual misses the solve's tolerance, named by validation index (the
+    solve's verdict is about the worst of them; the others' lists can still be used)."""
+    if tolerance is None:
+        return []
+    missed = [p for p in points if p.residual is not None and not p.residual <= tolerance]
+    if not missed:
+        return []
+    named = ", ".join(f"{p.val_index} ({p.residual:.3g})" for p in missed[:20]) + (" ..." if len(missed) > 20 else "")
+    return [TrustWarning(
+        "points_not_converged", f"{len(missed)} of {len(points)} monitored point(s) did not converge (residual above"
+        f" {tolerance:.3g}): validation indices {named}. Their harmful/helpful lists are unreliable; the other points"
+        " converged. Raise `depth` (LiSSA) or `max_iter` (CG), or use solver='cg'.")]
+
+
 def measurement_warnings(
     residuals: Sequence[Optional[float]], agreements: Sequence[Optional[float]], ratio: Optional[float], examples: int
 ) -> list[TrustWarning]:
@@ -202,7 +217,8 @@ def diagnose(
                 + setting_warnings(info, problem.damping, weight_decay)
                 + problem.solver.trust_warnings(top_eig)
                 + measurement_warnings([p.residual for p in points], [p.repeat_spearman for p in points], ratio,
-                                       len(gradient_subset)))
+                                       len(gradient_subset))
+                + unconverged_points(points, info.residual_tol))
     return TrustReport(points, tuple(warnings), residual_examples, _finite(ratio), len(gradient_subset), top_eig)
 
 

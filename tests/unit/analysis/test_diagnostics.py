@@ -278,3 +278,15 @@ def test_a_failing_diagnosis_is_reported_and_the_analysis_kept(logistic, monkeyp
     assert len(result.points[0].harmful) == 3  # the analysis itself is intact
     (warning,) = result.trust.warnings
     assert warning.code == "diagnosis_failed" and "out of memory" in warning.message and "diagnose=False" in warning.message
+
+
+def test_points_that_did_not_converge_are_named():
+    from lightning_influence.analysis.diagnostics import unconverged_points
+    from lightning_influence.results import PointTrust
+
+    points = [PointTrust(4, 0.01), PointTrust(17, 0.2), PointTrust(9, None), PointTrust(30, 0.06)]
+    (warning,) = unconverged_points(points, 0.05)
+    assert warning.code == "points_not_converged"
+    assert "2 of 4" in warning.message and "17 (0.2)" in warning.message and "30 (0.06)" in warning.message
+    assert "4 (" not in warning.message
+    assert unconverged_points(points[:1], 0.05) == [] and unconverged_points(points, None) == []
