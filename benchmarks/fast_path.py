@@ -336,15 +336,16 @@ def preselect_study(name: str, model, data, test, runs: int) -> dict[str, Any]:
         settings = ExplainConfig(num_candidates=k, preselect="always")
         with analysis_mode(model):
             gradients = problem.gradients((tx, ty))
-            full, _ = _median(lambda: score_training_set(problem, train, s, settings, one, None), runs)
+            # Loop variables are bound as default arguments: each closure runs within its own iteration.
+            full, _ = _median(lambda s=s, settings=settings: score_training_set(problem, train, s, settings, one, None), runs)
 
-            def always():
+            def always(tx=tx, ty=ty, s=s, settings=settings):
                 found = find_candidates(model, (tx, ty), train, settings, one, problem.device, shared.loss_fn)
                 return score_candidates(problem, train, s, found, settings, one, None), found
 
             always, (_, found) = _median(always, runs)
 
-            def auto():
+            def auto(k=k, tx=tx, ty=ty, gradients=gradients, s=s):
                 auto_settings = ExplainConfig(num_candidates=k)
                 chosen, _ = choose_candidates(problem, (tx, ty), gradients, train, auto_settings, one, shared.loss_fn)
                 if chosen is None:
@@ -355,8 +356,8 @@ def preselect_study(name: str, model, data, test, runs: int) -> dict[str, Any]:
                 warnings.simplefilter("ignore")
                 auto, (_, preselected) = _median(auto, runs)
                 estimate = estimate_preselection(problem, (tx, ty), gradients, train, settings, one, shared.loss_fn)
-            probe, _ = _median(lambda: estimate_preselection(problem, (tx, ty), gradients, train, settings,
-                                                                     one, shared.loss_fn), runs)
+            probe, _ = _median(lambda tx=tx, ty=ty, gradients=gradients, settings=settings: estimate_preselection(
+                problem, (tx, ty), gradients, train, settings, one, shared.loss_fn), runs)
         union = len(CandidateScoreCollector(found.indices).union())
         rows.append({
             "points": points, "fraction": fraction, "k": k, "union": union, "full": full, "always": always,
@@ -464,9 +465,11 @@ def main() -> None:
     if args.preselect_only:
         run_preselect(models, data, tests, results, args.runs)
         results["load_after"] = load()
-        print(f"\nTotal wall time {time.perf_counter() - started:.0f} s; load {results['load_before']} -> {results['load_after']}")
+        print(f"\nTotal wall time {time.perf_counter() - started:.0f} s;"
+              f" load {results['load_before']} -> {results['load_after']}")
         if args.json:
-            args.json.write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+            args.json.write_text(json.dumps(results, indent=1,
+                                            default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
         return
 
     exact = {}
@@ -475,8 +478,8 @@ def main() -> None:
         print(f"exact {name}: lambda_min(H) = {lam_min:.4g}, damping {damping[name]}, {cpu:.1f} s CPU")
         results[f"exact_{name}"] = {"lambda_min": lam_min, "cpu": cpu}
 
-    print("" if args.recall_only else f"\n## scale='auto' vs fixed scales (LiSSA depth {depth}, batch 128): Pearson with exact over all"
-          " training points, mean (min) over the 8 test points")
+    print("" if args.recall_only else f"\n## scale='auto' vs fixed scales (LiSSA depth {depth}, batch 128):"
+          " Pearson with exact over all training points, mean (min) over the 8 test points")
     print("" if args.recall_only else "| model | scale | value | Pearson | converged | CPU s |\n|---|---|---:|---|:-:|---:|")
     results["scale"] = []
     for name in () if args.recall_only else ("lr", "cnn"):
@@ -492,15 +495,16 @@ def main() -> None:
     recall_lissa = {"cnn": {"depth": depth}, "mlp": {"depth": 50 if args.quick else 300, "batch_size": 32}}
     results["recall"] = []
     print("| model | features | k | % of train | union | recall harmful | recall helpful | full scoring CPU s |"
-          " features+kNN CPU s | candidate scoring CPU s | scoring time saved |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          " features+kNN CPU s | candidate scoring CPU s | scoring time saved |"
+          "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("cnn", "mlp"):
         study = recall_study(name, models[name], data, tests[name], damping.get(name, 0.01), recall_lissa[name])
         results["recall"].append(study)
         for row in study["rows"]:
             saved = 1 - row["fast_cpu"] / study["full_scoring_cpu"]
-            print(f"| {name} | {row['features']} | {row['k']} | {100 * row['fraction']:.0f} | {row['union']} | {row['recall_harmful']:.3f} |"
-                  f" {row['recall_helpful']:.3f} | {study['full_scoring_cpu']:.3f} | {row['knn_cpu']:.3f} |"
-                  f" {row['candidate_scoring_cpu']:.3f} | {100 * saved:.0f}% |")
+            print(f"| {name} | {row['features']} | {row['k']} | {100 * row['fraction']:.0f} | {row['union']} |"
+                  f" {row['recall_harmful']:.3f} | {row['recall_helpful']:.3f} | {study['full_scoring_cpu']:.3f} |"
+                  f" {row['knn_cpu']:.3f} | {row['candidate_scoring_cpu']:.3f} | {100 * saved:.0f}% |")
         print(f"({name}: s_test LiSSA {study['lissa']}, damping {study['damping']}, {study['s_test_cpu']:.1f} s CPU,"
               f" shared by both paths)")
 

@@ -118,7 +118,8 @@ def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         accuracy = float((model(x[test_idx]).argmax(1) == y[test_idx]).double().mean())
     worst = int(test_losses.argmax())
     test_example = (x[test_idx][worst : worst + 1], y[test_idx][worst : worst + 1])
-    print(f"{name}: trained in {time.process_time() - start_cpu:.1f}s CPU ({time.perf_counter() - start:.1f}s wall), test accuracy {accuracy:.3f},"
+    print(f"{name}: trained in {time.process_time() - start_cpu:.1f}s CPU ({time.perf_counter() - start:.1f}s wall),"
+          f" test accuracy {accuracy:.3f},"
           f" test point loss {float(test_losses[worst]):.3f}", flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
     reference = "exact" if name == "lr" else "cg"

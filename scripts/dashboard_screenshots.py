@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dashboard_server import running_dashboard, wait_for_scalars
-from headless_chromium import Chromium, Page
-from tensorboard_server import get_json
+# These modules live in scripts/ and tests/, importable only after the sys.path entries above.
+from dashboard_server import running_dashboard, wait_for_scalars  # noqa: E402
+from headless_chromium import Chromium, Page  # noqa: E402
+from tensorboard_server import get_json  # noqa: E402
 
 DOC = "document.querySelector('iframe[src*=\"name=influence\"]').contentDocument"
 DEMO = {"num_worst": 6, "top_k": 5, "mislabel_candidates": 20, "mislabel_rank": 16}

@@ -1,8 +1,8 @@
 """Small real runs of InfluenceCallback for the dashboard tests and screenshots: image, text and tabular data.
 
 Every run trains a tiny model for two epochs with an analysis after each (so an epoch comparison exists) and a
-mislabel report; the image run also writes the full score table, the tabular run solves with LiSSA (2 repeats). The callback is built in one place,
-:func:`make_callback`, so a change of its constructor touches one function.
+mislabel report; the image run also writes the full score table, the tabular run solves with LiSSA (2 repeats).
+The callback is built in one place, :func:`make_callback`, so a change of its constructor touches one function.
 """
 
 from __future__ import annotations

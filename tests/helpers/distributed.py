@@ -67,7 +67,9 @@ def explain_on_threads(world_size: int, model, train: IndexedData, val: IndexedD
 
     def run(rank: int) -> None:
         with group.compute:
-            results[rank] = explain(copy.deepcopy(model), cross_entropy_per_example, train, val, ProblemConfig(solver=ExactConfig(), damping=damping), settings, ThreadRank(group, rank))
+            problem = ProblemConfig(solver=ExactConfig(), damping=damping)
+            results[rank] = explain(copy.deepcopy(model), cross_entropy_per_example, train, val, problem, settings,
+                                    ThreadRank(group, rank))
 
     run_ranks(world_size, run)
     assert all(result is not None for result in results), "a rank failed (see the thread exception above)"

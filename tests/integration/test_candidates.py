@@ -127,7 +127,8 @@ def test_non_candidates_are_absent_and_candidates_are_the_feature_space_neighbou
 @pytest.mark.parametrize("bad", [0, -3, N_TRAIN + 1, True, 2.5])
 def test_bad_candidate_counts_give_a_clear_error(cnn, bad):
     model, x, y, xt, yt = cnn
-    with pytest.raises(ValueError, match=rf"Expected `num_candidates` to be (an int between 1 and .* {N_TRAIN}|None or a positive int)"):
+    expected = rf"Expected `num_candidates` to be (an int between 1 and .* {N_TRAIN}|None or a positive int)"
+    with pytest.raises(ValueError, match=expected):
         li.influence(model, cross_entropy_per_example, loader(x, y), (xt, yt), solver="exact", num_candidates=bad)
 
 
@@ -190,7 +191,8 @@ def test_faiss_backend_gives_the_same_candidates_in_explain_on_one_and_two_ranks
     for world_size in (1, 2):
         faiss_settings = ExplainConfig(top_k=4, num_worst=3, num_candidates=20, keep_full_scores=True, knn_backend="faiss",
                                        preselect="always")
-        assert torch.equal(scored_indices(explain_on_threads(world_size, model, train, val, faiss_settings, DAMPING)[0]), reference)
+        faiss_result = explain_on_threads(world_size, model, train, val, faiss_settings, DAMPING)[0]
+        assert torch.equal(scored_indices(faiss_result), reference)
 
 
 def test_feature_blocks_are_the_same_whatever_the_world_size():
@@ -208,7 +210,10 @@ def test_check_candidates_accepts_the_edges():
 def test_select_candidates_accepts_a_user_feature_function(cnn):
     model, x, y, xt, yt = cnn
     data = IndexedData(TensorDataset(x, y), batch_size=50)
-    label_features = lambda m, batch: torch.nn.functional.one_hot(batch[1], 10).double()
+
+    def label_features(m, batch):
+        return torch.nn.functional.one_hot(batch[1], 10).double()
+
     found = select_candidates(model, (xt, yt), data.batches_with_indices(), 5, label_features)
     for row in range(len(yt)):
         assert (y[found.indices[row]] == yt[row]).all()  # distance 0 only for the same label

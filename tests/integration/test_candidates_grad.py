@@ -112,7 +112,8 @@ def test_same_gradient_candidates_on_any_number_of_ranks(data):
     nearest = similarity.abs().argsort(dim=1, descending=True)[:, :20]
     assert torch.equal(scored_indices(single), nearest.sort(1).values)
     for world_size in (2, 3):
-        assert torch.equal(scored_indices(explain_on_threads(world_size, model, train, val, settings, DAMPING)[0]), scored_indices(single))
+        threaded = explain_on_threads(world_size, model, train, val, settings, DAMPING)[0]
+        assert torch.equal(scored_indices(threaded), scored_indices(single))
 
 
 def test_influence_with_gradient_candidates_keeps_the_full_scores_of_the_candidates(data):

@@ -185,7 +185,10 @@ def test_nearest_neighbour_candidates_limit_each_round_to_its_anchors_neighbours
     replay = copy.deepcopy(model)  # the weights each round started from, replayed with the chosen examples
     x_train, y_train = train.tensors
     x_anchor, y_anchor = anchors.tensors
-    loss = lambda m, batch: m.per_example_loss(batch)
+
+    def loss(m, batch):
+        return m.per_example_loss(batch)
+
     for step in report.iterations:  # default candidates: the k largest |<G_anchor, G_i>| of last-layer gradients
         chosen_anchors = list(step.anchor_indices)
         anchor_batch = (x_anchor[chosen_anchors], y_anchor[chosen_anchors])

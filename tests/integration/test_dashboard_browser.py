@@ -21,8 +21,9 @@ from helpers.dashboard_runs import example_runs, fitted_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
-from dashboard_server import running_dashboard, wait_for_scalars
-from headless_chromium import Chromium, find_chromium
+# scripts/ holds these helpers; they import only after the sys.path entry above.
+from dashboard_server import running_dashboard, wait_for_scalars  # noqa: E402
+from headless_chromium import Chromium, find_chromium  # noqa: E402
 
 DOC = "document.querySelector('iframe[src*=\"name=influence\"]').contentDocument"
 

@@ -25,7 +25,8 @@ def data():
 
 def _explain(model, train, val, loss_fn=cross_entropy_per_example, **settings):
     options = {"top_k": 3, "num_worst": 2, "diagnose": False, **settings}
-    return explain(model, loss_fn, IndexedData(train), IndexedData(val), ProblemConfig(solver=CGConfig(), damping=1.0), ExplainConfig(**options))
+    return explain(model, loss_fn, IndexedData(train), IndexedData(val), ProblemConfig(solver=CGConfig(), damping=1.0),
+                   ExplainConfig(**options))
 
 
 def test_loss_of_the_wrong_length_names_the_expected_shape(data):

@@ -52,7 +52,8 @@ def logistic():
 def test_exact_solve_has_zero_residual_and_lissa_a_small_one_matching_the_materialised_hessian(logistic):
     model, train, val = logistic
     data = IndexedData(train, batch_size=64)
-    exact = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=ExactConfig(), damping=0.05), ExplainConfig(top_k=5, num_worst=3))
+    exact = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=ExactConfig(), damping=0.05),
+                    ExplainConfig(top_k=5, num_worst=3))
     assert exact.trust.residual_examples == 200  # the whole training set: below SUBSET_EXAMPLES
     assert all(p.residual < 1e-8 for p in exact.trust.points)
     assert all(p.repeat_pearson is None for p in exact.trust.points)  # a deterministic solver has no repeats
@@ -100,7 +101,8 @@ def test_repeat_agreement_is_the_correlation_of_the_top_k_scores_of_the_two_halv
     model, train, val = logistic
     data = IndexedData(train)
     config = LissaConfig(depth=100, repeats=4, batch_size=32)
-    result = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=config, damping=0.05), ExplainConfig(top_k=6, num_worst=2))
+    result = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=config, damping=0.05),
+                     ExplainConfig(top_k=6, num_worst=2))
     problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), 0.05, config)
     v = problem.gradients(val[[p.val_index for p in result.points]])
     even = problem.solver.partial(v, [0, 2])[0] / 2
@@ -131,7 +133,8 @@ def test_gradient_ratio_is_tiny_at_the_optimum_and_large_at_initialisation(logis
     fresh = LogisticRegression().double()
     fresh_problem = InfluenceProblem(fresh, cross_entropy_per_example, data.loader(), 0.05, ExactConfig())
     assert gradient_ratio(fresh_problem, data, range(200)) > 0.1
-    result = explain(fresh, cross_entropy_per_example, data, IndexedData(val_of(train)), ProblemConfig(solver=CGConfig(), damping=0.05, weight_decay=0.05), ExplainConfig(top_k=3, num_worst=1))
+    result = explain(fresh, cross_entropy_per_example, data, IndexedData(val_of(train)),
+                     ProblemConfig(solver=CGConfig(), damping=0.05, weight_decay=0.05), ExplainConfig(top_k=3, num_worst=1))
     assert "model_not_converged" in {w.code for w in result.trust.warnings}
 
 
@@ -181,7 +184,9 @@ def test_divergence_prone_lissa_is_flagged_end_to_end():
     model = SmallCNN().double()
     fit_adam(model, x[:150], y[:150], 1e-3, epochs=30)
     config = LissaConfig(depth=5, repeats=2, batch_size=4, scale=0.1)  # top eigenvalue here: about 0.38
-    result = explain(model, cross_entropy_per_example, IndexedData(TensorDataset(x[:150], y[:150])), IndexedData(TensorDataset(x[1500:1520], y[1500:1520])), ProblemConfig(solver=config, damping=1e-3, weight_decay=1e-3), ExplainConfig(top_k=5, num_worst=2))
+    result = explain(model, cross_entropy_per_example, IndexedData(TensorDataset(x[:150], y[:150])),
+                     IndexedData(TensorDataset(x[1500:1520], y[1500:1520])),
+                     ProblemConfig(solver=config, damping=1e-3, weight_decay=1e-3), ExplainConfig(top_k=5, num_worst=2))
     codes = {w.code for w in result.trust.warnings}
     assert {"small_lissa_batch", "scale_below_top_eigenvalue", "not_converged"} <= codes
     assert result.trust.top_eigenvalue > 0.1
@@ -274,7 +279,8 @@ def test_a_failing_diagnosis_is_reported_and_the_analysis_kept(logistic, monkeyp
         raise RuntimeError("out of memory in the gradient pass")
 
     monkeypatch.setattr(trust_module, "gradient_ratio", broken)
-    result = explain(model, cross_entropy_per_example, IndexedData(train), IndexedData(val), ProblemConfig(solver=CGConfig(), damping=0.05), ExplainConfig(top_k=3, num_worst=1))
+    result = explain(model, cross_entropy_per_example, IndexedData(train), IndexedData(val),
+                     ProblemConfig(solver=CGConfig(), damping=0.05), ExplainConfig(top_k=3, num_worst=1))
     assert len(result.points[0].harmful) == 3  # the analysis itself is intact
     (warning,) = result.trust.warnings
     assert warning.code == "diagnosis_failed" and "out of memory" in warning.message and "diagnose=False" in warning.message

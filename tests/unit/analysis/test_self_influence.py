@@ -48,7 +48,8 @@ def test_low_rank_self_influence_ranks_like_the_exact_one(noisy_logistic):
 
 def test_planted_flips_rank_high(noisy_logistic):
     model, x, y, flipped = noisy_logistic
-    report = find_mislabel_candidates(model, cross_entropy_per_example, IndexedData(TensorDataset(x, y)), ProblemConfig(solver=LowRankConfig(rank=64), damping=L2), top_m=60)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, IndexedData(TensorDataset(x, y)),
+                                      ProblemConfig(solver=LowRankConfig(rank=64), damping=L2), top_m=60)
     found = len(flipped & {c.train_index for c in report.candidates}) / len(flipped)
     assert found >= 0.8, f"only {found:.0%} of the flips in the top 10% (random: 10%)"
     assert all(c.self_influence <= 0 for c in report.candidates)

@@ -118,7 +118,7 @@ def test_pytorch_influence_functions_layout(tmp_path):
     report, scores = _report()
     layout = export.pytorch_influence_functions_layout(report, scores)
     assert list(layout) == ["7", "3"]
-    for position, (key, entry) in enumerate(layout.items()):
+    for position, (_key, entry) in enumerate(layout.items()):
         assert entry["num_in_dataset"] == position and entry["label"] == position
         assert entry["harmful"] == scores[position].argsort(descending=True)[:3].tolist()
         assert entry["helpful"] == scores[position].argsort()[:3].tolist()
