@@ -55,7 +55,7 @@ DEFAULT_SIGNAL_CHECKPOINTS = 10
 #: lists every candidate (``mislabel_candidates="all"``: the whole training set).
 MISLABEL_SHOWN = 64
 #: Mean AUROC range (lowest, highest over the memorising nets' noise settings) of the final-weights
-#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results.json``;
+#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results-v1.json``;
 #: ``tests/unit/analysis/test_mislabel_report.py`` recomputes them from that file.
 POSTHOC_MISLABEL_AUROC = {"self_influence": (0.907, 0.951), "training_signals": (0.984, 0.996)}
 NO_SIGNALS_NOTE = (

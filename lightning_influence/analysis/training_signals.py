@@ -34,6 +34,8 @@ from lightning_influence.distributed.collectives import Collectives, SingleProce
 SIGNALS = ("loss", "margin", "el2n")
 DEFAULT_SCORE = "el2n_window"
 EARLY_FRACTION = 0.1
+SPACINGS = ("geometric", "even")
+DEFAULT_SPACING = "geometric"
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -63,6 +65,32 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
         "el2n": (probs - one_hot).norm(dim=1).float().cpu(),
         "probs": probs.float().cpu(),
     }
+
+
+def checkpoint_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
+    """The 0-based epochs at which to record ``checkpoints`` times in a run of ``max_epochs`` epochs.
+
+    ``"geometric"`` (default): epochs ``round(max_epochs ** (i / (checkpoints - 1))) - 1`` for
+    ``i = 0..checkpoints-1``, moved up to keep them distinct (dense early, where a net that memorises its flips
+    separates them best, sparse late); ``"even"``: evenly spaced from 0 to ``max_epochs - 1``. Both end at the
+    last epoch; with ``max_epochs <= checkpoints`` every epoch is recorded.
+    """
+    if max_epochs < 1 or checkpoints < 1:
+        raise ValueError(f"Expected max_epochs >= 1 and checkpoints >= 1, but got {max_epochs} and {checkpoints}.")
+    if spacing not in SPACINGS:
+        raise ValueError(f"Expected `spacing` to be one of {SPACINGS}, but got {spacing!r}.")
+    if checkpoints == 1:
+        return [max_epochs - 1]
+    if max_epochs <= checkpoints:
+        return list(range(max_epochs))
+    if spacing == "even":
+        return sorted({round(i * (max_epochs - 1) / (checkpoints - 1)) for i in range(checkpoints)})
+    epochs: list[int] = []
+    for i in range(checkpoints):
+        target = round(max_epochs ** (i / (checkpoints - 1))) - 1
+        lowest = epochs[-1] + 1 if epochs else 0
+        epochs.append(min(max(target, lowest), max_epochs - checkpoints + i))
+    return epochs
 
 
 def gather_to_root(collectives: Collectives, obj: Any) -> list[Any] | None:
@@ -118,6 +146,7 @@ class TrainingSignalRecorder:
         self.epochs_recorded: list[int] = []
         self.signals: dict[str, torch.Tensor] = {}
         self.probability_sum: torch.Tensor | None = None
+        self.probabilities: list[torch.Tensor] = []  # per checkpoint, [num_train, classes] float16 (rank 0)
         self.labels: torch.Tensor | None = None
         self.seconds = 0.0
 
@@ -213,6 +242,9 @@ class TrainingSignalRecorder:
                 raise ValueError(f"Expected {self.probability_sum.shape[1]} classes, but got {probs.shape[1]}.")
             self.probability_sum = torch.zeros(self.num_train, probs.shape[1])
         self.probability_sum[indices] += probs
+        while len(self.probabilities) <= column:
+            self.probabilities.append(torch.full((self.num_train, probs.shape[1]), float("nan"), dtype=torch.float16))
+        self.probabilities[column][indices] = probs.half()
         if self.labels is None:
             self.labels = torch.full((self.num_train,), -1, dtype=torch.long)
         self.labels[indices] = labels
@@ -261,6 +293,7 @@ class TrainingSignalRecorder:
             "start": self.start, "epochs_recorded": list(self.epochs_recorded),
             "signals": {name: table.clone() for name, table in self.signals.items()},
             "probability_sum": None if self.probability_sum is None else self.probability_sum.clone(),
+            "probabilities": [table.clone() for table in self.probabilities],
             "labels": None if self.labels is None else self.labels.clone(), "seconds": self.seconds,
         }
 
@@ -274,6 +307,7 @@ class TrainingSignalRecorder:
         self.epochs_recorded = [int(e) for e in state["epochs_recorded"]]
         self.signals = {name: table.clone() for name, table in state["signals"].items()}
         self.probability_sum = None if state["probability_sum"] is None else state["probability_sum"].clone()
+        self.probabilities = [table.clone() for table in state.get("probabilities", [])]
         self.labels = None if state["labels"] is None else state["labels"].clone()
         self.seconds = float(state.get("seconds", 0.0))
 
@@ -322,17 +356,58 @@ def component_scores(
     """
     loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
     early = _early_column(epochs, early_fraction)
-    return {
-        "el2n_window": el2n[:, : separation_window(el2n)].nanmean(dim=1),
+    window = separation_window(el2n)
+    scores = {
+        "el2n_window": el2n[:, :window].nanmean(dim=1),
         "mean_el2n": el2n.nanmean(dim=1),
         "mean_loss": loss.nanmean(dim=1),
         "aum": -margin.nanmean(dim=1),
+        "aum_window": -margin[:, :window].nanmean(dim=1),
+        "el2n_weighted": spread_weighted(el2n),
+        "forgetting": forgetting_score(margin),
         "early_el2n": el2n[:, early],
         "early_loss": loss[:, early],
         "final_loss": loss[:, -1],
         "final_el2n": el2n[:, -1],
         "final_margin": -margin[:, -1],
     }
+    scores["el2n_window+aum"] = rank_mean(scores["el2n_window"], scores["aum"])
+    scores["el2n_weighted+aum"] = rank_mean(scores["el2n_weighted"], scores["aum"])
+    scores["el2n_window+final_margin"] = rank_mean(scores["el2n_window"], scores["final_margin"])
+    return scores
+
+
+def spread_weighted(el2n: torch.Tensor) -> torch.Tensor:
+    """``sum_k V_k el2n_k / sum_k V_k`` with ``V_k`` the variance of EL2N across examples at checkpoint ``k``."""
+    table = torch.nan_to_num(el2n.double(), nan=0.0)
+    variance = table.var(dim=0)
+    return (table * variance).sum(dim=1) / variance.sum().clamp(min=1e-12)
+
+
+def forgetting_score(margin: torch.Tensor) -> torch.Tensor:
+    """Forgetting events between consecutive checkpoints (Toneva et al. 2019) plus how late an example is learnt.
+
+    ``events_i = #{k : margin_i,k-1 > 0 >= margin_i,k}``; an example never predicted right counts ``K`` events.
+    ``score_i = events_i + first_i / (K + 1)`` with ``first_i`` the first checkpoint predicting the given label
+    (``K`` when none), so ties break towards examples learnt later.
+    """
+    correct = torch.nan_to_num(margin, nan=-1.0) > 0
+    k = margin.shape[1]
+    events = (correct[:, :-1] & ~correct[:, 1:]).sum(dim=1).double()
+    learnt = correct.any(dim=1)
+    first = torch.where(learnt, correct.double().argmax(dim=1).double(), torch.full_like(events, float(k)))
+    return torch.where(learnt, events, torch.full_like(events, float(k))) + first / (k + 1)
+
+
+def rank_mean(*scores: torch.Tensor) -> torch.Tensor:
+    """Mean of the normalised ranks (0 = least, 1 = most suspicious) of several scores."""
+    out = torch.zeros(len(scores[0]), dtype=torch.float64)
+    for score in scores:
+        ranks = torch.empty(len(score), dtype=torch.float64)
+        ranks[torch.argsort(torch.nan_to_num(score.double(), nan=float("-inf")), stable=True)] = torch.arange(
+            len(score), dtype=torch.float64)
+        out += ranks / max(1, len(score) - 1)
+    return out / len(scores)
 
 
 # -- records for reports --------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from typing import Any, Optional
 
 from lightning_influence.reporting.files import PathLike, _atomic_file, write_json_atomic
 
-#: Columns of a relabel list, in order; ``new_label`` starts as the predicted label (edit it before applying).
+#: Columns of a relabel list, in order; ``new_label`` starts as the predicted label (edit it before applying);
+#: ``flagged`` is true for the candidates within the report's estimated number of wrong labels (empty for a
+#: report without training signals).
 RELABEL_COLUMNS = ("rank", "train_index", "given_label", "predicted_label", "new_label", "score", "self_influence",
-                   "loss", "loss_rank")
+                   "loss", "loss_rank", "flagged")
 RELABEL_SUFFIXES = (".csv", ".json")
 
 
@@ -56,7 +58,7 @@ def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] 
         predicted = predicted_label(c)
         rows.append({"rank": rank, "train_index": index, "given_label": c.get("label"), "predicted_label": predicted,
                      "new_label": predicted, "score": c.get("score"), "self_influence": c.get("self_influence"),
-                     "loss": c.get("loss"), "loss_rank": c.get("loss_rank")})
+                     "loss": c.get("loss"), "loss_rank": c.get("loss_rank"), "flagged": c.get("flagged")})
     return rows
 
 

@@ -1,5 +1,5 @@
 """The mislabel report with and without training signals: its ranking, the named rankings, and the figures
-that the no-signals note quotes, recomputed from benchmarks/mislabel-results.json."""
+that the no-signals note quotes, recomputed from benchmarks/mislabel-results-v1.json."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, 
 from lightning_influence.core.data import IndexedData
 from lightning_influence.reporting import mislabel_to_dict
 
-RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "mislabel-results.json"
+RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "mislabel-results-v1.json"
 
 
 def test_no_signals_note_quotes_the_benchmark_results_file():
