@@ -68,7 +68,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from examples.text_classification import KeywordSequences, TinyBert  # noqa: E402
-from lightning_influence.analysis.noise_count import COUNT_METHODS, estimate_flip_count  # noqa: E402
+from lightning_influence.analysis.noise_count import (  # noqa: E402
+    COUNT_METHODS,
+    confident_joint_count,
+    estimate_flip_count,
+    peak_checkpoint,
+)
 from lightning_influence.analysis.training_signals import (  # noqa: E402
     DEFAULT_SCORE,
     TrainingSignalRecorder,
@@ -254,8 +259,11 @@ def count_fields(recorder: TrainingSignalRecorder, flipped: torch.Tensor) -> dic
             "flagged": int(flagged.sum()),
             "flagged_precision": float(flipped[flagged].double().mean()) if flagged.any() else 0.0,
             "flagged_recall": float(flipped[flagged].sum() / true_flips),
-            "methods": {method: estimate_flip_count(recorder, method, resamples=0).estimate / true_flips
-                        for method in COUNT_METHODS}}
+            "methods": {**{method: estimate_flip_count(recorder, method, resamples=0).estimate / true_flips
+                           for method in COUNT_METHODS},
+                        "confident_joint_peak_only": confident_joint_count(
+                            recorder.probabilities[peak_checkpoint(recorder)].double(),
+                            recorder.labels.clamp(min=0)) / true_flips}}
 
 
 def derive(parts: list[Path], dump: Path) -> dict[str, Any]:
@@ -390,6 +398,28 @@ def print_summary(name: str, noise: str, runs: list[dict[str, Any]], summary: di
           f"{summary['cost']['cleanlab']:.2f}", flush=True)
 
 
+def markdown(stored: dict[str, Any]) -> str:
+    """The tables ``docs/mislabel.md`` quotes, from a results file (every number is a value of the file)."""
+    shown = ("loss", "cleanlab", "early_el2n_dense", "aum_dense", "forgetting_dense", "final_margin")
+    lines = [f"| model, noise | {DEFAULT_SCORE} (default) | " + " | ".join(shown) + " | default - best peer |",
+             "| --- |" + " --- |" * (len(shown) + 2)]
+    for key, entry in stored["results"].items():
+        mean = entry["mean"]
+        cells = [f"{mean[k]['auroc']:.3f} / {mean[k]['recall@10%']:.3f}" for k in (DEFAULT_SCORE, *shown)]
+        check = stored["checks"][key]
+        lines.append(f"| {key.replace('/', ', ')} | " + " | ".join(cells)
+                     + f" | {check['auroc_vs_best_peer']:+.3f} / {check['recall@10%_vs_best_peer']:+.3f} |")
+    lines += ["", "| model, noise | true flips | estimate (mean) | estimate / true, per seed | within 20% | interval"
+              " covers | flagged: precision / recall | cleanlab flagged / true |", "| --- |" + " --- |" * 7]
+    for key, entry in stored["results"].items():
+        count, runs = entry["count"], entry["runs"]
+        ratios = ", ".join(f"{r['count']['ratio']:.2f}" for r in runs)
+        lines.append(f"| {key.replace('/', ', ')} | {count['true']:.0f} | {count['estimate']:.1f} | {ratios} | "
+                     f"{count['within_20pct']}/{len(runs)} | {count['covered']}/{len(runs)} | "
+                     f"{count['flagged_precision']:.3f} / {count['flagged_recall']:.3f} | {count['cleanlab_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -409,9 +439,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--json", type=Path, help=f"results file (default {RESULTS.name} for a full run)")
     parser.add_argument("--dump", type=Path, help="also save each run's recorded tables here")
+    parser.add_argument("--markdown", action="store_true", help="print the docs tables from the results file")
     parser.add_argument("--derive", nargs="+", type=Path, metavar="PART",
                         help="merge these results files, recompute ours from --dump's tables, write --json")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((args.json or RESULTS).read_text())))
+        return
     if args.derive:
         merged = derive(args.derive, args.dump)
         for key, entry in merged["results"].items():

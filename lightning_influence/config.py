@@ -49,7 +49,8 @@ DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
 DEFAULT_CHUNK_SIZE = 256
 #: Mislabel analysis: epochs of the training run at which the callback records per-example training signals
-#: (evenly spaced over ``max_epochs``); 10 cost 0.03-0.05 of the training time in ``benchmarks/mislabel.py``.
+#: (geometrically spaced over ``max_epochs``, dense early: ``analysis.training_signals.checkpoint_epochs``);
+#: their cost is measured in ``benchmarks/mislabel.py`` and ``benchmarks/mislabel_callback_cost.py``.
 DEFAULT_SIGNAL_CHECKPOINTS = 10
 #: Mislabel candidates shown with their inputs (TensorBoard grid and table, the JSON ``examples``); the JSON
 #: lists every candidate (``mislabel_candidates="all"``: the whole training set).
@@ -404,3 +405,9 @@ def solver_name(config: SolverConfig) -> str:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config's fields as a plain dict (for reports)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+#: Training signals: the recording's forward passes use batches of at least this many examples (no gradients are
+#: kept, so a batch larger than the training one costs little memory and saves per-batch overhead); a
+#: ``batch_size`` given to the recorder's callback wins.
+SIGNAL_MIN_BATCH_SIZE = 256

@@ -8,15 +8,17 @@ forward-only passes of the model over the training set (a map-style dataset behi
 * ``margin``: the logit margin ``z_y - max_{j != y} z_j`` (negative = the model prefers another class);
 * ``el2n``: the error L2 norm ``||softmax(z) - e_y||_2`` (Paul et al. 2021);
 
-plus the running sum of the softmax probabilities (for the suggested label). Memory: ``3 x n_train x
-checkpoints`` floats and ``n_train x classes`` for the probability sum, on rank 0 only.
+plus the softmax probabilities (their running sum, for the suggested label, and each checkpoint's as float16,
+for the count of wrong labels in :mod:`~lightning_influence.analysis.noise_count`). Memory on rank 0 only:
+``3 x n_train x checkpoints`` floats, ``n_train x classes`` for the sum and ``n_train x classes x checkpoints``
+half floats (10 checkpoints of 50,000 examples in 10 classes: 10 MB).
 
 Under DDP each rank computes its own shard (every ``world_size``-th index) and the pieces are sent to rank 0
 only (``torch.distributed.gather_object`` or the collectives' ``gather_objects_to_root`` when present), where
 they are written into the full table by dataset index. Every rank must call :meth:`record` at the same epochs.
 
-The default mislabel score (``"el2n_window"``) and the named component rankings are defined in
-:func:`component_scores`; the evidence and the math are in ``docs/mislabel.md``.
+The checkpoint schedule is :func:`checkpoint_epochs`; the default mislabel score and the named rankings are in
+:mod:`~lightning_influence.analysis.signal_scores`; the evidence and the math are in ``docs/mislabel.md``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_influence.analysis.signal_scores import (  # noqa: F401 - re-exported: the scores' old home
+    DEFAULT_SCORE,
+    EARLY_FRACTION,
+    component_scores,
+    forgetting_score,
+    rank_mean,
+    separation_window,
+    spread_weighted,
+)
 from lightning_influence.core.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 
 SIGNALS = ("loss", "margin", "el2n")
-DEFAULT_SCORE = "el2n_window"
-EARLY_FRACTION = 0.1
 SPACINGS = ("geometric", "even")
 DEFAULT_SPACING = "geometric"
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -310,104 +319,6 @@ class TrainingSignalRecorder:
         self.probabilities = [table.clone() for table in state.get("probabilities", [])]
         self.labels = None if state["labels"] is None else state["labels"].clone()
         self.seconds = float(state.get("seconds", 0.0))
-
-
-# -- scores --------------------------------------------------------------------------------------------------
-def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
-    """The first recorded checkpoint at or after ``early_fraction`` of the span from the first to the last."""
-    first, last = epochs[0], epochs[-1]
-    target = first + early_fraction * (last - first)
-    return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
-
-
-def separation_window(el2n: torch.Tensor, multiple: int = 2, plateau: float = 0.8) -> int:
-    """Number of leading checkpoints averaged by the default score.
-
-    With ``V_k`` the variance of EL2N across examples at checkpoint ``k`` (1-based) and ``k* = argmax_k V_k``:
-    the window ends at the later of ``multiple * k*`` and the last checkpoint of the run from ``k*`` on that
-    keeps ``V_k >= plateau * V_{k*}``, capped at ``K``. EL2N lies in ``[0, sqrt 2]``; its spread across examples
-    is largest when the model fits most examples (EL2N near 0) and not yet the rest: for a net that later
-    memorises its flips, ``V`` then collapses and the window stops before the flips are fitted; for a model
-    that never fits them (a regularised linear model) ``V`` stays on its plateau and the window covers it.
-    Found without knowing which labels are wrong.
-    """
-    variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
-    peak = int(variance.argmax())
-    end = peak
-    while end + 1 < len(variance) and variance[end + 1] >= plateau * variance[peak]:
-        end += 1
-    return min(el2n.shape[1], max(end + 1, multiple * (peak + 1)))
-
-
-def component_scores(
-    signals: dict[str, torch.Tensor], epochs: Sequence[int], early_fraction: float = EARLY_FRACTION
-) -> dict[str, torch.Tensor]:
-    """Named mislabel scores from ``[n, checkpoints]`` tables; larger = more likely mislabelled.
-
-    With ``K`` checkpoints ``k = 1..K`` (NaN entries, e.g. examples missing from a checkpoint, are skipped):
-
-    * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
-    * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
-    * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over training);
-    * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
-    * ``el2n_window`` (:data:`DEFAULT_SCORE`): the mean EL2N over the first ``separation_window(el2n)``
-      checkpoints: from the start past the checkpoint where EL2N varies most across examples, to twice that
-      checkpoint or to the end of its plateau, whichever is later.
-    """
-    loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
-    early = _early_column(epochs, early_fraction)
-    window = separation_window(el2n)
-    scores = {
-        "el2n_window": el2n[:, :window].nanmean(dim=1),
-        "mean_el2n": el2n.nanmean(dim=1),
-        "mean_loss": loss.nanmean(dim=1),
-        "aum": -margin.nanmean(dim=1),
-        "aum_window": -margin[:, :window].nanmean(dim=1),
-        "el2n_weighted": spread_weighted(el2n),
-        "forgetting": forgetting_score(margin),
-        "early_el2n": el2n[:, early],
-        "early_loss": loss[:, early],
-        "final_loss": loss[:, -1],
-        "final_el2n": el2n[:, -1],
-        "final_margin": -margin[:, -1],
-    }
-    scores["el2n_window+aum"] = rank_mean(scores["el2n_window"], scores["aum"])
-    scores["el2n_weighted+aum"] = rank_mean(scores["el2n_weighted"], scores["aum"])
-    scores["el2n_window+final_margin"] = rank_mean(scores["el2n_window"], scores["final_margin"])
-    return scores
-
-
-def spread_weighted(el2n: torch.Tensor) -> torch.Tensor:
-    """``sum_k V_k el2n_k / sum_k V_k`` with ``V_k`` the variance of EL2N across examples at checkpoint ``k``."""
-    table = torch.nan_to_num(el2n.double(), nan=0.0)
-    variance = table.var(dim=0)
-    return (table * variance).sum(dim=1) / variance.sum().clamp(min=1e-12)
-
-
-def forgetting_score(margin: torch.Tensor) -> torch.Tensor:
-    """Forgetting events between consecutive checkpoints (Toneva et al. 2019) plus how late an example is learnt.
-
-    ``events_i = #{k : margin_i,k-1 > 0 >= margin_i,k}``; an example never predicted right counts ``K`` events.
-    ``score_i = events_i + first_i / (K + 1)`` with ``first_i`` the first checkpoint predicting the given label
-    (``K`` when none), so ties break towards examples learnt later.
-    """
-    correct = torch.nan_to_num(margin, nan=-1.0) > 0
-    k = margin.shape[1]
-    events = (correct[:, :-1] & ~correct[:, 1:]).sum(dim=1).double()
-    learnt = correct.any(dim=1)
-    first = torch.where(learnt, correct.double().argmax(dim=1).double(), torch.full_like(events, float(k)))
-    return torch.where(learnt, events, torch.full_like(events, float(k))) + first / (k + 1)
-
-
-def rank_mean(*scores: torch.Tensor) -> torch.Tensor:
-    """Mean of the normalised ranks (0 = least, 1 = most suspicious) of several scores."""
-    out = torch.zeros(len(scores[0]), dtype=torch.float64)
-    for score in scores:
-        ranks = torch.empty(len(score), dtype=torch.float64)
-        ranks[torch.argsort(torch.nan_to_num(score.double(), nan=float("-inf")), stable=True)] = torch.arange(
-            len(score), dtype=torch.float64)
-        out += ranks / max(1, len(score) - 1)
-    return out / len(scores)
 
 
 # -- records for reports --------------------------------------------------------------------------------------

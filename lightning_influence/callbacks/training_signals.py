@@ -32,9 +32,15 @@ from lightning_influence.analysis.training_signals import (
     classification_outputs,
     relabel_records,
 )
+from lightning_influence.config import SIGNAL_MIN_BATCH_SIZE
 from lightning_influence.core.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.relabel import confusion_records
+
+
+def recording_batch_size(training_batch_size: int | None) -> int:
+    """Examples per recording pass: the training batch size, at least :data:`SIGNAL_MIN_BATCH_SIZE`."""
+    return max(training_batch_size or 0, SIGNAL_MIN_BATCH_SIZE)
 
 
 def scheduled_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
@@ -53,7 +59,8 @@ class TrainingSignalsCallback(pl.Callback):
         every_n_epochs: record every N epochs instead (for runs without ``max_epochs``; -1 or None max_epochs
             with ``every_n_epochs=None`` records every epoch).
         train_dataset: the training data (default: the trainer's train dataloader's dataset and collate).
-        batch_size: examples per forward pass (default: the training loader's batch size).
+        batch_size: examples per forward pass (default: the training loader's batch size, at least
+            ``SIGNAL_MIN_BATCH_SIZE`` = 256: the passes keep no gradients).
         outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` (default: ``module(batch[0]), batch[1]``).
     """
 
@@ -173,11 +180,11 @@ class TrainingSignalsCallback(pl.Callback):
         loader = trainer.train_dataloader
         if self.train_dataset is not None:
             collate = loader.collate_fn if isinstance(loader, DataLoader) else None
-            size = self.batch_size or (loader.batch_size if isinstance(loader, DataLoader) else None) or 256
+            size = self.batch_size or recording_batch_size(loader.batch_size if isinstance(loader, DataLoader) else None)
             return IndexedData(self.train_dataset, collate, size)
         if not isinstance(loader, DataLoader):
             raise TypeError(
                 f"TrainingSignalsCallback needs one training DataLoader over a map-style dataset, but got"
                 f" {type(loader).__name__}. Pass `TrainingSignalsCallback(train_dataset=...)`."
             )
-        return IndexedData.from_loader(loader, self.batch_size)
+        return IndexedData.from_loader(loader, self.batch_size or recording_batch_size(loader.batch_size))

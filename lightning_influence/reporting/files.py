@@ -38,6 +38,9 @@ SELF_INFLUENCE_DEFINITION = (
 #: What each ``ranking`` orders by (the JSON's ``ranking_definition``; larger score = more suspicious).
 RANKING_DEFINITIONS = {
     "self_influence": "largest |I(z, z)| first (self-influence at the analysed weights)",
+    "el2n_weighted": ("el2n_weighted: mean of ||softmax(z) - e_y||_2 over the recorded checkpoints, each weighted by"
+                      " how much EL2N varies across the training examples there; larger = more likely mislabelled"
+                      " (docs/mislabel.md)"),
     "el2n_window": ("el2n_window: mean over the recorded checkpoints up to the EL2N-separation window of"
                     " ||softmax(z) - e_y||_2; larger = more likely mislabelled (docs/mislabel.md)"),
 }
