@@ -311,7 +311,8 @@ def checks(results: dict[str, Any]) -> dict[str, Any]:
         if key.startswith("lr/"):
             row.update({f"{m}_vs_final_margin": mean[m] - entry["mean"]["final_margin"][m]
                         for m in ("auroc", "recall@10%")})
-        row["ranking_holds"] = all(v >= -1e-9 for k, v in row.items() if k.endswith(("peer", "margin")))
+        # -1e-6: recalls are float32 fractions
+        row["ranking_holds"] = all(v >= -1e-6 for k, v in row.items() if k.endswith(("peer", "margin")))
         row["count_within_20pct"] = entry["count"]["within_20pct"] == len(entry["runs"])
         row["cost_under_0.2"] = entry["cost"]["callback_signals"] < 0.2
         out[key] = row
@@ -416,7 +417,8 @@ def markdown(stored: dict[str, Any]) -> str:
         ratios = ", ".join(f"{r['count']['ratio']:.2f}" for r in runs)
         lines.append(f"| {key.replace('/', ', ')} | {count['true']:.0f} | {count['estimate']:.1f} | {ratios} | "
                      f"{count['within_20pct']}/{len(runs)} | {count['covered']}/{len(runs)} | "
-                     f"{count['flagged_precision']:.3f} / {count['flagged_recall']:.3f} | {count['cleanlab_ratio']:.2f} |")
+                     f"{count['flagged_precision']:.3f} / {count['flagged_recall']:.3f} | "
+                     f"{count['cleanlab_ratio']:.2f} |")
     return "\n".join(lines)
 
 
