@@ -109,7 +109,10 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
             ranking, suggested = DEFAULT_SCORE, recorder.suggested_labels()
             signals = {"epochs": list(recorder.epochs_recorded), "seconds": float(recorder.seconds),
                        "default": DEFAULT_SCORE}
-            flip_count = estimate_flip_count(recorder).to_dict()
+            try:
+                flip_count = estimate_flip_count(recorder).to_dict()
+            except RuntimeError:  # signals resumed from an older checkpoint without probabilities: no count
+                flip_count = None
         chosen = candidate_order(rankings[ranking], top_m).tolist()
         flagged = None if flip_count is None else flip_count["flagged"]
         candidates = _candidates(problem, train, chosen, describe, scores, losses, loss_rank, rankings[ranking],

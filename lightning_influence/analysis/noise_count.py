@@ -59,6 +59,8 @@ def count_probabilities(recorder: TrainingSignalRecorder) -> torch.Tensor:
         raise RuntimeError("Expected per-checkpoint probabilities in the recorder (recorded since version 0.7).")
     columns = sorted({column, min(column + 1, len(recorder.probabilities) - 1)})
     probs = torch.stack([recorder.probabilities[k].double() for k in columns]).mean(dim=0)
+    if probs.isnan().all():  # a recorder resumed from a checkpoint written before probabilities were kept
+        raise RuntimeError("Expected per-checkpoint probabilities at the separation checkpoints, but none were kept.")
     return torch.nan_to_num(probs, nan=0.0)
 
 

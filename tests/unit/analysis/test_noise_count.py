@@ -121,3 +121,10 @@ def test_relabel_csv_and_json_carry_the_flags():
     assert [r["flagged"] for r in rows] == [True, False, None]
     table = list(csv.DictReader(io.StringIO(relabel_csv(rows))))
     assert "flagged" in RELABEL_COLUMNS and [r["flagged"] for r in table] == ["True", "False", ""]
+
+
+def test_a_recorder_without_probabilities_has_no_count():
+    recorder, _ = _planted(epochs=8)  # as if resumed from a checkpoint written before probabilities were kept
+    recorder.probabilities = [torch.full_like(table, float("nan")) for table in recorder.probabilities]
+    with pytest.raises(RuntimeError, match="probabilities"):
+        estimate_flip_count(recorder)
