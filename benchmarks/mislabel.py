@@ -1,57 +1,49 @@
 #!/usr/bin/env python
-"""Finding flipped labels: signals recorded during training against final-weights rankings and cleanlab.
+"""Finding flipped labels and counting them: the callback's training signals against loss, cleanlab and peers.
 
-scikit-learn's digits (pixels / 16), a seeded split of 1,200 training / 597 test images. Three kinds of label
-noise on the *training* labels, each chosen from a reference model (sklearn ``LogisticRegression``, 5-fold
-out-of-fold probabilities on the clean labels):
+Four tasks: scikit-learn's digits (pixels / 16; per seed 1,200 training images) with three models, and the
+generated keyword sequences of ``examples/text_classification.py`` (its ``KeywordSequences`` and ``TinyBert``;
+400 training sequences, two classes). Six kinds of label noise on the training labels, chosen with a reference
+logistic regression's 5-fold out-of-fold probabilities on the *clean* labels (bag of tokens for the text):
 
-* ``asym10``: 10% of the examples (uniformly chosen) flipped to their class's most-confused class (the
-  class with the largest summed out-of-fold probability among the true class's examples);
-* ``uniform30``: 30% flipped to a uniformly random other class;
-* ``hard30``: the 30% with the lowest reference margin ``p_true - max_{j != true} p_j``, flipped to their
-  runner-up class.
+* ``asymR``: a fraction R of the examples, uniformly chosen, flipped to their class's most-confused class
+  (two classes: three quarters of the flips taken from class 1, a quarter from class 0);
+* ``uniformR``: flipped to a uniformly random other class;
+* ``hardR``: the fraction R with the lowest reference margin ``p_true - max_{j != true} p_j``, flipped to their
+  runner-up class (the plausible mistakes);
 
-Three models, full-batch Adam (one step = one epoch), float64:
+for R = 10% and 30%. Models and recipes (fixed length, as a user sets ``max_epochs``):
 
-* ``lr``: ``nn.Linear(64, 10)``, ``mean CE + 1e-3/2 ||theta||^2``, lr 0.05, 500 epochs (near the minimum);
-* ``mlp``: 64-64-10 tanh MLP, lr 1e-2, weight decay 1e-4, trained until training accuracy 1.0 (cap 3,000);
-* ``cnn``: conv 3x3 (8 channels) + tanh + max-pool, 128-64-10 tanh head, same recipe and stop.
+* ``lr``: ``nn.Linear(64, 10)``, full-batch Adam lr 0.05, mean CE + 1e-3/2 ||theta||^2, 500 epochs;
+* ``mlp``: 64-64-10 tanh MLP, full-batch Adam lr 1e-2, weight decay 1e-4, 1,000 epochs (memorises the flips);
+* ``cnn``: conv 3x3 (8 channels) + tanh + max-pool, 128-64-10 tanh head, same recipe, 400 epochs;
+* ``text``: the example's 2-layer tiny BERT, AdamW lr 2e-3, weight decay 1e-2, batch 32, 12 epochs.
 
-During training a :class:`~lightning_influence.analysis.training_signals.TrainingSignalRecorder` records loss,
-logit margin and EL2N of every training example every ``RECORD_EVERY`` epochs (forward-only pass), and the
-weights at each record are kept for the self-influence rankings. Rankings (each a score, larger = more
-suspicious):
+Two :class:`~lightning_influence.analysis.training_signals.TrainingSignalRecorder` per run: ``callback``, at
+the epochs the callback records by default (``checkpoint_epochs(max_epochs, 10)``, geometric), which gives
+every ranking and count of ours; ``dense``, every epoch, for the peers that need it. Rankings (larger = more
+suspicious): ours = every ``component_scores()`` entry of the callback recorder (the default ``DEFAULT_SCORE``
+included); peers: ``loss`` (final training loss), ``final_margin``, ``early_el2n_dense`` (EL2N at 10% of the
+run, Paul et al. 2021), ``aum_dense`` (area under the margin over every epoch, Pleiss et al. 2020),
+``forgetting_dense`` (forgetting events over every epoch, Toneva et al. 2019), ``cleanlab`` (5-fold
+cross-validated out-of-fold probabilities of the same model and recipe, ``find_label_issues`` flagged first,
+then self-confidence). Counts: ours (:func:`~lightning_influence.analysis.noise_count.estimate_flip_count` on
+the callback recorder, with its interval) and cleanlab's (the number of issues it flags).
 
-* from the recorder: ``el2n_window`` (the default: mean EL2N over the leading checkpoints chosen by
-  ``separation_window``: past the one where EL2N varies most across examples), ``final_loss``, ``final_margin``,
-  ``final_el2n`` (last checkpoint = final weights), ``early_loss``, ``early_el2n`` (checkpoint at 10% of
-  training), ``mean_loss``, ``mean_el2n``, ``aum`` (areas under the curves over all checkpoints), and
-  ``el2n_window@10``, ``mean_el2n@10`` (the same from 10 evenly spaced checkpoints only);
-* ``si_final``: the library's self-influence ``|I(z, z)|`` at the final weights (lowrank, rank 64; damping
-  1e-2 for the nets, 1e-3 = L2 for lr); ``si_early``: the same at the 10% snapshot;
-* ``tracin_self``: ``sum_k ||grad L(z; theta_k)||^2`` over 10 evenly spaced snapshots (TracIn self-influence
-  with a constant learning rate);
-* ``cleanlab``: ``find_label_issues`` ranked by self-confidence on 5-fold out-of-fold probabilities (the
-  same model and recipe per fold; sklearn LogisticRegression with the same L2 for lr), the flagged issues
-  first then the rest by self-confidence; ``cleanlab_sc``: the self-confidence score alone;
-* rank-average combinations (sum of the normalised ranks): ``el2n_window+si_early``, ``mean_el2n+aum``.
-
-Metrics: recall at 5/10/20% of the training set checked, recall at k = number of flips (= precision at k),
-AUROC (flipped vs clean), mean +- std over seeds, paired per-seed differences of the default ranking
-``el2n_window`` against each other ranking (wins / ties / losses), and the time of each ranking as a multiple
-of one training run of the same model (training steps only). Results go to ``benchmarks/mislabel-results.json``.
+Metrics: AUROC, recall at 10% of the training set checked, recall at k = number of flips; the count estimate
+against the true number (ratio, interval coverage); precision and recall of the flagged set; the cost of the
+callback recorder as a fraction of the training time (training steps only). Mean over seeds.
 
 Usage::
 
-    python benchmarks/mislabel.py              # seeds 3-5, 3 noise kinds, 3 models (654 s on 1 thread)
-    python benchmarks/mislabel.py --quick      # 1 seed, asym10 only, 3 folds (~1 min), no JSON unless --json
-    python benchmarks/mislabel.py --first-seed 0 --json design.json   # the seeds the default was chosen on
+    nice -n 10 python benchmarks/mislabel.py                 # 3 seeds, every task and noise; writes the results
+    python benchmarks/mislabel.py --quick                    # seed 0, mlp asym10 only, 3 folds, no JSON
+    python benchmarks/mislabel.py --models mlp --seeds 1 --json /tmp/x.json --dump /tmp/dump   # raw tables too
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -72,74 +64,88 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_influence import self_influence
-from lightning_influence.analysis.training_signals import TrainingSignalRecorder, separation_window
-from lightning_influence.core.tensors.data import IndexedData
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples.text_classification import KeywordSequences, TinyBert  # noqa: E402
+from lightning_influence.analysis.noise_count import (  # noqa: E402
+    COUNT_METHODS,
+    confident_joint_count,
+    estimate_flip_count,
+    peak_checkpoint,
+)
+from lightning_influence.analysis.training_signals import (  # noqa: E402
+    DEFAULT_SCORE,
+    TrainingSignalRecorder,
+    checkpoint_epochs,
+)
+from lightning_influence.config import DEFAULT_SIGNAL_CHECKPOINTS  # noqa: E402
+from lightning_influence.core.tensors.data import IndexedData  # noqa: E402
 
-N_TRAIN = 1200
-FRACTIONS = (0.05, 0.10, 0.20)
-NOISES = {"asym10": 0.10, "uniform30": 0.30, "hard30": 0.30}
+N_DIGITS, N_TEXT = 1000, 320
+NOISES = {f"{kind}{round(100 * rate)}": (kind, rate) for kind in ("asym", "uniform", "hard") for rate in (0.1, 0.3)}
+EPOCHS = {"lr": 300, "mlp": 600, "cnn": 200, "text": 12}
 LR_L2 = 1e-3
 NET_WEIGHT_DECAY = 1e-4
-NET_DAMPING = 1e-2
-RANK = 64
-RECORD_EVERY = {"lr": 10, "mlp": 5, "cnn": 5}
-LR_EPOCHS = 500
-MAX_EPOCHS = 3000
-TRACIN_SNAPSHOTS = 10
 EARLY = 0.1
-DEFAULT = "el2n_window"
+PEERS = ("loss", "final_margin", "early_el2n_dense", "aum_dense", "forgetting_dense", "cleanlab")
 RESULTS = Path(__file__).with_name("mislabel-results.json")
 
 
 # -- data and noise --------------------------------------------------------------------------------------------
-def split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = load_digits(return_X_y=True)
     x, y = torch.tensor(images / 16.0, dtype=torch.float64), torch.tensor(labels)
-    permutation = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    train, test = permutation[:N_TRAIN], permutation[N_TRAIN:]
-    return x[train], y[train], x[test], y[test]
+    permutation = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:N_DIGITS]
+    return x[permutation], y[permutation]
 
 
-def reference_probabilities(x: torch.Tensor, y: torch.Tensor, seed: int) -> np.ndarray:
-    """Out-of-fold probabilities of a logistic regression on the *clean* labels (chooses the noise)."""
+def text_data(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]:
+    data = KeywordSequences(N_TEXT, seed=100 + seed, flip=0.0)
+    bag = F.one_hot(data.input_ids, 64).sum(dim=1).double()  # bag of tokens, for the reference model
+    return {"input_ids": data.input_ids, "attention_mask": data.attention_mask}, data.labels, bag.numpy()
+
+
+def reference_probabilities(features: np.ndarray, y: torch.Tensor, seed: int) -> torch.Tensor:
     folds = StratifiedKFold(5, shuffle=True, random_state=seed)
-    return cross_val_predict(LogisticRegression(C=1.0, max_iter=5000), x.numpy(), y.numpy(), cv=folds,
-                             method="predict_proba")
+    return torch.from_numpy(cross_val_predict(LogisticRegression(C=1.0, max_iter=5000), features, y.numpy(),
+                                              cv=folds, method="predict_proba"))
 
 
-def add_noise(kind: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-    """Noisy labels of ``kind``; every flipped label differs from the true one."""
+def add_noise(kind: str, rate: float, probs: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noisy labels; every flipped label differs from the true one."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    count = round(NOISES[kind] * N_TRAIN)
+    n, classes = probs.shape
+    count = round(rate * n)
     noisy = y.clone()
-    if kind == "uniform30":
-        flips = torch.randperm(N_TRAIN, generator=generator)[:count]
-        noisy[flips] = (y[flips] + torch.randint(1, 10, (count,), generator=generator)) % 10
-        return noisy
-    probs = torch.from_numpy(reference_probabilities(x, y, seed))
-    if kind == "asym10":
-        confusion = torch.stack([probs[y == c].sum(0) for c in range(10)])
-        confusion.fill_diagonal_(-1.0)
-        most_confused = confusion.argmax(dim=1)
-        flips = torch.randperm(N_TRAIN, generator=generator)[:count]
-        noisy[flips] = most_confused[y[flips]]
-        return noisy
-    if kind == "hard30":
-        others = probs.scatter(1, y[:, None], -1.0)
+    others = probs.scatter(1, y[:, None], -1.0)
+    if kind == "hard":
         margin = probs.gather(1, y[:, None]).squeeze(1) - others.amax(dim=1)
         flips = torch.argsort(margin, stable=True)[:count]
         noisy[flips] = others.argmax(dim=1)[flips]
         return noisy
-    raise ValueError(kind)
+    if kind == "asym" and classes == 2:
+        from_one = round(0.75 * count)
+        ones, zeros = (y == 1).nonzero().flatten(), (y == 0).nonzero().flatten()
+        flips = torch.cat([ones[torch.randperm(len(ones), generator=generator)[:from_one]],
+                           zeros[torch.randperm(len(zeros), generator=generator)[: count - from_one]]])
+        noisy[flips] = 1 - y[flips]
+        return noisy
+    flips = torch.randperm(n, generator=generator)[:count]
+    if kind == "uniform":
+        noisy[flips] = (y[flips] + torch.randint(1, classes, (count,), generator=generator)) % classes
+    else:
+        confusion = torch.stack([probs[y == c].sum(0) for c in range(classes)])
+        confusion.fill_diagonal_(-1.0)
+        noisy[flips] = confusion.argmax(dim=1)[y[flips]]
+    return noisy
 
 
 # -- models and training ---------------------------------------------------------------------------------------
 def make_model(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
+    if name == "text":
+        return TinyBert()
     if name == "lr":
         model = nn.Linear(64, 10)
         nn.init.zeros_(model.weight)
@@ -152,217 +158,268 @@ def make_model(name: str, seed: int) -> nn.Module:
     return model.double()
 
 
-class WholeTensors(TensorDataset):
-    """A TensorDataset fetched a batch at a time (``__getitems__``), so the recorder's pass costs what the
-    full-batch training step's data access costs (nothing) rather than 1,200 per-example collations."""
+def take(x: Any, index: torch.Tensor) -> Any:
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+
+class Rows(torch.utils.data.Dataset):
+    """``(inputs, label)`` rows of a tensor or a dict of tensors, fetched a batch at a time (``__getitems__``)."""
+
+    def __init__(self, x: Any, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        return take(self.x, torch.tensor([i])), self.y[i : i + 1]
+
+    def __getitems__(self, indices: list[int]) -> Any:
         index = torch.as_tensor(indices)
-        return tuple(t[index] for t in self.tensors)
+        return take(self.x, index), self.y[index]
 
 
 def _as_is(batch: Any) -> Any:
     return batch
 
 
-def train(name: str, x: torch.Tensor, y: torch.Tensor, seed: int, recorder: TrainingSignalRecorder | None = None,
-          snapshots: dict[int, dict] | None = None) -> tuple[nn.Module, int, float]:
-    """Full-batch Adam; ``(model, epochs, seconds of the training steps alone)``.
-
-    lr: fixed ``LR_EPOCHS``; nets: until the training step's own predictions fit every label (cap
-    ``MAX_EPOCHS``). The recorder (and the snapshot copies) run between steps, outside the timed part.
-    """
+def train(name: str, x: Any, y: torch.Tensor, seed: int, recorders: tuple[TrainingSignalRecorder, ...] = ()
+          ) -> tuple[nn.Module, float]:
+    """``(model, seconds of the training steps alone)``; the recorders run between epochs, timed by themselves."""
     model = make_model(name, seed)
-    if name == "lr":
+    n = len(y)
+    if name == "text":
+        optimiser: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-2)
+    elif name == "lr":
         optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
     else:
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=NET_WEIGHT_DECAY)
-    data = IndexedData(WholeTensors(x, y), collate_fn=_as_is, batch_size=N_TRAIN)
-    seconds, epoch, done = 0.0, 0, False
-    while not done:
+    data = IndexedData(Rows(x, y), collate_fn=_as_is, batch_size=n)
+    generator = torch.Generator().manual_seed(seed)
+    seconds = 0.0
+    for epoch in range(EPOCHS[name]):
         began = time.perf_counter()
-        optimiser.zero_grad()
-        logits = model(x)
-        objective = F.cross_entropy(logits, y)
-        if name == "lr":
-            objective = objective + 0.5 * LR_L2 * sum((p**2).sum() for p in model.parameters())
-        objective.backward()
-        optimiser.step()
+        model.train()
+        batches = torch.randperm(n, generator=generator).split(32) if name == "text" else [torch.arange(n)]
+        for index in batches:
+            optimiser.zero_grad()
+            objective = F.cross_entropy(model(take(x, index)), y[index])
+            if name == "lr":
+                objective = objective + 0.5 * LR_L2 * sum((p**2).sum() for p in model.parameters())
+            objective.backward()
+            optimiser.step()
         seconds += time.perf_counter() - began
-        fitted = bool((logits.argmax(dim=1) == y).all())
-        done = epoch + 1 >= (LR_EPOCHS if name == "lr" else MAX_EPOCHS) or (name != "lr" and fitted)
-        if recorder is not None and (recorder.due(epoch) or done):
-            recorder.record(model, data, epoch, force=done)
-            if snapshots is not None:
-                snapshots[epoch] = copy.deepcopy(model.state_dict())
-        epoch += 1
-    return model.eval(), epoch, seconds
-
-
-def per_example_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    inputs, targets = batch
-    return F.cross_entropy(model(inputs), targets, reduction="none")
+        for recorder in recorders:
+            recorder.record(model, data, epoch)
+    return model.eval(), seconds
 
 
 # -- rankings --------------------------------------------------------------------------------------------------
-def self_influence_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
-    loader = DataLoader(TensorDataset(x, y), batch_size=256)
-    began = time.perf_counter()
-    scores = self_influence(model, per_example_loss, loader, solver="lowrank", damping=damping, rank=RANK)
-    return -scores, time.perf_counter() - began  # |I(z, z)|
+def forgetting_events(margin: torch.Tensor) -> torch.Tensor:
+    """Toneva et al.: correct -> wrong transitions between consecutive records; never learned counts as most."""
+    correct = margin > 0
+    events = (correct[:, :-1] & ~correct[:, 1:]).sum(dim=1).double()
+    never = ~correct.any(dim=1)
+    return torch.where(never, torch.full_like(events, margin.shape[1]), events)
 
 
-def squared_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
-
-    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
-    return sum(g.flatten(1).pow(2).sum(dim=1) for g in grads.values())
-
-
-def cleanlab_scores(name: str, x: torch.Tensor, y: torch.Tensor, seed: int, folds: int) -> tuple[dict[str, torch.Tensor], float, int]:
+def cleanlab_run(name: str, x: Any, y: torch.Tensor, features: np.ndarray, seed: int, folds: int
+                 ) -> tuple[torch.Tensor, int, float]:
+    """cleanlab's ranking (flagged first, then self-confidence), its flagged count, and seconds."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
     began = time.perf_counter()
-    split_ = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    if name == "lr":
-        n_fold = N_TRAIN * (folds - 1) / folds
-        probs = cross_val_predict(LogisticRegression(C=1.0 / (LR_L2 * n_fold), max_iter=5000), x.numpy(), y.numpy(),
-                                  cv=split_, method="predict_proba")
-    else:
-        probs = np.zeros((N_TRAIN, 10))
-        for fit, held_out in split_.split(x.numpy(), y.numpy()):
-            model, _, _ = train(name, x[fit], y[fit], seed)
-            with torch.no_grad():
-                probs[held_out] = model(x[held_out]).softmax(dim=1).numpy()
+    n, classes = len(y), int(y.max()) + 1
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    probs = np.zeros((n, classes))
+    for fit, held_out in split.split(features, y.numpy()):
+        fit_t, held_t = torch.from_numpy(fit), torch.from_numpy(held_out)
+        model, _ = train(name, take(x, fit_t), y[fit_t], seed)
+        with torch.no_grad():
+            probs[held_out] = model(take(x, held_t)).softmax(dim=1).double().numpy()
     labels = y.numpy()
     issues = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
     quality = get_label_quality_scores(labels, probs, method="self_confidence")
-    seconds = time.perf_counter() - began
     order = [int(i) for i in issues]
     flagged = set(order)
     order += [int(i) for i in np.argsort(quality, kind="stable") if int(i) not in flagged]
-    combined = torch.empty(N_TRAIN, dtype=torch.float64)
-    combined[torch.tensor(order)] = torch.arange(N_TRAIN, 0, -1, dtype=torch.float64)
-    return {"cleanlab": combined, "cleanlab_sc": -torch.from_numpy(quality)}, seconds, len(issues)
+    score = torch.empty(n, dtype=torch.float64)
+    score[torch.tensor(order)] = torch.arange(n, 0, -1, dtype=torch.float64)
+    return score, len(issues), time.perf_counter() - began
 
 
-def normalised_rank(score: torch.Tensor) -> torch.Tensor:
-    ranks = torch.empty(len(score), dtype=torch.float64)
-    ranks[torch.argsort(score.double(), stable=True)] = torch.arange(len(score), dtype=torch.float64)
-    return ranks / (len(score) - 1)
+def count_fields(recorder: TrainingSignalRecorder, flipped: torch.Tensor) -> dict[str, Any]:
+    """The default count estimate against the truth, its flags' precision and recall, and every method's ratio."""
+    true_flips = int(flipped.sum())
+    count = estimate_flip_count(recorder)
+    flagged = count.flagged
+    return {"true": true_flips, "estimate": count.estimate, "low": count.low, "high": count.high,
+            "ratio": count.estimate / true_flips, "covered": count.low <= true_flips <= count.high,
+            "flagged": int(flagged.sum()),
+            "flagged_precision": float(flipped[flagged].double().mean()) if flagged.any() else 0.0,
+            "flagged_recall": float(flipped[flagged].sum() / true_flips),
+            "methods": {**{method: estimate_flip_count(recorder, method, resamples=0).estimate / true_flips
+                           for method in COUNT_METHODS},
+                        "confident_joint_peak_only": confident_joint_count(
+                            recorder.probabilities[peak_checkpoint(recorder)].double(),
+                            recorder.labels.clamp(min=0)) / true_flips}}
 
 
-# -- metrics ---------------------------------------------------------------------------------------------------
-def metrics(score: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
-    order = torch.argsort(score.double(), descending=True, stable=True)
-    out = {f"recall@{f:.0%}": float(flipped[order[: round(f * N_TRAIN)]].sum() / flipped.sum()) for f in FRACTIONS}
-    out["recall@k"] = float(flipped[order[: int(flipped.sum())]].double().mean())
-    out["auroc"] = float(roc_auc_score(flipped.numpy(), score.double().numpy()))
+def derive(parts: list[Path], dump: Path) -> dict[str, Any]:
+    """Merge results files and recompute every ranking and count of ours from the dumped recorder tables.
+
+    The peers' metrics, the costs and the settings stay as measured; the callback recorder's rankings and the
+    count estimate are recomputed with the library as it is now (so a rule changed after the run is measured on
+    the same trained models).
+    """
+    merged: dict[str, Any] = {}
+    for part in parts:
+        stored = json.loads(part.read_text())
+        if not merged:
+            merged = stored
+            merged["settings"]["models"] = list(stored["settings"]["models"])
+        else:
+            merged["results"].update(stored["results"])
+            merged["settings"]["models"] += stored["settings"]["models"]
+            merged["seconds"] += stored["seconds"]
+    merged["settings"]["settings_done"] = list(merged["results"])
+    for key, entry in merged["results"].items():
+        name, noise = key.split("/")
+        for seed, run in zip(merged["settings"]["seeds"], entry["runs"]):
+            saved = torch.load(dump / f"{name}_{noise}_{seed}.pt", weights_only=False)
+            recorder = TrainingSignalRecorder(len(saved["flipped"]), epochs=saved["callback"]["epochs_recorded"])
+            recorder.load_state_dict(saved["callback"])
+            ours = recorder.component_scores()
+            peers = {k: v for k, v in run["metrics"].items() if k in PEERS}
+            run["metrics"] = {**{k: metrics(v, saved["flipped"]) for k, v in ours.items()}, **peers}
+            cleanlab = {k: run["count"][k] for k in ("cleanlab", "cleanlab_ratio")}
+            run["count"] = {**count_fields(recorder, saved["flipped"]), **cleanlab}
+        entry.update(summarise(entry["runs"]))
+    merged["settings"]["default"] = DEFAULT_SCORE
+    merged["checks"] = checks(merged["results"])
+    return merged
+
+
+def checks(results: dict[str, Any]) -> dict[str, Any]:
+    """Which of the goals hold, per setting: the default against the best peer (and the final margin on lr),
+    the count within 20% of the truth in every seed, the recording cost under 0.2 of the training time."""
+    out: dict[str, Any] = {}
+    for key, entry in results.items():
+        mean, best = entry["mean"][DEFAULT_SCORE], entry["best_peer"]
+        row = {f"{m}_vs_best_peer": mean[m] - best[m] for m in ("auroc", "recall@10%")}
+        if key.startswith("lr/"):
+            row.update({f"{m}_vs_final_margin": mean[m] - entry["mean"]["final_margin"][m]
+                        for m in ("auroc", "recall@10%")})
+        # -1e-6: recalls are float32 fractions
+        row["ranking_holds"] = all(v >= -1e-6 for k, v in row.items() if k.endswith(("peer", "margin")))
+        row["count_within_20pct"] = entry["count"]["within_20pct"] == len(entry["runs"])
+        row["cost_under_0.2"] = entry["cost"]["callback_signals"] < 0.2
+        out[key] = row
+    out["all"] = {goal: sum(bool(r[goal]) for r in out.values()) for goal in
+                  ("ranking_holds", "count_within_20pct", "cost_under_0.2")}
+    out["all"]["settings"] = len(results)
     return out
 
 
-def run_one(name: str, noise: str, seed: int, folds: int) -> dict[str, Any]:
-    x, y_true, _, _ = split(seed)
-    y = add_noise(noise, x, y_true, seed)
+def metrics(score: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
+    n = len(flipped)
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    return {"recall@10%": float(flipped[order[: round(0.1 * n)]].sum() / flipped.sum()),
+            "recall@k": float(flipped[order[: int(flipped.sum())]].double().mean()),
+            "auroc": float(roc_auc_score(flipped.numpy(), torch.nan_to_num(score.double()).numpy()))}
+
+
+def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> dict[str, Any]:
+    kind, rate = NOISES[noise]
+    if name == "text":
+        x, y_true, features = text_data(seed)
+    else:
+        x, y_true = digits_split(seed)
+        features = x.numpy()
+    y = add_noise(kind, rate, reference_probabilities(features, y_true, seed), y_true, seed)
     flipped = y != y_true
-    recorder = TrainingSignalRecorder(N_TRAIN, every_n_epochs=RECORD_EVERY[name], start=RECORD_EVERY[name] - 1)
-    snapshots: dict[int, dict] = {}
-    model, epochs, train_seconds = train(name, x, y, seed, recorder, snapshots)
-    epochs_recorded = recorder.epochs_recorded
-    scores = recorder.component_scores(EARLY)
-    k = len(epochs_recorded)
-    ten = sorted({round(i * (k - 1) / (TRACIN_SNAPSHOTS - 1)) for i in range(TRACIN_SNAPSHOTS)})
-    scores["mean_el2n@10"] = recorder.signals["el2n"][:, ten].mean(dim=1)
-    ten_el2n = recorder.signals["el2n"][:, ten]
-    scores["el2n_window@10"] = ten_el2n[:, : separation_window(ten_el2n)].mean(dim=1)
-    per_record = recorder.seconds / k
-    seconds = {key: (per_record if key.startswith("final") else
-                     per_record * (_early_index(epochs_recorded) + 1) if key.startswith("early") else recorder.seconds)
-               for key in scores}
-    seconds["mean_el2n@10"] = seconds["el2n_window@10"] = per_record * len(ten)
-
-    damping = LR_L2 if name == "lr" else NET_DAMPING
-    scores["si_final"], seconds["si_final"] = self_influence_score(model, x, y, damping)
-    early_epoch = epochs_recorded[_early_index(epochs_recorded)]
-    early_model = make_model(name, seed)
-    early_model.load_state_dict(snapshots[early_epoch])
-    scores["si_early"], seconds["si_early"] = self_influence_score(early_model.eval(), x, y, damping)
-
-    began = time.perf_counter()
-    tracin = torch.zeros(N_TRAIN, dtype=torch.float64)
-    probe = make_model(name, seed)
-    for column in ten:
-        probe.load_state_dict(snapshots[epochs_recorded[column]])
-        tracin += squared_gradient_norms(probe.eval(), x, y)
-    scores["tracin_self"], seconds["tracin_self"] = tracin, time.perf_counter() - began
-
-    clean, seconds["cleanlab"], flagged = cleanlab_scores(name, x, y, seed, folds)
-    scores.update(clean)
-    seconds["cleanlab_sc"] = seconds["cleanlab"]
-    for first, second in (("el2n_window", "si_early"), ("mean_el2n", "aum")):
-        scores[f"{first}+{second}"] = normalised_rank(scores[first]) + normalised_rank(scores[second])
-        seconds[f"{first}+{second}"] = seconds[first] + seconds[second]
+    n, epochs = len(y), EPOCHS[name]
+    callback = TrainingSignalRecorder(n, epochs=checkpoint_epochs(epochs, DEFAULT_SIGNAL_CHECKPOINTS))
+    dense = TrainingSignalRecorder(n, every_n_epochs=1)
+    model, train_seconds = train(name, x, y, seed, (callback, dense))
+    scores = callback.component_scores()
+    early = round(EARLY * (epochs - 1))
+    scores.update({"loss": dense.signals["loss"][:, -1], "final_margin": -dense.signals["margin"][:, -1],
+                   "early_el2n_dense": dense.signals["el2n"][:, early],
+                   "aum_dense": -dense.signals["margin"].mean(dim=1),
+                   "forgetting_dense": forgetting_events(dense.signals["margin"])})
+    scores["cleanlab"], cleanlab_count, cleanlab_seconds = cleanlab_run(name, x, y, features, seed, folds)
+    true_flips = int(flipped.sum())
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save({"flipped": flipped, "labels": y, "callback": callback.state_dict(),
+                    "dense": {k: v for k, v in dense.signals.items()}, "cleanlab": scores["cleanlab"]},
+                   dump / f"{name}_{noise}_{seed}.pt")
     with torch.no_grad():
         train_accuracy = float((model(x).argmax(dim=1) == y).double().mean())
-        began = time.perf_counter()
-        for _ in range(5):
-            model(x)
-        forward_seconds = (time.perf_counter() - began) / 5
     return {
         "metrics": {key: metrics(score, flipped) for key, score in scores.items()},
-        "cost": {key: value / train_seconds for key, value in seconds.items()},
-        "seconds": {key: value for key, value in seconds.items()},
-        "train_seconds": train_seconds, "epochs": epochs, "checkpoints": k, "early_epoch": early_epoch,
-        "train_accuracy": train_accuracy, "flips": int(flipped.sum()), "cleanlab_flagged": flagged,
-        "record_pass_over_train_step": per_record / (train_seconds / epochs),
-        "forward_over_train_step": forward_seconds / (train_seconds / epochs),
+        "count": {**count_fields(callback, flipped), "cleanlab": cleanlab_count,
+                  "cleanlab_ratio": cleanlab_count / true_flips},
+        "cost": {"callback_signals": callback.seconds / train_seconds, "dense_signals": dense.seconds / train_seconds,
+                 "cleanlab": cleanlab_seconds / train_seconds},
+        "train_seconds": train_seconds, "epochs": epochs, "checkpoints": list(callback.epochs_recorded),
+        "train_accuracy": train_accuracy, "flips": true_flips,
     }
 
 
-def _early_index(epochs: list[int]) -> int:
-    first, last = epochs[0], epochs[-1]
-    return next(i for i, e in enumerate(epochs) if e >= first + EARLY * (last - first) - 1e-9)
-
-
 # -- summary ---------------------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int = 3) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} +- {std:.{digits}f}"
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = list(runs[0]["metrics"])
-    names = list(runs[0]["metrics"][DEFAULT])
-    table = {key: {m: [r["metrics"][key][m] for r in runs] for m in names} for key in keys}
-    paired = {}
-    for key in keys:
-        if key == DEFAULT:
-            continue
-        paired[key] = {}
-        for m in ("recall@10%", "auroc"):
-            diffs = [r["metrics"][DEFAULT][m] - r["metrics"][key][m] for r in runs]
-            paired[key][m] = {"mean": statistics.fmean(diffs), "wins": sum(d > 1e-9 for d in diffs),
-                              "ties": sum(abs(d) <= 1e-9 for d in diffs), "losses": sum(d < -1e-9 for d in diffs)}
-    cost = {key: statistics.fmean(r["cost"][key] for r in runs) for key in keys}
-    mean = {key: {m: statistics.fmean(values) for m, values in row.items()} for key, row in table.items()}
-    return {"per_seed": table, "mean": mean, "paired_default_minus": paired, "cost_x_training": cost}
+    mean = {key: {m: statistics.fmean(r["metrics"][key][m] for r in runs) for m in runs[0]["metrics"][key]}
+            for key in runs[0]["metrics"]}
+    count = {field: statistics.fmean(float(r["count"][field]) for r in runs)
+             for field in ("true", "estimate", "ratio", "flagged_precision", "flagged_recall", "cleanlab_ratio")}
+    count["ratio_range"] = [min(r["count"]["ratio"] for r in runs), max(r["count"]["ratio"] for r in runs)]
+    count["within_20pct"] = sum(abs(r["count"]["ratio"] - 1) <= 0.2 for r in runs)
+    count["covered"] = sum(bool(r["count"]["covered"]) for r in runs)
+    cost = {key: statistics.fmean(r["cost"][key] for r in runs) for key in runs[0]["cost"]}
+    best_peer = {m: max(mean[p][m] for p in PEERS if p != "final_margin") for m in ("auroc", "recall@10%")}
+    return {"mean": mean, "count": count, "cost": cost, "best_peer": best_peer}
 
 
 def print_summary(name: str, noise: str, runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    print(f"\n### {name}, {noise}: {runs[0]['flips']} flips, epochs {[r['epochs'] for r in runs]}, "
-          f"train accuracy {[round(r['train_accuracy'], 3) for r in runs]}, checkpoints {[r['checkpoints'] for r in runs]}\n")
-    print("| ranking | recall@5% | recall@10% | recall@20% | recall@k | AUROC | cost x training | default - this, r@10% (W/T/L) | default - this, AUROC (W/T/L) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, row in summary["per_seed"].items():
-        pair = summary["paired_default_minus"].get(key)
-        pair_text = ["", ""] if pair is None else [
-            f"{pair[m]['mean']:+.3f} ({pair[m]['wins']}/{pair[m]['ties']}/{pair[m]['losses']})" for m in ("recall@10%", "auroc")]
-        print(f"| {key} | " + " | ".join(mean_std(row[m]) for m in row) + f" | {summary['cost_x_training'][key]:.3f} | "
-              + " | ".join(pair_text) + " |")
+    mean = summary["mean"]
+    print(f"\n### {name} {noise}: {runs[0]['flips']} flips, train accuracy "
+          f"{[round(r['train_accuracy'], 3) for r in runs]}, checkpoints {runs[0]['checkpoints']}")
+    for key, row in sorted(mean.items(), key=lambda item: -item[1]["auroc"]):
+        marker = " <- default" if key == DEFAULT_SCORE else ""
+        print(f"  {key:18s} AUROC {row['auroc']:.3f}  r@10% {row['recall@10%']:.3f}  r@k {row['recall@k']:.3f}{marker}")
+    c = summary["count"]
+    print(f"  count: true {c['true']:.0f}, estimate {c['estimate']:.1f} (ratio {c['ratio_range'][0]:.2f}-"
+          f"{c['ratio_range'][1]:.2f}, within 20% in {c['within_20pct']}/{len(runs)}, interval covers "
+          f"{c['covered']}/{len(runs)}), flagged precision {c['flagged_precision']:.3f} recall "
+          f"{c['flagged_recall']:.3f}; cleanlab ratio {c['cleanlab_ratio']:.2f}")
+    print(f"  cost x training: callback signals {summary['cost']['callback_signals']:.3f}, cleanlab "
+          f"{summary['cost']['cleanlab']:.2f}", flush=True)
+
+
+def markdown(stored: dict[str, Any]) -> str:
+    """The tables ``docs/mislabel.md`` quotes, from a results file (every number is a value of the file)."""
+    shown = ("loss", "cleanlab", "early_el2n_dense", "aum_dense", "forgetting_dense", "final_margin")
+    lines = [f"| model, noise | {DEFAULT_SCORE} (default) | " + " | ".join(shown) + " | default - best peer |",
+             "| --- |" + " --- |" * (len(shown) + 2)]
+    for key, entry in stored["results"].items():
+        mean = entry["mean"]
+        cells = [f"{mean[k]['auroc']:.3f} / {mean[k]['recall@10%']:.3f}" for k in (DEFAULT_SCORE, *shown)]
+        check = stored["checks"][key]
+        lines.append(f"| {key.replace('/', ', ')} | " + " | ".join(cells)
+                     + f" | {check['auroc_vs_best_peer']:+.3f} / {check['recall@10%_vs_best_peer']:+.3f} |")
+    lines += ["", "| model, noise | true flips | estimate (mean) | estimate / true, per seed | within 20% | interval"
+              " covers | flagged: precision / recall | cleanlab flagged / true |", "| --- |" + " --- |" * 7]
+    for key, entry in stored["results"].items():
+        count, runs = entry["count"], entry["runs"]
+        ratios = ", ".join(f"{r['count']['ratio']:.2f}" for r in runs)
+        lines.append(f"| {key.replace('/', ', ')} | {count['true']:.0f} | {count['estimate']:.1f} | {ratios} | "
+                     f"{count['within_20pct']}/{len(runs)} | {count['covered']}/{len(runs)} | "
+                     f"{count['flagged_precision']:.3f} / {count['flagged_recall']:.3f} | "
+                     f"{count['cleanlab_ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -372,53 +429,54 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, 1 thread"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--first-seed", type=int, default=3,
-                        help="seeds first..first+n-1; 0-2 were used to choose the default score, 3-5 are held out")
-    parser.add_argument("--quick", action="store_true", help="1 seed, asym10 only, 3 folds")
-    parser.add_argument("--models", default="lr,mlp,cnn")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="seed 0, mlp asym10 only, 3 folds, no JSON")
+    parser.add_argument("--models", default="lr,mlp,cnn,text")
     parser.add_argument("--noises", default=",".join(NOISES))
     parser.add_argument("--json", type=Path, help=f"results file (default {RESULTS.name} for a full run)")
-    parser.add_argument("--summarise", type=Path, help="only re-print (and re-summarise in place) a results file")
+    parser.add_argument("--dump", type=Path, help="also save each run's recorded tables here")
+    parser.add_argument("--markdown", action="store_true", help="print the docs tables from the results file")
+    parser.add_argument("--derive", nargs="+", type=Path, metavar="PART",
+                        help="merge these results files, recompute ours from --dump's tables, write --json")
     args = parser.parse_args(argv)
-    if args.summarise is not None:
-        stored = json.loads(args.summarise.read_text())
-        for key, entry in stored["results"].items():
-            entry.update(summarise(entry["runs"]))
+    if args.markdown:
+        print(markdown(json.loads((args.json or RESULTS).read_text())))
+        return
+    if args.derive:
+        merged = derive(args.derive, args.dump)
+        for key, entry in merged["results"].items():
             print_summary(*key.split("/"), entry["runs"], entry)
-        stored["settings"]["default"] = DEFAULT
-        args.summarise.write_text(json.dumps(stored, indent=1) + "\n")
+        print(json.dumps(merged["checks"]["all"]))
+        (args.json or RESULTS).write_text(json.dumps(merged, indent=1) + "\n")
         return
     torch.set_num_threads(1)
-    seeds = [args.first_seed] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
+    seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
+    models = ["mlp"] if args.quick else args.models.split(",")
     noises = ["asym10"] if args.quick else args.noises.split(",")
     folds = 3 if args.quick else 5
-    print(f"machine: {machine()}\nseeds {seeds}, noises {noises}, models {args.models}, folds {folds}")
+    print(f"machine: {machine()}\nseeds {seeds}, noises {noises}, models {models}, folds {folds}", flush=True)
+    path = args.json or (None if args.quick else RESULTS)
     began = time.perf_counter()
     results: dict[str, Any] = {}
-    for name in args.models.split(","):
+    for name in models:
         for noise in noises:
-            runs = [run_one(name, noise, seed, folds) for seed in seeds]
-            summary = summarise(runs)
-            results[f"{name}/{noise}"] = {"runs": runs, **summary}
-            print_summary(name, noise, runs, summary)
+            runs = [run_one(name, noise, seed, folds, args.dump) for seed in seeds]
+            results[f"{name}/{noise}"] = {"runs": runs, **summarise(runs)}
+            print_summary(name, noise, runs, results[f"{name}/{noise}"])
             print(f"({time.perf_counter() - began:.0f} s)", flush=True)
-    total = time.perf_counter() - began
-    print(f"\ntotal {total:.0f} s")
-    path = args.json or (None if args.quick else RESULTS)
-    if path is not None:
-        settings = {"seeds": seeds, "noises": {n: NOISES[n] for n in noises}, "folds": folds, "n_train": N_TRAIN,
-                    "record_every": RECORD_EVERY, "lr_epochs": LR_EPOCHS, "max_epochs": MAX_EPOCHS, "rank": RANK,
-                    "damping": {"lr": LR_L2, "nets": NET_DAMPING}, "early_fraction": EARLY, "default": DEFAULT}
-        path.write_text(json.dumps({"settings": settings, "machine": machine(), "seconds": total,
-                                    "results": results}, indent=1) + "\n")
-        print(f"wrote {path}")
+            if path is not None:  # written after every setting, so a run cut short keeps what finished
+                settings = {"seeds": seeds, "models": models, "noises": noises, "settings_done": list(results),
+                            "folds": folds, "epochs": EPOCHS, "n_train": {"digits": N_DIGITS, "text": N_TEXT},
+                            "checkpoints": DEFAULT_SIGNAL_CHECKPOINTS, "default": DEFAULT_SCORE, "peers": PEERS}
+                path.write_text(json.dumps({"settings": settings, "machine": machine(),
+                                            "seconds": time.perf_counter() - began, "results": results}, indent=1))
+    print(f"\ntotal {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":

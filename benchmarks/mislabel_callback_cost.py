@@ -4,11 +4,12 @@
 ``benchmarks/mislabel.py`` measures the recording with full-batch training (one step per epoch); a minibatch
 epoch is many steps, so one forward pass over the training set is a smaller share of it. Here the callback
 runs in mislabel-only mode (``num_worst=0``) on digits (1,200 training images, batch 32, Adam) for a 64-64-10
-tanh MLP and a small CNN, with the default ``signal_checkpoints=10``, for ``max_epochs`` 10 and 40. Per run:
+tanh MLP and a small CNN, with the default ``signal_checkpoints=10`` (geometric), for ``max_epochs`` 10 and 40. Per run:
 
 * ``train_seconds``: the same fit with ``training_signals=False`` (the training steps, Lightning's own fit
   overhead and the final self-influence analysis), minus that analysis' own time;
-* ``record_seconds``: the recorder's time (its forward passes and the assembly), from the run with signals;
+* ``record_seconds``: the recorder's time (its forward passes and the assembly), from the run with signals,
+  plus one estimate of the number of wrong labels with its bootstrap interval (``count_seconds``);
 * ``ratio = record_seconds / train_seconds`` (the figure the docs quote), and the self-influence analysis'
   seconds over ``train_seconds`` for scale.
 
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import InfluenceCallback
+from lightning_influence.analysis.noise_count import estimate_flip_count
 
 RESULTS = Path(__file__).with_name("mislabel-callback-cost-results.json")
 
@@ -82,10 +84,15 @@ def main() -> None:
             plain, recorded = fit(kind, epochs, False), fit(kind, epochs, True)
             analysis = plain.last_mislabel.seconds
             train = plain.fit_seconds - analysis
-            record = recorded.mislabel.signals.recorder.seconds
+            recorder = recorded.mislabel.signals.recorder
+            began = time.perf_counter()
+            estimate_flip_count(recorder)  # what each analysis adds for the count and its interval
+            count = time.perf_counter() - began
+            record = recorder.seconds + count
             runs[f"{kind}/{epochs}"] = {
-                "epochs_recorded": recorded.mislabel.signals.recorder.epochs_recorded,
+                "epochs_recorded": recorder.epochs_recorded,
                 "train_seconds": train, "record_seconds": record, "ratio": record / train,
+                "forward_seconds": recorder.seconds, "count_seconds": count,
                 "self_influence_seconds": analysis, "self_influence_ratio": analysis / train,
             }
             print(f"{kind} {epochs} epochs: training {train:.2f} s, recording {record:.2f} s"

@@ -133,7 +133,9 @@ class MislabelCandidate:
     ``loss_rank`` is the example's rank by training loss (0 = highest loss), the plain baseline shown beside it.
     With training signals recorded (``MislabelReport.signals``), ``score`` is the candidate's value of the
     report's ``ranking`` (larger = more suspicious) and ``suggested_label`` the most likely class other than
-    the given one over the recorded checkpoints; both are None without them.
+    the given one over the recorded checkpoints; both are None without them. ``flagged`` says whether the
+    candidate is among the ``round(estimate)`` first of the ranking, with ``estimate`` the report's estimated
+    number of wrong labels (``MislabelReport.flip_count``); None without training signals.
     """
 
     train_index: int
@@ -146,6 +148,7 @@ class MislabelCandidate:
     text: Optional[str] = None
     score: Optional[float] = None
     suggested_label: Any = None
+    flagged: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -153,10 +156,12 @@ class MislabelReport:
     """The top training examples by the report's ``ranking`` at one analysis, and how they were computed.
 
     ``ranking`` names the ranking that orders ``candidates``: ``"self_influence"`` (largest ``|I(z, z)|``
-    first) without training signals, else the signals' default (``"el2n_window"``). ``rankings`` holds every
+    first) without training signals, else the signals' default (``"el2n_weighted"``). ``rankings`` holds every
     named score as ``Tensor[train_size]``, larger = more suspicious (``"self_influence"`` is ``-I(z, z)``).
     ``signals`` describes the training signals used (``{"epochs", "seconds", "default"}``), None when the
-    analysis had none (post hoc, from a checkpoint only).
+    analysis had none (post hoc, from a checkpoint only). ``flip_count`` is the estimated number of wrong
+    training labels from the signals: ``{"method", "estimate", "low", "high", "level", "flagged",
+    "threshold"}`` (``docs/mislabel.md``), None without training signals.
     """
 
     epoch: int
@@ -169,6 +174,7 @@ class MislabelReport:
     ranking: str = "self_influence"
     rankings: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     signals: Optional[dict[str, Any]] = None
+    flip_count: Optional[dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

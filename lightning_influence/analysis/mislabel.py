@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.explain import Describe
+from lightning_influence.analysis.noise_count import estimate_flip_count
 from lightning_influence.analysis.training_signals import DEFAULT_SCORE, TrainingSignalRecorder, candidate_order
 from lightning_influence.config import (
     MISLABEL_SHOWN,
@@ -90,7 +91,7 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
         loss_rank = torch.empty_like(order)
         loss_rank[losses.argsort(descending=True, stable=True)] = torch.arange(len(losses))
         rankings: dict[str, torch.Tensor] = {"self_influence": -scores, "loss": losses}
-        ranking, signals, suggested = "self_influence", None, None
+        ranking, signals, suggested, flip_count = "self_influence", None, None, None
         if recorder is not None and recorder.signals:
             if recorder.num_train != len(train):
                 raise ValueError(f"Expected training signals for {len(train)} examples, but the recorder has"
@@ -99,20 +100,29 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
             ranking, suggested = DEFAULT_SCORE, recorder.suggested_labels()
             signals = {"epochs": list(recorder.epochs_recorded), "seconds": float(recorder.seconds),
                        "default": DEFAULT_SCORE}
+            try:
+                flip_count = estimate_flip_count(recorder).to_dict()
+            except RuntimeError:  # signals resumed from an older checkpoint without probabilities: no count
+                flip_count = None
         chosen = candidate_order(rankings[ranking], top_m).tolist()
+        flagged = None if flip_count is None else flip_count["flagged"]
         candidates = _candidates(problem, train, chosen, describe, scores, losses, loss_rank, rankings[ranking],
-                                 suggested)
+                                 suggested, flagged)
     solver = replace(problem.solve_info(problem.solver.name, True, torch.zeros(0), torch.zeros(0), use_residual=False,
                                         compute_residual=False),
                      seconds=time.perf_counter() - start, settings=config_to_dict(setup.solver_config))
     return MislabelReport(epoch, global_step, len(train), candidates, solver, time.perf_counter() - start, scores,
-                          ranking=ranking, rankings=rankings, signals=signals)
+                          ranking=ranking, rankings=rankings, signals=signals, flip_count=flip_count)
 
 
 def _candidates(problem: InfluenceProblem, train: IndexedData, chosen: list[int], describe: Describe,
                 scores: torch.Tensor, losses: torch.Tensor, loss_rank: torch.Tensor, ranked_by: torch.Tensor,
-                suggested: Optional[torch.Tensor]) -> tuple[MislabelCandidate, ...]:
-    """The records of the ``chosen`` examples, described in chunks; inputs kept for the first ``MISLABEL_SHOWN``."""
+                suggested: Optional[torch.Tensor], flagged: Optional[int] = None) -> tuple[MislabelCandidate, ...]:
+    """The records of the ``chosen`` examples, described in chunks; inputs kept for the first ``MISLABEL_SHOWN``.
+
+    ``chosen`` is in ranking order, so with ``flagged`` (the number of examples flagged) the first ``flagged``
+    are the flagged ones.
+    """
     out: list[MislabelCandidate] = []
     step = max(1, train.batch_size)
     for begin in range(0, len(chosen), step):
@@ -129,5 +139,6 @@ def _candidates(problem: InfluenceProblem, train: IndexedData, chosen: list[int]
                 text=None if info.texts is None else info.texts[row],
                 score=None if suggested is None else float(ranked_by[index]),
                 suggested_label=None if suggested is None else int(suggested[index]),
+                flagged=None if flagged is None else begin + row < flagged,
             ))
     return tuple(out)

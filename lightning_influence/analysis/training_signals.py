@@ -8,15 +8,17 @@ forward-only passes of the model over the training set (a map-style dataset behi
 * ``margin``: the logit margin ``z_y - max_{j != y} z_j`` (negative = the model prefers another class);
 * ``el2n``: the error L2 norm ``||softmax(z) - e_y||_2`` (Paul et al. 2021);
 
-plus the running sum of the softmax probabilities (for the suggested label). Memory: ``3 x n_train x
-checkpoints`` floats and ``n_train x classes`` for the probability sum, on rank 0 only.
+plus the softmax probabilities (their running sum, for the suggested label, and each checkpoint's as float16,
+for the count of wrong labels in :mod:`~lightning_influence.analysis.noise_count`). Memory on rank 0 only:
+``3 x n_train x checkpoints`` floats, ``n_train x classes`` for the sum and ``n_train x classes x checkpoints``
+half floats (10 checkpoints of 50,000 examples in 10 classes: 10 MB).
 
 Under DDP each rank computes its own shard (every ``world_size``-th index) and the pieces are sent to rank 0
 only (``torch.distributed.gather_object`` or the collectives' ``gather_objects_to_root`` when present), where
 they are written into the full table by dataset index. Every rank must call :meth:`record` at the same epochs.
 
-The default mislabel score (``"el2n_window"``) and the named component rankings are defined in
-:func:`component_scores`; the evidence and the math are in ``docs/mislabel.md``.
+The checkpoint schedule is :func:`checkpoint_epochs`; the default mislabel score and the named rankings are in
+:mod:`~lightning_influence.analysis.signal_scores`; the evidence and the math are in ``docs/mislabel.md``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_influence.analysis.signal_scores import (  # noqa: F401 - re-exported: the scores' old home
+    DEFAULT_SCORE,
+    EARLY_FRACTION,
+    component_scores,
+    forgetting_score,
+    rank_mean,
+    separation_window,
+    spread_weighted,
+)
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 
 SIGNALS = ("loss", "margin", "el2n")
-DEFAULT_SCORE = "el2n_window"
-EARLY_FRACTION = 0.1
+SPACINGS = ("geometric", "even")
+DEFAULT_SPACING = "geometric"
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -63,6 +74,32 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
         "el2n": (probs - one_hot).norm(dim=1).float().cpu(),
         "probs": probs.float().cpu(),
     }
+
+
+def checkpoint_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
+    """The 0-based epochs at which to record ``checkpoints`` times in a run of ``max_epochs`` epochs.
+
+    ``"geometric"`` (default): epochs ``round(max_epochs ** (i / (checkpoints - 1))) - 1`` for
+    ``i = 0..checkpoints-1``, moved up to keep them distinct (dense early, where a net that memorises its flips
+    separates them best, sparse late); ``"even"``: evenly spaced from 0 to ``max_epochs - 1``. Both end at the
+    last epoch; with ``max_epochs <= checkpoints`` every epoch is recorded.
+    """
+    if max_epochs < 1 or checkpoints < 1:
+        raise ValueError(f"Expected max_epochs >= 1 and checkpoints >= 1, but got {max_epochs} and {checkpoints}.")
+    if spacing not in SPACINGS:
+        raise ValueError(f"Expected `spacing` to be one of {SPACINGS}, but got {spacing!r}.")
+    if checkpoints == 1:
+        return [max_epochs - 1]
+    if max_epochs <= checkpoints:
+        return list(range(max_epochs))
+    if spacing == "even":
+        return sorted({round(i * (max_epochs - 1) / (checkpoints - 1)) for i in range(checkpoints)})
+    epochs: list[int] = []
+    for i in range(checkpoints):
+        target = round(max_epochs ** (i / (checkpoints - 1))) - 1
+        lowest = epochs[-1] + 1 if epochs else 0
+        epochs.append(min(max(target, lowest), max_epochs - checkpoints + i))
+    return epochs
 
 
 def gather_to_root(collectives: Collectives, obj: Any) -> list[Any] | None:
@@ -118,6 +155,7 @@ class TrainingSignalRecorder:
         self.epochs_recorded: list[int] = []
         self.signals: dict[str, torch.Tensor] = {}
         self.probability_sum: torch.Tensor | None = None
+        self.probabilities: list[torch.Tensor] = []  # per checkpoint, [num_train, classes] float16 (rank 0)
         self.labels: torch.Tensor | None = None
         self.seconds = 0.0
 
@@ -213,6 +251,9 @@ class TrainingSignalRecorder:
                 raise ValueError(f"Expected {self.probability_sum.shape[1]} classes, but got {probs.shape[1]}.")
             self.probability_sum = torch.zeros(self.num_train, probs.shape[1])
         self.probability_sum[indices] += probs
+        while len(self.probabilities) <= column:
+            self.probabilities.append(torch.full((self.num_train, probs.shape[1]), float("nan"), dtype=torch.float16))
+        self.probabilities[column][indices] = probs.half()
         if self.labels is None:
             self.labels = torch.full((self.num_train,), -1, dtype=torch.long)
         self.labels[indices] = labels
@@ -261,6 +302,7 @@ class TrainingSignalRecorder:
             "start": self.start, "epochs_recorded": list(self.epochs_recorded),
             "signals": {name: table.clone() for name, table in self.signals.items()},
             "probability_sum": None if self.probability_sum is None else self.probability_sum.clone(),
+            "probabilities": [table.clone() for table in self.probabilities],
             "labels": None if self.labels is None else self.labels.clone(), "seconds": self.seconds,
         }
 
@@ -274,65 +316,9 @@ class TrainingSignalRecorder:
         self.epochs_recorded = [int(e) for e in state["epochs_recorded"]]
         self.signals = {name: table.clone() for name, table in state["signals"].items()}
         self.probability_sum = None if state["probability_sum"] is None else state["probability_sum"].clone()
+        self.probabilities = [table.clone() for table in state.get("probabilities", [])]
         self.labels = None if state["labels"] is None else state["labels"].clone()
         self.seconds = float(state.get("seconds", 0.0))
-
-
-# -- scores --------------------------------------------------------------------------------------------------
-def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
-    """The first recorded checkpoint at or after ``early_fraction`` of the span from the first to the last."""
-    first, last = epochs[0], epochs[-1]
-    target = first + early_fraction * (last - first)
-    return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
-
-
-def separation_window(el2n: torch.Tensor, multiple: int = 2, plateau: float = 0.8) -> int:
-    """Number of leading checkpoints averaged by the default score.
-
-    With ``V_k`` the variance of EL2N across examples at checkpoint ``k`` (1-based) and ``k* = argmax_k V_k``:
-    the window ends at the later of ``multiple * k*`` and the last checkpoint of the run from ``k*`` on that
-    keeps ``V_k >= plateau * V_{k*}``, capped at ``K``. EL2N lies in ``[0, sqrt 2]``; its spread across examples
-    is largest when the model fits most examples (EL2N near 0) and not yet the rest: for a net that later
-    memorises its flips, ``V`` then collapses and the window stops before the flips are fitted; for a model
-    that never fits them (a regularised linear model) ``V`` stays on its plateau and the window covers it.
-    Found without knowing which labels are wrong.
-    """
-    variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
-    peak = int(variance.argmax())
-    end = peak
-    while end + 1 < len(variance) and variance[end + 1] >= plateau * variance[peak]:
-        end += 1
-    return min(el2n.shape[1], max(end + 1, multiple * (peak + 1)))
-
-
-def component_scores(
-    signals: dict[str, torch.Tensor], epochs: Sequence[int], early_fraction: float = EARLY_FRACTION
-) -> dict[str, torch.Tensor]:
-    """Named mislabel scores from ``[n, checkpoints]`` tables; larger = more likely mislabelled.
-
-    With ``K`` checkpoints ``k = 1..K`` (NaN entries, e.g. examples missing from a checkpoint, are skipped):
-
-    * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
-    * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
-    * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over training);
-    * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
-    * ``el2n_window`` (:data:`DEFAULT_SCORE`): the mean EL2N over the first ``separation_window(el2n)``
-      checkpoints: from the start past the checkpoint where EL2N varies most across examples, to twice that
-      checkpoint or to the end of its plateau, whichever is later.
-    """
-    loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
-    early = _early_column(epochs, early_fraction)
-    return {
-        "el2n_window": el2n[:, : separation_window(el2n)].nanmean(dim=1),
-        "mean_el2n": el2n.nanmean(dim=1),
-        "mean_loss": loss.nanmean(dim=1),
-        "aum": -margin.nanmean(dim=1),
-        "early_el2n": el2n[:, early],
-        "early_loss": loss[:, early],
-        "final_loss": loss[:, -1],
-        "final_el2n": el2n[:, -1],
-        "final_margin": -margin[:, -1],
-    }
 
 
 # -- records for reports --------------------------------------------------------------------------------------

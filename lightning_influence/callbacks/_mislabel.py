@@ -22,7 +22,7 @@ from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import OutputsFn
 from lightning_influence.callbacks._trainer import collectives_for
 from lightning_influence.callbacks.progress import progress_task
-from lightning_influence.callbacks.training_signals import TrainingSignalsCallback
+from lightning_influence.callbacks.training_signals import TrainingSignalsCallback, recording_batch_size
 from lightning_influence.config import LowRankConfig, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
@@ -49,8 +49,8 @@ class _CallbackSignals(TrainingSignalsCallback):
     """``TrainingSignalsCallback``'s recording on data handed in by the influence callback (not the trainer's)."""
 
     def use(self, data: IndexedData) -> None:
-        if self._data is None:
-            self._data = data
+        if self._data is None:  # the same examples, in recording batches (forward only: larger is cheaper)
+            self._data = replace(data, batch_size=self.batch_size or recording_batch_size(data.batch_size))
 
     def _train_data(self, trainer: pl.Trainer) -> IndexedData:
         if self._data is None:
@@ -65,7 +65,8 @@ class MislabelAnalysis:
         count: candidates to report (``None``: the whole training set; 0: off).
         rank: Lanczos eigenpairs of the self-influence.
         record: record training signals (``None``: whenever the analysis is on).
-        checkpoints: recorded epochs, evenly spaced over ``max_epochs`` (every epoch without ``max_epochs``).
+        checkpoints: recorded epochs, geometrically spaced over ``max_epochs`` (dense early; every epoch without
+            ``max_epochs``).
         outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` (default: ``module(batch[0]), batch[1]``).
     """
 

@@ -100,7 +100,8 @@ class InfluenceCallback(AnalysisCallback):
         mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
         training_signals: record per-example loss, margin and EL2N at ``signal_checkpoints`` epochs (one
             forward pass over the training set each) for the mislabel ranking. Default: on with the analysis.
-        signal_checkpoints: recorded epochs, evenly spaced over ``max_epochs`` (every epoch without it).
+        signal_checkpoints: recorded epochs, spaced geometrically over ``max_epochs`` (dense early; every epoch
+            without it).
         signals_outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` for the recording (default:
             ``module(batch[0]), batch[1]``).
         num_candidates: score each monitored point only against its ``num_candidates`` nearest training examples

@@ -4,8 +4,8 @@ A minimal :class:`TrainingSignalsCallback` around
 :class:`~lightning_influence.analysis.training_signals.TrainingSignalRecorder`. Its hooks are small on purpose
 so ``InfluenceCallback`` can call the same three pieces from its own hooks:
 
-* ``setup`` (fit): choose the epochs (``checkpoints`` evenly spaced over ``trainer.max_epochs``) and build the
-  recorder;
+* ``setup`` (fit): choose the epochs (``checkpoints`` over ``trainer.max_epochs``, geometrically spaced by
+  default: dense early, where memorising nets separate their flipped labels best) and build the recorder;
 * ``on_train_epoch_end``: one forward-only pass over this rank's shard of the training set when the epoch is
   scheduled, assembled on rank 0 by dataset index; ``on_train_end`` adds the final weights when training
   stopped before the last scheduled epoch (early stopping);
@@ -25,35 +25,42 @@ from typing_extensions import override
 
 from lightning_influence.analysis.training_signals import (
     DEFAULT_SCORE,
+    DEFAULT_SPACING,
     OutputsFn,
     TrainingSignalRecorder,
+    checkpoint_epochs,
     classification_outputs,
     relabel_records,
 )
+from lightning_influence.config import SIGNAL_MIN_BATCH_SIZE
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.relabel import confusion_records
 
 
-def scheduled_epochs(max_epochs: int, checkpoints: int) -> list[int]:
-    """``checkpoints`` epochs evenly spaced from the first (0) to the last (``max_epochs - 1``), deduplicated."""
-    if max_epochs < 1 or checkpoints < 1:
-        raise ValueError(f"Expected max_epochs >= 1 and checkpoints >= 1, but got {max_epochs} and {checkpoints}.")
-    if checkpoints == 1:
-        return [max_epochs - 1]
-    return sorted({round(i * (max_epochs - 1) / (checkpoints - 1)) for i in range(checkpoints)})
+def recording_batch_size(training_batch_size: int | None) -> int:
+    """Examples per recording pass: the training batch size, at least :data:`SIGNAL_MIN_BATCH_SIZE`."""
+    return max(training_batch_size or 0, SIGNAL_MIN_BATCH_SIZE)
+
+
+def scheduled_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
+    """The recorded epochs: :func:`~lightning_influence.analysis.training_signals.checkpoint_epochs`."""
+    return checkpoint_epochs(max_epochs, checkpoints, spacing)
 
 
 class TrainingSignalsCallback(pl.Callback):
     """Record loss, margin and EL2N of every training example at a few epochs; rank mislabel candidates.
 
     Args:
-        checkpoints: number of recorded epochs, evenly spaced over ``trainer.max_epochs`` (the benchmark in
-            ``docs/mislabel.md`` found 10 as good as 86; each costs one forward pass over the training set).
+        checkpoints: number of recorded epochs over ``trainer.max_epochs`` (each costs one forward pass over the
+            training set; ``docs/mislabel.md``).
+        spacing: ``"geometric"`` (default: epochs ``max_epochs ** (i / (checkpoints - 1)) - 1``, dense early) or
+            ``"even"`` (evenly spaced).
         every_n_epochs: record every N epochs instead (for runs without ``max_epochs``; -1 or None max_epochs
             with ``every_n_epochs=None`` records every epoch).
         train_dataset: the training data (default: the trainer's train dataloader's dataset and collate).
-        batch_size: examples per forward pass (default: the training loader's batch size).
+        batch_size: examples per forward pass (default: the training loader's batch size, at least
+            ``SIGNAL_MIN_BATCH_SIZE`` = 256: the passes keep no gradients).
         outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` (default: ``module(batch[0]), batch[1]``).
     """
 
@@ -61,13 +68,16 @@ class TrainingSignalsCallback(pl.Callback):
         self,
         checkpoints: int = 10,
         every_n_epochs: int | None = None,
+        spacing: str = DEFAULT_SPACING,
         train_dataset: Dataset | None = None,
         batch_size: int | None = None,
         outputs_fn: OutputsFn | None = None,
     ) -> None:
         if checkpoints < 1:
             raise ValueError(f"Expected checkpoints >= 1, but got {checkpoints}.")
+        checkpoint_epochs(1, 1, spacing)  # validates `spacing`
         self.checkpoints = checkpoints
+        self.spacing = spacing
         self.every_n_epochs = every_n_epochs
         self.train_dataset = train_dataset
         self.batch_size = batch_size
@@ -95,7 +105,8 @@ class TrainingSignalsCallback(pl.Callback):
         self._data = self._train_data(trainer)
         max_epochs = trainer.max_epochs
         if self.every_n_epochs is None and max_epochs is not None and max_epochs > 0:
-            recorder = TrainingSignalRecorder(len(self._data), epochs=scheduled_epochs(max_epochs, self.checkpoints))
+            recorder = TrainingSignalRecorder(len(self._data), epochs=scheduled_epochs(max_epochs, self.checkpoints,
+                                                                                   self.spacing))
         else:
             every = self.every_n_epochs or 1
             recorder = TrainingSignalRecorder(len(self._data), every_n_epochs=every, start=every - 1)
@@ -169,11 +180,11 @@ class TrainingSignalsCallback(pl.Callback):
         loader = trainer.train_dataloader
         if self.train_dataset is not None:
             collate = loader.collate_fn if isinstance(loader, DataLoader) else None
-            size = self.batch_size or (loader.batch_size if isinstance(loader, DataLoader) else None) or 256
+            size = self.batch_size or recording_batch_size(loader.batch_size if isinstance(loader, DataLoader) else None)
             return IndexedData(self.train_dataset, collate, size)
         if not isinstance(loader, DataLoader):
             raise TypeError(
                 f"TrainingSignalsCallback needs one training DataLoader over a map-style dataset, but got"
                 f" {type(loader).__name__}. Pass `TrainingSignalsCallback(train_dataset=...)`."
             )
-        return IndexedData.from_loader(loader, self.batch_size)
+        return IndexedData.from_loader(loader, self.batch_size or recording_batch_size(loader.batch_size))

@@ -41,13 +41,14 @@ DEFAULT_SCORING = "auto"
 #: Training examples scored at once (bounds memory).
 DEFAULT_CHUNK_SIZE = 256
 #: Mislabel analysis: epochs of the training run at which the callback records per-example training signals
-#: (evenly spaced over ``max_epochs``); 10 cost 0.03-0.05 of the training time in ``benchmarks/mislabel.py``.
+#: (geometrically spaced over ``max_epochs``, dense early: ``analysis.training_signals.checkpoint_epochs``);
+#: their cost is measured in ``benchmarks/mislabel.py`` and ``benchmarks/mislabel_callback_cost.py``.
 DEFAULT_SIGNAL_CHECKPOINTS = 10
 #: Mislabel candidates shown with their inputs (TensorBoard grid and table, the JSON ``examples``); the JSON
 #: lists every candidate (``mislabel_candidates="all"``: the whole training set).
 MISLABEL_SHOWN = 64
 #: Mean AUROC range (lowest, highest over the memorising nets' noise settings) of the final-weights
-#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results.json``;
+#: self-influence and of the training-signal default ranking in ``benchmarks/mislabel-results-v1.json``;
 #: ``tests/unit/analysis/test_mislabel_report.py`` recomputes them from that file.
 POSTHOC_MISLABEL_AUROC = {"self_influence": (0.907, 0.951), "training_signals": (0.984, 0.996)}
 NO_SIGNALS_NOTE = (
@@ -77,5 +78,7 @@ SELECTIONS = ("helpful", "random", "anchors", "harmful")
 def expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:
     if not ok:
         raise ValueError(f"Expected `{name}` to be {allowed}, but got {value!r}.{(' ' + hint) if hint else ''}")
-
-
+#: Training signals: the recording's forward passes use batches of at least this many examples (no gradients are
+#: kept, so a batch larger than the training one costs little memory and saves per-batch overhead); a
+#: ``batch_size`` given to the recorder's callback wins.
+SIGNAL_MIN_BATCH_SIZE = 256

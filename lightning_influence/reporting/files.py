@@ -38,6 +38,9 @@ SELF_INFLUENCE_DEFINITION = (
 #: What each ``ranking`` orders by (the JSON's ``ranking_definition``; larger score = more suspicious).
 RANKING_DEFINITIONS = {
     "self_influence": "largest |I(z, z)| first (self-influence at the analysed weights)",
+    "el2n_weighted": ("el2n_weighted: mean of ||softmax(z) - e_y||_2 over the recorded checkpoints, each weighted by"
+                      " how much EL2N varies across the training examples there; larger = more likely mislabelled"
+                      " (docs/mislabel.md)"),
     "el2n_window": ("el2n_window: mean over the recorded checkpoints up to the EL2N-separation window of"
                     " ||softmax(z) - e_y||_2; larger = more likely mislabelled (docs/mislabel.md)"),
 }
@@ -218,7 +221,9 @@ def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
     Candidates keep the report's order (its ``ranking``: strongest ``|I(z, z)|`` first without training signals);
     ``loss_rank`` is 0-based (0 = highest training loss). ``rankings`` lists every named ranking as training
     indices (as many as there are candidates); ``training_signals`` says whether the run recorded them and,
-    when not, what that costs. ``report.scores`` is not included (it goes to the TensorBoard histogram).
+    when not, what that costs. ``estimated_flips`` is the estimated number of wrong labels with its interval and
+    how many candidates are ``flagged`` (None without training signals). ``report.scores`` is not included (it
+    goes to the TensorBoard histogram).
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -231,6 +236,7 @@ def mislabel_to_dict(report: MislabelReport) -> dict[str, Any]:
         "ranking": report.ranking,
         "ranking_definition": RANKING_DEFINITIONS.get(report.ranking, report.ranking),
         "training_signals": _signals_to_dict(report.signals),
+        "estimated_flips": None if report.flip_count is None else to_builtin(report.flip_count),
         "candidates": [_candidate_to_dict(candidate) for candidate in report.candidates],
         "rankings": _rankings_to_dict(report),
         "examples": mislabel_examples(report),  # the candidates' renderings (the dashboard's)
@@ -296,6 +302,7 @@ def _candidate_to_dict(candidate: MislabelCandidate) -> dict[str, Any]:
         "prediction": to_builtin(candidate.prediction),
         "score": None if candidate.score is None else to_builtin(float(candidate.score)),
         "suggested_label": to_builtin(candidate.suggested_label),
+        "flagged": candidate.flagged,
     }
 
 

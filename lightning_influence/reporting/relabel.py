@@ -20,9 +20,11 @@ from typing import Any, Optional
 
 from lightning_influence.reporting.files import PathLike, _atomic_file, write_json_atomic
 
-#: Columns of a relabel list, in order; ``new_label`` starts as the predicted label (edit it before applying).
+#: Columns of a relabel list, in order; ``new_label`` starts as the predicted label (edit it before applying);
+#: ``flagged`` is true for the candidates within the report's estimated number of wrong labels (empty for a
+#: report without training signals).
 RELABEL_COLUMNS = ("rank", "train_index", "given_label", "predicted_label", "new_label", "score", "self_influence",
-                   "loss", "loss_rank")
+                   "loss", "loss_rank", "flagged")
 RELABEL_SUFFIXES = (".csv", ".json")
 
 
@@ -60,7 +62,8 @@ def relabel_rows(report: dict[str, Any], train_indices: Optional[Sequence[int]] 
         loss_rank = c.get("loss_rank")
         rows.append({"rank": rank + 1, "train_index": index, "given_label": c.get("label"), "predicted_label": predicted,
                      "new_label": predicted, "score": c.get("score"), "self_influence": c.get("self_influence"),
-                     "loss": c.get("loss"), "loss_rank": None if loss_rank is None else int(loss_rank) + 1})
+                     "loss": c.get("loss"), "loss_rank": None if loss_rank is None else int(loss_rank) + 1,
+                     "flagged": c.get("flagged")})
     return rows
 
 

@@ -166,11 +166,11 @@ def mislabel_markdown(report: MislabelReport) -> str:
     signals = report.signals is not None
     shown = report.candidates[:MISLABEL_SHOWN]
     rows = [
-        mislabel_row(rank, candidate) + ([format_float(candidate.score), format_value(candidate.suggested_label)]
-                                         if signals else [])
+        mislabel_row(rank, candidate) + ([format_float(candidate.score), format_value(candidate.suggested_label),
+                                          "yes" if candidate.flagged else ""] if signals else [])
         for rank, candidate in enumerate(shown, start=1)
     ]
-    columns = MISLABEL_COLUMNS + ((f"score ({report.ranking})", "suggested label") if signals else ())
+    columns = MISLABEL_COLUMNS + ((f"score ({report.ranking})", "suggested label", "flagged") if signals else ())
     texts = [_example_text(candidate.text, candidate.input) for candidate in shown]
     columns, rows = _with_examples(columns, rows, texts)
     note = picture_note([candidate.input for candidate in report.candidates]) if report.candidates else None
@@ -183,6 +183,7 @@ def mislabel_markdown(report: MislabelReport) -> str:
         ),
         "",
         f"- {ranking_line(report)}",
+        *([f"- {flip_count_line(report.flip_count)}"] if report.flip_count is not None else []),
         (
             f"- Self-influence: solver {solver.solver}, damping {format_float(solver.damping, 3)}, settings "
             f"{_settings_text(solver.settings)}, {format_float(report.seconds, 3)} s."
@@ -210,6 +211,14 @@ def ranking_line(report: MislabelReport) -> str:
     return (f"Ranked by `{report.ranking}` from training signals recorded at {len(epochs)} checkpoints ({span},"
             f" {format_float(signals.get('seconds'), 3)} s); the self-influence and signal rankings are in the"
             " JSON `rankings`.")
+
+
+def flip_count_line(count: dict[str, Any]) -> str:
+    """One sentence: how many training labels are estimated wrong (with the interval) and how many are flagged."""
+    level = round(100 * float(count.get("level", 0.95)))
+    return (f"Estimated wrong labels: {format_float(count['estimate'], 4)} ({level}% interval"
+            f" {format_float(count['low'], 4)}-{format_float(count['high'], 4)}, {count['method']}); the first"
+            f" {count['flagged']} of the ranking are flagged (score >= {format_float(count['threshold'], 4)}).")
 
 
 def confusion_candidates(report: MislabelReport) -> int:

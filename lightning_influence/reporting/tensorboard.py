@@ -118,8 +118,9 @@ def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> 
     Tags: ``influence/mislabel/examples`` (captioned image grid of the first ``MISLABEL_SHOWN`` candidates,
     only when there are candidates and every one carries an image input), ``influence/mislabel/table``
     (markdown), ``influence/mislabel/per_class`` (markdown: candidates per given/predicted label pair),
-    ``influence/mislabel/self_influence`` (histogram of ``report.scores``, when present) and the scalar
-    ``influence/mislabel/seconds``.
+    ``influence/mislabel/self_influence`` (histogram of ``report.scores``, when present), the scalar
+    ``influence/mislabel/seconds`` and, with training signals, the scalars ``influence/mislabel/estimated_flips``,
+    ``estimated_flips_low``, ``estimated_flips_high`` and ``flagged``.
 
     Args:
         writer: a ``SummaryWriter`` or anything with ``add_figure``, ``add_text``, ``add_histogram``,
@@ -138,6 +139,11 @@ def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> 
     if report.scores is not None:
         _write_histogram(writer, f"{tag}/self_influence", report.scores, step)
     writer.add_scalar(f"{tag}/seconds", float(report.seconds), global_step=step)
+    if report.flip_count is not None:
+        count = report.flip_count
+        for name, key in (("estimated_flips", "estimate"), ("estimated_flips_low", "low"),
+                          ("estimated_flips_high", "high"), ("flagged", "flagged")):
+            writer.add_scalar(f"{tag}/{name}", float(count[key]), global_step=step)
     writer.flush()
 
 

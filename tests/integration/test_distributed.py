@@ -121,10 +121,12 @@ def _explain_worker(rank: int, world_size: int, port: int, timeout: timedelta, o
     _init(rank, world_size, port, timeout)
     try:
         train, val = _data()
-        explanation = explain(_model(state), cross_entropy_per_example, train, val, ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, TorchDistributed())
+        explanation = explain(_model(state), cross_entropy_per_example, train, val,
+                              ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, TorchDistributed())
         record = {"shard": shard(range(N_TRAIN), rank, world_size), **_summary(explanation)}
         # CG splits the test points over ranks (4 points: 2+2 on 2 ranks, 2+1+1 on 3)
-        with_cg = explain(_model(state), cross_entropy_per_example, train, val, ProblemConfig(solver=CG, damping=DAMPING), SETTINGS, TorchDistributed())
+        with_cg = explain(_model(state), cross_entropy_per_example, train, val,
+                          ProblemConfig(solver=CG, damping=DAMPING), SETTINGS, TorchDistributed())
         record["cg"] = {**_summary(with_cg), "iterations": with_cg.solver.trace.shape[1]}
         torch.save(record, out / f"world{world_size}_rank{rank}.pt")
     finally:
@@ -137,7 +139,9 @@ def _edge_case_worker(rank: int, world_size: int, port: int, timeout: timedelta,
     try:
         record: dict[str, Any] = {}
         train, val = _data(n_train=2)
-        tiny = explain(_model(state), cross_entropy_per_example, train, val, ProblemConfig(solver=LissaConfig(depth=5, batch_size=2, scale=10.0), damping=DAMPING), ExplainConfig(top_k=3, num_worst=2, keep_full_scores=True), TorchDistributed())
+        tiny = explain(_model(state), cross_entropy_per_example, train, val,
+                       ProblemConfig(solver=LissaConfig(depth=5, batch_size=2, scale=10.0), damping=DAMPING),
+                       ExplainConfig(top_k=3, num_worst=2, keep_full_scores=True), TorchDistributed())
         record["tiny"] = _summary(tiny)
         train, val = _data()
 
@@ -149,7 +153,9 @@ def _edge_case_worker(rank: int, world_size: int, port: int, timeout: timedelta,
 
         for phase, hooks in {"s_test": {"on_lissa_step": fail_on(1)}, "scoring": {"on_scored": fail_on(2)}}.items():
             try:
-                explain(_model(state), cross_entropy_per_example, train, val, ProblemConfig(solver=LissaConfig(depth=5, repeats=3, batch_size=16, scale=10.0), damping=DAMPING), ExplainConfig(top_k=2, num_worst=1), TorchDistributed(), **hooks)
+                explain(_model(state), cross_entropy_per_example, train, val,
+                        ProblemConfig(solver=LissaConfig(depth=5, repeats=3, batch_size=16, scale=10.0), damping=DAMPING),
+                        ExplainConfig(top_k=2, num_worst=1), TorchDistributed(), **hooks)
                 record[phase] = "no error"
             except RuntimeError as err:
                 record[phase] = str(err)
@@ -270,7 +276,8 @@ def test_distributed_result_matches_the_single_process_api(runs, trained_state):
                           val.fetch(record["val_indices"]), solver="lissa", damping=DAMPING, depth=LISSA.depth,
                           repeats=LISSA.repeats, batch_size=LISSA.batch_size, seed=LISSA.seed)
     torch.testing.assert_close(record["full_scores"], scores, rtol=1e-6, atol=1e-9)
-    local = explain(_model(trained_state), cross_entropy_per_example, train, val, ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, SingleProcess())
+    local = explain(_model(trained_state), cross_entropy_per_example, train, val,
+                    ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, SingleProcess())
     assert _summary(local)["harmful"] == record["harmful"]
 
 
@@ -360,7 +367,7 @@ def _check_training_signals_assembled_by_index(path: str, model: nn.Module, trai
 
     with open(path) as handle:
         report = json.load(handle)
-    assert report["ranking"] == "el2n_window" and report["training_signals"]["epochs"] == [0]  # max_epochs=1
+    assert report["ranking"] == "el2n_weighted" and report["training_signals"]["epochs"] == [0]  # max_epochs=1
     assert sorted(c["train_index"] for c in report["candidates"]) == list(range(len(train)))
     x, y = train.tensors
     model.eval()
@@ -384,7 +391,8 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
     model = sys.modules[__name__].TinyClassifier()
     trainer = pl.Trainer(
         strategy=DDPStrategy(start_method="spawn", timeout=TIMEOUT), accelerator="cpu", devices=2, max_epochs=1,
-        logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+        logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[callback], enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0,
     )
     trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True), DataLoader(val, batch_size=16))
@@ -410,7 +418,8 @@ def test_callback_under_ddp_spawn_writes_once_and_matches_a_single_process_analy
 
     # ddp_spawn hands rank 0's final weights back to `model`: recompute on one process with the same settings
     _check_training_signals_assembled_by_index(f"{directory}/mislabel_epoch=0.json", model, train)
-    local = explain(model, lambda m, b: m.per_example_loss(b), IndexedData(train), IndexedData(val), ProblemConfig(solver=LissaConfig(**lissa), damping=DAMPING), ExplainConfig(top_k=3, num_worst=2))
+    local = explain(model, lambda m, b: m.per_example_loss(b), IndexedData(train), IndexedData(val),
+                    ProblemConfig(solver=LissaConfig(**lissa), damping=DAMPING), ExplainConfig(top_k=3, num_worst=2))
     assert [p["val_index"] for p in record["points"]] == [p.val_index for p in local.points]
     for point, expected in zip(record["points"], local.points):
         for role in ("harmful", "helpful"):

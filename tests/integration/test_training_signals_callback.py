@@ -42,8 +42,9 @@ def _trainer(root, callbacks, max_epochs: int = 6) -> pl.Trainer:
                       enable_model_summary=False, callbacks=callbacks, default_root_dir=root, deterministic=True)
 
 
-def test_scheduled_epochs_are_evenly_spaced_and_include_the_last():
-    assert scheduled_epochs(6, 4) == [0, 2, 3, 5]
+def test_scheduled_epochs_are_geometric_by_default_and_include_the_last():
+    assert scheduled_epochs(6, 4) == [0, 1, 2, 5]
+    assert scheduled_epochs(6, 4, "even") == [0, 2, 3, 5]
     assert scheduled_epochs(100, 10)[-1] == 99 and len(scheduled_epochs(100, 10)) == 10
     assert scheduled_epochs(3, 10) == [0, 1, 2]
     assert scheduled_epochs(5, 1) == [4]
@@ -53,14 +54,14 @@ def test_callback_records_scheduled_epochs_and_resume_keeps_them(tmp_path):
     straight = TrainingSignalsCallback(checkpoints=4)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     _trainer(tmp_path, [straight, saver]).fit(_Classifier(), _loader())
-    assert straight.recorder.epochs_recorded == [0, 2, 3, 5]
+    assert straight.recorder.epochs_recorded == [0, 1, 2, 5]
     assert straight.recorder.signals["el2n"].shape == (96, 4)
     assert not straight.recorder.signals["el2n"].isnan().any()
 
     checkpoint = glob.glob(str(tmp_path / "ckpt" / "epoch=2*.ckpt"))[0]
     resumed = TrainingSignalsCallback(checkpoints=4)
     _trainer(tmp_path, [resumed]).fit(_Classifier(), _loader(), ckpt_path=checkpoint)
-    assert resumed.recorder.epochs_recorded == [0, 2, 3, 5]
+    assert resumed.recorder.epochs_recorded == [0, 1, 2, 5]
     for name, table in straight.recorder.signals.items():
         assert torch.allclose(resumed.recorder.signals[name], table, atol=1e-5), name
     rows = resumed.relabel_records(count=5)

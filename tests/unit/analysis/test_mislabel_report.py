@@ -1,5 +1,5 @@
 """The mislabel report with and without training signals: its ranking, the named rankings, and the figures
-that the no-signals note quotes, recomputed from benchmarks/mislabel-results.json."""
+that the no-signals note quotes, recomputed from benchmarks/mislabel-results-v1.json."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import LogisticRegression, cross_entropy_per_example, digits
 
@@ -14,9 +15,9 @@ from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import TrainingSignalRecorder
 from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, LowRankConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
-from lightning_influence.reporting import mislabel_to_dict
+from lightning_influence.reporting import mislabel_markdown, mislabel_to_dict, write_mislabel_report
 
-RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "mislabel-results.json"
+RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "mislabel-results-v1.json"
 
 
 def test_no_signals_note_quotes_the_benchmark_results_file():
@@ -39,15 +40,30 @@ def _problem(n: int = 120):
     return model, data
 
 
+class _Scalars:
+    """A SummaryWriter stand-in that keeps the scalars."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def add_scalar(self, tag, value, global_step=None):
+        self.scalars[tag] = value
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def test_without_signals_ranks_by_self_influence_and_says_what_it_costs():
     model, data = _problem()
-    report = find_mislabel_candidates(model, cross_entropy_per_example, data, ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), 5)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data,
+                                      ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), 5)
     assert report.ranking == "self_influence" and report.signals is None
     assert [c.train_index for c in report.candidates] == report.scores.argsort(stable=True)[:5].tolist()
     as_json = mislabel_to_dict(report)
     assert as_json["training_signals"] == {"recorded": False, "note": NO_SIGNALS_NOTE}
     assert as_json["rankings"]["self_influence"] == [c.train_index for c in report.candidates]
     assert set(as_json["rankings"]) == {"self_influence", "loss"}
+    assert as_json["estimated_flips"] is None and {c["flagged"] for c in as_json["candidates"]} == {None}
 
 
 def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
@@ -61,8 +77,9 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
         recorder.record(model, data, epoch)
-    report = find_mislabel_candidates(model, cross_entropy_per_example, data, ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), None, recorder=recorder)
-    assert report.ranking == "el2n_window" and report.signals["epochs"] == [0, 1, 2]
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data,
+                                      ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), None, recorder=recorder)
+    assert report.ranking == "el2n_weighted" and report.signals["epochs"] == [0, 1, 2]
     assert len(report.candidates) == len(data)  # None: the whole training set
     expected = torch.argsort(recorder.scores(), descending=True, stable=True).tolist()
     assert [c.train_index for c in report.candidates] == expected
@@ -71,6 +88,17 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     assert all(c.suggested_label == int(suggested[c.train_index]) != c.label for c in report.candidates)
     assert sum(c.input is not None for c in report.candidates) == 64  # inputs kept for the first MISLABEL_SHOWN
     rankings = mislabel_to_dict(report)["rankings"]
-    assert {"self_influence", "loss", "el2n_window", "aum", "final_margin"} <= set(rankings)
+    assert {"self_influence", "loss", "el2n_weighted", "el2n_window", "aum", "final_margin"} <= set(rankings)
     assert all(sorted(order) == list(range(len(data))) for order in rankings.values())
     assert len(set(expected[:6]) & set(range(6))) >= 4  # the planted flips rank high
+    as_json = mislabel_to_dict(report)
+    estimated = as_json["estimated_flips"]
+    assert estimated["method"] == "confident_joint" and estimated["low"] <= estimated["estimate"] <= estimated["high"]
+    flags = [c["flagged"] for c in as_json["candidates"]]
+    assert flags == [True] * estimated["flagged"] + [False] * (len(flags) - estimated["flagged"])
+    assert estimated["flagged"] == round(estimated["estimate"])
+    assert "Estimated wrong labels" in mislabel_markdown(report)
+    writer = _Scalars()
+    write_mislabel_report(writer, report)
+    assert writer.scalars["influence/mislabel/estimated_flips"] == pytest.approx(estimated["estimate"])
+    assert writer.scalars["influence/mislabel/flagged"] == estimated["flagged"]

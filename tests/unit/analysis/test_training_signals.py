@@ -19,9 +19,13 @@ from torch.utils.data import TensorDataset
 from lightning_influence.analysis.training_signals import (
     DEFAULT_SCORE,
     TrainingSignalRecorder,
+    checkpoint_epochs,
     component_scores,
     example_signals,
+    forgetting_score,
+    rank_mean,
     relabel_records,
+    spread_weighted,
 )
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting.relabel import confusion_records, relabel_csv
@@ -283,3 +287,50 @@ def test_separation_window_doubles_the_checkpoint_where_el2n_varies_most():
     assert separation_window(plateau) == 5  # spread stays >= 80% of its peak through checkpoint 5
     scores = component_scores({"loss": el2n, "margin": -el2n, "el2n": el2n}, list(range(6)))
     assert torch.allclose(scores["el2n_window"], el2n[:, :4].mean(1))
+
+
+def test_geometric_schedule_is_dense_early_distinct_and_ends_at_the_last_epoch():
+    assert checkpoint_epochs(1000, 10) == [0, 1, 4, 9, 21, 45, 99, 214, 463, 999]
+    assert checkpoint_epochs(6, 4) == [0, 1, 2, 5]
+    assert checkpoint_epochs(12, 10) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11]  # moved up to stay distinct
+    assert checkpoint_epochs(3, 10) == [0, 1, 2] and checkpoint_epochs(5, 1) == [4]
+    for max_epochs in (11, 37, 200, 5000):
+        epochs = checkpoint_epochs(max_epochs, 10)
+        assert len(epochs) == 10 and epochs == sorted(set(epochs)) and epochs[0] == 0 and epochs[-1] == max_epochs - 1
+        gaps = [b - a for a, b in zip(epochs, epochs[1:])]
+        assert gaps == sorted(gaps) or max_epochs < 40  # never denser late than early
+    assert checkpoint_epochs(1000, 10, "even") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    with pytest.raises(ValueError, match="spacing"):
+        checkpoint_epochs(10, 3, "log")
+    with pytest.raises(ValueError, match="max_epochs"):
+        checkpoint_epochs(0, 3)
+
+
+def test_forgetting_counts_correct_to_wrong_transitions_and_never_learnt_is_most():
+    margin = torch.tensor([
+        [1.0, 1.0, 1.0, 1.0],     # learnt at once, never forgotten
+        [-1.0, 1.0, -1.0, 1.0],   # learnt at 1, forgotten once
+        [1.0, -1.0, 1.0, -1.0],   # learnt at 0, forgotten twice
+        [-1.0, -1.0, -1.0, 1.0],  # learnt last
+        [-1.0, -1.0, -1.0, -1.0],  # never learnt
+    ])
+    expected = torch.tensor([0 + 0 / 5, 1 + 1 / 5, 2 + 0 / 5, 0 + 3 / 5, 4 + 4 / 5], dtype=torch.float64)
+    assert torch.allclose(forgetting_score(margin), expected)
+    assert forgetting_score(margin).argmax() == 4
+
+
+def test_spread_weighted_el2n_weights_checkpoints_by_their_variance_across_examples():
+    el2n = torch.tensor([[0.5, 0.0, 0.1], [0.5, 1.0, 0.3], [0.5, 0.0, 0.2]], dtype=torch.float64)
+    variance = el2n.var(dim=0)  # the first checkpoint does not separate anything: weight 0
+    expected = (el2n * variance).sum(dim=1) / variance.sum()
+    assert torch.allclose(spread_weighted(el2n), expected) and spread_weighted(el2n).argmax() == 1
+    ranks = rank_mean(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(ranks, torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64))
+
+
+def test_named_scores_include_the_new_signals():
+    recorder_signals = {name: torch.rand(20, 5, generator=torch.Generator().manual_seed(1)) - 0.3
+                        for name in ("loss", "margin", "el2n")}
+    scores = component_scores(recorder_signals, [0, 1, 3, 7, 15])
+    assert {"aum", "aum_window", "forgetting", "el2n_weighted", DEFAULT_SCORE} <= set(scores)
+    assert all(score.shape == (20,) for score in scores.values())

@@ -137,8 +137,10 @@ def test_json_round_trip(tmp_path: Path) -> None:
             "prediction": candidate.prediction,
             "score": None,  # no training signals in this report
             "suggested_label": None,
+            "flagged": None,
         }
     assert loaded["ranking"] == "self_influence" and loaded["training_signals"]["recorded"] is False
+    assert loaded["estimated_flips"] is None
     assert sorted(p.name for p in path.parent.iterdir()) == ["mislabel_epoch=2.json"]
 
 

@@ -1,0 +1,118 @@
+"""Mislabel scores from recorded training-signal tables (``[n_train, checkpoints]``: loss, margin, EL2N).
+
+Pure torch. Every score is larger for a more likely mislabelled example; ``docs/mislabel.md`` defines them and
+measures them (``benchmarks/mislabel.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+DEFAULT_SCORE = "el2n_weighted"
+EARLY_FRACTION = 0.1
+
+
+def _early_column(epochs: Sequence[int], early_fraction: float) -> int:
+    """The first recorded checkpoint at or after ``early_fraction`` of the span from the first to the last."""
+    first, last = epochs[0], epochs[-1]
+    target = first + early_fraction * (last - first)
+    return next(i for i, epoch in enumerate(epochs) if epoch >= target - 1e-9)
+
+
+def separation_window(el2n: torch.Tensor, multiple: int = 2, plateau: float = 0.8) -> int:
+    """Number of leading checkpoints averaged by the ``el2n_window`` score (the default before the geometric
+    schedule: with it the window mostly spans the whole run).
+
+    With ``V_k`` the variance of EL2N across examples at checkpoint ``k`` (1-based) and ``k* = argmax_k V_k``:
+    the window ends at the later of ``multiple * k*`` and the last checkpoint of the run from ``k*`` on that
+    keeps ``V_k >= plateau * V_{k*}``, capped at ``K``. EL2N lies in ``[0, sqrt 2]``; its spread across examples
+    is largest when the model fits most examples (EL2N near 0) and not yet the rest: for a net that later
+    memorises its flips, ``V`` then collapses and the window stops before the flips are fitted; for a model
+    that never fits them (a regularised linear model) ``V`` stays on its plateau and the window covers it.
+    Found without knowing which labels are wrong.
+    """
+    variance = torch.nan_to_num(el2n.double(), nan=0.0).var(dim=0)
+    peak = int(variance.argmax())
+    end = peak
+    while end + 1 < len(variance) and variance[end + 1] >= plateau * variance[peak]:
+        end += 1
+    return min(el2n.shape[1], max(end + 1, multiple * (peak + 1)))
+
+
+def component_scores(
+    signals: dict[str, torch.Tensor], epochs: Sequence[int], early_fraction: float = EARLY_FRACTION
+) -> dict[str, torch.Tensor]:
+    """Named mislabel scores from ``[n, checkpoints]`` tables; larger = more likely mislabelled.
+
+    With ``K`` checkpoints ``k = 1..K`` (NaN entries, e.g. examples missing from a checkpoint, are skipped) and
+    ``V_k`` the variance of EL2N across the examples at checkpoint ``k``:
+
+    * ``el2n_weighted`` (:data:`DEFAULT_SCORE`): ``sum_k V_k el2n_k / sum_k V_k``, EL2N averaged over the run
+      with each checkpoint weighted by how well it separates the examples (:func:`spread_weighted`);
+    * ``el2n_window``: the mean EL2N over the first ``separation_window(el2n)`` checkpoints;
+    * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
+    * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
+    * ``mean_loss``, ``mean_el2n``: ``1/K sum_k`` of the signal (area under its curve over the checkpoints);
+    * ``aum`` (= ``-1/K sum_k margin_k``): the area under the margin (Pleiss et al. 2020), negated;
+      ``aum_window``: the same over the ``el2n_window`` checkpoints;
+    * ``forgetting``: forgetting events between checkpoints (Toneva et al. 2019, :func:`forgetting_score`);
+    * ``a+b``: the mean normalised rank of two of these (:func:`rank_mean`).
+    """
+    loss, margin, el2n = signals["loss"], signals["margin"], signals["el2n"]
+    early = _early_column(epochs, early_fraction)
+    window = separation_window(el2n)
+    scores = {
+        "el2n_window": el2n[:, :window].nanmean(dim=1),
+        "mean_el2n": el2n.nanmean(dim=1),
+        "mean_loss": loss.nanmean(dim=1),
+        "aum": -margin.nanmean(dim=1),
+        "aum_window": -margin[:, :window].nanmean(dim=1),
+        "el2n_weighted": spread_weighted(el2n),
+        "forgetting": forgetting_score(margin),
+        "early_el2n": el2n[:, early],
+        "early_loss": loss[:, early],
+        "final_loss": loss[:, -1],
+        "final_el2n": el2n[:, -1],
+        "final_margin": -margin[:, -1],
+    }
+    scores["el2n_window+aum"] = rank_mean(scores["el2n_window"], scores["aum"])
+    scores["el2n_weighted+aum"] = rank_mean(scores["el2n_weighted"], scores["aum"])
+    scores["el2n_window+final_margin"] = rank_mean(scores["el2n_window"], scores["final_margin"])
+    return scores
+
+
+def spread_weighted(el2n: torch.Tensor) -> torch.Tensor:
+    """``sum_k V_k el2n_k / sum_k V_k`` with ``V_k`` the variance of EL2N across examples at checkpoint ``k``."""
+    table = torch.nan_to_num(el2n.double(), nan=0.0)
+    variance = table.var(dim=0)
+    return (table * variance).sum(dim=1) / variance.sum().clamp(min=1e-12)
+
+
+def forgetting_score(margin: torch.Tensor) -> torch.Tensor:
+    """Forgetting events between consecutive checkpoints (Toneva et al. 2019) plus how late an example is learnt.
+
+    ``events_i = #{k : margin_i,k-1 > 0 >= margin_i,k}``; an example never predicted right counts ``K`` events.
+    ``score_i = events_i + first_i / (K + 1)`` with ``first_i`` the first checkpoint predicting the given label
+    (``K`` when none), so ties break towards examples learnt later.
+    """
+    correct = torch.nan_to_num(margin, nan=-1.0) > 0
+    k = margin.shape[1]
+    events = (correct[:, :-1] & ~correct[:, 1:]).sum(dim=1).double()
+    learnt = correct.any(dim=1)
+    first = torch.where(learnt, correct.double().argmax(dim=1).double(), torch.full_like(events, float(k)))
+    return torch.where(learnt, events, torch.full_like(events, float(k))) + first / (k + 1)
+
+
+def rank_mean(*scores: torch.Tensor) -> torch.Tensor:
+    """Mean of the normalised ranks (0 = least, 1 = most suspicious) of several scores."""
+    out = torch.zeros(len(scores[0]), dtype=torch.float64)
+    for score in scores:
+        ranks = torch.empty(len(score), dtype=torch.float64)
+        ranks[torch.argsort(torch.nan_to_num(score.double(), nan=float("-inf")), stable=True)] = torch.arange(
+            len(score), dtype=torch.float64)
+        out += ranks / max(1, len(score) - 1)
+    return out / len(scores)
+
+

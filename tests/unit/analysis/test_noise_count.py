@@ -1,0 +1,130 @@
+"""The estimated number of wrong labels: the confident joint on known cases, the checkpoint it reads, the
+bootstrap interval, the flags, and the report fields (JSON, relabel CSV, TensorBoard markdown)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_influence.analysis.noise_count import (
+    COUNT_METHODS,
+    confident_joint_count,
+    count_probabilities,
+    estimate_flip_count,
+    peak_checkpoint,
+)
+from lightning_influence.analysis.training_signals import TrainingSignalRecorder
+from lightning_influence.core.tensors.data import IndexedData
+
+
+def _probs(true: torch.Tensor, classes: int, confidence: float) -> torch.Tensor:
+    rest = (1 - confidence) / (classes - 1)
+    return torch.full((len(true), classes), rest, dtype=torch.float64).scatter(1, true[:, None], confidence)
+
+
+def test_confident_joint_counts_exactly_the_flips_of_confident_predictions():
+    true = torch.arange(300) % 3
+    given = true.clone()
+    given[:30] = (true[:30] + 1) % 3  # 30 known flips
+    assert confident_joint_count(_probs(true, 3, 0.9), given) == pytest.approx(30.0)
+    assert confident_joint_count(_probs(true, 3, 0.9), true) == pytest.approx(0.0)
+
+
+def test_confident_joint_rescales_rows_to_the_label_counts():
+    # 100 examples labelled 0: 60 predicted 0 with confidence, 20 confidently class 1, 20 below every threshold
+    given = torch.zeros(100, dtype=torch.long)
+    probs = torch.cat([_probs(torch.zeros(60, dtype=torch.long), 2, 0.9),
+                       _probs(torch.ones(20, dtype=torch.long), 2, 0.9),
+                       torch.full((20, 2), 0.5, dtype=torch.float64) * torch.tensor([1.2, 0.8])])
+    # threshold t_0 = mean p_0 = (54 + 2 + 12) / 100 = 0.68; t_1 (no example labelled 1) = 0: every p_1 reaches
+    # it, so the 20 uncertain and the 20 confident-1 rows go to class 1 (argmax among classes over threshold is
+    # class 0 only where p_0 >= 0.68): counted 60 on the diagonal and 40 off it, rescaled to 100 labels.
+    assert confident_joint_count(probs, given) == pytest.approx(40.0)
+
+
+def _planted(n: int = 200, flips: int = 20, epochs: int = 40) -> tuple[TrainingSignalRecorder, torch.Tensor]:
+    images, labels = digits(torch.float64)
+    x, y = images[:n].flatten(1), labels[:n].clone()
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.randperm(n, generator=generator)[:flips]
+    y[chosen] = (y[chosen] + torch.randint(1, 10, (flips,), generator=generator)) % 10
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[chosen] = True
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10)).double()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    recorder = TrainingSignalRecorder(n, every_n_epochs=4)
+    data = IndexedData(TensorDataset(x, y), None, 100)
+    for epoch in range(epochs):
+        optimiser.zero_grad()
+        (F.cross_entropy(model(x), y) + 5e-3 * model[0].weight.pow(2).sum()).backward()
+        optimiser.step()
+        recorder.record(model, data, epoch)
+    return recorder, flipped
+
+
+def test_estimate_on_planted_flips_is_close_with_an_interval_and_flags_the_top_of_the_ranking():
+    recorder, flipped = _planted()
+    count = estimate_flip_count(recorder, resamples=100)
+    assert count.method == "confident_joint"
+    assert 14 <= count.estimate <= 26  # 20 planted flips on a separable toy set
+    assert count.low <= count.estimate <= count.high and count.high - count.low > 0
+    flagged = round(count.estimate)
+    assert int(count.flagged.sum()) == flagged
+    order = torch.argsort(recorder.scores(), descending=True, stable=True)
+    assert count.flagged[order[:flagged]].all() and not count.flagged[order[flagged:]].any()
+    assert float(recorder.scores()[order[flagged - 1]]) == count.threshold
+    assert flipped[count.flagged].double().mean() >= 0.7  # the flagged are mostly the planted flips
+    as_dict = count.to_dict()
+    assert as_dict["flagged"] == flagged and as_dict["fraction"] == pytest.approx(count.estimate / 200)
+    assert set(as_dict) == {"method", "estimate", "low", "high", "level", "flagged", "threshold", "fraction"}
+
+
+def test_count_reads_the_checkpoint_of_largest_el2n_spread_and_the_next():
+    recorder, _ = _planted()
+    spread = recorder.signals["el2n"].var(dim=0)
+    peak = peak_checkpoint(recorder)
+    assert peak == int(spread.argmax()) and peak + 1 < len(recorder.probabilities)
+    disagree = estimate_flip_count(recorder, "disagree", resamples=0)
+    probs = (recorder.probabilities[peak].double() + recorder.probabilities[peak + 1].double()) / 2
+    assert torch.allclose(count_probabilities(recorder), probs)
+    wrong = probs.argmax(dim=1) != recorder.labels
+    assert disagree.estimate == float(wrong.sum()) and disagree.low == disagree.high == disagree.estimate
+
+
+def test_bad_arguments_are_refused():
+    recorder, _ = _planted(epochs=4)
+    with pytest.raises(ValueError, match="method"):
+        estimate_flip_count(recorder, "mixture")
+    with pytest.raises(ValueError, match="level"):
+        estimate_flip_count(recorder, level=1.5)
+    with pytest.raises(RuntimeError, match="record"):
+        estimate_flip_count(TrainingSignalRecorder(5))
+    assert COUNT_METHODS[0] == "confident_joint"
+
+
+def test_relabel_csv_and_json_carry_the_flags():
+    from lightning_influence.reporting.relabel import RELABEL_COLUMNS, relabel_csv, relabel_rows
+
+    report = {"epoch": 0, "candidates": [
+        {"train_index": 7, "label": 1, "suggested_label": 2, "score": 1.2, "flagged": True},
+        {"train_index": 3, "label": 0, "suggested_label": 1, "score": 0.4, "flagged": False},
+        {"train_index": 5, "label": 0, "prediction": 0, "score": None}]}
+    rows = relabel_rows(report)
+    assert [r["flagged"] for r in rows] == [True, False, None]
+    table = list(csv.DictReader(io.StringIO(relabel_csv(rows))))
+    assert "flagged" in RELABEL_COLUMNS and [r["flagged"] for r in table] == ["True", "False", ""]
+
+
+def test_a_recorder_without_probabilities_has_no_count():
+    recorder, _ = _planted(epochs=8)  # as if resumed from a checkpoint written before probabilities were kept
+    recorder.probabilities = [torch.full_like(table, float("nan")) for table in recorder.probabilities]
+    with pytest.raises(RuntimeError, match="probabilities"):
+        estimate_flip_count(recorder)
