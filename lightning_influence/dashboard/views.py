@@ -236,7 +236,7 @@ def candidate_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                      "model_prediction": c.get("prediction"), "suggested_label": suggested,
                      "predicted": c.get("prediction") if suggested is None else suggested,
                      "score": c.get("score"), "self_influence": c.get("self_influence"), "loss": c.get("loss"),
-                     "loss_rank": None if loss_rank is None else loss_rank + 1,
+                     "loss_rank": None if loss_rank is None else loss_rank + 1, "flagged": c.get("flagged"),
                      "input": shown["input"], "text": shown["text"], "rendered": str(c["train_index"]) in train})
     return rows
 
@@ -266,6 +266,7 @@ def mislabel_page(report: dict[str, Any], offset: int, limit: int, filters: dict
         "rankings": sorted(rankings), "outside": outside, "definition": report.get("definition"),
         "signals": signals.get("recorded", False), "signals_note": signals.get("note"),
         "has_suggested": has_suggested, "solver": report.get("solver"), "total": len(shown), "all": len(rows),
+        "estimated_flips": report.get("estimated_flips"), "has_flags": any(r["flagged"] is not None for r in rows),
         "rendered": sum(r["rendered"] for r in rows), "offset": offset, "limit": limit,
         "candidates": shown[offset: offset + limit],
         "confusion": label_table(rows, "model_prediction", "model prediction"),

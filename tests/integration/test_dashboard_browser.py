@@ -219,9 +219,14 @@ def test_digits_example_mislabel_tab_states_its_ranking_and_selects_every_candid
     page = open_hash(chromium, url, run="digits/version_0", tab="mislabel")
     wait(page, "DOC.querySelectorAll('#li-candidates tbody tr').length")
     ranking = frame(page, "DOC.querySelector('#li-ranking').innerText")
-    assert "ranked by el2n_window" in ranking and report["ranking_definition"][:30] in ranking
+    assert f"ranked by {report['ranking']}" in ranking and report["ranking_definition"][:30] in ranking
     headers = frame(page, "[...DOC.querySelectorAll('#li-candidates thead th')].map(t => t.textContent)")
-    assert "score (el2n_window)" in headers and "model pred." in headers and "suggested" in headers
+    assert f"score ({report['ranking']})" in headers and "model pred." in headers and "suggested" in headers
+    estimate = report.get("estimated_flips")  # the count of wrong labels and the flags, when the report has them
+    if estimate:
+        assert f"the first {estimate['flagged']} candidates are flagged" in ranking and "flagged" in headers
+        flags = frame(page, "[...DOC.querySelectorAll('#li-candidates td.flagged')].map(t => t.textContent)")
+        assert flags == ["yes" if c["flagged"] else "" for c in report["candidates"]]
     scores = frame(page, "[...DOC.querySelectorAll('#li-candidates td.score')].map(t => Number(t.textContent))")
     assert scores == sorted(scores, reverse=True) and len(scores) == 32
     label = str(report["candidates"][0]["label"])  # filter to one given label, then select all 32

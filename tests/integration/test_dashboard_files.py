@@ -20,6 +20,7 @@ import pytest
 from helpers.dashboard_broken import CASES, broken_runs
 from helpers.dashboard_runs import example_runs, fitted_runs
 
+from lightning_influence.analysis.training_signals import DEFAULT_SCORE
 from lightning_influence.dashboard.views import trust_by_point
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -173,10 +174,10 @@ def test_text_example_sends_the_decoded_sentences(examples):
 def test_digits_example_writes_a_mislabel_report_shown_in_its_ranking(examples):
     root, url = examples
     report = _report(root, "digits", "mislabel_epoch=0.json")
-    assert report["ranking"] == "el2n_window" and report["training_signals"]["recorded"]
+    assert report["ranking"] == DEFAULT_SCORE and report["training_signals"]["recorded"]
     status, page = call(url, "mislabel", run="digits/version_0", epoch=0, limit=5)
-    assert status == 200 and page["ranking"] == "el2n_window" and "el2n" in page["ranking_definition"].lower()
-    assert page["score_name"] == "el2n_window" and page["all"] == len(report["candidates"]) == 32
+    assert status == 200 and page["ranking"] == DEFAULT_SCORE and "el2n" in page["ranking_definition"].lower()
+    assert page["score_name"] == DEFAULT_SCORE and page["all"] == len(report["candidates"]) == 32
     for row, candidate in zip(page["candidates"], report["candidates"]):
         assert (row["score"], row["model_prediction"], row["suggested_label"]) == (
             candidate["score"], candidate["prediction"], candidate["suggested_label"])
@@ -198,7 +199,7 @@ def test_digits_example_writes_a_mislabel_report_shown_in_its_ranking(examples):
     status, body = call(url, "relabel.csv", run="digits/version_0", epoch=0, train_indices=str(first),
                         new_labels=f"{second}:1")
     assert status == 400 and "selected candidates only" in body["error"]
-    other = next(name for name in report["rankings"] if name != "el2n_window")
+    other = next(name for name in report["rankings"] if name != DEFAULT_SCORE)
     _, reordered = call(url, "mislabel", run="digits/version_0", epoch=0, order=other, limit=500)
     position = {index: k for k, index in enumerate(report["rankings"][other])}
     shown = [position.get(c["train_index"], len(position)) for c in reordered["candidates"]]

@@ -185,6 +185,8 @@ def test_mislabel_candidates_confusion_and_relabel_csv(server, kind):
     assert [c["rank"] for c in page["candidates"]] == list(range(1, len(report["candidates"]) + 1))  # 1-based
     assert [c["loss_rank"] for c in page["candidates"]] == [c["loss_rank"] + 1 for c in report["candidates"]]
     assert page["ranking"] == report["ranking"] and page["ranking_definition"] == report["ranking_definition"]
+    assert page["estimated_flips"] == report.get("estimated_flips")  # the count of wrong labels, as written
+    assert [c["flagged"] for c in page["candidates"]] == [c.get("flagged") for c in report["candidates"]]
     for table, field in ((page["confusion"], "prediction"), (page["suggestions"], "suggested_label")):
         labels = table["labels"]  # given vs the model's own prediction; given vs the suggested label
         for given in labels:

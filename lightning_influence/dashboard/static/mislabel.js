@@ -43,7 +43,7 @@ export async function drawMislabel() {
   const columns = [["", ""], ["rank", "1 = most suspicious in this order"], ["input", ""], ["train", "training index"], ["given", "the label in the data"],
     ["model pred.", "the model's own prediction at the analysed weights"], page.has_suggested ? ["suggested", "the class the training signals point to (never the given one)"] : null,
     bySignals ? [`score (${page.ranking})`, page.ranking_definition] : null, ["I(z,z)", page.definition || "self-influence"], ["loss", "training loss"],
-    ["loss rank", "1 = highest training loss"], ["new label", "written as new_label in the relabel CSV; edit it"], ["", ""]].filter((c) => c !== null);
+    ["loss rank", "1 = highest training loss"], page.has_flags ? ["flagged", "among the estimated number of wrong labels"] : null, ["new label", "written as new_label in the relabel CSV; edit it"], ["", ""]].filter((c) => c !== null);
   const table = h("table", { className: "candidates", id: "li-candidates" },
     h("thead", {}, h("tr", {}, columns.map(([t, title]) => h("th", { title: title || null }, t)))),
     h("tbody", {}, page.candidates.map((c) => h("tr", { className: text(c.label) !== text(c.model_prediction) ? "disagrees" : "", "data-train-index": c.train_index },
@@ -51,6 +51,7 @@ export async function drawMislabel() {
       h("td", {}, c.rank), h("td", {}, rendering(c)), h("td", {}, `#${c.train_index}`), h("td", { className: "given" }, fmt(c.label)),
       h("td", { className: "model" }, fmt(c.model_prediction)), page.has_suggested ? h("td", { className: "suggested" }, fmt(c.suggested_label)) : null,
       bySignals ? h("td", { className: "score" }, fmt(c.score, 4)) : null, h("td", {}, sci(c.self_influence)), h("td", {}, fmt(c.loss)), h("td", {}, fmt(c.loss_rank)),
+      page.has_flags ? h("td", { className: "flagged" }, c.flagged ? "yes" : "") : null,
       h("td", {}, h("input", { className: "new-label", size: 3, value: state.newLabels.get(c.train_index) ?? text(c.predicted), "aria-label": `new label of #${c.train_index}`,
         title: "the label the relabel CSV writes for this candidate (edit it; the row is then selected)", onchange: (ev) => editLabel(c, ev.target.value) })),
       h("td", {}, h("button", { className: "link open-example", title: "which monitored points this training example harms or helps", onclick: () => openExample(c.train_index) }, "influence"))))));
@@ -65,6 +66,8 @@ export async function drawMislabel() {
     h("div", { className: "ranking", id: "li-ranking" },
       h("b", {}, `${page.all} candidates ranked by ${page.ranking}`), ` (of ${fmt(page.train_size)} training examples, step ${fmt(page.global_step)}). `,
       page.ranking_definition,
+      page.estimated_flips ? h("div", { id: "li-estimated-flips" }, `Estimated wrong labels: ${fmt(page.estimated_flips.estimate)}`
+        + ` (interval ${fmt(page.estimated_flips.low)} to ${fmt(page.estimated_flips.high)}); the first ${fmt(page.estimated_flips.flagged)} candidates are flagged.`) : null,
       page.order !== page.ranking ? h("div", { className: "small" }, `Shown in the order of the stored ranking ${page.order}; ${page.outside} of its top ${page.all} are not candidates of this report and are not listed.`) : null,
       bySignals ? h("div", { className: "small" }, "The suggested label is the class the training signals point to; it is never the given label, so it is shown apart from the model's own prediction. The relabel CSV proposes it as new_label.")
         : h("div", { className: "small" }, page.signals_note || "")),
