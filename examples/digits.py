@@ -1,6 +1,7 @@
-"""A small CNN on scikit-learn's digits, with InfluenceCallback explaining its worst validation predictions.
+"""A small CNN on scikit-learn's digits: InfluenceCallback explains its worst validation predictions and
+MislabelCallback finds its most suspicious training labels.
 
-Run ``python examples/digits.py`` (33.6 s of wall time with the defaults on 2 idle CPU cores, the fastest
+Run ``python examples/digits.py`` (34.1 s of wall time with the defaults on 2 CPU cores, the fastest
 of the runs in benchmarks/digits-walltime-results.json; a busy machine takes longer), then open TensorBoard on
 the printed log directory: the IMAGES tab shows each explained validation digit beside its most harmful and most helpful
 training digits, TEXT has the same as tables, and HISTOGRAMS/SCALARS show the score distributions and the
@@ -20,7 +21,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import InfluenceCallback
+from lightning_influence import InfluenceCallback, MislabelCallback
 
 WEIGHT_DECAY = 1e-3
 
@@ -99,13 +100,13 @@ def main() -> None:
     pl.seed_everything(0)
     train_loader, val_loader = digits_loaders()
     logger = TensorBoardLogger(args.log_dir, name="digits")
-    # default settings: Gauss-Newton curvature and damping chosen from its spectrum (docs/curvature.md); also the
-    # 32 most suspicious training labels (ranked by training signals recorded during the run; 16 eigenpairs for
-    # their self-influence column keep its cost near the s_test solve's, docs/mislabel.md)
-    callback = InfluenceCallback(num_worst=8, top_k=8, every_n_epochs=args.every_n_epochs,
-                                 mislabel_candidates=32, mislabel_rank=16)
+    # default settings: Gauss-Newton curvature and damping chosen from its spectrum (docs/curvature.md); and, once
+    # when fit ends, the 32 most suspicious training labels (ranked by training signals recorded during the run;
+    # 16 eigenpairs for their self-influence column keep its cost near the s_test solve's, docs/mislabel.md)
+    callbacks = [InfluenceCallback(num_worst=8, top_k=8, every_n_epochs=args.every_n_epochs),
+                 MislabelCallback(candidates=32, rank=16)]
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
         log_every_n_steps=10, enable_model_summary=False,
     )
     trainer.fit(DigitsCNN(), train_loader, val_loader)
