@@ -90,20 +90,11 @@ def run(name: str, argv: list[str], out: Path) -> dict[str, Any]:
 
 
 def train_checkpoint(directory: Path) -> str:
-    sys.path.insert(0, str(ROOT))
-    import lightning.pytorch as pl
+    """The example's checkpoint at the path the docs name (``checkpoints/epoch=14-step=330.ckpt``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cli_threads import train_checkpoint as train
 
-    from examples.digits import DigitsCNN, digits_loaders
-
-    pl.seed_everything(0)
-    train, val = digits_loaders()
-    trainer = pl.Trainer(max_epochs=15, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(DigitsCNN(), train, val)
-    path = directory / "checkpoints" / "epoch=14-step=330.ckpt"
-    path.parent.mkdir(parents=True)
-    trainer.save_checkpoint(path)
-    return str(path)
+    return str(train(directory, "checkpoints/epoch=14-step=330.ckpt"))
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ COMMANDS = {"influence": ["influence", "CKPT", *MODEL, "--quiet"],
             "mislabel": ["mislabel", "CKPT", *MODEL, "--top", "16", "--quiet"]}
 
 
-def train_checkpoint(directory: Path) -> Path:
-    """The example's model after its 15 epochs (no analyses), saved as a Lightning checkpoint."""
+def train_checkpoint(directory: Path, name: str = "digits.ckpt") -> Path:
+    """The example's model after its 15 epochs (no analyses), saved as the Lightning checkpoint ``directory/name``."""
     sys.path.insert(0, str(ROOT))
     import lightning.pytorch as pl
 
@@ -47,7 +47,8 @@ def train_checkpoint(directory: Path) -> Path:
     trainer = pl.Trainer(max_epochs=15, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(DigitsCNN(), train, val)
-    path = directory / "digits.ckpt"
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(path)
     return path
 
