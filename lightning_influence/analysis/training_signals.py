@@ -333,11 +333,12 @@ def relabel_records(
 ) -> list[dict[str, Any]]:
     """Rows ``{rank, train_index, given_label, predicted_label, score}``, most suspicious first.
 
-    ``count = None`` lists the whole training set. ``rank`` is 0-based.
+    ``count = None`` lists the whole training set. ``rank`` is 1-based (1 = most suspicious), as in every table,
+    CSV and command the user reads.
     """
     order = candidate_order(scores, count)
     return [
-        {"rank": position, "train_index": int(i), "given_label": int(given[i]), "predicted_label": int(predicted[i]),
+        {"rank": position + 1, "train_index": int(i), "given_label": int(given[i]), "predicted_label": int(predicted[i]),
          "score": float(scores[i])}
         for position, i in enumerate(order.tolist())
     ]

@@ -65,7 +65,7 @@ def test_callback_records_scheduled_epochs_and_resume_keeps_them(tmp_path):
     for name, table in straight.recorder.signals.items():
         assert torch.allclose(resumed.recorder.signals[name], table, atol=1e-5), name
     rows = resumed.relabel_records(count=5)
-    assert [r["rank"] for r in rows] == list(range(5))
+    assert [r["rank"] for r in rows] == list(range(1, 6))  # 1-based, as every table the user reads
     assert all(r["given_label"] != r["predicted_label"] for r in rows)
     assert sum(r["count"] for r in resumed.confusion_records(10)) == 10
 

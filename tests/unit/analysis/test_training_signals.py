@@ -267,11 +267,11 @@ def test_relabel_and_confusion_records():
     scores = torch.tensor([0.1, 0.9, float("nan"), 0.5])
     given, predicted = torch.tensor([3, 1, 2, 7]), torch.tensor([3, 7, 2, 1])
     rows = relabel_records(scores, given, predicted, count=2)
-    assert rows == [{"rank": 0, "train_index": 1, "given_label": 1, "predicted_label": 7, "score": pytest.approx(0.9)},
-                    {"rank": 1, "train_index": 3, "given_label": 7, "predicted_label": 1, "score": pytest.approx(0.5)}]
+    assert rows == [{"rank": 1, "train_index": 1, "given_label": 1, "predicted_label": 7, "score": pytest.approx(0.9)},
+                    {"rank": 2, "train_index": 3, "given_label": 7, "predicted_label": 1, "score": pytest.approx(0.5)}]
     assert [r["train_index"] for r in relabel_records(scores, given, predicted)] == [1, 3, 0, 2]  # NaN last
     assert relabel_csv(rows).splitlines()[0] == "rank,train_index,given_label,predicted_label,score"
-    assert relabel_csv(rows).splitlines()[1].startswith("0,1,1,7,0.89999")
+    assert relabel_csv(rows).splitlines()[1].startswith("1,1,1,7,0.89999")
     table = confusion_records([1, 1, 7, 1, 2], [7, 7, 1, 7, 2])
     assert table[0] == {"given_label": 1, "predicted_label": 7, "count": 3}
     assert sum(r["count"] for r in table) == 5
