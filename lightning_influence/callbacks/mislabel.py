@@ -56,7 +56,8 @@ class MislabelCallback(AnalysisCallback):
         every_n_epochs: also report at the end of every N-th training epoch (0: only when fit ends).
         problem: the influence problem of the self-influence (curvature, damping, ``parameters``, ...) as a
             :class:`~lightning_influence.ProblemConfig`; its solver is this callback's low-rank inverse.
-        train_dataset, train_dataloader: the training data to rank (default: the trainer's).
+        train_dataset: the training data to rank (default: the trainer's train dataloader's dataset).
+        train_dataloader: a loader whose dataset and collate function to use instead.
         strict: re-raise a failed analysis instead of warning and letting training go on.
         verbose: print the candidates table on rank zero.
         example_formatter: ``example -> str`` shown beside each candidate (e.g. decoded text).
