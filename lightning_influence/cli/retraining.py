@@ -20,7 +20,7 @@ from lightning_influence.cli.commands import (
     tensorboard_hint,
 )
 from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
-from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SOLVERS
+from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SELECTIONS, SOLVERS, CorrectionConfig
 
 
 # -- correct ---------------------------------------------------------------------------------------------------
@@ -34,13 +34,16 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
     slice_.add_argument("--heldout-fraction", type=float, default=0.5, help="share of the slice held out to"
                         " measure the fix, never used as anchors (default: 0.5; 0 measures on the anchors only)")
     budget = parser.add_argument_group("budget and method (the correct_errors arguments of the same names)")
-    budget.add_argument("--selection", default="helpful", choices=("helpful", "random", "anchors", "harmful"),
-                        help="what to fine-tune on each round (default: helpful)")
-    budget.add_argument("--iterations", type=int, default=10, help="rounds (default: 10)")
-    budget.add_argument("--anchors-per-iteration", type=int, default=10, help="anchors sampled per round (default: 10)")
-    budget.add_argument("--examples-per-iteration", type=int, default=10,
-                        help="training examples chosen per round (default: 10)")
-    budget.add_argument("--steps-per-iteration", type=int, default=1, help="optimizer steps per round (default: 1)")
+    budget.add_argument("--selection", default=CorrectionConfig.selection, choices=SELECTIONS,
+                        help=f"what to fine-tune on each round (default: {CorrectionConfig.selection})")
+    budget.add_argument("--iterations", type=int, default=CorrectionConfig.iterations,
+                        help=f"rounds (default: {CorrectionConfig.iterations})")
+    budget.add_argument("--anchors-per-iteration", type=int, default=CorrectionConfig.anchors_per_iteration,
+                        help=f"anchors sampled per round (default: {CorrectionConfig.anchors_per_iteration})")
+    budget.add_argument("--examples-per-iteration", type=int, default=CorrectionConfig.examples_per_iteration,
+                        help=f"training examples chosen per round (default: {CorrectionConfig.examples_per_iteration})")
+    budget.add_argument("--steps-per-iteration", type=int, default=CorrectionConfig.steps_per_iteration,
+                        help=f"optimizer steps per round (default: {CorrectionConfig.steps_per_iteration})")
     budget.add_argument("--lr", type=float, default=0.01, help="learning rate of the fresh optimizer (default: 0.01)")
     budget.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fresh optimizer (default: sgd)")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
