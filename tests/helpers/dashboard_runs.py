@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +121,20 @@ KINDS = ("image", "text", "tabular")
 _ROOT: dict[str, Path] = {}
 
 
+def _made_once(key: str, prefix: str, make: Callable[[Path], Any]) -> Path:
+    """A temporary log directory filled by ``make(root)`` once per test process (removed at exit)."""
+    if key not in _ROOT:
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        make(root)
+        _ROOT[key] = root
+    return _ROOT[key]
+
+
 def fitted_runs() -> Path:
     """A log directory with one run of each kind (``image/version_0``, ``text/version_0``,
     ``tabular/version_0``), trained once per test process and shared by the dashboard test modules."""
-    if "root" not in _ROOT:
-        root = Path(tempfile.mkdtemp(prefix="dashboard-runs-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        for kind in KINDS:
-            fit_run(root, kind)
-        _ROOT["root"] = root
-    return _ROOT["root"]
+    return _made_once("root", "dashboard-runs-", lambda root: [fit_run(root, kind) for kind in KINDS])
 
 
 EXAMPLES = {"digits": ("examples.digits", ["--epochs", "1", "--every-n-epochs", "0"]),
@@ -162,10 +167,4 @@ def run_example(root: Path, name: str, arguments: list[str] | None = None) -> Pa
 def example_runs() -> Path:
     """A log directory with one-epoch runs of ``examples/digits.py`` and ``examples/text_classification.py``
     (``digits/version_0``, ``text_classification/version_0``), made once per test process."""
-    if "examples" not in _ROOT:
-        root = Path(tempfile.mkdtemp(prefix="dashboard-examples-"))
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        for name in EXAMPLES:
-            run_example(root, name)
-        _ROOT["examples"] = root
-    return _ROOT["examples"]
+    return _made_once("examples", "dashboard-examples-", lambda root: [run_example(root, name) for name in EXAMPLES])
