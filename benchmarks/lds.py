@@ -85,6 +85,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lightning_influence as li  # noqa: E402
+from lightning_influence.analysis.damping_check import spearman_columns as spearman_per_column  # noqa: E402
 
 INIT_SEED, ORDER_SEED, SUBSET_SEED, CHECK_SEED, BOOT_SEED = 0, 100, 1000, 5000, 7
 SWEEP = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -96,27 +97,6 @@ CHECK_ON = ("tiny_bert", "regression_mlp", "tabular_mlp")
 
 
 # -- the score ------------------------------------------------------------------------------------------------
-def _ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average ranks along dim 0 (ties share their mean rank)."""
-    order = values.argsort(dim=0)
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    ranks.scatter_(0, order, torch.arange(values.shape[0], dtype=torch.float64)[:, None].expand_as(values).clone())
-    for col in range(values.shape[1]):  # ties: rare for real numbers, handled exactly
-        column = values[:, col]
-        if column.unique().numel() < column.numel():
-            for value in column.unique():
-                hit = column == value
-                ranks[hit, col] = ranks[hit, col].mean()
-    return ranks
-
-
-def spearman_per_column(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of each column of ``predicted`` [M, T] with the same column of ``actual`` [M, T]."""
-    a, b = _ranks(predicted.double()), _ranks(actual.double())
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-300)
-
-
 def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     """Per-test-point LDS [T]: ``scores`` [T, n] influences (positive = harmful), ``masks`` [M, n] kept examples
     (0/1), ``losses`` [M, T] the subset models' test losses. The prediction is the sum of the kept influences."""

@@ -7,6 +7,7 @@ leave-one-out check load on first use, so ``import lightning_influence`` stays c
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning_influence.analysis.damping_check import check_damping_by_retraining
     from lightning_influence.analysis.leave_one_out import verify_leave_one_out
     from lightning_influence.analysis.training_signals import TrainingSignalRecorder
     from lightning_influence.callbacks.influence import InfluenceCallback
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from lightning_influence.reporting.views import register_view
     from lightning_influence.results import (
         CorrectionReport,
+        DampingCheck,
         Explanation,
         LeaveOneOutCheck,
         MislabelReport,
@@ -50,11 +52,13 @@ _LAZY = {
     **dict.fromkeys(("Curvature", "register_curvature"), "lightning_influence.core.curvature"),
     **dict.fromkeys(("DampingRule", "register_damping_rule"), "lightning_influence.core.curvature.damping"),
     "register_view": "lightning_influence.reporting.views",
-    **dict.fromkeys(("CorrectionReport", "Explanation", "LeaveOneOutCheck", "MislabelReport", "SolveInfo", "STest",
+    **dict.fromkeys(("CorrectionReport", "DampingCheck", "Explanation", "LeaveOneOutCheck", "MislabelReport",
+                     "SolveInfo", "STest",
                      "TopInfluences", "TrustReport"), "lightning_influence.results"),
     **dict.fromkeys(("influence", "s_test", "self_influence", "top_influences"), "lightning_influence.functional"),
     "LissaDivergenceError": "lightning_influence.core.solvers.neumann",
     "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
+    "check_damping_by_retraining": "lightning_influence.analysis.damping_check",
     "InfluenceCallback": "lightning_influence.callbacks.influence",
     "MislabelCallback": "lightning_influence.callbacks.mislabel",
     "TrainingSignalsCallback": "lightning_influence.callbacks.training_signals",
@@ -80,6 +84,7 @@ __all__ = [
     "CorrectionConfig",
     "CorrectionReport",
     "Curvature",
+    "DampingCheck",
     "DampingRule",
     "ExactConfig",
     "ExplainConfig",
@@ -99,6 +104,7 @@ __all__ = [
     "TrainingSignalRecorder",
     "TrainingSignalsCallback",
     "TrustReport",
+    "check_damping_by_retraining",
     "correct_errors",
     "influence",
     "register_curvature",

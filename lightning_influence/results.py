@@ -58,7 +58,8 @@ class SolveInfo:
     ``eigenvalue_min``/``eigenvalue_max`` are C's extreme eigenvalues (exact, or Lanczos estimates); ``residual``
     is ``max ||(C + damping I) x - v|| / ||v||`` on the check subset, and for LiSSA ``converged`` means it is at
     most ``residual_tol``; ``retries`` records each LiSSA restart and ``warnings`` what the user should know
-    (e.g. damping raised above the Hessian's negative curvature).
+    (e.g. damping raised above the Hessian's negative curvature); ``damping_check`` the table behind
+    ``damping="self_check"``.
     """
 
     solver: str
@@ -78,6 +79,7 @@ class SolveInfo:
     residual_tol: Optional[float] = None
     retries: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = ()
+    damping_check: Optional["DampingCheck"] = None
 
 
 #: The name reports used for :class:`SolveInfo` before the two records were merged.
@@ -221,6 +223,40 @@ class TrustReport:
     gradient_ratio: Optional[float] = None
     gradient_examples: int = 0
     top_eigenvalue: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class DampingCheck:
+    """How ``damping="self_check"`` chose the damping: the mean LDS of each candidate against short retrainings.
+
+    Attributes:
+        chosen: the damping used.
+        candidates: the dampings tried.
+        lds: mean linear datamodeling score of each candidate (NaN where its solve did not converge).
+        points: validation points the score averages over.
+        retrainings: warm-started retrainings on random halves of the training set.
+        epochs: epochs of each retraining.
+        seconds: wall time of the whole check; ``retraining_seconds`` of the retrainings alone.
+        epoch: the training epoch of the analysis that ran it (None outside a callback).
+    """
+
+    chosen: float
+    candidates: tuple[float, ...]
+    lds: tuple[float, ...]
+    points: int
+    retrainings: int
+    epochs: int
+    seconds: float
+    retraining_seconds: float = 0.0
+    epoch: Optional[int] = None
+
+    @property
+    def rule(self) -> str:
+        """The choice in words (the solve record's ``damping_rule``)."""
+        table = ", ".join(f"{d:g}: {'n/c' if v != v else f'{v:.3f}'}" for d, v in zip(self.candidates, self.lds))
+        at = "" if self.epoch is None else f" at epoch {self.epoch}"
+        return (f"self_check{at}: best mean LDS over {self.points} validation points against {self.retrainings}"
+                f" retrainings on random halves ({self.epochs} epoch(s) each, warm-started) among [{table}]")
 
 
 @dataclass(frozen=True)

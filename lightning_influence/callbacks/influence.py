@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
+from lightning_influence.callbacks._damping_check import run_damping_check, with_check
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_solver_options
 from lightning_influence.callbacks._mislabel import MislabelAnalysis, mislabel_count
 from lightning_influence.callbacks._trainer import (
@@ -33,6 +34,7 @@ from lightning_influence.callbacks._trainer import (
 from lightning_influence.callbacks.base import AnalysisCallback, should_skip_analysis
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.config import (
+    CALLBACK_DAMPING,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CURVATURE,
     DEFAULT_DAMPING,
@@ -41,6 +43,7 @@ from lightning_influence.config import (
     DEFAULT_SCORING,
     DEFAULT_SIGNAL_CHECKPOINTS,
     DEFAULT_SOLVER,
+    SELF_CHECK_DAMPING,
     ExplainConfig,
     ProblemConfig,
     SolverConfig,
@@ -55,7 +58,7 @@ from lightning_influence.core.tensors.batching import describe_batch
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.solve import CollectiveRanks
 from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
-from lightning_influence.results import Explanation, MislabelReport
+from lightning_influence.results import DampingCheck, Explanation, MislabelReport
 
 
 class InfluenceCallback(AnalysisCallback):
@@ -81,8 +84,10 @@ class InfluenceCallback(AnalysisCallback):
         analyse_on_validate: analyse on a standalone ``trainer.validate(...)``.
         solver: ``"lissa"``, ``"cg"``, ``"exact"`` or ``"lowrank"`` with its default settings, or a solver config
             such as ``LissaConfig(depth=500, repeats=4)`` (in YAML: ``class_path``/``init_args``).
-        damping: lambda added to the curvature, or ``"auto"`` (the default): 3% of the curvature's top eigenvalue,
-            floored at the optimizer's weight decay (docs/curvature.md). The value used is in every report.
+        damping: lambda added to the curvature, ``"self_check"`` (the default: among the decades 1e-4 ... 1, the one
+            whose influence best predicts ten short retrainings on random halves of the training set, run once per
+            fit with the training's optimiser; docs/curvature.md) or ``"auto"`` (3% of the curvature's top
+            eigenvalue: no retraining). The value used and how it was chosen are in every report.
         curvature: ``"gauss_newton"`` (the default; positive semi-definite, right before convergence) or
             ``"hessian"`` (its damping is raised above the most negative eigenvalue, with a warning).
         problem: all the problem's knobs in one :class:`~lightning_influence.ProblemConfig` (solver, curvature,
@@ -147,7 +152,7 @@ class InfluenceCallback(AnalysisCallback):
         analyse_on_train_end: bool = True,
         analyse_on_validate: bool = True,
         solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
-        damping: Union[float, str] = DEFAULT_DAMPING,
+        damping: Union[float, str] = CALLBACK_DAMPING,
         curvature: str = DEFAULT_CURVATURE,
         scoring: str = DEFAULT_SCORING,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -195,7 +200,8 @@ class InfluenceCallback(AnalysisCallback):
                 knn_backend=knn_backend, feature_fn=feature_fn, preselect=preselect,
             )
             check_knn_backend(knn_backend)
-            self.problem = resolve_problem(problem, solver, damping, curvature, legacy_solver_options(solver_options))
+            self.problem = resolve_problem(problem, solver, damping, curvature, legacy_solver_options(solver_options),
+                                           default_damping=CALLBACK_DAMPING)
             self.mislabel = MislabelAnalysis(mislabel_count(mislabel_candidates), mislabel_rank, training_signals,
                                              signal_checkpoints, signals_outputs_fn)
         except (ImportError, TypeError, ValueError) as err:
@@ -216,6 +222,7 @@ class InfluenceCallback(AnalysisCallback):
         self.last_explanation: Optional[Explanation] = None
         self.last_mislabel: Optional[MislabelReport] = None  # rank zero: the last mislabel report written
         self._fit_train_loader: Any = None
+        self.damping_check: Optional[DampingCheck] = None  # the self-check of this fit (``damping="self_check"``)
 
     @property
     def solver_config(self) -> SolverConfig:
@@ -258,6 +265,7 @@ class InfluenceCallback(AnalysisCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
+        self.damping_check = None  # a new fit chooses its damping anew
         train = self._train_data(trainer, pl_module)
         try:  # fail before training, not at the first analysis after it
             if self.settings.num_candidates is not None:
@@ -320,6 +328,7 @@ class InfluenceCallback(AnalysisCallback):
             return
         try:
             with isolate_rng():
+                self._check_damping(trainer, pl_module, stage, epoch)
                 explanation = self._explain(trainer, pl_module) if self.explains else None
                 mislabel = self._mislabel(trainer, pl_module, epoch) if self.mislabel.enabled else None
         except Exception as err:  # noqa: BLE001 - the user's training must survive a failed analysis
@@ -379,19 +388,33 @@ class InfluenceCallback(AnalysisCallback):
                       else len(range(collectives.rank, len(train), collectives.world_size)))
         with progress_task(trainer, "influence: s_test", steps, "validation losses, damping and scale") as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
-            return explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
-                           on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe)
+            found = explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
+                            on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe)
+        return replace(found, solver=with_check(found.solver, self.damping_check))
 
     def _problem(self, trainer: pl.Trainer) -> ProblemConfig:
-        """The problem config, its weight decay read from the trainer's optimizer when the config leaves it open."""
-        if self.problem.weight_decay is not None:
-            return self.problem
-        return replace(self.problem, weight_decay=weight_decay(trainer))
+        """The config: weight decay from the trainer's optimizer when left open, "self_check" as it chose."""
+        problem = self.problem if self.problem.weight_decay is not None else replace(
+            self.problem, weight_decay=weight_decay(trainer))
+        if problem.damping != SELF_CHECK_DAMPING:
+            return problem
+        return replace(problem, damping=self.damping_check.chosen if self.damping_check else DEFAULT_DAMPING)
+
+    def _check_damping(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int) -> None:
+        """``damping="self_check"``: chosen at a fit's first analysis; ``"auto"`` without validation data."""
+        if self.problem.damping != SELF_CHECK_DAMPING or self.damping_check is not None:
+            return
+        val = val_data(trainer, self.settings.chunk_size, required=False)
+        if val is not None:
+            self.damping_check = run_damping_check(trainer, pl_module, self._resolve_loss_fn(pl_module), self._train_data(
+                trainer, pl_module), val, replace(self._problem(trainer), damping=DEFAULT_DAMPING), stage, epoch,
+                self._fit_train_loader, self.verbose, self.strict)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
-        return self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module),
-                                    self._train_data(trainer, pl_module), self._problem(trainer), self._describe,
-                                    epoch)
+        report = self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module),
+                                      self._train_data(trainer, pl_module), self._problem(trainer), self._describe,
+                                      epoch)
+        return replace(report, solver=with_check(report.solver, self.damping_check))
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
         return resolve_loss_fn(pl_module, self.loss_fn)

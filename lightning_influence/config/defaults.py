@@ -13,6 +13,16 @@ CURVATURES = ("gauss_newton", "hessian")
 #: the optimizer's weight decay and never above ``MAX_DAMPING_FRACTION`` times the top eigenvalue. Measured in
 #: ``benchmarks/curvature.py`` (``benchmarks/curvature-results.json``), explained in ``docs/curvature.md``.
 DEFAULT_DAMPING = "auto"
+#: The callbacks' damping: chosen by retraining (``lightning_influence.analysis.damping_check``): among
+#: ``SELF_CHECK_CANDIDATES``, the damping whose influence on ``SELF_CHECK_POINTS`` validation points best predicts
+#: ``SELF_CHECK_RETRAININGS`` warm-started retrainings on random halves of the training set, each for half the
+#: epochs trained so far. Measured in ``benchmarks/lds.py`` (``benchmarks/lds-results.json``, docs/retraining.md).
+SELF_CHECK_DAMPING = "self_check"
+CALLBACK_DAMPING = SELF_CHECK_DAMPING
+SELF_CHECK_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+SELF_CHECK_RETRAININGS = 10
+SELF_CHECK_POINTS = 32
+SELF_CHECK_SEED = 20_241
 AUTO_DAMPING_FRACTION = 0.03
 MAX_DAMPING_FRACTION = 0.1
 #: Training examples (a fixed seeded subset) that the spectrum estimate and the residual check average over.
@@ -33,6 +43,11 @@ CHECK_EVERY = 50
 #: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
 MAX_RETRIES = 3
 DEFAULT_SOLVER = "lissa"
+#: Fewest and most conjugate-gradient steps of LiSSA's refinement (``LissaConfig.refine``) after the repeats missed
+#: the residual tolerance; between the two, about the repeats' own number of example products (see
+#: ``LissaSolver.refine_budget``), so a refinement at most doubles a solve's cost on a large training set.
+REFINE_MIN_ITER = 20
+REFINE_MAX_ITER = 500
 #: Conjugate gradient stops at this relative residual (a fifth of ``RESIDUAL_TOL``): measured in
 #: ``benchmarks/s_test.py`` (``benchmarks/s_test-results.json``, ``docs/solvers.md``): scores with Pearson >= 0.9998
 #: against the reference solve for every test point of every task there, in 10-12 steps.

@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from lightning_influence.config.defaults import CURVATURES, DEFAULT_CURVATURE, DEFAULT_DAMPING, DEFAULT_SOLVER, expect
+from lightning_influence.config.defaults import (
+    CURVATURES,
+    DEFAULT_CURVATURE,
+    DEFAULT_DAMPING,
+    DEFAULT_SOLVER,
+    SELF_CHECK_DAMPING,
+    expect,
+)
 from lightning_influence.config.solvers import Damping, SolverConfig, solver_config
 
 #: Curvature names: the built-in two, plus any added by ``core.curvature.register_curvature``.
@@ -34,8 +41,9 @@ def curvature_names() -> tuple[str, ...]:
     return tuple(_CURVATURE_NAMES)
 
 
-#: Damping rule names: ``"auto"`` plus any added by ``core.curvature.damping.register_damping_rule``.
-_DAMPING_RULE_NAMES: list[str] = [DEFAULT_DAMPING]
+#: Damping rule names: ``"auto"``, ``"self_check"`` (resolved by the callbacks, which can retrain) plus any added by
+#: ``core.curvature.damping.register_damping_rule``.
+_DAMPING_RULE_NAMES: list[str] = [DEFAULT_DAMPING, SELF_CHECK_DAMPING]
 
 
 def register_damping_name(name: str) -> None:
@@ -124,14 +132,16 @@ class ProblemConfig:
 
 def resolve_problem(problem: Optional[ProblemConfig], solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
                     damping: Damping = DEFAULT_DAMPING, curvature: str = DEFAULT_CURVATURE,
-                    solver_options: Optional[dict[str, Any]] = None) -> ProblemConfig:
+                    solver_options: Optional[dict[str, Any]] = None,
+                    default_damping: Damping = DEFAULT_DAMPING) -> ProblemConfig:
     """One :class:`ProblemConfig` from ``problem=`` or from an entry point's flat ``solver``/``damping``/``curvature``
-    arguments and solver options (not both: a flat argument changed beside ``problem=`` is an error naming it)."""
+    arguments and solver options (not both: a flat argument changed beside ``problem=`` is an error naming it;
+    ``default_damping`` is the entry point's own default of ``damping``)."""
     options = dict(solver_options or {})
     if problem is None:
         return ProblemConfig(solver=solver_config(solver, options), damping=damping, curvature=curvature)
     expect(isinstance(problem, ProblemConfig), "problem", "a ProblemConfig or None", problem)
-    flat = {"solver": (solver, DEFAULT_SOLVER), "damping": (damping, DEFAULT_DAMPING),
+    flat = {"solver": (solver, DEFAULT_SOLVER), "damping": (damping, default_damping),
             "curvature": (curvature, DEFAULT_CURVATURE)}
     changed = sorted(name for name, (value, default) in flat.items() if value != default) + sorted(options)
     if changed:

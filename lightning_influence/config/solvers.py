@@ -38,6 +38,15 @@ class LissaConfig:
         average: also consider the mean of the iterates since the last power-of-two step (Polyak-Ruppert tail
             averaging; the recursion's minibatch noise averages out) and keep whichever of it and the last
             iterate has the smaller residual.
+        preconditioner: None (plain LiSSA), ``"kfac"`` or ``"ekfac"``: the recursion runs on
+            ``P^-1/2 (H_j + damping I) P^-1/2`` with ``P`` the Kronecker-factored approximation of the
+            Gauss-Newton curvature plus damping, so its steps to converge follow the condition number of that
+            product rather than of ``H + damping I``: what makes small dampings affordable. Applies to
+            positive semi-definite curvatures only (the Hessian's recursion stays plain).
+        refine: when the averaged repeats miss ``residual_tol`` (small dampings: the recursion's steps grow with
+            the condition number), finish with conjugate gradient on the remaining residual
+            ``v - (C + damping I) x`` over the whole training set (the points split over ranks), at most
+            ``REFINE_MAX_ITER`` steps; the record names the steps it took. False: report the miss as it is.
     """
 
     depth: int = 1000
@@ -51,6 +60,8 @@ class LissaConfig:
     check_every: int = CHECK_EVERY
     max_retries: int = MAX_RETRIES
     average: bool = True
+    preconditioner: Optional[str] = None
+    refine: bool = True
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
@@ -78,6 +89,9 @@ class LissaConfig:
                self.check_every)
         expect(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "an int >= 0",
                self.max_retries)
+        expect(self.preconditioner is None or self.preconditioner in PRECONDITIONERS, "preconditioner",
+               f"None or one of {PRECONDITIONERS}", self.preconditioner)
+        expect(isinstance(self.refine, bool), "refine", "True or False", self.refine)
 
 
 #: Preconditioners of conjugate gradient (``CGConfig.preconditioner``): Kronecker-factored approximations of the

@@ -225,7 +225,12 @@ class InfluenceProblem:
                 raise ValueError(f"Expected at most {max_parameters} trainable parameters for solver='exact' (it"
                                  f" builds the {self.num_params} x {self.num_params} curvature matrix), but got"
                                  f" {self.num_params}. Use solver='lissa' or 'cg'.")
-            matrix = self.curvature.matrix(self.loss, self.params, self.train_batches())
+            stored = self.products.stored() if self.solver.stores_jacobian else None
+            if stored is not None:  # the same Gauss-Newton matrix, F^T F / n, from the factors already kept
+                flat = stored.factors.reshape(-1, self.num_params)  # the store's dtype: rounding ~1e-7 of lambda_max
+                matrix = (flat.T @ flat).div_(stored.factors.shape[0])
+            else:
+                matrix = self.curvature.matrix(self.loss, self.params, self.train_batches())
             self._eigh = torch.linalg.eigh(matrix.double())
         return self._eigh
 

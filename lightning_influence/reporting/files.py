@@ -22,6 +22,7 @@ from lightning_influence.config import NO_SIGNALS_NOTE
 from lightning_influence.reporting._format import SIGN_CONVENTION, to_builtin
 from lightning_influence.reporting.examples import mislabel_examples, report_examples
 from lightning_influence.results import (
+    DampingCheck,
     ExplainedPoint,
     Influencer,
     InfluenceReport,
@@ -289,7 +290,16 @@ def _solver_to_dict(solver: SolveInfo) -> dict[str, Any]:
         "residual_tol": to_builtin(solver.residual_tol),
         "retries": to_builtin([dict(r) for r in solver.retries]),
         "warnings": list(solver.warnings),
+        **({} if solver.damping_check is None else {"damping_check": damping_check_to_dict(solver.damping_check)}),
     }
+
+
+def damping_check_to_dict(check: DampingCheck) -> dict[str, Any]:
+    """How ``damping="self_check"`` chose the damping (the ``solver.damping_check`` object of the reports)."""
+    return {"chosen": float(check.chosen), "candidates": [float(d) for d in check.candidates],
+            "lds": [to_builtin(float(v)) for v in check.lds], "points": int(check.points),
+            "retrainings": int(check.retrainings), "epochs": int(check.epochs), "epoch": check.epoch,
+            "seconds": to_builtin(float(check.seconds)), "retraining_seconds": to_builtin(float(check.retraining_seconds))}
 
 
 def _candidate_to_dict(candidate: MislabelCandidate) -> dict[str, Any]:

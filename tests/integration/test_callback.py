@@ -81,9 +81,10 @@ def test_fit_writes_tensorboard_and_json_that_match_the_core(tmp_path):
     assert set(chosen) == set(losses.topk(3).indices.tolist())
 
 
-def test_analysis_leaves_training_bit_identical(tmp_path):
-    callback = InfluenceCallback(num_worst=2, top_k=2, depth=20, batch_size=16, every_n_epochs=1, damping=0.1,
-                                 analyse_on_train_end=False, verbose=False)
+@pytest.mark.parametrize("damping", [0.1, "self_check"])  # "self_check" retrains the model in place, then restores it
+def test_analysis_leaves_training_bit_identical(tmp_path, damping):
+    callback = InfluenceCallback(num_worst=2, top_k=2, solver=li.LissaConfig(depth=20, batch_size=16),
+                                 every_n_epochs=1, damping=damping, analyse_on_train_end=False, verbose=False)
     _, with_callback = _fit(tmp_path / "a", callback, epochs=3)
     _, without = _fit(tmp_path / "b", None, epochs=3)
     assert len(callback.analysed) == 3
@@ -324,3 +325,21 @@ def test_problem_config_reaches_the_callback_and_flat_arguments_beside_it_are_re
     assert (solver.solver, solver.damping) == ("cg", 1.0)
     with pytest.raises(MisconfigurationException, match=r"\['damping'\] beside `problem`"):
         InfluenceCallback(problem=setup, damping=0.5)
+
+
+def test_default_damping_is_chosen_by_the_self_check_once_per_fit_and_reported(tmp_path):
+    callback = InfluenceCallback(num_worst=3, top_k=4, every_n_epochs=1, analyse_on_train_end=False, verbose=False)
+    trainer, model = _fit(tmp_path, callback, epochs=2)
+    check = callback.damping_check
+    assert check is not None and check.epoch == 0  # chosen at the first analysis, reused by the second
+    assert check.candidates == li.config.SELF_CHECK_CANDIDATES
+    assert check.retrainings == li.config.SELF_CHECK_RETRAININGS and check.epochs == 1  # half of 1 epoch, at least 1
+    finite = [v for v in check.lds if v == v]
+    assert finite and check.lds[check.candidates.index(check.chosen)] == max(finite)
+    solver = callback.last_explanation.solver
+    assert solver.damping == check.chosen and solver.damping_requested == "self_check"
+    assert solver.damping_rule.startswith("self_check at epoch 0") and solver.converged
+    with open(f"{trainer.logger.log_dir}/influence/epoch=1.json") as handle:
+        written = json.load(handle)["solver"]
+    assert written["damping"] == check.chosen
+    assert written["damping_check"]["lds"] == pytest.approx(list(check.lds), nan_ok=True)

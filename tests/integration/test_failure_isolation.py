@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import InfluenceCallback
+from lightning_influence import InfluenceCallback, LissaConfig
 from lightning_influence.reporting import files, save_tensor_atomic, write_json_atomic
 
 
@@ -121,8 +121,9 @@ def test_resuming_from_a_mid_training_checkpoint_continues_the_analysis_schedule
 
 
 def test_trust_warnings_are_logged_once_and_shown_in_tensorboard(tmp_path):
-    callback = InfluenceCallback(num_worst=1, top_k=3, depth=10, repeats=2, batch_size=4, damping=1e-4,
-                                 every_n_epochs=1, analyse_on_train_end=False, verbose=False)
+    tiny_lissa = LissaConfig(depth=10, repeats=2, batch_size=4, refine=False)  # unrefined: the repeats make x
+    callback = InfluenceCallback(num_worst=1, top_k=3, solver=tiny_lissa, damping=1e-4, every_n_epochs=1,
+                                 analyse_on_train_end=False, verbose=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer = _fit(tmp_path, callback, epochs=2)

@@ -104,7 +104,8 @@ class DictData(torch.utils.data.Dataset):
 
 
 def test_bert_classifier_end_to_end_through_the_callback(tmp_path):
-    # Gauss-Newton curvature and damping "auto" (the defaults); CG keeps the test short (LiSSA takes minutes here)
+    # Gauss-Newton curvature and damping "self_check" (the defaults: retrainings through dict batches); CG keeps
+    # the test short (LiSSA takes minutes here)
     pl.seed_everything(0)
     callback = InfluenceCallback(num_worst=2, top_k=3, solver=li.CGConfig(max_iter=50), verbose=False, strict=True,
                                  diagnose=False, example_formatter=lambda example: str(example["input_ids"].tolist()))
@@ -118,4 +119,6 @@ def test_bert_classifier_end_to_end_through_the_callback(tmp_path):
         assert len(point["harmful"]) == 3 and len(point["helpful"]) == 3
         assert point["harmful"][0][1] > 0 > point["helpful"][0][1]  # [train index, influence] pairs
         assert record["examples"]["val"][str(point["val_index"])]["text"].startswith("[")  # the formatter's text
-    assert record["solver"]["curvature"] == "gauss_newton" and record["solver"]["damping_requested"] == "auto"
+    assert record["solver"]["curvature"] == "gauss_newton" and record["solver"]["damping_requested"] == "self_check"
+    check = record["solver"]["damping_check"]
+    assert record["solver"]["damping"] == check["chosen"] and len(check["lds"]) == len(check["candidates"])

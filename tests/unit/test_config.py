@@ -8,6 +8,7 @@ import pytest
 
 import lightning_influence as li
 from lightning_influence.config import (
+    CALLBACK_DAMPING,
     DEFAULT_DAMPING,
     CorrectionConfig,
     ExplainConfig,
@@ -69,5 +70,7 @@ def test_each_default_is_defined_once_and_read_by_every_entry_point():
     from lightning_influence.callbacks.influence import InfluenceCallback
     from lightning_influence.correct import correct_errors
 
-    for function in (li.s_test, li.influence, li.top_influences, InfluenceCallback, correct_errors):
+    for function in (li.s_test, li.influence, li.top_influences, correct_errors):
         assert inspect.signature(function).parameters["damping"].default == DEFAULT_DAMPING, function
+    # the callback can retrain with the training's optimiser: its damping is the self-check's
+    assert inspect.signature(InfluenceCallback).parameters["damping"].default == CALLBACK_DAMPING

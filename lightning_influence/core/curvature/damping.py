@@ -20,6 +20,7 @@ from lightning_influence.config import (
     AUTO_DAMPING_FRACTION,
     MAX_DAMPING_FRACTION,
     NEGATIVE_CURVATURE_MARGIN,
+    SELF_CHECK_DAMPING,
     SPECTRUM_STEPS,
     Damping,
     check_damping,
@@ -81,6 +82,11 @@ def choose_damping(
     curvature, requested = make_curvature(curvature), check_damping(requested)
     if isinstance(requested, float) and curvature.psd:
         return DampingChoice(requested, requested, "given")
+    if requested == SELF_CHECK_DAMPING:
+        raise ValueError(
+            "damping='self_check' chooses the damping by retraining the model, which the callbacks do (they know the"
+            " training's optimiser). Here, run `lightning_influence.check_damping_by_retraining(...)` and pass its"
+            " `.chosen` as `damping`, or pass a number or damping='auto'.")
     found = spectrum()
     if isinstance(requested, str):
         value, rule = DAMPING_RULES[requested].choose(found, weight_decay)

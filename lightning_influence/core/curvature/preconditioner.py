@@ -83,9 +83,10 @@ class KroneckerPreconditioner:
         start, shape = self.offsets[name]
         return vectors[:, start : start + shape.numel()]
 
-    def apply(self, vectors: torch.Tensor, damping: float) -> torch.Tensor:
-        """``(C_approx + damping I)^-1 V`` for ``V [k, P]`` (``damping`` must be > 0 where ``C_approx`` is 0)."""
-        out = vectors / (self.diagonal.to(vectors) + damping)
+    def apply(self, vectors: torch.Tensor, damping: float, power: float = 1.0) -> torch.Tensor:
+        """``(C_approx + damping I)^-power V`` for ``V [k, P]`` (``damping`` must be > 0 where ``C_approx`` is 0);
+        ``power=0.5``: the symmetric root, for a preconditioned recursion that stays symmetric."""
+        out = vectors / (self.diagonal.to(vectors) + damping) ** power
         k = vectors.shape[0]
         for layer in self.layers:
             assert layer.q_a is not None and layer.q_s is not None and layer.eigenvalues is not None
@@ -94,7 +95,7 @@ class KroneckerPreconditioner:
                 w = torch.cat([w, self._piece(vectors, layer.bias)[:, :, None]], dim=2)
             q_a, q_s = layer.q_a.to(vectors), layer.q_s.to(vectors)
             rotated = q_s.T @ w @ q_a
-            rotated = rotated / (layer.eigenvalues.to(vectors) + damping)
+            rotated = rotated / (layer.eigenvalues.to(vectors) + damping) ** power
             back = q_s @ rotated @ q_a.T
             n_w = back.shape[2] - (1 if layer.bias is not None else 0)
             self._piece(out, layer.weight).copy_(back[:, :, :n_w].reshape(k, -1))

@@ -18,6 +18,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import torch
 
+from lightning_influence.core.curvature.preconditioner import (
+    KroneckerPreconditioner,
+    build_preconditioner,
+    cached_preconditioner,
+)
 from lightning_influence.results import STest, TrustWarning
 
 if TYPE_CHECKING:
@@ -89,6 +94,18 @@ class Solver:
     def check_batch_size(self) -> int:
         """Least batch size of the check subset's batches (LiSSA: its own minibatch size; else no least)."""
         return 0
+
+    def kronecker(self, kind: str, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> KroneckerPreconditioner:
+        """The K-FAC/EK-FAC approximation ``kind`` of the Gauss-Newton curvature from the check subset, cached per
+        model while its weights do not change. Under DDP ``reduce`` (a sum over ranks) and ``shard=(rank, world)``:
+        each rank reads its share of the subset and one reduce per data pass combines the statistics."""
+        problem = self.problem
+        key = (kind, tuple(problem.params), problem.loss.dtype, id(problem.train_loader), problem.subset_examples)
+        with torch.inference_mode(False), torch.enable_grad():
+            return cached_preconditioner(problem.model, key, lambda: build_preconditioner(
+                kind, problem.loss, problem.params, problem.check_batches(), product=problem.products.autograd,
+                reduce=reduce, shard=shard))
 
     def prepare(self, ranks: Ranks = ONE_PROCESS) -> None:
         """Build what every later solve reuses (a preconditioner, a scale), its work split over ``ranks``."""

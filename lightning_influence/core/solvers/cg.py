@@ -11,12 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from lightning_influence.config import RESIDUAL_TOL, CGConfig
-from lightning_influence.core.curvature.preconditioner import (
-    KroneckerPreconditioner,
-    Reduce,
-    build_preconditioner,
-    cached_preconditioner,
-)
+from lightning_influence.core.curvature.preconditioner import KroneckerPreconditioner, Reduce
 from lightning_influence.core.solvers.base import ONE_PROCESS, OnStep, Ranks, Solver
 from lightning_influence.results import STest
 
@@ -76,16 +71,9 @@ class CGSolver(Solver):
     config: CGConfig
 
     def preconditioner(self, reduce: Reduce | None = None, shard: tuple[int, int] = (0, 1)) -> KroneckerPreconditioner:
-        """The K-FAC/EK-FAC preconditioner of ``config.preconditioner`` from the check subset, cached per model
-        while its weights do not change. Under DDP ``reduce`` (a sum over ranks) and ``shard=(rank, world)``: each
-        rank reads its share of the subset and one reduce per data pass combines the statistics."""
-        problem, kind = self.problem, self.config.preconditioner
-        assert kind is not None  # noqa: S101 - only called when a preconditioner is configured
-        key = (kind, tuple(problem.params), problem.loss.dtype, id(problem.train_loader), problem.subset_examples)
-        with torch.inference_mode(False), torch.enable_grad():
-            return cached_preconditioner(problem.model, key, lambda: build_preconditioner(
-                kind, problem.loss, problem.params, problem.check_batches(), product=problem.products.autograd,
-                reduce=reduce, shard=shard))
+        """The preconditioner of ``config.preconditioner`` (see :meth:`Solver.kronecker`)."""
+        assert self.config.preconditioner is not None  # noqa: S101 - only called when a preconditioner is configured
+        return self.kronecker(self.config.preconditioner, reduce, shard)
 
     def prepare(self, ranks: Ranks = ONE_PROCESS) -> None:
         if self.config.preconditioner is not None:  # the factors: each rank a share, summed

@@ -13,17 +13,27 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.config import NEGATIVE_CURVATURE_MARGIN, SPECTRUM_STEPS, SUBSET_SEED, LissaConfig
+from lightning_influence.config import (
+    NEGATIVE_CURVATURE_MARGIN,
+    REFINE_MAX_ITER,
+    REFINE_MIN_ITER,
+    SPECTRUM_STEPS,
+    SUBSET_SEED,
+    CGConfig,
+    LissaConfig,
+)
 from lightning_influence.core.curvature.damping import estimate_spectrum
 from lightning_influence.core.solvers.base import ONE_PROCESS, OnStep, Ranks, Solver
+from lightning_influence.core.solvers.cg import CGSolver
 from lightning_influence.core.solvers.neumann import (
     SCALE_MARGIN,
+    BatchHVP,
     LissaDivergenceError,
     estimate_scale,
     lissa_info,
@@ -33,6 +43,11 @@ from lightning_influence.core.solvers.neumann import (
 )
 from lightning_influence.core.tensors.batching import Batch, batch_size_of
 from lightning_influence.results import SolveInfo, STest, TrustWarning
+
+
+def _identity(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors
+
 
 #: Below this LiSSA batch size the trust report warns (minibatch curvatures of few examples spike).
 SMALL_LISSA_BATCH = 8
@@ -79,11 +94,40 @@ class LissaSolver(Solver):
         maximum over the R parts equals the single-process estimate."""
         like = next(iter(self.problem.params.values()))
         stream = self.stream(repeat_seed(self.config.seed, -1))
-        return estimate_scale(self.problem.minibatch_hvp, stream, self.problem.damping, self.problem.num_params,
-                              like, part)
+        hvp, damping, _ = self.operator()
+        return estimate_scale(hvp, stream, damping, self.problem.num_params, like, part)
+
+    @property
+    def preconditioned(self) -> bool:
+        """The recursion runs on the preconditioned operator (a preconditioner is set and the curvature is PSD)."""
+        return self.config.preconditioner is not None and self.problem.curvature.psd
+
+    def operator(self) -> tuple[BatchHVP, float, Callable[[torch.Tensor], torch.Tensor]]:
+        """What the recursion iterates on: ``(hvp, damping, root)``. Plain: ``H_j`` and the damping, ``root`` the
+        identity. Preconditioned: ``B_j = R (H_j + damping I) R`` with ``R = P^-1/2`` and damping 0, ``root = R``;
+        the recursion then solves ``B y = R v`` and ``x = R y`` (``R`` is linear: it commutes with sums)."""
+        problem = self.problem
+        if not self.preconditioned:
+            return problem.minibatch_hvp, problem.damping, _identity
+        assert self.config.preconditioner is not None  # noqa: S101 - checked by `preconditioned`
+        kronecker, damping = self.kronecker(self.config.preconditioner), problem.damping
+
+        def root(vectors: torch.Tensor) -> torch.Tensor:
+            return kronecker.apply(vectors, damping, power=0.5)
+
+        def hvp(batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+            rooted = root(vectors)
+            return root(problem.minibatch_hvp(batch, rooted).add_(rooted, alpha=damping))
+
+        return hvp, 0.0, root
 
     def prepare(self, ranks: Ranks = ONE_PROCESS) -> None:
-        """Estimate ``scale="auto"`` once, its probe batches split over ranks (the maximum of the parts)."""
+        """Build the preconditioner (its data passes split over ranks) and estimate ``scale="auto"`` once, its probe
+        batches split over ranks (the maximum of the parts)."""
+        if self.preconditioned:
+            assert self.config.preconditioner is not None  # noqa: S101 - checked by `preconditioned`
+            self.kronecker(self.config.preconditioner, ranks.sum if ranks.world_size > 1 else None,
+                           (ranks.rank, ranks.world_size))
         if self.config.scale == "auto" and not self.has_scale and ranks.world_size > 1:
             _, parts = ranks.gather(lambda: self.estimate_scale((ranks.rank, ranks.world_size)))
             self._scale = max(parts)
@@ -115,13 +159,14 @@ class LissaSolver(Solver):
         """Sum over repeats ``repeat_ids`` of ``h_J / scale``, and their traces. With ``early_stop`` a repeat ends
         once its own estimate meets ``residual_tol`` (checked every ``check_every`` steps)."""
         config = self.config
+        hvp, damping, root = self.operator()
 
         def stop(estimate: torch.Tensor) -> float:
-            return float(self.problem.residual(estimate, vectors).max())
+            return float(self.problem.residual(root(estimate), vectors).max())
 
-        return lissa_repeats(self.problem.minibatch_hvp, lambda r: self.stream(repeat_seed(config.seed, r)),
-                             vectors, self.problem.damping, self.scale, config, repeat_ids, on_step,
-                             stop if early_stop else None)
+        total, traces = lissa_repeats(hvp, lambda r: self.stream(repeat_seed(config.seed, r)), root(vectors), damping,
+                                      self.scale, config, repeat_ids, on_step, stop if early_stop else None)
+        return root(total), traces
 
     # long: the retry loop, the split over ranks and the combination read best in one place
     def solve(self, vectors: torch.Tensor, on_step: OnStep | None = None, ranks: Ranks = ONE_PROCESS) -> STest:
@@ -156,9 +201,14 @@ class LissaSolver(Solver):
         traces = [t for _, t in sorted((pair for shared in gathered for pair in shared[1]), key=lambda p: p[0])]
         known = [shared[2] for shared in gathered if shared[2] is not None]
         residual = known[0] if known else self.problem.split_residual(x, vectors, ranks)
+        refined = None
+        if config.refine and residual > config.residual_tol:
+            x, residual, refined = self.refine(x, vectors, ranks)
         info = self.record(traces, x, vectors, retries, residual)
+        if refined is not None:
+            info = dataclasses.replace(info, settings={**info.settings, "refined_iterations": refined})
         halves_means = None
-        if config.repeats >= 2:
+        if config.repeats >= 2 and refined is None:  # after a refinement the repeats' halves no longer make x
             halves_means = (even_odd[0] / len(range(0, config.repeats, 2)),
                             even_odd[1] / len(range(1, config.repeats, 2)))
         return STest(x, dataclasses.replace(info, seconds=time.perf_counter() - start), halves_means)
@@ -188,7 +238,28 @@ class LissaSolver(Solver):
         ``residual_tol``; computed here unless given), how the damping was chosen, and the retries."""
         residual = float(self.problem.residual(x, vectors).max()) if residual is None else residual
         info = lissa_info(self.problem.damping, self.scale, traces, self.config, residual=residual)
-        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries))
+        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries),
+                                   settings={"preconditioner": self.config.preconditioner if self.preconditioned
+                                             else None})
+
+    def refine_budget(self) -> int:
+        """CG iterations of a refinement: about as many example products as the repeats took (``J T B``), so a
+        refinement at most doubles the solve's cost, within ``[REFINE_MIN_ITER, REFINE_MAX_ITER]``."""
+        config = self.config
+        examples = max(1, len(self.problem.train_loader.dataset))  # type: ignore[arg-type, attr-defined]
+        work = config.depth * config.repeats * config.batch_size
+        return int(min(REFINE_MAX_ITER, max(REFINE_MIN_ITER, -(-work // examples))))
+
+    def refine(self, x: torch.Tensor, vectors: torch.Tensor, ranks: Ranks = ONE_PROCESS
+               ) -> tuple[torch.Tensor, float, int]:
+        """``x + e`` with ``e`` the conjugate-gradient solution of ``(C + damping I) e = v - (C + damping I) x``
+        (full training set, points split over ranks); its worst residual and the steps CG took."""
+        problem = self.problem
+        with torch.inference_mode(False), torch.enable_grad():
+            remaining = vectors - problem.damped_hvp(x)
+        correction = CGSolver(CGConfig(max_iter=self.refine_budget()), problem).solve(remaining, ranks=ranks)
+        x = x + correction.vectors
+        return x, problem.split_residual(x, vectors, ranks), correction.info.iterations
 
     # -- recovery --------------------------------------------------------------------------------------------
     def recover(self, error: LissaDivergenceError) -> dict[str, Any]:
@@ -198,6 +269,7 @@ class LissaSolver(Solver):
         problem = self.problem
         found = self._batch_spectrum(error.batch)
         scale, damping = self.scale, problem.damping
+        recursion_damping = self.operator()[1]
         record: dict[str, Any] = {
             "step": error.step, "repeat": error.repeat, "batch_eigenvalue_max": found.top,
             "batch_eigenvalue_min": found.bottom, "scale_before": scale, "damping_before": damping,
@@ -211,7 +283,7 @@ class LissaSolver(Solver):
                           scale_after=scale + (raised - damping), note=note)
         else:
             record.update(reason="minibatch eigenvalue spike: scale raised", damping_after=damping,
-                          scale_after=max(2.0 * scale, SCALE_MARGIN * (found.top + damping)), note="")
+                          scale_after=max(2.0 * scale, SCALE_MARGIN * (found.top + recursion_damping)), note="")
         self.adopt(record)
         return record
 
@@ -244,10 +316,12 @@ class LissaSolver(Solver):
         )
 
     def _batch_spectrum(self, batch: Batch) -> Any:
+        """Extreme eigenvalues of the recursion's operator on ``batch`` (``H_j``, or ``B_j`` when preconditioned)."""
         problem = self.problem
         like = next(iter(problem.params.values()))
+        hvp = self.operator()[0]
         with torch.inference_mode(False), torch.enable_grad():
-            return estimate_spectrum(lambda v: problem.minibatch_hvp(batch, v), problem.num_params,
+            return estimate_spectrum(lambda v: hvp(batch, v), problem.num_params,
                                      batch_size_of(batch), like=like, seed=SUBSET_SEED, steps=SPECTRUM_STEPS)
 
     # -- trust -----------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ class CountingCollectives(SingleProcess):
 
 def test_repeat_halves_are_even_and_odd_repeats_and_travel_in_one_all_reduce(logistic):
     model, train, val = logistic
-    config = LissaConfig(depth=30, repeats=5, batch_size=16)
+    config = LissaConfig(depth=30, repeats=5, batch_size=16, refine=False)  # the repeats as they are
     problem = InfluenceProblem(model, cross_entropy_per_example, IndexedData(train).loader(), 0.05, config)
     v = problem.gradients(val[:3])
     collectives = CountingCollectives()
@@ -100,7 +100,7 @@ def test_repeat_halves_are_even_and_odd_repeats_and_travel_in_one_all_reduce(log
 def test_repeat_agreement_is_the_correlation_of_the_top_k_scores_of_the_two_halves(logistic):
     model, train, val = logistic
     data = IndexedData(train)
-    config = LissaConfig(depth=100, repeats=4, batch_size=32)
+    config = LissaConfig(depth=100, repeats=4, batch_size=32, refine=False)  # the repeats' own halves
     result = explain(model, cross_entropy_per_example, data, IndexedData(val), ProblemConfig(solver=config, damping=0.05),
                      ExplainConfig(top_k=6, num_worst=2))
     problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), 0.05, config)
@@ -183,7 +183,8 @@ def test_divergence_prone_lissa_is_flagged_end_to_end():
     torch.manual_seed(0)
     model = SmallCNN().double()
     fit_adam(model, x[:150], y[:150], 1e-3, epochs=30)
-    config = LissaConfig(depth=5, repeats=2, batch_size=4, scale=0.1)  # top eigenvalue here: about 0.38
+    # top eigenvalue here: about 0.38; no CG finish, so the fragile recursion's own miss shows
+    config = LissaConfig(depth=5, repeats=2, batch_size=4, scale=0.1, refine=False)
     result = explain(model, cross_entropy_per_example, IndexedData(TensorDataset(x[:150], y[:150])),
                      IndexedData(TensorDataset(x[1500:1520], y[1500:1520])),
                      ProblemConfig(solver=config, damping=1e-3, weight_decay=1e-3), ExplainConfig(top_k=5, num_worst=2))

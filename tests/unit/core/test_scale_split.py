@@ -22,7 +22,7 @@ def problem_parts():
     x, y = digits(torch.float64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
-    config = LissaConfig(depth=10, repeats=2, batch_size=16, seed=0)
+    config = LissaConfig(depth=10, repeats=2, batch_size=16, seed=0, refine=False)  # the recursion alone
     return model, loader(x[:200], y[:200], 50), config, (x[1500:1503], y[1500:1503])
 
 

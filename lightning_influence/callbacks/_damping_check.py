@@ -1,0 +1,102 @@
+"""``damping="self_check"`` in a Trainer: the training's optimiser, epochs and batch size for the retrainings of
+:mod:`lightning_influence.analysis.damping_check`, run once per fit and reused by its later analyses."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_influence.analysis.damping_check import (
+    OptimizerFactory,
+    check_damping,
+    check_points,
+    retrain_on_halves,
+)
+from lightning_influence.callbacks._trainer import collectives_for
+from lightning_influence.config import SELF_CHECK_DAMPING, ProblemConfig
+from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.results import DampingCheck, SolveInfo
+
+#: Minibatch size of the retrainings when the training's own loader is not known.
+FALLBACK_BATCH_SIZE = 32
+
+
+def training_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[OptimizerFactory]:
+    """A factory of fresh optimisers like the training's first one (its class and its first parameter group's
+    current hyperparameters, e.g. the learning rate a scheduler set), or None when there is none."""
+    optimizers = list(getattr(trainer, "optimizers", None) or [])
+    if not optimizers:
+        try:
+            configured: Any = pl_module.configure_optimizers()
+        except Exception:  # noqa: BLE001 - a module without optimisers (e.g. validate-only): no retraining
+            return None
+        while isinstance(configured, (list, tuple)) and configured:
+            configured = configured[0]
+        if isinstance(configured, dict):
+            configured = configured.get("optimizer")
+        if not isinstance(configured, torch.optim.Optimizer):
+            return None
+        optimizers = [configured]
+    first = optimizers[0]
+    kind = type(first)
+    accepted = inspect.signature(kind.__init__).parameters  # e.g. AdamW's defaults name more than it accepts
+    hyper = {k: v for k, v in first.param_groups[0].items()
+             if k != "params" and k in first.defaults and k in accepted}
+    return lambda params: kind(params, **hyper)
+
+
+def epochs_trained(trainer: pl.Trainer, stage: str) -> int:
+    """Epochs of training behind the weights an analysis of ``stage`` sees (at least 1)."""
+    return max(1, trainer.current_epoch + (1 if stage == "validation" else 0))
+
+
+def run_damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
+                      val: IndexedData, problem: ProblemConfig, stage: str, epoch: int, train_loader: Any = None,
+                      verbose: bool = True, strict: bool = False) -> Optional[DampingCheck]:
+    """The self-check on this trainer's model (every rank runs it on the same seeds; rank zero's choice is used),
+    or None after a warning when it failed (the analysis then uses ``damping="auto"``; ``strict`` raises)."""
+    try:
+        return _damping_check(trainer, pl_module, loss_fn, train, val, problem, stage, epoch, train_loader, verbose)
+    except Exception as err:  # noqa: BLE001 - the analysis goes on with the spectrum rule
+        if strict:
+            raise
+        rank_zero_warn(f"damping='self_check' failed ({type(err).__name__}: {err}); this analysis uses"
+                       " damping='auto' instead.")
+        return None
+
+
+def _damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
+                   val: IndexedData, problem: ProblemConfig, stage: str, epoch: int, train_loader: Any,
+                   verbose: bool) -> DampingCheck:
+    optimizer = training_optimizer(trainer, pl_module)
+    if optimizer is None:
+        raise RuntimeError("damping='self_check' retrains with the training's optimiser, but the trainer has none and"
+                           " `configure_optimizers()` returned none. Pass a number as `damping`, or damping='auto'.")
+    epochs = max(1, round(epochs_trained(trainer, stage) / 2))
+    batch_size = getattr(train_loader, "batch_size", None) or FALLBACK_BATCH_SIZE
+    points = check_points(len(val))
+    check_batch = val.fetch(points)
+    if verbose:
+        rank_zero_info(f"Influence: choosing the damping (self_check): retraining on random halves of the training"
+                       f" set, {epochs} epoch(s) each, then scoring {len(points)} validation points per candidate.")
+    retrainings = retrain_on_halves(pl_module, loss_fn, train, check_batch, optimizer, epochs=epochs,
+                                    batch_size=batch_size)
+    check = check_damping(pl_module, loss_fn, train, check_batch, retrainings, problem)
+    check = replace(check, epoch=epoch)
+    collectives = collectives_for(trainer)
+    if collectives.world_size > 1:
+        check = collectives.gather_objects(check)[0]  # one choice on every rank
+    return check
+
+
+def with_check(info: SolveInfo, check: Optional[DampingCheck]) -> SolveInfo:
+    """The solve record naming the self-check behind its damping."""
+    if check is None:
+        return info
+    return replace(info, damping_requested=SELF_CHECK_DAMPING, damping_rule=check.rule, damping_check=check)
