@@ -144,8 +144,8 @@ def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_
 def threshold_sample_labels(labels: torch.Tensor, count: int, classes: int, seed: int = 0
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sources, wrong_labels)``: ``count`` training examples drawn without replacement and, for each, a
-    uniformly random class other than its given label. Duplicate these examples with these labels into the
-    training set (the *threshold samples*) to calibrate :func:`threshold_sample_count`.
+    uniformly random class other than its given label. Train with these labels in place of the given ones (the
+    *threshold samples*, known to be wrong) to calibrate :func:`threshold_sample_count`.
 
     Raises:
         ValueError: for ``count`` outside ``[1, len(labels)]`` or fewer than two classes.
@@ -163,7 +163,7 @@ def threshold_sample_labels(labels: torch.Tensor, count: int, classes: int, seed
 def threshold_sample_count(score: torch.Tensor, fake: torch.Tensor, detected: float = 0.5, resamples: int = 200,
                            level: float = 0.95, seed: int = 0) -> tuple[float, float, float, float]:
     """``(estimate, low, high, threshold)``: the number of wrong labels among the real examples, calibrated by
-    the threshold samples ``fake`` (bool ``[n]``, examples duplicated with a deliberately wrong label).
+    the threshold samples ``fake`` (bool ``[n]``, the examples trained with a deliberately wrong label).
 
     With ``t`` the score that a fraction ``detected`` of the threshold samples exceed, and ``q`` the fraction of
     them that do (``detected`` up to ties), the estimate is ``#{real i : score_i > t} / q``: a wrong label is taken
