@@ -40,6 +40,7 @@ Usage::
     python benchmarks/mislabel.py --quick                    # seed 0, mlp asym10 only, 3 folds, no JSON
     python benchmarks/mislabel.py --models mlp --seeds 1 --json /tmp/x.json --dump /tmp/dump   # raw tables too
     nice -n 10 python benchmarks/mislabel.py --threshold-samples 0.03 --seeds 2   # mislabel-threshold-results.json
+    python benchmarks/mislabel.py --merge-threshold A.json B.json   # seeds run apart, into one results file
 
 ``--threshold-samples F`` trains every setting once more with a fraction F of the training examples (at least 16)
 relabelled to a uniformly drawn other class, the threshold samples of Pleiss et al. (2020), and measures
@@ -506,6 +507,25 @@ def threshold_markdown(stored: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def threshold_merge(parts: list[Path]) -> dict[str, Any]:
+    """Threshold-sample results files of other seeds merged into one: runs appended per setting, then the
+    summaries and checks recomputed."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        stored = json.loads(part.read_text())
+        if not merged:
+            merged = stored
+            continue
+        merged["settings"]["seeds"] += stored["settings"]["seeds"]
+        merged["seconds"] += stored["seconds"]
+        for key, entry in stored["results"].items():
+            merged["results"][key]["runs"] += entry["runs"]
+    for entry in merged["results"].values():
+        entry.update(summarise_threshold(entry["runs"]))
+    merged["checks"] = threshold_checks(merged["results"])
+    return merged
+
+
 def summarise_threshold(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = runs[0]["counts"]
     return {"ratio": {k: statistics.fmean(r["counts"][k]["ratio"] for r in runs) for k in keys},
@@ -592,7 +612,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold-samples", type=float, metavar="F",
                         help=f"train every setting with F of the training set as threshold samples; {THRESHOLD_RESULTS.name}")
     parser.add_argument("--resume", action="store_true", help="with --threshold-samples: skip settings in the file")
+    parser.add_argument("--merge-threshold", nargs="+", type=Path, metavar="PART",
+                        help=f"merge threshold-sample results of other seeds into --json ({THRESHOLD_RESULTS.name})")
     args = parser.parse_args(argv)
+    if args.merge_threshold:
+        (args.json or THRESHOLD_RESULTS).write_text(json.dumps(threshold_merge(args.merge_threshold), indent=1) + "\n")
+        return
     if args.threshold_samples:
         torch.set_num_threads(1)
         threshold_main(args)
