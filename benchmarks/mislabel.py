@@ -39,6 +39,13 @@ Usage::
     nice -n 10 python benchmarks/mislabel.py                 # 3 seeds, every task and noise; writes the results
     python benchmarks/mislabel.py --quick                    # seed 0, mlp asym10 only, 3 folds, no JSON
     python benchmarks/mislabel.py --models mlp --seeds 1 --json /tmp/x.json --dump /tmp/dump   # raw tables too
+    nice -n 10 python benchmarks/mislabel.py --threshold-samples 0.03 --seeds 2   # mislabel-threshold-results.json
+    python benchmarks/mislabel.py --merge-threshold A.json B.json   # seeds run apart, into one results file
+
+``--threshold-samples F`` trains every setting once more with a fraction F of the training examples (at least 16)
+relabelled to a uniformly drawn other class, the threshold samples of Pleiss et al. (2020), and measures
+:func:`~lightning_influence.analysis.noise_count.threshold_sample_count` for several scores and ``detected``
+fractions against the true number of flips among the other examples (no peers, no cleanlab).
 """
 
 from __future__ import annotations
@@ -70,9 +77,9 @@ sys.path.insert(0, str(ROOT))
 from examples.text_classification import KeywordSequences, TinyBert  # noqa: E402
 from lightning_influence.analysis.noise_count import (  # noqa: E402
     COUNT_METHODS,
-    confident_joint_count,
     estimate_flip_count,
-    peak_checkpoint,
+    threshold_sample_count,
+    threshold_sample_labels,
 )
 from lightning_influence.analysis.training_signals import (  # noqa: E402
     DEFAULT_SCORE,
@@ -89,7 +96,11 @@ LR_L2 = 1e-3
 NET_WEIGHT_DECAY = 1e-4
 EARLY = 0.1
 PEERS = ("loss", "final_margin", "early_el2n_dense", "aum_dense", "forgetting_dense", "cleanlab")
+ALTERNATIVES = ("el2n_fitted", "el2n_window", "el2n_weighted+aum")  # ours, checked as if each were the default
 RESULTS = Path(__file__).with_name("mislabel-results.json")
+THRESHOLD_RESULTS = Path(__file__).with_name("mislabel-threshold-results.json")
+THRESHOLD_SCORES = ("aum", "el2n_weighted", "mean_loss")
+THRESHOLD_DETECTED = (0.25, 0.5, 0.75, 0.9)
 
 
 # -- data and noise --------------------------------------------------------------------------------------------
@@ -261,9 +272,8 @@ def count_fields(recorder: TrainingSignalRecorder, flipped: torch.Tensor) -> dic
             "flagged_recall": float(flipped[flagged].sum() / true_flips),
             "methods": {**{method: estimate_flip_count(recorder, method, resamples=0).estimate / true_flips
                            for method in COUNT_METHODS},
-                        "confident_joint_peak_only": confident_joint_count(
-                            recorder.probabilities[peak_checkpoint(recorder)].double(),
-                            recorder.labels.clamp(min=0)) / true_flips}}
+                        "confident_joint_peak_and_next": estimate_flip_count(
+                            recorder, resamples=0, following=1).estimate / true_flips}}
 
 
 def derive(parts: list[Path], dump: Path) -> dict[str, Any]:
@@ -297,28 +307,60 @@ def derive(parts: list[Path], dump: Path) -> dict[str, Any]:
             run["count"] = {**count_fields(recorder, saved["flipped"]), **cleanlab}
         entry.update(summarise(entry["runs"]))
     merged["settings"]["default"] = DEFAULT_SCORE
+    merged["settings"]["derived"] = ("our rankings and counts recomputed by --derive from the dumped recorder tables"
+                                     " of the same trained models; peers, costs and settings as measured")
     merged["checks"] = checks(merged["results"])
     return merged
 
 
+def ranking_row(key: str, entry: dict[str, Any], score: str) -> dict[str, Any]:
+    """``score`` against the best peer (and the final margin on lr), and whether it is at least level in both."""
+    mean, best = entry["mean"][score], entry["best_peer"]
+    row: dict[str, Any] = {f"{m}_vs_best_peer": mean[m] - best[m] for m in ("auroc", "recall@10%")}
+    if key.startswith("lr/"):
+        row.update({f"{m}_vs_final_margin": mean[m] - entry["mean"]["final_margin"][m]
+                    for m in ("auroc", "recall@10%")})
+    # -1e-6: recalls are float32 fractions
+    row["ranking_holds"] = all(v >= -1e-6 for k, v in row.items() if k.endswith(("peer", "margin")))
+    return row
+
+
 def checks(results: dict[str, Any]) -> dict[str, Any]:
     """Which of the goals hold, per setting: the default against the best peer (and the final margin on lr),
-    the count within 20% of the truth in every seed, the recording cost under 0.2 of the training time."""
+    the count within 20% of the truth in every seed, the recording cost under 0.2 of the training time; and
+    where the ranking goal would hold for each of :data:`ALTERNATIVES` as the default."""
     out: dict[str, Any] = {}
     for key, entry in results.items():
-        mean, best = entry["mean"][DEFAULT_SCORE], entry["best_peer"]
-        row = {f"{m}_vs_best_peer": mean[m] - best[m] for m in ("auroc", "recall@10%")}
-        if key.startswith("lr/"):
-            row.update({f"{m}_vs_final_margin": mean[m] - entry["mean"]["final_margin"][m]
-                        for m in ("auroc", "recall@10%")})
-        # -1e-6: recalls are float32 fractions
-        row["ranking_holds"] = all(v >= -1e-6 for k, v in row.items() if k.endswith(("peer", "margin")))
+        row = ranking_row(key, entry, DEFAULT_SCORE)
         row["count_within_20pct"] = entry["count"]["within_20pct"] == len(entry["runs"])
         row["cost_under_0.2"] = entry["cost"]["callback_signals"] < 0.2
         out[key] = row
     out["all"] = {goal: sum(bool(r[goal]) for r in out.values()) for goal in
                   ("ranking_holds", "count_within_20pct", "cost_under_0.2")}
     out["all"]["settings"] = len(results)
+    out["count_methods"] = count_method_checks(results)
+    out["ranking_alternatives"] = {}
+    for score in ALTERNATIVES:
+        holds = {key: ranking_row(key, entry, score)["ranking_holds"] for key, entry in results.items()
+                 if score in entry["mean"]}
+        models = sorted({key.split("/")[0] for key in holds})
+        out["ranking_alternatives"][score] = {
+            **{m: sum(v for k, v in holds.items() if k.split("/")[0] == m) for m in models},
+            "all": sum(holds.values()), "fails": [key for key, v in holds.items() if not v]}
+    return out
+
+
+def count_method_checks(results: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per count method (``count.methods`` of each run): in how many settings of each model, and of all, the
+    estimate was within 20% of the truth in every seed."""
+    methods = next(iter(results.values()))["runs"][0]["count"]["methods"]
+    out: dict[str, dict[str, int]] = {}
+    for method in methods:
+        holds = {key: all(abs(r["count"]["methods"][method] - 1) <= 0.2 for r in entry["runs"])
+                 for key, entry in results.items()}
+        models = sorted({key.split("/")[0] for key in holds})
+        out[method] = {**{m: sum(v for k, v in holds.items() if k.split("/")[0] == m) for m in models},
+                       "all": sum(holds.values())}
     return out
 
 
@@ -367,6 +409,129 @@ def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> 
         "train_seconds": train_seconds, "epochs": epochs, "checkpoints": list(callback.epochs_recorded),
         "train_accuracy": train_accuracy, "flips": true_flips,
     }
+
+
+# -- threshold samples (Pleiss et al. 2020) ------------------------------------------------------------------------
+def noisy_task(name: str, noise: str, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(inputs, noisy labels, flipped)`` of one setting, as :func:`run_one` builds them."""
+    kind, rate = NOISES[noise]
+    if name == "text":
+        x, y_true, features = text_data(seed)
+    else:
+        x, y_true = digits_split(seed)
+        features = x.numpy()
+    y = add_noise(kind, rate, reference_probabilities(features, y_true, seed), y_true, seed)
+    return x, y, y != y_true
+
+
+def threshold_fields(recorder: TrainingSignalRecorder, fake: torch.Tensor, flipped: torch.Tensor
+                     ) -> dict[str, Any]:
+    """Each score's threshold-sample count (every ``detected``) over the true number of flips among the other
+    examples, and the ranking's quality on those examples (the threshold samples left out)."""
+    real = ~fake
+    true_flips = int(flipped[real].sum())
+    scores = recorder.component_scores()
+    counts: dict[str, Any] = {}
+    for score in THRESHOLD_SCORES:
+        for detected in THRESHOLD_DETECTED:
+            estimate, low, high, _ = threshold_sample_count(scores[score], fake, detected)
+            counts[f"{score}@{detected}"] = {"ratio": estimate / true_flips, "low": low / true_flips,
+                                             "high": high / true_flips}
+    return {"true": true_flips, "counts": counts,
+            "metrics": {score: metrics(scores[score][real], flipped[real]) for score in THRESHOLD_SCORES}}
+
+
+def threshold_run(name: str, noise: str, seed: int, fraction: float, dump: Path | None) -> dict[str, Any]:
+    """One training with ``fraction`` of the training examples relabelled to a uniformly drawn wrong class
+    (the threshold samples; at least 16); the count is of the flips among the other examples."""
+    x, y, flipped = noisy_task(name, noise, seed)
+    n, classes = len(y), int(y.max()) + 1
+    sources, wrong = threshold_sample_labels(y, max(16, round(fraction * n)), classes, seed)
+    y_all = y.clone()
+    y_all[sources] = wrong
+    fake = torch.zeros(n, dtype=torch.bool)
+    fake[sources] = True
+    epochs = EPOCHS[name]
+    recorder = TrainingSignalRecorder(n, epochs=checkpoint_epochs(epochs, DEFAULT_SIGNAL_CHECKPOINTS))
+    _, train_seconds = train(name, x, y_all, seed, (recorder,))
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save({"flipped": flipped, "fake": fake, "callback": recorder.state_dict()},
+                   dump / f"threshold_{name}_{noise}_{seed}.pt")
+    return {**threshold_fields(recorder, fake, flipped), "threshold_samples": int(fake.sum()),
+            "train_seconds": train_seconds, "cost": recorder.seconds / train_seconds}
+
+
+def threshold_main(args: argparse.Namespace) -> None:
+    """``--threshold-samples F``: every setting once more with threshold samples; writes THRESHOLD_RESULTS."""
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    path = args.json or THRESHOLD_RESULTS
+    began = time.perf_counter()
+    results: dict[str, Any] = json.loads(path.read_text())["results"] if args.resume and path.exists() else {}
+    for name in args.models.split(","):
+        for noise in args.noises.split(","):
+            key = f"{name}/{noise}"
+            if key in results:
+                continue
+            runs = [threshold_run(name, noise, seed, args.threshold_samples, args.dump) for seed in seeds]
+            results[key] = {"runs": runs, **summarise_threshold(runs)}
+            best = results[key]["ratio"]
+            print(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()), flush=True)
+            settings = {"seeds": seeds, "fraction": args.threshold_samples, "minimum": 16, "epochs": EPOCHS,
+                        "scores": THRESHOLD_SCORES, "detected": THRESHOLD_DETECTED,
+                        "checkpoints": DEFAULT_SIGNAL_CHECKPOINTS}
+            path.write_text(json.dumps({"settings": settings, "machine": machine(),
+                                        "seconds": time.perf_counter() - began, "results": results,
+                                        "checks": threshold_checks(results)}, indent=1))
+
+
+def threshold_checks(results: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per threshold-sample count rule: in how many settings of each model, and of all, the estimate was within
+    20% of the truth in every seed."""
+    out: dict[str, dict[str, int]] = {}
+    for rule in next(iter(results.values()))["ratio"]:
+        holds = {key: entry["within_20pct"][rule] == len(entry["runs"]) for key, entry in results.items()}
+        models = sorted({key.split("/")[0] for key in holds})
+        out[rule] = {**{m: sum(v for k, v in holds.items() if k.split("/")[0] == m) for m in models},
+                     "all": sum(holds.values())}
+    return out
+
+
+def threshold_markdown(stored: dict[str, Any]) -> str:
+    """The threshold-sample table ``docs/mislabel.md`` quotes: mean estimate / true per rule, within 20%."""
+    rules = ("el2n_weighted@0.75", "el2n_weighted@0.9", "aum@0.5", "aum@0.9")
+    lines = ["| model, noise | " + " | ".join(f"`{r}`" for r in rules) + " |", "| --- |" + " --- |" * len(rules)]
+    for key, entry in stored["results"].items():
+        cells = [f"{entry['ratio'][r]:.2f} ({entry['within_20pct'][r]}/{len(entry['runs'])})" for r in rules]
+        lines.append(f"| {key.replace('/', ', ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def threshold_merge(parts: list[Path]) -> dict[str, Any]:
+    """Threshold-sample results files of other seeds merged into one: runs appended per setting, then the
+    summaries and checks recomputed."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        stored = json.loads(part.read_text())
+        if not merged:
+            merged = stored
+            continue
+        merged["settings"]["seeds"] += stored["settings"]["seeds"]
+        merged["seconds"] += stored["seconds"]
+        for key, entry in stored["results"].items():
+            merged["results"][key]["runs"] += entry["runs"]
+    for entry in merged["results"].values():
+        entry.update(summarise_threshold(entry["runs"]))
+    merged["checks"] = threshold_checks(merged["results"])
+    return merged
+
+
+def summarise_threshold(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = runs[0]["counts"]
+    return {"ratio": {k: statistics.fmean(r["counts"][k]["ratio"] for r in runs) for k in keys},
+            "within_20pct": {k: sum(abs(r["counts"][k]["ratio"] - 1) <= 0.2 for r in runs) for k in keys},
+            "covered": {k: sum(r["counts"][k]["low"] <= 1 <= r["counts"][k]["high"] for r in runs) for k in keys},
+            "cost": statistics.fmean(r["cost"] for r in runs)}
 
 
 # -- summary ---------------------------------------------------------------------------------------------------
@@ -444,9 +609,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the docs tables from the results file")
     parser.add_argument("--derive", nargs="+", type=Path, metavar="PART",
                         help="merge these results files, recompute ours from --dump's tables, write --json")
+    parser.add_argument("--threshold-samples", type=float, metavar="F",
+                        help=f"train every setting with F of the training set as threshold samples; {THRESHOLD_RESULTS.name}")
+    parser.add_argument("--resume", action="store_true", help="with --threshold-samples: skip settings in the file")
+    parser.add_argument("--merge-threshold", nargs="+", type=Path, metavar="PART",
+                        help=f"merge threshold-sample results of other seeds into --json ({THRESHOLD_RESULTS.name})")
     args = parser.parse_args(argv)
+    if args.merge_threshold:
+        (args.json or THRESHOLD_RESULTS).write_text(json.dumps(threshold_merge(args.merge_threshold), indent=1) + "\n")
+        return
+    if args.threshold_samples:
+        torch.set_num_threads(1)
+        threshold_main(args)
+        return
     if args.markdown:
-        print(markdown(json.loads((args.json or RESULTS).read_text())))
+        stored = json.loads((args.json or RESULTS).read_text())
+        print(threshold_markdown(stored) if "fraction" in stored["settings"] else markdown(stored))
         return
     if args.derive:
         merged = derive(args.derive, args.dump)

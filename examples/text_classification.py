@@ -1,11 +1,16 @@
 """A tiny BERT classifier on generated token sequences, with InfluenceCallback (default arguments) explaining its
-worst validation predictions.
+worst validation predictions and MislabelCallback finding its most suspicious training labels.
 
 The model is ``transformers.BertForSequenceClassification`` built from a 2-layer ``BertConfig`` (random init, no
 download). The data are generated: sequences of 6-16 random tokens, padded to 16; the label is 1 when the sequence
 contains one of four keyword tokens, and 5 % of the training labels are flipped. Batches are dicts
 (``input_ids``, ``attention_mask``, ``labels``), as Hugging Face models take them. ``vmap`` cannot trace this model
 (it calls ``.item()`` and branches on data); the hook-based per-example engine handles it.
+
+MislabelCallback records training signals at the end of every epoch (forward passes over the training set, with
+``signals_outputs_fn`` reading the dict batches) and, when fit ends, ranks the 32 most suspicious training
+sequences, shown decoded beside their labels in the Influence tab's mislabel view; the flipped labels are printed
+at the end to compare.
 
 Run ``python examples/text_classification.py`` (about a minute on one CPU core), then open TensorBoard on the
 printed log directory.
@@ -22,7 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 from transformers import BertConfig, BertForSequenceClassification
 
-from lightning_influence import InfluenceCallback
+from lightning_influence import InfluenceCallback, MislabelCallback
 
 VOCAB, LENGTH, PAD, CLS = 64, 16, 0, 1
 KEYWORDS = (2, 3, 4, 5)
@@ -60,6 +65,11 @@ def decode(example: dict[str, torch.Tensor]) -> str:
     words = {PAD: "", CLS: "[CLS]", **{k: f"KEY{k}" for k in KEYWORDS}}
     ids = example["input_ids"][example["attention_mask"].bool()].tolist()
     return " ".join(words.get(t, f"t{t}") for t in ids).strip()
+
+
+def signal_outputs(module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of a dict batch: what MislabelCallback's training-signal recording reads."""
+    return module(batch), batch["labels"]
 
 
 class TinyBert(pl.LightningModule):
@@ -132,14 +142,18 @@ def main() -> None:
     logger = TensorBoardLogger(args.log_dir, name="text_classification")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
-        callbacks=[InfluenceCallback(example_formatter=decode)],  # defaults otherwise; decode: tokens as text
+        callbacks=[InfluenceCallback(example_formatter=decode),  # defaults otherwise; decode: tokens as text
+                   # when fit ends, the 32 most suspicious training labels, ranked by the training signals
+                   MislabelCallback(candidates=32, rank=16, signals_outputs_fn=signal_outputs,
+                                    example_formatter=decode)],
         log_every_n_steps=8, enable_model_summary=False,
     )
     trainer.fit(TinyBert(), train_loader, val_loader)
     flipped = train_loader.dataset.flipped.nonzero().flatten().tolist()
-    print(f"\nFlipped training labels (compare them with the harmful lists in the Influence tab): {flipped}")
+    print(f"\nFlipped training labels (compare them with the harmful lists and the mislabel candidates in the"
+          f" Influence tab): {flipped}")
     print(f"Open the results with:\n  tensorboard --logdir {logger.log_dir}\n"
-          f"JSON results are in {logger.log_dir}/influence/")
+          f"JSON results are in {logger.log_dir}/influence/ (mislabel_epoch=N.json: the mislabel candidates)")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ class MislabelCandidate:
     report's ``ranking`` (larger = more suspicious) and ``suggested_label`` the most likely class other than
     the given one over the recorded checkpoints; both are None without them. ``flagged`` says whether the
     candidate is among the ``round(estimate)`` first of the ranking, with ``estimate`` the report's estimated
-    number of wrong labels (``MislabelReport.flip_count``); None without training signals.
+    number of wrong labels (``MislabelReport.flip_count``); None without training signals. ``input`` is the
+    example's input for the first ``MISLABEL_SHOWN`` candidates and a small thumbnail of it (an image at most
+    ``THUMBNAIL_SIDE`` pixels a side, uint8) for the others; None when inputs are not kept.
     """
 
     train_index: int

@@ -26,7 +26,7 @@ from lightning_influence.config import (
 )
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.tensors.batching import describe_batch, keeps_input, prepare_batch, row_value
+from lightning_influence.core.tensors.batching import describe_batch, keeps_input, prepare_batch, row_value, thumbnail
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
@@ -118,7 +118,8 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
 def _candidates(problem: InfluenceProblem, train: IndexedData, chosen: list[int], describe: Describe,
                 scores: torch.Tensor, losses: torch.Tensor, loss_rank: torch.Tensor, ranked_by: torch.Tensor,
                 suggested: Optional[torch.Tensor], flagged: Optional[int] = None) -> tuple[MislabelCandidate, ...]:
-    """The records of the ``chosen`` examples, described in chunks; inputs kept for the first ``MISLABEL_SHOWN``.
+    """The records of the ``chosen`` examples, described in chunks: the input itself for the first
+    ``MISLABEL_SHOWN`` (the TensorBoard grid draws them), a small :func:`thumbnail` of it for every other one.
 
     ``chosen`` is in ranking order, so with ``flagged`` (the number of examples flagged) the first ``flagged``
     are the flagged ones.
@@ -128,14 +129,16 @@ def _candidates(problem: InfluenceProblem, train: IndexedData, chosen: list[int]
     for begin in range(0, len(chosen), step):
         indices = chosen[begin: begin + step]
         info = describe(problem.model, prepare_batch(train.fetch(indices), problem.device))
-        images = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
+        kept = info.inputs is not None and keeps_input(info.inputs[0])  # images and small inputs
         for row, index in enumerate(indices):
-            shown = images and begin + row < MISLABEL_SHOWN and info.inputs is not None
+            x = None
+            if kept and info.inputs is not None:
+                x = info.inputs[row].detach().cpu() if begin + row < MISLABEL_SHOWN else thumbnail(info.inputs[row])
             out.append(MislabelCandidate(
                 train_index=int(index), self_influence=float(scores[index]), loss=float(losses[index]),
                 loss_rank=int(loss_rank[index]), label=row_value(info.labels, row),
                 prediction=row_value(info.predictions, row),
-                input=info.inputs[row].detach().cpu() if shown and info.inputs is not None else None,
+                input=x,
                 text=None if info.texts is None else info.texts[row],
                 score=None if suggested is None else float(ranked_by[index]),
                 suggested_label=None if suggested is None else int(suggested[index]),

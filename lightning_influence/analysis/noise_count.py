@@ -1,11 +1,10 @@
 """How many training labels are wrong: an estimate with an interval, and a flag per example.
 
 Pure torch, from the tables of a :class:`~lightning_influence.analysis.training_signals.TrainingSignalRecorder`
-(rank 0). Both estimators read the predicted probabilities averaged over two checkpoints: ``k*``, where EL2N
-varies most across the training examples (the model fits the examples that agree with their class and not yet
-the flipped ones, which a memorising net fits later), and the next one (the separation lasts from ``k*`` into
-the gap to the next checkpoint, which a geometric schedule makes long; the benchmark's design seeds chose this
-over ``k*`` alone, ``docs/mislabel.md``):
+(rank 0). Both estimators read the predicted probabilities at one checkpoint: ``k*``, where EL2N varies most
+across the training examples (the model fits the examples that agree with their class and not yet the flipped
+ones, which a memorising net fits later). Averaging ``k*`` with the next checkpoint, the rule before, let a net
+that starts memorising right after ``k*`` hide part of its flips; ``docs/mislabel.md`` measures both:
 
 * ``confident_joint`` (default): cleanlab's calibrated confident joint (Northcutt et al. 2021) on those
   probabilities: per-class thresholds ``t_j`` (the mean ``p_j`` of the examples labelled ``j``), each
@@ -16,6 +15,10 @@ over ``k*`` alone, ``docs/mislabel.md``):
 The interval is a percentile bootstrap over the training examples (the count recomputed on resampled
 examples). The flagged examples are the first ``round(estimate)`` of the ranking (the default score), so the
 threshold is the score of the last one flagged. ``docs/mislabel.md`` measures both.
+
+:func:`threshold_sample_count` is the calibration of Pleiss et al. (2020) instead: train with a few examples
+given deliberately wrong labels (:func:`threshold_sample_labels`) and read the count off how the ranking scores
+them. It needs that change to the training, so it is not the default; ``docs/mislabel.md`` measures it.
 """
 
 from __future__ import annotations
@@ -52,15 +55,16 @@ class FlipCount:
                 "fraction": self.estimate / max(1, len(self.flagged))}
 
 
-def count_probabilities(recorder: TrainingSignalRecorder) -> torch.Tensor:
-    """The mean predicted probabilities ``[n, classes]`` of checkpoints ``k*`` and ``k* + 1`` (``k*`` if last)."""
+def count_probabilities(recorder: TrainingSignalRecorder, following: int = 0) -> torch.Tensor:
+    """The predicted probabilities ``[n, classes]`` at checkpoint ``k*`` (:func:`peak_checkpoint`), averaged
+    with the ``following`` checkpoints after it when asked (the rule before was ``following=1``)."""
     column = peak_checkpoint(recorder)
     if len(recorder.probabilities) <= column:
         raise RuntimeError("Expected per-checkpoint probabilities in the recorder (recorded since version 0.7).")
-    columns = sorted({column, min(column + 1, len(recorder.probabilities) - 1)})
+    columns = sorted({min(column + step, len(recorder.probabilities) - 1) for step in range(following + 1)})
     probs = torch.stack([recorder.probabilities[k].double() for k in columns]).mean(dim=0)
     if probs.isnan().all():  # a recorder resumed from a checkpoint written before probabilities were kept
-        raise RuntimeError("Expected per-checkpoint probabilities at the separation checkpoints, but none were kept.")
+        raise RuntimeError("Expected per-checkpoint probabilities at the separation checkpoint, but none were kept.")
     return torch.nan_to_num(probs, nan=0.0)
 
 
@@ -98,7 +102,7 @@ def _count(method: str, probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_COUNT_METHOD,
                         score: str = DEFAULT_SCORE, resamples: int = 200, level: float = 0.95,
-                        seed: int = 0) -> FlipCount:
+                        seed: int = 0, following: int = 0) -> FlipCount:
     """Estimated number of wrong labels (``method``), a ``level`` bootstrap interval, and the flagged examples.
 
     Args:
@@ -108,12 +112,13 @@ def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_
         resamples: bootstrap resamples for the interval (0: the interval is the estimate itself).
         level: the interval's coverage.
         seed: the bootstrap's seed.
+        following: checkpoints after ``k*`` whose probabilities are averaged in (:func:`count_probabilities`).
     """
     if method not in COUNT_METHODS:
         raise ValueError(f"Expected `method` to be one of {COUNT_METHODS}, but got {method!r}.")
     if not 0 < level < 1:
         raise ValueError(f"Expected `level` in (0, 1), but got {level}.")
-    probs = count_probabilities(recorder)
+    probs = count_probabilities(recorder, following)
     assert recorder.labels is not None
     labels = recorder.labels.clamp(min=0)
     estimate = _count(method, probs, labels)
@@ -133,3 +138,61 @@ def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_
     flagged[order[:flagged_count]] = True
     threshold = float(ranking[order[flagged_count - 1]]) if flagged_count else float("inf")
     return FlipCount(method, estimate, min(low, estimate), max(high, estimate), threshold, flagged, level)
+
+
+# -- deliberately mislabelled threshold samples (Pleiss et al. 2020) ---------------------------------------------
+def threshold_sample_labels(labels: torch.Tensor, count: int, classes: int, seed: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sources, wrong_labels)``: ``count`` training examples drawn without replacement and, for each, a
+    uniformly random class other than its given label. Train with these labels in place of the given ones (the
+    *threshold samples*, known to be wrong) to calibrate :func:`threshold_sample_count`.
+
+    Raises:
+        ValueError: for ``count`` outside ``[1, len(labels)]`` or fewer than two classes.
+    """
+    if classes < 2:
+        raise ValueError(f"Expected `classes` >= 2, but got {classes}.")
+    if not 1 <= count <= len(labels):
+        raise ValueError(f"Expected `count` in [1, {len(labels)}], but got {count}.")
+    generator = torch.Generator().manual_seed(seed)
+    sources = torch.randperm(len(labels), generator=generator)[:count]
+    shift = torch.randint(1, classes, (count,), generator=generator)
+    return sources, (labels[sources].long() + shift) % classes
+
+
+def threshold_sample_count(score: torch.Tensor, fake: torch.Tensor, detected: float = 0.5, resamples: int = 200,
+                           level: float = 0.95, seed: int = 0) -> tuple[float, float, float, float]:
+    """``(estimate, low, high, threshold)``: the number of wrong labels among the real examples, calibrated by
+    the threshold samples ``fake`` (bool ``[n]``, the examples trained with a deliberately wrong label).
+
+    With ``t`` the score that a fraction ``detected`` of the threshold samples exceed, and ``q`` the fraction of
+    them that do (``detected`` up to ties), the estimate is ``#{real i : score_i > t} / q``: a wrong label is taken
+    to score like a deliberately wrong one, and a right label not to exceed ``t``. The interval is a percentile
+    bootstrap resampling the real examples and the threshold samples apart.
+    """
+    if not 0 < detected < 1:
+        raise ValueError(f"Expected `detected` in (0, 1), but got {detected}.")
+    fake = fake.bool()
+    if int(fake.sum()) < 2 or bool(fake.all()):
+        raise ValueError("Expected at least two threshold samples and one real example.")
+    score = torch.nan_to_num(score.double(), nan=float("-inf"))
+    real, planted = score[~fake], score[fake]
+
+    def count(real_scores: torch.Tensor, planted_scores: torch.Tensor) -> tuple[float, float]:
+        threshold = float(torch.quantile(planted_scores, 1 - detected))
+        rate = float((planted_scores > threshold).double().mean())
+        if rate == 0:  # ties at the top: count at the threshold itself
+            rate = float((planted_scores >= threshold).double().mean())
+            return float((real_scores >= threshold).sum()) / rate, threshold
+        return float((real_scores > threshold).sum()) / rate, threshold
+
+    estimate, threshold = count(real, planted)
+    generator = torch.Generator().manual_seed(seed)
+    draws = [estimate]
+    for _ in range(resamples):
+        draws.append(count(real[torch.randint(0, len(real), (len(real),), generator=generator)],
+                           planted[torch.randint(0, len(planted), (len(planted),), generator=generator)])[0])
+    boot = torch.tensor(draws, dtype=torch.float64)
+    tail = (1 - level) / 2
+    low, high = float(torch.quantile(boot, tail)), float(torch.quantile(boot, 1 - tail))
+    return estimate, min(low, estimate), max(high, estimate), threshold

@@ -51,6 +51,8 @@ def component_scores(
 
     * ``el2n_weighted`` (:data:`DEFAULT_SCORE`): ``sum_k V_k el2n_k / sum_k V_k``, EL2N averaged over the run
       with each checkpoint weighted by how well it separates the examples (:func:`spread_weighted`);
+    * ``el2n_fitted``: the same with weights ``V_k a_k``, ``a_k`` the fraction of examples whose given label
+      the model predicts at checkpoint ``k`` (:func:`fitted_weighted`);
     * ``el2n_window``: the mean EL2N over the first ``separation_window(el2n)`` checkpoints;
     * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
     * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
@@ -70,6 +72,7 @@ def component_scores(
         "aum": -margin.nanmean(dim=1),
         "aum_window": -margin[:, :window].nanmean(dim=1),
         "el2n_weighted": spread_weighted(el2n),
+        "el2n_fitted": fitted_weighted(el2n, margin),
         "forgetting": forgetting_score(margin),
         "early_el2n": el2n[:, early],
         "early_loss": loss[:, early],
@@ -88,6 +91,21 @@ def spread_weighted(el2n: torch.Tensor) -> torch.Tensor:
     table = torch.nan_to_num(el2n.double(), nan=0.0)
     variance = table.var(dim=0)
     return (table * variance).sum(dim=1) / variance.sum().clamp(min=1e-12)
+
+
+def fitted_weighted(el2n: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``sum_k V_k a_k el2n_k / sum_k V_k a_k``: :func:`spread_weighted` with each checkpoint's weight also
+    scaled by ``a_k``, the fraction of examples with a positive margin (predicted as labelled) there.
+
+    ``V_k`` is largest when about half the examples are fitted, which comes before the model has fitted all its
+    clean examples when the labels are mostly right; ``a_k`` moves the weight towards the checkpoints where
+    the clean examples are fitted and the flips not yet (a memorising net's late checkpoints keep little weight
+    through ``V_k``).
+    """
+    table = torch.nan_to_num(el2n.double(), nan=0.0)
+    fitted = (torch.nan_to_num(margin.double(), nan=-1.0) > 0).double().mean(dim=0)
+    weight = table.var(dim=0) * fitted
+    return (table * weight).sum(dim=1) / weight.sum().clamp(min=1e-12)
 
 
 def forgetting_score(margin: torch.Tensor) -> torch.Tensor:

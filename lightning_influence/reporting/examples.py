@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_influence.config import MISLABEL_SHOWN
 from lightning_influence.core.tensors.batching import looks_like_image
 from lightning_influence.reporting._format import to_builtin
 from lightning_influence.results import InfluenceReport, MislabelReport
@@ -62,9 +61,10 @@ def report_examples(report: InfluenceReport) -> dict[str, Any]:
 
 
 def mislabel_examples(report: MislabelReport) -> dict[str, Any]:
-    """The mislabel candidates' renderings: ``{"train": {index: entry}}`` as in :func:`report_examples`."""
-    shown = report.candidates[:MISLABEL_SHOWN]  # the whole training set may be ranked: render the top only
-    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input, c.text) for c in shown}
+    """Every mislabel candidate's rendering, once per example: ``{"train": {index: entry}}`` as in
+    :func:`report_examples` (past the first ``MISLABEL_SHOWN`` candidates the analysis keeps a small thumbnail
+    of each input, so their images are at most ``THUMBNAIL_SIDE`` pixels a side)."""
+    train = {str(c.train_index): _entry(c.label, c.prediction, c.loss, c.input, c.text) for c in report.candidates}
     return {"val": {}, "train": train}
 
 

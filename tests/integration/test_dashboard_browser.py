@@ -213,6 +213,19 @@ def test_text_example_shows_its_sentences(example_site):
     assert frame(page, "DOC.querySelectorAll('.render.none').length") == 0  # no "no input" tile anywhere
 
 
+def test_text_example_mislabel_tab_shows_the_candidates_sentences(example_site):
+    root, url, chromium = example_site
+    report = json.loads((root / "text_classification" / "version_0" / "influence" / "mislabel_epoch=0.json")
+                        .read_text())
+    page = open_hash(chromium, url, run="text_classification/version_0", tab="mislabel")
+    wait(page, "DOC.querySelectorAll('#li-candidates tbody tr .render.text').length === 32")
+    shown = frame(page, "[...DOC.querySelectorAll('#li-candidates tbody tr .render.text')].map(e => e.textContent)")
+    expected = [report["examples"]["train"][str(c["train_index"])]["text"] for c in report["candidates"]]
+    assert shown == expected  # the small tiles hold the whole sentence
+    assert all(text.startswith("[CLS]") for text in shown)
+    assert frame(page, "DOC.querySelectorAll('#li-candidates .render.none').length") == 0  # no "no input" tile
+
+
 def test_digits_example_mislabel_tab_states_its_ranking_and_selects_every_candidate(example_site):
     root, url, chromium = example_site
     report = json.loads((root / "digits" / "version_0" / "influence" / "mislabel_epoch=0.json").read_text())

@@ -171,6 +171,25 @@ def test_text_example_sends_the_decoded_sentences(examples):
     assert all(e["text"] for e in page["examples"])
 
 
+def test_text_example_writes_a_mislabel_report_with_the_decoded_sentences(examples):
+    from examples.text_classification import KeywordSequences, decode
+
+    root, url = examples
+    report = _report(root, "text_classification", "mislabel_epoch=0.json")
+    assert report["ranking"] == DEFAULT_SCORE and report["training_signals"]["recorded"]
+    assert len(report["candidates"]) == 32 and report["estimated_flips"] is not None
+    data = KeywordSequences(512, seed=0, flip=0.05)  # the example's training set
+    train = report["examples"]["train"]
+    for candidate in report["candidates"]:
+        index = candidate["train_index"]
+        assert candidate["label"] == int(data.labels[index])
+        assert train[str(index)]["text"] == decode(data[index]) != ""  # the example's own formatter, per candidate
+    _, page = call(url, "mislabel", run="text_classification/version_0", epoch=0, limit=50)
+    assert page["ranking"] == DEFAULT_SCORE and page["all"] == 32
+    assert [row["text"] for row in page["candidates"]] == [train[str(c["train_index"])]["text"]
+                                                          for c in report["candidates"]]
+
+
 def test_digits_example_writes_a_mislabel_report_shown_in_its_ranking(examples):
     root, url = examples
     report = _report(root, "digits", "mislabel_epoch=0.json")

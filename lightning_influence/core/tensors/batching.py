@@ -20,6 +20,8 @@ IMAGE_CHANNELS = (1, 3, 4)
 MIN_IMAGE_SIDE = 4
 #: Non-image inputs up to this many values are kept on the result records (tabular rows, token ids) for rendering.
 MAX_KEPT_INPUT_VALUES = 4096
+#: The longest side of the small copy of an image kept on mislabel candidates past the first ones (:func:`thumbnail`).
+THUMBNAIL_SIDE = 32
 
 
 def prepare_batch(batch: Batch, device: torch.device) -> Batch:
@@ -184,3 +186,32 @@ def keeps_input(x: Any) -> bool:
     if not isinstance(x, torch.Tensor) or x.is_complex():
         return False
     return looks_like_image(x) or x.numel() <= MAX_KEPT_INPUT_VALUES
+
+
+def thumbnail(x: Any, side: int = THUMBNAIL_SIDE) -> Optional[torch.Tensor]:
+    """A small copy of one example's input, kept where the full input would cost too much memory.
+
+    Images (:func:`looks_like_image`) are average-pooled to at most ``side`` pixels a side (not below
+    ``MIN_IMAGE_SIDE``) and min-max scaled to uint8 (as the rendered thumbnails are); other inputs that
+    :func:`keeps_input` keeps are returned detached on the CPU; anything else gives None.
+
+    Example:
+        >>> thumbnail(torch.rand(3, 128, 64)).shape, thumbnail(torch.rand(3, 128, 64)).dtype
+        (torch.Size([3, 32, 16]), torch.uint8)
+    """
+    if not keeps_input(x):
+        return None
+    x = x.detach().cpu()
+    if not looks_like_image(x):
+        return x.clone()
+    image = torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    image = image.unsqueeze(0) if image.ndim == 2 else image
+    height, width = image.shape[-2:]
+    factor = max(height, width) / side
+    if factor > 1:
+        size = (max(MIN_IMAGE_SIDE, round(height / factor)), max(MIN_IMAGE_SIDE, round(width / factor)))
+        image = torch.nn.functional.adaptive_avg_pool2d(image.unsqueeze(0), size)[0]
+    low, high = image.min(), image.max()
+    image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    pixels = (image * 255).round().to(torch.uint8)
+    return pixels[0] if x.ndim == 2 else pixels

@@ -71,7 +71,7 @@ export async function drawMislabel() {
       page.order !== page.ranking ? h("div", { className: "small" }, `Shown in the order of the stored ranking ${page.order}; ${page.outside} of its top ${page.all} are not candidates of this report and are not listed.`) : null,
       bySignals ? h("div", { className: "small" }, "The suggested label is the class the training signals point to; it is never the given label, so it is shown apart from the model's own prediction. The relabel CSV proposes it as new_label.")
         : h("div", { className: "small" }, page.signals_note || "")),
-    page.rendered < page.all ? h("div", { className: "small" }, `Inputs are rendered for the first ${page.rendered} candidates only (the report's limit).`) : null,
+    page.rendered < page.all ? h("div", { className: "small" }, `Inputs are rendered for the first ${page.rendered} candidates only (a report written by an older version).`) : null,
     filters,
     h("div", { className: "split" }, h("div", { className: "table-scroll" }, table,
       page.candidates.length ? null : h("div", { className: "empty" }, "No candidate matches these filters."),

@@ -10,7 +10,7 @@ export function rendering(entry, size = "small") {
   const textValue = entry ? entry.text : null;
   if (textValue) return textRendering(textValue, size);
   if (!input) {
-    const why = entry && entry.rendered === false ? "not rendered (the report renders the top 64 candidates)" : "no input";
+    const why = entry && entry.rendered === false ? "not rendered (a report written before every candidate had a thumbnail renders the top 64 only)" : "no input";
     return h("div", { className: `render none ${size}`, title: why }, entry && entry.rendered === false ? "not rendered" : "no input");
   }
   if (input.kind === "image") {

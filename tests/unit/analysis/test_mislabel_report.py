@@ -86,7 +86,7 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     assert [c.score for c in report.candidates] == sorted((c.score for c in report.candidates), reverse=True)
     suggested = recorder.suggested_labels()
     assert all(c.suggested_label == int(suggested[c.train_index]) != c.label for c in report.candidates)
-    assert sum(c.input is not None for c in report.candidates) == 64  # inputs kept for the first MISLABEL_SHOWN
+    assert all(c.input is not None for c in report.candidates)  # tabular rows: every candidate keeps its input
     rankings = mislabel_to_dict(report)["rankings"]
     assert {"self_influence", "loss", "el2n_weighted", "el2n_window", "aum", "final_margin"} <= set(rankings)
     assert all(sorted(order) == list(range(len(data))) for order in rankings.values())
@@ -102,3 +102,46 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     write_mislabel_report(writer, report)
     assert writer.scalars["influence/mislabel/estimated_flips"] == pytest.approx(estimated["estimate"])
     assert writer.scalars["influence/mislabel/flagged"] == estimated["flagged"]
+
+
+class _TinyConvNet(torch.nn.Module):
+    """Logistic regression on 40x40 single-channel images (inputs larger than a thumbnail)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1600, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+def test_every_candidate_past_the_shown_ones_has_a_small_thumbnail_in_the_report():
+    from lightning_influence.config import MISLABEL_SHOWN
+    from lightning_influence.core.tensors.batching import THUMBNAIL_SIDE
+    from lightning_influence.dashboard.views import candidate_rows
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(90, 1, 40, 40, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (90,), generator=generator)
+    torch.manual_seed(0)
+    model = _TinyConvNet().double()
+    data = IndexedData(torch.utils.data.TensorDataset(x, y), None, 32)
+    report = find_mislabel_candidates(model, cross_entropy_per_example, data,
+                                      ProblemConfig(solver=LowRankConfig(rank=4), damping=0.1), None)
+    assert len(report.candidates) == 90 > MISLABEL_SHOWN
+    shown, rest = report.candidates[:MISLABEL_SHOWN], report.candidates[MISLABEL_SHOWN:]
+    assert all(torch.equal(c.input, x[c.train_index]) for c in shown)  # the grid's inputs, as before
+    for c in rest:  # a thumbnail: the pooled image, min-max scaled to uint8
+        assert c.input.dtype == torch.uint8 and tuple(c.input.shape) == (1, THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x[c.train_index][None].float(), THUMBNAIL_SIDE)[0]
+        scaled = (pooled - pooled.min()) / (pooled.max() - pooled.min()) * 255
+        assert (c.input.double() - scaled.double()).abs().max() <= 0.5 + 1e-3
+    as_json = mislabel_to_dict(report)
+    train = as_json["examples"]["train"]
+    assert sorted(map(int, train)) == sorted(c.train_index for c in report.candidates)  # once per example
+    assert all(entry["input"]["kind"] == "image" for entry in train.values())
+    assert {tuple(train[str(c.train_index)]["input"]["shape"]) for c in rest} == {(1, THUMBNAIL_SIDE, THUMBNAIL_SIDE)}
+    size = len(json.dumps({str(c.train_index): train[str(c.train_index)] for c in rest}))
+    assert size < 2_000 * len(rest)  # small: under 2 kB of JSON per thumbnail of 32 x 32 noise
+    rows = candidate_rows(json.loads(json.dumps(as_json)))
+    assert all(row["rendered"] and row["input"]["png"] for row in rows)  # the dashboard shows each candidate

@@ -19,6 +19,8 @@ from lightning_influence.analysis.noise_count import (
     count_probabilities,
     estimate_flip_count,
     peak_checkpoint,
+    threshold_sample_count,
+    threshold_sample_labels,
 )
 from lightning_influence.analysis.training_signals import TrainingSignalRecorder
 from lightning_influence.core.tensors.data import IndexedData
@@ -87,16 +89,45 @@ def test_estimate_on_planted_flips_is_close_with_an_interval_and_flags_the_top_o
     assert set(as_dict) == {"method", "estimate", "low", "high", "level", "flagged", "threshold", "fraction"}
 
 
-def test_count_reads_the_checkpoint_of_largest_el2n_spread_and_the_next():
+def test_count_reads_the_checkpoint_of_largest_el2n_spread():
     recorder, _ = _planted()
     spread = recorder.signals["el2n"].var(dim=0)
     peak = peak_checkpoint(recorder)
     assert peak == int(spread.argmax()) and peak + 1 < len(recorder.probabilities)
     disagree = estimate_flip_count(recorder, "disagree", resamples=0)
-    probs = (recorder.probabilities[peak].double() + recorder.probabilities[peak + 1].double()) / 2
+    probs = recorder.probabilities[peak].double()
     assert torch.allclose(count_probabilities(recorder), probs)
     wrong = probs.argmax(dim=1) != recorder.labels
     assert disagree.estimate == float(wrong.sum()) and disagree.low == disagree.high == disagree.estimate
+    following = (probs + recorder.probabilities[peak + 1].double()) / 2  # the rule before: k* and k* + 1
+    assert torch.allclose(count_probabilities(recorder, following=1), following)
+    before = estimate_flip_count(recorder, resamples=0, following=1).estimate
+    assert before == pytest.approx(confident_joint_count(following, recorder.labels))
+
+
+def test_threshold_samples_are_wrong_labels_and_calibrate_the_count():
+    labels = torch.arange(1000) % 4
+    sources, wrong = threshold_sample_labels(labels, 100, 4, seed=3)
+    assert len(set(sources.tolist())) == 100 and bool((wrong != labels[sources]).all())
+    assert set(wrong.tolist()) <= {0, 1, 2, 3}
+    # 300 real flips and 300 threshold samples scoring alike (uniform on [1, 2]), 2,400 right labels on [0, 1.1]
+    generator = torch.Generator().manual_seed(0)
+    fake = torch.zeros(3000, dtype=torch.bool)
+    fake[:300] = True
+    score = torch.rand(3000, generator=generator, dtype=torch.float64) * 1.1
+    score[:600] = 1 + torch.rand(600, generator=generator, dtype=torch.float64)  # threshold samples, then flips
+    estimate, low, high, threshold = threshold_sample_count(score, fake, detected=0.5, resamples=100)
+    assert 1.4 < threshold < 1.6  # the median of the threshold samples' scores
+    assert 255 <= estimate <= 345 and low <= 300 <= high and low < estimate < high
+    assert threshold_sample_count(score, fake, detected=0.9, resamples=0)[0] == pytest.approx(300, abs=45)
+    # right labels above the threshold are counted as flips: the estimate assumes they do not get there
+    assert threshold_sample_count(score, fake, detected=0.95, resamples=0)[0] > 330
+    with pytest.raises(ValueError, match="detected"):
+        threshold_sample_count(score, fake, detected=1.0)
+    with pytest.raises(ValueError, match="two threshold samples"):
+        threshold_sample_count(score, torch.zeros(3000, dtype=torch.bool))
+    with pytest.raises(ValueError, match="count"):
+        threshold_sample_labels(labels, 0, 4)
 
 
 def test_bad_arguments_are_refused():

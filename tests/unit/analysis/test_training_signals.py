@@ -328,9 +328,26 @@ def test_spread_weighted_el2n_weights_checkpoints_by_their_variance_across_examp
     assert torch.allclose(ranks, torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64))
 
 
+def test_fitted_weighted_el2n_scales_each_checkpoint_by_the_fraction_predicted_as_labelled():
+    from lightning_influence.analysis.signal_scores import fitted_weighted
+
+    el2n = torch.tensor([[1.2, 0.1, 0.1], [1.3, 1.3, 0.2], [0.1, 0.1, 0.1], [1.1, 0.2, 1.0]], dtype=torch.float64)
+    margin = torch.tensor([[-1.0, 2.0, 2.0], [-1.0, -1.0, 1.0], [2.0, 2.0, 2.0], [-1.0, 1.0, -0.5]],
+                          dtype=torch.float64)
+    weight = el2n.var(dim=0) * torch.tensor([0.25, 0.75, 0.75], dtype=torch.float64)  # a_k: margins > 0
+    expected = (el2n * weight).sum(dim=1) / weight.sum()
+    assert torch.allclose(fitted_weighted(el2n, margin), expected)
+    # a checkpoint where no example is predicted as labelled (a_k = 0) drops out: spread_weighted of the rest
+    unfitted = margin.clone()
+    unfitted[:, 0] = -1.0
+    assert torch.allclose(fitted_weighted(el2n, unfitted),
+                          (el2n[:, 1:] * weight[1:]).sum(dim=1) / weight[1:].sum())
+    assert not torch.allclose(fitted_weighted(el2n, margin), spread_weighted(el2n))
+
+
 def test_named_scores_include_the_new_signals():
     recorder_signals = {name: torch.rand(20, 5, generator=torch.Generator().manual_seed(1)) - 0.3
                         for name in ("loss", "margin", "el2n")}
     scores = component_scores(recorder_signals, [0, 1, 3, 7, 15])
-    assert {"aum", "aum_window", "forgetting", "el2n_weighted", DEFAULT_SCORE} <= set(scores)
+    assert {"aum", "aum_window", "forgetting", "el2n_weighted", "el2n_fitted", DEFAULT_SCORE} <= set(scores)
     assert all(score.shape == (20,) for score in scores.values())
