@@ -63,7 +63,7 @@ def test_sgd_line_search_picks_the_largest_grid_step_below_one_over_the_curvatur
     assert lr == max(v for v in LR_GRID if v <= 1 / curvature)
     assert [t[0] for t in trials] == [v for v in LR_GRID if v >= lr]  # largest first, stops at the first pass
     assert trials[-1][1] == pytest.approx(0.5 * curvature * (1 - lr * curvature) ** 2)
-    assert float(model.w) == 1.0 and model.w.grad is None  # the model is left as it was
+    assert float(model.w.detach()) == 1.0 and model.w.grad is None  # the model is left as it was
 
 
 def test_adam_line_search_uses_adams_own_step():
