@@ -339,14 +339,16 @@ def test_the_old_candidates_argument_still_works_with_a_deprecation_warning(trai
 
 @pytest.mark.ddp
 def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
-    """Two gloo ranks (LiSSA repeats and candidate scoring split between them) give the single-process run."""
+    """Two gloo ranks (LiSSA repeats and candidate scoring split between them, the guard's scores gathered) give the
+    single-process run."""
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
 
     _, model, train, val, anchors = trained
     options = {"selection": "helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
-               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32}}
+               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32},
+               "guard_per_iteration": 30}  # the guarded choice gathers every rank's full scores
     local = copy.deepcopy(model)
     expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
     spawned = copy.deepcopy(model)
