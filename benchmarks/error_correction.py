@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -90,6 +91,7 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
             lr=lr, solver=SOLVER, solver_options=SOLVER_OPTIONS, seed=seed, verbose=False, **arguments)
     except ValueError as err:  # e.g. a solve that failed: reported, not hidden
         return {"failed": str(err)}
+    gc.collect()  # each run's trainer and module are reference cycles
     chosen = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices] \
         if report.selection != "anchors" else []
     return {

@@ -11,6 +11,7 @@ Lightning shell that makes the optimizer steps is :mod:`lightning_influence.corr
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,6 +261,8 @@ class CorrectionRun:
                                  f" {iteration - 1} round(s) of steps may be far from a minimum: lower `lr`.)") from err
             if self.settings.reuse_s_test:
                 self.s_vectors = choice.s_vectors
+            if choice.info is not None:  # the round's InfluenceProblem keeps its curvature (e.g. Gauss-Newton output
+                gc.collect()  # Jacobians) in reference cycles: free it now, not when Python's collector gets to it
             weights = None if choice.weights is None else torch.tensor(choice.weights, dtype=torch.float64)
             parts.append((fetch(self.train, choice.indices, device), weights, len(choice.indices)))
         if self.settings.selection.startswith("anchors"):
