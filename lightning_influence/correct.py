@@ -329,7 +329,7 @@ def _make_optimizer(optimizer: OptimizerLike, lr: Optional[float]) -> Callable[[
     """A picklable ``params -> Optimizer`` factory (spawn-based strategies send it to new processes)."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return functools.partial(_existing_optimizer, optimizer)
-    if optimizer in ("sgd", "adam"):
+    if optimizer in ("sgd", "adam") and lr is not None:
         return functools.partial(torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr=lr)
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer

@@ -155,8 +155,9 @@ def choose_examples(  # long: the three choices (random, top-k, guarded) share t
             collectives, None, indices=allowed)
     if settings.selection == "harmful":
         return Choice(top.harmful_indices[0].tolist(), top.harmful_scores[0].tolist(), None, info, s_vectors)
-    if guarded:
-        _, shards = gather_checked(collectives, lambda: (shard_scores.train_indices, shard_scores.scores[:2]))
+    if guarded and shard_scores is not None:
+        full = shard_scores
+        _, shards = gather_checked(collectives, lambda: (full.train_indices, full.scores[:2]))
         indices, scores = guarded_top(torch.cat([i for i, _ in shards]), torch.cat([v for _, v in shards], dim=1), k)
     else:
         indices, scores = top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist()
@@ -250,7 +251,7 @@ class CorrectionRun:
             choice = Choice(anchor_ids)
         else:
             guard_batch = None
-            if self.guard_pool:
+            if self.guard_pool and self.guard is not None:
                 picks = torch.randperm(len(self.guard_pool), generator=generator)[: self.settings.guard_per_iteration]
                 guard_batch = fetch(self.guard, [self.guard_pool[i] for i in picks.tolist()], device)
             try:

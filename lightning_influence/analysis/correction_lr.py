@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ def search_lr(model: nn.Module, loss_fn: LossFn, batch: Batch, size: int, optimi
     """
     params = [p for p in model.parameters() if p.requires_grad]
     state = copy.deepcopy(model.state_dict())
-    saved_grads = [p.grad for p in params]
+    saved_grads: list[Optional[torch.Tensor]] = [p.grad for p in params]
     trials: list[tuple[float, float]] = []
     try:
         with analysis_mode(model):
@@ -75,8 +76,8 @@ def search_lr(model: nn.Module, loss_fn: LossFn, batch: Batch, size: int, optimi
                     return lr, trials
     finally:
         model.load_state_dict(state)
-        for p, g in zip(params, saved_grads):
-            p.grad = g  # type: ignore[assignment]
+        for p, saved in zip(params, saved_grads):
+            p.grad = saved
     raise ValueError(
         f"Expected the anchors' loss to fall under one {optimizer} step of some lr in {grid[0]:g}..{grid[-1]:g}, but"
         f" it did not (loss {loss0:.4g}; after each step: {[round(v, 4) for _, v in trials]}). The model may"
