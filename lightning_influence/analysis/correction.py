@@ -126,7 +126,9 @@ def choose_examples(  # long: the three choices (random, top-k, guarded) share t
 
     ``guard_batch`` (validation examples outside the slice) makes the helpful selections skip examples whose
     influence on the guard's mean loss is positive (they would raise it), filling up with the best of the
-    summed influence when too few remain. ``s_vectors`` (an earlier round's rows) skips the solve.
+    summed influence when too few remain; ``"anchors+protect"`` swaps the two roles: the examples most helpful
+    to the guard among those not harmful to the anchors (without a guard: the most helpful to the anchors).
+    ``s_vectors`` (an earlier round's rows) skips the solve.
     Must be called on every rank with the same arguments: s_test repeats and candidate scoring are split over
     ranks, and every rank gets the same answer.
     """
@@ -158,18 +160,26 @@ def choose_examples(  # long: the three choices (random, top-k, guarded) share t
     if guarded and shard_scores is not None:
         full = shard_scores
         _, shards = gather_checked(collectives, lambda: (full.train_indices, full.scores[:2]))
-        indices, scores = guarded_top(torch.cat([i for i, _ in shards]), torch.cat([v for _, v in shards], dim=1), k)
+        indices, scores = guarded_top(torch.cat([i for i, _ in shards]), torch.cat([v for _, v in shards], dim=1), k,
+                                      by_guard=settings.selection == "anchors+protect")
     else:
         indices, scores = top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist()
     return Choice(indices, scores, influence_weights(scores) if settings.selection == "weighted" else None, info,
                   s_vectors)
 
 
-def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
+def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: bool = False
+                ) -> tuple[list[int], list[float]]:
     """The ``k`` most helpful (most negative ``scores[0]``) of the examples whose influence on the guard
-    (``scores[1]``) is at most 0, then, if fewer pass, the rest by the most negative sum of both; ties by index."""
+    (``scores[1]``) is at most 0, then, if fewer pass, the rest by the most negative sum of both; ties by index.
+    ``by_guard``: the roles swapped (the most helpful to the guard of those not harmful to the anchors). The
+    scores returned are the chosen examples' influence on the anchors (``scores[0]``) either way."""
     order = indices.argsort()
     indices, scores = indices[order], scores[:, order].double()
+    if by_guard:
+        chosen, _ = guarded_top(indices, scores[[1, 0]], k)
+        position = {int(v): i for i, v in enumerate(indices.tolist())}
+        return chosen, [float(scores[0, position[i]]) for i in chosen]
     passes = scores[1] <= 0
     first = torch.where(passes, scores[0], torch.inf).argsort(stable=True)[: int(passes.sum())]
     rest = torch.where(passes, torch.inf, scores[0] + scores[1]).argsort(stable=True)
@@ -273,16 +283,16 @@ class CorrectionRun:
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:
-        """The loss of one optimizer step: the mean over the round's examples (the chosen ones and, for the
-        ``"anchors..."`` selections, the anchors), each weighted by its influence weight for ``"weighted"``."""
+        """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its
+        influence weight for ``"weighted"``), plus, for the ``"anchors+..."`` selections, the mean over the
+        anchors (so the anchors pull as hard as with ``"anchors"``, and the chosen examples add a replay term)."""
         parts = self._round["parts"]
-        total = sum(size for _, _, size in parts)
         loss = None
         for batch, weights, size in parts:
             losses = check_per_example_losses(self.loss_fn(model, batch), size)
             if weights is not None:
                 losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
-            loss = losses.sum() / total if loss is None else loss + losses.sum() / total
+            loss = losses.mean() if loss is None else loss + losses.mean()
         assert loss is not None  # every selection fine-tunes on something
         return loss
 

@@ -116,7 +116,8 @@ class CorrectionConfig:
         selection: ``"helpful"`` (most negative influence), ``"harmful"`` (most positive), ``"random"``
             candidates, ``"anchors"`` (fine-tune on the round's anchors themselves), ``"weighted"`` (helpful, each
             loss weighted by its influence), ``"anchors+helpful"`` / ``"anchors+random"`` (the anchors together
-            with helpful / random training examples).
+            with helpful / random training examples), ``"anchors+protect"`` (the anchors together with the
+            training examples most helpful to the guard among those not harmful to the anchors).
         seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
         scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
         chunk_size: training examples scored at once.
@@ -137,7 +138,7 @@ class CorrectionConfig:
     anchors_per_iteration: int = 10
     examples_per_iteration: int = 10
     steps_per_iteration: int = 1
-    selection: str = "helpful"
+    selection: str = "anchors+helpful"  # chosen by benchmarks/error-correction-study-results.json
     seed: int = 0
     scoring: str = DEFAULT_SCORING
     chunk_size: int = DEFAULT_CHUNK_SIZE

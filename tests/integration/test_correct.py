@@ -232,26 +232,28 @@ def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
 
 
 def _replay(model, train, anchors, report, lr, weighted=False):
-    """Plain SGD (one step per round) on the mean loss over the round's examples: the chosen training examples
-    (weighted by their influence for "weighted") and, for "anchors+..." selections, the round's anchors."""
+    """Plain SGD (one step per round) on the mean loss over the round's chosen training examples (weighted by their
+    influence for "weighted") plus, for "anchors+..." selections, the mean loss over the round's anchors."""
     replay = copy.deepcopy(model)
     sgd = torch.optim.SGD(replay.parameters(), lr=lr)
     for round_ in report.iterations:
         losses = replay.per_example_loss(train[list(round_.chosen_indices)])
         if weighted:
             losses = losses * torch.tensor(influence_weights(round_.chosen_influence), dtype=losses.dtype)
+        loss = losses.mean()
         if report.selection.startswith("anchors+"):
-            losses = torch.cat([losses, replay.per_example_loss(anchors[list(round_.anchor_indices)])])
+            loss = loss + replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean()
         sgd.zero_grad()
-        losses.mean().backward()
+        loss.backward()
         sgd.step()
     return replay
 
 
-@pytest.mark.parametrize("selection", ["anchors+helpful", "anchors+random", "weighted"])
+@pytest.mark.parametrize("selection", ["anchors+helpful", "anchors+random", "weighted", "anchors+protect"])
 def test_new_selections_step_on_what_they_report(trained, tmp_path, selection):
-    """anchors+helpful / anchors+random fine-tune on the anchors and the chosen examples (one mean over both);
-    weighted on the helpful examples with loss weights proportional to their influence (mean 1)."""
+    """anchors+helpful / anchors+random / anchors+protect fine-tune on the anchors' mean loss plus the chosen
+    examples' mean loss; weighted on the helpful examples with loss weights proportional to their influence
+    (mean 1). (No guard here: anchors+protect then chooses like helpful.)"""
     _, model, train, val, anchors = trained
     corrected = copy.deepcopy(model)
     report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection=selection)
@@ -292,6 +294,35 @@ def test_guard_skips_examples_that_would_raise_the_guards_loss(trained, tmp_path
     unguarded = on_anchors.topk(40, largest=False).indices.tolist()
     assert any(on_guard[i] > 0 for i in unguarded)  # without the guard some would raise the guard's loss
     assert report.settings["guard_per_iteration"] == len(val)
+
+
+def test_anchors_protect_takes_the_examples_most_helpful_to_the_guard_that_do_not_hurt_the_anchors(trained, tmp_path):
+    """Round 1 of "anchors+protect" with a guard of every validation example the model gets right: the chosen
+    examples are, in order, the most helpful to the guard's mean loss among those whose influence on the anchors
+    is <= 0 (recomputed here with li.influence); the report keeps their influence on the anchors."""
+    _, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors+protect",
+                      guard_per_iteration=len(val), iterations=1, examples_per_iteration=20)
+    first = report.iterations[0]
+    with torch.no_grad():
+        right = (original(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    loader = DataLoader(train, batch_size=64)
+
+    def loss(m, b):
+        return m.per_example_loss(b)
+
+    on_anchors = li.influence(original, loss, loader, anchors[list(first.anchor_indices)], solver="exact",
+                              damping=DAMPING).mean(0)
+    on_guard = li.influence(original, loss, loader, val[right], solver="exact", damping=DAMPING).mean(0)
+    passing = (on_anchors <= 0).nonzero().flatten().tolist()
+    expected = sorted(passing, key=lambda i: float(on_guard[i]))[:20]
+    assert len(passing) >= 20 and list(first.chosen_indices) == expected
+    torch.testing.assert_close(torch.tensor(first.chosen_influence, dtype=torch.float64), on_anchors[expected],
+                               rtol=1e-5, atol=1e-9)
+    helpful = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors+helpful",
+                       guard_per_iteration=len(val), iterations=1, examples_per_iteration=20)
+    assert set(helpful.iterations[0].chosen_indices) != set(expected)  # a different choice from anchors+helpful
 
 
 def test_reused_s_test_solves_once_and_keeps_scoring(trained, tmp_path):

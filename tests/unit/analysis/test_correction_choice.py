@@ -21,6 +21,17 @@ def test_guarded_top_takes_the_most_helpful_of_the_examples_that_do_not_hurt_the
     assert guarded_top(indices, scores, 4)[0] == [3, 9, 1, 5]
 
 
+def test_guarded_top_by_guard_swaps_the_roles_and_reports_the_anchor_influence():
+    indices = torch.tensor([5, 3, 9, 1])
+    scores = torch.tensor([[-3.0, 0.2, -1.0, -0.5],    # influence on the anchors
+                           [-0.1, -5.0, -0.3, -0.2]])  # influence on the guard
+    # 3 hurts the anchors (0.2 > 0): out, although best for the guard; then 9, 1, 5 by their help to the guard
+    chosen, influence = guarded_top(indices, scores, 3, by_guard=True)
+    assert chosen == [9, 1, 5]
+    assert influence == [-1.0, -0.5, -3.0]  # the influence on the anchors, as the report keeps it
+    assert guarded_top(indices, scores, 4, by_guard=True)[0] == [9, 1, 5, 3]  # then by the sum
+
+
 def test_guarded_top_does_not_depend_on_the_order_the_shards_came_in():
     generator = torch.Generator().manual_seed(0)
     indices, scores = torch.arange(50), torch.randn(2, 50, generator=generator)
