@@ -255,6 +255,41 @@ def merge(files: list[Path], out: Path) -> None:
     out.write_text(json.dumps(merged, indent=1))
 
 
+def markdown(results_file: Path) -> str:
+    """The docs' tables (docs/error-correction.md) from a results file, as printed there."""
+    data = json.loads(results_file.read_text())
+    lines: list[str] = []
+    if "automatic_lr" not in data:  # a --study file
+        for task, by_variant in data["tables"].items():
+            lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
+                      for v, s in by_variant.items()]
+            lines.append("")
+        return "\n".join(lines)
+    for task, by_lr in data["tables"].items():
+        lrs = ", ".join(f"{v:.3g}" for v in data["automatic_lr"][task])
+        lines += [f"**{task}** (automatic lr per seed: {lrs}); slice gain / cost outside the slice, points", "",
+                  "| selection | " + " | ".join(f"lr {lr}" for lr in by_lr) + " |",
+                  "| --- |" + " --- |" * len(by_lr)]
+        for selection in SELECTIONS:
+            cells = []
+            for by_selection in by_lr.values():
+                s = by_selection.get(selection, {})
+                cells.append(f"{s['slice_gain']} / {s['cost_outside']}" if "slice_gain" in s else "failed")
+            lines.append(f"| {selection} | " + " | ".join(cells) + " |")
+        lines.append("")
+    names = {"gain_at_least_anchors": "default's slice gain >= anchors'",
+             "cost_at_most_half_of_anchors": "default's cost <= half of anchors' (or none)",
+             "helpful_above_random_and_harmful_every_lr": "helpful > random and > harmful (every lr)",
+             "default_above_random_and_harmful_every_lr": "default > random and > harmful (every lr)"}
+    tasks = list(data["goals"])
+    lines += ["| goal (automatic lr, mean over seeds) | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for key, label in names.items():
+        lines.append(f"| {label} | " + " | ".join("yes" if data["goals"][t].get(key) else "no" for t in tasks) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -265,6 +300,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="draw the Pareto plot from --json's file")
     parser.add_argument("--plot-only", action="store_true", help="only draw the plot from an existing --json file")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' tables from --json's file")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge main-run results files (tasks"
                         " run in separate processes) into --json, recompute the goals and draw --plot")
     args = parser.parse_args()
@@ -272,6 +308,9 @@ def main() -> None:
         merge(args.merge, args.json)
         if args.plot is not None:
             plot(args.json, args.plot)
+        return
+    if args.markdown:
+        print(markdown(args.json))
         return
     if args.plot_only:
         plot(args.json, args.plot)

@@ -108,11 +108,14 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     Each of ``iterations`` rounds samples ``anchors_per_iteration`` anchors ``A`` from ``anchors``, solves
     ``s = (H + damping I)^-1 grad L_A`` for their mean loss, scores every candidate training example by
     ``I(z, A) = -s . grad L(z)`` (negative = **helpful**, positive = harmful) and makes
-    ``steps_per_iteration`` optimizer steps on the mean loss of the ``examples_per_iteration`` most helpful
-    ones. ``selection="random" | "anchors" | "harmful" | "anchors+random"`` runs the baselines through the same
-    code and budget (``"anchors"`` fine-tunes on the round's sampled anchors, ``"anchors+random"`` on them and
-    random training examples); ``"weighted"`` weights the helpful examples' losses by their influence and
-    ``"anchors+helpful"`` fine-tunes on the anchors and the helpful examples together. The steps run in
+    ``steps_per_iteration`` optimizer steps. By default (``selection="anchors+helpful"``) each step's loss is
+    the anchors' mean loss plus the mean loss of the ``examples_per_iteration`` most helpful training examples,
+    among those not raising the loss of a guard (validation examples outside the slice); ``"helpful"`` steps on
+    the helpful examples alone (FastIF, with ``guard_per_iteration=0``), ``"weighted"`` weights their losses by
+    their influence, ``"anchors+protect"`` adds the examples most helpful to the guard among those not harmful
+    to the anchors. ``selection="anchors" | "anchors+random" | "random" | "harmful"`` runs the baselines through
+    the same code and budget (``"anchors"`` fine-tunes on the round's sampled anchors, ``"anchors+random"`` on
+    them plus random training examples). The steps run in
     ``trainer.fit`` (the trainer's devices and strategy apply; its own fit state, callbacks and optimizers are
     restored afterwards, and its callbacks other than the progress bar are off during the run).
 
@@ -131,8 +134,8 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         lr: learning rate of the fresh optimizer, or ``"auto"``: the largest lr whose one step on the anchors'
             mean loss passes Armijo's sufficient-decrease test (a line search from the trained weights; the report's
             settings keep the trials). With an ``Optimizer`` or a factory, ``"auto"`` keeps its own lr.
-        selection: ``"helpful"``, ``"weighted"``, ``"anchors+helpful"``, ``"random"``, ``"anchors"``,
-            ``"anchors+random"`` or ``"harmful"``.
+        selection: ``"anchors+helpful"``, ``"helpful"``, ``"weighted"``, ``"anchors+protect"``, ``"anchors"``,
+            ``"anchors+random"``, ``"random"`` or ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
         num_candidates: FastIF's candidate preselection: each round scores only the union of the

@@ -225,7 +225,7 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
             "--save-checkpoint", str(saved), "--quiet"]
     assert main(argv) == 0
     report = _only(out / "influence", "correct_*.json")
-    assert report["selection"] == "helpful" and len(report["iterations"]) == 3
+    assert report["selection"] == li.CorrectionConfig.selection and len(report["iterations"]) == 3
     sampled = {i for step in report["iterations"] for i in step["anchor_indices"]}  # validation indices (#27)
     model = TinyDigitsModel.load_from_checkpoint(checkpoint)
     data = TinyDigitsData()
