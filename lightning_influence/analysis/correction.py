@@ -177,9 +177,9 @@ def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: b
     order = indices.argsort()
     indices, scores = indices[order], scores[:, order].double()
     if by_guard:
-        chosen, _ = guarded_top(indices, scores[[1, 0]], k)
+        picked, _ = guarded_top(indices, scores[[1, 0]], k)
         position = {int(v): i for i, v in enumerate(indices.tolist())}
-        return chosen, [float(scores[0, position[i]]) for i in chosen]
+        return picked, [float(scores[0, position[i]]) for i in picked]
     passes = scores[1] <= 0
     first = torch.where(passes, scores[0], torch.inf).argsort(stable=True)[: int(passes.sum())]
     rest = torch.where(passes, torch.inf, scores[0] + scores[1]).argsort(stable=True)
