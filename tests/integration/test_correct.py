@@ -71,7 +71,8 @@ def trained(tmp_path_factory):
 def _correct(trainer, model, train, val, anchors, **kwargs):
     options = {"train_dataloaders": DataLoader(train, batch_size=64), "val_dataloaders": DataLoader(val, batch_size=100),
                "solver": "exact", "damping": DAMPING, "iterations": 3, "examples_per_iteration": 8,
-               "anchors_per_iteration": 6, "lr": 0.1, "guard_per_iteration": 0, "verbose": False}
+               "anchors_per_iteration": 6, "lr": 0.1, "guard_per_iteration": 0, "selection": "helpful",
+               "verbose": False}  # FastIF's choice: the tests replay it; the default is tested by name
     return li.correct_errors(trainer, model, anchors, **{**options, **kwargs})
 
 
@@ -371,13 +372,13 @@ def test_the_old_candidates_argument_still_works_with_a_deprecation_warning(trai
 @pytest.mark.ddp
 def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
     """Two gloo ranks (LiSSA repeats and candidate scoring split between them, the guard's scores gathered) give the
-    single-process run."""
+    single-process run, on the default selection (anchors + guarded helpful examples)."""
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
 
     _, model, train, val, anchors = trained
-    options = {"selection": "helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
+    options = {"selection": "anchors+helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
                "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32},
                "guard_per_iteration": 30}  # the guarded choice gathers every rank's full scores
     local = copy.deepcopy(model)
@@ -394,7 +395,7 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
         assert report.after[name].loss == pytest.approx(metrics.loss, rel=1e-6)
     for key, value in local.state_dict().items():  # rank 0's weights come back to `spawned`
         torch.testing.assert_close(spawned.state_dict()[key], value, rtol=1e-6, atol=1e-9)
-    assert len(glob.glob(f"{tmp_path}/two/**/correct_helpful.json", recursive=True)) == 1
+    assert len(glob.glob(f"{tmp_path}/two/**/correct_anchors+helpful.json", recursive=True)) == 1
 
 
 def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained):
