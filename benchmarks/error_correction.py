@@ -1,34 +1,34 @@
 #!/usr/bin/env python
-"""Influence-guided error correction (FastIF Sec. 6.3) on a weak slice of scikit-learn digits.
+"""Influence-guided error correction (FastIF Sec. 6.3) against fine-tuning on the anchors, on four tasks.
 
-Task, per seed: a seeded split of the 1,797 digits into 1,000 training and 797 validation images. In the
-*training* labels, ``FLIP_FRACTION`` of the images of class ``SLICE_CLASS`` (8) are relabelled ``CONFUSED_WITH``
-(1), so the trained model confuses 8s with 1s: the weak slice is the validation 8s. Half of them (seeded) are
-the anchors, the other half the held-out slice the results are measured on. "overall" is every validation
-image except the anchors; "others" is every validation image outside the slice.
+Tasks (``benchmarks/error_correction_tasks.py``): the digits 8/1 slice with logistic regression, an Adam-trained
+MLP and a CNN, and generated text with a spurious keyword. Each run starts from the same trained weights and
+calls :func:`lightning_influence.correct_errors` through a single-device CPU ``Trainer`` with the library's
+defaults (budget, ``lr="auto"``, solver settings below) except ``selection`` and, off the automatic lr, ``lr``.
 
-Model (``--model``): logistic regression (default; convex) or a tanh CNN (2.5k parameters), float64, trained
-by full-batch Adam then L-BFGS on the noisy labels with L2 ``WEIGHT_DECAY``, so it sits at a near-stationary
-point and ``H + WEIGHT_DECAY I`` is the Hessian of its training objective (the damping used).
+Selections: ``default`` (``correct_errors``' default selection and guard), ``helpful`` (FastIF: the most helpful
+training examples, no guard), ``anchors`` (fine-tune on the anchors), ``anchors+random`` (the anchors with random
+training examples), ``random`` and ``harmful``. Learning rates: the automatic one (a line search on the anchors,
+see docs/error-correction.md) and a third and three times it; every selection of a seed uses the same three.
+Measured: accuracy on the held-out slice and on validation outside the slice (never the guard) before and after.
 
-Correction: :func:`lightning_influence.correct_errors` through a single-device CPU ``Trainer`` with
-selection ``helpful`` / ``random`` / ``anchors`` / ``harmful`` and the same budget (``ITERATIONS`` rounds of
-``ANCHORS`` anchors, ``EXAMPLES`` examples, ``STEPS`` SGD step(s)), from the same trained weights, at each
-learning rate of ``LRS`` (the budget is only the same if the step size is: so no single lr is singled out).
-Printed: slice (held-out) and overall accuracy before/after per selection, mean +- std over seeds, the
-per-seed paired differences of helpful against each baseline, and CPU/wall time. See docs/error-correction.md.
+``--study`` instead runs the design variants (guard, influence weights, anchors + helpful, reused s_test) at the
+automatic lr; the default was chosen from the study on ``digits-linear`` and ``digits-mlp`` and is checked on
+all four tasks by the main run. ``--plot PNG`` draws the Pareto plot from ``--json``'s file.
 
 Usage::
 
-    python benchmarks/error_correction.py                 # seeds 0, 1, 2; lr 0.01, 0.03, 0.1 (~70 s CPU)
-    python benchmarks/error_correction.py --json benchmarks/error-correction-results.json  # raw rows + printed tables
-    python benchmarks/error_correction.py --seeds 5 --lr 0.03 --json error-correction.json
+    python benchmarks/error_correction.py --json benchmarks/error-correction-results.json \
+        --plot docs/images/error-correction-pareto.png
+    python benchmarks/error_correction.py --study --tasks digits-linear digits-mlp \
+        --json benchmarks/error-correction-study-results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -38,251 +38,304 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+from error_correction_tasks import TASKS, Task, accuracy, make_task, train_model
 
 import lightning_influence as li
+from lightning_influence.config import CorrectionConfig
 
-N_TRAIN = 1000
-SLICE_CLASS, CONFUSED_WITH = 8, 1
-FLIP_FRACTION = 0.6
-WEIGHT_DECAY = 1e-3
-SELECTIONS = ("helpful", "random", "anchors", "harmful")
-ITERATIONS, ANCHORS, EXAMPLES, STEPS = 10, 10, 10, 1
-LRS = (0.01, 0.03, 0.1)
-SOLVER, DAMPING = "cg", WEIGHT_DECAY  # H + damping I = the Hessian of the L2-regularised objective
-SOLVER_OPTIONS = {"max_iter": 100, "tol": 1e-4}
-
-
-class DigitsModel(pl.LightningModule):
-    """``"linear"``: logistic regression (650 parameters, convex); ``"cnn"``: a tanh CNN (2.5k parameters)."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        if kind == "linear":
-            self.linear = nn.Linear(64, 10)
-        else:
-            self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-            self.conv2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
-            self.head = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            return self.linear(x.flatten(1))
-        x = torch.tanh(self.conv1(x))
-        x = torch.tanh(self.conv2(x))
-        return self.head(x.flatten(1))
-
-    def per_example_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+SELECTIONS = ("default", "helpful", "anchors", "anchors+random", "random", "harmful")
+LR_FACTORS = (1 / 3, 1.0, 3.0)
+SOLVER, SOLVER_OPTIONS = "cg", {"max_iter": 50, "tol": 1e-3}  # damping: the library's default ("auto")
+#: --study: name -> correct_errors arguments (at the automatic lr)
+VARIANTS = {
+    "helpful": {"selection": "helpful", "guard_per_iteration": 0},
+    "helpful+guard": {"selection": "helpful", "guard_per_iteration": 50},
+    "helpful+guard, s_test reused": {"selection": "helpful", "guard_per_iteration": 50, "reuse_s_test": True},
+    "weighted+guard": {"selection": "weighted", "guard_per_iteration": 50},
+    "anchors+helpful": {"selection": "anchors+helpful", "guard_per_iteration": 0},
+    "anchors+helpful+guard": {"selection": "anchors+helpful", "guard_per_iteration": 50},
+    "anchors+helpful+guard, s_test reused": {"selection": "anchors+helpful", "guard_per_iteration": 50,
+                                             "reuse_s_test": True},
+    "anchors+protect": {"selection": "anchors+protect", "guard_per_iteration": 50},
+    "anchors": {"selection": "anchors"},
+    "anchors+random": {"selection": "anchors+random"},
+}
 
 
-@dataclass(frozen=True)
-class Task:
-    train: TensorDataset
-    anchors: TensorDataset
-    heldout: TensorDataset  # the slice's held-out part
-    overall: TensorDataset  # validation minus anchors
-    others: TensorDataset  # validation outside the slice
-    flipped: int
+def selection_arguments(selection: str) -> dict:
+    if selection == "default":
+        return {}
+    if selection == "helpful":
+        return {"selection": "helpful", "guard_per_iteration": 0}
+    return {"selection": selection}
 
 
-def make_task(seed: int) -> Task:
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images / 16.0, dtype=torch.float64).reshape(-1, 1, 8, 8)
-    y = torch.tensor(labels)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=generator)
-    train, val = order[:N_TRAIN], order[N_TRAIN:]
-    y_train = y[train].clone()
-    slice_train = (y_train == SLICE_CLASS).nonzero().flatten()
-    flips = slice_train[torch.randperm(len(slice_train), generator=generator)[: round(FLIP_FRACTION * len(slice_train))]]
-    y_train[flips] = CONFUSED_WITH
-    in_slice = (y[val] == SLICE_CLASS).nonzero().flatten()
-    in_slice = in_slice[torch.randperm(len(in_slice), generator=generator)]
-    anchors, heldout = in_slice[: len(in_slice) // 2], in_slice[len(in_slice) // 2 :]
-    not_anchor = torch.ones(len(val), dtype=torch.bool)
-    not_anchor[anchors] = False
-    others = y[val] != SLICE_CLASS
-
-    def subset(mask_or_index: torch.Tensor) -> TensorDataset:
-        chosen = val[mask_or_index]
-        return TensorDataset(x[chosen], y[chosen])
-
-    return Task(TensorDataset(x[train], y_train), subset(anchors), subset(heldout), subset(not_anchor), subset(others),
-                len(flips))
-
-
-def train_model(task: Task, seed: int, kind: str) -> DigitsModel:
-    torch.manual_seed(seed)
-    model = DigitsModel(kind).double()
-    x, y = task.train.tensors
-
-    def objective() -> torch.Tensor:
-        return model.per_example_loss((x, y)).mean() + 0.5 * WEIGHT_DECAY * sum((p**2).sum() for p in model.parameters())
-
-    adam = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(300):
-        adam.zero_grad()
-        objective().backward()
-        adam.step()
-    lbfgs = torch.optim.LBFGS(model.parameters(), max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-7)
-
-    def closure() -> torch.Tensor:
-        lbfgs.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    lbfgs.step(closure)
-    return model
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: TensorDataset) -> float:
-    model.eval()
-    x, y = data.tensors
-    return float((model(x).argmax(1) == y).double().mean())
-
-
-def run_selection(task: Task, trained: DigitsModel, selection: str, seed: int, lr: float, log_dir: str,
-                  args: argparse.Namespace) -> dict:
+def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr, log_dir: str) -> dict:
     model = copy.deepcopy(trained).train()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(log_dir, name=f"seed{seed}_lr{lr}"),
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=log_dir,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu = time.process_time()
     try:
         report = li.correct_errors(
             trainer, model, task.anchors, train_dataloaders=DataLoader(task.train, batch_size=256),
-            heldout=task.heldout, val_dataloaders=DataLoader(task.overall, batch_size=512), iterations=args.iterations,
-            anchors_per_iteration=ANCHORS, examples_per_iteration=EXAMPLES, steps_per_iteration=STEPS, lr=lr,
-            selection=selection, optimizer=args.optimizer, solver=SOLVER, damping=args.damping,
-            solver_options=SOLVER_OPTIONS, seed=seed, verbose=False,
-        )
-    except ValueError as err:  # a solve that met negative curvature (non-convex models): reported, not hidden
+            heldout=task.heldout, val_dataloaders=DataLoader(task.overall, batch_size=512), guard=task.guard,
+            lr=lr, solver=SOLVER, solver_options=SOLVER_OPTIONS, seed=seed, verbose=False, **arguments)
+    except ValueError as err:  # e.g. a solve that failed: reported, not hidden
         return {"failed": str(err)}
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    labels = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices]
-    if selection == "anchors":
-        labels = []
+    gc.collect()  # each run's trainer and module are reference cycles
+    chosen = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices] \
+        if report.selection != "anchors" else []
     return {
         "slice_before": report.before["heldout"].accuracy, "slice_after": report.after["heldout"].accuracy,
-        "overall_before": report.before["val"].accuracy, "overall_after": report.after["val"].accuracy,
         "others_before": accuracy(trained, task.others), "others_after": accuracy(model, task.others),
-        "chosen_labelled_slice": labels.count(SLICE_CLASS), "chosen_labelled_confused": labels.count(CONFUSED_WITH),
-        "chosen": len(labels), "cpu_seconds": cpu, "wall_seconds": wall,
+        "overall_before": report.before["val"].accuracy, "overall_after": report.after["val"].accuracy,
+        "lr": report.settings["lr"], "selection": report.selection,
+        "chosen_slice_label": chosen.count(task.slice_label), "chosen": len(chosen),
+        "cpu_seconds": round(time.process_time() - cpu, 2),
     }
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} +- {100 * statistics.stdev(values):.1f}"
+def summary(rows: list[dict]) -> dict:
+    """Mean over seeds (per cent / points) of the slice gain and the cost outside the slice (before - after)."""
+    ok = [r for r in rows if "failed" not in r]
+    if not ok:
+        return {"failed": len(rows)}
+    gain = [100 * (r["slice_after"] - r["slice_before"]) for r in ok]
+    cost = [100 * (r["others_before"] - r["others_after"]) for r in ok]
+    return {"slice_before": round(100 * statistics.mean(r["slice_before"] for r in ok), 1),
+            "slice_after": round(100 * statistics.mean(r["slice_after"] for r in ok), 1),
+            "slice_gain": round(statistics.mean(gain), 1), "slice_gain_per_seed": [round(g, 1) for g in gain],
+            "cost_outside": round(statistics.mean(cost), 1), "cost_outside_per_seed": [round(c, 1) for c in cost],
+            "failed": len(rows) - len(ok)}
 
 
-def points(values: list[float]) -> str:
-    return ", ".join(f"{100 * v:+.1f}" for v in values)
+def goals(tables: dict) -> dict:
+    """Per task at the automatic lr: default's slice gain >= anchors', its cost <= half of anchors' (or <= 0),
+    helpful (FastIF) and default above random and harmful on the slice."""
+    verdicts = {}
+    for task, by_lr in tables.items():
+        auto = by_lr["auto"]
+        d, a = auto["default"], auto["anchors"]
+        if "slice_gain" not in d or "slice_gain" not in a:
+            verdicts[task] = {"complete": False}
+            continue
+        after = {s: auto[s].get("slice_after", float("nan")) for s in auto}
+
+        def above(selection: str, by_lr: dict = by_lr) -> bool:  # on the slice, above random and harmful, every lr
+            return all(t[selection].get("slice_after", -1) > max(t["random"].get("slice_after", 101),
+                                                                  t["harmful"].get("slice_after", 101))
+                       for t in by_lr.values())
+
+        verdicts[task] = {
+            "gain_at_least_anchors": d["slice_gain"] >= a["slice_gain"],
+            "cost_at_most_half_of_anchors": d["cost_outside"] <= max(a["cost_outside"] / 2, 0.0),
+            "default_above_random_and_harmful": after["default"] > after["random"] and after["default"] > after["harmful"],
+            "helpful_above_random_and_harmful": after["helpful"] > after["random"] and after["helpful"] > after["harmful"],
+            "default_above_random_and_harmful_every_lr": above("default"),
+            "helpful_above_random_and_harmful_every_lr": above("helpful"),
+        }
+    return verdicts
 
 
-def print_table(lr: float, all_results: dict[str, list[dict]]) -> dict:
-    """Print the docs table for one learning rate; return its cells and paired differences as printed."""
-    printed: dict = {"rows": {}, "paired": {}}
-    print(f"\nlr {lr}:\n")
-    failed = {s: sum("failed" in r for r in rows) for s, rows in all_results.items()}
-    if any(failed.values()):
-        print(f"failed runs (left out below): {failed}\n")
-    ok_seeds = [i for i in range(len(all_results["helpful"])) if not any("failed" in rows[i] for rows in
-                                                                        all_results.values())]
-    results = {s: [rows[i] for i in ok_seeds] for s, rows in all_results.items()}
-    if not ok_seeds:
-        return printed
-    print("| selection | slice acc. before | slice acc. after | overall acc. before | overall after | outside the slice"
-          " before | outside after | chosen labelled 8 / 1 | CPU s per run |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for selection, rows in results.items():
-        chosen = sum(r["chosen"] for r in rows)
-        labels = "-" if not chosen else (f"{sum(r['chosen_labelled_slice'] for r in rows) / chosen:.0%} /"
-                                         f" {sum(r['chosen_labelled_confused'] for r in rows) / chosen:.0%}")
-        cells = [mean_std([r[key] for r in rows]) for key in
-                 ("slice_before", "slice_after", "overall_before", "overall_after", "others_before", "others_after")]
-        cpu = f"{statistics.mean(r['cpu_seconds'] for r in rows):.1f}"
-        printed["rows"][selection] = [*cells, labels, cpu]
-        print(f"| {selection} | {' | '.join(cells)} | {labels} | {cpu} |")
-    print("\nPaired per-seed differences after correction, helpful minus baseline (points):")
-    helpful = results["helpful"]
-    for baseline in ("random", "anchors", "harmful"):
-        other = results[baseline]
-        diff = {key: [h[key] - b[key] for h, b in zip(helpful, other)] for key in ("slice_after", "overall_after",
-                                                                                  "others_after")}
-        wins = [sum(d > 0 for d in diff["slice_after"]), sum(d == 0 for d in diff["slice_after"]),
-                sum(d < 0 for d in diff["slice_after"])]
-        printed["paired"][baseline] = {key: points(values) for key, values in diff.items()}
-        print(f"  vs {baseline:8s} slice {points(diff['slice_after'])} (W/T/L {wins[0]}/{wins[1]}/{wins[2]});"
-              f" overall {points(diff['overall_after'])}; outside the slice {points(diff['others_after'])}")
-    own = {"overall": points([r["overall_after"] - r["overall_before"] for r in helpful]),
-           "others": points([r["others_after"] - r["others_before"] for r in helpful])}
-    printed["paired"]["helpful_own_change"] = own
-    print(f"  helpful's own change: overall {own['overall']}; outside the slice {own['others']}")
-    return printed
+def print_tables(tables: dict, lrs: dict) -> None:
+    for task, by_lr in tables.items():
+        print(f"\n{task} (automatic lr per seed: {', '.join(f'{v:g}' for v in lrs[task])})\n")
+        print("| lr | selection | slice before | slice after | slice gain | cost outside the slice | failed |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for lr, by_selection in by_lr.items():
+            for selection, s in by_selection.items():
+                print(f"| {lr} | {selection} | {s.get('slice_before', '-')} | {s.get('slice_after', '-')} |"
+                      f" {s.get('slice_gain', '-')} | {s.get('cost_outside', '-')} | {s.get('failed', 0)} |")
+
+
+def main_runs(args: argparse.Namespace, log_dir: str) -> dict:
+    results: dict = {task: {} for task in args.tasks}
+    lrs: dict = {task: [] for task in args.tasks}
+    for name in args.tasks:
+        for seed in args.seed_list:
+            task = make_task(name, seed)
+            trained = train_model(task, seed)
+            first = run_one(task, trained, {}, seed, "auto", log_dir)  # the default: finds the automatic lr
+            if "failed" in first:
+                print(f"{name} seed {seed}: the default run failed: {first['failed']}", flush=True)
+                continue
+            auto = first["lr"]
+            lrs[name].append(auto)
+            for label, factor in zip(("auto/3", "auto", "auto*3"), LR_FACTORS):
+                for selection in (SELECTIONS if args.selections is None else args.selections):
+                    row = first if (selection == "default" and factor == 1.0) else run_one(
+                        task, trained, selection_arguments(selection), seed, auto * factor, log_dir)
+                    results[name].setdefault(label, {}).setdefault(selection, []).append(row)
+                    print(f"{name} seed {seed} lr {label} ({auto * factor:.3g}) {selection:15s}"
+                          f" {_line(row)}", flush=True)
+    tables = {name: {lr: {s: summary(rows) for s, rows in by_sel.items()} for lr, by_sel in by_lr.items()}
+              for name, by_lr in results.items()}
+    print_tables(tables, lrs)
+    verdicts = goals(tables) if args.selections is None else {}
+    print("\ngoals at the automatic lr:", json.dumps(verdicts, indent=1))
+    return {"tables": tables, "automatic_lr": lrs, "goals": verdicts, "results": results}
+
+
+def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
+    results: dict = {task: {v: [] for v in VARIANTS} for task in args.tasks}
+    for name in args.tasks:
+        for seed in args.seed_list:
+            task = make_task(name, seed)
+            trained = train_model(task, seed)
+            for variant, arguments in VARIANTS.items():
+                row = run_one(task, trained, arguments, seed, "auto", log_dir)
+                results[name][variant].append(row)
+                print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
+    tables = {name: {v: summary(rows) for v, rows in by_variant.items()} for name, by_variant in results.items()}
+    for name, by_variant in tables.items():
+        print(f"\n{name} (automatic lr)\n\n| variant | slice before | slice after | slice gain | cost outside the slice |")
+        print("| --- | --- | --- | --- | --- |")
+        for variant, s in by_variant.items():
+            print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
+                  f" {s.get('cost_outside')} |")
+    return {"tables": tables, "results": results}
+
+
+def _line(row: dict) -> str:
+    if "failed" in row:
+        return f"FAILED: {row['failed'][:200]}"
+    return (f"slice {row['slice_before']:.3f} -> {row['slice_after']:.3f}  outside {row['others_before']:.3f} ->"
+            f" {row['others_after']:.3f}  cpu {row['cpu_seconds']:.1f}s")
+
+
+def plot(results_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = json.loads(results_file.read_text())["tables"]
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4), squeeze=False)
+    markers = {"auto/3": "v", "auto": "o", "auto*3": "^"}
+    colours = dict(zip(SELECTIONS, ("C3", "C0", "C2", "C4", "C7", "C1")))
+    for ax, (task, by_lr) in zip(axes[0], tables.items()):
+        for lr, by_selection in by_lr.items():
+            for selection, s in by_selection.items():
+                if "slice_gain" in s:
+                    ax.scatter(s["cost_outside"], s["slice_gain"], marker=markers[lr], color=colours[selection],
+                               s=50 if lr == "auto" else 25, label=selection if lr == "auto" else None)
+        ax.axvline(0, color="0.8", lw=0.8)
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.set_title(task)
+        ax.set_xlabel("cost outside the slice (points)")
+    axes[0][0].set_ylabel("held-out slice gain (points)")
+    axes[0][0].legend(fontsize=7, title="o auto lr, v /3, ^ x3", title_fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+def merge(files: list[Path], out: Path) -> None:
+    parts = [json.loads(f.read_text()) for f in files]
+    merged: dict = {key: {} for key in ("tables", "automatic_lr", "results")}
+    for part in parts:
+        for key in merged:
+            merged[key].update(part[key])
+    merged["goals"] = goals(merged["tables"])
+    merged["settings"] = {**parts[0]["settings"], "tasks": [t for p in parts for t in p["settings"]["tasks"]]}
+    merged["total"] = {"cpu_seconds": sum(p["total"]["cpu_seconds"] for p in parts),
+                       "wall_seconds_per_process": [p["total"]["wall_seconds"] for p in parts]}
+    print_tables(merged["tables"], merged["automatic_lr"])
+    print("\ngoals at the automatic lr:", json.dumps(merged["goals"], indent=1))
+    out.write_text(json.dumps(merged, indent=1))
+
+
+def markdown(results_file: Path) -> str:
+    """The docs' tables (docs/error-correction.md) from a results file, as printed there."""
+    data = json.loads(results_file.read_text())
+    lines: list[str] = []
+    if "automatic_lr" not in data:  # a --study file
+        for task, by_variant in data["tables"].items():
+            lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
+                      for v, s in by_variant.items()]
+            lines.append("")
+        return "\n".join(lines)
+    for task, by_lr in data["tables"].items():
+        lrs = ", ".join(f"{v:.3g}" for v in data["automatic_lr"][task])
+        lines += [f"**{task}** (automatic lr per seed: {lrs}); slice gain / cost outside the slice, points", "",
+                  "| selection | " + " | ".join(f"lr {lr}" for lr in by_lr) + " |",
+                  "| --- |" + " --- |" * len(by_lr)]
+        for selection in SELECTIONS:
+            cells = []
+            for by_selection in by_lr.values():
+                s = by_selection.get(selection, {})
+                cells.append(f"{s['slice_gain']} / {s['cost_outside']}" if "slice_gain" in s else "failed")
+            lines.append(f"| {selection} | " + " | ".join(cells) + " |")
+        lines.append("")
+    names = {"gain_at_least_anchors": "default's slice gain >= anchors'",
+             "cost_at_most_half_of_anchors": "default's cost <= half of anchors' (or none)",
+             "helpful_above_random_and_harmful_every_lr": "helpful > random and > harmful (every lr)",
+             "default_above_random_and_harmful_every_lr": "default > random and > harmful (every lr)"}
+    tasks = list(data["goals"])
+    lines += ["| goal (automatic lr, mean over seeds) | " + " | ".join(tasks) + " |", "| --- |" + " --- |" * len(tasks)]
+    for key, label in names.items():
+        lines.append(f"| {label} | " + " | ".join("yes" if data["goals"][t].get(key) else "no" for t in tasks) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--iterations", type=int, default=ITERATIONS)
-    parser.add_argument("--lr", type=float, nargs="+", default=list(LRS))
-    parser.add_argument("--damping", type=float, default=DAMPING)
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    parser.add_argument("--model", choices=("linear", "cnn"), default="linear")
+    parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=None, help="a subset (no goals)")
+    parser.add_argument("--study", action="store_true", help="the design variants at the automatic lr")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="draw the Pareto plot from --json's file")
+    parser.add_argument("--plot-only", action="store_true", help="only draw the plot from an existing --json file")
+    parser.add_argument("--markdown", action="store_true", help="print the docs' tables from --json's file")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge main-run results files (tasks"
+                        " run in separate processes) into --json, recompute the goals and draw --plot")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        if args.plot is not None:
+            plot(args.json, args.plot)
+        return
+    if args.markdown:
+        print(markdown(args.json))
+        return
+    if args.plot_only:
+        plot(args.json, args.plot)
+        return
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", ".*is below \\|lambda_min\\|.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start_cpu, start_wall = time.process_time(), time.perf_counter()
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    results = {lr: {s: [] for s in SELECTIONS} for lr in args.lr}
     with tempfile.TemporaryDirectory() as log_dir:
-        for seed in seeds:
-            task = make_task(seed)
-            trained = train_model(task, seed, args.model)
-            for lr in args.lr:
-                for selection in SELECTIONS:
-                    row = run_selection(task, trained, selection, seed, lr, log_dir, args)
-                    results[lr][selection].append(row)
-                    if "failed" in row:
-                        print(f"seed {seed} lr {lr} {selection:8s} FAILED: {row['failed']}", flush=True)
-                        continue
-                    print(f"seed {seed} lr {lr} {selection:8s} slice {row['slice_before']:.3f} -> {row['slice_after']:.3f}"
-                          f"  overall {row['overall_before']:.3f} -> {row['overall_after']:.3f}  outside the slice"
-                          f" {row['others_before']:.3f} -> {row['others_after']:.3f}  cpu {row['cpu_seconds']:.1f}s",
-                          flush=True)
-    print(f"\n{platform.machine()}, torch {torch.__version__}, model {args.model}, seeds {seeds}; {N_TRAIN} training"
-          f" images, {round(100 * FLIP_FRACTION)}% of training {SLICE_CLASS}s labelled {CONFUSED_WITH};"
-          f" {args.iterations} rounds x {ANCHORS} anchors, {EXAMPLES} examples, {STEPS} {args.optimizer} step;"
-          f" solver {SOLVER} {SOLVER_OPTIONS}, damping {args.damping}")
-    tables = {str(lr): print_table(lr, by_selection) for lr, by_selection in results.items()}
-    total = {"cpu_seconds": round(time.process_time() - start_cpu), "wall_seconds": round(time.perf_counter() - start_wall)}
-    print(f"\ntotal: {total['cpu_seconds']} s CPU, {total['wall_seconds']} s wall")
-    if args.json is not None:  # the tables as printed (per cent, points) beside the raw per-seed rows
-        settings = {"model": args.model, "optimizer": args.optimizer, "damping": args.damping, "lr": args.lr}
-        args.json.write_text(json.dumps({"seeds": seeds, "settings": settings, "total": total, "tables": tables,
-                                         "results": {str(k): v for k, v in results.items()}}, indent=2))
+        out = study_runs(args, log_dir) if args.study else main_runs(args, log_dir)
+    defaults = CorrectionConfig()
+    out["settings"] = {"seeds": args.seed_list, "tasks": args.tasks, "solver": SOLVER, "solver_options": SOLVER_OPTIONS,
+                       "default_selection": defaults.selection, "guard_per_iteration": defaults.guard_per_iteration,
+                       "iterations": defaults.iterations, "anchors_per_iteration": defaults.anchors_per_iteration,
+                       "examples_per_iteration": defaults.examples_per_iteration,
+                       "steps_per_iteration": defaults.steps_per_iteration, "optimizer": defaults.optimizer,
+                       "machine": platform.machine(), "torch": torch.__version__}
+    out["total"] = {"cpu_seconds": round(time.process_time() - start_cpu),
+                    "wall_seconds": round(time.perf_counter() - start_wall)}
+    print(f"\ntotal: {out['total']['cpu_seconds']} s CPU, {out['total']['wall_seconds']} s wall")
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=1))
+        if args.plot is not None and not args.study:
+            plot(args.json, args.plot)
 
 
 if __name__ == "__main__":

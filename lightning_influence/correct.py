@@ -22,7 +22,14 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from lightning_influence.analysis.correction import CorrectionRun, allowed_indices
+from lightning_influence.analysis.correction import (
+    CorrectionRun,
+    allowed_indices,
+    fetch,
+    round_generator,
+    sample_anchors,
+)
+from lightning_influence.analysis.correction_lr import search_lr
 from lightning_influence.callbacks._trainer import (
     Writers,
     collectives_for,
@@ -47,6 +54,7 @@ from lightning_influence.config import (
     solver_name,
 )
 from lightning_influence.core.per_example.losses import LossFn
+from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.params import model_device
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.reporting.correction import (
@@ -74,9 +82,9 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     anchors_per_iteration: int = CorrectionConfig.anchors_per_iteration,
     examples_per_iteration: int = CorrectionConfig.examples_per_iteration,
     steps_per_iteration: int = CorrectionConfig.steps_per_iteration,
-    lr: float = 0.01,
+    lr: Union[float, str] = CorrectionConfig.lr,
     selection: str = CorrectionConfig.selection,
-    optimizer: OptimizerLike = "sgd",
+    optimizer: OptimizerLike = CorrectionConfig.optimizer,
     num_candidates: Optional[int] = None,
     train_indices: Optional[Sequence[int]] = None,
     loss_fn: Union[LossFn, str, None] = None,
@@ -91,17 +99,25 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     verbose: bool = True,
     candidates: Optional[Union[int, Sequence[int]]] = None,
     problem: Optional[ProblemConfig] = None,
+    guard: Optional[DataLike] = None,
+    guard_per_iteration: int = CorrectionConfig.guard_per_iteration,
+    reuse_s_test: bool = CorrectionConfig.reuse_s_test,
 ) -> CorrectionReport:
     r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
 
     Each of ``iterations`` rounds samples ``anchors_per_iteration`` anchors ``A`` from ``anchors``, solves
     ``s = (H + damping I)^-1 grad L_A`` for their mean loss, scores every candidate training example by
     ``I(z, A) = -s . grad L(z)`` (negative = **helpful**, positive = harmful) and makes
-    ``steps_per_iteration`` optimizer steps on the mean loss of the ``examples_per_iteration`` most helpful
-    ones. ``selection="random" | "anchors" | "harmful"`` runs the baselines through the same code and budget
-    (``"anchors"`` fine-tunes on the round's sampled anchors). The steps run in ``trainer.fit`` (the trainer's
-    devices and strategy apply; its own fit state, callbacks and optimizers are restored afterwards, and its
-    callbacks other than the progress bar are off during the run).
+    ``steps_per_iteration`` optimizer steps. By default (``selection="anchors+helpful"``) each step's loss is
+    the anchors' mean loss plus the mean loss of the ``examples_per_iteration`` most helpful training examples,
+    among those not raising the loss of a guard (validation examples outside the slice); ``"helpful"`` steps on
+    the helpful examples alone (FastIF, with ``guard_per_iteration=0``), ``"weighted"`` weights their losses by
+    their influence, ``"anchors+protect"`` adds the examples most helpful to the guard among those not harmful
+    to the anchors. ``selection="anchors" | "anchors+random" | "random" | "harmful"`` runs the baselines through
+    the same code and budget (``"anchors"`` fine-tunes on the round's sampled anchors, ``"anchors+random"`` on
+    them plus random training examples). The steps run in
+    ``trainer.fit`` (the trainer's devices and strategy apply; its own fit state, callbacks and optimizers are
+    restored afterwards, and its callbacks other than the progress bar are off during the run).
 
     Args:
         trainer: the Trainer whose devices, strategy, precision and logger to use (e.g. the one that trained
@@ -115,8 +131,11 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
             slice); ``val_dataloaders`` (default: the datamodule's or the trainer's) is evaluated as ``"val"``,
             ``anchors`` as ``"anchors"``.
         iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration: the budget.
-        lr: learning rate of the fresh optimizer.
-        selection: ``"helpful"``, ``"random"``, ``"anchors"`` or ``"harmful"``.
+        lr: learning rate of the fresh optimizer, or ``"auto"``: the largest lr whose one step on the anchors'
+            mean loss passes Armijo's sufficient-decrease test (a line search from the trained weights; the report's
+            settings keep the trials). With an ``Optimizer`` or a factory, ``"auto"`` keeps its own lr.
+        selection: ``"anchors+helpful"``, ``"helpful"``, ``"weighted"``, ``"anchors+protect"``, ``"anchors"``,
+            ``"anchors+random"``, ``"random"`` or ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
         num_candidates: FastIF's candidate preselection: each round scores only the union of the
@@ -135,6 +154,10 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         candidates: deprecated: an int is ``num_candidates``, a sequence ``train_indices``.
         problem: the s_test problem as one :class:`~lightning_influence.ProblemConfig` (solver, curvature, damping,
             ``parameters``, ...) instead of ``solver``, ``damping``, ``curvature`` and ``solver_options``.
+        guard, guard_per_iteration: examples outside the slice to protect (default: the validation data); each
+            round samples ``guard_per_iteration`` of those the model got right before the run, and the helpful
+            selections skip training examples whose influence would raise their mean loss (0: no guard).
+        reuse_s_test: solve s_test in the first round only and reuse it in later rounds (the scores stay fresh).
 
     Returns:
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
@@ -142,10 +165,12 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     """
     num_candidates, train_indices = _legacy_candidates(candidates, num_candidates, train_indices)
     setup = resolve_problem(problem, solver, damping, curvature, dict(solver_options or {}))
-    settings = CorrectionConfig(iterations, anchors_per_iteration, examples_per_iteration, steps_per_iteration,
-                                selection, seed, scoring, chunk_size, num_candidates, setup.curvature)
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise ValueError(f"Expected `lr` to be a positive number, but got {lr!r}.")
+    settings = CorrectionConfig(
+        iterations=iterations, anchors_per_iteration=anchors_per_iteration,
+        examples_per_iteration=examples_per_iteration, steps_per_iteration=steps_per_iteration, selection=selection,
+        seed=seed, scoring=scoring, chunk_size=chunk_size, num_candidates=num_candidates, curvature=setup.curvature,
+        lr=lr, optimizer=optimizer if isinstance(optimizer, str) else "sgd", guard_per_iteration=guard_per_iteration,
+        reuse_s_test=reuse_s_test)
     loss = resolve_loss_fn(model, loss_fn, who="correct_errors")
     train = train_data(trainer, None, chunk_size, loader=train_dataloaders if train_dataloaders is not None
                        else datamodule.train_dataloader() if datamodule is not None else None)
@@ -157,16 +182,22 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     val = val_data(trainer, chunk_size, loader=val_dataloaders, datamodule=datamodule, required=False)
     if val is not None:
         eval_sets["val"] = val
+    guard_data = (indexed(guard, "guard", chunk_size) if guard is not None else val) if guard_per_iteration else None
+    chosen_lr, lr_search = _resolve_lr(model, loss, anchor_data, settings, optimizer)
     in_dataset_terms = functools.partial(_in_dataset_terms, anchors=_subset_indices(anchors),
                                          heldout=_subset_indices(heldout))
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
-                   "lr": float(lr), "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
+                   "lr": chosen_lr, "lr_requested": lr, "lr_search": lr_search,
+                   "guard_per_iteration": guard_per_iteration if guard_data is not None else 0,
+                   "guard": ("given" if guard is not None else "validation data") if guard_data is not None else None,
+                   "reuse_s_test": reuse_s_test,
+                   "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
                    "solver": solver_name(setup.solver_config), "damping": setup.damping,
                    "damping_requested": setup.damping, "curvature": setup.curvature,
                    "solver_options": dict(solver_options or {}), "seed": seed, "train_size": len(train)}
     run = CorrectionRun(loss, train, anchor_data, eval_sets, allowed_indices(train_indices, len(train)), settings,
-                        setup, description)
+                        setup, description, guard_data)
     tag = f"influence/correct/{name or selection}"
     log_dir = shared_log_dir(trainer)  # every rank calls it: a broadcast under DDP
     report_path = _report_path(log_dir, tag)
@@ -176,7 +207,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         if trainer.is_global_zero:
             _write_outputs(trainer, log_dir, tag, report, report_path, verbose)
         return report
-    module = _CorrectionModule(model, run, _make_optimizer(optimizer, lr), tag, log_dir, verbose, in_dataset_terms,
+    module = _CorrectionModule(model, run, _make_optimizer(optimizer, chosen_lr), tag, log_dir, verbose, in_dataset_terms,
                                bar_kind(trainer))
     with _isolated_fit(trainer, iterations * steps_per_iteration):
         trainer.fit(module, train_dataloaders=DataLoader(_StepIds(iterations * steps_per_iteration), batch_size=None))
@@ -223,7 +254,7 @@ class _CorrectionModule(pl.LightningModule):
         return self.make_optimizer(self.model.parameters())
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.run.loss_fn(self.model, self.run.step_batch()).mean()
+        return self.run.step_loss(self.model)
 
     def on_train_start(self) -> None:
         self._rounds = contextlib.ExitStack()
@@ -282,11 +313,26 @@ def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
         trainer.should_stop = saved[5]
 
 
-def _make_optimizer(optimizer: OptimizerLike, lr: float) -> Callable[[Iterable[nn.Parameter]], Any]:
+def _resolve_lr(model: nn.Module, loss: LossFn, anchors: IndexedData, settings: CorrectionConfig,
+                optimizer: OptimizerLike) -> tuple[Optional[float], Optional[list[list[float]]]]:
+    """The run's lr and, for ``lr="auto"``, the line search's trials ``[lr, anchor loss after one step]``: on the
+    first round's anchors (the same on every rank), from the trained weights, with the run's fresh optimizer."""
+    if settings.lr != "auto":
+        return float(settings.lr), None
+    if isinstance(optimizer, torch.optim.Optimizer):  # its own lr (the model's optimizer state)
+        return float(optimizer.param_groups[0]["lr"]), None
+    if not isinstance(optimizer, str):  # a factory brings its own lr
+        return None, None
+    ids = sample_anchors(len(anchors), settings.anchors_per_iteration, round_generator(settings.seed, 1))
+    lr, trials = search_lr(model, loss, fetch(anchors, ids, model_device(model)), len(ids), settings.optimizer)
+    return lr, [[a, b] for a, b in trials]
+
+
+def _make_optimizer(optimizer: OptimizerLike, lr: Optional[float]) -> Callable[[Iterable[nn.Parameter]], Any]:
     """A picklable ``params -> Optimizer`` factory (spawn-based strategies send it to new processes)."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return functools.partial(_existing_optimizer, optimizer)
-    if optimizer in ("sgd", "adam"):
+    if optimizer in ("sgd", "adam") and lr is not None:
         return functools.partial(torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam, lr=lr)
     if callable(optimizer) and not isinstance(optimizer, str):
         return optimizer

@@ -11,8 +11,10 @@ Lightning shell that makes the optimizer steps is :mod:`lightning_influence.corr
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -103,21 +105,39 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch
     return Metrics(float(total[0] / count), accuracy, count)
 
 
-def choose_examples(
+@dataclass
+class Choice:
+    """One round's choice: training indices, their influence on the anchors (influence selections), the loss
+    weights of the chosen examples (None: equal), how the s_test solve went and the s_test rows (to reuse)."""
+
+    indices: list[int]
+    influence: Optional[list[float]] = None
+    weights: Optional[list[float]] = None
+    info: Optional[SolveInfo] = None
+    s_vectors: Optional[torch.Tensor] = None
+
+
+def choose_examples(  # long: the three choices (random, top-k, guarded) share the solve and the candidate set
     model: nn.Module, loss_fn: LossFn, train: IndexedData, anchor_batch: Batch, allowed: Sequence[int],
     settings: CorrectionConfig, setup: ProblemConfig, collectives: Collectives, generator: torch.Generator,
-) -> tuple[list[int], Optional[list[float]], Optional[SolveInfo]]:
-    """The training indices to fine-tune on this round, (helpful/harmful) their influence on the anchors and how
-    the s_test solve went.
+    guard_batch: Optional[Batch] = None, s_vectors: Optional[torch.Tensor] = None,
+) -> Choice:
+    """The training examples to fine-tune on this round (with ``"anchors+..."`` selections: besides the anchors).
 
+    ``guard_batch`` (validation examples outside the slice) makes the helpful selections skip examples whose
+    influence on the guard's mean loss is positive (they would raise it), filling up with the best of the
+    summed influence when too few remain; ``"anchors+protect"`` swaps the two roles: the examples most helpful
+    to the guard among those not harmful to the anchors (without a guard: the most helpful to the anchors).
+    ``s_vectors`` (an earlier round's rows) skips the solve.
     Must be called on every rank with the same arguments: s_test repeats and candidate scoring are split over
     ranks, and every rank gets the same answer.
     """
     k = settings.examples_per_iteration
-    if settings.selection == "random":
+    if settings.selection in ("random", "anchors+random"):
         picks = torch.randperm(len(allowed), generator=generator)[:k].tolist()
-        return [int(allowed[i]) for i in picks], None, None
+        return Choice([int(allowed[i]) for i in picks])
     problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
+    info = None
     with analysis_mode(model):
         if settings.num_candidates is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
             neighbours = find_candidates(model, anchor_batch, train, ExplainConfig(
@@ -127,18 +147,72 @@ def choose_examples(
             allowed = sorted(i for i in neighbours.indices.unique().tolist() if i in permitted)
             expect(len(allowed) >= k, "examples_per_iteration", f"at most the {len(allowed)} nearest-neighbour"
                    " candidates of this round's anchors", k, "Raise `num_candidates` (neighbours per anchor).")
-        gradient = problem.gradients(anchor_batch).mean(dim=0, keepdim=True)  # grad of the anchors' mean loss
-        s_vector, info = solve_s_test(problem, gradient, collectives, None)
-        top, _, _ = score_training_set(problem, train, s_vector, ExplainConfig(
-            top_k=k, scoring=settings.scoring, chunk_size=settings.chunk_size), collectives, None, indices=allowed)
-    if settings.selection == "helpful":
-        return top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist(), info
-    return top.harmful_indices[0].tolist(), top.harmful_scores[0].tolist(), info
+        if s_vectors is None:
+            batches = [anchor_batch] if guard_batch is None else [anchor_batch, guard_batch]
+            gradients = torch.cat([problem.gradients(b).mean(dim=0, keepdim=True) for b in batches])
+            s_vectors, info = solve_s_test(problem, gradients, collectives, None)
+        guarded = s_vectors.shape[0] > 1 and settings.selection != "harmful"
+        top, _, shard_scores = score_training_set(problem, train, s_vectors, ExplainConfig(
+            top_k=k, scoring=settings.scoring, chunk_size=settings.chunk_size, keep_full_scores=guarded),
+            collectives, None, indices=allowed)
+    if settings.selection == "harmful":
+        return Choice(top.harmful_indices[0].tolist(), top.harmful_scores[0].tolist(), None, info, s_vectors)
+    if guarded and shard_scores is not None:
+        full = shard_scores
+        _, shards = gather_checked(collectives, lambda: (full.train_indices, full.scores[:2]))
+        indices, scores = guarded_top(torch.cat([i for i, _ in shards]), torch.cat([v for _, v in shards], dim=1), k,
+                                      by_guard=settings.selection == "anchors+protect")
+    else:
+        indices, scores = top.helpful_indices[0].tolist(), top.helpful_scores[0].tolist()
+    return Choice(indices, scores, influence_weights(scores) if settings.selection == "weighted" else None, info,
+                  s_vectors)
+
+
+def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: bool = False
+                ) -> tuple[list[int], list[float]]:
+    """The ``k`` most helpful (most negative ``scores[0]``) of the examples whose influence on the guard
+    (``scores[1]``) is at most 0, then, if fewer pass, the rest by the most negative sum of both; ties by index.
+    ``by_guard``: the roles swapped (the most helpful to the guard of those not harmful to the anchors). The
+    scores returned are the chosen examples' influence on the anchors (``scores[0]``) either way."""
+    order = indices.argsort()
+    indices, scores = indices[order], scores[:, order].double()
+    if by_guard:
+        picked, _ = guarded_top(indices, scores[[1, 0]], k)
+        position = {int(v): i for i, v in enumerate(indices.tolist())}
+        return picked, [float(scores[0, position[i]]) for i in picked]
+    passes = scores[1] <= 0
+    first = torch.where(passes, scores[0], torch.inf).argsort(stable=True)[: int(passes.sum())]
+    rest = torch.where(passes, torch.inf, scores[0] + scores[1]).argsort(stable=True)
+    chosen = torch.cat([first, rest])[:k]
+    return indices[chosen].tolist(), scores[0, chosen].tolist()
+
+
+def influence_weights(scores: Sequence[float]) -> list[float]:
+    """Loss weights proportional to how helpful each chosen example is (``-influence``, clipped at 0), with mean 1;
+    equal weights when none is helpful."""
+    helpful = torch.tensor([max(-float(v), 0.0) for v in scores], dtype=torch.float64)
+    if float(helpful.sum()) <= 0:
+        return [1.0] * len(scores)
+    return (helpful * len(scores) / helpful.sum()).tolist()
+
+
+def correct_indices(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch.device) -> list[int]:
+    """Indices of ``data`` the model classifies correctly (all of them when the batches carry no labels); computed
+    whole on every rank (the same answer everywhere)."""
+    kept: list[int] = []
+    with analysis_mode(model), torch.no_grad():
+        for indices, batch in data.batches_with_indices(list(range(len(data)))):
+            info = describe_batch(model, prepare_batch(batch, device))
+            if info.labels is None or info.predictions is None or info.labels.shape != info.predictions.shape:
+                kept.extend(int(i) for i in indices)
+            else:
+                kept.extend(int(i) for i, ok in zip(indices, (info.predictions == info.labels).tolist()) if ok)
+    return kept
 
 
 class CorrectionRun:
     """The state of one run on one rank; the Lightning shell calls ``start``, then per round ``begin_round``
-    (before its optimizer steps), ``step_batch`` (per step) and ``end_round`` (after them).
+    (before its optimizer steps), ``step_loss`` (per step) and ``end_round`` (after them).
 
     Args:
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example losses.
@@ -147,16 +221,22 @@ class CorrectionRun:
         eval_sets: name -> data evaluated before and after every round (e.g. ``heldout``, ``val``).
         allowed: training indices the run may choose from.
         settings: the run's settings.
-        config, damping: the s_test solver.
+        setup: the s_test problem.
+        description: the settings as the report shows them.
+        guard: examples outside the slice to protect (``settings.guard_per_iteration`` of those the model gets
+            right at the start are sampled per round); None or ``guard_per_iteration=0``: no guard.
     """
 
     def __init__(self, loss_fn: LossFn, train: IndexedData, anchors: IndexedData, eval_sets: dict[str, IndexedData],
                  allowed: Sequence[int], settings: CorrectionConfig, setup: ProblemConfig,
-                 description: dict[str, Any]) -> None:
+                 description: dict[str, Any], guard: Optional[IndexedData] = None) -> None:
         check_sizes(settings, len(anchors), len(allowed))
         self.loss_fn, self.train, self.anchors, self.eval_sets = loss_fn, train, anchors, eval_sets
         self.allowed, self.settings, self.setup = list(allowed), settings, setup
         self.description = description
+        self.guard = guard if settings.guard_per_iteration > 0 else None
+        self.guard_pool: list[int] = []
+        self.s_vectors: Optional[torch.Tensor] = None  # the first round's s_test rows when reused
         self.before: dict[str, Metrics] = {}
         self.rounds: list[CorrectionIteration] = []
         self._round: dict[str, Any] = {}
@@ -166,7 +246,9 @@ class CorrectionRun:
 
     def start(self, model: nn.Module, device: torch.device, collectives: Collectives) -> None:
         self.before = self.evaluate_all(model, device, collectives)
-        self.rounds = []
+        self.rounds, self.s_vectors = [], None
+        if self.guard is not None and self.settings.selection not in ("random", "anchors", "anchors+random"):
+            self.guard_pool = correct_indices(model, self.loss_fn, self.guard, device)
 
     def begin_round(self, model: nn.Module, device: torch.device, collectives: Collectives) -> None:
         iteration = len(self.rounds) + 1
@@ -174,31 +256,54 @@ class CorrectionRun:
         generator = round_generator(self.settings.seed, iteration)
         anchor_ids = sample_anchors(len(self.anchors), self.settings.anchors_per_iteration, generator)
         anchor_batch = fetch(self.anchors, anchor_ids, device)
+        parts: list[tuple[Batch, Optional[torch.Tensor], int]] = []  # (batch, loss weights or None, size)
         if self.settings.selection == "anchors":
-            chosen, influence, source, info = anchor_ids, None, self.anchors, None
+            choice = Choice(anchor_ids)
         else:
+            guard_batch = None
+            if self.guard_pool and self.guard is not None:
+                picks = torch.randperm(len(self.guard_pool), generator=generator)[: self.settings.guard_per_iteration]
+                guard_batch = fetch(self.guard, [self.guard_pool[i] for i in picks.tolist()], device)
             try:
-                chosen, influence, info = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.allowed,
-                                                          self.settings, self.setup, collectives, generator)
+                choice = choose_examples(model, self.loss_fn, self.train, anchor_batch, self.allowed, self.settings,
+                                         self.setup, collectives, generator, guard_batch, self.s_vectors)
             except ValueError as err:  # e.g. CG meeting negative curvature once the steps left the minimum
                 raise ValueError(f"Choosing the examples of round {iteration} failed: {err} (the model after"
                                  f" {iteration - 1} round(s) of steps may be far from a minimum: lower `lr`.)") from err
-            source = self.train
+            if self.settings.reuse_s_test:
+                self.s_vectors = choice.s_vectors
+            if choice.info is not None:  # the round's InfluenceProblem keeps its curvature (e.g. Gauss-Newton output
+                gc.collect()  # Jacobians) in reference cycles: free it now, not when Python's collector gets to it
+            weights = None if choice.weights is None else torch.tensor(choice.weights, dtype=torch.float64)
+            parts.append((fetch(self.train, choice.indices, device), weights, len(choice.indices)))
+        if self.settings.selection.startswith("anchors"):
+            parts.append((anchor_batch, None, len(anchor_ids)))
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
-                       "chosen": chosen, "influence": influence, "batch": fetch(source, chosen, device), "info": info,
+                       "choice": choice, "parts": parts,
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
 
-    def step_batch(self) -> Batch:
-        """The examples of the current round (every optimizer step of the round uses them all)."""
-        return self._round["batch"]
+    def step_loss(self, model: nn.Module) -> torch.Tensor:
+        """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its
+        influence weight for ``"weighted"``), plus, for the ``"anchors+..."`` selections, the mean over the
+        anchors (so the anchors pull as hard as with ``"anchors"``, and the chosen examples add a replay term)."""
+        parts = self._round["parts"]
+        loss = None
+        for batch, weights, size in parts:
+            losses = check_per_example_losses(self.loss_fn(model, batch), size)
+            if weights is not None:
+                losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
+            loss = losses.mean() if loss is None else loss + losses.mean()
+        assert loss is not None  # every selection fine-tunes on something
+        return loss
 
     def end_round(self, model: nn.Module, device: torch.device, collectives: Collectives) -> CorrectionIteration:
         r = self._round
         after = mean_loss(model, self.loss_fn, r["anchor_batch"], len(r["anchor_ids"]))
         metrics = self.evaluate_all(model, device, collectives)
-        influence = None if r["influence"] is None else tuple(float(v) for v in r["influence"])
-        info = r["info"]
-        record = CorrectionIteration(r["iteration"], tuple(r["anchor_ids"]), tuple(int(i) for i in r["chosen"]),
+        choice = r["choice"]
+        influence = None if choice.influence is None else tuple(float(v) for v in choice.influence)
+        info = choice.info
+        record = CorrectionIteration(r["iteration"], tuple(r["anchor_ids"]), tuple(int(i) for i in choice.indices),
                                      influence, r["anchor_loss_before"], after, metrics, time.perf_counter() - r["start"],
                                      None if info is None else float(info.damping),
                                      None if info is None or info.residual is None else float(info.residual),

@@ -44,8 +44,18 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training examples chosen per round (default: {CorrectionConfig.examples_per_iteration})")
     budget.add_argument("--steps-per-iteration", type=int, default=CorrectionConfig.steps_per_iteration,
                         help=f"optimizer steps per round (default: {CorrectionConfig.steps_per_iteration})")
-    budget.add_argument("--lr", type=float, default=0.01, help="learning rate of the fresh optimizer (default: 0.01)")
-    budget.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"), help="fresh optimizer (default: sgd)")
+    budget.add_argument("--lr", type=_lr, default=CorrectionConfig.lr, help="learning rate of the fresh optimizer, or"
+                        " 'auto': a line search on the anchors before the first round (default:"
+                        f" {CorrectionConfig.lr})")
+    budget.add_argument("--optimizer", default=CorrectionConfig.optimizer, choices=("sgd", "adam"),
+                        help=f"fresh optimizer (default: {CorrectionConfig.optimizer})")
+    budget.add_argument("--guard-per-iteration", type=int, default=CorrectionConfig.guard_per_iteration,
+                        help="validation examples outside the slice (ones the checkpoint gets right) sampled per"
+                        " round; helpful selections skip training examples that would raise their loss (0: off;"
+                        f" default: {CorrectionConfig.guard_per_iteration})")
+    budget.add_argument("--reuse-s-test", action=argparse.BooleanOptionalAction, default=CorrectionConfig.reuse_s_test,
+                        help="solve s_test in the first round only and reuse it (default:"
+                        f" {'on' if CorrectionConfig.reuse_s_test else 'off'})")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                         help="s_test solver (default: lissa)")
     budget.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING,
@@ -75,6 +85,8 @@ def run_correct(args: argparse.Namespace) -> int:
     if not anchors:
         raise UsageError(f"The slice has {len(slice_indices)} example(s) and all are held out: lower"
                          " `--heldout-fraction` or pass more `--anchor-indices`.")
+    in_slice = set(slice_indices)
+    others = [i for i in range(len(val_loader.dataset)) if i not in in_slice]  # the guard: never the slice
     trainer = _posthoc_trainer(args, context)
     loss_fn = _loss_fn(args, context)
     check_training_losses(context, loss_fn, IndexedData.from_loader(context.train_loader), args.device)
@@ -85,7 +97,8 @@ def run_correct(args: argparse.Namespace) -> int:
             iterations=args.iterations, anchors_per_iteration=min(args.anchors_per_iteration, len(anchors)),
             examples_per_iteration=args.examples_per_iteration, steps_per_iteration=args.steps_per_iteration,
             lr=args.lr, selection=args.selection, optimizer=args.optimizer, loss_fn=loss_fn, solver=args.solver,
-            damping=args.damping, seed=args.seed, verbose=not args.quiet,
+            damping=args.damping, seed=args.seed, verbose=not args.quiet, guard=Subset(val_loader.dataset, others),
+            guard_per_iteration=args.guard_per_iteration, reuse_s_test=args.reuse_s_test,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -104,6 +117,19 @@ def run_correct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lr(text: str) -> Any:
+    """``--lr``: a positive number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', but got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', but got {text!r}")
+    return value
+
+
 def correction_verdict(report: Any, args: argparse.Namespace) -> str:
     """A line when the run fixed nothing on the slice (no accuracy gained on the held-out part, or on the anchors
     without one), with the knobs that change how far it moves; empty otherwise."""
@@ -115,7 +141,8 @@ def correction_verdict(report: Any, args: argparse.Namespace) -> str:
                         for name in ("anchors", "heldout", "val") if name in report.before
                         and report.before[name].accuracy is not None and report.after[name].accuracy is not None)
     steps = args.iterations * args.steps_per_iteration
-    return (f"Nothing fixed: {changes} (accuracy). The run took {steps} {args.optimizer} step(s) of lr {args.lr} in all,"
+    lr = report.settings.get("lr", args.lr)
+    return (f"Nothing fixed: {changes} (accuracy). The run took {steps} {args.optimizer} step(s) of lr {lr} in all,"
             f" each on {args.examples_per_iteration} chosen training example(s). To move the slice further raise"
             " --lr (e.g. tenfold), --steps-per-iteration or --iterations, or try --optimizer adam, and watch the"
             " validation accuracy; --selection random on the same budget shows what the influence selection adds.")

@@ -114,7 +114,10 @@ class CorrectionConfig:
         examples_per_iteration: training examples fine-tuned on per round.
         steps_per_iteration: optimizer steps per round, each on the mean loss of the chosen examples.
         selection: ``"helpful"`` (most negative influence), ``"harmful"`` (most positive), ``"random"``
-            candidates, or ``"anchors"`` (fine-tune on the round's anchors themselves).
+            candidates, ``"anchors"`` (fine-tune on the round's anchors themselves), ``"weighted"`` (helpful, each
+            loss weighted by its influence), ``"anchors+helpful"`` / ``"anchors+random"`` (the anchors together
+            with helpful / random training examples), ``"anchors+protect"`` (the anchors together with the
+            training examples most helpful to the guard among those not harmful to the anchors).
         seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
         scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
         chunk_size: training examples scored at once.
@@ -122,21 +125,39 @@ class CorrectionConfig:
             ``num_candidates`` training examples closest to each sampled anchor (largest ``|<G_anchor, G_i>|`` of
             last-layer loss gradients); None scores all. ``"random"`` still draws from all allowed examples.
         curvature: the curvature of the s_test solves (``"gauss_newton"`` or ``"hessian"``).
+        lr: learning rate of the fresh optimizer, or ``"auto"``: a backtracking line search on the anchors
+            before the first round (see :mod:`lightning_influence.analysis.correction_lr`).
+        optimizer: the fresh optimizer, ``"sgd"`` or ``"adam"``.
+        guard_per_iteration: validation examples outside the slice (ones the model got right before the run)
+            sampled per round; the influence selections then skip examples that would raise their mean loss.
+            0 turns the guard off.
+        reuse_s_test: solve s_test in the first round only and reuse it (the scores stay fresh).
     """
 
     iterations: int = 10
     anchors_per_iteration: int = 10
     examples_per_iteration: int = 10
     steps_per_iteration: int = 1
-    selection: str = "helpful"
+    selection: str = "anchors+helpful"  # chosen by benchmarks/error-correction-study-results.json
     seed: int = 0
     scoring: str = DEFAULT_SCORING
     chunk_size: int = DEFAULT_CHUNK_SIZE
     num_candidates: Optional[int] = None
     curvature: str = DEFAULT_CURVATURE
+    lr: Union[float, str] = "auto"
+    optimizer: str = "sgd"
+    guard_per_iteration: int = 50  # chosen by benchmarks/error-correction-study-results.json (docs/error-correction.md)
+    reuse_s_test: bool = False
 
     def __post_init__(self) -> None:
         expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
+        lr_ok = self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                      and self.lr > 0)
+        expect(lr_ok, "lr", "a positive number or 'auto' (a line search on the anchors)", self.lr)
+        expect(self.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'", self.optimizer)
+        expect(isinstance(self.guard_per_iteration, int) and self.guard_per_iteration >= 0, "guard_per_iteration",
+               "an int >= 0 (0: no guard)", self.guard_per_iteration)
+        expect(isinstance(self.reuse_s_test, bool), "reuse_s_test", "a bool", self.reuse_s_test)
         check_curvature(self.curvature)
         for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
             value = getattr(self, name)

@@ -86,8 +86,9 @@ DEFAULT_PRESELECT = "auto"
 PRESELECT_PROBE_EXAMPLES = 256
 #: Below this many probe batches in the training set ``preselect="auto"`` scores every example without probing.
 PRESELECT_MIN_BATCHES = 3
-#: Fine-tuning choices of :func:`~lightning_influence.correct_errors`.
-SELECTIONS = ("helpful", "random", "anchors", "harmful")
+#: Fine-tuning choices of :func:`~lightning_influence.correct_errors` (docs/error-correction.md says what each does).
+SELECTIONS = ("helpful", "random", "anchors", "harmful", "weighted", "anchors+helpful", "anchors+random",
+              "anchors+protect")
 
 
 def expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:

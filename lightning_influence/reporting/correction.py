@@ -51,10 +51,12 @@ def _damping(settings: dict) -> str:
 def correction_markdown(report: CorrectionReport) -> str:
     """Settings, the before/after table per evaluation set, and per round the chosen examples."""
     s = report.settings
+    searched = " (line search)" if s.get("lr_requested") == "auto" else ""
     heading = (
         f"**Error correction** (selection `{report.selection}`): {len(report.iterations)} rounds,"
         f" {s.get('anchors_per_iteration')} anchors, {s.get('examples_per_iteration')} examples and"
-        f" {s.get('steps_per_iteration')} step(s) per round, lr {s.get('lr')} ({s.get('optimizer')}),"
+        f" {s.get('steps_per_iteration')} step(s) per round, lr {s.get('lr')}{searched}"
+        f" ({s.get('optimizer')}),"
         f" solver {s.get('solver')}, damping {_damping(s)}. Influence I(z, A) = -s_test . grad L(z):"
         " negative = helpful to the anchors, positive = harmful."
     )

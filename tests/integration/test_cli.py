@@ -225,7 +225,7 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
             "--save-checkpoint", str(saved), "--quiet"]
     assert main(argv) == 0
     report = _only(out / "influence", "correct_*.json")
-    assert report["selection"] == "helpful" and len(report["iterations"]) == 3
+    assert report["selection"] == li.CorrectionConfig.selection and len(report["iterations"]) == 3
     sampled = {i for step in report["iterations"] for i in step["anchor_indices"]}  # validation indices (#27)
     model = TinyDigitsModel.load_from_checkpoint(checkpoint)
     data = TinyDigitsData()
@@ -245,6 +245,23 @@ def test_correct_subcommand_fixes_misclassified_validation_examples(checkpoint, 
     corrected = TinyDigitsModel.load_from_checkpoint(saved)  # a loadable checkpoint with the new weights
     assert not torch.equal(corrected.net[0].weight, model.net[0].weight)
     assert main(["correct", str(checkpoint), *MODEL, "--anchor-indices", "999", "--output-dir", str(out)]) == 2
+
+
+def test_correct_on_its_defaults_searches_the_lr_and_guards_the_rest_of_validation(checkpoint, tmp_path):
+    """No --lr: the line search picks one (recorded in the report); the guard is validation outside the slice."""
+    out = tmp_path / "defaults"
+    parsed = build_parser().parse_args(["correct", str(checkpoint)])
+    defaults = li.CorrectionConfig()
+    assert (parsed.lr, parsed.optimizer, parsed.guard_per_iteration, parsed.reuse_s_test, parsed.selection) == (
+        defaults.lr, defaults.optimizer, defaults.guard_per_iteration, defaults.reuse_s_test, defaults.selection)
+    argv = ["correct", str(checkpoint), *MODEL, "--solver", "cg", "--damping", "0.5", "--iterations", "2",
+            "--output-dir", str(out), "--quiet"]
+    assert main(argv) == 0
+    settings = _only(out / "influence", "correct_*.json")["settings"]
+    assert settings["lr_requested"] == "auto" and settings["lr"] == settings["lr_search"][-1][0]
+    assert settings["guard"] == "given" and settings["guard_per_iteration"] == defaults.guard_per_iteration
+    with pytest.raises(SystemExit):  # argparse: "expected a positive number or 'auto'"
+        build_parser().parse_args(["correct", str(checkpoint), "--lr", "fast"])
 
 
 def test_verify_loo_subcommand_writes_predicted_and_actual_changes(checkpoint, tmp_path):

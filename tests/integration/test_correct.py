@@ -18,6 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
+from lightning_influence.analysis.correction import influence_weights
+from lightning_influence.analysis.correction_lr import search_lr
 from lightning_influence.core.per_example.features import factored_similarity, last_layer_gradients
 
 DAMPING = 0.2
@@ -69,7 +71,8 @@ def trained(tmp_path_factory):
 def _correct(trainer, model, train, val, anchors, **kwargs):
     options = {"train_dataloaders": DataLoader(train, batch_size=64), "val_dataloaders": DataLoader(val, batch_size=100),
                "solver": "exact", "damping": DAMPING, "iterations": 3, "examples_per_iteration": 8,
-               "anchors_per_iteration": 6, "lr": 0.1, "verbose": False}
+               "anchors_per_iteration": 6, "lr": 0.1, "guard_per_iteration": 0, "selection": "helpful",
+               "verbose": False}  # FastIF's choice: the tests replay it; the default is tested by name
     return li.correct_errors(trainer, model, anchors, **{**options, **kwargs})
 
 
@@ -217,6 +220,9 @@ def test_nearest_neighbour_candidates_limit_each_round_to_its_anchors_neighbours
         ({"train_indices": [0, N_TRAIN]}, "`train_indices` to be indices into the training set"),
         ({"iterations": -1}, "`iterations` to be an int >= 0"),
         ({"lr": 0.0}, "`lr` to be a positive number"),
+        ({"lr": "fast"}, "`lr` to be a positive number or 'auto'"),
+        ({"guard_per_iteration": -1}, "`guard_per_iteration` to be an int >= 0"),
+        ({"optimizer": "rmsprop"}, "`optimizer` to be 'sgd' or 'adam'"),
     ],
 )
 def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
@@ -224,6 +230,135 @@ def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
     anchors = kwargs.pop("anchors", anchors)
     with pytest.raises(ValueError, match=match):
         _correct(_trainer(tmp_path), model, train, val, anchors, **kwargs)
+
+
+def _replay(model, train, anchors, report, lr, weighted=False):
+    """Plain SGD (one step per round) on the mean loss over the round's chosen training examples (weighted by their
+    influence for "weighted") plus, for "anchors+..." selections, the mean loss over the round's anchors."""
+    replay = copy.deepcopy(model)
+    sgd = torch.optim.SGD(replay.parameters(), lr=lr)
+    for round_ in report.iterations:
+        losses = replay.per_example_loss(train[list(round_.chosen_indices)])
+        if weighted:
+            losses = losses * torch.tensor(influence_weights(round_.chosen_influence), dtype=losses.dtype)
+        loss = losses.mean()
+        if report.selection.startswith("anchors+"):
+            loss = loss + replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean()
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    return replay
+
+
+@pytest.mark.parametrize("selection", ["anchors+helpful", "anchors+random", "weighted", "anchors+protect"])
+def test_new_selections_step_on_what_they_report(trained, tmp_path, selection):
+    """anchors+helpful / anchors+random / anchors+protect fine-tune on the anchors' mean loss plus the chosen
+    examples' mean loss; weighted on the helpful examples with loss weights proportional to their influence
+    (mean 1). (No guard here: anchors+protect then chooses like helpful.)"""
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection=selection)
+    assert all(len(r.chosen_indices) == 8 and max(r.chosen_indices) < N_TRAIN for r in report.iterations)
+    if selection != "anchors+random":
+        plain = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
+                         iterations=1)
+        assert report.iterations[0].chosen_indices == plain.iterations[0].chosen_indices  # the same first choice
+        assert max(report.iterations[0].chosen_influence) < 0
+    replay = _replay(model, train, anchors, report, 0.1, weighted=selection == "weighted")
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-10, atol=1e-12)
+    assert not torch.equal(corrected.state_dict()["net.0.weight"], model.state_dict()["net.0.weight"])
+
+
+def test_guard_skips_examples_that_would_raise_the_guards_loss(trained, tmp_path):
+    """Round 1 with a guard of every validation example the model gets right (guard_per_iteration >= their
+    number): the chosen examples are, in order, the most helpful of those whose influence on the guard's mean
+    loss is <= 0 (recomputed here with li.influence)."""
+    _, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
+                      guard_per_iteration=len(val), iterations=1, examples_per_iteration=40)
+    first = report.iterations[0]
+    with torch.no_grad():
+        right = (original(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    loader = DataLoader(train, batch_size=64)
+
+    def loss(m, b):
+        return m.per_example_loss(b)
+
+    on_anchors = li.influence(original, loss, loader, anchors[list(first.anchor_indices)], solver="exact",
+                              damping=DAMPING).mean(0)
+    on_guard = li.influence(original, loss, loader, val[right], solver="exact", damping=DAMPING).mean(0)
+    passing = (on_guard <= 0).nonzero().flatten().tolist()
+    expected = sorted(passing, key=lambda i: float(on_anchors[i]))[:40]
+    assert len(passing) >= 40 and list(first.chosen_indices) == expected
+    unguarded = on_anchors.topk(40, largest=False).indices.tolist()
+    assert any(on_guard[i] > 0 for i in unguarded)  # without the guard some would raise the guard's loss
+    assert report.settings["guard_per_iteration"] == len(val)
+
+
+def test_anchors_protect_takes_the_examples_most_helpful_to_the_guard_that_do_not_hurt_the_anchors(trained, tmp_path):
+    """Round 1 of "anchors+protect" with a guard of every validation example the model gets right: the chosen
+    examples are, in order, the most helpful to the guard's mean loss among those whose influence on the anchors
+    is <= 0 (recomputed here with li.influence); the report keeps their influence on the anchors."""
+    _, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors+protect",
+                      guard_per_iteration=len(val), iterations=1, examples_per_iteration=20)
+    first = report.iterations[0]
+    with torch.no_grad():
+        right = (original(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    loader = DataLoader(train, batch_size=64)
+
+    def loss(m, b):
+        return m.per_example_loss(b)
+
+    on_anchors = li.influence(original, loss, loader, anchors[list(first.anchor_indices)], solver="exact",
+                              damping=DAMPING).mean(0)
+    on_guard = li.influence(original, loss, loader, val[right], solver="exact", damping=DAMPING).mean(0)
+    passing = (on_anchors <= 0).nonzero().flatten().tolist()
+    expected = sorted(passing, key=lambda i: float(on_guard[i]))[:20]
+    assert len(passing) >= 20 and list(first.chosen_indices) == expected
+    torch.testing.assert_close(torch.tensor(first.chosen_influence, dtype=torch.float64), on_anchors[expected],
+                               rtol=1e-5, atol=1e-9)
+    helpful = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors+helpful",
+                       guard_per_iteration=len(val), iterations=1, examples_per_iteration=20)
+    assert set(helpful.iterations[0].chosen_indices) != set(expected)  # a different choice from anchors+helpful
+
+
+def test_reused_s_test_solves_once_and_keeps_scoring(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    fresh = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful")
+    reused = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
+                      reuse_s_test=True)
+    assert reused.iterations[0].chosen_indices == fresh.iterations[0].chosen_indices
+    assert reused.iterations[0].damping is not None
+    assert all(r.damping is None and r.residual is None for r in reused.iterations[1:])  # no solve after round 1
+    assert all(r.damping is not None for r in fresh.iterations)
+    assert all(max(r.chosen_influence) < 0 for r in reused.iterations)  # rescored at each round's weights
+
+
+def test_automatic_lr_is_the_line_search_on_the_first_rounds_anchors(trained, tmp_path):
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="anchors", lr="auto")
+    first = list(report.iterations[0].anchor_indices)
+    expected, trials = search_lr(copy.deepcopy(model), lambda m, b: m.per_example_loss(b), anchors[first],
+                                 len(first), "sgd")
+    assert report.settings["lr"] == expected and report.settings["lr_requested"] == "auto"
+    assert report.settings["lr_search"] == [list(t) for t in trials]
+    replay = copy.deepcopy(model)  # every step used that lr
+    sgd = torch.optim.SGD(replay.parameters(), lr=expected)
+    for round_ in report.iterations:
+        sgd.zero_grad()
+        replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean().backward()
+        sgd.step()
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-10, atol=1e-12)
+    assert report.after["anchors"].loss < report.before["anchors"].loss
+    existing = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.02)
+    assert _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors", lr="auto",
+                    optimizer=existing, iterations=0).settings["lr"] == 0.02  # an optimizer's own lr
 
 
 def test_the_old_candidates_argument_still_works_with_a_deprecation_warning(trained, tmp_path):
@@ -236,14 +371,16 @@ def test_the_old_candidates_argument_still_works_with_a_deprecation_warning(trai
 
 @pytest.mark.ddp
 def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
-    """Two gloo ranks (LiSSA repeats and candidate scoring split between them) give the single-process run."""
+    """Two gloo ranks (LiSSA repeats and candidate scoring split between them, the guard's scores gathered) give the
+    single-process run, on the default selection (anchors + guarded helpful examples)."""
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
 
     _, model, train, val, anchors = trained
-    options = {"selection": "helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
-               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32}}
+    options = {"selection": "anchors+helpful", "solver": "lissa", "iterations": 2, "heldout": anchors,
+               "solver_options": {"depth": 40, "repeats": 2, "batch_size": 32},
+               "guard_per_iteration": 30}  # the guarded choice gathers every rank's full scores
     local = copy.deepcopy(model)
     expected = _correct(_trainer(tmp_path / "one"), local, train, val, anchors, **options)
     spawned = copy.deepcopy(model)
@@ -258,7 +395,7 @@ def test_ddp_spawn_chooses_and_steps_like_one_process(trained, tmp_path):
         assert report.after[name].loss == pytest.approx(metrics.loss, rel=1e-6)
     for key, value in local.state_dict().items():  # rank 0's weights come back to `spawned`
         torch.testing.assert_close(spawned.state_dict()[key], value, rtol=1e-6, atol=1e-9)
-    assert len(glob.glob(f"{tmp_path}/two/**/correct_helpful.json", recursive=True)) == 1
+    assert len(glob.glob(f"{tmp_path}/two/**/correct_anchors+helpful.json", recursive=True)) == 1
 
 
 def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained):

@@ -42,6 +42,14 @@ def test_correction_config_validates_its_budget_and_selection():
     with pytest.raises(ValueError, match="`examples_per_iteration` to be a positive int"):
         CorrectionConfig(examples_per_iteration=0)
     assert CorrectionConfig(num_candidates=5).num_candidates == 5
+    assert CorrectionConfig().lr == "auto" and CorrectionConfig(lr=0.5).lr == 0.5
+    for bad in (0, -1.0, "fast", True):
+        with pytest.raises(ValueError, match="`lr` to be a positive number or 'auto'"):
+            CorrectionConfig(lr=bad)
+    with pytest.raises(ValueError, match="`guard_per_iteration` to be an int >= 0"):
+        CorrectionConfig(guard_per_iteration=-1)
+    with pytest.raises(ValueError, match="`reuse_s_test` to be a bool"):
+        CorrectionConfig(reuse_s_test=1)
 
 
 def test_a_solver_is_a_config_object_or_a_name_with_options():
