@@ -5,11 +5,12 @@ With M outputs per example, the Gauss-Newton product of a minibatch b is
 parameters and ``H_i [M, M]`` the Hessian of its loss in those outputs. Writing ``H_i = R_i R_i^T`` (its
 eigendecomposition, ``R_i = Q_i sqrt(w_i)``, keeping the r columns whose eigenvalue is not zero for every
 example: r = M - 1 for cross-entropy), ``G_b = (1/|b|) sum F_i^T F_i`` with ``F_i = R_i^T J_i [r, P]``. When the
-N examples' ``F_i`` fit in :data:`JACOBIAN_BUDGET` numbers they are computed once per analysis (the ``H_i`` by M
-double-backward passes, then r passes of the per-example hook engine over the training set, each the gradient
-of ``column_c(R_i) . f_i``), and every later product is two matrix products over stored rows instead of a
-forward and ``1 + 2k`` backward passes: the same matrix, so the same answers. Minibatches are then given by
-training-set indices (:class:`RowBatch`), drawn exactly as :func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
+N examples' ``F_i`` fit in :func:`jacobian_budget` numbers (a share of the device's free memory) they are
+computed once per analysis (the ``H_i`` by M double-backward passes, then r passes of the per-example hook
+engine over the training set, each the gradient of ``column_c(R_i) . f_i``), and every later product is two
+matrix products over stored rows instead of a forward and ``1 + 2k`` backward passes: the same matrix, so the
+same answers. Minibatches are then given by training-set indices (:class:`RowBatch`), drawn exactly as
+:func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
 draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
 disagrees with, keeps the autograd products.
 """
@@ -27,10 +28,11 @@ from lightning_influence.core.curvature.products import BatchProduct, SplitLoss,
 from lightning_influence.core.per_example.engine import PerExampleEngine
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
+from lightning_influence.core.tensors.memory import memory_budget
 from lightning_influence.core.tensors.params import Params
 
-#: Most numbers (N examples x M outputs x P parameters) the stored Jacobian may hold: 512 MiB in float32.
-JACOBIAN_BUDGET = 2**27
+#: Share of the device's free memory (when the analysis starts) that the stored Jacobian may take.
+JACOBIAN_MEMORY_FRACTION = 0.25
 #: Training examples per index chunk of a product over a subset (bounds the gathered rows' memory).
 ROW_CHUNK = 1024
 #: Examples of the one product compared with autograd before the store is used.
@@ -139,9 +141,10 @@ def _hessians(loss: FunctionalLoss, params: Params, batch: Batch) -> torch.Tenso
 
 
 def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, device: torch.device,
-                          reference: BatchProduct, budget: int = JACOBIAN_BUDGET) -> OutputJacobian | None:
+                          reference: BatchProduct, budget: int | None = None) -> OutputJacobian | None:
     """The stored Jacobian of ``loader``'s whole map-style dataset (in index order), or None when it would not fit
-    ``budget``, the data is not map-style, or its product disagrees with ``reference`` (the autograd one)."""
+    ``budget`` numbers (default: :func:`jacobian_budget`), the data is not map-style, or its product disagrees with
+    ``reference`` (the autograd one)."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     n = len(loader.dataset)  # type: ignore[arg-type]
@@ -150,6 +153,8 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
     first = prepare_batch(next(iter(ordered)), device)
     hessians = [_hessians(loss, params, first)]  # [B, M, M]: M, the outputs per example, before the budget check
     m = hessians[0].shape[1]
+    if budget is None:
+        budget = jacobian_budget(device, loss.dtype)
     if m == 0 or n * m * p > budget:
         return None
     # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
@@ -167,6 +172,13 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
         start += size
     store = OutputJacobian(factors)
     return store if _agrees(store, reference, first, n, p, loss.dtype, device) else None
+
+
+def jacobian_budget(device: torch.device, dtype: torch.dtype) -> int:
+    """Most numbers (N examples x M outputs x P parameters) the stored Jacobian may hold on ``device``: a
+    :data:`JACOBIAN_MEMORY_FRACTION` share of its free memory (CUDA: ``mem_get_info``; CPU: available memory),
+    in elements of ``dtype``. The rows gathered for a minibatch come on top (at most ``ROW_CHUNK`` rows)."""
+    return memory_budget(device, JACOBIAN_MEMORY_FRACTION, torch.empty(0, dtype=dtype).element_size())
 
 
 def _hessian_roots(hessians: torch.Tensor) -> torch.Tensor:
