@@ -177,21 +177,33 @@ def status_kib(field: str) -> int:
     return 0
 
 
-def reset_peak() -> None:
+def reset_peak(collect: bool = True) -> None:
     """Reset the resident high-water mark (Linux) so the next ``VmHWM`` is this section's own."""
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
 
 
 class Stages:
     """Exclusive process-CPU seconds of wrapped functions, keyed by the path of wrapped callers
-    (``recursion/damping_estimate``): a nested wrapped call is counted under its own key only."""
+    (``recursion/damping_estimate``): a nested wrapped call is counted under its own key only. ``peak_mib`` is each
+    key's highest resident high-water mark read when one of its calls ends (the mark is reset after each reading,
+    so a reading covers the time since the previous one); ``highest_kib`` is the highest reading of all."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}
+        self.highest_kib = 0
         self.stack: list[list[Any]] = []
+
+    def read_peak(self) -> int:
+        """The high-water mark since the last reading (then reset), folded into ``highest_kib``."""
+        hwm = status_kib("VmHWM")
+        reset_peak(collect=False)
+        self.highest_kib = max(self.highest_kib, hwm)
+        return hwm
 
     def wrap(self, owner: Any, name: str, stage: str, prop: bool = False) -> None:
         original = getattr(owner, name) if not prop else owner.__dict__[name]
@@ -209,6 +221,7 @@ class Stages:
                 path = [f[0] for f in stages.stack] + [stage]
                 key = "/".join(name for i, name in enumerate(path) if i == 0 or path[i - 1] != name)
                 stages.seconds[key] = stages.seconds.get(key, 0.0) + spent - frame[2]
+                stages.peak_mib[key] = max(stages.peak_mib.get(key, 0.0), stages.read_peak() / 1024)
                 if stages.stack:
                     stages.stack[-1][2] += spent
 
@@ -224,6 +237,7 @@ def instrument() -> Stages:
     from lightning_influence.core.curvature import training
     from lightning_influence.core.problem import InfluenceProblem
     from lightning_influence.core.solvers.lissa import LissaSolver
+    from lightning_influence.core.solvers.lowrank import LowRankSolver
 
     stages = Stages()
     stages.wrap(explain, "_monitored_points", "select")
@@ -235,6 +249,8 @@ def instrument() -> Stages:
     stages.wrap(LissaSolver, "scale", "scale", prop=True)
     stages.wrap(training, "build_output_jacobian", "stored_jacobian")
     stages.wrap(mislabel, "self_influence_shard", "self_influence")
+    stages.wrap(LowRankSolver, "inverse", "lanczos")
+    stages.wrap(InfluenceProblem, "gradients", "per_example_gradients")
     stages.wrap(mislabel, "find_mislabel_candidates", "mislabel_other")
     stages.wrap(training_signals.TrainingSignalRecorder, "record", "training_signals")
     stages.wrap(influence_callback, "publish_explanation", "report_writing")
@@ -244,12 +260,13 @@ def instrument() -> Stages:
 
 
 # -- one configuration (child process) ---------------------------------------------------------------------
-def run_one(kind: str, n: int, ekfac: bool, workdir: Path) -> dict[str, Any]:  # long: one fit, timed in phases
+def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, timed in phases
+            lissa_depth: int | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    from lightning_influence import InfluenceCallback, MislabelCallback
+    from lightning_influence import InfluenceCallback, LissaConfig, MislabelCallback
 
     torch.set_num_threads(1)
     stages = instrument()
@@ -273,14 +290,16 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path) -> dict[str, Any]:  #
                 marks["epoch_end"] = time.process_time()
                 marks["train_hwm_kib"] = status_kib("VmHWM")
                 reset_peak()
+                stages.highest_kib = 0
                 marks["analysis_start"] = time.process_time()
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
             if not self.first:
                 marks["analysis_end"] = time.process_time()
-                marks["analysis_hwm_kib"] = status_kib("VmHWM")
+                marks["analysis_hwm_kib"] = max(stages.read_peak(), stages.highest_kib)
 
-    callbacks = [Marks(True), InfluenceCallback(verbose=False, strict=True),
+    solver = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    callbacks = [Marks(True), InfluenceCallback(verbose=False, strict=True, **solver),
                  MislabelCallback(candidates=32, rank=16, signals_outputs_fn=signals_outputs, verbose=False,
                                  strict=True),
                  Marks(False)]
@@ -296,14 +315,17 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path) -> dict[str, Any]:  #
     report = json.loads((influence_dir / "epoch=0.json").read_text())
     row: dict[str, Any] = {
         "model": kind, "n_train": n, "params": params, "batch_size": batch, "measured": True,
+        "lissa_depth": lissa_depth or LissaConfig().depth,
         "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
         "analysis_seconds": marks["analysis_end"] - marks["analysis_start"],
         "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
+        "stage_peak_rss_mib": {k: round(v, 1) for k, v in sorted(stages.peak_mib.items())},
         "base_rss_mib": marks["base_rss_kib"] / 1024, "train_peak_rss_mib": marks["train_hwm_kib"] / 1024,
         "analysis_peak_rss_mib": marks["analysis_hwm_kib"] / 1024,
         "report_files_bytes": files, "report_bytes": files.get("epoch=0.json", 0),
         "mislabel_report_bytes": files.get("mislabel_epoch=0.json", 0),
         "damping": report["solver"].get("damping"), "converged": report["solver"].get("converged"),
+        "residual": report["solver"].get("residual"),
         "stored_jacobian_built": any(k.endswith("stored_jacobian") for k in stages.seconds),
     }
     row["dashboard_load_seconds"] = dashboard_load(workdir)
@@ -366,16 +388,17 @@ def ekfac_cost(kind: str, net: nn.Module, train: Any, test: Any, workdir: Path) 
 
 
 # -- stage groups, the checks of issue #29, the plot ----------------------------------------------------------
-GROUPS = ("damping estimate", "scale", "recursion", "scoring", "training signals", "self-influence", "diagnostics",
-          "report writing", "other")
+GROUPS = ("damping estimate", "scale", "recursion", "scoring", "training signals", "self-influence setup",
+          "self-influence", "diagnostics", "report writing", "other")
 
 
 def group_of(key: str) -> str:
     """The stage group of a key of :class:`Stages` (``recursion/damping_estimate`` is the damping estimate)."""
     parts = key.split("/")
     top, last = parts[0], parts[-1]
-    if top in ("mislabel_other", "self_influence"):
-        return "self-influence"  # the mislabel analysis: its own damping estimate, Lanczos and the per-example pass
+    if top in ("mislabel_other", "self_influence"):  # the mislabel analysis: its own damping estimate and
+        # Lanczos (fixed in N: a check subset, hvp_examples) and the pass over every example's gradient
+        return "self-influence setup" if last in ("damping_estimate", "stored_jacobian", "lanczos") else "self-influence"
     if top == "trust":
         return "diagnostics"
     if last in ("damping_estimate", "stored_jacobian"):
@@ -387,6 +410,8 @@ def group_of(key: str) -> str:
 
 def add_groups(row: dict[str, Any]) -> None:
     """The stage groups (from the stage keys of a measured run; kept for an extrapolated one) and the ratios."""
+    if "analysis_seconds" not in row:
+        return  # a configuration that was stopped with nothing to extrapolate from
     if row["measured"]:
         groups = dict.fromkeys(GROUPS, 0.0)
         for key, seconds in row["stages"].items():
@@ -415,7 +440,8 @@ def print_tables(payload: dict[str, Any]) -> None:
           " peak RSS, training / analysis (MiB) | memory ratio | EK-FAC fit + score (s) | reports (MiB) |"
           " dashboard (s) |")
     print("|" + "---|" * 14)
-    for r in payload["results"]:
+    rows = [r for r in payload["results"] if "analysis_seconds" in r]
+    for r in rows:
         print(f"| {r['model']} | {r['params']:,} | {r['n_train']:,} | {'measured' if r['measured'] else 'extrapolated'}"
               f" | {num(r['epoch_seconds'], 1)} | {num(r['analysis_seconds'], 1)} | {num(r['analysis_over_epoch'], 2)}"
               f" | {num(r['s_test_seconds'], 1)} | {num(r['scoring_seconds'], 2)}"
@@ -425,7 +451,7 @@ def print_tables(payload: dict[str, Any]) -> None:
     print()
     print("| model | N | " + " | ".join(GROUPS) + " |")
     print("|" + "---|" * (len(GROUPS) + 2))
-    for r in payload["results"]:
+    for r in rows:
         print(f"| {r['model']} | {r['n_train']:,} | " + " | ".join(num(r["shares"][g], 3) for g in GROUPS) + " |")
 
 
@@ -436,6 +462,7 @@ def find(rows: list[dict[str, Any]], model: str, n: int) -> dict[str, Any] | Non
 def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The claims of issue #29, each with the figures behind it and whether they were measured or extrapolated."""
     out: dict[str, Any] = {}
+    rows = [r for r in rows if "analysis_seconds" in r]
     cnn = find(rows, "cnn", 50000)
     if cnn is not None:
         out["cnn_50k"] = {
@@ -472,7 +499,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["results"]
+    rows = [r for r in payload["results"] if "analysis_seconds" in r]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for model, colour in zip(("mlp", "cnn", "bert"), ("tab:blue", "tab:red", "tab:green")):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["n_train"])
@@ -514,17 +541,20 @@ def linear_fit(rows: list[dict[str, Any]], key: str, n: int) -> float:
     return y1 + slope * (n - n1)
 
 
-#: Stage groups whose work is fixed once N exceeds the check subset (2,048 examples): not extrapolated in N.
-FIXED_GROUPS = ("damping estimate", "scale", "recursion", "diagnostics")
+#: Stage groups whose work is fixed once N exceeds the check subset (2,048 examples): not extrapolated in N. The
+#: report writing is too (the reports list a fixed number of examples; measured flat on the MLP from 1k to 50k).
+FIXED_GROUPS = ("damping estimate", "scale", "recursion", "self-influence setup", "diagnostics", "report writing")
 
 
 def extrapolate(kind: str, n: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A row for a run not made: the fixed stages as in the largest measured run, every other stage, the epoch,
     EK-FAC and the memory linear in N through the two largest measured runs."""
     same = sorted((r for r in rows if r["model"] == kind and r.get("measured")), key=lambda r: r["n_train"])
+    if not same:
+        return {"model": kind, "n_train": n, "measured": False, "note": "nothing measured to extrapolate from"}
     row: dict[str, Any] = {"model": kind, "n_train": n, "params": same[-1]["params"], "measured": False,
                            "extrapolated_from": [r["n_train"] for r in same][-2:],
-                           "how": "fixed stages (damping estimate, scale, recursion, diagnostics) as in the largest"
+                           "how": "fixed stages (" + ", ".join(FIXED_GROUPS) + ") as in the largest"
                                   " measured run; other stages, the epoch, EK-FAC and memory linear in N through the"
                                   " two largest measured runs"}
     for key in ("epoch_seconds", "train_peak_rss_mib", "analysis_peak_rss_mib", "ekfac_fit_seconds",
@@ -544,23 +574,27 @@ def estimate_seconds(kind: str, n: int, rows: list[dict[str, Any]]) -> float | N
     if not same:
         return None
     guess = extrapolate(kind, n, rows)
+    if "analysis_seconds" not in guess:
+        return None
     return sum(guess.get(k) or 0.0 for k in ("epoch_seconds", "analysis_seconds", "ekfac_fit_seconds",
                                               "ekfac_score_seconds"))
 
 
-def run_child(config: str, ekfac: bool, limit: float) -> dict[str, Any] | None:
+def run_child(config: str, ekfac: bool, limit: float, depth: int | None) -> dict[str, Any] | None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         command = [sys.executable, __file__, "--one", config, "--out", str(out), "--workdir", tmp]
+        if depth is not None:
+            command += ["--lissa-depth", str(depth)]
         started = time.perf_counter()
         try:
             done = subprocess.run(command + (["--ekfac"] if ekfac else []), timeout=limit * 2,
                                   capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             print(f"{config}: stopped after {limit * 2:.0f} s of wall time", flush=True)
-            return None
+            return {"stopped": f"stopped after {limit * 2:.0f} s of wall time"}
         if done.returncode != 0 or not out.exists():
             print(f"{config}: failed\n{done.stderr[-3000:]}", flush=True)
             return None
@@ -583,10 +617,12 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--ekfac", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lissa-depth", type=int, help="cap LiSSA's depth (a deviation from the defaults,"
+                        " recorded in each row): the fewest steps the default stops at is its first residual check")
     args = parser.parse_args()
     if args.one:
         kind, n = args.one.split(":")
-        row = run_one(kind, int(n), args.ekfac, Path(args.workdir))
+        row = run_one(kind, int(n), args.ekfac, Path(args.workdir), args.lissa_depth)
         Path(args.out).write_text(json.dumps(row))
         return
     path = Path(args.json)
@@ -613,12 +649,14 @@ def main() -> None:  # long: argument parsing and the three modes
             row = extrapolate(kind, int(n), rows + previous)
             row["note"] = f"not run: estimated {estimate:.0f} CPU s over the {args.limit:.0f} s limit"
         else:
-            row = run_child(config, not args.no_ekfac, args.limit) or extrapolate(kind, int(n), rows + previous)
+            row = run_child(config, not args.no_ekfac, args.limit, args.lissa_depth) or {}
+            if not row.get("measured"):
+                row = {**extrapolate(kind, int(n), rows + previous), **row}
         if row["measured"]:
             add_groups(row)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
-        print("   stages:", json.dumps(row["stages"]), flush=True)
+        print("   stages:", json.dumps(row.get("stages")), flush=True)
     done = {(r["model"], r["n_train"]) for r in rows}
     merged = [r for r in previous if (r["model"], r["n_train"]) not in done] + rows
     order = {c: i for i, c in enumerate(CONFIGS)}
