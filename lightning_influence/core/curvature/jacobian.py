@@ -12,12 +12,17 @@ matrix products over stored rows instead of a forward and ``1 + 2k`` backward pa
 same answers. Minibatches are then given by training-set indices (:class:`RowBatch`), drawn exactly as
 :func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
 draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
-disagrees with, keeps the autograd products.
+disagrees with, keeps the autograd products. So does one whose autograd product is already the faster (timed on
+the first minibatch before anything is stored): a stored product costs about ``2 r P`` per example and vector, an
+autograd one a forward and backward pass, so the store wins on convolutions and long sequences (many operations
+per parameter) and loses on small dense models (measured in ``benchmarks/scale.py``: an MLP's LiSSA took nine
+times longer with its 3.6 GB store than without).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import time
+from collections.abc import Callable, Iterator, Sized
 from itertools import islice
 from typing import Any, NamedTuple, cast
 
@@ -37,6 +42,11 @@ JACOBIAN_MEMORY_FRACTION = 0.25
 ROW_CHUNK = 1024
 #: Examples of the one product compared with autograd before the store is used.
 AGREEMENT_EXAMPLES = 32
+#: Vectors in the timed comparison of a stored and an autograd product (the callback solves eight points at once).
+PROBE_VECTORS = 8
+#: Whether the store must also be faster than the autograd product on the first minibatch (tests that exercise
+#: the store itself turn this off).
+TIMED = True
 #: Largest relative difference from the autograd product (one minibatch, random vectors) for the store to be used.
 AGREEMENT_TOLERANCE = 1e-3
 
@@ -157,11 +167,13 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
         budget = jacobian_budget(device, loss.dtype)
     if m == 0 or n * m * p > budget:
         return None
+    target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
+    engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
+    if TIMED and not _store_is_faster(engine, _hessian_roots(hessians[0]), first, reference, p, loss.dtype, device):
+        return None
     # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
     hessians += [_hessians(loss, params, prepare_batch(raw, device)) for raw in islice(ordered, 1, None)]
     roots = _hessian_roots(torch.cat(hessians))
-    target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
-    engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
     factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
     start = 0
     for raw in ordered:
@@ -172,6 +184,40 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
         start += size
     store = OutputJacobian(factors)
     return store if _agrees(store, reference, first, n, p, loss.dtype, device) else None
+
+
+def _store_is_faster(engine: PerExampleEngine, roots: torch.Tensor, batch: Batch, reference: BatchProduct, p: int,
+                     dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the stored product over ``batch``'s rows (gathered in another order, as LiSSA's shuffled minibatches
+    are) takes less time than the autograd product of ``batch``, for :data:`PROBE_VECTORS` vectors."""
+    size = batch_size_of(batch)
+    factors = torch.empty(size, roots.shape[2], p, dtype=dtype, device=device)
+    for c in range(roots.shape[2]):
+        factors[:, c] = engine.grads((batch, roots[:, :, c]))
+    store = OutputJacobian(factors)
+    vectors = torch.randn(PROBE_VECTORS, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    vectors = vectors.to(dtype).to(device)
+    order = torch.arange(size - 1, -1, -1)
+    stored = _best_seconds(lambda: store.product(RowBatch(order), vectors), device)  # a new RowBatch: re-gathered
+    return stored < _best_seconds(lambda: reference(batch, vectors), device)
+
+
+def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """The least wall time of ``repeats`` calls of ``call`` after one untimed call (the autograd product's own
+    first call times its batched and looped forms)."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        call()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def jacobian_budget(device: torch.device, dtype: torch.dtype) -> int:
