@@ -645,6 +645,8 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--derive", action="store_true", help="recompute the stage groups and checks of --json")
     parser.add_argument("--plot", help="draw the growth curves of --json into this PNG")
     parser.add_argument("--table", action="store_true", help="print the docs tables from --json")
+    parser.add_argument("--merge", help="results files (comma-separated) whose rows replace those of the same model"
+                        " and N in --json (runs made apart, e.g. with another --lissa-depth); then the checks")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -660,6 +662,18 @@ def main() -> None:  # long: argument parsing and the three modes
     path = Path(args.json)
     if args.table:
         print_tables(json.loads(path.read_text()))
+        return
+    if args.merge:
+        payload = json.loads(path.read_text()) if path.exists() else {"results": []}
+        for other in args.merge.split(","):
+            extra = json.loads(Path(other).read_text())["results"]
+            keys = {(r["model"], r["n_train"]) for r in extra}
+            payload["results"] = [r for r in payload["results"] if (r["model"], r["n_train"]) not in keys] + extra
+            payload.setdefault("merged", []).append({"file": Path(other).name, "rows": sorted(f"{m}:{n}" for m, n in keys)})
+        order = {c: i for i, c in enumerate(CONFIGS)}
+        payload["results"].sort(key=lambda r: order.get(f"{r['model']}:{r['n_train']}", len(order)))
+        payload["checks"] = checks(payload["results"])
+        path.write_text(json.dumps(payload, indent=1) + "\n")
         return
     if args.derive or args.plot:
         payload = json.loads(path.read_text())
