@@ -326,6 +326,8 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
         "mislabel_report_bytes": files.get("mislabel_epoch=0.json", 0),
         "damping": report["solver"].get("damping"), "converged": report["solver"].get("converged"),
         "residual": report["solver"].get("residual"),
+        "lissa_steps": report["solver"].get("iterations"), "lissa_retries": len(report["solver"].get("retries") or ()),
+        "damping_rule": report["solver"].get("damping_rule"),
         "stored_jacobian_built": any(k.endswith("stored_jacobian") for k in stages.seconds),
     }
     row["dashboard_load_seconds"] = dashboard_load(workdir)
