@@ -44,6 +44,9 @@ ROW_CHUNK = 1024
 AGREEMENT_EXAMPLES = 32
 #: Vectors in the timed comparison of a stored and an autograd product (the callback solves eight points at once).
 PROBE_VECTORS = 8
+#: Examples of that comparison (few: on a BERT with 128-token sequences, best-of-three products on a 64-example
+#: minibatch took 36 s, longer than its whole LiSSA run with the store).
+PROBE_EXAMPLES = 16
 #: Whether the store must also be faster than the autograd product on the first minibatch (tests that exercise
 #: the store itself turn this off).
 TIMED = True
@@ -188,9 +191,11 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
 
 def _store_is_faster(engine: PerExampleEngine, roots: torch.Tensor, batch: Batch, reference: BatchProduct, p: int,
                      dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the stored product over ``batch``'s rows (gathered in another order, as LiSSA's shuffled minibatches
-    are) takes less time than the autograd product of ``batch``, for :data:`PROBE_VECTORS` vectors."""
-    size = batch_size_of(batch)
+    """Whether the stored product over the rows of ``batch``'s first :data:`PROBE_EXAMPLES` examples (gathered in
+    another order, as LiSSA's shuffled minibatches are) takes less time than the autograd product of those examples,
+    for :data:`PROBE_VECTORS` vectors."""
+    size = min(batch_size_of(batch), PROBE_EXAMPLES)
+    batch, roots = slice_batch(batch, 0, size), roots[:size]
     factors = torch.empty(size, roots.shape[2], p, dtype=dtype, device=device)
     for c in range(roots.shape[2]):
         factors[:, c] = engine.grads((batch, roots[:, :, c]))
@@ -202,7 +207,7 @@ def _store_is_faster(engine: PerExampleEngine, roots: torch.Tensor, batch: Batch
     return stored < _best_seconds(lambda: reference(batch, vectors), device)
 
 
-def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
     """The least wall time of ``repeats`` calls of ``call`` after one untimed call (the autograd product's own
     first call times its batched and looped forms)."""
     def synchronize() -> None:
