@@ -170,6 +170,28 @@ def lightning_module(kind: str) -> Any:
 
 
 # -- measuring: CPU clocks per stage, resident memory ------------------------------------------------------
+#: Where the child trains and analyses: "cpu" (process CPU seconds) or "cuda" (wall seconds, synchronised).
+DEVICE = "cpu"
+
+
+def clock() -> float:
+    """Process CPU seconds on the CPU; on CUDA, wall seconds after the device's queued work has finished."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def cuda_peak_mib(reset: bool) -> float | None:
+    """The CUDA allocator's peak since the last reset (then reset), or None off CUDA."""
+    if DEVICE != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
 def status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -211,13 +233,13 @@ class Stages:
         stages = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            frame = [stage, time.process_time(), 0.0]
+            frame = [stage, clock(), 0.0]
             stages.stack.append(frame)
             try:
                 return function(*args, **kwargs)
             finally:
                 stages.stack.pop()
-                spent = time.process_time() - frame[1]
+                spent = clock() - frame[1]
                 path = [f[0] for f in stages.stack] + [stage]
                 key = "/".join(name for i, name in enumerate(path) if i == 0 or path[i - 1] != name)
                 stages.seconds[key] = stages.seconds.get(key, 0.0) + spent - frame[2]
@@ -283,19 +305,21 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             if self.first:
-                marks["epoch_start"] = time.process_time()
+                marks["epoch_start"] = clock()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
             if self.first:
-                marks["epoch_end"] = time.process_time()
+                marks["epoch_end"] = clock()
                 marks["train_hwm_kib"] = status_kib("VmHWM")
+                marks["train_cuda_mib"] = cuda_peak_mib(reset=True)
                 reset_peak()
                 stages.highest_kib = 0
-                marks["analysis_start"] = time.process_time()
+                marks["analysis_start"] = clock()
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
             if not self.first:
-                marks["analysis_end"] = time.process_time()
+                marks["analysis_end"] = clock()
+                marks["analysis_cuda_mib"] = cuda_peak_mib(reset=True)
                 marks["analysis_hwm_kib"] = max(stages.read_peak(), stages.highest_kib)
 
     solver = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
@@ -304,8 +328,9 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                                  strict=True),
                  Marks(False)]
     logger = TensorBoardLogger(str(workdir), name="run")
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, logger=logger,
+                         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
     reset_peak()
     marks["base_rss_kib"] = status_kib("VmRSS")
     trainer.fit(model, *loaders)
@@ -314,7 +339,8 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
     files = {f.name: f.stat().st_size for f in sorted(influence_dir.iterdir()) if f.is_file()}
     report = json.loads((influence_dir / "epoch=0.json").read_text())
     row: dict[str, Any] = {
-        "model": kind, "n_train": n, "params": params, "batch_size": batch, "measured": True,
+        "model": kind, "n_train": n, "params": params, "batch_size": batch, "measured": True, "device": DEVICE,
+        "train_cuda_peak_mib": marks.get("train_cuda_mib"), "analysis_cuda_peak_mib": marks.get("analysis_cuda_mib"),
         "lissa_depth": lissa_depth or LissaConfig().depth,
         "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
         "analysis_seconds": marks["analysis_end"] - marks["analysis_start"],
@@ -374,17 +400,17 @@ def ekfac_cost(kind: str, net: nn.Module, train: Any, test: Any, workdir: Path) 
 
     net.eval()
     reset_peak()
-    start = time.process_time()
+    start = clock()
     model = prepare_model(net, Classification())
-    analyzer = Analyzer("scale", model, Classification(), cpu=True, disable_tqdm=True,
+    analyzer = Analyzer("scale", model, Classification(), cpu=DEVICE != "cuda", disable_tqdm=True,
                         output_dir=str(workdir / "kronfluence"), log_level=logging.WARNING)
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=BATCH_SIZES[kind],
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    fitted = time.process_time()
+    fitted = clock()
     analyzer.compute_pairwise_scores("scores", "ekfac", test, train, per_device_query_batch_size=len(test),
                                      per_device_train_batch_size=BATCH_SIZES[kind], score_args=ScoreArguments(),
                                      overwrite_output_dir=True)
-    scored = time.process_time()
+    scored = clock()
     return {"ekfac_fit_seconds": fitted - start, "ekfac_score_seconds": scored - fitted,
             "ekfac_peak_rss_mib": status_kib("VmHWM") / 1024}
 
@@ -622,12 +648,12 @@ def estimate_seconds(kind: str, n: int, rows: list[dict[str, Any]]) -> float | N
                                               "ekfac_score_seconds"))
 
 
-def run_child(config: str, ekfac: bool, limit: float, depth: int | None) -> dict[str, Any] | None:
+def run_child(config: str, ekfac: bool, limit: float, depth: int | None, device: str = "cpu") -> dict[str, Any] | None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        command = [sys.executable, __file__, "--one", config, "--out", str(out), "--workdir", tmp]
+        command = [sys.executable, __file__, "--one", config, "--out", str(out), "--workdir", tmp, "--device", device]
         if depth is not None:
             command += ["--lissa-depth", str(depth)]
         started = time.perf_counter()
@@ -655,6 +681,9 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--derive", action="store_true", help="recompute the stage groups and checks of --json")
     parser.add_argument("--plot", help="draw the growth curves of --json into this PNG")
     parser.add_argument("--table", action="store_true", help="print the docs tables from --json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="train and analyse on the CPU (process CPU seconds) or on CUDA (synchronised wall seconds,"
+                        " the allocator's peaks beside the resident ones); not yet run on a GPU")
     parser.add_argument("--merge", help="results files (comma-separated) whose rows replace those of the same model"
                         " and N in --json (runs made apart, e.g. with another --lissa-depth); then the checks")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -664,6 +693,11 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--lissa-depth", type=int, help="cap LiSSA's depth (a deviation from the defaults,"
                         " recorded in each row): the fewest steps the default stops at is its first residual check")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("Expected a CUDA device for --device cuda, but torch.cuda.is_available() is False: run it on a"
+                     " machine with a GPU and a CUDA build of torch.")
     if args.one:
         kind, n = args.one.split(":")
         row = run_one(kind, int(n), args.ekfac, Path(args.workdir), args.lissa_depth)
@@ -708,7 +742,7 @@ def main() -> None:  # long: argument parsing and the three modes
             row = extrapolate(kind, int(n), rows + previous)
             row["note"] = f"not run: estimated {estimate:.0f} CPU s over the {args.limit:.0f} s limit"
         else:
-            row = run_child(config, not args.no_ekfac, args.limit, args.lissa_depth) or {}
+            row = run_child(config, not args.no_ekfac, args.limit, args.lissa_depth, args.device) or {}
             if not row.get("measured"):
                 row = {**extrapolate(kind, int(n), rows + previous), **row}
         if row["measured"]:
@@ -720,7 +754,8 @@ def main() -> None:  # long: argument parsing and the three modes
     merged = [r for r in previous if (r["model"], r["n_train"]) not in done] + rows
     order = {c: i for i, c in enumerate(CONFIGS)}
     merged.sort(key=lambda r: order.get(f"{r['model']}:{r['n_train']}", len(order)))
-    payload = {"clock": "process CPU seconds, 1 thread (dashboard load: wall seconds)", "torch": torch.__version__,
+    payload = {"clock": "process CPU seconds, 1 thread (dashboard load: wall seconds)" if args.device == "cpu" else
+               "wall seconds, CUDA synchronised at each mark", "device": args.device, "torch": torch.__version__,
                "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
                "wall_seconds": time.perf_counter() - began, "callbacks": "InfluenceCallback() defaults;"
                " MislabelCallback(candidates=32, rank=16)", "results": merged, "checks": checks(merged)}
