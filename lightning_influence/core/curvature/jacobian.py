@@ -44,9 +44,11 @@ ROW_CHUNK = 1024
 AGREEMENT_EXAMPLES = 32
 #: Vectors in the timed comparison of a stored and an autograd product (the callback solves eight points at once).
 PROBE_VECTORS = 8
-#: Examples of that comparison (few: on a BERT with 128-token sequences, best-of-three products on a 64-example
-#: minibatch took 36 s, longer than its whole LiSSA run with the store).
-PROBE_EXAMPLES = 16
+#: Examples of that comparison: a minibatch of LiSSA's order of size, since the autograd product's per-call
+#: overhead dominates a smaller one (on a 9k-parameter MLP the stored product was 1.8 times faster than autograd's
+#: on 16 examples and 2.6 times slower on 64). One timed call of each after a warm-up: on a BERT with 128-token
+#: sequences best-of-three products on 64 examples took 36 s, longer than its whole LiSSA run with the store.
+PROBE_EXAMPLES = 64
 #: Whether the store must also be faster than the autograd product on the first minibatch (tests that exercise
 #: the store itself turn this off).
 TIMED = True
