@@ -5,18 +5,24 @@ With M outputs per example, the Gauss-Newton product of a minibatch b is
 parameters and ``H_i [M, M]`` the Hessian of its loss in those outputs. Writing ``H_i = R_i R_i^T`` (its
 eigendecomposition, ``R_i = Q_i sqrt(w_i)``, keeping the r columns whose eigenvalue is not zero for every
 example: r = M - 1 for cross-entropy), ``G_b = (1/|b|) sum F_i^T F_i`` with ``F_i = R_i^T J_i [r, P]``. When the
-N examples' ``F_i`` fit in :data:`JACOBIAN_BUDGET` numbers they are computed once per analysis (the ``H_i`` by M
-double-backward passes, then r passes of the per-example hook engine over the training set, each the gradient
-of ``column_c(R_i) . f_i``), and every later product is two matrix products over stored rows instead of a
-forward and ``1 + 2k`` backward passes: the same matrix, so the same answers. Minibatches are then given by
-training-set indices (:class:`RowBatch`), drawn exactly as :func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
+N examples' ``F_i`` fit in :func:`jacobian_budget` numbers (a share of the device's free memory) they are
+computed once per analysis (the ``H_i`` by M double-backward passes, then r passes of the per-example hook
+engine over the training set, each the gradient of ``column_c(R_i) . f_i``), and every later product is two
+matrix products over stored rows instead of a forward and ``1 + 2k`` backward passes: the same matrix, so the
+same answers. Minibatches are then given by training-set indices (:class:`RowBatch`), drawn exactly as
+:func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
 draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
-disagrees with, keeps the autograd products.
+disagrees with, keeps the autograd products. So does one whose autograd product is already the faster (timed on
+the first minibatch before anything is stored): a stored product costs about ``2 r P`` per example and vector, an
+autograd one a forward and backward pass, so the store wins on convolutions and long sequences (many operations
+per parameter) and loses on small dense models (measured in ``benchmarks/scale.py``: an MLP's LiSSA took nine
+times longer with its 3.6 GB store than without).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import time
+from collections.abc import Callable, Iterator, Sized
 from itertools import islice
 from typing import Any, NamedTuple, cast
 
@@ -27,14 +33,25 @@ from lightning_influence.core.curvature.products import BatchProduct, SplitLoss,
 from lightning_influence.core.per_example.engine import PerExampleEngine
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
+from lightning_influence.core.tensors.memory import memory_budget
 from lightning_influence.core.tensors.params import Params
 
-#: Most numbers (N examples x M outputs x P parameters) the stored Jacobian may hold: 512 MiB in float32.
-JACOBIAN_BUDGET = 2**27
+#: Share of the device's free memory (when the analysis starts) that the stored Jacobian may take.
+JACOBIAN_MEMORY_FRACTION = 0.25
 #: Training examples per index chunk of a product over a subset (bounds the gathered rows' memory).
 ROW_CHUNK = 1024
 #: Examples of the one product compared with autograd before the store is used.
 AGREEMENT_EXAMPLES = 32
+#: Vectors in the timed comparison of a stored and an autograd product (the callback solves eight points at once).
+PROBE_VECTORS = 8
+#: Examples of that comparison: a minibatch of LiSSA's order of size, since the autograd product's per-call
+#: overhead dominates a smaller one (on a 9k-parameter MLP the stored product was 1.8 times faster than autograd's
+#: on 16 examples and 2.6 times slower on 64). One timed call of each after a warm-up: on a BERT with 128-token
+#: sequences best-of-three products on 64 examples took 36 s, longer than its whole LiSSA run with the store.
+PROBE_EXAMPLES = 64
+#: Whether the store must also be faster than the autograd product on the first minibatch (tests that exercise
+#: the store itself turn this off).
+TIMED = True
 #: Largest relative difference from the autograd product (one minibatch, random vectors) for the store to be used.
 AGREEMENT_TOLERANCE = 1e-3
 
@@ -139,9 +156,10 @@ def _hessians(loss: FunctionalLoss, params: Params, batch: Batch) -> torch.Tenso
 
 
 def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, device: torch.device,
-                          reference: BatchProduct, budget: int = JACOBIAN_BUDGET) -> OutputJacobian | None:
+                          reference: BatchProduct, budget: int | None = None) -> OutputJacobian | None:
     """The stored Jacobian of ``loader``'s whole map-style dataset (in index order), or None when it would not fit
-    ``budget``, the data is not map-style, or its product disagrees with ``reference`` (the autograd one)."""
+    ``budget`` numbers (default: :func:`jacobian_budget`), the data is not map-style, or its product disagrees with
+    ``reference`` (the autograd one)."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     n = len(loader.dataset)  # type: ignore[arg-type]
@@ -150,13 +168,17 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
     first = prepare_batch(next(iter(ordered)), device)
     hessians = [_hessians(loss, params, first)]  # [B, M, M]: M, the outputs per example, before the budget check
     m = hessians[0].shape[1]
+    if budget is None:
+        budget = jacobian_budget(device, loss.dtype)
     if m == 0 or n * m * p > budget:
+        return None
+    target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
+    engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
+    if TIMED and not _store_is_faster(engine, _hessian_roots(hessians[0]), first, reference, p, loss.dtype, device):
         return None
     # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
     hessians += [_hessians(loss, params, prepare_batch(raw, device)) for raw in islice(ordered, 1, None)]
     roots = _hessian_roots(torch.cat(hessians))
-    target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
-    engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
     factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
     start = 0
     for raw in ordered:
@@ -167,6 +189,49 @@ def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, dev
         start += size
     store = OutputJacobian(factors)
     return store if _agrees(store, reference, first, n, p, loss.dtype, device) else None
+
+
+def _store_is_faster(engine: PerExampleEngine, roots: torch.Tensor, batch: Batch, reference: BatchProduct, p: int,
+                     dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the stored product over the rows of ``batch``'s first :data:`PROBE_EXAMPLES` examples (gathered in
+    another order, as LiSSA's shuffled minibatches are) takes less time than the autograd product of those examples,
+    for :data:`PROBE_VECTORS` vectors."""
+    size = min(batch_size_of(batch), PROBE_EXAMPLES)
+    batch, roots = slice_batch(batch, 0, size), roots[:size]
+    factors = torch.empty(size, roots.shape[2], p, dtype=dtype, device=device)
+    for c in range(roots.shape[2]):
+        factors[:, c] = engine.grads((batch, roots[:, :, c]))
+    store = OutputJacobian(factors)
+    vectors = torch.randn(PROBE_VECTORS, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    vectors = vectors.to(dtype).to(device)
+    order = torch.arange(size - 1, -1, -1)
+    stored = _best_seconds(lambda: store.product(RowBatch(order), vectors), device)  # a new RowBatch: re-gathered
+    return stored < _best_seconds(lambda: reference(batch, vectors), device)
+
+
+def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
+    """The least wall time of ``repeats`` calls of ``call`` after one untimed call (the autograd product's own
+    first call times its batched and looped forms)."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        call()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def jacobian_budget(device: torch.device, dtype: torch.dtype) -> int:
+    """Most numbers (N examples x M outputs x P parameters) the stored Jacobian may hold on ``device``: a
+    :data:`JACOBIAN_MEMORY_FRACTION` share of its free memory (CUDA: ``mem_get_info``; CPU: available memory),
+    in elements of ``dtype``. The rows gathered for a minibatch come on top (at most ``ROW_CHUNK`` rows)."""
+    return memory_budget(device, JACOBIAN_MEMORY_FRACTION, torch.empty(0, dtype=dtype).element_size())
 
 
 def _hessian_roots(hessians: torch.Tensor) -> torch.Tensor:

@@ -68,3 +68,26 @@ def test_sharded_self_influence_covers_every_example_once(noisy_logistic):
     indices = torch.cat([p[0] for p in parts])
     assert sorted(indices.tolist()) == list(range(101))
     torch.testing.assert_close(torch.cat([p[1] for p in parts])[indices.argsort()], full)
+
+
+def test_self_influence_chunks_keep_per_example_gradients_within_the_budget(noisy_logistic, monkeypatch):
+    from lightning_influence.analysis import mislabel
+
+    model, x, y, _ = noisy_logistic
+    data = IndexedData(TensorDataset(x[:50], y[:50]), batch_size=32)
+    problem = InfluenceProblem(model, cross_entropy_per_example, data.loader(), L2, LowRankConfig(rank=8))
+    sizes: list[int] = []
+    gradients = problem.gradients
+
+    def recorded(batch):
+        sizes.append(len(batch[1]))
+        return gradients(batch)
+
+    with li.core.tensors.modes.analysis_mode(model):
+        _, whole, _ = self_influence_shard(problem, data, list(range(50)))  # 650 parameters: batches of 32
+        monkeypatch.setattr(mislabel, "PER_EXAMPLE_BUDGET", 7 * problem.num_params)
+        monkeypatch.setattr(problem, "gradients", recorded)
+        indices, chunked, _ = self_influence_shard(problem, data, list(range(50)))
+    assert max(sizes) == 7 and sum(sizes) == 50  # 7 examples x P numbers at a time, every example once
+    assert indices.tolist() == list(range(50))
+    torch.testing.assert_close(chunked, whole)

@@ -11,10 +11,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_influence.config import CGConfig, LissaConfig
+from lightning_influence.core.curvature import jacobian
 from lightning_influence.core.curvature.jacobian import RowBatch, build_output_jacobian, row_stream
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.solvers.neumann import minibatch_stream
 from lightning_influence.core.tensors.modes import analysis_mode
+
+
+@pytest.fixture(autouse=True)
+def _store_whatever_its_speed(monkeypatch):
+    # these tests are about the store's products; whether it is also the faster is tested in test_jacobian_timing.py
+    monkeypatch.setattr(jacobian, "TIMED", False)
 
 
 def _cnn_problem(store: bool = True, config=None, batch_norm: bool = False):
