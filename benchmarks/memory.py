@@ -51,7 +51,8 @@ def measure(what: str, width: int, vectors: int, n_train: int) -> dict:
     x, y = torch.randn(n_train, 64), torch.randint(0, 10, (n_train,))
     train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     damping = "auto" if what == "damping" else 0.1
-    problem = InfluenceProblem(model, _loss, train, damping, LissaConfig(depth=3, batch_size=32, refine=False))
+    problem = InfluenceProblem(model, _loss, train, damping, LissaConfig(depth=3, batch_size=32, refine=False),
+                               store_jacobian=False)  # the autograd products; the stored Jacobian has its own budget
     with analysis_mode(model):
         v = problem.gradients((x[:vectors], y[:vectors]))
         before = _resident()

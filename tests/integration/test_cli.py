@@ -53,6 +53,8 @@ def test_help_states_the_callback_defaults_and_lists_subcommands():
     defaults = {name: p.default for name, p in inspect.signature(InfluenceCallback).parameters.items()}
     for config in (CGConfig(), LissaConfig()):  # solver flags: the solver configs' defaults
         defaults.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "tol"})
+    # a checkpoint has no training loop to retrain with: the CLI's damping is the functional API's, not "self_check"
+    defaults["damping"] = li.config.DEFAULT_DAMPING
     for option in INFLUENCE_OPTIONS + MISLABEL_OPTIONS:
         if option.dest not in ("mislabel_candidates", "tol"):  # the subcommand's own (the callback's 0 means off)
             assert defaults[option.dest] == option.default, option.flag
