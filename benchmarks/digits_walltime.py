@@ -4,7 +4,8 @@
 Runs ``python examples/digits.py --log-dir <temporary directory>`` in a subprocess (``OMP_NUM_THREADS=1``
 unless already set, as the README's command does), measures the wall time of the whole run (interpreter
 start, imports, training, every influence analysis, writing the results) and reads the phase timings that
-the callback writes into each report (``influence/epoch=N.json``: its ``timings`` object and the s_test
+the callback writes into each report (``influence/epoch=N.json``: its ``timings`` object, the damping
+self-check's seconds at the analysis that ran it, and the s_test
 solver's seconds). The machine's load average before and after the run is recorded beside the figures: on a
 shared machine the same run can take twice as long.
 
@@ -59,11 +60,16 @@ def report_phases(log_dir: Path) -> list[dict[str, Any]]:
         if path.stem.endswith("-scores"):
             continue
         report = json.loads(path.read_text())
+        timings = dict(report.get("timings", {}))
+        check = report["solver"].get("damping_check") or {}
+        if check and check.get("epoch") == report["epoch"]:  # damping="self_check": run once, at this analysis
+            timings["damping_check"] = check["seconds"]
         phases.append({
             "file": path.name,
             "epoch": report["epoch"],
             "global_step": report["global_step"],
-            "timings_seconds": report.get("timings", {}),
+            "damping": report["solver"]["damping"],
+            "timings_seconds": timings,
             "s_test_solver": report["solver"]["solver"],
             "s_test_converged": report["solver"]["converged"],
         })
@@ -102,6 +108,7 @@ def run_example(extra: list[str]) -> dict[str, Any]:
         "command": "OMP_NUM_THREADS=1 python examples/digits.py " + " ".join(extra),
         "wall_seconds": round(seconds, 1),
         "analysis_seconds": round(analysis, 1),
+        "damping_check_seconds": round(sum(p["timings_seconds"].get("damping_check", 0.0) for p in phases), 1),
         "training_and_startup_seconds": round(seconds - analysis, 1),
         "analyses": len(phases),
         "phases": phases,
