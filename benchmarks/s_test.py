@@ -20,6 +20,7 @@ Usage::
     python benchmarks/s_test.py            # full run (~400 s measured CPU time; 21 min wall on a busy 2-core VM)
     python benchmarks/s_test.py --quick    # smoke run (fewer examples, no MLP; 6 min wall there)
     python benchmarks/s_test.py --json out.json  # default: benchmarks/s_test-results.json
+    python benchmarks/s_test.py --damping 0.01   # every method at damping 0.01 (s_test-damping-0.01-results.json)
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def run_method(task: str, method: str, spec: dict[str, Any], workdir: Path) -> d
     model.load_state_dict(torch.load(workdir / f"{task}.pt"))
     model.eval()
     loader = DataLoader(TensorDataset(x, y), batch_size=256)
-    ours = method in ("default", "cg", "cg_ekfac", "cg_kfac")  # what a user runs: damping="auto", timed
-    damping = None if ours else json.loads((workdir / f"{task}-damping.json").read_text())["damping"]
+    ours = method in ("default", "cg", "cg_ekfac", "cg_kfac")  # what a user runs: damping="auto" (or --damping), timed
+    damping = spec.get("damping") if ours else json.loads((workdir / f"{task}-damping.json").read_text())["damping"]
     memory = PeakRSS()
     start = time.process_time()
     if method == "kronfluence_ekfac":
@@ -224,7 +225,9 @@ def run_task(task: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for method in ["default", *[m for m in methods_for(task) if m != "default"]]:  # default resolves the damping
         row = subprocess_run(task, method, spec, workdir)
-        if method == "default" and "damping" in row:
+        if spec.get("damping") is not None:  # --damping: every method's damping is known before any runs
+            (workdir / f"{task}-damping.json").write_text(json.dumps({"damping": spec["damping"]}))
+        elif method == "default" and "damping" in row:
             (workdir / f"{task}-damping.json").write_text(json.dumps({"damping": row["damping"]}))
         rows[method] = row
         print(f"  {task:15s} {method:18s} {_line(row)}", flush=True)
@@ -266,7 +269,9 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(Path(__file__).with_name("s_test-results.json")))
+    parser.add_argument("--json", help="default: benchmarks/s_test-results.json (with --damping D:"
+                        " benchmarks/s_test-damping-D-results.json)")
+    parser.add_argument("--damping", type=float, help="every method at this fixed damping instead of 'auto'")
     parser.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -281,12 +286,17 @@ def main() -> None:
         task, method, spec = json.loads(args.one)
         print(json.dumps(run_method(task, method, spec, Path(args.workdir))))
         return
+    if args.json is None:
+        suffix = "" if args.damping is None else f"-damping-{args.damping:g}"
+        args.json = str(Path(__file__).with_name(f"s_test{suffix}-results.json"))
     started = time.perf_counter()
-    results: dict[str, Any] = {"quick": args.quick, "points": NUM_POINTS, "cg_tol": CG_TOL,
+    results: dict[str, Any] = {"quick": args.quick, "damping": args.damping or "auto", "points": NUM_POINTS, "cg_tol": CG_TOL,
                                "reference_tol": REFERENCE_TOL, "torch": torch.__version__,
                                "machine": platform.machine(), "clock": "process CPU time, one thread", "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for task, spec in task_specs(args.quick).items():
+            if args.damping is not None:
+                spec = {**spec, "damping": args.damping}
             results["tasks"][task] = run_task(task, spec, Path(tmp))
             for method, row in results["tasks"][task]["methods"].items():
                 if "pearson_mean" in row:
