@@ -372,7 +372,9 @@ def metrics(score: torch.Tensor, flipped: torch.Tensor) -> dict[str, float]:
             "auroc": float(roc_auc_score(flipped.numpy(), torch.nan_to_num(score.double()).numpy()))}
 
 
-def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> dict[str, Any]:
+def noisy_task(name: str, noise: str, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    """``(inputs, noisy labels, flipped, features)`` of one setting (features: what the noise model and cleanlab
+    read)."""
     kind, rate = NOISES[noise]
     if name == "text":
         x, y_true, features = text_data(seed)
@@ -380,7 +382,11 @@ def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> 
         x, y_true = digits_split(seed)
         features = x.numpy()
     y = add_noise(kind, rate, reference_probabilities(features, y_true, seed), y_true, seed)
-    flipped = y != y_true
+    return x, y, y != y_true, features
+
+
+def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> dict[str, Any]:
+    x, y, flipped, features = noisy_task(name, noise, seed)
     n, epochs = len(y), EPOCHS[name]
     callback = TrainingSignalRecorder(n, epochs=checkpoint_epochs(epochs, DEFAULT_SIGNAL_CHECKPOINTS))
     dense = TrainingSignalRecorder(n, every_n_epochs=1)
@@ -412,16 +418,6 @@ def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> 
 
 
 # -- threshold samples (Pleiss et al. 2020) ------------------------------------------------------------------------
-def noisy_task(name: str, noise: str, seed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    """``(inputs, noisy labels, flipped)`` of one setting, as :func:`run_one` builds them."""
-    kind, rate = NOISES[noise]
-    if name == "text":
-        x, y_true, features = text_data(seed)
-    else:
-        x, y_true = digits_split(seed)
-        features = x.numpy()
-    y = add_noise(kind, rate, reference_probabilities(features, y_true, seed), y_true, seed)
-    return x, y, y != y_true
 
 
 def threshold_fields(recorder: TrainingSignalRecorder, fake: torch.Tensor, flipped: torch.Tensor
@@ -444,7 +440,7 @@ def threshold_fields(recorder: TrainingSignalRecorder, fake: torch.Tensor, flipp
 def threshold_run(name: str, noise: str, seed: int, fraction: float, dump: Path | None) -> dict[str, Any]:
     """One training with ``fraction`` of the training examples relabelled to a uniformly drawn wrong class
     (the threshold samples; at least 16); the count is of the flips among the other examples."""
-    x, y, flipped = noisy_task(name, noise, seed)
+    x, y, flipped, _ = noisy_task(name, noise, seed)
     n, classes = len(y), int(y.max()) + 1
     sources, wrong = threshold_sample_labels(y, max(16, round(fraction * n)), classes, seed)
     y_all = y.clone()

@@ -270,15 +270,9 @@ def test_new_selections_step_on_what_they_report(trained, tmp_path, selection):
     assert not torch.equal(corrected.state_dict()["net.0.weight"], model.state_dict()["net.0.weight"])
 
 
-def test_guard_skips_examples_that_would_raise_the_guards_loss(trained, tmp_path):
-    """Round 1 with a guard of every validation example the model gets right (guard_per_iteration >= their
-    number): the chosen examples are, in order, the most helpful of those whose influence on the guard's mean
-    loss is <= 0 (recomputed here with li.influence)."""
-    _, model, train, val, anchors = trained
-    original = copy.deepcopy(model)
-    report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
-                      guard_per_iteration=len(val), iterations=1, examples_per_iteration=40)
-    first = report.iterations[0]
+def _exact_mean_influences(original, train, val, anchors, first):
+    """Mean exact influence of every training example on round ``first``'s anchors and on the guard of every
+    validation example ``original`` gets right (recomputed with li.influence)."""
     with torch.no_grad():
         right = (original(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
     loader = DataLoader(train, batch_size=64)
@@ -289,6 +283,19 @@ def test_guard_skips_examples_that_would_raise_the_guards_loss(trained, tmp_path
     on_anchors = li.influence(original, loss, loader, anchors[list(first.anchor_indices)], solver="exact",
                               damping=DAMPING).mean(0)
     on_guard = li.influence(original, loss, loader, val[right], solver="exact", damping=DAMPING).mean(0)
+    return on_anchors, on_guard
+
+
+def test_guard_skips_examples_that_would_raise_the_guards_loss(trained, tmp_path):
+    """Round 1 with a guard of every validation example the model gets right (guard_per_iteration >= their
+    number): the chosen examples are, in order, the most helpful of those whose influence on the guard's mean
+    loss is <= 0 (recomputed here with li.influence)."""
+    _, model, train, val, anchors = trained
+    original = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
+                      guard_per_iteration=len(val), iterations=1, examples_per_iteration=40)
+    first = report.iterations[0]
+    on_anchors, on_guard = _exact_mean_influences(original, train, val, anchors, first)
     passing = (on_guard <= 0).nonzero().flatten().tolist()
     expected = sorted(passing, key=lambda i: float(on_anchors[i]))[:40]
     assert len(passing) >= 40 and list(first.chosen_indices) == expected
@@ -306,16 +313,7 @@ def test_anchors_protect_takes_the_examples_most_helpful_to_the_guard_that_do_no
     report = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors+protect",
                       guard_per_iteration=len(val), iterations=1, examples_per_iteration=20)
     first = report.iterations[0]
-    with torch.no_grad():
-        right = (original(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
-    loader = DataLoader(train, batch_size=64)
-
-    def loss(m, b):
-        return m.per_example_loss(b)
-
-    on_anchors = li.influence(original, loss, loader, anchors[list(first.anchor_indices)], solver="exact",
-                              damping=DAMPING).mean(0)
-    on_guard = li.influence(original, loss, loader, val[right], solver="exact", damping=DAMPING).mean(0)
+    on_anchors, on_guard = _exact_mean_influences(original, train, val, anchors, first)
     passing = (on_anchors <= 0).nonzero().flatten().tolist()
     expected = sorted(passing, key=lambda i: float(on_guard[i]))[:20]
     assert len(passing) >= 20 and list(first.chosen_indices) == expected
