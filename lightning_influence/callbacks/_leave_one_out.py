@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lightning_influence.analysis.leave_one_out import verify_leave_one_out
+from lightning_influence.callbacks._damping_check import training_optimizer
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
@@ -37,13 +38,14 @@ def leave_one_out_check(trainer: pl.Trainer, module: pl.LightningModule, loss_fn
     pairs = {i.train_index: i.influence for i in (*point.harmful, *point.helpful)}
     chosen = sorted(pairs, key=lambda index: -abs(pairs[index]))[:count]
     template = optimizers[0]
-    hyper = {key: template.param_groups[0][key] for key in template.defaults if key in template.param_groups[0]}
+    optimizer = training_optimizer(trainer, module)  # the trainer has one: a factory of its like
+    assert optimizer is not None
     steps_total = (len(chosen) + 1) * steps
     with isolate_rng(), progress_task(trainer, "influence: leave-one-out retraining", steps_total) as on_step:
         check = verify_leave_one_out(
             module, loss_fn, train.loader(), val.fetch([point.val_index]), train_indices=chosen,
             influences=[pairs[i] for i in chosen], steps=steps,
-            optimizer=lambda params: type(template)(params, **hyper), l2=0.0, on_step=on_step,
+            optimizer=optimizer, l2=0.0, on_step=on_step,
         )
     write_leave_one_out_scalars(writer, check, trainer.global_step)
     writer.flush()
