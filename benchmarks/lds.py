@@ -648,6 +648,57 @@ def run_peers(name: str, spec: Spec, model: nn.Module, record: dict[str, Any], a
     return scores, skipped
 
 
+# -- the callbacks' default: the package's own self-check -------------------------------------------------
+def validation_points(spec: Spec, test: Data, count: int = 32) -> tuple[Data, bool]:
+    """Up to ``count`` points outside the training and test sets, drawn like the split (``True``), or, where the
+    dataset has none left (diabetes), the first test points (``False``: the check then sees the evaluation points)."""
+    if spec.data is keyword_data:
+        from examples.text_classification import KeywordSequences
+
+        sequences = KeywordSequences(count, seed=2)
+        return {"input_ids": sequences.input_ids, "attention_mask": sequences.attention_mask,
+                "labels": sequences.labels}, True
+    loaders = {digits_data: "load_digits", diabetes_data: "load_diabetes", cancer_data: "load_breast_cancer"}
+    import sklearn.datasets
+
+    total = len(getattr(sklearn.datasets, loaders[spec.data])().target)
+    spare = total - spec.n_train - spec.n_test
+    if spare <= 0:
+        return take(test, torch.arange(min(count, size(test)))), False
+    train_data, rest = spec.data(spec.n_train, spec.n_test + min(count, spare))
+    return take(rest, torch.arange(spec.n_test, size(rest))), True
+
+
+def training_optimizer_of(spec: Spec) -> Callable[[Any], torch.optim.Optimizer]:
+    """A fresh optimiser like the training's (what the callback rebuilds from ``trainer.optimizers[0]``)."""
+    if spec.optimizer == "lbfgs":
+        return lambda params: torch.optim.LBFGS(params, lr=spec.lr, max_iter=spec.epochs, line_search_fn="strong_wolfe")
+    if spec.optimizer == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=spec.lr)
+    if spec.optimizer == "adam":
+        return lambda params: torch.optim.Adam(params, lr=spec.lr)
+    return lambda params: torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def package_self_check(spec: Spec, model: nn.Module, train_data: Data, test: Data, att: Any, masks: torch.Tensor,
+                       losses: torch.Tensor) -> dict[str, Any]:
+    """LDS at the damping ``li.check_damping_by_retraining`` picks with the callbacks' settings: validation points
+    outside the evaluation set, the training's optimiser and batch size, half the training's epochs (one L-BFGS
+    step of ``spec.epochs`` iterations for ``logreg``, a full-batch run), its own retraining seeds."""
+    val, disjoint = validation_points(spec, test)
+    batch = spec.batch or size(train_data)
+    epochs = 1 if spec.optimizer == "lbfgs" else max(1, spec.epochs // 2)
+    start = time.perf_counter()
+    check = li.check_damping_by_retraining(model, spec.loss, loader_of(train_data, batch), val,
+                                           training_optimizer_of(spec), epochs=epochs,
+                                           problem=li.ProblemConfig(weight_decay=spec.weight_decay))
+    seconds = time.perf_counter() - start
+    return {**summary(lds(att.at(check.chosen), masks, losses)), "damping": check.chosen,
+            "seconds": round(seconds, 1), "validation_disjoint_from_test": disjoint, "epochs": epochs,
+            "candidates_lds": {f"{d:g}": (None if v is None or math.isnan(v) else round(v, 4))
+                               for d, v in zip(check.candidates, check.lds)}}
+
+
 # -- one model ------------------------------------------------------------------------------------------------
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = SPECS[name]
@@ -754,6 +805,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows["self_check_cost_in_trainings"] = round(len(record["check_masks"]) * record["warm_epochs"] / spec.epochs / 2, 3)
     mark("rules")
 
+    rows["callback_default"] = package_self_check(spec, model, train_data, test, att, masks, losses)
+    mark("callback_default_self_check")
+
     peer_scores, skipped = run_peers(name, spec, model, record, att, args)
     rows["peers"] = {k: summary(lds(v, masks, losses)) for k, v in peer_scores.items()}
     rows["peers_skipped"] = skipped
@@ -791,6 +845,10 @@ def print_model(r: dict[str, Any]) -> None:
           f" auto {r['spectrum']['auto_damping']:.3g}; train acc {r['train_accuracy']}, test acc {r['test_accuracy']}")
     print(f"  default {rows['default']['lds']:.3f} {rows['default']['ci95']}  cg@auto {rows['cg_default_damping']['lds']:.3f}"
           f"  (LiSSA converged {rows['default']['solve']['converged']})")
+    if "callback_default" in rows:
+        own = rows["callback_default"]
+        print(f"  callback default (li.check_damping_by_retraining -> {own['damping']:g}): {own['lds']:.3f}"
+              f" {own['ci95']} in {own['seconds']}s")
     print("  sweep: " + "  ".join(f"{k}:{v['lds']:.3f}" for k, v in rows["sweep"].items()))
     print("  rules: " + "  ".join(f"{k}({v['damping']:.2g}):{v['lds']:.3f}" for k, v in rows["rules"].items()
                                   if v["lds"] is not None))
@@ -811,8 +869,9 @@ def choose_rule(results: dict[str, dict[str, Any]], recommended: Optional[str]) 
     gaps = {rule: {m: round(r["best_fixed"]["lds"] - r["rows"]["rules"][rule]["lds"], 4) for m, r in results.items()
                    if r["rows"]["rules"].get(rule, {}).get("lds") is not None}
             for rule in RULES}
-    for label in ("default", "cg_default_damping"):
-        gaps[label] = {m: round(r["best_fixed"]["lds"] - r["rows"][label]["lds"], 4) for m, r in results.items()}
+    for label in ("default", "cg_default_damping", "callback_default"):
+        gaps[label] = {m: round(r["best_fixed"]["lds"] - r["rows"][label]["lds"], 4) for m, r in results.items()
+                       if label in r["rows"]}
     chosen_on = [m for m in CHOOSE_ON if m in results]
     checked_on = [m for m in CHECK_ON if m in results]
     worst = {rule: max((gaps[rule][m] for m in chosen_on if m in gaps[rule]), default=float("nan")) for rule in RULES}
@@ -860,7 +919,7 @@ def markdown(doc: dict[str, Any]) -> str:
         return node
 
     lines = ["| method | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
-    paths = [("default",), ("cg_default_damping",)] + [("sweep", k) for k in first["sweep"]]
+    paths = [("default",), ("cg_default_damping",), ("callback_default",)] + [("sweep", k) for k in first["sweep"]]
     paths += [("rules", k) for k in first["rules"]]
     paths += [("peers", k) for k in sorted({k for m in models for k in doc["models"][m]["rows"]["peers"]})]
     for path in paths:
