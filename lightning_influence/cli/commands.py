@@ -27,6 +27,7 @@ from lightning_influence.config import (  # torch-free: `--help` stays fast
     CGConfig,
     LissaConfig,
     LowRankConfig,
+    check_num_candidates,
 )
 
 STAGE = "posthoc"
@@ -93,6 +94,8 @@ INFLUENCE_OPTIONS = (
     Option("--scoring", "scoring", DEFAULT_SCORING, "how training examples are scored",
            choices=SCORING_METHODS),
     Option("--chunk-size", "chunk_size", DEFAULT_CHUNK_SIZE, "training examples scored at once (bounds memory)", type=int),
+    Option("--num-candidates", "num_candidates", None, "score each point only against its N nearest training examples"
+           " (FastIF; None: every training example)", type=int),
     Option("--example-formatter", "example_formatter", None, "import path of a function example -> str (e.g. a"
            " tokenizer's decode) shown beside each example in the tables and the JSON"),
     Option("--save-scores", "save_scores", False, "also write the full [points, n_train] score table"
@@ -169,6 +172,7 @@ def run_influence(args: argparse.Namespace) -> int:
     describe = _describe(context.callback_args, flags)
     chunk = settings.explain.chunk_size
     train = IndexedData.from_loader(context.train_loader, chunk)
+    check_num_candidates(settings.explain.num_candidates, len(train))  # before the solve, not at the kNN search
     loss_fn = context.loss_fn(settings.loss_fn)
     check_training_losses(context, loss_fn, train, args.device)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
