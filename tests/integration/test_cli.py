@@ -51,6 +51,8 @@ def _only(directory: Path, pattern: str) -> dict:
 
 def test_help_states_the_callback_defaults_and_lists_subcommands():
     defaults = {name: p.default for name, p in inspect.signature(InfluenceCallback).parameters.items()}
+    # the mislabel flags: MislabelCallback's arguments (InfluenceCallback's mislabel_* are deprecated, default None)
+    defaults["mislabel_rank"] = inspect.signature(li.MislabelCallback).parameters["rank"].default
     for config in (CGConfig(), LissaConfig()):  # solver flags: the solver configs' defaults
         defaults.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "tol"})
     # a checkpoint has no training loop to retrain with: the CLI's damping is the functional API's, not "self_check"
