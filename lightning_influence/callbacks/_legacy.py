@@ -1,8 +1,10 @@
-"""The callback's deprecated keyword arguments: accepted with a warning that says what to write instead."""
+"""The deprecated keyword arguments of the callback and of ``correct_errors``: accepted with a warning that says
+what to write instead."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -75,3 +77,15 @@ def _or(value: Any, default: Any) -> Any:
 def _shown(value: Any) -> str:
     """A value as the replacement call writes it (a function by its name)."""
     return str(getattr(value, "__name__", repr(value))) if callable(value) else repr(value)
+
+
+def legacy_correction_candidates(candidates: Any, num_candidates: Optional[int], train_indices: Optional[Sequence[int]]
+                                 ) -> tuple[Optional[int], Optional[Sequence[int]]]:
+    """``correct_errors(candidates=)`` once meant both: an int is ``num_candidates``, a sequence ``train_indices``."""
+    if candidates is None:
+        return num_candidates, train_indices
+    warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (an int: nearest neighbours per anchor) or"
+                  " `train_indices=` (the training indices to choose from).", DeprecationWarning, stacklevel=3)
+    if isinstance(candidates, int) and not isinstance(candidates, bool):
+        return candidates, train_indices
+    return num_candidates, candidates
