@@ -178,7 +178,8 @@ class InfluenceCallback(AnalysisCallback):
                 "training_signals": training_signals, "signal_checkpoints": signal_checkpoints,
                 "signals_outputs_fn": signals_outputs_fn})
             self.explains = val_indices is not None or num_worst != 0
-            expect(self.explains or self.mislabel.enabled, "num_worst", "a positive int", num_worst)
+            expect(self.explains or self.mislabel.enabled, "num_worst", "a positive int", num_worst,
+                   "For likely mislabelled training examples alone, pass MislabelCallback(...) to the Trainer instead.")
             check_loo_arguments(verify_loo, verify_loo_steps, top_k, self.explains)
             self.settings = ExplainConfig(
                 top_k=top_k, num_worst=num_worst or 1, val_indices=None if val_indices is None else tuple(val_indices),
