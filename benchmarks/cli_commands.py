@@ -42,7 +42,9 @@ CONFIG = """trainer:
           class_path: lightning_influence.LissaConfig
           init_args: {depth: 1000, repeats: 2}
         every_n_epochs: 5
-        mislabel_candidates: 16
+    - class_path: lightning_influence.MislabelCallback
+      init_args:
+        candidates: 16
 model:
   class_path: examples.digits.DigitsCNN
 data:

@@ -30,6 +30,7 @@ from lightning_influence.analysis.correction import (
     sample_anchors,
 )
 from lightning_influence.analysis.correction_lr import search_lr
+from lightning_influence.callbacks._legacy import legacy_correction_candidates
 from lightning_influence.callbacks._trainer import (
     Writers,
     collectives_for,
@@ -163,7 +164,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
         the chosen indices (with their influence), the anchors' loss before/after and the metrics.
     """
-    num_candidates, train_indices = _legacy_candidates(candidates, num_candidates, train_indices)
+    num_candidates, train_indices = legacy_correction_candidates(candidates, num_candidates, train_indices)
     setup = resolve_problem(problem, solver, damping, curvature, dict(solver_options or {}))
     settings = CorrectionConfig(
         iterations=iterations, anchors_per_iteration=anchors_per_iteration,
@@ -287,6 +288,12 @@ class _CorrectionModule(pl.LightningModule):
                            self.report_path, self.verbose)
 
 
+# Why private Lightning API here (Lightning 2.6): `correct_errors` runs on the user's Trainer, so that the rounds use
+# its strategy (DDP process group, devices, precision) and logger, after that Trainer has already fit. Lightning
+# has no public way to run a bounded second fit on such a Trainer: `max_steps`/`max_epochs` are read-only
+# properties of the Trainer, and its `fit_loop` remembers the finished fit (a second `fit` stops at once). A
+# fresh Trainer would need a second process group under DDP. So a fresh `_FitLoop`/`_TrainingEpochLoop` pair
+# (the loops `Trainer.__init__` builds) replaces the fit loop for one fit, and everything is put back after it.
 @contextlib.contextmanager
 def _isolated_fit(trainer: pl.Trainer, steps: int) -> Iterator[None]:
     """Run a fit of ``steps`` steps on ``trainer`` and put its loops, callbacks, optimizers and module back."""
@@ -403,14 +410,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     with open(path) as handle:
         return json.load(handle)
 
-
-def _legacy_candidates(candidates: Any, num_candidates: Optional[int],
-                       train_indices: Optional[Sequence[int]]) -> tuple[Optional[int], Optional[Sequence[int]]]:
-    """``candidates=`` once meant both: an int is ``num_candidates``, a sequence ``train_indices``."""
-    if candidates is None:
-        return num_candidates, train_indices
-    warnings.warn("`candidates=` is deprecated: pass `num_candidates=` (an int: nearest neighbours per anchor) or"
-                  " `train_indices=` (the training indices to choose from).", DeprecationWarning, stacklevel=3)
-    if isinstance(candidates, int) and not isinstance(candidates, bool):
-        return candidates, train_indices
-    return num_candidates, candidates

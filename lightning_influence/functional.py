@@ -293,7 +293,7 @@ def self_influence(
     solve one system per example (in chunks of ``chunk_size``): slow on large training sets.
 
     These are the final weights' scores only: on nets that memorise their labels the training signals that
-    ``InfluenceCallback(mislabel_candidates=...)`` records during the run rank flipped labels better (the
+    ``MislabelCallback(candidates=...)`` records during the run rank flipped labels better (the
     figures are in ``lightning_influence.config.NO_SIGNALS_NOTE`` and ``docs/mislabel.md``).
 
     Returns:

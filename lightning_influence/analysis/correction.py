@@ -141,7 +141,7 @@ def choose_examples(  # long: the three choices (random, top-k, guarded) share t
     with analysis_mode(model):
         if settings.num_candidates is not None:  # FastIF: only the anchors' nearest neighbours (within the candidates)
             neighbours = find_candidates(model, anchor_batch, train, ExplainConfig(
-                num_candidates=min(settings.num_candidates, len(train)), chunk_size=settings.chunk_size), collectives,
+                num_candidates=settings.num_candidates, chunk_size=settings.chunk_size), collectives,
                 problem.device, loss_fn)
             permitted = set(allowed)
             allowed = sorted(i for i in neighbours.indices.unique().tolist() if i in permitted)

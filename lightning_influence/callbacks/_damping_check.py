@@ -17,8 +17,8 @@ from lightning_influence.analysis.damping_check import (
     check_points,
     retrain_on_halves,
 )
-from lightning_influence.callbacks._trainer import collectives_for
-from lightning_influence.config import SELF_CHECK_DAMPING, ProblemConfig
+from lightning_influence.callbacks._trainer import collectives_for, weight_decay
+from lightning_influence.config import DEFAULT_DAMPING, SELF_CHECK_DAMPING, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.results import DampingCheck, SolveInfo
@@ -93,6 +93,16 @@ def _damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: 
     if collectives.world_size > 1:
         check = collectives.gather_objects(check)[0]  # one choice on every rank
     return check
+
+
+def analysis_problem(problem: ProblemConfig, trainer: pl.Trainer, check: Optional[DampingCheck]) -> ProblemConfig:
+    """The config an analysis runs with: the weight decay of the trainer's optimizer when ``problem`` leaves it
+    open, and ``damping="self_check"`` as ``check`` chose (``"auto"`` while there is no check)."""
+    if problem.weight_decay is None:
+        problem = replace(problem, weight_decay=weight_decay(trainer))
+    if problem.damping != SELF_CHECK_DAMPING:
+        return problem
+    return replace(problem, damping=check.chosen if check else DEFAULT_DAMPING)
 
 
 def with_check(info: SolveInfo, check: Optional[DampingCheck]) -> SolveInfo:

@@ -23,6 +23,23 @@ from lightning_influence.reporting.leave_one_out import (
 from lightning_influence.results import Explanation
 
 
+def check_loo_arguments(count: Any, steps: Any, top_k: int, explains: bool) -> None:
+    """``verify_loo`` (examples taken from the first point's harmful and helpful lists) and ``verify_loo_steps``.
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    problems = [
+        (explains or not count, "verify_loo", "0 without an explanation (num_worst=0)", count),
+        (isinstance(count, int) and 0 <= count <= 2 * top_k, "verify_loo",
+         f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", count),
+        (isinstance(steps, int) and steps >= 1, "verify_loo_steps", "a positive int", steps),
+    ]
+    for ok, name, allowed, value in problems:
+        if not ok:
+            raise ValueError(f"Expected `{name}` to be {allowed}, but got {value!r}.")
+
+
 def leave_one_out_check(trainer: pl.Trainer, module: pl.LightningModule, loss_fn: LossFn, explanation: Explanation,
                         epoch: int, log_dir: Path, *, train: IndexedData, val: IndexedData, writer: Any, count: int,
                         steps: int, verbose: bool) -> None:

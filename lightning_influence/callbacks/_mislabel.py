@@ -1,9 +1,9 @@
-"""The mislabel analysis of ``InfluenceCallback``: the training signals it records during the run and the
-report ranked by them.
+"""The mislabel analysis of ``MislabelCallback`` (and of ``InfluenceCallback``'s deprecated mislabel arguments):
+the training signals it records during the run and the report ranked by them.
 
 The recording is :class:`~lightning_influence.callbacks.training_signals.TrainingSignalsCallback`'s (the same
-schedule, DDP assembly by dataset index on rank 0 and checkpoint state), run from the influence callback's
-hooks on the callback's own training data, so the signals and the self-influence score the same examples.
+schedule, DDP assembly by dataset index on rank 0 and checkpoint state), run from the owning callback's
+hooks on that callback's own training data, so the signals and the self-influence score the same examples.
 A failure to record (a model whose outputs are not class logits, say) warns once and leaves the report ranked
 by self-influence; training goes on.
 """
@@ -20,13 +20,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_influence.analysis.explain import Describe
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import OutputsFn
+from lightning_influence.callbacks._damping_check import with_check
 from lightning_influence.callbacks._trainer import collectives_for
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.callbacks.training_signals import TrainingSignalsCallback, recording_batch_size
 from lightning_influence.config import LowRankConfig, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
-from lightning_influence.results import MislabelReport
+from lightning_influence.results import DampingCheck, MislabelReport
 
 #: ``mislabel_candidates`` meaning every training example (the JSON then ranks the whole training set).
 ALL = "all"
@@ -109,7 +110,7 @@ class MislabelAnalysis:
                 raise
             self.signals = None
             rank_zero_warn(
-                f"InfluenceCallback could not record training signals at epoch {trainer.current_epoch}"
+                f"The mislabel analysis could not record training signals at epoch {trainer.current_epoch}"
                 f" ({type(err).__name__}: {err}); the mislabel report ranks by self-influence alone. Training goes"
                 " on. Pass `signals_outputs_fn=` a function (module, batch) -> (logits [B, C], labels [B]) for"
                 " other batches, or `training_signals=False`."
@@ -124,16 +125,19 @@ class MislabelAnalysis:
 
     # -- the report (collective: every rank) ------------------------------------------------------------------
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
-               setup: ProblemConfig, describe: Describe, epoch: int) -> MislabelReport:
+               setup: ProblemConfig, describe: Describe, epoch: int,
+               damping_check: Optional[DampingCheck] = None) -> MislabelReport:
         """Self-influence of every training example (``setup``'s problem, solved by this analysis's low-rank
-        inverse), ranked by the recorded signals when there are some."""
+        inverse), ranked by the recorded signals when there are some; the solve record names ``damping_check``
+        (the self-check that chose ``setup``'s damping) when there is one."""
         collectives = collectives_for(trainer)
         shard_size = len(range(collectives.rank, len(train), collectives.world_size))
         recorder = None if self.signals is None else self.signals.recorder
         with progress_task(trainer, "influence: self-influence", shard_size,
                            "curvature eigenpairs (Lanczos) and damping") as on_scored:
-            return find_mislabel_candidates(
+            report = find_mislabel_candidates(
                 pl_module, loss_fn, train, replace(setup, solver=self.config), self.count, epoch=epoch,
                 global_step=trainer.global_step, collectives=collectives, on_scored=on_scored, describe=describe,
                 recorder=recorder,
             )
+        return replace(report, solver=with_check(report.solver, damping_check))

@@ -17,21 +17,18 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.callbacks._damping_check import run_damping_check, with_check
-from lightning_influence.callbacks._legacy import legacy_candidates, legacy_solver_options
-from lightning_influence.callbacks._mislabel import MislabelAnalysis, mislabel_count
+from lightning_influence.callbacks._damping_check import analysis_problem, run_damping_check, with_check
+from lightning_influence.callbacks._leave_one_out import check_loo_arguments, leave_one_out_check
+from lightning_influence.callbacks._legacy import legacy_candidates, legacy_mislabel, legacy_solver_options
 from lightning_influence.callbacks._trainer import (
-    check_loss_on_examples,
-    check_picklable,
     collectives_for,
     import_loss_fn,
     resolve_loss_fn,
     shared_log_dir,
     train_data,
     val_data,
-    weight_decay,
 )
-from lightning_influence.callbacks.base import AnalysisCallback, should_skip_analysis
+from lightning_influence.callbacks.base import AnalysisCallback, last_epoch, should_skip_analysis
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.config import (
     CALLBACK_DAMPING,
@@ -41,13 +38,12 @@ from lightning_influence.config import (
     DEFAULT_KNN_BACKEND,
     DEFAULT_PRESELECT,
     DEFAULT_SCORING,
-    DEFAULT_SIGNAL_CHECKPOINTS,
     DEFAULT_SOLVER,
     SELF_CHECK_DAMPING,
     ExplainConfig,
     ProblemConfig,
     SolverConfig,
-    check_num_candidates,
+    expect,
     resolve_problem,
 )
 from lightning_influence.core.candidates import check_knn_backend
@@ -75,8 +71,7 @@ class InfluenceCallback(AnalysisCallback):
             ``"package.module:function"`` (picklable, for YAML and ``ddp_spawn``). Default: the LightningModule's
             ``per_example_loss(batch)`` method.
         val_indices: validation dataset indices to explain. Default: the ``num_worst`` highest-loss examples.
-        num_worst: how many highest-loss validation examples to explain when ``val_indices`` is not given; 0 with
-            ``mislabel_candidates`` set: the mislabel analysis alone (no validation point explained).
+        num_worst: how many highest-loss validation examples to explain when ``val_indices`` is not given.
         misclassified_only: pick the worst among misclassified validation examples only.
         top_k: harmful and helpful training examples reported per point.
         every_n_epochs: also analyse at the end of validation every N epochs (0 = only at the end of fit).
@@ -99,16 +94,10 @@ class InfluenceCallback(AnalysisCallback):
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
         train_dataloader: a loader whose dataset and collate function to use instead.
         save_scores: also write the full ``[points, n_train]`` score matrix as a tensor file.
-        mislabel_candidates: also report this many likely mislabelled training examples under
-            ``influence/mislabel/`` (0 = off, ``"all"``: rank the whole training set in the JSON), ranked by the
-            training signals when recorded, else by self-influence ``|I(z, z)|`` (docs/mislabel.md).
-        mislabel_rank: eigenpairs of H (Lanczos) used for self-influence; the rest gets ``damping`` alone.
-        training_signals: record per-example loss, margin and EL2N at ``signal_checkpoints`` epochs (one
-            forward pass over the training set each) for the mislabel ranking. Default: on with the analysis.
-        signal_checkpoints: recorded epochs, spaced geometrically over ``max_epochs`` (dense early; every epoch
-            without it).
-        signals_outputs_fn: ``(module, batch) -> (logits [B, C], labels [B])`` for the recording (default:
-            ``module(batch[0]), batch[1]``).
+        mislabel_candidates, mislabel_rank, training_signals, signal_checkpoints, signals_outputs_fn: deprecated
+            (a ``FutureWarning``; they still run the mislabel analysis this release, and ``num_worst=0`` with them
+            runs it alone): pass :class:`~lightning_influence.MislabelCallback` (``candidates``, ``rank`` and the
+            same signal arguments) to the Trainer instead.
         num_candidates: score each monitored point only against its ``num_candidates`` nearest training examples
             in feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
@@ -159,10 +148,10 @@ class InfluenceCallback(AnalysisCallback):
         train_dataset: Optional[Dataset] = None,
         train_dataloader: Optional[DataLoader] = None,
         save_scores: bool = False,
-        mislabel_candidates: Union[int, str] = 0,
-        mislabel_rank: int = 64,
+        mislabel_candidates: Union[int, str, None] = None,
+        mislabel_rank: Optional[int] = None,
         training_signals: Optional[bool] = None,
-        signal_checkpoints: int = DEFAULT_SIGNAL_CHECKPOINTS,
+        signal_checkpoints: Optional[int] = None,
         signals_outputs_fn: Optional[Callable[..., Any]] = None,
         num_candidates: Optional[int] = None,
         knn_backend: str = DEFAULT_KNN_BACKEND,
@@ -178,21 +167,20 @@ class InfluenceCallback(AnalysisCallback):
         **solver_options: Any,
     ) -> None:
         super().__init__(strict)
-        _check(loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str), "loss_fn",
-               "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
-        _check(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0", every_n_epochs)
-        _check(mislabel_candidates == "all" or (isinstance(mislabel_candidates, int) and mislabel_candidates >= 0),
-               "mislabel_candidates", "an int >= 0 or 'all'", mislabel_candidates)
-        self.explains = val_indices is not None or num_worst != 0
-        _check(self.explains or mislabel_candidates != 0, "num_worst", "a positive int (0 only with"
-               " `mislabel_candidates` set: the mislabel analysis alone)", num_worst)
-        _check(self.explains or not verify_loo, "verify_loo", "0 without an explanation (num_worst=0)", verify_loo)
-        _check(isinstance(verify_loo, int) and 0 <= verify_loo <= 2 * top_k, "verify_loo",
-               f"an int in [0, 2 * top_k = {2 * top_k}] (examples taken from the harmful and helpful lists)", verify_loo)
-        _check(isinstance(verify_loo_steps, int) and verify_loo_steps >= 1, "verify_loo_steps", "a positive int",
-               verify_loo_steps)
         num_candidates = legacy_candidates(num_candidates, solver_options)
         try:
+            expect(loss_fn is None or callable(loss_fn) or isinstance(loss_fn, str), "loss_fn",
+                   "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
+            expect(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0",
+                   every_n_epochs)
+            self.mislabel = legacy_mislabel({  # deprecated: MislabelCallback
+                "mislabel_candidates": mislabel_candidates, "mislabel_rank": mislabel_rank,
+                "training_signals": training_signals, "signal_checkpoints": signal_checkpoints,
+                "signals_outputs_fn": signals_outputs_fn})
+            self.explains = val_indices is not None or num_worst != 0
+            expect(self.explains or self.mislabel.enabled, "num_worst", "a positive int", num_worst,
+                   "For likely mislabelled training examples alone, pass MislabelCallback(...) to the Trainer instead.")
+            check_loo_arguments(verify_loo, verify_loo_steps, top_k, self.explains)
             self.settings = ExplainConfig(
                 top_k=top_k, num_worst=num_worst or 1, val_indices=None if val_indices is None else tuple(val_indices),
                 misclassified_only=misclassified_only, scoring=scoring, chunk_size=chunk_size,
@@ -202,16 +190,14 @@ class InfluenceCallback(AnalysisCallback):
             check_knn_backend(knn_backend)
             self.problem = resolve_problem(problem, solver, damping, curvature, legacy_solver_options(solver_options),
                                            default_damping=CALLBACK_DAMPING)
-            self.mislabel = MislabelAnalysis(mislabel_count(mislabel_candidates), mislabel_rank, training_signals,
-                                             signal_checkpoints, signals_outputs_fn)
         except (ImportError, TypeError, ValueError) as err:
-            raise MisconfigurationException(str(err).replace("`rank`", "`mislabel_rank`")) from err
+            raise MisconfigurationException(str(err)) from err
         self.loss_fn = import_loss_fn(loss_fn) if isinstance(loss_fn, str) else loss_fn
         self.example_formatter = example_formatter
         self._describe = functools.partial(describe_batch, example_formatter=example_formatter)
         self.verify_loo = verify_loo
         self.verify_loo_steps = verify_loo_steps
-        self.mislabel_candidates = mislabel_candidates
+        self.mislabel_candidates = 0 if mislabel_candidates is None else mislabel_candidates  # the state key's
         self.every_n_epochs = every_n_epochs
         self.analyse_on_train_end = analyse_on_train_end
         self.analyse_on_validate = analyse_on_validate
@@ -251,34 +237,15 @@ class InfluenceCallback(AnalysisCallback):
     # -- Lightning hooks -----------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        loss_fn = self._resolve_loss_fn(pl_module)  # fail before training starts, not after it
-        check_picklable(loss_fn, trainer)
-        if not any(p.requires_grad for p in pl_module.parameters()):
-            raise MisconfigurationException(
-                f"InfluenceCallback explains the model through its trainable parameters, but {type(pl_module).__name__}"
-                " has none (every parameter has `requires_grad=False`). Unfreeze the layers to analyse."
-            )
-        if trainer.is_global_zero:
-            self._check_writable(trainer)
+        self._check_setup(trainer, pl_module, self._resolve_loss_fn(pl_module))  # fail before training starts
         self.mislabel.setup(trainer, pl_module, stage)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
         self.damping_check = None  # a new fit chooses its damping anew
-        train = self._train_data(trainer, pl_module)
-        try:  # fail before training, not at the first analysis after it
-            if self.settings.num_candidates is not None:
-                check_num_candidates(self.settings.num_candidates, len(train))
-            with isolate_rng():
-                check_loss_on_examples(pl_module, self._resolve_loss_fn(pl_module), train)
-        except (TypeError, ValueError) as err:  # a misconfiguration: say so before any training is spent
-            raise MisconfigurationException(str(err)) from err
-        except Exception as err:  # noqa: BLE001 - anything else may be transient: warn, the analyses will tell
-            if self.strict:
-                raise
-            rank_zero_warn(f"InfluenceCallback could not run `loss_fn` on two training examples before training"
-                           f" ({type(err).__name__}: {err}); the analyses will likely fail too. Training goes on.")
+        self._check_data(pl_module, self._resolve_loss_fn(pl_module), self._train_data(trainer, pl_module),
+                         self.settings.num_candidates)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,7 +255,7 @@ class InfluenceCallback(AnalysisCallback):
         if fn == TrainerFn.FITTING and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._run(trainer, pl_module, "validation", trainer.current_epoch)
         elif fn == TrainerFn.VALIDATING and self.analyse_on_validate:
-            self._run(trainer, pl_module, "validate", _last_epoch(trainer))
+            self._run(trainer, pl_module, "validate", last_epoch(trainer))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -298,7 +265,7 @@ class InfluenceCallback(AnalysisCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.mislabel.on_train_end(trainer, pl_module, lambda: self._train_data(trainer, pl_module), self.strict)
         if self.analyse_on_train_end and not should_skip_analysis(trainer):
-            self._run(trainer, pl_module, "fit_end", _last_epoch(trainer))
+            self._run(trainer, pl_module, "fit_end", last_epoch(trainer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -356,8 +323,9 @@ class InfluenceCallback(AnalysisCallback):
             return
         if explanation is not None:
             self._write(trainer, explanation, stage, epoch, log_dir)
-        if mislabel is not None:
-            self._write_mislabel(trainer, mislabel, log_dir)
+        if mislabel is not None:  # deprecated: MislabelCallback
+            self.last_mislabel = mislabel
+            publish_mislabel(self._writers.get(trainer, log_dir), log_dir, mislabel, verbose=self.verbose)
         if explanation is None:
             return
         if explanation.trust is not None:
@@ -369,8 +337,6 @@ class InfluenceCallback(AnalysisCallback):
     def _verify_loo(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
                     epoch: int, log_dir: Path) -> None:
         """Leave-one-out spot check of the first explained point (rank zero): scalars and ``loo_epoch=N.json``."""
-        from lightning_influence.callbacks._leave_one_out import leave_one_out_check
-
         leave_one_out_check(trainer, pl_module, self._resolve_loss_fn(pl_module), explanation, epoch, log_dir,
                             train=self._train_data(trainer, pl_module), val=self._val_data(trainer),
                             writer=self._writers.get(trainer, log_dir), count=self.verify_loo,
@@ -393,12 +359,7 @@ class InfluenceCallback(AnalysisCallback):
         return replace(found, solver=with_check(found.solver, self.damping_check))
 
     def _problem(self, trainer: pl.Trainer) -> ProblemConfig:
-        """The config: weight decay from the trainer's optimizer when left open, "self_check" as it chose."""
-        problem = self.problem if self.problem.weight_decay is not None else replace(
-            self.problem, weight_decay=weight_decay(trainer))
-        if problem.damping != SELF_CHECK_DAMPING:
-            return problem
-        return replace(problem, damping=self.damping_check.chosen if self.damping_check else DEFAULT_DAMPING)
+        return analysis_problem(self.problem, trainer, self.damping_check)
 
     def _check_damping(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int) -> None:
         """``damping="self_check"``: chosen at a fit's first analysis; ``"auto"`` without validation data."""
@@ -411,10 +372,8 @@ class InfluenceCallback(AnalysisCallback):
                 self._fit_train_loader, self.verbose, self.strict)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:
-        report = self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module),
-                                      self._train_data(trainer, pl_module), self._problem(trainer), self._describe,
-                                      epoch)
-        return replace(report, solver=with_check(report.solver, self.damping_check))
+        return self.mislabel.report(trainer, pl_module, self._resolve_loss_fn(pl_module), self._train_data(
+            trainer, pl_module), self._problem(trainer), self._describe, epoch, damping_check=self.damping_check)
 
     def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
         return resolve_loss_fn(pl_module, self.loss_fn)
@@ -435,16 +394,3 @@ class InfluenceCallback(AnalysisCallback):
         if self.verbose:
             rank_zero_info(f"Influence results: {path} (TensorBoard: `tensorboard --logdir {log_dir}`)")
 
-    def _write_mislabel(self, trainer: pl.Trainer, report: MislabelReport, log_dir: Path) -> None:
-        self.last_mislabel = report
-        publish_mislabel(self._writers.get(trainer, log_dir), log_dir, report, verbose=self.verbose)
-
-
-def _last_epoch(trainer: pl.Trainer) -> int:
-    """The index of the last finished training epoch (the label of an analysis after fit or on its weights)."""
-    return max(trainer.current_epoch - 1, 0)
-
-
-def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise MisconfigurationException(f"Expected `{name}` to be {allowed}, but got {value!r}.")

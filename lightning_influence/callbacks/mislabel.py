@@ -21,7 +21,7 @@ from lightning_influence.callbacks._trainer import (
     train_data,
     weight_decay,
 )
-from lightning_influence.callbacks.base import AnalysisCallback, should_skip_analysis
+from lightning_influence.callbacks.base import AnalysisCallback, last_epoch, should_skip_analysis
 from lightning_influence.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_SIGNAL_CHECKPOINTS,
@@ -41,8 +41,8 @@ class MislabelCallback(AnalysisCallback):
     During training it records per-example training signals (loss, margin, EL2N at a few checkpoints); at the
     end it ranks the training set by them, beside the self-influence ``I(z, z)`` of every example, and writes the
     ``candidates`` most suspicious ones under ``influence/mislabel/`` in TensorBoard and to
-    ``<log_dir>/influence/mislabel_epoch=N.json`` (docs/mislabel.md). The same analysis as
-    ``InfluenceCallback(num_worst=0, mislabel_candidates=...)``, in a callback of its own.
+    ``<log_dir>/influence/mislabel_epoch=N.json`` (docs/mislabel.md). It replaces the deprecated mislabel
+    arguments of ``InfluenceCallback`` (``mislabel_candidates=...``): the same analysis in a callback of its own.
 
     Args:
         candidates: how many candidates to report (``"all"``: rank the whole training set in the JSON).
@@ -126,7 +126,7 @@ class MislabelCallback(AnalysisCallback):
         self.analysis.on_train_end(trainer, pl_module, lambda: self._train(trainer, pl_module), self.strict)
         done = any(r["global_step"] == trainer.global_step for r in self.reported)
         if not done and not should_skip_analysis(trainer):
-            self._report(trainer, pl_module, max(trainer.current_epoch - 1, 0))
+            self._report(trainer, pl_module, last_epoch(trainer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

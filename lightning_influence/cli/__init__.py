@@ -1,7 +1,8 @@
 """``lightning-influence``: analyse a saved checkpoint post hoc, with the callback's outputs.
 
 Subcommands are registered in :data:`SUBCOMMANDS`; adding one is an ``add_arguments(parser)`` function,
-a ``run(args) -> int`` function and one :class:`Subcommand` entry (see ``cli/commands.py``).
+a ``run(args) -> int`` function and one :class:`Subcommand` entry (see ``cli/commands.py``; the shared flags
+are in ``cli/options.py``).
 """
 
 from __future__ import annotations

@@ -208,15 +208,25 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+#: ``MislabelCallback`` arguments under the names the post-hoc settings read (InfluenceCallback's deprecated ones).
+_MISLABEL_NAMES = {"candidates": "mislabel_candidates", "rank": "mislabel_rank"}
+
+
 def _influence_callback_args(config: Any) -> dict[str, Any]:
-    """``init_args`` of the config's ``InfluenceCallback`` entry under ``trainer.callbacks`` (or ``{}``)."""
+    """``init_args`` of the config's ``InfluenceCallback`` entry under ``trainer.callbacks`` (or ``{}``), with a
+    ``MislabelCallback`` entry's ``candidates`` and ``rank`` as ``mislabel_candidates`` and ``mislabel_rank``."""
     callbacks = config.get("trainer", {}).get("callbacks") or []
+    found: dict[str, Any] = {}
+    mislabel: dict[str, Any] = {}
     for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
         class_path = str(getattr(entry, "class_path", ""))
-        if class_path.endswith("InfluenceCallback"):
-            init_args: Any = getattr(entry, "init_args", None) or {}
-            return dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args)
-    return {}
+        init_args: Any = getattr(entry, "init_args", None) or {}
+        init_args = dict(init_args.as_dict() if hasattr(init_args, "as_dict") else init_args)
+        if class_path.endswith("InfluenceCallback") and not found:
+            found = init_args
+        elif class_path.endswith("MislabelCallback") and not mislabel:
+            mislabel = {_MISLABEL_NAMES[k]: v for k, v in init_args.items() if k in _MISLABEL_NAMES}
+    return {**found, **mislabel}
 
 
 def _loaders(model: Any, datamodule: Any) -> tuple[Any, Any]:

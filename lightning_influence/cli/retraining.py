@@ -9,17 +9,15 @@ from typing import Any, Callable
 
 from lightning_influence.cli.commands import (
     STAGE,
-    _damping,
-    add_checkpoint_arguments,
     check_exports,
     check_training_losses,
-    flags_of,
     progress_tasks,
     report_done,
     single_loader,
     tensorboard_hint,
 )
 from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
+from lightning_influence.cli.options import add_checkpoint_arguments, flags_of, number_or_auto
 from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SELECTIONS, SOLVERS, CorrectionConfig
 
 
@@ -58,7 +56,7 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
                         f" {'on' if CorrectionConfig.reuse_s_test else 'off'})")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                         help="s_test solver (default: lissa)")
-    budget.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING,
+    budget.add_argument("--damping", type=number_or_auto, default=DEFAULT_DAMPING,
                         help=f"lambda added to the Hessian (default: {DEFAULT_DAMPING})")
     budget.add_argument("--seed", type=int, default=0, help="seeds the held-out split, anchor sampling and random"
                         " selection (default: 0)")
@@ -216,8 +214,8 @@ def add_verify_loo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--solver", default="cg", choices=SOLVERS,
                        help="how the influence is computed (default: cg, to its tolerance; exact costs one curvature"
                        " product per parameter)")
-    group.add_argument("--damping", type=_damping, default=DEFAULT_DAMPING, help="lambda added to the curvature; also the L2"
-                       f" of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
+    group.add_argument("--damping", type=number_or_auto, default=DEFAULT_DAMPING, help="lambda added to the curvature;"
+                       f" also the L2 of the retraining objective unless --l2 is given (default: {DEFAULT_DAMPING})")
     group.add_argument("--l2", type=float, help="L2 strength of the retraining objective (default: the damping"
                        " used, 'auto' resolved to its number)")
 

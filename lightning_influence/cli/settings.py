@@ -70,8 +70,9 @@ def analysis_settings(callback_args: dict[str, Any], flags: dict[str, Any]) -> A
             solver=_solver(merged.get("solver", DEFAULT_SOLVER), {k: merged[k] for k in SOLVER_OPTIONS
                                                                  if merged.get(k) is not None}),
             damping=check_damping(merged.get("damping", DEFAULT_DAMPING)),
-            mislabel=LowRankConfig(rank=merged.get("mislabel_rank", LowRankConfig.rank)),
-            mislabel_count=_count(merged.get("mislabel_candidates", 0)),
+            # None: left at the (deprecated) InfluenceCallback default, as a saved config.yaml writes it
+            mislabel=LowRankConfig(rank=_given(merged, "mislabel_rank", LowRankConfig.rank)),
+            mislabel_count=_count(_given(merged, "mislabel_candidates", 0)),
             loss_fn=_loss_fn(merged.get("loss_fn")),
             curvature=check_curvature(merged.get("curvature", DEFAULT_CURVATURE)),
             problem_fields={k: problem[k] for k in _PROBLEM_EXTRAS if problem.get(k) is not None},
@@ -96,6 +97,10 @@ def _init_args(value: Any) -> dict[str, Any]:
         args = args.as_dict() if hasattr(args, "as_dict") else dict(args or {})
         return {k: v for k, v in args.items() if k not in ("class_path", "__path__")}
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def _given(merged: dict[str, Any], key: str, default: Any) -> Any:
+    return default if merged.get(key) is None else merged[key]
 
 
 def _count(value: Any) -> Optional[int]:

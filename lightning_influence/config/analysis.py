@@ -25,13 +25,23 @@ from lightning_influence.config.problem import check_curvature
 
 
 def check_num_candidates(num_candidates: Optional[int], n_train: Optional[int] = None) -> Optional[int]:
-    """``num_candidates`` (FastIF's kNN width) must be None or a positive int, at most ``n_train`` when known."""
+    """The one check of ``num_candidates`` (FastIF's kNN width) for every entry point: None or a positive int, and
+    at most ``n_train`` once the training set is known. The configs that carry it (:class:`ExplainConfig`,
+    :class:`CorrectionConfig`) run the first part on construction; the data-dependent bound runs where the
+    training set meets the config (before training in the callback, before the first round in ``correct_errors``,
+    and at the neighbour search of every analysis).
+
+    Raises:
+        ValueError: "Expected `num_candidates` to be ..., but got ..." with what to pass instead.
+    """
+    what = "None or a positive int (the nearest training examples scored per test point)"
+    hint = "Pass a count such as num_candidates=100, or num_candidates=None to score every training example."
     ok = num_candidates is None or (isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
                                     and num_candidates >= 1)
-    expect(ok, "num_candidates", "None or a positive int (training examples scored per point)", num_candidates)
+    expect(ok, "num_candidates", what, num_candidates, hint)
     if n_train is not None and num_candidates is not None:
-        expect(num_candidates <= n_train, "num_candidates",
-               f"at most the training-set size {n_train} (or None to score every training example)", num_candidates)
+        expect(num_candidates <= n_train, "num_candidates", f"at most the training-set size {n_train}",
+               num_candidates, "Pass a smaller count, or num_candidates=None to score every training example.")
     return num_candidates
 
 

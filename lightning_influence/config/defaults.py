@@ -69,7 +69,7 @@ POSTHOC_MISLABEL_AUROC = {"self_influence": (0.907, 0.951), "training_signals": 
 NO_SIGNALS_NOTE = (
     "No training signals (only the final weights): ranked by self-influence, which found fewer flipped labels"
     " than the training-signal ranking on the memorising nets of benchmarks/mislabel.py (AUROC {si[0]}-{si[1]}"
-    " against {ts[0]}-{ts[1]}). Record them during training with InfluenceCallback(mislabel_candidates=...)."
+    " against {ts[0]}-{ts[1]}). Record them during training with MislabelCallback(candidates=...)."
 ).format(si=POSTHOC_MISLABEL_AUROC["self_influence"], ts=POSTHOC_MISLABEL_AUROC["training_signals"])
 #: Nearest-neighbour search backends for candidate preselection, and the named built-in feature choices.
 KNN_BACKENDS = ("torch", "faiss")

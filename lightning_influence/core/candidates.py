@@ -51,17 +51,6 @@ from lightning_influence.core.tensors.batching import Batch
 from lightning_influence.core.tensors.data import IndexedData
 
 
-def check_candidates(candidates: int, n_train: int) -> int:
-    """``candidates`` must be an int in ``[1, n_train]``."""
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= n_train:
-        raise ValueError(
-            f"Expected `num_candidates` to be an int between 1 and the training-set size {n_train}, but got"
-            f" {candidates!r}. Pass the number of nearest training examples to score per test point, or"
-            " num_candidates=None to score every training example."
-        )
-    return candidates
-
-
 def resolve_feature_fn(feature_fn: FeatureFn | str | None, backend: str = "torch") -> FeatureFn | str:
     """The feature choice to use: ``None`` is ``"last_layer_grad"`` with the torch backend and
     ``"activations"`` with FAISS; ``"activations"`` is :func:`last_linear_input`."""

@@ -13,12 +13,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_influence.config import PRESELECT_MIN_BATCHES, PRESELECT_PROBE_EXAMPLES, ExplainConfig
+from lightning_influence.config import (
+    PRESELECT_MIN_BATCHES,
+    PRESELECT_PROBE_EXAMPLES,
+    ExplainConfig,
+    check_num_candidates,
+)
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
     Neighbours,
     PreselectionEstimate,
-    check_candidates,
     collect_candidate_scores,
     merge_neighbours,
     select_candidates,
@@ -81,6 +85,14 @@ def score_training_set(
     return merged, sample, local
 
 
+def _width(settings: ExplainConfig, train: IndexedData) -> int:
+    """``settings.num_candidates`` checked against the training set (the config checked the rest when built)."""
+    k = check_num_candidates(settings.num_candidates, len(train))
+    if k is None:  # a caller's bug, not the user's input: the callers branch on num_candidates first
+        raise RuntimeError("The candidate search ran without `num_candidates`.")
+    return k
+
+
 def find_candidates(
     model: nn.Module, test_batch: Batch, train: IndexedData, settings: ExplainConfig, collectives: Collectives,
     device: torch.device, loss_fn: Optional[LossFn] = None,
@@ -89,7 +101,7 @@ def find_candidates(
     every rank and for every world size: :func:`~lightning_influence.core.candidates.select_candidates` on this
     rank's fixed blocks of the training set, then one merge. ``loss_fn`` is needed for
     ``feature_fn="last_layer_grad"`` only."""
-    k = check_candidates(settings.num_candidates, len(train))  # type: ignore[arg-type]
+    k = _width(settings, train)
     local = block_shard(len(train), train.batch_size, collectives.rank, collectives.world_size)
     _, parts = gather_checked(collectives, lambda: select_candidates(
         model, test_batch, train.batches_with_indices(local), k, settings.feature_fn, settings.knn_backend, device,
@@ -105,7 +117,7 @@ def estimate_preselection(
     every rank times the same probe (the first training batch, at most ``PRESELECT_PROBE_EXAMPLES`` examples) and
     the times are averaged over ranks, so every rank gets the same estimate and takes the same decision. A
     training set of fewer than ``PRESELECT_MIN_BATCHES`` probe batches is not probed (full scoring)."""
-    k = check_candidates(settings.num_candidates, len(train))  # type: ignore[arg-type]
+    k = _width(settings, train)
     size = min(len(train), train.batch_size, PRESELECT_PROBE_EXAMPLES)
     if len(train) < PRESELECT_MIN_BATCHES * size:
         return PreselectionEstimate(len(train), k, vectors.shape[0], 0.0, 0.0, probed=False)

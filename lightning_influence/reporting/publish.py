@@ -7,6 +7,7 @@ so ``InfluenceCallback`` and ``lightning-influence`` produce identical outputs f
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,13 +25,20 @@ from lightning_influence.reporting import (
 from lightning_influence.reporting.views import write_views
 from lightning_influence.results import Explanation, MislabelReport
 
+#: What a report adds to an explanation: when (``epoch``, ``global_step``) and why (``stage``) it was made.
+STAMP = ("epoch", "global_step", "stage")
+#: What an explanation holds that its report leaves out: this rank's full scores (written as shards beside it).
+RANK_LOCAL = ("score_shard",)
+
 
 def influence_report(explanation: Explanation, *, epoch: int, global_step: int, stage: str) -> InfluenceReport:
-    """The report record of ``explanation``, stamped with when (``epoch``, ``global_step``) and why (``stage``)."""
-    return InfluenceReport(
-        epoch=epoch, global_step=global_step, stage=stage, train_size=explanation.train_size,
-        points=explanation.points, solver=explanation.solver, timings=explanation.timings, trust=explanation.trust,
-    )
+    """The report record of ``explanation``, stamped with when (``epoch``, ``global_step``) and why (``stage``).
+
+    Every other field of the report is the explanation's field of the same name (taken by name, not copied by
+    hand: ``tests/unit/reporting/test_publish_fields.py`` checks that the two records differ by exactly
+    :data:`STAMP` and :data:`RANK_LOCAL`)."""
+    shared = {f.name: getattr(explanation, f.name) for f in dataclasses.fields(InfluenceReport) if f.name not in STAMP}
+    return InfluenceReport(epoch=epoch, global_step=global_step, stage=stage, **shared)
 
 
 def publish_explanation(

@@ -13,10 +13,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import ExplainConfig
+from lightning_influence.config import ExplainConfig, check_num_candidates
 from lightning_influence.core.candidates import (
     CandidateScoreCollector,
-    check_candidates,
     knn,
     knn_torch,
     select_candidates,
@@ -127,7 +126,7 @@ def test_non_candidates_are_absent_and_candidates_are_the_feature_space_neighbou
 @pytest.mark.parametrize("bad", [0, -3, N_TRAIN + 1, True, 2.5])
 def test_bad_candidate_counts_give_a_clear_error(cnn, bad):
     model, x, y, xt, yt = cnn
-    expected = rf"Expected `num_candidates` to be (an int between 1 and .* {N_TRAIN}|None or a positive int)"
+    expected = rf"Expected `num_candidates` to be (at most the training-set size {N_TRAIN}|None or a positive int)"
     with pytest.raises(ValueError, match=expected):
         li.influence(model, cross_entropy_per_example, loader(x, y), (xt, yt), solver="exact", num_candidates=bad)
 
@@ -203,8 +202,8 @@ def test_feature_blocks_are_the_same_whatever_the_world_size():
             assert all(len({i // 16 for i in part[s : s + 16]}) == 1 for s in range(0, len(part), 16))
 
 
-def test_check_candidates_accepts_the_edges():
-    assert check_candidates(1, 5) == 1 and check_candidates(5, 5) == 5
+def test_check_num_candidates_accepts_the_edges():
+    assert check_num_candidates(1, 5) == 1 and check_num_candidates(5, 5) == 5 and check_num_candidates(None, 5) is None
 
 
 def test_select_candidates_accepts_a_user_feature_function(cnn):

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import lightning_influence as li
 from lightning_influence import CGConfig, InfluenceCallback, LissaConfig
 from lightning_influence.cli import build_parser, main
-from lightning_influence.cli.commands import INFLUENCE_OPTIONS, MISLABEL_OPTIONS
+from lightning_influence.cli.options import INFLUENCE_OPTIONS, MISLABEL_OPTIONS
 from lightning_influence.reporting import load_full_scores
 from lightning_influence.reporting.export import report_schema
 
@@ -51,6 +51,8 @@ def _only(directory: Path, pattern: str) -> dict:
 
 def test_help_states_the_callback_defaults_and_lists_subcommands():
     defaults = {name: p.default for name, p in inspect.signature(InfluenceCallback).parameters.items()}
+    # the mislabel flags: MislabelCallback's arguments (InfluenceCallback's mislabel_* are deprecated, default None)
+    defaults["mislabel_rank"] = inspect.signature(li.MislabelCallback).parameters["rank"].default
     for config in (CGConfig(), LissaConfig()):  # solver flags: the solver configs' defaults
         defaults.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "tol"})
     # a checkpoint has no training loop to retrain with: the CLI's damping is the functional API's, not "self_check"
@@ -61,7 +63,7 @@ def test_help_states_the_callback_defaults_and_lists_subcommands():
     text = build_parser().format_help()
     assert all(name in text for name in ("influence", "mislabel", "correct", "verify-loo", "export"))
     assert "positive = harmful" in text
-    from lightning_influence.cli.commands import SCORING_METHODS as CLI_SCORING
+    from lightning_influence.cli.options import SCORING_METHODS as CLI_SCORING
     from lightning_influence.config import SCORING_METHODS
 
     assert CLI_SCORING is SCORING_METHODS  # one definition: config.py is torch-free, so --help stays fast

@@ -69,7 +69,8 @@ def test_the_docs_config_with_a_nested_solver_runs_from_the_working_directory(sa
         "init_args": {"num_worst": 2, "top_k": 4, "damping": "auto",
                       "solver": {"class_path": "lightning_influence.LissaConfig",
                                  "init_args": {"depth": 60, "repeats": 2}},
-                      "every_n_epochs": 5, "mislabel_candidates": 16}}]},
+                      "every_n_epochs": 5}},
+        {"class_path": "lightning_influence.MislabelCallback", "init_args": {"candidates": 16, "rank": 8}}]},
         "model": {"class_path": "helpers.lightning_models.TinyDigitsModel"},
         "data": {"class_path": "helpers.lightning_models.TinyDigitsData"}}
     path = tmp_path / "config.yaml"
@@ -83,6 +84,11 @@ def test_the_docs_config_with_a_nested_solver_runs_from_the_working_directory(sa
     report = _report(tmp_path / "o")
     assert report["solver"]["solver"] == "lissa" and report["solver"]["settings"]["depth"] == 60
     assert isinstance(report["solver"]["damping"], float) and len(report["points"]) == 2
+    assert main(["mislabel", str(checkpoint), "--config", str(path), "--output-dir", str(tmp_path / "m"),
+                 "--quiet"]) == 0  # the MislabelCallback entry gives the candidates and the rank
+    (written,) = sorted((tmp_path / "m" / "influence").glob("mislabel_epoch=*.json"))
+    mislabel = json.loads(written.read_text())
+    assert len(mislabel["candidates"]) == 16 and mislabel["solver"]["settings"]["rank"] == 8
 
 
 def test_a_config_error_names_the_real_cause(saved_run, tmp_path, capsys):

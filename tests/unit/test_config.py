@@ -82,3 +82,40 @@ def test_each_default_is_defined_once_and_read_by_every_entry_point():
         assert inspect.signature(function).parameters["damping"].default == DEFAULT_DAMPING, function
     # the callback can retrain with the training's optimiser: its damping is the self-check's
     assert inspect.signature(InfluenceCallback).parameters["damping"].default == CALLBACK_DAMPING
+
+
+#: The start of every rejection of a bad ``num_candidates``, whichever entry point got it.
+NUM_CANDIDATES_TYPE = r"Expected `num_candidates` to be None or a positive int \(the nearest training examples"
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "10"])
+def test_num_candidates_has_one_check_that_says_what_to_pass(bad):
+    from lightning_influence.config import check_num_candidates
+
+    with pytest.raises(ValueError, match=NUM_CANDIDATES_TYPE) as raised:
+        check_num_candidates(bad)
+    assert f"but got {bad!r}." in str(raised.value) and "num_candidates=None to score every" in str(raised.value)
+    for config in (ExplainConfig, CorrectionConfig):  # the configs run the same check when built
+        with pytest.raises(ValueError, match=NUM_CANDIDATES_TYPE):
+            config(num_candidates=bad)
+
+
+def test_num_candidates_is_bounded_by_the_training_set_once_it_is_known():
+    from lightning_influence.config import check_num_candidates
+
+    assert check_num_candidates(None) is None and check_num_candidates(7) == 7
+    assert check_num_candidates(7, n_train=7) == 7 and check_num_candidates(None, n_train=3) is None
+    with pytest.raises(ValueError, match=r"`num_candidates` to be at most the training-set size 6, but got 7\."
+                                         r" Pass a smaller count, or num_candidates=None"):
+        check_num_candidates(7, n_train=6)
+
+
+def test_num_candidates_is_checked_by_one_function_only():
+    """No second definition of the check: every module that validates ``num_candidates`` calls the config's."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(li.__file__).parent
+    checks = [path.relative_to(package).as_posix() for path in package.rglob("*.py")
+              if re.search(r"^def check\w*candidates\(", path.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert checks == ["config/analysis.py"]

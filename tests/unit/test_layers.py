@@ -24,6 +24,10 @@ LAYERS = {
 FORBIDDEN = {("reporting", "analysis"), ("reporting", "functional"), ("reporting", "distributed"),
              ("analysis", "reporting")}
 MAX_MODULE_LINES = 450
+#: The aim (issue #24): every module under 400 lines. The ones still above it, each with its cap until it is split;
+#: a module leaves this list when it gets under the aim, and a new one never joins it.
+AIM_MODULE_LINES = 400
+ABOVE_THE_AIM = {"correct.py": 412, "results.py": 422}
 MAX_FUNCTION_LINES = 60
 #: A function may be longer when a comment on its ``def`` line (or the line above) starts with this.
 LONG_REASON = "# long:"
@@ -75,6 +79,9 @@ def test_config_is_torch_free():
 def test_modules_and_functions_stay_short(path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_MODULE_LINES, f"{path} has {len(lines)} lines: split it along its concerns"
+    name = path.relative_to(PACKAGE).as_posix()
+    aim = ABOVE_THE_AIM.get(name, AIM_MODULE_LINES - 1)
+    assert len(lines) <= aim, f"{path} has {len(lines)} lines, over the aim of {AIM_MODULE_LINES}: split it along its concerns"
     for node in ast.walk(ast.parse("\n".join(lines))):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
