@@ -56,7 +56,7 @@ class SolveInfo:
     ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals. ``curvature`` names C in
     ``(C + damping I) x = v``; ``damping_requested``/``damping_rule`` say how ``damping`` was chosen;
     ``eigenvalue_min``/``eigenvalue_max`` are C's extreme eigenvalues (exact, or Lanczos estimates); ``residual``
-    is ``max ||(C + damping I) x - v|| / ||v||`` on the check subset, and for LiSSA ``converged`` means it is at
+    is ``max ||(C + damping I) x - v|| / ||v||`` over the whole training set, and for LiSSA ``converged`` means it is at
     most ``residual_tol``; ``retries`` records each LiSSA restart and ``warnings`` what the user should know
     (e.g. damping raised above the Hessian's negative curvature); ``damping_check`` the table behind
     ``damping="self_check"``.
@@ -213,8 +213,8 @@ class PointTrust:
 class TrustReport:
     """How far to trust an analysis: per-point diagnostics, model-level measurements and warnings.
 
-    ``residual_examples`` is the number of training examples in the Hessian of the residual check (the
-    full training set when it is small enough); ``gradient_ratio`` is ``||grad R + weight_decay theta|| /
+    ``residual_examples`` is the number of training examples in the curvature of the residual check (the
+    whole training set); ``gradient_ratio`` is ``||grad R + weight_decay theta|| /
     rms_i ||grad L(z_i)||`` on a fixed subset (near 0 at a minimum, near 1 early in training);
     ``top_eigenvalue`` estimates the largest eigenvalue of the recursion's minibatch ``H_j + damping I``.
     """

@@ -26,7 +26,6 @@ from torch import nn
 
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
-from lightning_influence.core.tensors.batching import batch_size_of
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.params import flatten
 from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
@@ -206,7 +205,7 @@ def diagnose(
 ) -> TrustReport:
     """All diagnostics of one analysis (see the module docstring)."""
     residuals = problem.residual(s_vectors.to(gradients.dtype), gradients).tolist()  # the solver's own check
-    residual_examples = sum(batch_size_of(batch) for batch in problem.check_batches())
+    residual_examples = problem.residual_examples()
     agreement = (repeat_agreement(problem, train, top, *halves) if halves is not None
                  else [(None, None)] * len(val_indices))
     gradient_subset = fixed_subset(len(train), GRADIENT_EXAMPLES, seed=1)

@@ -35,7 +35,8 @@ SPECTRUM_STEPS = 30
 TOP_EIGENVALUE_STEPS = 10
 #: With ``curvature="hessian"``, damping below ``|lambda_min|`` is raised to this multiple of ``|lambda_min|``.
 NEGATIVE_CURVATURE_MARGIN = 1.25
-#: ``converged`` means ``max_rows ||(C + damping I) x - v|| / ||v|| <= RESIDUAL_TOL`` on the subset above.
+#: ``converged`` means ``max_rows ||(C + damping I) x - v|| / ||v|| <= RESIDUAL_TOL`` over the whole training set
+#: (LiSSA's early-stop checks use the subset above).
 RESIDUAL_TOL = 0.05
 #: LiSSA checks that residual every ``CHECK_EVERY`` steps of a repeat and stops the repeat once it is met (a check
 #: costs one curvature product per check-subset batch, about a tenth of the steps between checks on digits).

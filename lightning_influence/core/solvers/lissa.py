@@ -162,7 +162,7 @@ class LissaSolver(Solver):
         hvp, damping, root = self.operator()
 
         def stop(estimate: torch.Tensor) -> float:
-            return float(self.problem.residual(root(estimate), vectors).max())
+            return float(self.problem.check_residual(root(estimate), vectors).max())
 
         total, traces = lissa_repeats(hvp, lambda r: self.stream(repeat_seed(config.seed, r)), root(vectors), damping,
                                       self.scale, config, repeat_ids, on_step, stop if early_stop else None)

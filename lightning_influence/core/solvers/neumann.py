@@ -38,6 +38,9 @@ DIVERGENCE_FACTOR = 1e4
 SCALE_PROBE_BATCHES = 4
 SCALE_PROBE_STEPS = 10
 SCALE_MARGIN = 1.5
+#: With ``refine``, a repeat hands the rest of the solve to conjugate gradient once its residual checks project
+#: that it would need more than this multiple of ``depth`` steps to meet the tolerance.
+HAND_OFF_FACTOR = 1.5
 
 
 class LissaDivergenceError(FloatingPointError):
@@ -140,6 +143,8 @@ def lissa_repeat(
     trace = []
     tail = TailAverage(h) if getattr(config, "average", False) else None
     every = getattr(config, "check_every", 0)
+    checks: list[tuple[int, float]] = []  # (step, residual) of the checks that missed the tolerance
+    hand_off = bool(getattr(config, "refine", False))
     work = torch.empty_like(h)
     for step in range(1, config.depth + 1):
         batch = next(stream)
@@ -164,9 +169,12 @@ def lissa_repeat(
         if config.tol > 0 and relative < config.tol:
             break
         if stop is not None and every > 0 and step % every == 0 and step < config.depth:
-            met = _first_meeting(h, tail, scale, stop, config.residual_tol)
+            met, missed = _first_meeting(h, tail, scale, stop, config.residual_tol)
             if met is not None:
                 return met, torch.tensor(trace)
+            checks.append((step, missed))
+            if hand_off and cannot_finish(checks, config.depth, config.residual_tol):
+                break
     if stop is not None:
         return _best_estimate(h, tail, scale, stop), torch.tensor(trace)
     return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
@@ -177,9 +185,24 @@ def _candidates(h: torch.Tensor, tail: TailAverage | None, scale: float) -> list
     return ([tail.mean() / scale] if tail is not None else []) + [h / scale]
 
 
+def cannot_finish(checks: Sequence[tuple[int, float]], depth: int, tol: float) -> bool:
+    """Whether the series, at the rate of its last two residual checks, would still miss ``tol`` after
+    ``HAND_OFF_FACTOR x depth`` steps (or stopped improving): then the remaining steps are better spent by the
+    conjugate-gradient refinement (``LissaConfig.refine``), whose steps grow with the square root of the condition
+    number where the series' grow with the condition number itself."""
+    if len(checks) < 2:
+        return False
+    (before, earlier), (step, latest) = checks[-2], checks[-1]
+    if latest >= earlier:
+        return True
+    per_step = math.log(latest / earlier) / (step - before)  # < 0
+    return step + math.log(tol / latest) / per_step > HAND_OFF_FACTOR * depth
+
+
 def _first_meeting(h: torch.Tensor, tail: TailAverage | None, scale: float, residual: StopCheck,
-                   tol: float) -> torch.Tensor | None:
-    """The first candidate (tail average, then last iterate) whose residual is at most ``tol``, else None.
+                   tol: float) -> tuple[torch.Tensor | None, float]:
+    """The first candidate (tail average, then last iterate) whose residual is at most ``tol`` (else None), and
+    the first candidate's residual.
 
     Once the recursion fluctuates around the solution the average is the better one, and one product decides;
     the last iterate is tried only when the average came within ``2 * tol`` (far from it, both miss).
@@ -187,10 +210,10 @@ def _first_meeting(h: torch.Tensor, tail: TailAverage | None, scale: float, resi
     candidates = _candidates(h, tail, scale)
     first = residual(candidates[0])
     if first <= tol:
-        return candidates[0]
+        return candidates[0], first
     if len(candidates) > 1 and first <= 2 * tol and residual(candidates[1]) <= tol:
-        return candidates[1]
-    return None
+        return candidates[1], first
+    return None, first
 
 
 def _best_estimate(h: torch.Tensor, tail: TailAverage | None, scale: float, residual: StopCheck) -> torch.Tensor:

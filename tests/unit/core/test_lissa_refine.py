@@ -1,0 +1,75 @@
+"""LiSSA's conjugate-gradient finish (``refine``) and the hand-off to it when the series cannot finish in time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import cross_entropy_per_example, digits, loader
+from torch import nn
+
+import lightning_influence as li
+from lightning_influence.config import ExactConfig, LissaConfig
+from lightning_influence.core import InfluenceProblem
+from lightning_influence.core.solvers.neumann import HAND_OFF_FACTOR, cannot_finish
+from lightning_influence.core.tensors.modes import analysis_mode
+
+
+def test_cannot_finish_projects_the_rate_of_the_last_two_checks():
+    depth, tol = 1000, 0.05
+    assert not cannot_finish([(50, 0.5)], depth, tol)  # one check: no rate yet
+    assert cannot_finish([(50, 0.5), (100, 0.6)], depth, tol)  # stopped improving
+    # halving every 50 steps: 0.05 is ~3.3 halvings away from 0.5 at step 100, well inside the depth
+    assert not cannot_finish([(50, 1.0), (100, 0.5)], depth, tol)
+    # 1% less every 50 steps: ~11,500 more steps, far beyond HAND_OFF_FACTOR x depth
+    assert cannot_finish([(50, 0.5), (100, 0.495)], depth, tol)
+    # the boundary: a rate that meets tol a step before HAND_OFF_FACTOR x depth runs on, a step after hands off
+    for steps_left, expected in ((HAND_OFF_FACTOR * depth - 100 - 1, False), (HAND_OFF_FACTOR * depth - 100 + 1, True)):
+        rate = (tol / 0.5) ** (1.0 / steps_left)
+        assert cannot_finish([(50, 0.5 / rate**50), (100, 0.5)], depth, tol) is expected
+
+
+def _small_damping_problem():
+    torch.manual_seed(0)
+    x, y = digits(torch.float64)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):  # a few hundred full-batch Adam steps: fitted, not converged
+        optimizer.zero_grad()
+        cross_entropy_per_example(model, (x[:300], y[:300])).mean().backward()
+        optimizer.step()
+    return model, loader(x[:300], y[:300]), (x[1500:1504], y[1500:1504])
+
+
+def test_at_a_small_damping_the_series_hands_off_to_cg_and_the_answer_converges():
+    model, train, test = _small_damping_problem()
+    options = {"damping": 1e-3, "depth": 600, "batch_size": 32}
+    exact = li.s_test(model, cross_entropy_per_example, train, test, solver="exact", damping=1e-3).vectors
+    with pytest.warns(UserWarning, match="did not converge"):
+        plain = li.s_test(model, cross_entropy_per_example, train, test, refine=False, **options).info
+    refined = li.s_test(model, cross_entropy_per_example, train, test, **options)
+    info = refined.info
+    # without the finish the series runs every step and still misses the tolerance: the case the hand-off is for
+    assert plain.iterations == 600 and not plain.converged
+    # with it the series stops early (its checks project a miss), CG finishes and the residual check passes
+    assert info.iterations < 600 and info.settings["refined_iterations"] > 0
+    assert info.converged and info.residual <= info.residual_tol
+    cosine = torch.nn.functional.cosine_similarity(refined.vectors, exact, dim=1)
+    assert (cosine > 0.99).all()
+
+
+def test_the_verdict_is_measured_over_the_whole_training_set_not_the_check_subset():
+    model, train, test = _small_damping_problem()
+    with analysis_mode(model):
+        exact = InfluenceProblem(model, cross_entropy_per_example, train, 1e-3, ExactConfig(), subset_examples=50)
+        vectors = exact.gradients(test)
+        x = exact.solve(vectors).vectors
+        # the exact solution of the whole-set system: the verdict sees it solved, a 50-example subset cannot
+        assert exact.residual(x, vectors).max() < 1e-4 and exact.residual_examples() == 300
+        assert exact.check_residual(x, vectors).max() > 0.05
+        # LiSSA stops on the cheap subset check but reports the whole-set verdict, and agrees with the exact answer
+        lissa = InfluenceProblem(model, cross_entropy_per_example, train, 1e-3, LissaConfig(depth=600, batch_size=32),
+                                 subset_examples=50)
+        found = lissa.solve(vectors)
+    assert found.info.converged and found.info.residual == pytest.approx(float(lissa.residual(found.vectors,
+                                                                                                vectors).max()))
+    assert (torch.nn.functional.cosine_similarity(found.vectors, x, dim=1) > 0.99).all()
