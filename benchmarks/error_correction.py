@@ -56,20 +56,33 @@ from lightning_influence.config import CorrectionConfig
 SELECTIONS = ("default", "helpful", "anchors", "anchors+random", "random", "harmful")
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 SOLVER, SOLVER_OPTIONS = "cg", {"max_iter": 50, "tol": 1e-3}  # damping: the library's default ("auto")
-#: --study: name -> correct_errors arguments (at the automatic lr)
+#: --study design: name -> correct_errors arguments (at the automatic lr). The "anchors+..." variants step on the
+#: plain sum of the two terms (project_replay=False), as when this study chose the selection and the guard.
 VARIANTS = {
     "helpful": {"selection": "helpful", "guard_per_iteration": 0},
     "helpful+guard": {"selection": "helpful", "guard_per_iteration": 50},
     "helpful+guard, s_test reused": {"selection": "helpful", "guard_per_iteration": 50, "reuse_s_test": True},
     "weighted+guard": {"selection": "weighted", "guard_per_iteration": 50},
-    "anchors+helpful": {"selection": "anchors+helpful", "guard_per_iteration": 0},
-    "anchors+helpful+guard": {"selection": "anchors+helpful", "guard_per_iteration": 50},
+    "anchors+helpful": {"selection": "anchors+helpful", "guard_per_iteration": 0, "project_replay": False},
+    "anchors+helpful+guard": {"selection": "anchors+helpful", "guard_per_iteration": 50, "project_replay": False},
     "anchors+helpful+guard, s_test reused": {"selection": "anchors+helpful", "guard_per_iteration": 50,
-                                             "reuse_s_test": True},
-    "anchors+protect": {"selection": "anchors+protect", "guard_per_iteration": 50},
+                                             "reuse_s_test": True, "project_replay": False},
+    "anchors+protect": {"selection": "anchors+protect", "guard_per_iteration": 50, "project_replay": False},
     "anchors": {"selection": "anchors"},
-    "anchors+random": {"selection": "anchors+random"},
+    "anchors+random": {"selection": "anchors+random", "project_replay": False},
 }
+#: --study projection: the anchors' term weighted so that the replay cannot slow the anchors (project_replay,
+#: the default) against the plain sum, on all four tasks.
+PROJECTION_VARIANTS = {
+    "anchors+helpful+guard, plain sum": {"selection": "anchors+helpful", "guard_per_iteration": 50,
+                                         "project_replay": False},
+    "anchors+helpful+guard, projected (default)": {},
+    "anchors+protect, projected": {"selection": "anchors+protect"},
+    "anchors+random, plain sum": {"selection": "anchors+random", "project_replay": False},
+    "anchors+random, projected": {"selection": "anchors+random"},
+    "anchors": {"selection": "anchors"},
+}
+STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS}
 
 
 def selection_arguments(selection: str) -> dict:
@@ -102,6 +115,8 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
         "lr": report.settings["lr"], "selection": report.selection,
         "chosen_slice_label": chosen.count(task.slice_label), "chosen": len(chosen),
         "cpu_seconds": round(time.process_time() - cpu, 2),
+        **({"anchor_weights": [round(w, 4) for r in report.iterations for w in r.anchor_weights]}
+           if report.iterations and report.iterations[0].anchor_weights is not None else {}),
     }
 
 
@@ -187,15 +202,19 @@ def main_runs(args: argparse.Namespace, log_dir: str) -> dict:
 
 
 def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
-    results: dict = {task: {v: [] for v in VARIANTS} for task in args.tasks}
+    variants = STUDIES[args.study]
+    results: dict = {task: {v: [] for v in variants} for task in args.tasks}
+    weights: dict = {task: [] for task in args.tasks}  # projected default: the anchors' weight of every step
     for name in args.tasks:
         for seed in args.seed_list:
             task = make_task(name, seed)
             trained = train_model(task, seed)
-            for variant, arguments in VARIANTS.items():
+            for variant, arguments in variants.items():
                 row = run_one(task, trained, arguments, seed, "auto", log_dir)
                 results[name][variant].append(row)
                 print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
+                if not arguments and "anchor_weights" in row:
+                    weights[name] += row["anchor_weights"]
     tables = {name: {v: summary(rows) for v, rows in by_variant.items()} for name, by_variant in results.items()}
     for name, by_variant in tables.items():
         print(f"\n{name} (automatic lr)\n\n| variant | slice before | slice after | slice gain | cost outside the slice |")
@@ -203,7 +222,33 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
         for variant, s in by_variant.items():
             print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
                   f" {s.get('cost_outside')} |")
-    return {"tables": tables, "results": results}
+    out = {"study": args.study, "tables": tables, "results": results}
+    if args.study == "projection":
+        out["versus_anchors"] = versus_anchors(tables)
+        out["anchor_weights"] = {name: weight_summary(w) for name, w in weights.items()}
+        print("\nagainst anchors:", json.dumps(out["versus_anchors"], indent=1))
+        print("anchors' weights of the default:", json.dumps(out["anchor_weights"], indent=1))
+    return out
+
+
+def versus_anchors(tables: dict) -> dict:
+    """Per task and variant: slice gain >= anchors' and cost <= half of anchors' (or <= 0), means over seeds."""
+    verdicts: dict = {}
+    for name, by_variant in tables.items():
+        a = by_variant.get("anchors", {})
+        verdicts[name] = {v: {"gain_at_least_anchors": s["slice_gain"] >= a["slice_gain"],
+                              "cost_at_most_half_of_anchors": s["cost_outside"] <= max(a["cost_outside"] / 2, 0.0)}
+                          for v, s in by_variant.items() if v != "anchors" and "slice_gain" in s and "slice_gain" in a}
+    return verdicts
+
+
+def weight_summary(weights: list[float]) -> dict:
+    """How often the projection changed a step (weight > 1) and how large the weights were."""
+    if not weights:
+        return {}
+    above = [w for w in weights if w > 1]
+    return {"steps": len(weights), "steps_reweighted": len(above),
+            "median_weight": round(statistics.median(weights), 2), "max_weight": round(max(weights), 1)}
 
 
 def _line(row: dict) -> str:
@@ -255,6 +300,33 @@ def merge(files: list[Path], out: Path) -> None:
     out.write_text(json.dumps(merged, indent=1))
 
 
+def update(main_file: Path, parts: list[Path], note: str) -> None:
+    """Replace the rows of the selections that ``parts`` (main runs with --selections) measured in ``main_file``
+    (the others, e.g. baselines a code change does not touch, are kept), recompute the goals and record the
+    update. The automatic lr of every task and seed must be the one the file has (the same trained weights)."""
+    data = json.loads(main_file.read_text())
+    updated: list = []
+    for path in parts:
+        part = json.loads(path.read_text())
+        for task, lrs in part["automatic_lr"].items():
+            if lrs != data["automatic_lr"][task]:
+                raise SystemExit(f"{path}: automatic lr of {task} is {lrs}, the file's {data['automatic_lr'][task]}")
+        for task, by_lr in part["results"].items():
+            for lr, by_selection in by_lr.items():
+                for selection, rows in by_selection.items():
+                    data["results"][task][lr][selection] = rows
+                    data["tables"][task][lr][selection] = part["tables"][task][lr][selection]
+        updated.append({"file": path.name, "tasks": part["settings"]["tasks"],
+                        "selections": part["settings"].get("selections"), **part["total"]})
+    data["goals"] = goals(data["tables"])
+    data.setdefault("updates", []).append({"note": note, "parts": updated,
+                                           "cpu_seconds": sum(u["cpu_seconds"] for u in updated),
+                                           "wall_seconds_per_process": [u["wall_seconds"] for u in updated]})
+    print_tables(data["tables"], data["automatic_lr"])
+    print("\ngoals at the automatic lr:", json.dumps(data["goals"], indent=1))
+    main_file.write_text(json.dumps(data, indent=1))
+
+
 def markdown(results_file: Path) -> str:
     """The docs' tables (docs/error-correction.md) from a results file, as printed there."""
     data = json.loads(results_file.read_text())
@@ -296,14 +368,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=None, help="a subset (no goals)")
-    parser.add_argument("--study", action="store_true", help="the design variants at the automatic lr")
+    parser.add_argument("--study", nargs="?", const="design", choices=STUDIES, default=None,
+                        help="variants at the automatic lr: 'design' (default) or 'projection'")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="draw the Pareto plot from --json's file")
     parser.add_argument("--plot-only", action="store_true", help="only draw the plot from an existing --json file")
     parser.add_argument("--markdown", action="store_true", help="print the docs' tables from --json's file")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, help="merge main-run results files (tasks"
                         " run in separate processes) into --json, recompute the goals and draw --plot")
+    parser.add_argument("--update", type=Path, nargs="+", default=None, help="replace, in --json's main results"
+                        " file, the rows of the selections these --selections runs measured; recompute the goals")
+    parser.add_argument("--note", default="", help="with --update: why the rows were re-measured")
     args = parser.parse_args()
+    if args.update:
+        update(args.json, args.update, args.note)
+        if args.plot is not None:
+            plot(args.json, args.plot)
+        return
     if args.merge:
         merge(args.merge, args.json)
         if args.plot is not None:
@@ -323,7 +404,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as log_dir:
         out = study_runs(args, log_dir) if args.study else main_runs(args, log_dir)
     defaults = CorrectionConfig()
-    out["settings"] = {"seeds": args.seed_list, "tasks": args.tasks, "solver": SOLVER, "solver_options": SOLVER_OPTIONS,
+    out["settings"] = {"seeds": args.seed_list, "tasks": args.tasks, "selections": args.selections,
+                       "project_replay": defaults.project_replay, "solver": SOLVER, "solver_options": SOLVER_OPTIONS,
                        "default_selection": defaults.selection, "guard_per_iteration": defaults.guard_per_iteration,
                        "iterations": defaults.iterations, "anchors_per_iteration": defaults.anchors_per_iteration,
                        "examples_per_iteration": defaults.examples_per_iteration,

@@ -70,7 +70,7 @@ DataLike = Union[Dataset, DataLoader]
 OptimizerLike = Union[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], torch.optim.Optimizer]
 
 
-def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; the body is ~40 lines
+def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; the body is ~40 lines
     trainer: pl.Trainer,
     model: nn.Module,
     anchors: DataLike,
@@ -103,6 +103,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
     guard: Optional[DataLike] = None,
     guard_per_iteration: int = CorrectionConfig.guard_per_iteration,
     reuse_s_test: bool = CorrectionConfig.reuse_s_test,
+    project_replay: bool = CorrectionConfig.project_replay,
 ) -> CorrectionReport:
     r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
 
@@ -159,6 +160,9 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
             round samples ``guard_per_iteration`` of those the model got right before the run, and the helpful
             selections skip training examples whose influence would raise their mean loss (0: no guard).
         reuse_s_test: solve s_test in the first round only and reuse it in later rounds (the scores stay fresh).
+        project_replay: for the ``"anchors+..."`` selections, weight the anchors' loss in each step so that the
+            chosen examples' gradient cannot slow the anchors (its part opposing the anchors' gradient is
+            cancelled); the weights are in each round's ``anchor_weights``.
 
     Returns:
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
@@ -171,7 +175,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
         examples_per_iteration=examples_per_iteration, steps_per_iteration=steps_per_iteration, selection=selection,
         seed=seed, scoring=scoring, chunk_size=chunk_size, num_candidates=num_candidates, curvature=setup.curvature,
         lr=lr, optimizer=optimizer if isinstance(optimizer, str) else "sgd", guard_per_iteration=guard_per_iteration,
-        reuse_s_test=reuse_s_test)
+        reuse_s_test=reuse_s_test, project_replay=project_replay)
     loss = resolve_loss_fn(model, loss_fn, who="correct_errors")
     train = train_data(trainer, None, chunk_size, loader=train_dataloaders if train_dataloaders is not None
                        else datamodule.train_dataloader() if datamodule is not None else None)
@@ -192,7 +196,7 @@ def correct_errors(  # long: 27 keyword arguments and their 40-line docstring; t
                    "lr": chosen_lr, "lr_requested": lr, "lr_search": lr_search,
                    "guard_per_iteration": guard_per_iteration if guard_data is not None else 0,
                    "guard": ("given" if guard is not None else "validation data") if guard_data is not None else None,
-                   "reuse_s_test": reuse_s_test,
+                   "reuse_s_test": reuse_s_test, "project_replay": project_replay,
                    "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
                    "solver": solver_name(setup.solver_config), "damping": setup.damping,
                    "damping_requested": setup.damping, "curvature": setup.curvature,
@@ -269,6 +273,7 @@ class _CorrectionModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx % self.run.settings.steps_per_iteration == 0:
             self.run.begin_round(self.model, self.device, self._collectives())
+        self.run.prepare_step(self.model)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:

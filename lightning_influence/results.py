@@ -358,7 +358,10 @@ class Metrics:
 class CorrectionIteration:
     """One round. ``chosen_indices`` are training-set indices, or anchor indices for ``selection="anchors"``;
     ``anchor_indices`` index the anchor data (its dataset's indices when the anchors are a ``Subset``).
-    ``damping`` and ``residual`` are those of the round's s_test solve (helpful/harmful selection only)."""
+    ``damping`` and ``residual`` are those of the round's s_test solve (helpful/harmful selection only).
+    ``anchor_weights`` (``"anchors+..."`` selections with ``project_replay``): per step, the weight of the anchors'
+    mean loss, ``1 + max(0, -g_A . g_R / |g_A|^2)``, that cancels the part of the replay gradient ``g_R`` opposing
+    the anchors' gradient ``g_A`` (1: no conflict)."""
 
     iteration: int
     anchor_indices: tuple[int, ...]
@@ -371,6 +374,7 @@ class CorrectionIteration:
     damping: Optional[float] = None
     residual: Optional[float] = None
     converged: Optional[bool] = None
+    anchor_weights: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -406,7 +410,9 @@ class CorrectionReport:
             CorrectionIteration(**{**s, "anchor_indices": tuple(s["anchor_indices"]),
                                    "chosen_indices": tuple(s["chosen_indices"]),
                                    "chosen_influence": None if s["chosen_influence"] is None
-                                   else tuple(s["chosen_influence"]), "metrics": metrics(s["metrics"])})
+                                   else tuple(s["chosen_influence"]), "metrics": metrics(s["metrics"]),
+                                   "anchor_weights": None if s.get("anchor_weights") is None
+                                   else tuple(s["anchor_weights"])})
             for s in data["iterations"]
         )
         return cls(data["selection"], dict(data["settings"]), metrics(data["before"]), steps)

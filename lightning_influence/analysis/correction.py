@@ -196,6 +196,24 @@ def influence_weights(scores: Sequence[float]) -> list[float]:
     return (helpful * len(scores) / helpful.sum()).tolist()
 
 
+def anchor_weight(g_anchors: Sequence[Optional[torch.Tensor]], g_chosen: Sequence[Optional[torch.Tensor]]) -> float:
+    """``1 + max(0, -g_A . g_R / |g_A|^2)`` over matching parameter gradients (None: zero): the weight of the
+    anchors' term that makes ``g_A . (g_R + w g_A) >= |g_A|^2`` (1 when ``g_A`` is zero)."""
+    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_anchors, g_chosen)
+              if a is not None and b is not None)
+    norm2 = sum(float(a.double().pow(2).sum()) for a in g_anchors if a is not None)
+    return 1.0 + (max(0.0, -dot / norm2) if norm2 > 0 else 0.0)
+
+
+def part_loss(loss_fn: LossFn, model: nn.Module, part: tuple[Batch, Optional[torch.Tensor], int]) -> torch.Tensor:
+    """The mean loss of one part of a step: ``(batch, loss weights or None, size)``."""
+    batch, weights, size = part
+    losses = check_per_example_losses(loss_fn(model, batch), size)
+    if weights is not None:
+        losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
+    return losses.mean()
+
+
 def correct_indices(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch.device) -> list[int]:
     """Indices of ``data`` the model classifies correctly (all of them when the batches carry no labels); computed
     whole on every rank (the same answer everywhere)."""
@@ -279,20 +297,38 @@ class CorrectionRun:
         if self.settings.selection.startswith("anchors"):
             parts.append((anchor_batch, None, len(anchor_ids)))
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
-                       "choice": choice, "parts": parts,
+                       "choice": choice, "parts": parts, "anchor_weights": [],
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
+
+    def prepare_step(self, model: nn.Module) -> None:
+        """Before each optimizer step (outside the training forward): with ``project_replay``, the weight of the
+        anchors' term for ``"anchors+..."`` selections, ``1 + max(0, -g_A . g_R / |g_A|^2)`` with ``g_A`` and
+        ``g_R`` the gradients of the anchors' and the chosen examples' mean losses (eval mode, every trainable
+        parameter): the step's gradient ``g_R + w g_A`` then has ``g_A . (g_R + w g_A) >= |g_A|^2``, i.e. it lowers
+        the anchors' loss to first order at least as fast as a step on the anchors alone."""
+        parts = self._round["parts"]
+        if not (self.settings.project_replay and self.settings.selection.startswith("anchors+") and len(parts) == 2):
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        with analysis_mode(model):
+            chosen, anchors = (part_loss(self.loss_fn, model, part) for part in parts)
+            g_chosen = torch.autograd.grad(chosen, params, allow_unused=True)
+            g_anchors = torch.autograd.grad(anchors, params, allow_unused=True)
+        self._round["anchor_weights"].append(anchor_weight(g_anchors, g_chosen))
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:
         """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its
         influence weight for ``"weighted"``), plus, for the ``"anchors+..."`` selections, the mean over the
-        anchors (so the anchors pull as hard as with ``"anchors"``, and the chosen examples add a replay term)."""
+        anchors (so the anchors pull at least as hard as with ``"anchors"``: weighted by :meth:`prepare_step`'s
+        weight with ``project_replay``, and the chosen examples add a replay term)."""
         parts = self._round["parts"]
+        weights = self._round["anchor_weights"]
         loss = None
-        for batch, weights, size in parts:
-            losses = check_per_example_losses(self.loss_fn(model, batch), size)
-            if weights is not None:
-                losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
-            loss = losses.mean() if loss is None else loss + losses.mean()
+        for i, part in enumerate(parts):
+            term = part_loss(self.loss_fn, model, part)
+            if i == 1 and weights:  # the anchors' term of an "anchors+..." selection
+                term = term * weights[-1]
+            loss = term if loss is None else loss + term
         assert loss is not None  # every selection fine-tunes on something
         return loss
 
@@ -307,7 +343,8 @@ class CorrectionRun:
                                      influence, r["anchor_loss_before"], after, metrics, time.perf_counter() - r["start"],
                                      None if info is None else float(info.damping),
                                      None if info is None or info.residual is None else float(info.residual),
-                                     None if info is None else bool(info.converged))
+                                     None if info is None else bool(info.converged),
+                                     tuple(r["anchor_weights"]) if r["anchor_weights"] else None)
         self.rounds.append(record)
         self._round = {}
         return record

@@ -142,6 +142,9 @@ class CorrectionConfig:
             sampled per round; the influence selections then skip examples that would raise their mean loss.
             0 turns the guard off.
         reuse_s_test: solve s_test in the first round only and reuse it (the scores stay fresh).
+        project_replay: for the ``"anchors+..."`` selections, weight the anchors' mean loss in each step so that the
+            chosen examples' gradient cannot slow the anchors: the part of it opposing the anchors' gradient is
+            cancelled, and the step lowers the anchors' loss, to first order, as fast as a step on the anchors alone.
     """
 
     iterations: int = 10
@@ -158,6 +161,7 @@ class CorrectionConfig:
     optimizer: str = "sgd"
     guard_per_iteration: int = 50  # chosen by benchmarks/error-correction-study-results.json (docs/error-correction.md)
     reuse_s_test: bool = False
+    project_replay: bool = True  # chosen by benchmarks/error-correction-study-results.json (docs/error-correction.md)
 
     def __post_init__(self) -> None:
         expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
@@ -168,6 +172,7 @@ class CorrectionConfig:
         expect(isinstance(self.guard_per_iteration, int) and self.guard_per_iteration >= 0, "guard_per_iteration",
                "an int >= 0 (0: no guard)", self.guard_per_iteration)
         expect(isinstance(self.reuse_s_test, bool), "reuse_s_test", "a bool", self.reuse_s_test)
+        expect(isinstance(self.project_replay, bool), "project_replay", "a bool", self.project_replay)
         check_curvature(self.curvature)
         for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
             value = getattr(self, name)

@@ -234,7 +234,8 @@ def test_bad_arguments_give_clear_errors(trained, tmp_path, kwargs, match):
 
 def _replay(model, train, anchors, report, lr, weighted=False):
     """Plain SGD (one step per round) on the mean loss over the round's chosen training examples (weighted by their
-    influence for "weighted") plus, for "anchors+..." selections, the mean loss over the round's anchors."""
+    influence for "weighted") plus, for "anchors+..." selections, the mean loss over the round's anchors, weighted
+    (project_replay) by 1 + max(0, -g_A . g_R / |g_A|^2), recomputed here and checked against the report's."""
     replay = copy.deepcopy(model)
     sgd = torch.optim.SGD(replay.parameters(), lr=lr)
     for round_ in report.iterations:
@@ -243,27 +244,44 @@ def _replay(model, train, anchors, report, lr, weighted=False):
             losses = losses * torch.tensor(influence_weights(round_.chosen_influence), dtype=losses.dtype)
         loss = losses.mean()
         if report.selection.startswith("anchors+"):
-            loss = loss + replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean()
+            anchor_loss = replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean()
+            weight = 1.0
+            if report.settings["project_replay"]:
+                g_r = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(replay.parameters()),
+                                                                          retain_graph=True)])
+                g_a = torch.cat([g.flatten() for g in torch.autograd.grad(anchor_loss, list(replay.parameters()),
+                                                                          retain_graph=True)])
+                weight = 1 + max(0.0, -float(g_a @ g_r) / float(g_a @ g_a))
+                assert round_.anchor_weights == pytest.approx((weight,), rel=1e-9)
+            else:
+                assert round_.anchor_weights is None
+            loss = loss + weight * anchor_loss
         sgd.zero_grad()
         loss.backward()
         sgd.step()
     return replay
 
 
-@pytest.mark.parametrize("selection", ["anchors+helpful", "anchors+random", "weighted", "anchors+protect"])
-def test_new_selections_step_on_what_they_report(trained, tmp_path, selection):
-    """anchors+helpful / anchors+random / anchors+protect fine-tune on the anchors' mean loss plus the chosen
-    examples' mean loss; weighted on the helpful examples with loss weights proportional to their influence
-    (mean 1). (No guard here: anchors+protect then chooses like helpful.)"""
+@pytest.mark.parametrize("selection, project", [("anchors+helpful", True), ("anchors+helpful", False),
+                                                ("anchors+random", True), ("weighted", True),
+                                                ("anchors+protect", True)])
+def test_new_selections_step_on_what_they_report(trained, tmp_path, selection, project):
+    """anchors+helpful / anchors+random / anchors+protect fine-tune on the anchors' mean loss (weighted so that
+    the replay cannot slow the anchors, unless project_replay=False) plus the chosen examples' mean loss;
+    weighted on the helpful examples with loss weights proportional to their influence (mean 1). (No guard here:
+    anchors+protect then chooses like helpful.)"""
     _, model, train, val, anchors = trained
     corrected = copy.deepcopy(model)
-    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection=selection)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection=selection,
+                      project_replay=project)
     assert all(len(r.chosen_indices) == 8 and max(r.chosen_indices) < N_TRAIN for r in report.iterations)
     if selection != "anchors+random":
         plain = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="helpful",
                          iterations=1)
         assert report.iterations[0].chosen_indices == plain.iterations[0].chosen_indices  # the same first choice
         assert max(report.iterations[0].chosen_influence) < 0
+    if selection == "anchors+random":  # random replay opposes the anchors here: every step is reweighted
+        assert all(r.anchor_weights[0] > 1 for r in report.iterations)
     replay = _replay(model, train, anchors, report, 0.1, weighted=selection == "weighted")
     for key, value in corrected.state_dict().items():
         torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-10, atol=1e-12)

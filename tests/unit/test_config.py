@@ -50,6 +50,9 @@ def test_correction_config_validates_its_budget_and_selection():
         CorrectionConfig(guard_per_iteration=-1)
     with pytest.raises(ValueError, match="`reuse_s_test` to be a bool"):
         CorrectionConfig(reuse_s_test=1)
+    assert CorrectionConfig().project_replay is True
+    with pytest.raises(ValueError, match="`project_replay` to be a bool"):
+        CorrectionConfig(project_replay="yes")
 
 
 def test_a_solver_is_a_config_object_or_a_name_with_options():

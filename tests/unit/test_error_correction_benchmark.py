@@ -68,3 +68,40 @@ def test_markdown_prints_the_files_tables_and_verdicts(bench, tmp_path):
     assert "| default | 70.0 / 3.0 |" in text and "| anchors+random | failed |" in text
     assert "| default's slice gain >= anchors' | yes |" in text
     assert "| default's cost <= half of anchors' (or none) | yes |" in text
+
+
+def test_update_replaces_only_the_remeasured_selections_and_recomputes_the_goals(bench, tmp_path):
+    old = {"auto": _table((60.0, 1.0), (90.0, 6.0))}
+    main = tmp_path / "main.json"
+    main.write_text(json.dumps({"tables": {"task": old}, "automatic_lr": {"task": [0.1]},
+                                "results": {"task": {"auto": {s: [{"old": s}] for s in old["auto"]}}},
+                                "goals": bench.goals({"task": old}), "total": {"cpu_seconds": 9}}))
+    new_default = {"slice_after": 95.0, "slice_gain": 75.0, "cost_outside": 2.0}
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps({"tables": {"task": {"auto": {"default": new_default}}}, "automatic_lr": {"task": [0.1]},
+                                "results": {"task": {"auto": {"default": [{"new": 1}]}}},
+                                "settings": {"tasks": ["task"], "selections": ["default"]},
+                                "total": {"cpu_seconds": 5, "wall_seconds": 7}}))
+    assert bench.goals({"task": old})["task"]["gain_at_least_anchors"] is False
+    bench.update(main, [part], "re-measured")
+    data = json.loads(main.read_text())
+    assert data["tables"]["task"]["auto"]["default"] == new_default
+    assert data["results"]["task"]["auto"]["default"] == [{"new": 1}]
+    assert data["results"]["task"]["auto"]["anchors"] == [{"old": "anchors"}]  # kept
+    assert data["goals"]["task"]["gain_at_least_anchors"] is True  # 75 >= 70, recomputed
+    assert data["updates"][0]["note"] == "re-measured" and data["updates"][0]["cpu_seconds"] == 5
+    part.write_text(part.read_text().replace('"task": [0.1]', '"task": [0.3]'))
+    with pytest.raises(SystemExit, match="automatic lr"):  # other trained weights: refuse to mix
+        bench.update(main, [part], "x")
+
+
+def test_versus_anchors_judges_each_variant_against_fine_tuning_on_the_anchors(bench):
+    tables = {"task": {"anchors": {"slice_gain": 70.0, "cost_outside": 8.0},
+                       "good": {"slice_gain": 70.0, "cost_outside": 4.0},
+                       "costly": {"slice_gain": 75.0, "cost_outside": 4.1},
+                       "weak": {"slice_gain": 69.9, "cost_outside": -1.0}}}
+    verdicts = bench.versus_anchors(tables)["task"]
+    assert set(verdicts) == {"good", "costly", "weak"}
+    assert verdicts["good"] == {"gain_at_least_anchors": True, "cost_at_most_half_of_anchors": True}
+    assert verdicts["costly"] == {"gain_at_least_anchors": True, "cost_at_most_half_of_anchors": False}
+    assert verdicts["weak"] == {"gain_at_least_anchors": False, "cost_at_most_half_of_anchors": True}

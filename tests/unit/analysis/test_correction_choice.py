@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_influence.analysis.correction import guarded_top, influence_weights
+from lightning_influence.analysis.correction import anchor_weight, guarded_top, influence_weights
 from lightning_influence.analysis.correction_lr import LR_GRID, search_lr
 
 
@@ -90,3 +90,18 @@ def test_line_search_explains_a_loss_that_cannot_fall():
         model.w.zero_()  # already at the minimum: no step lowers the loss
     with pytest.raises(ValueError, match="pass a number as `lr`"):
         search_lr(model, loss_fn, (torch.ones(2, 1, dtype=torch.float64),), 2, "sgd")
+
+
+def test_anchor_weight_cancels_the_part_of_the_replay_gradient_that_opposes_the_anchors():
+    g_anchors = [torch.tensor([2.0, 0.0]), torch.tensor([0.0])]
+    # opposing: g_R = (-3, 1); g_A . g_R = -6, |g_A|^2 = 4 -> w = 2.5 and g_R + w g_A = (2, 1): along g_A exactly g_A
+    assert anchor_weight(g_anchors, [torch.tensor([-3.0, 1.0]), torch.tensor([5.0])]) == pytest.approx(2.5)
+    assert anchor_weight(g_anchors, [torch.tensor([3.0, 1.0]), None]) == 1.0  # no conflict: plain sum
+    assert anchor_weight([torch.zeros(2), None], [torch.tensor([-3.0, 1.0]), None]) == 1.0  # anchors fitted
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # the step lowers the anchors' loss at least as fast as g_A alone, to first order
+        g_a, g_r = torch.randn(2, 30, generator=generator, dtype=torch.float64)
+        w = anchor_weight([g_a], [g_r])
+        assert float(g_a @ (g_r + w * g_a)) >= float(g_a @ g_a) * (1 - 1e-12)
+        if w > 1:  # and no faster: only the opposing part is cancelled
+            assert float(g_a @ (g_r + w * g_a)) == pytest.approx(float(g_a @ g_a))
