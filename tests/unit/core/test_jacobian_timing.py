@@ -27,6 +27,7 @@ def _problem(model: nn.Module, n: int = 256) -> InfluenceProblem:
 def test_the_store_is_kept_only_when_its_timed_product_is_the_faster(monkeypatch, stored_first):
     # the stored product is timed first, the autograd one second: fake clocks decide which wins
     times = iter([1.0, 2.0] if stored_first else [2.0, 1.0])
+    monkeypatch.setattr(jacobian, "SPEED_VERDICTS", {})  # measure afresh: the verdict is kept per model shape
     monkeypatch.setattr(jacobian, "_best_seconds", lambda call, device, repeats=1: (call(), next(times))[1])
     torch.manual_seed(0)
     model = SmallCNN().float()
@@ -41,8 +42,10 @@ def test_a_small_dense_model_keeps_the_autograd_products(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 10))
+    monkeypatch.setattr(jacobian, "SPEED_VERDICTS", {})
     with analysis_mode(model):
         assert _problem(model).products.stored() is None
+        assert _problem(model).products.stored() is None and len(jacobian.SPEED_VERDICTS) == 1  # measured once
     monkeypatch.setattr(jacobian, "TIMED", False)
     with analysis_mode(model):
         assert _problem(model).products.stored() is not None  # it fits: only the timing turned it down
