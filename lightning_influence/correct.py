@@ -11,7 +11,6 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,6 +25,7 @@ from lightning_influence.analysis.correction import (
     CorrectionRun,
     allowed_indices,
     fetch,
+    in_dataset_terms,
     round_generator,
     sample_anchors,
 )
@@ -189,7 +189,7 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
         eval_sets["val"] = val
     guard_data = (indexed(guard, "guard", chunk_size) if guard is not None else val) if guard_per_iteration else None
     chosen_lr, lr_search = _resolve_lr(model, loss, anchor_data, settings, optimizer)
-    in_dataset_terms = functools.partial(_in_dataset_terms, anchors=_subset_indices(anchors),
+    as_user_reads = functools.partial(in_dataset_terms, anchors=_subset_indices(anchors),
                                          heldout=_subset_indices(heldout))
     description = {"iterations": iterations, "anchors_per_iteration": anchors_per_iteration,
                    "examples_per_iteration": examples_per_iteration, "steps_per_iteration": steps_per_iteration,
@@ -208,16 +208,16 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
     report_path = _report_path(log_dir, tag)
     if iterations == 0:
         run.start(model, model_device(model), SingleProcess())
-        report = in_dataset_terms(run.report())
+        report = as_user_reads(run.report())
         if trainer.is_global_zero:
             _write_outputs(trainer, log_dir, tag, report, report_path, verbose)
         return report
-    module = _CorrectionModule(model, run, _make_optimizer(optimizer, chosen_lr), tag, log_dir, verbose, in_dataset_terms,
+    module = _CorrectionModule(model, run, _make_optimizer(optimizer, chosen_lr), tag, log_dir, verbose, as_user_reads,
                                bar_kind(trainer))
     with _isolated_fit(trainer, iterations * steps_per_iteration):
         trainer.fit(module, train_dataloaders=DataLoader(_StepIds(iterations * steps_per_iteration), batch_size=None))
     if run.rounds:
-        return in_dataset_terms(run.report())
+        return as_user_reads(run.report())
     return CorrectionReport.from_dict(_read_json(report_path))  # the run happened in spawned processes
 
 
@@ -361,29 +361,6 @@ def _subset_indices(data: Optional[DataLike]) -> Optional[list[int]]:
     """The dataset indices of a ``Subset`` (or a DataLoader over one), else None."""
     dataset = data.dataset if isinstance(data, DataLoader) else data
     return [int(i) for i in dataset.indices] if isinstance(dataset, Subset) else None
-
-
-def _in_dataset_terms(report: CorrectionReport, anchors: Optional[list[int]],
-                      heldout: Optional[list[int]]) -> CorrectionReport:
-    """The report as a user reads it: anchor indices of the underlying dataset (e.g. validation indices) when the
-    anchors are a ``Subset`` of it, and the damping as the number the solves used (``damping_requested`` keeps
-    what was asked; each round has its own ``damping`` and ``residual``)."""
-    settings = dict(report.settings)
-    steps = report.iterations
-    if anchors is not None:
-        settings["anchor_dataset_indices"] = anchors
-        steps = tuple(replace(r, anchor_indices=tuple(anchors[i] for i in r.anchor_indices),
-                              chosen_indices=tuple(anchors[i] for i in r.chosen_indices)
-                              if report.selection == "anchors" else r.chosen_indices) for r in steps)
-    if heldout is not None:
-        settings["heldout_dataset_indices"] = heldout
-    used = [r.damping for r in steps if r.damping is not None]
-    if used:
-        settings["damping"] = used[0] if max(used) == min(used) else {"first": used[0], "last": used[-1]}
-    residuals = [r.residual for r in steps if r.residual is not None]
-    if residuals:
-        settings["residual_max"] = max(residuals)
-    return CorrectionReport(report.selection, settings, report.before, steps)
 
 
 def _existing_optimizer(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ MAX_MODULE_LINES = 450
 #: The aim (issue #24): every module under 400 lines. The ones still above it, each with its cap until it is split;
 #: a module leaves this list when it gets under the aim, and a new one never joins it.
 AIM_MODULE_LINES = 400
-ABOVE_THE_AIM = {"correct.py": 412, "results.py": 422}
+ABOVE_THE_AIM: dict[str, int] = {}
 MAX_FUNCTION_LINES = 60
 #: A function may be longer when a comment on its ``def`` line (or the line above) starts with this.
 LONG_REASON = "# long:"
