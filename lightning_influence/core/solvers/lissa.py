@@ -164,8 +164,11 @@ class LissaSolver(Solver):
         def stop(estimate: torch.Tensor) -> float:
             return float(self.problem.check_residual(root(estimate), vectors).max())
 
+        # the hand-off to CG trusts the checks' trend only where they see the whole training set: a subset's check
+        # levels off at its own sampling error while the series, drawing from every example, still improves
+        hand_off = config.refine and self.problem.check_is_whole()
         total, traces = lissa_repeats(hvp, lambda r: self.stream(repeat_seed(config.seed, r)), root(vectors), damping,
-                                      self.scale, config, repeat_ids, on_step, stop if early_stop else None)
+                                      self.scale, config, repeat_ids, on_step, stop if early_stop else None, hand_off)
         return root(total), traces
 
     # long: the retry loop, the split over ranks and the combination read best in one place

@@ -129,13 +129,15 @@ def lissa_repeat(
     repeat: int,
     on_step: Callable[[], None] | None = None,
     stop: StopCheck | None = None,
+    hand_off: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows).
 
     ``stop(estimate)`` (a residual) is asked every ``config.check_every`` steps and at the end; the repeat
     ends at the first check where the tail average (``config.average``) or else the last iterate meets
     ``config.residual_tol``, and at the end keeps whichever of the two has the smaller residual. Without
-    ``stop`` the tail average (or the last iterate) is returned.
+    ``stop`` the tail average (or the last iterate) is returned. With ``hand_off`` it also ends once
+    :func:`cannot_finish` says the checks will not meet the tolerance within the depth (the caller finishes).
     """
     tiny = torch.finfo(v.dtype).tiny
     v_norm = v.norm(dim=1).clamp_min(tiny)
@@ -144,7 +146,6 @@ def lissa_repeat(
     tail = TailAverage(h) if getattr(config, "average", False) else None
     every = getattr(config, "check_every", 0)
     checks: list[tuple[int, float]] = []  # (step, residual) of the checks that missed the tolerance
-    hand_off = bool(getattr(config, "refine", False))
     work = torch.empty_like(h)
     for step in range(1, config.depth + 1):
         batch = next(stream)
@@ -259,12 +260,14 @@ def lissa_repeats(
     repeat_ids: Sequence[int],
     on_step: Callable[[], None] | None = None,
     stop: StopCheck | None = None,
+    hand_off: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum of the repeats ``repeat_ids`` (divide by ``config.repeats`` after combining) and their traces."""
     total = torch.zeros_like(vectors)
     traces = []
     for repeat in repeat_ids:
-        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step, stop)
+        x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step, stop,
+                                hand_off)
         total += x
         traces.append(trace)
     return total, traces
