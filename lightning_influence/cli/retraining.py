@@ -54,6 +54,10 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--reuse-s-test", action=argparse.BooleanOptionalAction, default=CorrectionConfig.reuse_s_test,
                         help="solve s_test in the first round only and reuse it (default:"
                         f" {'on' if CorrectionConfig.reuse_s_test else 'off'})")
+    budget.add_argument("--project-replay", action=argparse.BooleanOptionalAction,
+                        default=CorrectionConfig.project_replay, help="'anchors+...' selections: weight the anchors'"
+                        " loss so the chosen examples cannot slow the anchors (default:"
+                        f" {'on' if CorrectionConfig.project_replay else 'off'})")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                         help="s_test solver (default: lissa)")
     budget.add_argument("--damping", type=number_or_auto, default=DEFAULT_DAMPING,
@@ -97,6 +101,7 @@ def run_correct(args: argparse.Namespace) -> int:
             lr=args.lr, selection=args.selection, optimizer=args.optimizer, loss_fn=loss_fn, solver=args.solver,
             damping=args.damping, seed=args.seed, verbose=not args.quiet, guard=Subset(val_loader.dataset, others),
             guard_per_iteration=args.guard_per_iteration, reuse_s_test=args.reuse_s_test,
+            project_replay=args.project_replay,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
