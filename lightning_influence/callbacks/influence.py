@@ -94,10 +94,10 @@ class InfluenceCallback(AnalysisCallback):
         train_dataset: the training data to score (default: the trainer's train dataloader's dataset).
         train_dataloader: a loader whose dataset and collate function to use instead.
         save_scores: also write the full ``[points, n_train]`` score matrix as a tensor file.
-        mislabel_candidates, mislabel_rank, training_signals, signal_checkpoints, signals_outputs_fn: deprecated
-            (a ``FutureWarning``; they still run the mislabel analysis this release, and ``num_worst=0`` with them
-            runs it alone): pass :class:`~lightning_influence.MislabelCallback` (``candidates``, ``rank`` and the
-            same signal arguments) to the Trainer instead.
+        mislabel_candidates: deprecated, as are ``mislabel_rank``, ``training_signals``, ``signal_checkpoints``
+            and ``signals_outputs_fn`` (a ``FutureWarning``; they still run the mislabel analysis this release,
+            and ``num_worst=0`` with them runs it alone): pass :class:`~lightning_influence.MislabelCallback`
+            (``candidates``, ``rank`` and the same signal arguments) to the Trainer instead.
         num_candidates: score each monitored point only against its ``num_candidates`` nearest training examples
             in feature space (FastIF); the others get no score and are absent from every output. None: all.
         knn_backend: ``"torch"`` (exact, chunked ``cdist``) or ``"faiss"`` (needs ``faiss`` installed).
