@@ -86,13 +86,13 @@ def data(spec: dict[str, Any]):
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     if spec.get("jitter"):  # n_train copies of the first 1,400 digits, each shifted by up to a pixel, plus noise
         generator = torch.Generator().manual_seed(1)
-        source, test = order[:1400], order[1400:][:NUM_POINTS]
+        source, test = order[:1400], order[1400:][: spec.get("points", NUM_POINTS)]
         picks = source[torch.randint(0, len(source), (spec["n_train"],), generator=generator)]
         shifts = torch.randint(-1, 2, (spec["n_train"], 2), generator=generator)
         images = torch.stack([torch.roll(x[i], (int(a), int(b)), dims=(1, 2)) for i, (a, b) in zip(picks, shifts)])
         images = images + 0.05 * torch.randn(images.shape, generator=generator)
         return (images, y[picks]), (x[test], y[test])
-    train, test = order[: spec["n_train"]], order[spec["n_train"] :][:NUM_POINTS]
+    train, test = order[: spec["n_train"]], order[spec["n_train"] :][: spec.get("points", NUM_POINTS)]
     return (x[train], y[train]), (x[test], y[test])
 
 
@@ -180,7 +180,8 @@ def _ours(model, loader, test, method: str, damping: float | None) -> tuple[Any,
         scores = -__import__("torch").cat(list(problem.scores(result.vectors)), dim=1)
     info = result.info
     return scores, {"damping": info.damping, "residual": info.residual, "converged": info.converged,
-                    "steps": info.iterations, "solver": info.solver}
+                    "steps": info.iterations, "solver": info.solver,
+                    "refined_iterations": (info.settings or {}).get("refined_iterations")}
 
 
 def _kronfluence(model, train_set, test_set, damping: float, output: Path) -> tuple[Any, dict[str, Any]]:
@@ -210,7 +211,7 @@ def _kronfluence(model, train_set, test_set, damping: float, output: Path) -> tu
                         log_level=logging.WARNING)
     analyzer.fit_all_factors("ekfac", train_set, per_device_batch_size=256,
                              factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("scores", "ekfac", test_set, train_set, per_device_query_batch_size=NUM_POINTS,
+    analyzer.compute_pairwise_scores("scores", "ekfac", test_set, train_set, per_device_query_batch_size=len(test_set),
                                      per_device_train_batch_size=256, score_args=ScoreArguments(damping_factor=damping),
                                      overwrite_output_dir=True)
     scores = analyzer.load_pairwise_scores("scores")["all_modules"]
@@ -300,6 +301,8 @@ def main() -> None:
     parser.add_argument("--json", help="default: benchmarks/s_test-results.json (with --damping D:"
                         " benchmarks/s_test-damping-D-results.json)")
     parser.add_argument("--damping", type=float, help="every method at this fixed damping instead of 'auto'")
+    parser.add_argument("--points", type=int, default=NUM_POINTS, help="test points solved at once (default: 8;"
+                        " another number writes ...-points-N-results.json)")
     parser.add_argument("--tasks", nargs="+", help="only these tasks, merged into the results file's others")
     parser.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
     parser.add_argument("--add-ratios", metavar="RESULTS", help="add seconds_over_cg_strict to a results file")
@@ -324,9 +327,10 @@ def main() -> None:
         return
     if args.json is None:
         suffix = "" if args.damping is None else f"-damping-{args.damping:g}"
+        suffix += "" if args.points == NUM_POINTS else f"-points-{args.points}"
         args.json = str(Path(__file__).with_name(f"s_test{suffix}-results.json"))
     started = time.perf_counter()
-    results: dict[str, Any] = {"quick": args.quick, "damping": args.damping or "auto", "points": NUM_POINTS,
+    results: dict[str, Any] = {"quick": args.quick, "damping": args.damping or "auto", "points": args.points,
                                "cg_tol": CG_TOL, "cg_strict_tol": CG_STRICT_TOL, "reference_tol": REFERENCE_TOL,
                                "torch": torch.__version__,
                                "machine": platform.machine(), "clock": "process CPU time, one thread", "tasks": {}}
@@ -336,6 +340,8 @@ def main() -> None:
                 continue
             if args.damping is not None:
                 spec = {**spec, "damping": args.damping}
+            if args.points != NUM_POINTS:
+                spec = {**spec, "points": args.points}
             results["tasks"][task] = run_task(task, spec, Path(tmp))
             for method, row in results["tasks"][task]["methods"].items():
                 if "pearson_mean" in row:
