@@ -91,6 +91,7 @@ class InfluenceProblem:
         self._choice: DampingChoice | None = None
         self._spectrum: Spectrum | None = None
         self._subset: list[Batch] | None = None
+        self._check_is_whole: bool | None = None
         self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._residuals = ResidualMemo()
         self.solver: Solver = make_solver(self.settings.solver, self)
@@ -182,9 +183,12 @@ class InfluenceProblem:
 
     def check_is_whole(self) -> bool:
         """Whether the check subset is the whole training set (at most ``subset_examples`` examples, or data that
-        is not a map-style loader, which the subset reads whole)."""
-        indices = self.products.indices(self.subset_examples, SUBSET_SEED)
-        return indices is None or len(indices) == len(self.products.indices(None, 0) or ())
+        is not a map-style loader, which the subset reads whole); decided once, the training set being fixed."""
+        if self._check_is_whole is None:
+            everything = self.products.indices(None, 0)
+            self._check_is_whole = (everything is None or self.subset_examples is None
+                                    or self.subset_examples >= len(everything))
+        return self._check_is_whole
 
     def residual_examples(self) -> int:
         """Training examples the verdict :meth:`residual` averages the curvature over."""
