@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from lightning_influence.core.curvature.damping import DampingRule, register_damping_rule
     from lightning_influence.core.solvers import Solver, register_solver
     from lightning_influence.core.solvers.neumann import LissaDivergenceError
+    from lightning_influence.core.trajectory import take_snapshot
     from lightning_influence.correct import correct_errors
     from lightning_influence.functional import influence, s_test, self_influence, top_influences
     from lightning_influence.reporting.views import register_view
@@ -57,6 +58,7 @@ _LAZY = {
                      "TopInfluences", "TrustReport"), "lightning_influence.results"),
     **dict.fromkeys(("influence", "s_test", "self_influence", "top_influences"), "lightning_influence.functional"),
     "LissaDivergenceError": "lightning_influence.core.solvers.neumann",
+    "take_snapshot": "lightning_influence.core.trajectory",
     "verify_leave_one_out": "lightning_influence.analysis.leave_one_out",
     "check_damping_by_retraining": "lightning_influence.analysis.damping_check",
     "InfluenceCallback": "lightning_influence.callbacks.influence",
@@ -113,6 +115,7 @@ __all__ = [
     "register_view",
     "s_test",
     "self_influence",
+    "take_snapshot",
     "top_influences",
     "verify_leave_one_out",
 ]

@@ -7,7 +7,7 @@ single-process collective, so a function call and a DDP run compute their answer
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -30,13 +30,14 @@ from lightning_influence.core.candidates import check_knn_backend
 from lightning_influence.core.per_example.features import FeatureFn
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import StreamingTopK, top_influences_of
+from lightning_influence.core.scoring import Scorer, StreamingTopK, top_influences_of
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.modes import analysis_mode
+from lightning_influence.core.trajectory import AveragedScores, Snapshot
 from lightning_influence.distributed.collectives import SingleProcess
 from lightning_influence.distributed.scoring import choose_candidates, score_candidates, score_training_set
-from lightning_influence.distributed.solve import solve_s_test
+from lightning_influence.distributed.solve import solve_s_test, solve_snapshots
 from lightning_influence.results import SolveInfo, STest, TopInfluences
 
 SolverLike = Union[str, SolverConfig]
@@ -153,6 +154,7 @@ def influence(
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
     problem: Optional[ProblemConfig] = None,
+    snapshots: Sequence[Snapshot] = (),
     **options: Any,
 ) -> torch.Tensor:
     """Influence ``I(z, z_test) = -s_test . grad L(z)`` of every training example on every test example.
@@ -173,6 +175,11 @@ def influence(
     save time; otherwise every training example is scored (exact, no NaN) and a ``UserWarning`` says so
     (``preselect="always"`` preselects whatever the cost).
 
+    ``snapshots``: earlier weights of the same training run (:func:`~lightning_influence.take_snapshot` after
+    some epochs); the scores are then the mean of the current weights' and each snapshot's own influence (its own
+    gradients and s_test, at the damping the current weights resolved), which predicts retraining better on
+    models stopped before convergence (docs/retraining.md). Each snapshot costs one more solve and scoring pass.
+
     Returns:
         ``[n_test, n_train]`` scores. With a ``DataLoader`` over a map-style dataset, column j is dataset index j
         (the loader's shuffling is ignored, as in the callback); for any other iterable of batches, columns
@@ -183,14 +190,15 @@ def influence(
     data = _indexed(train_loader, settings)
     with analysis_mode(model):
         vectors = solve_checked(setup, setup.gradients(test_batch), "influence").vectors
+        scorer = _scorer(setup, loss_fn, train_loader, test_batch, snapshots, "influence")
         if data is None:
-            return _stream_scores(setup, vectors, settings)
-        found = _candidate_scores(setup, data, vectors, test_batch, settings, loss_fn)
+            return _stream_scores(scorer, vectors, settings)
+        found = _candidate_scores(setup, scorer, data, vectors, test_batch, settings, loss_fn)
         if found is not None:
             indices, scores = found
             table = scores.new_full((scores.shape[0], len(data)), float("nan"))
             return table.scatter_(1, indices, scores)
-        _, _, shard = score_training_set(setup, data, vectors, settings, SingleProcess(), None)
+        _, _, shard = score_training_set(scorer, data, vectors, settings, SingleProcess(), None)
     assert shard is not None  # keep_full_scores=True
     return shard.scores[:, shard.train_indices.argsort()]
 
@@ -208,6 +216,7 @@ def top_influences(
     feature_fn: FeatureFn | str | None = None,
     knn_backend: str = DEFAULT_KNN_BACKEND,
     problem: Optional[ProblemConfig] = None,
+    snapshots: Sequence[Snapshot] = (),
     **options: Any,
 ) -> TopInfluences:
     """The ``top_k`` most harmful and most helpful training examples per test example, streamed.
@@ -215,26 +224,42 @@ def top_influences(
     Same arguments as :func:`influence`; never holds the ``[n_test, n_train]`` matrix. Indices are dataset
     indices for a ``DataLoader`` (positions in iteration order for other iterables). With ``num_candidates=k``
     each test point's lists are drawn from its own k candidates only (so at most k entries, and the two lists
-    can overlap when ``k < 2 * top_k``).
+    can overlap when ``k < 2 * top_k``). ``snapshots``: as in :func:`influence`.
     """
     settings, options = _scoring_config(options, top_k, num_candidates, feature_fn, knn_backend, keep_full_scores=False)
     setup = make_problem(model, loss_fn, train_loader, solver, damping, options, problem)
     data = _indexed(train_loader, settings)
     with analysis_mode(model):
         vectors = solve_checked(setup, setup.gradients(test_batch), "top_influences").vectors
+        scorer = _scorer(setup, loss_fn, train_loader, test_batch, snapshots, "top_influences")
         if data is None:
             stream = StreamingTopK(vectors.shape[0], top_k)
-            stream.update(_stream_scores(setup, vectors, settings), torch.arange(_count(setup)))
+            stream.update(_stream_scores(scorer, vectors, settings), torch.arange(_count(setup)))
             return stream.result()
-        found = _candidate_scores(setup, data, vectors, test_batch, settings, loss_fn)
+        found = _candidate_scores(setup, scorer, data, vectors, test_batch, settings, loss_fn)
         if found is not None:
             return top_influences_of(found[1], found[0], top_k)
-        top, _, _ = score_training_set(setup, data, vectors, settings, SingleProcess(), None)
+        top, _, _ = score_training_set(scorer, data, vectors, settings, SingleProcess(), None)
     return top
 
 
-def _candidate_scores(problem: InfluenceProblem, data: IndexedData, vectors: torch.Tensor, test_batch: Batch,
-                      settings: ExplainConfig, loss_fn: LossFn) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _scorer(problem: InfluenceProblem, loss_fn: LossFn, train_loader: Iterable[Batch], test_batch: Batch,
+            snapshots: Sequence[Snapshot], caller: str) -> Scorer:
+    """The problem itself, or with ``snapshots`` the influence averaged over them and the current weights (each
+    snapshot's solve warns like the current one's when it did not converge)."""
+    if not snapshots:
+        return problem
+    members = solve_snapshots(problem.model, loss_fn, train_loader, problem.settings, problem.damping, test_batch,
+                              snapshots, SingleProcess())
+    for member in members:
+        if not member.info.converged:
+            warn_not_converged(member.info, caller)
+    return AveragedScores(problem, problem.model, members)
+
+
+def _candidate_scores(problem: InfluenceProblem, scorer: Scorer, data: IndexedData, vectors: torch.Tensor,
+                      test_batch: Batch, settings: ExplainConfig, loss_fn: LossFn
+                      ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """Each test point's candidates ``[q, k]`` (training indices) and their scores ``[q, k]``; None without
     ``num_candidates``, or when ``preselect="auto"`` found scoring every example cheaper (it warns)."""
     if settings.num_candidates is None:
@@ -242,7 +267,7 @@ def _candidate_scores(problem: InfluenceProblem, data: IndexedData, vectors: tor
     neighbours, _ = choose_candidates(problem, test_batch, vectors, data, settings, SingleProcess(), loss_fn)
     if neighbours is None:
         return None
-    _, scores = score_candidates(problem, data, vectors, neighbours, settings, SingleProcess(), None)
+    _, scores = score_candidates(scorer, data, vectors, neighbours, settings, SingleProcess(), None)
     return neighbours.indices, scores
 
 
@@ -261,7 +286,7 @@ def _indexed(train_loader: Iterable[Batch], settings: ExplainConfig) -> Optional
     return None
 
 
-def _stream_scores(problem: InfluenceProblem, vectors: torch.Tensor, settings: ExplainConfig) -> torch.Tensor:
+def _stream_scores(problem: Scorer, vectors: torch.Tensor, settings: ExplainConfig) -> torch.Tensor:
     """Scores over a plain iterable of batches, in its iteration order."""
     blocks = list(problem.scores(vectors, method=settings.scoring, chunk_size=settings.chunk_size))
     if not blocks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -21,6 +21,7 @@ from lightning_influence.config import ExplainConfig, ProblemConfig, config_to_d
 from lightning_influence.core.candidates import Neighbours
 from lightning_influence.core.per_example.losses import LossFn, call_loss_fn, check_finite_losses
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import Scorer
 from lightning_influence.core.tensors.batching import (
     Batch,
     Description,
@@ -31,6 +32,7 @@ from lightning_influence.core.tensors.batching import (
 )
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.modes import analysis_mode, check_state_unchanged, state_snapshot
+from lightning_influence.core.trajectory import AveragedScores, Snapshot, joined_verdict
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.scoring import (
     candidate_score_shard,
@@ -39,7 +41,7 @@ from lightning_influence.distributed.scoring import (
     score_training_set,
 )
 from lightning_influence.distributed.sharding import gather_checked, shard
-from lightning_influence.distributed.solve import solve_s_test_with_halves
+from lightning_influence.distributed.solve import solve_s_test_with_halves, solve_snapshots
 from lightning_influence.results import (
     ExplainedPoint,
     Explanation,
@@ -136,12 +138,15 @@ def explain(
     describe: Describe = describe_batch,
     on_lissa_step: Callable[[], None] | None = None,
     on_scored: Callable[[int], None] | None = None,
+    snapshots: Sequence[Snapshot] = (),
 ) -> Explanation:
     """Explain the monitored validation points of ``model`` by the training examples of ``train``.
 
     Runs in analysis mode (eval, RNG restored). ``on_lissa_step``/``on_scored`` feed progress bars. ``setup``
     poses the problem (solver, curvature, damping, ...); its ``weight_decay`` (the training L2 strength, when
-    known) floors ``damping="auto"`` and informs the self-diagnosis (``settings.diagnose``).
+    known) floors ``damping="auto"`` and informs the self-diagnosis (``settings.diagnose``). ``snapshots``:
+    earlier weights of the same run; each gets its own s_test (at the damping the current weights resolved) and
+    the scores are averaged over them and the current weights (:mod:`~lightning_influence.core.trajectory`).
     """
     collectives = collectives or SingleProcess()
     _warn_top_k(settings.top_k, len(train))
@@ -165,8 +170,14 @@ def explain(
                                                                              settings, collectives, loss_fn))
         s_vectors, info, halves = timed("s_test", lambda: solve_s_test_with_halves(problem, gradients, collectives,
                                                                                    on_lissa_step))
-        top, kept_scores, score_shard = timed("scoring", lambda: _score(problem, train, s_vectors, candidates, settings,
-                                                                        collectives, on_scored))
+        scorer: Scorer = problem
+        if snapshots:
+            members = timed("snapshots", lambda: solve_snapshots(model, loss_fn, train.loader(), setup, problem.damping,
+                                                                 test_batch, snapshots, collectives))
+            scorer = AveragedScores(problem, model, members)
+            info = joined_verdict(info, members)
+        top, kept_scores, score_shard = timed("scoring", lambda: _score(problem, scorer, train, s_vectors, candidates,
+                                                                        settings, collectives, on_scored))
         trust = None
         if settings.diagnose:
             trust = timed("trust", lambda: _diagnose_safely(problem, train, chosen, gradients, s_vectors, halves, top,
@@ -174,7 +185,8 @@ def explain(
             if note is not None:
                 trust = replace(trust, warnings=(*trust.warnings, TrustWarning("candidates_skipped", note, "info")))
         points = _explained_points(model, loss_fn, train, chosen, losses, test_batch, top, kept_scores, device, describe)
-    info = replace(info, settings=config_to_dict(setup.solver_config))
+    snapshot_solves = {"snapshots": info.settings["snapshots"]} if info.settings and "snapshots" in info.settings else {}
+    info = replace(info, settings={**config_to_dict(setup.solver_config), **snapshot_solves})
     return Explanation(tuple(points), info, timings, len(train), score_shard, trust)
 
 
@@ -207,14 +219,15 @@ def _monitored_points(
 
 
 def _score(
-    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, candidates: Optional[Neighbours],
-    settings: ExplainConfig, collectives: Collectives, on_scored: Callable[[int], None] | None,
+    problem: InfluenceProblem, scorer: Scorer, train: IndexedData, s_vectors: torch.Tensor,
+    candidates: Optional[Neighbours], settings: ExplainConfig, collectives: Collectives,
+    on_scored: Callable[[int], None] | None,
 ) -> tuple[TopInfluences, torch.Tensor, Optional[ScoreShard]]:
     """Top lists, the kept scores (histogram sample or candidates' scores) and this rank's score shard."""
     if candidates is None:
-        return score_training_set(problem, train, s_vectors, settings, collectives, on_scored)
+        return score_training_set(scorer, train, s_vectors, settings, collectives, on_scored)
     # only each point's own candidates are scored and reported: the others are absent, not zero
-    top, kept_scores = score_candidates(problem, train, s_vectors, candidates, settings, collectives, on_scored)
+    top, kept_scores = score_candidates(scorer, train, s_vectors, candidates, settings, collectives, on_scored)
     keep = settings.keep_full_scores and collectives.rank == 0
     return top, kept_scores, candidate_score_shard(kept_scores, candidates.indices) if keep else None
 

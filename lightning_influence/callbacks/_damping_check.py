@@ -17,7 +17,7 @@ from lightning_influence.analysis.damping_check import (
     check_points,
     retrain_on_halves,
 )
-from lightning_influence.callbacks._trainer import collectives_for, weight_decay
+from lightning_influence.callbacks._trainer import collectives_for, val_data, weight_decay
 from lightning_influence.config import DEFAULT_DAMPING, SELF_CHECK_DAMPING, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
@@ -69,6 +69,18 @@ def run_damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_f
         rank_zero_warn(f"damping='self_check' failed ({type(err).__name__}: {err}); this analysis uses"
                        " damping='auto' instead.")
         return None
+
+
+def self_check_once(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
+                    problem: ProblemConfig, chunk_size: int, stage: str, epoch: int, train_loader: Any,
+                    verbose: bool, strict: bool) -> Optional[DampingCheck]:
+    """:func:`run_damping_check` on the trainer's validation data (None without any: the analysis uses
+    ``damping="auto"``)."""
+    val = val_data(trainer, chunk_size, required=False)
+    if val is None:
+        return None
+    return run_damping_check(trainer, pl_module, loss_fn, train, val, replace(problem, damping=DEFAULT_DAMPING), stage,
+                             epoch, train_loader, verbose, strict)
 
 
 def _damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.callbacks._damping_check import analysis_problem, run_damping_check, with_check
+from lightning_influence.callbacks._damping_check import analysis_problem, self_check_once, with_check
 from lightning_influence.callbacks._leave_one_out import check_loo_arguments, leave_one_out_check
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_mislabel, legacy_solver_options
+from lightning_influence.callbacks._snapshots import SnapshotSchedule
 from lightning_influence.callbacks._trainer import (
     collectives_for,
     import_loss_fn,
@@ -32,9 +33,9 @@ from lightning_influence.callbacks.base import AnalysisCallback, last_epoch, sho
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.config import (
     CALLBACK_DAMPING,
+    CALLBACK_SNAPSHOTS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CURVATURE,
-    DEFAULT_DAMPING,
     DEFAULT_KNN_BACKEND,
     DEFAULT_PRESELECT,
     DEFAULT_SCORING,
@@ -85,6 +86,10 @@ class InfluenceCallback(AnalysisCallback):
             eigenvalue: no retraining). The value used and how it was chosen are in every report.
         curvature: ``"gauss_newton"`` (the default; positive semi-definite, right before convergence) or
             ``"hessian"`` (its damping is raised above the most negative eigenvalue, with a warning).
+        snapshots: average the influence over this many weight snapshots spread evenly over the fit, the final
+            weights included, each with its own s_test (CPU copies of the weights; ``K - 1`` more solves and scoring
+            passes): it predicts retraining better on models stopped before convergence (docs/retraining.md).
+            1: the final weights alone.
         problem: all the problem's knobs in one :class:`~lightning_influence.ProblemConfig` (solver, curvature,
             damping, weight decay, ``parameters`` such as LoRA adapters ``["*lora_*"]``, dtype), e.g. from YAML as
             ``class_path``/``init_args``; then leave ``solver``, ``damping`` and ``curvature`` at their defaults.
@@ -143,6 +148,7 @@ class InfluenceCallback(AnalysisCallback):
         solver: Union[str, SolverConfig] = DEFAULT_SOLVER,
         damping: Union[float, str] = CALLBACK_DAMPING,
         curvature: str = DEFAULT_CURVATURE,
+        snapshots: int = CALLBACK_SNAPSHOTS,
         scoring: str = DEFAULT_SCORING,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         train_dataset: Optional[Dataset] = None,
@@ -173,6 +179,7 @@ class InfluenceCallback(AnalysisCallback):
                    "a callable (module, batch) -> Tensor[B] or an import path 'package.module:function'", loss_fn)
             expect(isinstance(every_n_epochs, int) and every_n_epochs >= 0, "every_n_epochs", "an int >= 0",
                    every_n_epochs)
+            expect(isinstance(snapshots, int) and snapshots >= 1, "snapshots", "an int >= 1", snapshots)
             self.mislabel = legacy_mislabel({  # deprecated: MislabelCallback
                 "mislabel_candidates": mislabel_candidates, "mislabel_rank": mislabel_rank,
                 "training_signals": training_signals, "signal_checkpoints": signal_checkpoints,
@@ -199,6 +206,7 @@ class InfluenceCallback(AnalysisCallback):
         self.verify_loo_steps = verify_loo_steps
         self.mislabel_candidates = 0 if mislabel_candidates is None else mislabel_candidates  # the state key's
         self.every_n_epochs = every_n_epochs
+        self.snapshots = SnapshotSchedule(snapshots)
         self.analyse_on_train_end = analyse_on_train_end
         self.analyse_on_validate = analyse_on_validate
         self.train_dataset = train_dataset
@@ -244,6 +252,7 @@ class InfluenceCallback(AnalysisCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_train_loader = trainer.train_dataloader  # reused by a later `trainer.validate`
         self.damping_check = None  # a new fit chooses its damping anew
+        self.snapshots.reset()
         self._check_data(pl_module, self._resolve_loss_fn(pl_module), self._train_data(trainer, pl_module),
                          self.settings.num_candidates)
 
@@ -259,6 +268,7 @@ class InfluenceCallback(AnalysisCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.snapshots.on_train_epoch_end(trainer, pl_module)
         self.mislabel.on_train_epoch_end(trainer, pl_module, lambda: self._train_data(trainer, pl_module), self.strict)
 
     @override
@@ -330,17 +340,12 @@ class InfluenceCallback(AnalysisCallback):
             return
         if explanation.trust is not None:
             self._warn_once(explanation.trust.warnings)
-        if self.verify_loo:
-            self._isolated(epoch, trainer, "running the leave-one-out check",
-                           lambda: self._verify_loo(trainer, pl_module, explanation, epoch, log_dir))
-
-    def _verify_loo(self, trainer: pl.Trainer, pl_module: pl.LightningModule, explanation: Explanation,
-                    epoch: int, log_dir: Path) -> None:
-        """Leave-one-out spot check of the first explained point (rank zero): scalars and ``loo_epoch=N.json``."""
-        leave_one_out_check(trainer, pl_module, self._resolve_loss_fn(pl_module), explanation, epoch, log_dir,
-                            train=self._train_data(trainer, pl_module), val=self._val_data(trainer),
-                            writer=self._writers.get(trainer, log_dir), count=self.verify_loo,
-                            steps=self.verify_loo_steps, verbose=self.verbose)
+        if self.verify_loo:  # leave-one-out spot check of the first explained point: scalars and loo_epoch=N.json
+            self._isolated(epoch, trainer, "running the leave-one-out check", lambda: leave_one_out_check(
+                trainer, pl_module, self._resolve_loss_fn(pl_module), explanation, epoch, log_dir,
+                train=self._train_data(trainer, pl_module), val=self._val_data(trainer),
+                writer=self._writers.get(trainer, log_dir), count=self.verify_loo, steps=self.verify_loo_steps,
+                verbose=self.verbose))
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Explanation:
         loss_fn = self._resolve_loss_fn(pl_module)
@@ -355,7 +360,8 @@ class InfluenceCallback(AnalysisCallback):
         with progress_task(trainer, "influence: s_test", steps, "validation losses, damping and scale") as on_step, \
                 progress_task(trainer, "influence: scoring", shard_size) as on_scored:
             found = explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
-                            on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe)
+                            on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe,
+                            snapshots=self.snapshots.before(trainer.global_step))
         return replace(found, solver=with_check(found.solver, self.damping_check))
 
     def _problem(self, trainer: pl.Trainer) -> ProblemConfig:
@@ -363,12 +369,9 @@ class InfluenceCallback(AnalysisCallback):
 
     def _check_damping(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int) -> None:
         """``damping="self_check"``: chosen at a fit's first analysis; ``"auto"`` without validation data."""
-        if self.problem.damping != SELF_CHECK_DAMPING or self.damping_check is not None:
-            return
-        val = val_data(trainer, self.settings.chunk_size, required=False)
-        if val is not None:
-            self.damping_check = run_damping_check(trainer, pl_module, self._resolve_loss_fn(pl_module), self._train_data(
-                trainer, pl_module), val, replace(self._problem(trainer), damping=DEFAULT_DAMPING), stage, epoch,
+        if self.problem.damping == SELF_CHECK_DAMPING and self.damping_check is None:
+            self.damping_check = self_check_once(trainer, pl_module, self._resolve_loss_fn(pl_module), self._train_data(
+                trainer, pl_module), self._problem(trainer), self.settings.chunk_size, stage, epoch,
                 self._fit_train_loader, self.verbose, self.strict)
 
     def _mislabel(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> MislabelReport:

@@ -20,6 +20,9 @@ DEFAULT_DAMPING = "auto"
 SELF_CHECK_DAMPING = "self_check"
 CALLBACK_DAMPING = SELF_CHECK_DAMPING
 SELF_CHECK_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: The callback's influence is averaged over this many weight snapshots spread evenly over the fit, the final weights
+#: included (``lightning_influence.core.trajectory``; 1: the final weights alone). Measured in ``benchmarks/lds.py``.
+CALLBACK_SNAPSHOTS = 3
 SELF_CHECK_RETRAININGS = 10
 SELF_CHECK_POINTS = 32
 SELF_CHECK_SEED = 20_241

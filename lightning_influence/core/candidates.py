@@ -47,6 +47,7 @@ from lightning_influence.core.per_example.features import (
     last_linear_input,
 )
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.scoring import Scorer
 from lightning_influence.core.tensors.batching import Batch
 from lightning_influence.core.tensors.data import IndexedData
 
@@ -357,7 +358,7 @@ class CandidateScoreCollector:
 
 
 def collect_candidate_scores(
-    problem: InfluenceProblem,
+    problem: Scorer,
     data: IndexedData,
     s_vectors: torch.Tensor,
     collector: CandidateScoreCollector,

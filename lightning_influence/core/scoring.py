@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Optional, cast
+from typing import Optional, Protocol, cast
 
 import torch
 from torch.func import jvp, vmap
@@ -46,6 +46,14 @@ PER_EXAMPLE_BUDGET = 2**26
 AUTO_PER_EXAMPLE_MAX_PARAMS = 100_000
 #: Relative disagreement between ``factored`` and ``jvp`` on the first examples that makes ``auto`` fall back.
 FACTORED_CHECK_TOLERANCE = 1e-3
+
+
+class Scorer(Protocol):
+    """What scores training examples (an :class:`~lightning_influence.core.InfluenceProblem`, or influence averaged
+    over weight snapshots): ``[k, b]`` blocks of ``-s . grad L(z)`` over ``batches``, in order."""
+
+    def scores(self, s_vectors: torch.Tensor, batches: Iterable[Batch] | None = None, method: str = "auto",
+               chunk_size: int = 256) -> Iterator[torch.Tensor]: ...
 
 
 def resolve_method(method: str, num_params: int, factorable: bool = False) -> str:

@@ -30,7 +30,7 @@ from lightning_influence.core.candidates import (
 )
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import StreamingTopK, merge_top_influences, top_influences_of
+from lightning_influence.core.scoring import Scorer, StreamingTopK, merge_top_influences, top_influences_of
 from lightning_influence.core.tensors.batching import Batch
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.collectives import Collectives
@@ -42,7 +42,7 @@ MAX_HISTOGRAM_SCORES = 100_000
 
 
 def score_training_set(
-    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainConfig,
+    problem: Scorer, train: IndexedData, s_vectors: torch.Tensor, settings: ExplainConfig,
     collectives: Collectives, on_chunk: Callable[[int], None] | None, indices: Sequence[int] | None = None,
 ) -> tuple[TopInfluences, torch.Tensor, Optional[ScoreShard]]:
     """Top-k over this rank's shard merged across ranks, a gathered histogram sample of the scores (every
@@ -146,7 +146,7 @@ def choose_candidates(
 
 
 def score_candidates(
-    problem: InfluenceProblem, train: IndexedData, s_vectors: torch.Tensor, candidates: Neighbours,
+    problem: Scorer, train: IndexedData, s_vectors: torch.Tensor, candidates: Neighbours,
     settings: ExplainConfig, collectives: Collectives, on_chunk: Callable[[int], None] | None,
 ) -> tuple[TopInfluences, torch.Tensor]:
     """Scores of each point's own candidates ``[q, k]``: the union is sharded over ranks, scored once, merged."""

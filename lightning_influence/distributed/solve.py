@@ -9,12 +9,18 @@ is the single-process solve the functional API uses, so one code path serves one
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Optional, TypeVar
 
 import torch
+from torch import nn
 
+from lightning_influence.config import ProblemConfig
+from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.problem import InfluenceProblem
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.trajectory import Snapshot, SnapshotSolve, check_snapshot, using_weights
 from lightning_influence.distributed.collectives import Collectives
 from lightning_influence.distributed.sharding import gather_checked
 from lightning_influence.results import SolveInfo
@@ -59,3 +65,18 @@ def solve_s_test_with_halves(
     for fewer than 2 repeats or a deterministic solver), for the repeat-agreement diagnosis."""
     result = problem.solve(gradients, on_step, CollectiveRanks(collectives))
     return result.vectors, result.info, result.halves
+
+
+def solve_snapshots(model: nn.Module, loss_fn: LossFn, train_loader: Iterable[Batch], setup: ProblemConfig,
+                    damping: float, test_batch: Batch, snapshots: Sequence[Snapshot], collectives: Collectives
+                    ) -> list[SnapshotSolve]:
+    """Each weight snapshot's own problem and s_test rows for ``test_batch`` (its gradients taken with the
+    snapshot's weights), at ``damping``: the value the current weights resolved, so every member is damped alike."""
+    members = []
+    for snapshot in snapshots:
+        check_snapshot(model, snapshot)
+        with using_weights(model, snapshot):
+            problem = InfluenceProblem(model, loss_fn, train_loader, replace(setup, damping=damping))
+            result = problem.solve(problem.gradients(test_batch), None, CollectiveRanks(collectives))
+        members.append(SnapshotSolve(snapshot, problem, result.vectors, result.info))
+    return members

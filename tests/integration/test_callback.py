@@ -68,8 +68,11 @@ def test_fit_writes_tensorboard_and_json_that_match_the_core(tmp_path):
     train, val = tiny_datasets()
     chosen = [p["val_index"] for p in record["points"]]
     test_batch = val[chosen]
+    # (the analysis averages over the default weight snapshots: one, after epoch 0 of 2)
+    snapshots = [snapshot for _, snapshot in callback.snapshots.taken]
+    assert len(snapshots) == 1
     scores = li.influence(model, lambda m, b: m.per_example_loss(b), DataLoader(train, batch_size=64), test_batch,
-                          solver="exact", damping=0.05)
+                          solver="exact", damping=0.05, snapshots=snapshots)
     for row, point in enumerate(record["points"]):
         assert [i for i, _ in point["harmful"]] == scores[row].topk(4).indices.tolist()
         assert [i for i, _ in point["helpful"]] == scores[row].topk(4, largest=False).indices.tolist()
