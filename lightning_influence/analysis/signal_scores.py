@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-DEFAULT_SCORE = "el2n_weighted"
+DEFAULT_SCORE = "el2n_fitted"
 EARLY_FRACTION = 0.1
 
 
@@ -49,10 +49,10 @@ def component_scores(
     With ``K`` checkpoints ``k = 1..K`` (NaN entries, e.g. examples missing from a checkpoint, are skipped) and
     ``V_k`` the variance of EL2N across the examples at checkpoint ``k``:
 
-    * ``el2n_weighted`` (:data:`DEFAULT_SCORE`): ``sum_k V_k el2n_k / sum_k V_k``, EL2N averaged over the run
-      with each checkpoint weighted by how well it separates the examples (:func:`spread_weighted`);
-    * ``el2n_fitted``: the same with weights ``V_k a_k``, ``a_k`` the fraction of examples whose given label
-      the model predicts at checkpoint ``k`` (:func:`fitted_weighted`);
+    * ``el2n_fitted`` (:data:`DEFAULT_SCORE`): ``sum_k V_k a_k el2n_k / sum_k V_k a_k``, EL2N averaged over
+      the run with each checkpoint weighted by how well it separates the examples (``V_k``) and by ``a_k``, the
+      fraction of examples whose given label the model predicts there (:func:`fitted_weighted`);
+    * ``el2n_weighted``: the same with weights ``V_k`` alone (:func:`spread_weighted`; the default before);
     * ``el2n_window``: the mean EL2N over the first ``separation_window(el2n)`` checkpoints;
     * ``final_loss``, ``final_el2n``, ``final_margin`` (= ``-margin``): the last checkpoint alone;
     * ``early_loss``, ``early_el2n``: the checkpoint at ``early_fraction`` of the recorded span;
@@ -100,12 +100,15 @@ def fitted_weighted(el2n: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
     ``V_k`` is largest when about half the examples are fitted, which comes before the model has fitted all its
     clean examples when the labels are mostly right; ``a_k`` moves the weight towards the checkpoints where
     the clean examples are fitted and the flips not yet (a memorising net's late checkpoints keep little weight
-    through ``V_k``).
+    through ``V_k``). When no checkpoint predicts any example as labelled (every ``a_k = 0``) it is
+    :func:`spread_weighted`.
     """
     table = torch.nan_to_num(el2n.double(), nan=0.0)
     fitted = (torch.nan_to_num(margin.double(), nan=-1.0) > 0).double().mean(dim=0)
     weight = table.var(dim=0) * fitted
-    return (table * weight).sum(dim=1) / weight.sum().clamp(min=1e-12)
+    if float(weight.sum()) <= 1e-12:  # no checkpoint predicts any example as labelled: V_k alone
+        return spread_weighted(el2n)
+    return (table * weight).sum(dim=1) / weight.sum()
 
 
 def forgetting_score(margin: torch.Tensor) -> torch.Tensor:

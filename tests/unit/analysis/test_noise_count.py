@@ -159,3 +159,41 @@ def test_a_recorder_without_probabilities_has_no_count():
     recorder.probabilities = [torch.full_like(table, float("nan")) for table in recorder.probabilities]
     with pytest.raises(RuntimeError, match="probabilities"):
         estimate_flip_count(recorder)
+
+
+def test_count_on_a_memorising_mlp_lands_near_the_flips_and_flags_by_the_default_score():
+    # 60 of 400 digits relabelled to a uniformly drawn other class; a tanh MLP trained full batch (no weight decay)
+    # until it has fitted most of its flips, recorded on the callback's geometric schedule
+    from lightning_influence.analysis.signal_scores import DEFAULT_SCORE, fitted_weighted
+    from lightning_influence.analysis.training_signals import checkpoint_epochs
+
+    n, flips, epochs = 400, 60, 100
+    images, labels = digits(torch.float64)
+    x, y = images[:n].flatten(1), labels[:n].clone()
+    generator = torch.Generator().manual_seed(1)
+    chosen = torch.randperm(n, generator=generator)[:flips]
+    y[chosen] = (y[chosen] + torch.randint(1, 10, (flips,), generator=generator)) % 10
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[chosen] = True
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).double()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    recorder = TrainingSignalRecorder(n, epochs=checkpoint_epochs(epochs, 10))
+    data = IndexedData(TensorDataset(x, y), None, n)
+    for epoch in range(epochs):
+        optimiser.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimiser.step()
+        recorder.record(model, data, epoch)
+    with torch.no_grad():
+        assert (model(x).argmax(dim=1)[flipped] == y[flipped]).double().mean() > 0.5  # it memorised most flips
+    count = estimate_flip_count(recorder, resamples=50)
+    assert abs(count.estimate - flips) <= 0.2 * flips, count.estimate  # 54.7 when written
+    assert count.low <= count.estimate <= count.high
+    assert DEFAULT_SCORE == "el2n_fitted"
+    score = recorder.scores()
+    assert torch.allclose(score, fitted_weighted(recorder.signals["el2n"], recorder.signals["margin"]))
+    flagged = round(count.estimate)
+    assert int(count.flagged.sum()) == flagged and bool((score[count.flagged] >= count.threshold).all())
+    assert bool((score[~count.flagged] <= count.threshold).all())
+    assert flipped[count.flagged].double().mean() >= 0.8  # the flagged are mostly the flips

@@ -343,6 +343,10 @@ def test_fitted_weighted_el2n_scales_each_checkpoint_by_the_fraction_predicted_a
     assert torch.allclose(fitted_weighted(el2n, unfitted),
                           (el2n[:, 1:] * weight[1:]).sum(dim=1) / weight[1:].sum())
     assert not torch.allclose(fitted_weighted(el2n, margin), spread_weighted(el2n))
+    # no checkpoint predicts any example as labelled: V_k alone, not a ranking of zeros
+    nowhere = -margin.abs() - 1.0
+    assert torch.allclose(fitted_weighted(el2n, nowhere), spread_weighted(el2n))
+    assert fitted_weighted(el2n, nowhere).argmax() == spread_weighted(el2n).argmax() == 1
 
 
 def test_named_scores_include_the_new_signals():
