@@ -170,12 +170,8 @@ def explain(
                                                                              settings, collectives, loss_fn))
         s_vectors, info, halves = timed("s_test", lambda: solve_s_test_with_halves(problem, gradients, collectives,
                                                                                    on_lissa_step))
-        scorer: Scorer = problem
-        if snapshots:
-            members = timed("snapshots", lambda: solve_snapshots(model, loss_fn, train.loader(), setup, problem.damping,
-                                                                 test_batch, snapshots, collectives))
-            scorer = AveragedScores(problem, model, members)
-            info = joined_verdict(info, members)
+        scorer, info = timed("snapshots", lambda: _with_snapshots(problem, info, loss_fn, train, setup, test_batch,
+                                                                  snapshots, collectives)) if snapshots else (problem, info)
         top, kept_scores, score_shard = timed("scoring", lambda: _score(problem, scorer, train, s_vectors, candidates,
                                                                         settings, collectives, on_scored))
         trust = None
@@ -216,6 +212,16 @@ def _monitored_points(
         raise ValueError("No validation point to explain: with `misclassified_only=True` the model made no error.")
     test_batch = prepare_batch(val.fetch(chosen), device)
     return chosen, losses, test_batch, problem.gradients(test_batch)
+
+
+def _with_snapshots(problem: InfluenceProblem, info: SolveInfo, loss_fn: LossFn, train: IndexedData,
+                    setup: ProblemConfig, test_batch: Batch, snapshots: Sequence[Snapshot], collectives: Collectives
+                    ) -> tuple[Scorer, SolveInfo]:
+    """The scores averaged over ``snapshots`` and the current weights, and the solve record with their verdicts
+    joined in (each snapshot solved at the damping the current weights resolved)."""
+    members = solve_snapshots(problem.model, loss_fn, train.loader(), setup, problem.damping, test_batch, snapshots,
+                              collectives)
+    return AveragedScores(problem, problem.model, members), joined_verdict(info, members)
 
 
 def _score(

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context
+from lightning_influence.cli.loading import PosthocContext, UsageError, import_object, load_context, load_snapshots
 from lightning_influence.cli.options import (
     INFLUENCE_OPTIONS,
     MISLABEL_OPTIONS,
@@ -32,6 +32,9 @@ def add_influence_arguments(parser: argparse.ArgumentParser) -> None:
         option.add_to(group)
     parser.add_argument("--pif-json", metavar="PATH", help="also write the top lists keyed by validation id in"
                         " pytorch-influence-functions' layout (harmful/helpful in THIS package's sign convention)")
+    parser.add_argument("--snapshot", action="append", default=[], metavar="CKPT",
+                        help="an earlier checkpoint of the same run (repeatable): the influence is averaged over these"
+                             " weights and the checkpoint's own, as the callback's `snapshots` does")
 
 
 def run_influence(args: argparse.Namespace) -> int:
@@ -50,6 +53,7 @@ def run_influence(args: argparse.Namespace) -> int:
     check_num_candidates(settings.explain.num_candidates, len(train))  # before the solve, not at the kNN search
     loss_fn = context.loss_fn(settings.loss_fn)
     check_training_losses(context, loss_fn, train, args.device)
+    snapshots = load_snapshots(context.model, args.snapshot)
     steps = getattr(settings.solver, "depth", 0) * getattr(settings.solver, "repeats", 0)
     waiting = "validation losses, damping and LiSSA scale" if steps else "validation losses, damping and solve"
     with progress_tasks(args, ("influence: s_test", steps, waiting),
@@ -57,7 +61,7 @@ def run_influence(args: argparse.Namespace) -> int:
         explanation = explain(context.model, loss_fn, train,
                               IndexedData.from_loader(single_loader(context.val_loader), chunk),
                               settings.problem(context.weight_decay), settings.explain, on_lissa_step=lambda: on_step(1),
-                              on_scored=on_scored, describe=describe)
+                              on_scored=on_scored, describe=describe, snapshots=snapshots)
     try:
         publish_score_shard(context.output_dir, explanation, context.epoch)
         path = publish_explanation(context.writer(), context.output_dir, explanation, epoch=context.epoch,

@@ -140,6 +140,30 @@ def load_context(args: argparse.Namespace) -> PosthocContext:
                           int(meta.get("global_step", 0)), output_dir, callback_args, checkpoint_weight_decay(meta))
 
 
+def load_snapshots(model: Any, paths: list[str]) -> list[Any]:
+    """Weight snapshots of ``model`` from earlier Lightning checkpoints of the same run (``--snapshot``)."""
+    import torch
+
+    from lightning_influence.core.trajectory import take_snapshot, using_weights
+
+    own = take_snapshot(model)
+    snapshots = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"Expected `--snapshot` to name a checkpoint file, but `{path}` does not exist.")
+        meta = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" not in meta:
+            raise UsageError(f"Expected `--snapshot {path}` to be a Lightning checkpoint (a dict with `state_dict`).")
+        with using_weights(model, own):  # load, copy, then the analysed weights are put back
+            try:
+                model.load_state_dict(meta["state_dict"])
+            except RuntimeError as err:
+                raise UsageError(f"`--snapshot {path}` does not fit the model: {err}") from err
+            snapshots.append(take_snapshot(model))
+    return snapshots
+
+
 def checkpoint_weight_decay(meta: dict[str, Any]) -> Optional[float]:
     """The training weight decay saved in a Lightning checkpoint: the first optimiser's first parameter group, as
     the callback reads it from the trainer (it floors ``damping="auto"`` and informs the trust report)."""

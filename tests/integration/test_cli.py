@@ -124,6 +124,32 @@ def test_influence_subprocess_matches_core_api(checkpoint, tmp_path):
     torch.testing.assert_close(table[0], torch.tensor(full, dtype=table.dtype))
 
 
+def test_influence_with_snapshot_checkpoints_averages_like_the_core_api(checkpoint, tmp_path):
+    pl.seed_everything(1)
+    early = tmp_path / "early.ckpt"  # another point of the run: here the same model at a fresh initialisation
+    torch.save({"state_dict": TinyDigitsModel().state_dict()}, early)
+    out = tmp_path / "out"
+    assert main(["influence", str(checkpoint), *MODEL, *ANALYSIS, "--output-dir", str(out), "--snapshot", str(early),
+                 "--quiet"]) == 0
+    report = _only(out / "influence", "epoch=[0-9].json")
+    assert [s["converged"] for s in report["solver"]["settings"]["snapshots"]] == [True]
+    model = TinyDigitsModel.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    snapshot_model = TinyDigitsModel()
+    snapshot_model.load_state_dict(torch.load(early)["state_dict"])
+    data = TinyDigitsData()
+    data.setup("fit")
+    test_batch = data.val_set[[p["val_index"] for p in report["points"]]]
+    top = li.top_influences(model, cross_entropy_loss, torch.utils.data.DataLoader(data.train_set, batch_size=64),
+                            test_batch, top_k=3, solver="exact", damping=0.5,
+                            snapshots=[li.take_snapshot(snapshot_model)])
+    for row, point in enumerate(report["points"]):
+        assert [i for i, _ in point["harmful"]] == top.harmful_indices[row].tolist()
+        torch.testing.assert_close(torch.tensor([s for _, s in point["harmful"]]), top.harmful_scores[row].float(),
+                                   rtol=1e-4, atol=1e-6)
+    assert main(["influence", str(checkpoint), *MODEL, *ANALYSIS, "--output-dir", str(out),
+                 "--snapshot", str(tmp_path / "missing.ckpt"), "--quiet"]) == 2  # a usage error, said in one line
+
+
 def test_cli_writes_what_the_callback_writes(checkpoint, tmp_path, capsys):
     callback = InfluenceCallback(solver="exact", damping=0.5, num_worst=2, top_k=3, mislabel_candidates=5,
                                  mislabel_rank=16, verbose=False)

@@ -117,7 +117,8 @@ def _summary(explanation: Explanation) -> dict[str, Any]:
 
 
 # -- workers (module level: spawn pickles them by name) -----------------------------------------------------
-def _explain_worker(rank: int, world_size: int, port: int, timeout: timedelta, out: Path, state: dict) -> None:
+def _explain_worker(rank: int, world_size: int, port: int, timeout: timedelta, out: Path, state: dict,
+                    early: dict) -> None:
     _init(rank, world_size, port, timeout)
     try:
         train, val = _data()
@@ -128,6 +129,12 @@ def _explain_worker(rank: int, world_size: int, port: int, timeout: timedelta, o
         with_cg = explain(_model(state), cross_entropy_per_example, train, val,
                           ProblemConfig(solver=CG, damping=DAMPING), SETTINGS, TorchDistributed())
         record["cg"] = {**_summary(with_cg), "iterations": with_cg.solver.trace.shape[1]}
+        # influence averaged with an earlier snapshot: its own solve split over ranks like the final one's (CG: a
+        # LiSSA early stop on a residual within rounding of its tolerance would make the comparison flaky)
+        averaged = explain(_model(state), cross_entropy_per_example, train, val,
+                           ProblemConfig(solver=CG, damping=DAMPING), SETTINGS, TorchDistributed(),
+                           snapshots=[li.take_snapshot(_model(early))])
+        record["snapshots"] = _summary(averaged)
         torch.save(record, out / f"world{world_size}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -183,15 +190,30 @@ def trained_state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(trained_state, tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
+def early_state() -> dict[str, torch.Tensor]:
+    """The same model after 30 of the trained state's 100 steps: a weight snapshot of its run."""
+    x, y = digits()
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(30):
+        optimizer.zero_grad()
+        l2_objective(model, x[:N_TRAIN], y[:N_TRAIN], l2=1e-3).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(trained_state, early_state, tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
     """Per world size, every rank's record of one ``explain()`` run."""
     out = tmp_path_factory.mktemp("explain")
     for world_size in WORLD_SIZES:
-        _spawn(_explain_worker, world_size, out, trained_state)
+        _spawn(_explain_worker, world_size, out, trained_state, early_state)
     runs = {r: [torch.load(out / f"world{r}_rank{k}.pt", weights_only=False) for k in range(r)] for r in WORLD_SIZES}
     for records in runs.values():
         _assemble_full_scores(records, lambda record: record)
         _assemble_full_scores(records, lambda record: record["cg"])
+        _assemble_full_scores(records, lambda record: record["snapshots"])
     return runs
 
 
@@ -279,6 +301,20 @@ def test_distributed_result_matches_the_single_process_api(runs, trained_state):
     local = explain(_model(trained_state), cross_entropy_per_example, train, val,
                     ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, SingleProcess())
     assert _summary(local)["harmful"] == record["harmful"]
+
+
+def test_snapshot_averaged_influence_is_the_same_on_every_world_size(runs, trained_state, early_state):
+    reference = runs[1][0]["snapshots"]
+    for world_size in WORLD_SIZES[1:]:
+        record = runs[world_size][0]["snapshots"]
+        assert record["harmful"] == reference["harmful"], world_size
+        torch.testing.assert_close(record["full_scores"], reference["full_scores"], rtol=1e-6, atol=1e-9)
+    train, val = _data()
+    scores = li.influence(_model(trained_state), cross_entropy_per_example, DataLoader(train.dataset, batch_size=32),
+                          val.fetch(reference["val_indices"]), solver=CG, damping=DAMPING,
+                          snapshots=[li.take_snapshot(_model(early_state))])
+    torch.testing.assert_close(reference["full_scores"], scores, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(reference["full_scores"], runs[1][0]["cg"]["full_scores"], rtol=1e-3)
 
 
 def test_training_set_smaller_than_the_world_leaves_a_rank_without_a_shard(edge_cases):
