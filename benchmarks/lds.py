@@ -985,6 +985,12 @@ def markdown(doc: dict[str, Any]) -> str:
     for path in paths:
         label = "damping=" + path[1] if path[0] == "sweep" else path[-1]
         lines.append(f"| {label} | " + " | ".join(cell(get(m, *path)) for m in models) + " |")
+        if path == ("callback_default",):  # the same damping on the final weights alone (no snapshots)
+            alone = [get(m, *path) for m in models]
+            lines.append("| callback_default, final weights alone | " + " | ".join(
+                cell(None if e is None or "lds_final_only" not in e else {"lds": e["lds_final_only"],
+                                                                            "damping": e["damping"]})
+                for e in alone) + " |")
     lines.append("| best fixed | " + " | ".join(
         f"{doc['models'][m]['best_fixed']['lds']:.3f} ({doc['models'][m]['best_fixed']['damping']:.2g})" for m in models) + " |")
     return "\n".join(lines)
