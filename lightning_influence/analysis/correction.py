@@ -320,8 +320,8 @@ class CorrectionRun:
         """The ``protect_per_step`` guard examples (of those right before the run) the model still gets right with
         the largest loss at the current weights, as ``(batch, size)``; None without a guard (or when none is right)."""
         k = self.settings.protect_per_step
-        if not k or self.guard is None or not self.guard_pool:
-            return None
+        if not k or self.guard is None or not self.guard_pool or self.settings.selection == "harmful":
+            return None  # the baselines have no guard pool; "harmful" is the sign check, left unconstrained
         kept: list[tuple[float, int]] = []
         with analysis_mode(model), torch.no_grad():
             for indices, batch in self.guard.batches_with_indices(self.guard_pool):

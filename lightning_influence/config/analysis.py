@@ -149,7 +149,8 @@ class CorrectionConfig:
             right before the run and still gets right are ranked by their loss, and the ``protect_per_step`` with
             the largest (the ones closest to flipping) form the protect sample; when the step's gradient would raise
             their mean loss to first order, its component along their gradient is removed (as in A-GEM). Needs a
-            guard; 0 turns it off. The baselines (``"anchors"``, ``"anchors+random"``, ``"random"``) never use it.
+            guard; 0 turns it off. The baselines (``"anchors"``, ``"anchors+random"``, ``"random"``, ``"harmful"``)
+            never use it.
     """
 
     iterations: int = 10
