@@ -91,6 +91,9 @@ PROTECT_VARIANTS = {
     "protect off (the previous default)": {"protect_per_step": 0},
     "anchors": {"selection": "anchors"},
 }
+# The design and projection studies predate the protect projection: they run without it, as their files were made.
+VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in VARIANTS.items()}
+PROJECTION_VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in PROJECTION_VARIANTS.items()}
 STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS}
 
 
@@ -225,7 +228,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
                 row = run_one(task, trained, arguments, seed, "auto", log_dir)
                 results[name][variant].append(row)
                 print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
-                if not arguments and "anchor_weights" in row:
+                if arguments in ({}, {"protect_per_step": 0}) and "anchor_weights" in row:
                     weights[name] += row["anchor_weights"]
                 if not arguments and "protect_cosines" in row:
                     cosines[name] += row["protect_cosines"]
