@@ -82,7 +82,19 @@ PROJECTION_VARIANTS = {
     "anchors+random, projected": {"selection": "anchors+random"},
     "anchors": {"selection": "anchors"},
 }
-STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS}
+#: --study protect: the protect projection (protect_per_step, the default 10) at other sample sizes and off (the
+#: default before it), against anchors-only, on the three fast tasks (the CNN's default is in the main run).
+PROTECT_VARIANTS = {
+    "protect 10 (default)": {},
+    "protect 5": {"protect_per_step": 5},
+    "protect 20": {"protect_per_step": 20},
+    "protect off (the previous default)": {"protect_per_step": 0},
+    "anchors": {"selection": "anchors"},
+}
+# The design and projection studies predate the protect projection: they run without it, as their files were made.
+VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in VARIANTS.items()}
+PROJECTION_VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in PROJECTION_VARIANTS.items()}
+STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS}
 
 
 def selection_arguments(selection: str) -> dict:
@@ -117,6 +129,8 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
         "cpu_seconds": round(time.process_time() - cpu, 2),
         **({"anchor_weights": [round(w, 4) for r in report.iterations for w in r.anchor_weights]}
            if report.iterations and report.iterations[0].anchor_weights is not None else {}),
+        **({"protect_cosines": [round(c, 4) for r in report.iterations for c in r.protect_cosines]}
+           if report.iterations and report.iterations[0].protect_cosines is not None else {}),
     }
 
 
@@ -205,6 +219,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
     variants = STUDIES[args.study]
     results: dict = {task: {v: [] for v in variants} for task in args.tasks}
     weights: dict = {task: [] for task in args.tasks}  # projected default: the anchors' weight of every step
+    cosines: dict = {task: [] for task in args.tasks}  # the default's protect cosine of every step
     for name in args.tasks:
         for seed in args.seed_list:
             task = make_task(name, seed)
@@ -213,8 +228,10 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
                 row = run_one(task, trained, arguments, seed, "auto", log_dir)
                 results[name][variant].append(row)
                 print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
-                if not arguments and "anchor_weights" in row:
+                if arguments in ({}, {"protect_per_step": 0}) and "anchor_weights" in row:
                     weights[name] += row["anchor_weights"]
+                if not arguments and "protect_cosines" in row:
+                    cosines[name] += row["protect_cosines"]
     tables = {name: {v: summary(rows) for v, rows in by_variant.items()} for name, by_variant in results.items()}
     for name, by_variant in tables.items():
         print(f"\n{name} (automatic lr)\n\n| variant | slice before | slice after | slice gain | cost outside the slice |")
@@ -223,6 +240,12 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
             print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
                   f" {s.get('cost_outside')} |")
     out = {"study": args.study, "tables": tables, "results": results}
+    if args.study == "protect":
+        out["versus_anchors"] = versus_anchors(tables)
+        out["protect_projected_steps"] = {name: {"steps": len(c), "projected": sum(v < 0 for v in c)}
+                                          for name, c in cosines.items()}
+        print("\nagainst anchors:", json.dumps(out["versus_anchors"], indent=1))
+        print("default's steps projected:", json.dumps(out["protect_projected_steps"], indent=1))
     if args.study == "projection":
         out["versus_anchors"] = versus_anchors(tables)
         out["anchor_weights"] = {name: weight_summary(w) for name, w in weights.items()}
@@ -369,7 +392,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=None, help="a subset (no goals)")
     parser.add_argument("--study", nargs="?", const="design", choices=STUDIES, default=None,
-                        help="variants at the automatic lr: 'design' (default) or 'projection'")
+                        help="variants at the automatic lr: 'design' (default), 'projection' or 'protect'")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="draw the Pareto plot from --json's file")
     parser.add_argument("--plot-only", action="store_true", help="only draw the plot from an existing --json file")
@@ -405,7 +428,8 @@ def main() -> None:
         out = study_runs(args, log_dir) if args.study else main_runs(args, log_dir)
     defaults = CorrectionConfig()
     out["settings"] = {"seeds": args.seed_list, "tasks": args.tasks, "selections": args.selections,
-                       "project_replay": defaults.project_replay, "solver": SOLVER, "solver_options": SOLVER_OPTIONS,
+                       "project_replay": defaults.project_replay, "protect_per_step": defaults.protect_per_step,
+                       "solver": SOLVER, "solver_options": SOLVER_OPTIONS,
                        "default_selection": defaults.selection, "guard_per_iteration": defaults.guard_per_iteration,
                        "iterations": defaults.iterations, "anchors_per_iteration": defaults.anchors_per_iteration,
                        "examples_per_iteration": defaults.examples_per_iteration,

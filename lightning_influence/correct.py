@@ -104,6 +104,7 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
     guard_per_iteration: int = CorrectionConfig.guard_per_iteration,
     reuse_s_test: bool = CorrectionConfig.reuse_s_test,
     project_replay: bool = CorrectionConfig.project_replay,
+    protect_per_step: int = CorrectionConfig.protect_per_step,
 ) -> CorrectionReport:
     r"""Fine-tune ``model`` on the training examples most helpful to a slice it gets wrong (FastIF Sec. 6.3).
 
@@ -163,6 +164,10 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
         project_replay: for the ``"anchors+..."`` selections, weight the anchors' loss in each step so that the
             chosen examples' gradient cannot slow the anchors (its part opposing the anchors' gradient is
             cancelled); the weights are in each round's ``anchor_weights``.
+        protect_per_step: for the influence selections with a guard, before each optimizer step, the
+            ``protect_per_step`` guard examples (right before the run and still right) with the largest loss form
+            a protect sample, and the step's gradient loses its component that would raise their mean loss (to
+            first order); each round's ``protect_cosines`` keeps the cosine before the projection (0: off).
 
     Returns:
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,
@@ -175,7 +180,7 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
         examples_per_iteration=examples_per_iteration, steps_per_iteration=steps_per_iteration, selection=selection,
         seed=seed, scoring=scoring, chunk_size=chunk_size, num_candidates=num_candidates, curvature=setup.curvature,
         lr=lr, optimizer=optimizer if isinstance(optimizer, str) else "sgd", guard_per_iteration=guard_per_iteration,
-        reuse_s_test=reuse_s_test, project_replay=project_replay)
+        reuse_s_test=reuse_s_test, project_replay=project_replay, protect_per_step=protect_per_step)
     loss = resolve_loss_fn(model, loss_fn, who="correct_errors")
     train = train_data(trainer, None, chunk_size, loader=train_dataloaders if train_dataloaders is not None
                        else datamodule.train_dataloader() if datamodule is not None else None)
@@ -197,6 +202,7 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
                    "guard_per_iteration": guard_per_iteration if guard_data is not None else 0,
                    "guard": ("given" if guard is not None else "validation data") if guard_data is not None else None,
                    "reuse_s_test": reuse_s_test, "project_replay": project_replay,
+                   "protect_per_step": protect_per_step if guard_data is not None else 0,
                    "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__,
                    "solver": solver_name(setup.solver_config), "damping": setup.damping,
                    "damping_requested": setup.damping, "curvature": setup.curvature,
@@ -274,6 +280,9 @@ class _CorrectionModule(pl.LightningModule):
         if batch_idx % self.run.settings.steps_per_iteration == 0:
             self.run.begin_round(self.model, self.device, self._collectives())
         self.run.prepare_step(self.model)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.run.protect_step(self.model, self.device)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % self.run.settings.steps_per_iteration == 0:

@@ -297,7 +297,7 @@ class CorrectionRun:
         if self.settings.selection.startswith("anchors"):
             parts.append((anchor_batch, None, len(anchor_ids)))
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
-                       "choice": choice, "parts": parts, "anchor_weights": [],
+                       "choice": choice, "parts": parts, "anchor_weights": [], "protect_cosines": [],
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
 
     def prepare_step(self, model: nn.Module) -> None:
@@ -315,6 +315,55 @@ class CorrectionRun:
             g_chosen = torch.autograd.grad(chosen, params, allow_unused=True)
             g_anchors = torch.autograd.grad(anchors, params, allow_unused=True)
         self._round["anchor_weights"].append(anchor_weight(g_anchors, g_chosen))
+
+    def protect_sample(self, model: nn.Module, device: torch.device) -> Optional[tuple[Batch, int]]:
+        """The ``protect_per_step`` guard examples (of those right before the run) the model still gets right with
+        the largest loss at the current weights, as ``(batch, size)``; None without a guard (or when none is right)."""
+        k = self.settings.protect_per_step
+        if not k or self.guard is None or not self.guard_pool or self.settings.selection == "harmful":
+            return None  # the baselines have no guard pool; "harmful" is the sign check, left unconstrained
+        kept: list[tuple[float, int]] = []
+        with analysis_mode(model), torch.no_grad():
+            for indices, batch in self.guard.batches_with_indices(self.guard_pool):
+                batch = prepare_batch(batch, device)
+                losses = check_per_example_losses(self.loss_fn(model, batch), len(indices)).double().cpu()
+                info = describe_batch(model, batch)
+                right = [True] * len(indices) if info.labels is None or info.predictions is None \
+                    or info.labels.shape != info.predictions.shape else (info.predictions == info.labels).tolist()
+                kept += [(float(v), int(i)) for v, i, ok in zip(losses.tolist(), indices, right) if ok]
+        if not kept:
+            return None
+        kept.sort(key=lambda pair: (-pair[0], pair[1]))  # largest loss first, ties by index
+        chosen = [i for _, i in kept[:k]]
+        return fetch(self.guard, chosen, device), len(chosen)
+
+    def protect_step(self, model: nn.Module, device: torch.device) -> None:
+        """After the step's backward, before the optimizer step (``protect_per_step``): when the step would raise
+        the protect sample's mean loss to first order (``g . g_P < 0`` for the step's gradient ``g`` and the
+        sample's ``g_P``), remove ``g``'s component along ``g_P`` (A-GEM); every rank holds the same gradients and
+        computes the same sample, so the step stays the same on every rank. The cosine is kept per step."""
+        if not self._round:
+            return
+        sample = self.protect_sample(model, device)
+        if sample is None:
+            return
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return
+        with analysis_mode(model):
+            g_protect = torch.autograd.grad(part_loss(self.loss_fn, model, (sample[0], None, sample[1])), params,
+                                            allow_unused=True)
+        grads = [p.grad for p in params if p.grad is not None]
+        pairs = [(p.grad, g) for p, g in zip(params, g_protect) if g is not None and p.grad is not None]
+        dot = sum((float((a.double() * b.double()).sum()) for a, b in pairs), 0.0)
+        norm_p = sum((float(b.double().pow(2).sum()) for _, b in pairs), 0.0)
+        norm_g = sum((float(g.double().pow(2).sum()) for g in grads), 0.0)
+        cosine = dot / (norm_p * norm_g) ** 0.5 if norm_p > 0 and norm_g > 0 else 0.0
+        if dot < 0 and norm_p > 0:
+            with torch.no_grad():
+                for a, b in pairs:
+                    a.sub_(b.to(a.dtype), alpha=dot / norm_p)
+        self._round["protect_cosines"].append(cosine)
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:
         """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its
@@ -344,7 +393,8 @@ class CorrectionRun:
                                      None if info is None else float(info.damping),
                                      None if info is None or info.residual is None else float(info.residual),
                                      None if info is None else bool(info.converged),
-                                     tuple(r["anchor_weights"]) if r["anchor_weights"] else None)
+                                     tuple(r["anchor_weights"]) if r["anchor_weights"] else None,
+                                     tuple(r["protect_cosines"]) if r["protect_cosines"] else None)
         self.rounds.append(record)
         self._round = {}
         return record

@@ -58,6 +58,10 @@ def add_correct_arguments(parser: argparse.ArgumentParser) -> None:
                         default=CorrectionConfig.project_replay, help="'anchors+...' selections: weight the anchors'"
                         " loss so the chosen examples cannot slow the anchors (default:"
                         f" {'on' if CorrectionConfig.project_replay else 'off'})")
+    budget.add_argument("--protect-per-step", type=int, default=CorrectionConfig.protect_per_step,
+                        help="influence selections: before each step, the guard examples still right with the largest"
+                        " loss (this many) form a protect sample, and the step loses its component that would raise"
+                        f" their loss (0: off; default: {CorrectionConfig.protect_per_step})")
     budget.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                         help="s_test solver (default: lissa)")
     budget.add_argument("--damping", type=number_or_auto, default=DEFAULT_DAMPING,
@@ -101,7 +105,7 @@ def run_correct(args: argparse.Namespace) -> int:
             lr=args.lr, selection=args.selection, optimizer=args.optimizer, loss_fn=loss_fn, solver=args.solver,
             damping=args.damping, seed=args.seed, verbose=not args.quiet, guard=Subset(val_loader.dataset, others),
             guard_per_iteration=args.guard_per_iteration, reuse_s_test=args.reuse_s_test,
-            project_replay=args.project_replay,
+            project_replay=args.project_replay, protect_per_step=args.protect_per_step,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err

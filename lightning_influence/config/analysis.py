@@ -145,6 +145,12 @@ class CorrectionConfig:
         project_replay: for the ``"anchors+..."`` selections, weight the anchors' mean loss in each step so that the
             chosen examples' gradient cannot slow the anchors: the part of it opposing the anchors' gradient is
             cancelled, and the step lowers the anchors' loss, to first order, as fast as a step on the anchors alone.
+        protect_per_step: before each optimizer step of the influence selections, the guard examples the model got
+            right before the run and still gets right are ranked by their loss, and the ``protect_per_step`` with
+            the largest (the ones closest to flipping) form the protect sample; when the step's gradient would raise
+            their mean loss to first order, its component along their gradient is removed (as in A-GEM). Needs a
+            guard; 0 turns it off. The baselines (``"anchors"``, ``"anchors+random"``, ``"random"``, ``"harmful"``)
+            never use it.
     """
 
     iterations: int = 10
@@ -162,6 +168,7 @@ class CorrectionConfig:
     guard_per_iteration: int = 50  # chosen by benchmarks/error-correction-study-results.json (docs/error-correction.md)
     reuse_s_test: bool = False
     project_replay: bool = True  # chosen by benchmarks/error-correction-study-results.json (docs/error-correction.md)
+    protect_per_step: int = 10  # chosen by benchmarks/error-correction-protect-results.json (docs/error-correction.md)
 
     def __post_init__(self) -> None:
         expect(isinstance(self.iterations, int) and self.iterations >= 0, "iterations", "an int >= 0", self.iterations)
@@ -173,6 +180,8 @@ class CorrectionConfig:
                "an int >= 0 (0: no guard)", self.guard_per_iteration)
         expect(isinstance(self.reuse_s_test, bool), "reuse_s_test", "a bool", self.reuse_s_test)
         expect(isinstance(self.project_replay, bool), "project_replay", "a bool", self.project_replay)
+        expect(isinstance(self.protect_per_step, int) and not isinstance(self.protect_per_step, bool)
+               and self.protect_per_step >= 0, "protect_per_step", "an int >= 0 (0: off)", self.protect_per_step)
         check_curvature(self.curvature)
         for name in ("anchors_per_iteration", "examples_per_iteration", "steps_per_iteration", "chunk_size"):
             value = getattr(self, name)

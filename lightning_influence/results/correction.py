@@ -72,7 +72,9 @@ class CorrectionIteration:
     ``damping`` and ``residual`` are those of the round's s_test solve (helpful/harmful selection only).
     ``anchor_weights`` (``"anchors+..."`` selections with ``project_replay``): per step, the weight of the anchors'
     mean loss, ``1 + max(0, -g_A . g_R / |g_A|^2)``, that cancels the part of the replay gradient ``g_R`` opposing
-    the anchors' gradient ``g_A`` (1: no conflict)."""
+    the anchors' gradient ``g_A`` (1: no conflict). ``protect_cosines`` (with ``protect_per_step``): per step, the
+    cosine between the step's gradient and the gradient of the protect sample's mean loss before the projection
+    (negative: the step would have raised the protect sample's loss, and that component was removed)."""
 
     iteration: int
     anchor_indices: tuple[int, ...]
@@ -86,6 +88,7 @@ class CorrectionIteration:
     residual: Optional[float] = None
     converged: Optional[bool] = None
     anchor_weights: Optional[tuple[float, ...]] = None
+    protect_cosines: Optional[tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,9 @@ class CorrectionReport:
                                    "chosen_influence": None if s["chosen_influence"] is None
                                    else tuple(s["chosen_influence"]), "metrics": metrics(s["metrics"]),
                                    "anchor_weights": None if s.get("anchor_weights") is None
-                                   else tuple(s["anchor_weights"])})
+                                   else tuple(s["anchor_weights"]),
+                                   "protect_cosines": None if s.get("protect_cosines") is None
+                                   else tuple(s["protect_cosines"])})
             for s in data["iterations"]
         )
         return cls(data["selection"], dict(data["settings"]), metrics(data["before"]), steps)

@@ -285,6 +285,7 @@ def test_correct_on_its_defaults_searches_the_lr_and_guards_the_rest_of_validati
     assert (parsed.lr, parsed.optimizer, parsed.guard_per_iteration, parsed.reuse_s_test, parsed.selection) == (
         defaults.lr, defaults.optimizer, defaults.guard_per_iteration, defaults.reuse_s_test, defaults.selection)
     assert parsed.project_replay is defaults.project_replay
+    assert parsed.protect_per_step == defaults.protect_per_step
     assert build_parser().parse_args(["correct", str(checkpoint), "--no-project-replay"]).project_replay is False
     argv = ["correct", str(checkpoint), *MODEL, "--solver", "cg", "--damping", "0.5", "--iterations", "2",
             "--output-dir", str(out), "--quiet"]
@@ -293,6 +294,7 @@ def test_correct_on_its_defaults_searches_the_lr_and_guards_the_rest_of_validati
     assert settings["lr_requested"] == "auto" and settings["lr"] == settings["lr_search"][-1][0]
     assert settings["guard"] == "given" and settings["guard_per_iteration"] == defaults.guard_per_iteration
     assert settings["project_replay"] is defaults.project_replay
+    assert settings["protect_per_step"] == defaults.protect_per_step
     with pytest.raises(SystemExit):  # argparse: "expected a positive number or 'auto'"
         build_parser().parse_args(["correct", str(checkpoint), "--lr", "fast"])
 

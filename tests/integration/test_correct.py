@@ -424,3 +424,54 @@ def test_defaults_come_from_the_fitted_trainer_and_survive_a_second_call(trained
         assert report.settings["train_size"] == N_TRAIN and report.before["val"].size == len(val)
         assert len(report.iterations) == 1
     assert trainer.global_step == step and trainer.fit_loop is loop
+
+
+def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_protect_samples_loss(trained, tmp_path):
+    """The default selection with a guard and protect_per_step=5: before each step the 5 guard examples the
+    model got right before the run and still gets right with the largest loss are the protect sample; when the
+    step's gradient g has g . g_P < 0 with g_P their mean loss's gradient, g loses its component along g_P. Replayed
+    here by hand (the anchors' weight included), with the cosines the report keeps; after the projection the step
+    no longer raises the protect sample's loss to first order, and a step that raised it was projected."""
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="anchors+helpful",
+                      guard=val, guard_per_iteration=len(val), protect_per_step=5, iterations=3)
+    assert report.settings["protect_per_step"] == 5
+    with torch.no_grad():
+        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    replay = copy.deepcopy(model)
+    params = list(replay.parameters())
+    sgd = torch.optim.SGD(params, lr=0.1)
+    projected = 0
+    for round_ in report.iterations:
+        replay_loss = replay.per_example_loss(train[list(round_.chosen_indices)]).mean()
+        anchor_loss = replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean()
+        g_r = torch.cat([g.flatten() for g in torch.autograd.grad(replay_loss, params, retain_graph=True)])
+        g_a = torch.cat([g.flatten() for g in torch.autograd.grad(anchor_loss, params, retain_graph=True)])
+        weight = 1 + max(0.0, -float(g_a @ g_r) / float(g_a @ g_a))
+        g = g_r + weight * g_a
+        with torch.no_grad():
+            logits = replay(val.tensors[0])
+            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
+            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
+        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
+        g_p = torch.cat([x.flatten() for x in torch.autograd.grad(
+            replay.per_example_loss(val[sample]).mean(), params)])
+        cosine = float(g @ g_p) / float(g.norm() * g_p.norm())
+        assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-6, abs=1e-9)
+        if cosine < 0:
+            projected += 1
+            g = g - float(g @ g_p) / float(g_p @ g_p) * g_p
+            assert float(g @ g_p) == pytest.approx(0.0, abs=1e-9 * float(g.norm() * g_p.norm()))
+        sgd.zero_grad()
+        offset = 0
+        for p in params:
+            p.grad = g[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        sgd.step()
+    assert projected >= 1
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-8, atol=1e-10)
+    baseline = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors",
+                        guard=val, guard_per_iteration=len(val), protect_per_step=5, iterations=1)
+    assert baseline.iterations[0].protect_cosines is None  # the baselines never use it

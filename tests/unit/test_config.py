@@ -53,6 +53,10 @@ def test_correction_config_validates_its_budget_and_selection():
     assert CorrectionConfig().project_replay is True
     with pytest.raises(ValueError, match="`project_replay` to be a bool"):
         CorrectionConfig(project_replay="yes")
+    assert CorrectionConfig().protect_per_step == 10
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="`protect_per_step` to be an int >= 0"):
+            CorrectionConfig(protect_per_step=bad)
 
 
 def test_a_solver_is_a_config_object_or_a_name_with_options():
