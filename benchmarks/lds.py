@@ -915,6 +915,10 @@ def choose_rule(results: dict[str, dict[str, Any]], recommended: Optional[str]) 
     for label in ("default", "cg_default_damping", "callback_default"):
         gaps[label] = {m: round(r["best_fixed"]["lds"] - r["rows"][label]["lds"], 4) for m, r in results.items()
                        if label in r["rows"]}
+    # the self-check's damping on the final weights alone: how near the best fixed damping the choice itself is
+    gaps["callback_default_final_only"] = {
+        m: round(r["best_fixed"]["lds"] - r["rows"]["callback_default"]["lds_final_only"], 4)
+        for m, r in results.items() if "lds_final_only" in r["rows"].get("callback_default", {})}
     chosen_on = [m for m in CHOOSE_ON if m in results]
     checked_on = [m for m in CHECK_ON if m in results]
     worst = {rule: max((gaps[rule][m] for m in chosen_on if m in gaps[rule]), default=float("nan")) for rule in RULES}
