@@ -49,6 +49,8 @@ RESULTS = Path(__file__).with_name("scale-results.json")
 CONFIGS = ("mlp:1000", "mlp:10000", "mlp:50000", "cnn:1000", "cnn:10000", "cnn:50000",
            "bert:1000", "bert:10000", "bert:50000")
 NUM_VAL = 512
+#: A file each timed stage appends ``key seconds peak_mib`` to when it ends (``SCALE_STAGE_LOG``; unset: none).
+STAGE_LOG = os.environ.get("SCALE_STAGE_LOG")
 SEQUENCE_LENGTH = 128
 
 
@@ -246,6 +248,9 @@ class Stages:
                 stages.peak_mib[key] = max(stages.peak_mib.get(key, 0.0), stages.read_peak() / 1024)
                 if stages.stack:
                     stages.stack[-1][2] += spent
+                if STAGE_LOG:  # a progress trail that outlives a child stopped at the wall-time limit
+                    with open(STAGE_LOG, "a") as log:
+                        log.write(f"{key} {spent:.3f} {stages.peak_mib[key]:.1f}\n")
 
         setattr(owner, name, property(timed) if prop else timed)
 
@@ -254,6 +259,7 @@ def instrument() -> Stages:
     """Time the analysis' stages (the explain pipeline, its damping and scale estimates, the stored Jacobian, the
     mislabel analysis, the training-signal recording, the report writing) in CPU seconds."""
     from lightning_influence.analysis import explain, mislabel, training_signals
+    from lightning_influence.callbacks import _damping_check as callback_damping_check
     from lightning_influence.callbacks import influence as influence_callback
     from lightning_influence.callbacks import mislabel as mislabel_callback
     from lightning_influence.core.curvature import training
@@ -268,6 +274,10 @@ def instrument() -> Stages:
     stages.wrap(explain, "_diagnose_safely", "trust")
     stages.wrap(explain, "_explained_points", "describe")
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
+    stages.wrap(InfluenceProblem, "residual", "residual")
+    stages.wrap(influence_callback, "run_damping_check", "self_check")
+    stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there
+    stages.wrap(callback_damping_check, "check_damping", "candidates")
     stages.wrap(LissaSolver, "scale", "scale", prop=True)
     stages.wrap(training, "build_output_jacobian", "stored_jacobian")
     stages.wrap(mislabel, "self_influence_shard", "self_influence")
@@ -416,8 +426,9 @@ def ekfac_cost(kind: str, net: nn.Module, train: Any, test: Any, workdir: Path) 
 
 
 # -- stage groups, the checks of issue #29, the plot ----------------------------------------------------------
-GROUPS = ("damping estimate", "stored Jacobian", "scale", "recursion", "scoring", "training signals",
-          "self-influence setup", "self-influence", "diagnostics", "report writing", "other")
+GROUPS = ("self-check retraining", "self-check solves", "damping estimate", "stored Jacobian", "scale", "recursion",
+          "residual verdict", "scoring", "training signals", "self-influence setup", "self-influence", "diagnostics",
+          "report writing", "other")
 
 
 def group_of(key: str) -> str:
@@ -427,6 +438,10 @@ def group_of(key: str) -> str:
     if top in ("mislabel_other", "self_influence"):  # the mislabel analysis: its own damping estimate and
         # Lanczos (fixed in N: a check subset, hvp_examples) and the pass over every example's gradient
         return "self-influence setup" if last in ("damping_estimate", "stored_jacobian", "lanczos") else "self-influence"
+    if top == "self_check":  # damping="self_check": the retrainings, then the candidates' solves and scoring
+        return "self-check retraining" if last == "retraining" else "self-check solves"
+    if last == "residual":
+        return "residual verdict"  # (C + damping I) x - v over the whole training set: grows with N
     if top == "trust":
         return "diagnostics"
     if last == "stored_jacobian":
@@ -451,6 +466,7 @@ def add_groups(row: dict[str, Any]) -> None:
     groups = row["groups"]
     row["shares"] = {k: round(v / row["analysis_seconds"], 3) for k, v in groups.items()}
     row["s_test_seconds"] = sum(groups.get(g, 0.0) for g in ("damping estimate", "stored Jacobian", "scale",
+                                                              "residual verdict",
                                                               "recursion"))
     row["scoring_seconds"] = groups["scoring"]
     row["analysis_over_epoch"] = row["analysis_seconds"] / row["epoch_seconds"]
@@ -485,7 +501,7 @@ def print_tables(payload: dict[str, Any]) -> None:
     print("| model | N | " + " | ".join(GROUPS) + " |")
     print("|" + "---|" * (len(GROUPS) + 2))
     for r in rows:
-        print(f"| {r['model']} | {r['n_train']:,} | " + " | ".join(num(r["shares"][g], 3) for g in GROUPS) + " |")
+        print(f"| {r['model']} | {r['n_train']:,} | " + " | ".join(num(r["shares"].get(g), 3) for g in GROUPS) + " |")
 
 
 def find(rows: list[dict[str, Any]], model: str, n: int) -> dict[str, Any] | None:
@@ -559,7 +575,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     big = [r for r in rows if r["n_train"] == max(x["n_train"] for x in rows)]
     bottom = [0.0] * len(big)
     for i, group in enumerate(GROUPS):
-        shares = [r["shares"][group] for r in big]
+        shares = [r["shares"].get(group, 0.0) for r in big]
         axes[2].bar([r["model"] for r in big], shares, bottom=bottom, label=group, color=plt.cm.tab20(i))
         bottom = [b + s for b, s in zip(bottom, shares)]
     axes[2].set_title(f"stage shares of the analysis at N = {big[0]['n_train']:,}")
@@ -625,13 +641,13 @@ def extrapolate(kind: str, n: int, rows: list[dict[str, Any]]) -> dict[str, Any]
             row[key] = last[key] + data_mib_per_example(kind) * (n - last["n_train"])
 
     def fixed(group: str) -> float:
-        return last["groups"][group] * (subset_growth if group in SUBSET_GROUPS else 1.0)
+        return last["groups"].get(group, 0.0) * (subset_growth if group in SUBSET_GROUPS else 1.0)
 
     row["groups"] = {g: fixed(g) if g in FIXED_GROUPS else
-                     max(linear_fit([{**r, g: r["groups"][g]} for r in same], g, n), 0.0) for g in GROUPS}
+                     max(linear_fit([{**r, g: r["groups"].get(g, 0.0)} for r in same], g, n), 0.0) for g in GROUPS}
     row["analysis_seconds"] = sum(row["groups"].values())
     row["analysis_seconds_fixed_as_measured"] = row["analysis_seconds"] - sum(
-        fixed(g) - last["groups"][g] for g in SUBSET_GROUPS)
+        fixed(g) - last["groups"].get(g, 0.0) for g in SUBSET_GROUPS)
     row["stages"] = {}
     add_groups(row)
     return row
