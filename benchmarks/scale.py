@@ -51,6 +51,16 @@ CONFIGS = ("mlp:1000", "mlp:10000", "mlp:50000", "cnn:1000", "cnn:10000", "cnn:5
 NUM_VAL = 512
 #: A file each timed stage appends ``key seconds peak_mib`` to when it ends (``SCALE_STAGE_LOG``; unset: none).
 STAGE_LOG = os.environ.get("SCALE_STAGE_LOG")
+#: CPU seconds of analysis after which a child stops at the next timed stage and records what it measured so far
+#: (``--stop-after``; the row is then ``"partial": true``, its analysis time a lower bound).
+STOP_AFTER = float(os.environ.get("SCALE_STOP_AFTER") or 0.0)
+#: The callbacks' ``damping`` when ``--damping`` overrides their default (a deviation, recorded in the row).
+DAMPING = os.environ.get("SCALE_DAMPING")
+
+
+class StopAnalysis(BaseException):
+    """Raised at a timed stage once the analysis has used ``STOP_AFTER`` CPU seconds (not an ``Exception``: no
+    ``except Exception`` in the callbacks turns it into a warning)."""
 SEQUENCE_LENGTH = 128
 
 
@@ -221,6 +231,7 @@ class Stages:
         self.peak_mib: dict[str, float] = {}
         self.highest_kib = 0
         self.stack: list[list[Any]] = []
+        self.analysis_start: float | None = None
 
     def read_peak(self) -> int:
         """The high-water mark since the last reading (then reset), folded into ``highest_kib``."""
@@ -235,6 +246,8 @@ class Stages:
         stages = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if STOP_AFTER and stages.analysis_start is not None and clock() - stages.analysis_start > STOP_AFTER:
+                raise StopAnalysis(stage)
             frame = [stage, clock(), 0.0]
             stages.stack.append(frame)
             try:
@@ -325,6 +338,7 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                 reset_peak()
                 stages.highest_kib = 0
                 marks["analysis_start"] = clock()
+                stages.analysis_start = marks["analysis_start"]
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
             if not self.first:
@@ -332,10 +346,12 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                 marks["analysis_cuda_mib"] = cuda_peak_mib(reset=True)
                 marks["analysis_hwm_kib"] = max(stages.read_peak(), stages.highest_kib)
 
-    solver = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    solver: dict[str, Any] = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    if DAMPING:
+        solver["damping"] = DAMPING if DAMPING in ("auto", "self_check") else float(DAMPING)
     callbacks = [Marks(True), InfluenceCallback(verbose=False, strict=True, **solver),
                  MislabelCallback(candidates=32, rank=16, signals_outputs_fn=signals_outputs, verbose=False,
-                                 strict=True),
+                                 strict=True),  # its own default damping: "auto"
                  Marks(False)]
     logger = TensorBoardLogger(str(workdir), name="run")
     trainer = pl.Trainer(max_epochs=1, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, logger=logger,
@@ -343,7 +359,20 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                          enable_model_summary=False)
     reset_peak()
     marks["base_rss_kib"] = status_kib("VmRSS")
-    trainer.fit(model, *loaders)
+    try:
+        trainer.fit(model, *loaders)
+    except StopAnalysis as stop:
+        return {"model": kind, "n_train": n, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "batch_size": batch, "measured": False, "partial": True, "device": DEVICE,
+                "damping_setting": DAMPING or "default", "lissa_depth": lissa_depth or LissaConfig().depth,
+                "note": f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}:"
+                        " analysis_seconds is a lower bound",
+                "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
+                "analysis_seconds": clock() - marks["analysis_start"],
+                "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
+                "stage_peak_rss_mib": {k: round(v, 1) for k, v in sorted(stages.peak_mib.items())},
+                "base_rss_mib": marks["base_rss_kib"] / 1024, "train_peak_rss_mib": marks["train_hwm_kib"] / 1024,
+                "analysis_peak_rss_mib": max(stages.read_peak(), stages.highest_kib) / 1024}
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     influence_dir = Path(logger.log_dir) / "influence"
     files = {f.name: f.stat().st_size for f in sorted(influence_dir.iterdir()) if f.is_file()}
@@ -351,7 +380,7 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
     row: dict[str, Any] = {
         "model": kind, "n_train": n, "params": params, "batch_size": batch, "measured": True, "device": DEVICE,
         "train_cuda_peak_mib": marks.get("train_cuda_mib"), "analysis_cuda_peak_mib": marks.get("analysis_cuda_mib"),
-        "lissa_depth": lissa_depth or LissaConfig().depth,
+        "lissa_depth": lissa_depth or LissaConfig().depth, "damping_setting": DAMPING or "default",
         "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
         "analysis_seconds": marks["analysis_end"] - marks["analysis_start"],
         "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
@@ -457,7 +486,7 @@ def add_groups(row: dict[str, Any]) -> None:
     """The stage groups (from the stage keys of a measured run; kept for an extrapolated one) and the ratios."""
     if "analysis_seconds" not in row:
         return  # a configuration that was stopped with nothing to extrapolate from
-    if row["measured"]:
+    if row["measured"] or row.get("partial"):
         groups = dict.fromkeys(GROUPS, 0.0)
         for key, seconds in row["stages"].items():
             groups[group_of(key)] += seconds
@@ -702,6 +731,10 @@ def main() -> None:  # long: argument parsing and the three modes
                         " the allocator's peaks beside the resident ones); not yet run on a GPU")
     parser.add_argument("--merge", help="results files (comma-separated) whose rows replace those of the same model"
                         " and N in --json (runs made apart, e.g. with another --lissa-depth); then the checks")
+    parser.add_argument("--stop-after", type=float, help="stop a child's analysis after this many CPU seconds (at"
+                        " the next timed stage) and record it as partial: its analysis time a lower bound")
+    parser.add_argument("--damping", help="the callbacks' damping instead of their default (a deviation, recorded in"
+                        " each row as damping_setting): a number, 'auto' or 'self_check'")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -709,6 +742,10 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--lissa-depth", type=int, help="cap LiSSA's depth (a deviation from the defaults,"
                         " recorded in each row): the fewest steps the default stops at is its first residual check")
     args = parser.parse_args()
+    if args.stop_after:  # the children read these at import
+        os.environ["SCALE_STOP_AFTER"] = str(args.stop_after)
+    if args.damping:
+        os.environ["SCALE_DAMPING"] = args.damping
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -759,9 +796,9 @@ def main() -> None:  # long: argument parsing and the three modes
             row["note"] = f"not run: estimated {estimate:.0f} CPU s over the {args.limit:.0f} s limit"
         else:
             row = run_child(config, not args.no_ekfac, args.limit, args.lissa_depth, args.device) or {}
-            if not row.get("measured"):
+            if not row.get("measured") and not row.get("partial"):
                 row = {**extrapolate(kind, int(n), rows + previous), **row}
-        if row["measured"]:
+        if row["measured"] or row.get("partial"):
             add_groups(row)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)
