@@ -288,6 +288,7 @@ def instrument() -> Stages:
     stages.wrap(explain, "_explained_points", "describe")
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
     stages.wrap(InfluenceProblem, "residual", "residual")
+    stages.wrap(InfluenceProblem, "damped_hvp", "whole_set_product")  # CG's products: a pass over every example
     stages.wrap(influence_callback, "run_damping_check", "self_check")
     stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there
     stages.wrap(callback_damping_check, "check_damping", "candidates")
@@ -469,6 +470,8 @@ def group_of(key: str) -> str:
         return "self-influence setup" if last in ("damping_estimate", "stored_jacobian", "lanczos") else "self-influence"
     if top == "self_check":  # damping="self_check": the retrainings, then the candidates' solves and scoring
         return "self-check retraining" if last == "retraining" else "self-check solves"
+    if last == "whole_set_product":
+        return "recursion"  # a CG finish's products over every example: part of the solve
     if last == "residual":
         return "residual verdict"  # (C + damping I) x - v over the whole training set: grows with N
     if top == "trust":
