@@ -10,7 +10,9 @@ process each (process CPU seconds, one thread; the resident high-water mark abov
   verdict over the whole set (``InfluenceProblem.residual``);
 * ``grads_before``: per-example gradients as the self-influence pass took them before the memory budget
   (64 examples a chunk, ``2**26 // P``; a dict of per-parameter blocks, then a flattened copy);
-* ``grads_after``: as now (``per_example_chunk``: 16 examples of a 1M-parameter model; one ``[B, P]`` buffer).
+* ``grads_after``: as now (``per_example_chunk``: 16 examples of a 1M-parameter model; one ``[B, P]`` buffer);
+* ``kfac_before`` / ``kfac_after``: the K-FAC preconditioner's statistics of one batch of 128 (the self-check's
+  CG builds it), the batch whole as before or in pieces of ``FACTOR_PIECE`` examples as now.
 
 Usage::
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).with_name("scale-units-results.json")
-MEASURES = ("train", "gn_product", "grads_before", "grads_after")
+MEASURES = ("train", "gn_product", "grads_before", "grads_after", "kfac_before", "kfac_after")
 BATCH = 128
 VECTORS = 8
 
@@ -85,7 +87,18 @@ def measure(what: str) -> dict[str, Any]:  # long: one measurement per branch, s
     else:
         net.eval()
         loss = FunctionalLoss(net, loss_fn, torch.float32)
-        if what == "gn_product":
+        if what.startswith("kfac"):
+            from lightning_influence.core.curvature import preconditioner
+
+            if what == "kfac_before":
+                preconditioner.FACTOR_PIECE = 10**9
+
+            def step(size: int) -> None:
+                with torch.enable_grad():
+                    preconditioner.build_preconditioner("kfac", loss, params, [(x[:size], y[:size])])
+            examples = BATCH
+            repeats = 1
+        elif what == "gn_product":
             product = make_curvature("gauss_newton").product(loss, params, "double_backward")
             vectors = torch.randn(VECTORS, p, generator=generator)
 
@@ -136,6 +149,10 @@ def main() -> None:
         "grads_extra_peak_before_over_training_step": rows["grads_before"]["extra_peak_mib"]
         / rows["train"]["extra_peak_mib"],
         "grads_extra_peak_after_over_training_step": rows["grads_after"]["extra_peak_mib"]
+        / rows["train"]["extra_peak_mib"],
+        "kfac_extra_peak_before_over_training_step": rows["kfac_before"]["extra_peak_mib"]
+        / rows["train"]["extra_peak_mib"],
+        "kfac_extra_peak_after_over_training_step": rows["kfac_after"]["extra_peak_mib"]
         / rows["train"]["extra_peak_mib"],
     }
     import torch
