@@ -49,6 +49,18 @@ RESULTS = Path(__file__).with_name("scale-results.json")
 CONFIGS = ("mlp:1000", "mlp:10000", "mlp:50000", "cnn:1000", "cnn:10000", "cnn:50000",
            "bert:1000", "bert:10000", "bert:50000")
 NUM_VAL = 512
+#: A file each timed stage appends ``key seconds peak_mib`` to when it ends (``SCALE_STAGE_LOG``; unset: none).
+STAGE_LOG = os.environ.get("SCALE_STAGE_LOG")
+#: CPU seconds of analysis after which a child stops at the next timed stage and records what it measured so far
+#: (``--stop-after``; the row is then ``"partial": true``, its analysis time a lower bound).
+STOP_AFTER = float(os.environ.get("SCALE_STOP_AFTER") or 0.0)
+#: The callbacks' ``damping`` when ``--damping`` overrides their default (a deviation, recorded in the row).
+DAMPING = os.environ.get("SCALE_DAMPING")
+
+
+class StopAnalysis(BaseException):
+    """Raised at a timed stage once the analysis has used ``STOP_AFTER`` CPU seconds (not an ``Exception``: no
+    ``except Exception`` in the callbacks turns it into a warning)."""
 SEQUENCE_LENGTH = 128
 
 
@@ -219,6 +231,7 @@ class Stages:
         self.peak_mib: dict[str, float] = {}
         self.highest_kib = 0
         self.stack: list[list[Any]] = []
+        self.analysis_start: float | None = None
 
     def read_peak(self) -> int:
         """The high-water mark since the last reading (then reset), folded into ``highest_kib``."""
@@ -233,6 +246,8 @@ class Stages:
         stages = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if STOP_AFTER and stages.analysis_start is not None and clock() - stages.analysis_start > STOP_AFTER:
+                raise StopAnalysis(stage)
             frame = [stage, clock(), 0.0]
             stages.stack.append(frame)
             try:
@@ -246,6 +261,9 @@ class Stages:
                 stages.peak_mib[key] = max(stages.peak_mib.get(key, 0.0), stages.read_peak() / 1024)
                 if stages.stack:
                     stages.stack[-1][2] += spent
+                if STAGE_LOG:  # a progress trail that outlives a child stopped at the wall-time limit
+                    with open(STAGE_LOG, "a") as log:
+                        log.write(f"{key} {spent:.3f} {stages.peak_mib[key]:.1f}\n")
 
         setattr(owner, name, property(timed) if prop else timed)
 
@@ -254,6 +272,7 @@ def instrument() -> Stages:
     """Time the analysis' stages (the explain pipeline, its damping and scale estimates, the stored Jacobian, the
     mislabel analysis, the training-signal recording, the report writing) in CPU seconds."""
     from lightning_influence.analysis import explain, mislabel, training_signals
+    from lightning_influence.callbacks import _damping_check as callback_damping_check
     from lightning_influence.callbacks import influence as influence_callback
     from lightning_influence.callbacks import mislabel as mislabel_callback
     from lightning_influence.core.curvature import training
@@ -268,6 +287,11 @@ def instrument() -> Stages:
     stages.wrap(explain, "_diagnose_safely", "trust")
     stages.wrap(explain, "_explained_points", "describe")
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
+    stages.wrap(InfluenceProblem, "residual", "residual")
+    stages.wrap(InfluenceProblem, "damped_hvp", "whole_set_product")  # CG's products: a pass over every example
+    stages.wrap(influence_callback, "run_damping_check", "self_check")
+    stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there
+    stages.wrap(callback_damping_check, "check_damping", "candidates")
     stages.wrap(LissaSolver, "scale", "scale", prop=True)
     stages.wrap(training, "build_output_jacobian", "stored_jacobian")
     stages.wrap(mislabel, "self_influence_shard", "self_influence")
@@ -315,6 +339,7 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                 reset_peak()
                 stages.highest_kib = 0
                 marks["analysis_start"] = clock()
+                stages.analysis_start = marks["analysis_start"]
 
         def on_train_end(self, trainer: Any, module: Any) -> None:
             if not self.first:
@@ -322,10 +347,12 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                 marks["analysis_cuda_mib"] = cuda_peak_mib(reset=True)
                 marks["analysis_hwm_kib"] = max(stages.read_peak(), stages.highest_kib)
 
-    solver = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    solver: dict[str, Any] = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    if DAMPING:
+        solver["damping"] = DAMPING if DAMPING in ("auto", "self_check") else float(DAMPING)
     callbacks = [Marks(True), InfluenceCallback(verbose=False, strict=True, **solver),
                  MislabelCallback(candidates=32, rank=16, signals_outputs_fn=signals_outputs, verbose=False,
-                                 strict=True),
+                                 strict=True),  # its own default damping: "auto"
                  Marks(False)]
     logger = TensorBoardLogger(str(workdir), name="run")
     trainer = pl.Trainer(max_epochs=1, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, logger=logger,
@@ -333,7 +360,20 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                          enable_model_summary=False)
     reset_peak()
     marks["base_rss_kib"] = status_kib("VmRSS")
-    trainer.fit(model, *loaders)
+    try:
+        trainer.fit(model, *loaders)
+    except StopAnalysis as stop:
+        return {"model": kind, "n_train": n, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "batch_size": batch, "measured": False, "partial": True, "device": DEVICE,
+                "damping_setting": DAMPING or "default", "lissa_depth": lissa_depth or LissaConfig().depth,
+                "note": f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}:"
+                        " analysis_seconds is a lower bound",
+                "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
+                "analysis_seconds": clock() - marks["analysis_start"],
+                "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
+                "stage_peak_rss_mib": {k: round(v, 1) for k, v in sorted(stages.peak_mib.items())},
+                "base_rss_mib": marks["base_rss_kib"] / 1024, "train_peak_rss_mib": marks["train_hwm_kib"] / 1024,
+                "analysis_peak_rss_mib": max(stages.read_peak(), stages.highest_kib) / 1024}
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     influence_dir = Path(logger.log_dir) / "influence"
     files = {f.name: f.stat().st_size for f in sorted(influence_dir.iterdir()) if f.is_file()}
@@ -341,7 +381,7 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
     row: dict[str, Any] = {
         "model": kind, "n_train": n, "params": params, "batch_size": batch, "measured": True, "device": DEVICE,
         "train_cuda_peak_mib": marks.get("train_cuda_mib"), "analysis_cuda_peak_mib": marks.get("analysis_cuda_mib"),
-        "lissa_depth": lissa_depth or LissaConfig().depth,
+        "lissa_depth": lissa_depth or LissaConfig().depth, "damping_setting": DAMPING or "default",
         "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
         "analysis_seconds": marks["analysis_end"] - marks["analysis_start"],
         "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
@@ -416,8 +456,9 @@ def ekfac_cost(kind: str, net: nn.Module, train: Any, test: Any, workdir: Path) 
 
 
 # -- stage groups, the checks of issue #29, the plot ----------------------------------------------------------
-GROUPS = ("damping estimate", "stored Jacobian", "scale", "recursion", "scoring", "training signals",
-          "self-influence setup", "self-influence", "diagnostics", "report writing", "other")
+GROUPS = ("self-check retraining", "self-check solves", "damping estimate", "stored Jacobian", "scale", "recursion",
+          "residual verdict", "scoring", "training signals", "self-influence setup", "self-influence", "diagnostics",
+          "report writing", "other")
 
 
 def group_of(key: str) -> str:
@@ -427,6 +468,12 @@ def group_of(key: str) -> str:
     if top in ("mislabel_other", "self_influence"):  # the mislabel analysis: its own damping estimate and
         # Lanczos (fixed in N: a check subset, hvp_examples) and the pass over every example's gradient
         return "self-influence setup" if last in ("damping_estimate", "stored_jacobian", "lanczos") else "self-influence"
+    if top == "self_check":  # damping="self_check": the retrainings, then the candidates' solves and scoring
+        return "self-check retraining" if last == "retraining" else "self-check solves"
+    if last == "whole_set_product":
+        return "recursion"  # a CG finish's products over every example: part of the solve
+    if last == "residual":
+        return "residual verdict"  # (C + damping I) x - v over the whole training set: grows with N
     if top == "trust":
         return "diagnostics"
     if last == "stored_jacobian":
@@ -442,7 +489,7 @@ def add_groups(row: dict[str, Any]) -> None:
     """The stage groups (from the stage keys of a measured run; kept for an extrapolated one) and the ratios."""
     if "analysis_seconds" not in row:
         return  # a configuration that was stopped with nothing to extrapolate from
-    if row["measured"]:
+    if row["measured"] or row.get("partial"):
         groups = dict.fromkeys(GROUPS, 0.0)
         for key, seconds in row["stages"].items():
             groups[group_of(key)] += seconds
@@ -451,6 +498,7 @@ def add_groups(row: dict[str, Any]) -> None:
     groups = row["groups"]
     row["shares"] = {k: round(v / row["analysis_seconds"], 3) for k, v in groups.items()}
     row["s_test_seconds"] = sum(groups.get(g, 0.0) for g in ("damping estimate", "stored Jacobian", "scale",
+                                                              "residual verdict",
                                                               "recursion"))
     row["scoring_seconds"] = groups["scoring"]
     row["analysis_over_epoch"] = row["analysis_seconds"] / row["epoch_seconds"]
@@ -485,7 +533,7 @@ def print_tables(payload: dict[str, Any]) -> None:
     print("| model | N | " + " | ".join(GROUPS) + " |")
     print("|" + "---|" * (len(GROUPS) + 2))
     for r in rows:
-        print(f"| {r['model']} | {r['n_train']:,} | " + " | ".join(num(r["shares"][g], 3) for g in GROUPS) + " |")
+        print(f"| {r['model']} | {r['n_train']:,} | " + " | ".join(num(r["shares"].get(g), 3) for g in GROUPS) + " |")
 
 
 def find(rows: list[dict[str, Any]], model: str, n: int) -> dict[str, Any] | None:
@@ -559,7 +607,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     big = [r for r in rows if r["n_train"] == max(x["n_train"] for x in rows)]
     bottom = [0.0] * len(big)
     for i, group in enumerate(GROUPS):
-        shares = [r["shares"][group] for r in big]
+        shares = [r["shares"].get(group, 0.0) for r in big]
         axes[2].bar([r["model"] for r in big], shares, bottom=bottom, label=group, color=plt.cm.tab20(i))
         bottom = [b + s for b, s in zip(bottom, shares)]
     axes[2].set_title(f"stage shares of the analysis at N = {big[0]['n_train']:,}")
@@ -625,13 +673,13 @@ def extrapolate(kind: str, n: int, rows: list[dict[str, Any]]) -> dict[str, Any]
             row[key] = last[key] + data_mib_per_example(kind) * (n - last["n_train"])
 
     def fixed(group: str) -> float:
-        return last["groups"][group] * (subset_growth if group in SUBSET_GROUPS else 1.0)
+        return last["groups"].get(group, 0.0) * (subset_growth if group in SUBSET_GROUPS else 1.0)
 
     row["groups"] = {g: fixed(g) if g in FIXED_GROUPS else
-                     max(linear_fit([{**r, g: r["groups"][g]} for r in same], g, n), 0.0) for g in GROUPS}
+                     max(linear_fit([{**r, g: r["groups"].get(g, 0.0)} for r in same], g, n), 0.0) for g in GROUPS}
     row["analysis_seconds"] = sum(row["groups"].values())
     row["analysis_seconds_fixed_as_measured"] = row["analysis_seconds"] - sum(
-        fixed(g) - last["groups"][g] for g in SUBSET_GROUPS)
+        fixed(g) - last["groups"].get(g, 0.0) for g in SUBSET_GROUPS)
     row["stages"] = {}
     add_groups(row)
     return row
@@ -686,6 +734,10 @@ def main() -> None:  # long: argument parsing and the three modes
                         " the allocator's peaks beside the resident ones); not yet run on a GPU")
     parser.add_argument("--merge", help="results files (comma-separated) whose rows replace those of the same model"
                         " and N in --json (runs made apart, e.g. with another --lissa-depth); then the checks")
+    parser.add_argument("--stop-after", type=float, help="stop a child's analysis after this many CPU seconds (at"
+                        " the next timed stage) and record it as partial: its analysis time a lower bound")
+    parser.add_argument("--damping", help="the callbacks' damping instead of their default (a deviation, recorded in"
+                        " each row as damping_setting): a number, 'auto' or 'self_check'")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -693,6 +745,10 @@ def main() -> None:  # long: argument parsing and the three modes
     parser.add_argument("--lissa-depth", type=int, help="cap LiSSA's depth (a deviation from the defaults,"
                         " recorded in each row): the fewest steps the default stops at is its first residual check")
     args = parser.parse_args()
+    if args.stop_after:  # the children read these at import
+        os.environ["SCALE_STOP_AFTER"] = str(args.stop_after)
+    if args.damping:
+        os.environ["SCALE_DAMPING"] = args.damping
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -743,9 +799,9 @@ def main() -> None:  # long: argument parsing and the three modes
             row["note"] = f"not run: estimated {estimate:.0f} CPU s over the {args.limit:.0f} s limit"
         else:
             row = run_child(config, not args.no_ekfac, args.limit, args.lissa_depth, args.device) or {}
-            if not row.get("measured"):
+            if not row.get("measured") and not row.get("partial"):
                 row = {**extrapolate(kind, int(n), rows + previous), **row}
-        if row["measured"]:
+        if row["measured"] or row.get("partial"):
             add_groups(row)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "stages"}), flush=True)

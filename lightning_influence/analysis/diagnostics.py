@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
 from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.memory import per_example_chunk
 from lightning_influence.core.tensors.params import flatten
 from lightning_influence.results import PointTrust, SolveInfo, TopInfluences, TrustReport, TrustWarning
 
@@ -66,12 +66,22 @@ def repeat_agreement(
     union = torch.cat(rows).unique()
     if union.numel() == 0:
         return [(None, None)] * len(rows)
-    gradients = problem.gradients(train.fetch(union.tolist()))
-    position = {int(index): row for row, index in enumerate(union.tolist())}
+    # the union's scores under both halves, its per-example gradients in chunks within the memory budget (the
+    # union of 8 points' top lists is up to a few hundred examples: 1 GiB of gradients of a 1M-parameter model)
+    listed = union.tolist()
+    chunk = per_example_chunk(problem.num_params, len(listed), problem.device)
+    halves = torch.cat([half_a, half_b])
+    blocks = []
+    for start in range(0, len(listed), chunk):
+        g = problem.gradients(train.fetch(listed[start : start + chunk]))
+        blocks.append(-(halves.to(g) @ g.T))
+    scores = torch.cat(blocks, dim=1)  # [2 k, |union|]
+    k = half_a.shape[0]
+    position = {int(index): row for row, index in enumerate(listed)}
     result = []
     for r, indices in enumerate(rows):
-        g = gradients[[position[int(i)] for i in indices.tolist()]]
-        result.append(correlations(-(g @ half_a[r].to(g)), -(g @ half_b[r].to(g))))
+        columns = [position[int(i)] for i in indices.tolist()]
+        result.append(correlations(scores[r, columns], scores[k + r, columns]))
     return result
 
 
@@ -85,7 +95,7 @@ def gradient_ratio(
     variance ``(mean_i ||g_i||^2 - ||mean_i g_i||^2) / m * (1 - m / n)``, so a model at a minimum reads about 0
     whatever m (exactly 0 when the subset is the whole training set).
     """
-    chunk = max(1, min(train.batch_size, PER_EXAMPLE_BUDGET // max(problem.num_params, 1)))
+    chunk = per_example_chunk(problem.num_params, train.batch_size, problem.device)
     total, squares = None, 0.0
     for start in range(0, len(subset), chunk):
         g = problem.gradients(train.fetch(subset[start : start + chunk])).double()

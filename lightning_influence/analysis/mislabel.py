@@ -26,9 +26,9 @@ from lightning_influence.config import (
 )
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
-from lightning_influence.core.scoring import PER_EXAMPLE_BUDGET
 from lightning_influence.core.tensors.batching import describe_batch, keeps_input, prepare_batch, row_value, thumbnail
 from lightning_influence.core.tensors.data import IndexedData
+from lightning_influence.core.tensors.memory import per_example_chunk
 from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.distributed.collectives import Collectives, SingleProcess
 from lightning_influence.distributed.sharding import shard
@@ -39,12 +39,12 @@ def self_influence_shard(
     problem: InfluenceProblem, train: IndexedData, indices: list[int], on_scored: Callable[[int], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(indices, self-influence, training loss)`` for the examples ``indices`` of ``train``, in chunks whose
-    per-example gradients stay within :data:`~lightning_influence.core.scoring.PER_EXAMPLE_BUDGET` numbers (a
-    chunk of 256 examples of a 1M-parameter model would otherwise hold 1 GB of gradients)."""
+    per-example gradients stay within :func:`~lightning_influence.core.tensors.memory.per_example_chunk`'s budget
+    (a chunk of 256 examples of a 1M-parameter model would otherwise hold 1 GB of gradients)."""
     if not problem.solver.factorised:
         raise ValueError("Expected a factorised solver ('lowrank' or 'exact') for self-influence of every example.")
     kept_indices, scores, losses = [], [], []
-    chunk = max(1, min(train.batch_size, PER_EXAMPLE_BUDGET // max(problem.num_params, 1)))
+    chunk = per_example_chunk(problem.num_params, train.batch_size, problem.device)
     for batch_indices, batch in replace(train, batch_size=chunk).batches_with_indices(indices):
         batch = prepare_batch(batch, problem.device)
         grads = problem.gradients(batch)

@@ -24,7 +24,7 @@ cached per model while its weights do not change (parameter version counters), i
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,7 +35,7 @@ from lightning_influence.config import PRECONDITIONERS
 from lightning_influence.core.curvature.products import BatchProduct, split_forward, split_module
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.per_example.rules import ConvRule
-from lightning_influence.core.tensors.batching import Batch, batch_size_of
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
 from lightning_influence.core.tensors.params import Params
 
 #: Per-example model outputs up to this size use the exact square root of the output Hessian (one backward per
@@ -289,6 +289,22 @@ def _diagonal(product: Optional[BatchProduct], params: Params, batches: list[Bat
     return torch.where(mask, estimate.clamp_min(0), diagonal)
 
 
+#: Most examples whose layer inputs and output-gradient columns one statistics pass holds at once: a batch is
+#: taken in pieces of this size (the sums are the same). Each example holds M columns (its outputs) of every
+#: layer's output gradients, in float64 while summed: the self-check's peak on ``benchmarks/scale.py``'s
+#: 1.0M-parameter CNN (ten outputs, batches of 128) fell in this build.
+FACTOR_PIECE = 32
+
+
+def _pieces(batch: Batch) -> Iterator[Batch]:
+    size = batch_size_of(batch)
+    if size <= FACTOR_PIECE:
+        yield batch
+        return
+    for start in range(0, size, FACTOR_PIECE):
+        yield slice_batch(batch, start, min(start + FACTOR_PIECE, size))
+
+
 def build_preconditioner(  # long: two data passes, each followed by its reduce, and the eigendecompositions
     kind: str, loss: FunctionalLoss, params: Params, batches: Iterable[Batch], *,
     product: Optional[BatchProduct] = None, reduce: Optional[Reduce] = None, shard: tuple[int, int] = (0, 1),
@@ -315,7 +331,8 @@ def build_preconditioner(  # long: two data passes, each followed by its reduce,
         start += p.numel()
     examples = 0
     for batch in mine:
-        _accumulate_factors(_captured(loss, params, batch, layers))
+        for piece in _pieces(batch):
+            _accumulate_factors(_captured(loss, params, piece, layers))
         examples += batch_size_of(batch)
     _init_sums(params, layers, ("a_sum", "s_sum"))
     examples = int(round(_unpack(reduce(_pack(layers, ("a_sum", "s_sum"), examples)), layers, ("a_sum", "s_sum"))))
@@ -331,7 +348,8 @@ def build_preconditioner(  # long: two data passes, each followed by its reduce,
         layer.a_sum = layer.s_sum = None
     if kind == "ekfac" and layers:
         for batch in mine:
-            _accumulate_corrections(_captured(loss, params, batch, layers))
+            for piece in _pieces(batch):
+                _accumulate_corrections(_captured(loss, params, piece, layers))
         _init_sums(params, layers, ("corrected",))
         _unpack(reduce(_pack(layers, ("corrected",), 0.0)), layers, ("corrected",))
         for layer in layers:

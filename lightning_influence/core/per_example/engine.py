@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_finite_losses
 from lightning_influence.core.per_example.rules import LayerRule, rule_for
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
-from lightning_influence.core.tensors.params import Params, flatten, unflatten
+from lightning_influence.core.tensors.params import Params, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
 HOOK_CHECK_TOLERANCE = 1e-3
@@ -295,8 +295,27 @@ class PerExampleEngine:
         return {n: grads[n] if n in grads else self.params[n].new_zeros(size, *self.params[n].shape) for n in self.params}
 
     def grads(self, batch: Batch) -> torch.Tensor:
-        """``[B, P]`` per-example gradients, flattened in the order of ``params``."""
-        return flatten(self.grad_dict(batch), batch_dims=1)
+        """``[B, P]`` per-example gradients, flattened in the order of ``params``: each layer's block is written into
+        the one ``[B, P]`` result as it comes (no dict of blocks beside a flattened copy: one ``B x P``, not two)."""
+        with autocast_off(self.params):
+            if not self._checked:
+                self.check(batch)
+            size = batch_size_of(batch)
+            like = next(iter(self.params.values()))
+            out = like.new_zeros(size, sum(p.numel() for p in self.params.values()))
+            views, offset = {}, 0
+            for name, p in self.params.items():  # [B, *shape] views into out (view: never a silent copy)
+                views[name] = out[:, offset : offset + p.numel()].view(size, *p.shape)
+                offset += p.numel()
+            if self._slots:
+                for slot, feature, g in self._capture(batch):
+                    for local, grad in slot.rule.grads(slot.module, feature, g, set(slot.names)).items():
+                        views[slot.names[local]].add_(grad)
+                    del feature, g
+            if self.generic:
+                for name, grad in self._generic_loop(batch, self.generic).items():
+                    views[name].copy_(grad)
+            return out
 
     def dot(self, batch: Batch, s_vectors: torch.Tensor) -> torch.Tensor:
         """``[k, B]`` of ``s_j . grad L(z_i)`` for the rows ``s_j`` of ``s_vectors [k, P]``."""

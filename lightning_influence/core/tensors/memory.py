@@ -59,3 +59,25 @@ def _cgroup_headroom() -> int | None:
     if not limit.isdigit():  # "max": no limit
         return None
     return max(int(limit) - usage, 0)
+
+
+#: Most bytes of per-example gradients (``chunk x P`` numbers) held at once, whatever the machine: 64 MiB. On a
+#: 1M-parameter model that is 16 examples a chunk; the budget also stays under a sixteenth of the free memory.
+PER_EXAMPLE_BYTES = 64 * 2**20
+
+
+def per_example_chunk(num_params: int, requested: int, device: torch.device | str = "cpu", element_size: int = 4,
+                      budget_bytes: int | None = None) -> int:
+    """Examples whose per-example gradients (``chunk x num_params`` numbers of ``element_size`` bytes) fit the
+    budget: ``budget_bytes`` (default :data:`PER_EXAMPLE_BYTES`, lowered to a sixteenth of the device's free
+    memory), at least one example and at most ``requested``.
+
+    Example:
+        >>> per_example_chunk(1_000_000, 256, budget_bytes=64 * 2**20)
+        16
+    """
+    budget = PER_EXAMPLE_BYTES if budget_bytes is None else int(budget_bytes)
+    if budget_bytes is None:
+        budget = min(budget, free_memory_bytes(device) // 16)
+    per_example = max(int(num_params), 1) * max(int(element_size), 1)
+    return max(1, min(int(requested), budget // per_example))

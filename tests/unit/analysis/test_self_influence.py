@@ -71,7 +71,7 @@ def test_sharded_self_influence_covers_every_example_once(noisy_logistic):
 
 
 def test_self_influence_chunks_keep_per_example_gradients_within_the_budget(noisy_logistic, monkeypatch):
-    from lightning_influence.analysis import mislabel
+    from lightning_influence.core.tensors import memory
 
     model, x, y, _ = noisy_logistic
     data = IndexedData(TensorDataset(x[:50], y[:50]), batch_size=32)
@@ -85,7 +85,7 @@ def test_self_influence_chunks_keep_per_example_gradients_within_the_budget(nois
 
     with li.core.tensors.modes.analysis_mode(model):
         _, whole, _ = self_influence_shard(problem, data, list(range(50)))  # 650 parameters: batches of 32
-        monkeypatch.setattr(mislabel, "PER_EXAMPLE_BUDGET", 7 * problem.num_params)
+        monkeypatch.setattr(memory, "PER_EXAMPLE_BYTES", 7 * problem.num_params * 4)  # float32
         monkeypatch.setattr(problem, "gradients", recorded)
         indices, chunked, _ = self_influence_shard(problem, data, list(range(50)))
     assert max(sizes) == 7 and sum(sizes) == 50  # 7 examples x P numbers at a time, every example once

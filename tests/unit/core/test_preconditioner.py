@@ -203,3 +203,30 @@ def test_distributed_solve_builds_the_preconditioner_from_shards_and_matches_one
     run_ranks(2, run)
     for got in results:
         assert got is not None and torch.allclose(got, expected, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_statistics_in_pieces_equal_whole_batches(kind, monkeypatch):
+    """A batch is taken in pieces of ``FACTOR_PIECE`` examples to bound the build's memory; the sums are the same."""
+    from lightning_influence.core.curvature import preconditioner
+
+    torch.manual_seed(0)
+    model = SmallCNN().double()
+    x, y = digits(torch.float64)
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 80, 40)]
+    problem = InfluenceProblem(model, cross_entropy_per_example, loader(x[:80], y[:80], 40), 0.1, CGConfig())
+    vectors = torch.randn(3, problem.num_params, dtype=torch.float64)
+    seen: list[int] = []
+    captured = preconditioner._captured
+
+    def recorded(loss, params, batch, layers):
+        seen.append(len(batch[1]))
+        return captured(loss, params, batch, layers)
+
+    with analysis_mode(model):
+        whole = build_preconditioner(kind, problem.loss, problem.params, batches).apply(vectors, 0.1)
+        monkeypatch.setattr(preconditioner, "FACTOR_PIECE", 7)
+        monkeypatch.setattr(preconditioner, "_captured", recorded)
+        pieces = build_preconditioner(kind, problem.loss, problem.params, batches).apply(vectors, 0.1)
+    assert max(seen) == 7 and sum(seen) == 80 * (2 if kind == "ekfac" else 1)  # every example, 7 at a time
+    assert torch.allclose(pieces, whole, rtol=1e-9, atol=1e-12)

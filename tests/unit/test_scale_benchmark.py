@@ -1,0 +1,41 @@
+"""``benchmarks/scale.py``'s bookkeeping: the stages of the self-check and of the residual verdict land in their own
+groups, and a run stopped by ``--stop-after`` keeps its stages (its analysis time a lower bound)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_new_stages_have_their_own_groups(scale):
+    assert scale.group_of("self_check/retraining") == "self-check retraining"
+    assert scale.group_of("self_check/candidates/whole_set_product") == "self-check solves"
+    assert scale.group_of("self_check/candidates/whole_set_product/damping_estimate") == "self-check solves"
+    assert scale.group_of("recursion/residual") == "residual verdict"
+    assert scale.group_of("recursion/whole_set_product") == "recursion"
+    assert scale.group_of("self_influence/lanczos") == "self-influence setup"
+    assert scale.group_of("recursion/damping_estimate") == "damping estimate"
+
+
+def test_a_stopped_run_keeps_its_stages_and_residual_counts_in_s_test(scale):
+    row = {"model": "cnn", "n_train": 1000, "measured": False, "partial": True, "epoch_seconds": 2.0,
+           "analysis_seconds": 100.0, "train_peak_rss_mib": 500.0, "analysis_peak_rss_mib": 1000.0,
+           "stages": {"recursion": 50.0, "recursion/residual": 20.0, "self_check/retraining": 10.0}}
+    scale.add_groups(row)
+    assert row["groups"]["recursion"] == 50.0 and row["groups"]["residual verdict"] == 20.0
+    assert row["groups"]["self-check retraining"] == 10.0 and row["groups"]["other"] == 20.0
+    assert row["s_test_seconds"] == 70.0  # the verdict is part of the solve
+    assert row["analysis_over_epoch"] == 50.0 and row["memory_ratio"] == 2.0
+    assert "reports_mib" not in row  # no report was written
