@@ -37,14 +37,16 @@ from lightning_influence.config import CGConfig, ExplainConfig, ProblemConfig
 from lightning_influence.config.defaults import (
     DEFAULT_DAMPING,
     SELF_CHECK_CANDIDATES,
+    SELF_CHECK_MIN_ITERATIONS,
     SELF_CHECK_POINTS,
     SELF_CHECK_RETRAININGS,
     SELF_CHECK_SEED,
+    SELF_CHECK_SOLVE_BUDGET,
 )
 from lightning_influence.core.per_example.losses import LossFn, call_loss_fn
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.solvers.exact import ExactInverse
-from lightning_influence.core.tensors.batching import Batch, prepare_batch
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.core.tensors.modes import analysis_mode
 from lightning_influence.core.tensors.params import model_device
@@ -176,6 +178,29 @@ def retrain_on_halves(
     return Retrainings(masks, torch.stack(losses), epochs, time.perf_counter() - start)
 
 
+def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, retraining_seconds: float,
+                           candidates: int) -> int:
+    """CG iterations per candidate that fit ``SELF_CHECK_SOLVE_BUDGET`` times the retrainings' time, from a timed
+    curvature product on one training batch scaled to the training set (the second of two: the first may choose
+    its product form); an error that says what to do when fewer than ``SELF_CHECK_MIN_ITERATIONS`` fit."""
+    batch = next(problem.train_batches())
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(2):
+            start = time.perf_counter()
+            problem.minibatch_hvp(batch, gradients)
+            seconds = time.perf_counter() - start
+    product = max(seconds * problem.residual_examples() / max(batch_size_of(batch), 1), 1e-9)
+    fit = int(SELF_CHECK_SOLVE_BUDGET * retraining_seconds / (product * candidates))
+    if fit < SELF_CHECK_MIN_ITERATIONS:
+        needed = SELF_CHECK_MIN_ITERATIONS * product * candidates / max(retraining_seconds, 1e-9)
+        raise RuntimeError(
+            f"damping='self_check' would spend over {needed:.0f}x its retrainings' time solving its {candidates}"
+            f" candidates on this model ({problem.num_params:,} parameters: a curvature product over the training set"
+            f" for its {gradients.shape[0]} check points takes about {product:.1f} s). Pass a number as `damping`, or"
+            " damping='auto'.")
+    return min(fit, CGConfig().max_iter)
+
+
 def check_damping(  # long: the candidates' solves share one problem and one scoring pass
     model: nn.Module,
     loss_fn: LossFn,
@@ -209,8 +234,10 @@ def check_damping(  # long: the candidates' solves share one problem and one sco
                 ok = float(w[0]) + float(damping) > 0
                 solutions.append(ExactInverse(w, q, float(damping)).solve(gradients) if ok else None)
         else:
+            iterations = _affordable_iterations(base, gradients, retrainings.seconds, len(candidates))
             for damping in candidates:
-                setup = replace(problem, damping=float(damping), solver=CGConfig(preconditioner="kfac"))
+                setup = replace(problem, damping=float(damping),
+                                solver=CGConfig(preconditioner="kfac", max_iter=iterations))
                 solver_problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
                 vectors, info = solve_s_test(solver_problem, gradients, SingleProcess(), None)
                 ok = info.converged and solver_problem.damping == float(damping)

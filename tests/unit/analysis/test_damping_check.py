@@ -133,3 +133,27 @@ def test_check_points_sample_the_validation_set_reproducibly():
     picked = check_points(500, points=32, seed=3)
     assert len(set(picked)) == 32 and picked == sorted(picked) and picked == check_points(500, points=32, seed=3)
     assert not math.isnan(sum(picked))
+
+
+def test_large_model_path_solves_within_the_budget_and_agrees_with_the_dense_path(adam_mlp, monkeypatch):
+    from lightning_influence.analysis import damping_check
+
+    model, train, check = adam_mlp
+    data = IndexedData(train)
+    retrainings = retrain_on_halves(model, cross_entropy_per_example, data, check,
+                                    lambda params: torch.optim.Adam(params, lr=0.01), epochs=2, count=8)
+    candidates = (1e-2, 1e-1, 1.0)
+    dense = check_damping(model, cross_entropy_per_example, data, check, retrainings, ProblemConfig(),
+                          candidates=candidates)
+    monkeypatch.setattr(damping_check, "EXACT_CHECK_PARAMETERS", 0)  # the conjugate-gradient path of large models
+    iterative = check_damping(model, cross_entropy_per_example, data, check, retrainings, ProblemConfig(),
+                              candidates=candidates)
+    assert iterative.chosen == dense.chosen
+    assert iterative.lds == pytest.approx(dense.lds, abs=0.02)
+    # a curvature product that the budget cannot afford: an error that says what to pass instead
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_BUDGET", 1e-9)
+    with pytest.raises(RuntimeError, match="damping='auto'") as raised:
+        check_damping(model, cross_entropy_per_example, data, check, retrainings, ProblemConfig(),
+                      candidates=candidates)
+    assert "retrainings' time" in str(raised.value) and f"{sum(p.numel() for p in model.parameters()):,}" in str(
+        raised.value)
