@@ -21,15 +21,9 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from lightning_influence.analysis.correction import (
-    CorrectionRun,
-    allowed_indices,
-    fetch,
-    in_dataset_terms,
-    round_generator,
-    sample_anchors,
-)
+from lightning_influence.analysis.correction import CorrectionRun, allowed_indices, fetch, round_generator, sample_anchors
 from lightning_influence.analysis.correction_lr import search_lr
+from lightning_influence.analysis.correction_report import in_dataset_terms
 from lightning_influence.callbacks._legacy import legacy_correction_candidates
 from lightning_influence.callbacks._trainer import (
     Writers,

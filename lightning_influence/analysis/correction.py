@@ -14,12 +14,13 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from lightning_influence.analysis.correction_steps import anchor_weight, influence_weights, project_away
 from lightning_influence.config import CorrectionConfig, ExplainConfig, ProblemConfig, expect
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
@@ -187,24 +188,6 @@ def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: b
     return indices[chosen].tolist(), scores[0, chosen].tolist()
 
 
-def influence_weights(scores: Sequence[float]) -> list[float]:
-    """Loss weights proportional to how helpful each chosen example is (``-influence``, clipped at 0), with mean 1;
-    equal weights when none is helpful."""
-    helpful = torch.tensor([max(-float(v), 0.0) for v in scores], dtype=torch.float64)
-    if float(helpful.sum()) <= 0:
-        return [1.0] * len(scores)
-    return (helpful * len(scores) / helpful.sum()).tolist()
-
-
-def anchor_weight(g_anchors: Sequence[Optional[torch.Tensor]], g_chosen: Sequence[Optional[torch.Tensor]]) -> float:
-    """``1 + max(0, -g_A . g_R / |g_A|^2)`` over matching parameter gradients (None: zero): the weight of the
-    anchors' term that makes ``g_A . (g_R + w g_A) >= |g_A|^2`` (1 when ``g_A`` is zero)."""
-    dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_anchors, g_chosen)
-              if a is not None and b is not None)
-    norm2 = sum(float(a.double().pow(2).sum()) for a in g_anchors if a is not None)
-    return 1.0 + (max(0.0, -dot / norm2) if norm2 > 0 else 0.0)
-
-
 def part_loss(loss_fn: LossFn, model: nn.Module, part: tuple[Batch, Optional[torch.Tensor], int]) -> torch.Tensor:
     """The mean loss of one part of a step: ``(batch, loss weights or None, size)``."""
     batch, weights, size = part
@@ -353,17 +336,7 @@ class CorrectionRun:
         with analysis_mode(model):
             g_protect = torch.autograd.grad(part_loss(self.loss_fn, model, (sample[0], None, sample[1])), params,
                                             allow_unused=True)
-        grads = [p.grad for p in params if p.grad is not None]
-        pairs = [(p.grad, g) for p, g in zip(params, g_protect) if g is not None and p.grad is not None]
-        dot = sum((float((a.double() * b.double()).sum()) for a, b in pairs), 0.0)
-        norm_p = sum((float(b.double().pow(2).sum()) for _, b in pairs), 0.0)
-        norm_g = sum((float(g.double().pow(2).sum()) for g in grads), 0.0)
-        cosine = dot / (norm_p * norm_g) ** 0.5 if norm_p > 0 and norm_g > 0 else 0.0
-        if dot < 0 and norm_p > 0:
-            with torch.no_grad():
-                for a, b in pairs:
-                    a.sub_(b.to(a.dtype), alpha=dot / norm_p)
-        self._round["protect_cosines"].append(cosine)
+        self._round["protect_cosines"].append(project_away([p.grad for p in params], g_protect))
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:
         """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its
@@ -401,26 +374,3 @@ class CorrectionRun:
 
     def report(self) -> CorrectionReport:
         return CorrectionReport(self.settings.selection, dict(self.description), dict(self.before), tuple(self.rounds))
-
-
-def in_dataset_terms(report: CorrectionReport, anchors: Optional[list[int]],
-                      heldout: Optional[list[int]]) -> CorrectionReport:
-    """The report as a user reads it: anchor indices of the underlying dataset (e.g. validation indices) when the
-    anchors are a ``Subset`` of it, and the damping as the number the solves used (``damping_requested`` keeps
-    what was asked; each round has its own ``damping`` and ``residual``)."""
-    settings = dict(report.settings)
-    steps = report.iterations
-    if anchors is not None:
-        settings["anchor_dataset_indices"] = anchors
-        steps = tuple(replace(r, anchor_indices=tuple(anchors[i] for i in r.anchor_indices),
-                              chosen_indices=tuple(anchors[i] for i in r.chosen_indices)
-                              if report.selection == "anchors" else r.chosen_indices) for r in steps)
-    if heldout is not None:
-        settings["heldout_dataset_indices"] = heldout
-    used = [r.damping for r in steps if r.damping is not None]
-    if used:
-        settings["damping"] = used[0] if max(used) == min(used) else {"first": used[0], "last": used[-1]}
-    residuals = [r.residual for r in steps if r.residual is not None]
-    if residuals:
-        settings["residual_max"] = max(residuals)
-    return CorrectionReport(report.selection, settings, report.before, steps)
