@@ -42,6 +42,7 @@ from lightning_influence.config.defaults import (
     SELF_CHECK_RETRAININGS,
     SELF_CHECK_SEED,
     SELF_CHECK_SOLVE_BUDGET,
+    SELF_CHECK_SOLVE_FLOOR_SECONDS,
 )
 from lightning_influence.core.per_example.losses import LossFn, call_loss_fn
 from lightning_influence.core.problem import InfluenceProblem
@@ -180,7 +181,8 @@ def retrain_on_halves(
 
 def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, retraining_seconds: float,
                            candidates: int) -> int:
-    """CG iterations per candidate that fit ``SELF_CHECK_SOLVE_BUDGET`` times the retrainings' time, from a timed
+    """CG iterations per candidate that fit ``SELF_CHECK_SOLVE_BUDGET`` times the retrainings' time (at least
+    ``SELF_CHECK_SOLVE_FLOOR_SECONDS``: a small model's quick retrainings do not starve its solves), from a timed
     curvature product on one training batch scaled to the training set (the second of two: the first may choose
     its product form); an error that says what to do when fewer than ``SELF_CHECK_MIN_ITERATIONS`` fit."""
     batch = next(problem.train_batches())
@@ -190,7 +192,8 @@ def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, r
             problem.minibatch_hvp(batch, gradients)
             seconds = time.perf_counter() - start
     product = max(seconds * problem.residual_examples() / max(batch_size_of(batch), 1), 1e-9)
-    fit = int(SELF_CHECK_SOLVE_BUDGET * retraining_seconds / (product * candidates))
+    budget = max(SELF_CHECK_SOLVE_BUDGET * retraining_seconds, SELF_CHECK_SOLVE_FLOOR_SECONDS)
+    fit = int(budget / (product * candidates))
     if fit < SELF_CHECK_MIN_ITERATIONS:
         needed = SELF_CHECK_MIN_ITERATIONS * product * candidates / max(retraining_seconds, 1e-9)
         raise RuntimeError(

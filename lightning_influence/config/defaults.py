@@ -28,10 +28,12 @@ SELF_CHECK_POINTS = 32
 SELF_CHECK_SEED = 20_241
 #: On models too large for the check's dense solve, each candidate is solved by preconditioned conjugate gradient
 #: over the whole training set; together these solves may take at most ``SELF_CHECK_SOLVE_BUDGET`` times the
-#: retrainings' time (each candidate gets the iterations that fit). When fewer than ``SELF_CHECK_MIN_ITERATIONS``
+#: retrainings' time, or ``SELF_CHECK_SOLVE_FLOOR_SECONDS`` when that is more (each candidate gets the iterations
+#: that fit). When fewer than ``SELF_CHECK_MIN_ITERATIONS``
 #: fit, the check stops with an error that says so (the callback then warns and uses ``damping="auto"``): a
 #: curvature product over a large training set can cost tens of epochs (``benchmarks/scale_units.py``).
 SELF_CHECK_SOLVE_BUDGET = 4.0
+SELF_CHECK_SOLVE_FLOOR_SECONDS = 60.0
 SELF_CHECK_MIN_ITERATIONS = 5
 AUTO_DAMPING_FRACTION = 0.03
 MAX_DAMPING_FRACTION = 0.1

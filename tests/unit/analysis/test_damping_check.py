@@ -152,6 +152,7 @@ def test_large_model_path_solves_within_the_budget_and_agrees_with_the_dense_pat
     assert iterative.lds == pytest.approx(dense.lds, abs=0.02)
     # a curvature product that the budget cannot afford: an error that says what to pass instead
     monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_BUDGET", 1e-9)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_FLOOR_SECONDS", 0.0)
     with pytest.raises(RuntimeError, match="damping='auto'") as raised:
         check_damping(model, cross_entropy_per_example, data, check, retrainings, ProblemConfig(),
                       candidates=candidates)
