@@ -688,14 +688,10 @@ def training_optimizer_of(spec: Spec) -> Callable[[Any], torch.optim.Optimizer]:
 
 
 def snapshot_model(spec: Spec, snapshot: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh model of ``spec`` holding a snapshot's weights."""
-    from lightning_influence.core.trajectory import using_weights
-
+    """A fresh model of ``spec`` holding a snapshot's weights (its keys are ``"parameter <name>"``/``"buffer <name>"``)."""
     torch.manual_seed(INIT_SEED)
     model = spec.build()
-    with using_weights(model, snapshot):
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(state)
+    model.load_state_dict({key.split(" ", 1)[1]: value for key, value in snapshot.items()}, strict=False)
     return model.eval()
 
 

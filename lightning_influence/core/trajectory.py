@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_influence.core.scoring import Scorer
 from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.modes import model_tensors, state_snapshot
 from lightning_influence.results import SolveInfo
 
 #: name -> tensor of every parameter and buffer (``parameter <name>`` / ``buffer <name>``).
@@ -37,20 +38,12 @@ def snapshot_epochs(max_epochs: int | None, count: int) -> set[int]:
 
 def take_snapshot(model: nn.Module, device: torch.device | str = "cpu") -> Snapshot:
     """Copies of every parameter and buffer of ``model`` on ``device`` (CPU by default: no accelerator memory)."""
-    state = {f"parameter {n}": p.detach().to(device, copy=True) for n, p in model.named_parameters()}
-    state.update({f"buffer {n}": b.detach().to(device, copy=True) for n, b in model.named_buffers()})
-    return state
-
-
-def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {f"parameter {n}": p for n, p in model.named_parameters()}
-    found.update({f"buffer {n}": b for n, b in model.named_buffers()})
-    return found
+    return state_snapshot(model, device)
 
 
 def check_snapshot(model: nn.Module, snapshot: Snapshot) -> None:
     """Raise when ``snapshot`` does not fit ``model`` (other names or shapes): it was taken of another model."""
-    own = _tensors(model)
+    own = model_tensors(model)
     wrong = sorted(set(own) ^ set(snapshot))
     wrong += [name for name, value in own.items() if name in snapshot and snapshot[name].shape != value.shape]
     if wrong:
@@ -61,18 +54,19 @@ def check_snapshot(model: nn.Module, snapshot: Snapshot) -> None:
 
 
 @contextlib.contextmanager
-def using_weights(model: nn.Module, snapshot: Snapshot) -> Iterator[None]:
-    """Run the block with ``snapshot``'s parameters and buffers in ``model``, then put the model's own back."""
-    own = _tensors(model)
-    saved = {name: value.detach().clone() for name, value in own.items()}
+def using_weights(model: nn.Module, snapshot: Snapshot, own: Snapshot | None = None) -> Iterator[None]:
+    """Run the block with ``snapshot``'s parameters and buffers in ``model``, then put the model's own back (``own``:
+    a copy of them already taken, e.g. once for many swaps)."""
+    tensors = model_tensors(model)
+    saved = own if own is not None else state_snapshot(model)
     try:
         with torch.no_grad():
-            for name, value in own.items():
+            for name, value in tensors.items():
                 value.copy_(snapshot[name])
         yield
     finally:
         with torch.no_grad():
-            for name, value in own.items():
+            for name, value in tensors.items():
                 value.copy_(saved[name])
 
 
@@ -102,10 +96,11 @@ class AveragedScores:
         if batches is None:
             batches = self.current.train_loader  # type: ignore[attr-defined]
         count = 1 + len(self.members)
+        own = state_snapshot(self.model)  # the current weights, put back after every swap
         for batch in batches:
             total = list(self.current.scores(s_vectors, [batch], method, chunk_size))
             for member in self.members:
-                with using_weights(self.model, member.snapshot):
+                with using_weights(self.model, member.snapshot, own):
                     blocks = list(member.problem.scores(member.s_vectors, [batch], method, chunk_size))
                 if [b.shape for b in blocks] != [t.shape for t in total]:
                     raise RuntimeError("A weight snapshot scored a batch in other blocks than the current weights.")

@@ -48,11 +48,17 @@ def _analysis_kernels(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every parameter and buffer, to check that a forward pass in eval mode changes nothing."""
-    state = {f"parameter {n}": p.detach().clone() for n, p in model.named_parameters()}
-    state.update({f"buffer {n}": b.detach().clone() for n, b in model.named_buffers()})
-    return state
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by ``"parameter <name>"`` / ``"buffer <name>"`` (not copies)."""
+    found: dict[str, torch.Tensor] = {f"parameter {n}": p for n, p in model.named_parameters()}
+    found.update({f"buffer {n}": b for n, b in model.named_buffers()})
+    return found
+
+
+def state_snapshot(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer (on ``device``, default: where each lives), e.g. to check that a
+    forward pass in eval mode changes nothing."""
+    return {name: value.detach().to(device, copy=True) for name, value in model_tensors(model).items()}
 
 
 def check_state_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:

@@ -51,14 +51,20 @@ def test_confident_joint_rescales_rows_to_the_label_counts():
     assert confident_joint_count(probs, given) == pytest.approx(40.0)
 
 
-def _planted(n: int = 200, flips: int = 20, epochs: int = 40) -> tuple[TrainingSignalRecorder, torch.Tensor]:
+def _flipped_digits(n: int, flips: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``n`` digits with ``flips`` seeded labels moved to another class, and which ones."""
     images, labels = digits(torch.float64)
     x, y = images[:n].flatten(1), labels[:n].clone()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=generator)[:flips]
     y[chosen] = (y[chosen] + torch.randint(1, 10, (flips,), generator=generator)) % 10
     flipped = torch.zeros(n, dtype=torch.bool)
     flipped[chosen] = True
+    return x, y, flipped
+
+
+def _planted(n: int = 200, flips: int = 20, epochs: int = 40) -> tuple[TrainingSignalRecorder, torch.Tensor]:
+    x, y, flipped = _flipped_digits(n, flips, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 10)).double()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -168,13 +174,7 @@ def test_count_on_a_memorising_mlp_lands_near_the_flips_and_flags_by_the_default
     from lightning_influence.analysis.training_signals import checkpoint_epochs
 
     n, flips, epochs = 400, 60, 100
-    images, labels = digits(torch.float64)
-    x, y = images[:n].flatten(1), labels[:n].clone()
-    generator = torch.Generator().manual_seed(1)
-    chosen = torch.randperm(n, generator=generator)[:flips]
-    y[chosen] = (y[chosen] + torch.randint(1, 10, (flips,), generator=generator)) % 10
-    flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[chosen] = True
+    x, y, flipped = _flipped_digits(n, flips, seed=1)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).double()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
