@@ -47,6 +47,12 @@ class LissaConfig:
             the condition number), finish with conjugate gradient on the remaining residual
             ``v - (C + damping I) x`` over the whole training set (the points split over ranks), at most
             ``REFINE_MAX_ITER`` steps; the record names the steps it took. False: report the miss as it is.
+        route: ``"auto"``: before the recursion starts, compare its predicted work with conjugate gradient's
+            (``core.solvers.neumann.recursion_costs_more``: the series' steps grow with ``scale / damping``, CG's
+            passes over the training set with the square root of the condition number) and, with ``refine`` on a
+            positive semi-definite curvature, solve by CG from the start where CG is predicted cheaper (small
+            training sets at small dampings); the record says so (``settings["solved_by"] == "cg"``).
+            ``"recursion"``: always run the recursion.
     """
 
     depth: int = 1000
@@ -62,6 +68,7 @@ class LissaConfig:
     average: bool = True
     preconditioner: Optional[str] = None
     refine: bool = True
+    route: str = "auto"
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
@@ -92,8 +99,11 @@ class LissaConfig:
         expect(self.preconditioner is None or self.preconditioner in PRECONDITIONERS, "preconditioner",
                f"None or one of {PRECONDITIONERS}", self.preconditioner)
         expect(isinstance(self.refine, bool), "refine", "True or False", self.refine)
+        expect(self.route in LISSA_ROUTES, "route", f"one of {LISSA_ROUTES}", self.route)
 
 
+#: ``LissaConfig.route``: predict the cheaper of the recursion and conjugate gradient, or always the recursion.
+LISSA_ROUTES = ("auto", "recursion")
 #: Preconditioners of conjugate gradient (``CGConfig.preconditioner``): Kronecker-factored approximations of the
 #: Gauss-Newton curvature of Linear/Conv2d layers (see ``docs/solvers.md``).
 PRECONDITIONERS = ("kfac", "ekfac")

@@ -77,7 +77,9 @@ class InfluencePlugin(base_plugin.TBPlugin):
         run, epoch = _run(request), _int(request, "epoch")
         result = self.data.trust(run, epoch)
         try:
-            result["traces"] = self._traces(request, run, epoch, str(result["solver"].get("solver")))
+            solver = result["solver"]  # the trace is the route's when a LiSSA solve went to CG (results.trace_name)
+            name = (solver.get("settings") or {}).get("solved_by") or solver.get("solver")
+            result["traces"] = self._traces(request, run, epoch, str(name))
             result["traces_error"] = None
         except Exception as err:  # TensorBoard's scalars are optional here: the rest of the view still shows
             LOG.warning("influence dashboard: no solver trace for %s epoch %s: %s", run, epoch, err)

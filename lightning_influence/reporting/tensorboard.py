@@ -26,6 +26,7 @@ from lightning_influence.results import (
     SolveInfo,
     TrustReport,
 )
+from lightning_influence.results.analysis import trace_name
 
 PREFIX = "influence"
 MAX_TRACE_POINTS = 200
@@ -175,13 +176,14 @@ def _write_trace(writer: SummaryWriterLike, solver: SolveInfo, epoch: int, step:
     """The solver's final trace value (max over repeats) and each repeat's subsampled trace.
 
     Tags carry the solver's name: ``influence/lissa/final_update`` and ``influence/lissa_trace/...`` for
-    LiSSA (relative update per recursion step), ``influence/cg/...`` for CG (relative residuals).
+    LiSSA (relative update per recursion step), ``influence/cg/...`` for CG (relative residuals), also for a LiSSA
+    solve routed to CG from the start (:func:`~lightning_influence.results.analysis.trace_name`).
     """
     if solver.trace is None or solver.trace.numel() == 0:
         return
     trace = solver.trace.detach().to("cpu", torch.float64)
     trace = trace.reshape(1, -1) if trace.ndim == 1 else trace
-    name = _tag_part(solver.solver)
+    name = _tag_part(trace_name(solver.solver, solver.settings))
     finals = []
     for repeat, row in enumerate(trace):
         steps = subsample_steps(row)

@@ -49,7 +49,8 @@ class ExplainedPoint:
 class SolveInfo:
     """How an inverse-HVP solve went: the settings used and the convergence ``trace``.
 
-    ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals. ``curvature`` names C in
+    ``trace`` rows are LiSSA repeats (relative update per step) or one row of CG residuals (also for a LiSSA solve
+    routed to CG, ``settings["solved_by"] == "cg"``: see :func:`trace_name`). ``curvature`` names C in
     ``(C + damping I) x = v``; ``damping_requested``/``damping_rule`` say how ``damping`` was chosen;
     ``eigenvalue_min``/``eigenvalue_max`` are C's extreme eigenvalues (exact, or Lanczos estimates); ``residual``
     is ``max ||(C + damping I) x - v|| / ||v||`` over the whole training set, and for LiSSA ``converged`` means it is at
@@ -76,6 +77,12 @@ class SolveInfo:
     retries: tuple[dict[str, Any], ...] = ()
     warnings: tuple[str, ...] = ()
     damping_check: Optional["DampingCheck"] = None
+
+
+def trace_name(solver: str, settings: Optional[dict[str, Any]]) -> str:
+    """Which solver's steps a solve's ``trace`` holds (its TensorBoard tags say it): the route a LiSSA solve took
+    when it went to conjugate gradient from the start, else the solver."""
+    return str((settings or {}).get("solved_by") or solver)
 
 
 #: The name reports used for :class:`SolveInfo` before the two records were merged.

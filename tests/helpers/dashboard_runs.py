@@ -112,7 +112,7 @@ def fit_run(root: Path, kind: str, epochs: int = 2, **overrides: Any) -> Path:
         return _fit(root, kind, module, text_data(150, 1), text_data(30, 2), make_callback(**overrides), epochs)
     if kind == "tabular":  # LiSSA with two repeats: repeat agreement and one trace per repeat in the trust tab
         module = _Classifier(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)), lr=0.2)
-        lissa = {"solver": LissaConfig(depth=100, repeats=2, batch_size=16), **overrides}
+        lissa = {"solver": LissaConfig(depth=100, repeats=2, batch_size=16, route="recursion"), **overrides}
         return _fit(root, kind, module, tabular_data(150, 3), tabular_data(30, 4), make_callback(**lissa), epochs)
     raise ValueError(f"Expected `kind` to be 'image', 'text' or 'tabular', but got {kind!r}.")
 

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.ddp  # every test here runs several gloo processes (or 
 TIMEOUT = timedelta(seconds=60)  # a collective that a rank never joins fails after this, instead of hanging
 N_TRAIN, N_VAL, VAL_START = 101, 30, 1500  # 101: shards of 51/50 and 34/34/33
 DAMPING = 0.1
-LISSA = LissaConfig(depth=50, repeats=3, batch_size=16, scale="auto", seed=0)
+LISSA = LissaConfig(depth=50, repeats=3, batch_size=16, scale="auto", seed=0, route="recursion")
 CG = CGConfig(max_iter=60, tol=1e-8)
 SETTINGS = ExplainConfig(top_k=5, num_worst=4, keep_full_scores=True)
 WORLD_SIZES = (1, 2, 3)
@@ -147,7 +147,7 @@ def _edge_case_worker(rank: int, world_size: int, port: int, timeout: timedelta,
         record: dict[str, Any] = {}
         train, val = _data(n_train=2)
         tiny = explain(_model(state), cross_entropy_per_example, train, val,
-                       ProblemConfig(solver=LissaConfig(depth=5, batch_size=2, scale=10.0), damping=DAMPING),
+                       ProblemConfig(solver=LissaConfig(depth=5, batch_size=2, scale=10.0, route="recursion"), damping=DAMPING),
                        ExplainConfig(top_k=3, num_worst=2, keep_full_scores=True), TorchDistributed())
         record["tiny"] = _summary(tiny)
         train, val = _data()
@@ -161,7 +161,8 @@ def _edge_case_worker(rank: int, world_size: int, port: int, timeout: timedelta,
         for phase, hooks in {"s_test": {"on_lissa_step": fail_on(1)}, "scoring": {"on_scored": fail_on(2)}}.items():
             try:
                 explain(_model(state), cross_entropy_per_example, train, val,
-                        ProblemConfig(solver=LissaConfig(depth=5, repeats=3, batch_size=16, scale=10.0), damping=DAMPING),
+                        ProblemConfig(solver=LissaConfig(depth=5, repeats=3, batch_size=16, scale=10.0,
+                                                         route="recursion"), damping=DAMPING),
                         ExplainConfig(top_k=2, num_worst=1), TorchDistributed(), **hooks)
                 record[phase] = "no error"
             except RuntimeError as err:
@@ -296,7 +297,7 @@ def test_distributed_result_matches_the_single_process_api(runs, trained_state):
     train, val = _data()
     scores = li.influence(_model(trained_state), cross_entropy_per_example, DataLoader(train.dataset, batch_size=32),
                           val.fetch(record["val_indices"]), solver="lissa", damping=DAMPING, depth=LISSA.depth,
-                          repeats=LISSA.repeats, batch_size=LISSA.batch_size, seed=LISSA.seed)
+                          repeats=LISSA.repeats, batch_size=LISSA.batch_size, seed=LISSA.seed, route=LISSA.route)
     torch.testing.assert_close(record["full_scores"], scores, rtol=1e-6, atol=1e-9)
     local = explain(_model(trained_state), cross_entropy_per_example, train, val,
                     ProblemConfig(solver=LISSA, damping=DAMPING), SETTINGS, SingleProcess())

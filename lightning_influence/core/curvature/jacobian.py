@@ -82,16 +82,22 @@ class OutputJacobian:
     def __init__(self, factors: torch.Tensor) -> None:
         self.factors = factors
         self._last: tuple[RowBatch, torch.Tensor] | None = None
+        self._buffer: torch.Tensor | None = None
 
     def rows(self, rows: RowBatch) -> torch.Tensor:
         """``F`` of ``rows``: a view for a range; else gathered, and kept while the same batch is asked again (a
-        Lanczos run on one minibatch, the scale probe)."""
+        Lanczos run on one minibatch, the scale probe). The gather reuses one buffer per batch size (a fresh tensor
+        each LiSSA step cost as much as the product itself on CPU), so the rows are valid until the next gather."""
         index = rows.indices
         first = int(index[0])
         if bool((index == torch.arange(first, first + len(index))).all()):
             return self.factors[first : first + len(index)]
         if self._last is None or self._last[0] is not rows:
-            self._last = (rows, self.factors[index.to(self.factors.device)])
+            buffer = self._buffer
+            if buffer is None or len(buffer) != len(index):
+                buffer = self._buffer = self.factors.new_empty((len(index), *self.factors.shape[1:]))
+            torch.index_select(self.factors, 0, index.to(self.factors.device), out=buffer)
+            self._last = (rows, buffer)
         return self._last[1]
 
     def product(self, rows: RowBatch, vectors: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any, ClassVar
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_influence.config import (
+    CG_TOL,
     NEGATIVE_CURVATURE_MARGIN,
     REFINE_MAX_ITER,
     REFINE_MIN_ITER,
@@ -39,7 +40,9 @@ from lightning_influence.core.solvers.neumann import (
     lissa_info,
     lissa_repeats,
     minibatch_stream,
+    recursion_costs_more,
     repeat_seed,
+    series_steps,
 )
 from lightning_influence.core.tensors.batching import Batch, batch_size_of
 from lightning_influence.results import SolveInfo, STest, TrustWarning
@@ -165,10 +168,16 @@ class LissaSolver(Solver):
             return float(self.problem.check_residual(root(estimate), vectors).max())
 
         # the hand-off to CG trusts the checks' trend only where they see the whole training set: a subset's check
-        # levels off at its own sampling error while the series, drawing from every example, still improves
-        hand_off = config.refine and self.problem.check_is_whole()
+        # levels off at its own sampling error while the series, drawing from every example, still improves; there
+        # the whole-set verdict is asked from the predicted steps on (the series may have met it already)
+        whole = self.problem.check_is_whole()
+        verdict = None
+        if early_stop and not whole and damping > 0:
+            verdict = (lambda estimate: float(self.problem.residual(root(estimate), vectors).max()),
+                       series_steps(self.scale, damping, config.residual_tol))
         total, traces = lissa_repeats(hvp, lambda r: self.stream(repeat_seed(config.seed, r)), root(vectors), damping,
-                                      self.scale, config, repeat_ids, on_step, stop if early_stop else None, hand_off)
+                                      self.scale, config, repeat_ids, on_step, stop if early_stop else None,
+                                      config.refine and whole, verdict)
         return root(total), traces
 
     # long: the retry loop, the split over ranks and the combination read best in one place
@@ -181,6 +190,9 @@ class LissaSolver(Solver):
                 f" {ranks.world_size}): a lower-variance s_test in the same time.", stacklevel=4)
         start = time.perf_counter()
         self.prepare(ranks)
+        route = self.cg_route()
+        if route is not None:
+            return self._solve_by_cg(vectors, ranks, start, route)
         ids = list(range(ranks.rank, config.repeats, ranks.world_size))
         halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
         retries: list[dict[str, Any]] = []
@@ -234,6 +246,33 @@ class LissaSolver(Solver):
         if runs_all and traces:
             known = self.problem.known_residual(torch.stack(sums).sum(dim=0) / len(traces), vectors)
         return "ok", traces, torch.stack(sums), None if known is None else float(known.max())
+
+    def cg_route(self) -> dict[str, int] | None:
+        """The predictions that send the whole solve to conjugate gradient (:func:`recursion_costs_more`), or None
+        where the recursion runs: always with ``route="recursion"`` or ``refine`` off, under a curvature that is not
+        positive semi-definite, when the recursion is preconditioned or the training set has no length. The same on
+        every rank (the scale is)."""
+        config, problem = self.config, self.problem
+        dataset = getattr(problem.train_loader, "dataset", None)
+        if config.route == "recursion" or not config.refine or self.preconditioned or problem.damping <= 0:
+            return None
+        if not problem.curvature.psd or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+            return None
+        dearer, steps, iterations = recursion_costs_more(self.scale, problem.damping,
+                                                         config.batch_size * config.repeats, len(dataset),
+                                                         config.residual_tol, CG_TOL)
+        return {"predicted_steps": steps, "predicted_cg_iterations": iterations} if dearer else None
+
+    def _solve_by_cg(self, vectors: torch.Tensor, ranks: Ranks, start: float, route: dict[str, int]) -> STest:
+        """The whole solve by conjugate gradient (the points split over ranks), recorded as a LiSSA solve whose
+        recursion took no steps (``iterations == 0``), with the predictions that chose it, the CG steps as its
+        refinement and CG's residuals as its trace."""
+        solved = CGSolver(CGConfig(max_iter=REFINE_MAX_ITER), self.problem).solve(vectors, ranks=ranks)
+        info = self.record([], solved.vectors, vectors, [], solved.info.residual)
+        settings = {**info.settings, "solved_by": "cg", **route, "refined_iterations": solved.info.iterations}
+        info = dataclasses.replace(info, settings=settings, trace=solved.info.trace,  # CG's residuals: trace_name
+                                   seconds=time.perf_counter() - start)
+        return STest(solved.vectors, info, None)
 
     def record(self, traces: list[torch.Tensor], x: torch.Tensor, vectors: torch.Tensor,
                retries: Sequence[dict[str, Any]], residual: float | None = None) -> SolveInfo:

@@ -43,6 +43,31 @@ SCALE_MARGIN = 1.5
 HAND_OFF_FACTOR = 1.5
 
 
+def series_steps(scale: float, damping: float, residual_tol: float) -> int:
+    """Steps the series is predicted to need for ``residual_tol`` along its slowest direction (eigenvalue
+    ``damping`` of a positive semi-definite curvature plus damping): ``scale / damping * ln(1 / residual_tol)``."""
+    return math.ceil(scale / damping * math.log(1.0 / residual_tol))
+
+
+def recursion_costs_more(scale: float, damping: float, work_per_step: int, examples: int, residual_tol: float,
+                         cg_tol: float) -> tuple[bool, int, int]:
+    """Whether the recursion is predicted to need more example products than conjugate gradient; with the two
+    predictions ``(steps, cg_iterations)``.
+
+    With a positive semi-definite curvature the slowest direction of ``H + damping I`` has eigenvalue at least
+    ``damping``; its residual shrinks by ``1 - damping / scale`` per step, so reaching ``residual_tol`` takes about
+    ``scale / damping * ln(1 / residual_tol)`` steps of ``work_per_step`` examples (``B`` times the repeats). CG's
+    bound is ``sqrt(kappa) / 2 * ln(2 / cg_tol)`` passes over the ``examples`` training examples with ``kappa`` the
+    top eigenvalue (``scale / SCALE_MARGIN``, a minibatch's: above the whole set's) over ``damping``. The series'
+    steps grow with the condition number and CG's with its square root, so on small training sets at small
+    dampings CG is cheaper, on large ones the series.
+    """
+    steps = series_steps(scale, damping, residual_tol)
+    kappa = max(scale / SCALE_MARGIN / damping, 1.0)
+    iterations = math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / cg_tol))
+    return steps * work_per_step > iterations * examples, steps, iterations
+
+
 class LissaDivergenceError(FloatingPointError):
     """The LiSSA recursion blew up: ``scale`` too small or ``damping`` below the negative curvature.
 
@@ -130,6 +155,7 @@ def lissa_repeat(
     on_step: Callable[[], None] | None = None,
     stop: StopCheck | None = None,
     hand_off: bool = False,
+    verdict: tuple[StopCheck, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One repeat: ``h_J / scale`` per row of ``v`` and its trace ``||h_j - h_{j-1}|| / ||h_j||`` (max over rows).
 
@@ -138,6 +164,9 @@ def lissa_repeat(
     ``config.residual_tol``, and at the end keeps whichever of the two has the smaller residual. Without
     ``stop`` the tail average (or the last iterate) is returned. With ``hand_off`` it also ends once
     :func:`cannot_finish` says the checks will not meet the tolerance within the depth (the caller finishes).
+    With ``verdict=(residual, from_step)`` (a cheap ``stop`` on a subset, the verdict on the whole set) a check
+    that misses also asks the verdict once at or after ``from_step`` steps, then after twice as many, and so on:
+    the subset check levels off at its sampling error while the whole-set residual may already be met.
     """
     tiny = torch.finfo(v.dtype).tiny
     v_norm = v.norm(dim=1).clamp_min(tiny)
@@ -176,6 +205,11 @@ def lissa_repeat(
             checks.append((step, missed))
             if hand_off and cannot_finish(checks, config.depth, config.residual_tol):
                 break
+            if verdict is not None and step >= verdict[1]:
+                met, _ = _first_meeting(h, tail, scale, verdict[0], config.residual_tol)
+                if met is not None:
+                    return met, torch.tensor(trace)
+                verdict = (verdict[0], 2 * step)
     if stop is not None:
         return _best_estimate(h, tail, scale, stop), torch.tensor(trace)
     return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
@@ -261,13 +295,14 @@ def lissa_repeats(
     on_step: Callable[[], None] | None = None,
     stop: StopCheck | None = None,
     hand_off: bool = False,
+    verdict: tuple[StopCheck, int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum of the repeats ``repeat_ids`` (divide by ``config.repeats`` after combining) and their traces."""
     total = torch.zeros_like(vectors)
     traces = []
     for repeat in repeat_ids:
         x, trace = lissa_repeat(hvp, stream_for(repeat), vectors, damping, scale, config, repeat, on_step, stop,
-                                hand_off)
+                                hand_off, verdict)
         total += x
         traces.append(trace)
     return total, traces
@@ -281,7 +316,7 @@ def lissa_info(damping: float, scale: float, traces: list[torch.Tensor], config:
     ``InfluenceProblem.residual``) converged means ``residual <= config.residual_tol``; without it, the old
     proxy (every repeat's last relative update below ``max(tol, 0.05)``) is used.
     """
-    steps = max(len(t) for t in traces)
+    steps = max((len(t) for t in traces), default=0)
     trace = torch.full((len(traces), steps), float("nan"))
     for row, t in zip(trace, traces):
         row[: len(t)] = t

@@ -31,7 +31,7 @@ def test_one_batched_solve_equals_per_point_solves():
 
 def test_batched_solve_makes_one_minibatch_hvp_per_step_for_all_points():
     model, train, xt, yt = _setup()
-    problem = InfluenceProblem(model, cross_entropy_per_example, train, 1.0, LissaConfig(depth=25, scale=40.0))
+    problem = InfluenceProblem(model, cross_entropy_per_example, train, 1.0, LissaConfig(depth=25, scale=40.0, route="recursion"))
     calls, widths = [0], []
     hvp = problem.minibatch_hvp
 
@@ -53,7 +53,7 @@ def test_early_stop_at_the_first_step_below_tol_is_recorded_in_the_trace(monkeyp
     model, train, xt, yt = _setup()
     tol = 0.02
     result = li.s_test(model, cross_entropy_per_example, train, (xt, yt), depth=400, repeats=2, batch_size=200,
-                       scale=40.0, damping=1.0, tol=tol)  # full-batch H_j: the update really goes to zero
+                       scale=40.0, damping=1.0, tol=tol, route="recursion")  # full-batch H_j: the update really goes to zero
     info = result.info
     assert info.trace.shape[0] == 2 and info.iterations < 400
     for row in info.trace:
@@ -64,7 +64,7 @@ def test_early_stop_at_the_first_step_below_tol_is_recorded_in_the_trace(monkeyp
     # a small update is not convergence: `converged` is the residual check (issue 14), reported beside it
     assert info.residual is not None and info.converged == (info.residual <= info.residual_tol)
     # the stop is a truncation: one repeat stopped early equals the same repeat run for exactly that many steps
-    one = {"batch_size": 200, "scale": 40.0, "damping": 1.0}
+    one = {"batch_size": 200, "scale": 40.0, "damping": 1.0, "route": "recursion"}
     stopped = li.s_test(model, cross_entropy_per_example, train, (xt, yt), depth=400, tol=tol, **one)
     truncated = li.s_test(model, cross_entropy_per_example, train, (xt, yt), depth=stopped.info.iterations, **one)
     assert truncated.info.iterations == stopped.info.iterations and not torch.isnan(truncated.info.trace).any()

@@ -10,7 +10,7 @@ from torch import nn
 import lightning_influence as li
 from lightning_influence.config import ExactConfig, LissaConfig
 from lightning_influence.core import InfluenceProblem
-from lightning_influence.core.solvers.neumann import HAND_OFF_FACTOR, cannot_finish
+from lightning_influence.core.solvers.neumann import HAND_OFF_FACTOR, cannot_finish, recursion_costs_more
 from lightning_influence.core.tensors.modes import analysis_mode
 
 
@@ -42,7 +42,7 @@ def _small_damping_problem():
 
 def test_at_a_small_damping_the_series_hands_off_to_cg_and_the_answer_converges():
     model, train, test = _small_damping_problem()
-    options = {"damping": 1e-3, "depth": 600, "batch_size": 32}
+    options = {"damping": 1e-3, "depth": 600, "batch_size": 32, "route": "recursion"}  # the series, then CG
     exact = li.s_test(model, cross_entropy_per_example, train, test, solver="exact", damping=1e-3).vectors
     with pytest.warns(UserWarning, match="did not converge"):
         plain = li.s_test(model, cross_entropy_per_example, train, test, refine=False, **options).info
@@ -69,10 +69,58 @@ def test_the_verdict_is_measured_over_the_whole_training_set_not_the_check_subse
         # LiSSA's repeats check the cheap subset, whose residual levels off at its sampling error: that trend is no
         # reason to hand off (the series draws from every example), so the repeat runs its depth; the verdict is
         # the whole-set residual, and the answer agrees with the exact one
-        lissa = InfluenceProblem(model, cross_entropy_per_example, train, 1e-3, LissaConfig(depth=600, batch_size=32),
-                                 subset_examples=50)
+        config = LissaConfig(depth=600, batch_size=32, route="recursion")
+        lissa = InfluenceProblem(model, cross_entropy_per_example, train, 1e-3, config, subset_examples=50)
         found = lissa.solve(vectors)
     assert found.info.iterations == 600
     assert found.info.converged and found.info.residual == pytest.approx(float(lissa.residual(found.vectors,
                                                                                                 vectors).max()))
+    assert (torch.nn.functional.cosine_similarity(found.vectors, x, dim=1) > 0.99).all()
+
+
+def test_the_predicted_costs_send_small_sets_at_small_dampings_to_cg_and_large_sets_to_the_series():
+    # scale 1.5 (top eigenvalue 1), damping 0.01: the series needs ceil(150 ln 20) = 450 steps, CG's bound
+    # ceil(0.5 sqrt(100) ln 200) = 27 passes
+    dearer, steps, iterations = recursion_costs_more(1.5, 0.01, 128, 1400, 0.05, 0.01)
+    assert (steps, iterations) == (450, 27) and dearer  # 57,600 example products against 37,800
+    assert not recursion_costs_more(1.5, 0.01, 128, 20_000, 0.05, 0.01)[0]  # 57,600 against 540,000
+    assert not recursion_costs_more(1.5, 1.0, 128, 1400, 0.05, 0.01)[0]  # a large damping: 5 steps
+
+
+def test_the_auto_route_solves_by_cg_where_it_is_predicted_cheaper_and_agrees_with_the_series():
+    model, train, test = _small_damping_problem()
+    options = {"damping": 1e-3, "depth": 600, "batch_size": 32}
+    exact = li.s_test(model, cross_entropy_per_example, train, test, solver="exact", damping=1e-3).vectors
+    routed = li.s_test(model, cross_entropy_per_example, train, test, **options)
+    info = routed.info
+    # 300 examples at damping 1e-3: CG's passes cost less than the series' steps; no step of the series ran
+    assert info.solver == "lissa" and info.settings["solved_by"] == "cg" and info.iterations == 0
+    assert info.settings["predicted_steps"] * 32 > info.settings["predicted_cg_iterations"] * 300
+    # the trace is CG's residual per step (TensorBoard tags it as CG's): it ends below CG's tolerance
+    assert info.trace.shape == (1, info.settings["refined_iterations"]) and float(info.trace[0, -1]) <= 0.01
+    assert info.converged and info.residual <= info.residual_tol
+    assert (torch.nn.functional.cosine_similarity(routed.vectors, exact, dim=1) > 0.99).all()
+    series = li.s_test(model, cross_entropy_per_example, train, test, route="recursion", **options)
+    assert series.info.iterations > 0 and "solved_by" not in series.info.settings
+    assert (torch.nn.functional.cosine_similarity(series.vectors, exact, dim=1) > 0.99).all()
+    # a large damping makes the series cheap: it runs
+    cheap = li.s_test(model, cross_entropy_per_example, train, test, damping=1.0, depth=600, batch_size=32).info
+    assert cheap.iterations > 0 and "solved_by" not in cheap.settings
+
+
+def test_with_a_subset_check_the_series_stops_once_the_whole_set_verdict_is_met():
+    model, train, test = _small_damping_problem()
+    with analysis_mode(model):
+        exact = InfluenceProblem(model, cross_entropy_per_example, train, 0.05, ExactConfig(), subset_examples=50)
+        vectors = exact.gradients(test)
+        x = exact.solve(vectors).vectors
+        # the 50-example subset's own sampling error keeps its check above the tolerance even at the exact answer
+        assert exact.check_residual(x, vectors).max() > 0.05
+        config = LissaConfig(depth=3000, batch_size=32, route="recursion")
+        lissa = InfluenceProblem(model, cross_entropy_per_example, train, 0.05, config, subset_examples=50)
+        found = lissa.solve(vectors)
+        predicted = recursion_costs_more(lissa.solver.scale, 0.05, 32, 300, 0.05, 0.01)[1]
+    # from the predicted steps on, the whole-set verdict is asked at the checks: met well before the depth
+    assert predicted <= found.info.iterations < 3000 and found.info.iterations % 50 == 0
+    assert found.info.converged and found.info.residual <= 0.05
     assert (torch.nn.functional.cosine_similarity(found.vectors, x, dim=1) > 0.99).all()

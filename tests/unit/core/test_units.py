@@ -100,7 +100,8 @@ def test_too_small_scale_raises_a_divergence_error_naming_the_knobs(cnn_data):
 def test_lissa_trace_and_early_stop_are_recorded(cnn_data):
     model, x, y, xt, yt = cnn_data
     # the untrained CNN has lambda_min ~ -0.59: damping 1.0 keeps H + damping I positive definite
-    result = li.s_test(model, cross_entropy_per_example, loader(x, y), (xt, yt), depth=200, tol=0.05, damping=1.0)
+    result = li.s_test(model, cross_entropy_per_example, loader(x, y), (xt, yt), depth=200, tol=0.05, damping=1.0,
+                       route="recursion")
     assert result.info.trace.shape[0] == 1
     assert result.info.iterations < 200
     assert float(result.info.trace[0, result.info.iterations - 1]) < 0.05

@@ -144,6 +144,18 @@ def test_trace_is_subsampled(tmp_path: Path) -> None:
         assert logged[0] == 1 and logged[-1] == last_step and logged == sorted(set(logged))
 
 
+def test_a_lissa_solve_routed_to_cg_logs_cg_residuals_under_cg_tags(tmp_path: Path) -> None:
+    report = make_report()
+    residuals = torch.tensor([[0.5, 0.1, 0.008]])
+    routed = replace(report.solver, trace=residuals, iterations=0,
+                     settings={**report.solver.settings, "solved_by": "cg", "refined_iterations": 3})
+    events = write_events(tmp_path, replace(report, solver=routed))
+    logged = events.Scalars(f"influence/cg_trace/epoch_{report.epoch}/repeat_0")
+    assert [(e.step, round(e.value, 6)) for e in logged] == [(1, 0.5), (2, 0.1), (3, 0.008)]
+    assert events.Scalars("influence/cg/final_update")[0].value == pytest.approx(0.008)
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("influence/lissa")]
+
+
 def test_subsample_steps_bounds() -> None:
     row = torch.arange(10.0)
     row[3] = float("nan")
