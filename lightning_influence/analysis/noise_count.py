@@ -43,6 +43,7 @@ from lightning_influence.analysis.training_signals import DEFAULT_SCORE, Trainin
 
 COUNT_METHODS = ("confident_joint", "disagree")
 DEFAULT_COUNT_METHOD = "confident_joint"
+_BOOTSTRAP_ELEMENTS = 1 << 22  # probabilities compared at once per chunk of bootstrap resamples (32 MB as float64)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,28 @@ def mixture_count(score: torch.Tensor, iterations: int = 300) -> float:
     return float((high > 0.5).sum())
 
 
+def weighted_counts(method: str, probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``method``'s count on each of ``B`` reweighted copies of the examples at once: ``weights`` ``[B, n]``
+    (a bootstrap resample's multiplicities) in place of the examples themselves; equal to the count on the
+    resampled examples (:func:`confident_joint_count` or the disagreements)."""
+    given = probs.gather(1, labels[:, None]).squeeze(1)
+    if method != "confident_joint":
+        return weights @ (probs.scatter(1, labels[:, None], -1.0).amax(dim=1) > given).double()
+    classes = probs.shape[1]
+    one_hot = torch.nn.functional.one_hot(labels, classes).double()
+    per_label = weights @ one_hot  # [B, C]
+    thresholds = (weights @ (one_hot * probs)) / per_label.clamp(min=1)
+    above = probs[None] >= thresholds[:, None, :] - 1e-12  # [B, n, C]
+    assigned = torch.where(above, probs[None], torch.full_like(above, -1.0, dtype=probs.dtype)).argmax(dim=2)
+    mass = weights * above.any(dim=2).double()
+    cells = (labels[None, :] * classes + assigned).long()
+    joint = torch.zeros(len(weights), classes * classes, dtype=torch.float64).scatter_add_(1, cells, mass)
+    joint = joint.view(-1, classes, classes)
+    row = joint.sum(dim=2, keepdim=True)
+    calibrated = torch.where(row > 0, joint / row.clamp(min=1e-12) * per_label[:, :, None], joint)
+    return calibrated.sum(dim=(1, 2)) - calibrated.diagonal(dim1=1, dim2=2).sum(dim=1)
+
+
 def _count(method: str, probs: torch.Tensor, labels: torch.Tensor) -> float:
     if method == "confident_joint":
         return confident_joint_count(probs, labels)
@@ -191,11 +214,14 @@ def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_
     estimate = _count(method, probs, labels)
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
-    draws = [estimate]
-    for _ in range(resamples):
-        index = torch.randint(0, n, (n,), generator=generator)
-        draws.append(_count(method, probs[index], labels[index]))
-    boot = torch.tensor(draws, dtype=torch.float64)
+    draws = [torch.tensor([estimate], dtype=torch.float64)]
+    chunk = max(1, _BOOTSTRAP_ELEMENTS // (n * probs.shape[1]))
+    for first in range(0, resamples, chunk):  # a chunk of resamples at once, as multiplicities per example
+        index = torch.randint(0, n, (min(chunk, resamples - first), n), generator=generator)
+        weights = torch.zeros(len(index), n, dtype=torch.float64).scatter_add_(
+            1, index, torch.ones(index.shape, dtype=torch.float64))
+        draws.append(weighted_counts(method, probs, labels, weights))
+    boot = torch.cat(draws)
     tail = (1 - level) / 2
     low, high = float(torch.quantile(boot, tail)), float(torch.quantile(boot, 1 - tail))
     ranking = recorder.scores(score)

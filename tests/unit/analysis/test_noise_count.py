@@ -260,3 +260,22 @@ def test_plausible_range_is_wide_where_flips_are_plausible_ones():
     count = estimate_flip_count(recorder, resamples=0)
     assert count.estimate < 0.8 * 40  # the confident joint undercounts plausible flips
     assert count.plausible_low <= 40 <= count.plausible_high, (count.plausible_low, count.plausible_high)
+
+
+def test_weighted_counts_equal_the_counts_on_the_resampled_examples():
+    from lightning_influence.analysis.noise_count import weighted_counts
+
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.rand(150, 4, generator=generator, dtype=torch.float64).softmax(dim=1)
+    labels = torch.randint(0, 4, (150,), generator=generator)
+    index = torch.randint(0, 150, (5, 150), generator=generator)
+    weights = torch.zeros(5, 150, dtype=torch.float64).scatter_add_(1, index, torch.ones(5, 150, dtype=torch.float64))
+    joint = weighted_counts("confident_joint", probs, labels, weights)
+    disagree = weighted_counts("disagree", probs, labels, weights)
+    for b in range(5):
+        resampled_probs, resampled_labels = probs[index[b]], labels[index[b]]
+        assert float(joint[b]) == pytest.approx(confident_joint_count(resampled_probs, resampled_labels))
+        given = resampled_probs.gather(1, resampled_labels[:, None]).squeeze(1)
+        wrong = resampled_probs.scatter(1, resampled_labels[:, None], -1.0).amax(dim=1) > given
+        assert float(disagree[b]) == float(wrong.sum())
+    assert float(joint[0]) > 0  # random probabilities: many counted off the diagonal
