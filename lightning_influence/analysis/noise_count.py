@@ -132,6 +132,8 @@ def mixture_count(score: torch.Tensor, iterations: int = 300) -> float:
     """The examples a two-component 1-D Gaussian mixture on ``score`` (larger = more suspicious; NaN read as
     the smallest score) assigns (posterior > 1/2) to the component of larger mean: the upper end of the
     plausible range. Maximum likelihood by EM from a 1-D k-means split; deterministic and scale-free."""
+    if iterations < 1:
+        raise ValueError(f"Expected `iterations` >= 1, but got {iterations}.")
     u = score.double()
     u = torch.nan_to_num(u, nan=float(u[~u.isnan()].min()) if bool((~u.isnan()).any()) else 0.0)
     if len(u) < 4 or float(u.std()) < 1e-9:
@@ -230,7 +232,10 @@ def estimate_flip_count(recorder: TrainingSignalRecorder, method: str = DEFAULT_
     flagged = torch.zeros(n, dtype=torch.bool)
     flagged[order[:flagged_count]] = True
     threshold = float(ranking[order[flagged_count - 1]]) if flagged_count else float("inf")
-    plausible = plausible_range(recorder)
+    try:
+        plausible = plausible_range(recorder)
+    except RuntimeError:  # no spread of EL2N at any checkpoint with probabilities: the count without its range
+        plausible = (float("nan"), float("nan"))
     return FlipCount(method, estimate, min(low, estimate), max(high, estimate), threshold, flagged, level,
                      *plausible)
 

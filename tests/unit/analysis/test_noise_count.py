@@ -279,3 +279,22 @@ def test_weighted_counts_equal_the_counts_on_the_resampled_examples():
         wrong = resampled_probs.scatter(1, resampled_labels[:, None], -1.0).amax(dim=1) > given
         assert float(disagree[b]) == float(wrong.sum())
     assert float(joint[0]) > 0  # random probabilities: many counted off the diagonal
+
+
+def test_a_model_that_separates_nothing_gets_a_count_without_a_plausible_range():
+    # constant logits: every example has the same EL2N at every checkpoint, so the range has no weights
+    x, y, _ = _flipped_digits(60, 6, seed=2)
+    model = nn.Linear(64, 10).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    recorder = TrainingSignalRecorder(60, every_n_epochs=1)
+    data = IndexedData(TensorDataset(x, y), None, 60)
+    for epoch in range(3):
+        recorder.record(model, data, epoch)
+    count = estimate_flip_count(recorder, resamples=10)
+    assert count.to_dict()["plausible_low"] is None and count.to_dict()["plausible_high"] is None
+    assert count.low <= count.estimate <= count.high
+    with pytest.raises(RuntimeError, match="spread"):
+        confident_joint_mean(recorder)
+    with pytest.raises(ValueError, match="iterations"):
+        mixture_count(torch.rand(10, dtype=torch.float64), iterations=0)
