@@ -31,8 +31,11 @@ then self-confidence). Counts: ours (:func:`~lightning_influence.analysis.noise_
 the callback recorder, with its interval) and cleanlab's (the number of issues it flags).
 
 Metrics: AUROC, recall at 10% of the training set checked, recall at k = number of flips; the count estimate
-against the true number (ratio, interval coverage); precision and recall of the flagged set; the cost of the
-callback recorder as a fraction of the training time (training steps only). Mean over seeds.
+against the true number (ratio, interval coverage) and whether its plausible range holds the truth (the range's
+two rules chosen on ``CHOSEN_ON``, ``checks.count_split``); precision and recall of the flagged set; the cost of
+the callback recorder as a fraction of the training time (training steps only). Mean over seeds. With
+``--derive``, ``count.reference_agrees``: how many flips are relabelled to the class that the reference model
+(trained on the clean labels) finds most probable, which no count from the data alone can call wrong.
 
 Usage::
 
@@ -77,8 +80,10 @@ sys.path.insert(0, str(ROOT))
 from examples.text_classification import KeywordSequences, TinyBert  # noqa: E402
 from lightning_influence.analysis.noise_count import (  # noqa: E402
     COUNT_METHODS,
+    confident_joint_mean,
     count_probabilities,
     estimate_flip_count,
+    mixture_count,
     threshold_sample_count,
     threshold_sample_labels,
 )
@@ -97,6 +102,7 @@ LR_L2 = 1e-3
 NET_WEIGHT_DECAY = 1e-4
 EARLY = 0.1
 PEERS = ("loss", "final_margin", "early_el2n_dense", "aum_dense", "forgetting_dense", "cleanlab")
+CHOSEN_ON = ("lr", "mlp")  # the models the plausible range's two counts were chosen on; cnn and text check it
 ALTERNATIVES = ("el2n_weighted", "el2n_window", "el2n_weighted+aum")  # ours, checked as if each were the default
 RESULTS = Path(__file__).with_name("mislabel-results.json")
 THRESHOLD_RESULTS = Path(__file__).with_name("mislabel-threshold-results.json")
@@ -268,6 +274,8 @@ def count_fields(recorder: TrainingSignalRecorder, flipped: torch.Tensor) -> dic
     flagged = count.flagged
     return {"true": true_flips, "estimate": count.estimate, "low": count.low, "high": count.high,
             "ratio": count.estimate / true_flips, "covered": count.low <= true_flips <= count.high,
+            "plausible_low": count.plausible_low / true_flips, "plausible_high": count.plausible_high / true_flips,
+            "plausible_covers": count.plausible_low <= true_flips <= count.plausible_high,
             "flagged": int(flagged.sum()),
             "flagged_precision": float(flipped[flagged].double().mean()) if flagged.any() else 0.0,
             "flagged_recall": float(flipped[flagged].sum() / true_flips),
@@ -275,6 +283,8 @@ def count_fields(recorder: TrainingSignalRecorder, flipped: torch.Tensor) -> dic
                            for method in COUNT_METHODS},
                         "confident_joint_peak_and_next": estimate_flip_count(
                             recorder, resamples=0, following=1).estimate / true_flips,
+                        "confident_joint_mean": confident_joint_mean(recorder) / true_flips,
+                        "mixture_half_el2n_fitted": mixture_count(recorder.scores("el2n_fitted")) / true_flips,
                         **{name: value / true_flips for name, value in candidate_counts(recorder).items()}}}
 
 
@@ -339,9 +349,11 @@ def derive(parts: list[Path], dump: Path) -> dict[str, Any]:
             peers = {k: v for k, v in run["metrics"].items() if k in PEERS}
             run["metrics"] = {**{k: metrics(v, saved["flipped"]) for k, v in ours.items()}, **peers}
             cleanlab = {k: run["count"][k] for k in ("cleanlab", "cleanlab_ratio")}
-            run["count"] = {**count_fields(recorder, saved["flipped"]), **cleanlab}
+            run["count"] = {**count_fields(recorder, saved["flipped"]), **cleanlab,
+                            "reference_agrees": reference_agreement(name, noise, seed)}
         entry.update(summarise(entry["runs"]))
     merged["settings"]["default"] = DEFAULT_SCORE
+    merged["settings"]["plausible_range_chosen_on"] = list(CHOSEN_ON)
     merged["settings"]["derived"] = ("our rankings and counts recomputed by --derive from the dumped recorder tables"
                                      " of the same trained models; peers, costs and settings as measured")
     merged["checks"] = checks(merged["results"])
@@ -372,10 +384,13 @@ def checks(results: dict[str, Any]) -> dict[str, Any]:
     for key, entry in results.items():
         row = ranking_row(key, entry, DEFAULT_SCORE)
         row["count_within_20pct"] = entry["count"]["within_20pct"] == len(entry["runs"])
+        row["plausible_range_covers"] = entry["count"].get("plausible_covered") == len(entry["runs"])
         row["cost_under_0.2"] = entry["cost"]["callback_signals"] < 0.2
         out[key] = row
     out["all"] = {goal: sum(bool(r[goal]) for r in out.values()) for goal in
-                  ("ranking_holds", "holds_vs_loss_cleanlab_early_el2n", "count_within_20pct", "cost_under_0.2")}
+                  ("ranking_holds", "holds_vs_loss_cleanlab_early_el2n", "count_within_20pct", "cost_under_0.2",
+                   "plausible_range_covers")}
+    out["count_split"] = count_split(out)
     out["all"]["settings"] = len(results)
     out["count_methods"] = count_method_checks(results)
     out["ranking_alternatives"] = {}
@@ -386,6 +401,17 @@ def checks(results: dict[str, Any]) -> dict[str, Any]:
         out["ranking_alternatives"][score] = {
             **{m: sum(v for k, v in holds.items() if k.split("/")[0] == m) for m in models},
             "all": sum(holds.values()), "fails": [key for key, v in holds.items() if not v]}
+    return out
+
+
+def count_split(rows: dict[str, Any]) -> dict[str, Any]:
+    """The count goals on the models the plausible range was chosen on (``CHOSEN_ON``) and on the others."""
+    out: dict[str, Any] = {}
+    for part, chosen in (("chosen_on", True), ("checked_on", False)):
+        keys = [k for k in rows if "/" in k and (k.split("/")[0] in CHOSEN_ON) == chosen]
+        out[part] = {"models": sorted({k.split("/")[0] for k in keys}), "settings": len(keys),
+                     **{goal: sum(bool(rows[k][goal]) for k in keys)
+                        for goal in ("count_within_20pct", "plausible_range_covers")}}
     return out
 
 
@@ -422,6 +448,27 @@ def noisy_task(name: str, noise: str, seed: int) -> tuple[Any, torch.Tensor, tor
         features = x.numpy()
     y = add_noise(kind, rate, reference_probabilities(features, y_true, seed), y_true, seed)
     return x, y, y != y_true, features
+
+
+_REFERENCE: dict[tuple[str, int], Any] = {}
+
+
+def reference_agreement(name: str, noise: str, seed: int) -> int:
+    """How many of the setting's flipped labels are the class the reference model (trained on the clean labels,
+    out of fold) finds most probable: flips that no model can call wrong from the data alone."""
+    kind, rate = NOISES[noise]
+    dataset = "text" if name == "text" else "digits"
+    if (dataset, seed) not in _REFERENCE:
+        if dataset == "text":
+            _, y_true, features = text_data(seed)
+        else:
+            x, y_true = digits_split(seed)
+            features = x.numpy()
+        _REFERENCE[dataset, seed] = (y_true, reference_probabilities(features, y_true, seed))
+    y_true, probs = _REFERENCE[dataset, seed]
+    y = add_noise(kind, rate, probs, y_true, seed)
+    flipped = y != y_true
+    return int((probs.argmax(dim=1)[flipped] == y[flipped]).sum())
 
 
 def run_one(name: str, noise: str, seed: int, folds: int, dump: Path | None) -> dict[str, Any]:
@@ -578,6 +625,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     count["ratio_range"] = [min(r["count"]["ratio"] for r in runs), max(r["count"]["ratio"] for r in runs)]
     count["within_20pct"] = sum(abs(r["count"]["ratio"] - 1) <= 0.2 for r in runs)
     count["covered"] = sum(bool(r["count"]["covered"]) for r in runs)
+    if "reference_agrees" in runs[0]["count"]:
+        count["reference_agrees"] = statistics.fmean(r["count"]["reference_agrees"] for r in runs)
+    if "plausible_covers" in runs[0]["count"]:
+        count["plausible_covered"] = sum(bool(r["count"]["plausible_covers"]) for r in runs)
+        count["plausible_range"] = [statistics.fmean(r["count"][f"plausible_{end}"] for r in runs)
+                                    for end in ("low", "high")]
     cost = {key: statistics.fmean(r["cost"][key] for r in runs) for key in runs[0]["cost"]}
     best_peer = {m: max(mean[p][m] for p in PEERS if p != "final_margin") for m in ("auroc", "recall@10%")}
     return {"mean": mean, "count": count, "cost": cost, "best_peer": best_peer}
@@ -611,12 +664,15 @@ def markdown(stored: dict[str, Any]) -> str:
         lines.append(f"| {key.replace('/', ', ')} | " + " | ".join(cells)
                      + f" | {check['auroc_vs_best_peer']:+.3f} / {check['recall@10%_vs_best_peer']:+.3f} |")
     lines += ["", "| model, noise | true flips | estimate (mean) | estimate / true, per seed | within 20% | interval"
-              " covers | flagged: precision / recall | cleanlab flagged / true |", "| --- |" + " --- |" * 7]
+              " covers | plausible range / true (mean) | range covers | flagged: precision / recall |"
+              " cleanlab flagged / true |", "| --- |" + " --- |" * 9]
     for key, entry in stored["results"].items():
         count, runs = entry["count"], entry["runs"]
         ratios = ", ".join(f"{r['count']['ratio']:.2f}" for r in runs)
         lines.append(f"| {key.replace('/', ', ')} | {count['true']:.0f} | {count['estimate']:.1f} | {ratios} | "
                      f"{count['within_20pct']}/{len(runs)} | {count['covered']}/{len(runs)} | "
+                     f"{count['plausible_range'][0]:.2f}-{count['plausible_range'][1]:.2f} | "
+                     f"{count['plausible_covered']}/{len(runs)} | "
                      f"{count['flagged_precision']:.3f} / {count['flagged_recall']:.3f} | "
                      f"{count['cleanlab_ratio']:.2f} |")
     return "\n".join(lines)

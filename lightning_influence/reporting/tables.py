@@ -216,9 +216,14 @@ def ranking_line(report: MislabelReport) -> str:
 def flip_count_line(count: dict[str, Any]) -> str:
     """One sentence: how many training labels are estimated wrong (with the interval) and how many are flagged."""
     level = round(100 * float(count.get("level", 0.95)))
+    plausible = ""
+    if count.get("plausible_low") is not None and count.get("plausible_high") is not None:
+        plausible = (f"; plausible range {format_float(count['plausible_low'], 4)}-"
+                     f"{format_float(count['plausible_high'], 4)}, wide where flips are plausible ones")
     return (f"Estimated wrong labels: {format_float(count['estimate'], 4)} ({level}% interval"
-            f" {format_float(count['low'], 4)}-{format_float(count['high'], 4)}, {count['method']}); the first"
-            f" {count['flagged']} of the ranking are flagged (score >= {format_float(count['threshold'], 4)}).")
+            f" {format_float(count['low'], 4)}-{format_float(count['high'], 4)}, {count['method']}{plausible});"
+            f" the first {count['flagged']} of the ranking are flagged"
+            f" (score >= {format_float(count['threshold'], 4)}).")
 
 
 def confusion_candidates(report: MislabelReport) -> int:

@@ -121,7 +121,8 @@ def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> 
     (markdown), ``influence/mislabel/per_class`` (markdown: candidates per given/predicted label pair),
     ``influence/mislabel/self_influence`` (histogram of ``report.scores``, when present), the scalar
     ``influence/mislabel/seconds`` and, with training signals, the scalars ``influence/mislabel/estimated_flips``,
-    ``estimated_flips_low``, ``estimated_flips_high`` and ``flagged``.
+    ``estimated_flips_low``, ``estimated_flips_high``, ``flagged``, ``plausible_flips_low`` and
+    ``plausible_flips_high`` (the last two when the count has its plausible range).
 
     Args:
         writer: a ``SummaryWriter`` or anything with ``add_figure``, ``add_text``, ``add_histogram``,
@@ -145,6 +146,9 @@ def write_mislabel_report(writer: SummaryWriterLike, report: MislabelReport) -> 
         for name, key in (("estimated_flips", "estimate"), ("estimated_flips_low", "low"),
                           ("estimated_flips_high", "high"), ("flagged", "flagged")):
             writer.add_scalar(f"{tag}/{name}", float(count[key]), global_step=step)
+        for name, key in (("plausible_flips_low", "plausible_low"), ("plausible_flips_high", "plausible_high")):
+            if count.get(key) is not None:
+                writer.add_scalar(f"{tag}/{name}", float(count[key]), global_step=step)
     writer.flush()
 
 

@@ -168,7 +168,8 @@ class MislabelReport:
     ``signals`` describes the training signals used (``{"epochs", "seconds", "default"}``), None when the
     analysis had none (post hoc, from a checkpoint only). ``flip_count`` is the estimated number of wrong
     training labels from the signals: ``{"method", "estimate", "low", "high", "level", "flagged",
-    "threshold"}`` (``docs/mislabel.md``), None without training signals.
+    "threshold", "fraction", "plausible_low", "plausible_high"}`` (``docs/mislabel.md``), None without
+    training signals.
     """
 
     epoch: int

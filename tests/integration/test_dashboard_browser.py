@@ -238,6 +238,7 @@ def test_digits_example_mislabel_tab_states_its_ranking_and_selects_every_candid
     estimate = report.get("estimated_flips")  # the count of wrong labels and the flags, when the report has them
     if estimate:
         assert f"the first {estimate['flagged']} candidates are flagged" in ranking and "flagged" in headers
+        assert ("plausible range" in ranking) == (estimate.get("plausible_high") is not None)
         flags = frame(page, "[...DOC.querySelectorAll('#li-candidates td.flagged')].map(t => t.textContent)")
         assert flags == ["yes" if c["flagged"] else "" for c in report["candidates"]]
     scores = frame(page, "[...DOC.querySelectorAll('#li-candidates td.score')].map(t => Number(t.textContent))")

@@ -129,6 +129,7 @@ def test_signals_recorded_through_the_callback_rank_planted_flips_high(mislabel_
     estimated = report["estimated_flips"]  # the count of wrong labels and the flags
     assert 0.6 * k <= estimated["estimate"] <= 1.4 * k, (estimated, k)
     assert [c["flagged"] for c in report["candidates"]].count(True) == estimated["flagged"] == round(estimated["estimate"])
+    assert estimated["plausible_low"] <= k <= estimated["plausible_high"], estimated  # the range holds the flips
 
 
 def test_per_class_table_shows_the_asymmetric_confusion(mislabel_run):

@@ -67,7 +67,9 @@ export async function drawMislabel() {
       h("b", {}, `${page.all} candidates ranked by ${page.ranking}`), ` (of ${fmt(page.train_size)} training examples, step ${fmt(page.global_step)}). `,
       page.ranking_definition,
       page.estimated_flips ? h("div", { id: "li-estimated-flips" }, `Estimated wrong labels: ${fmt(page.estimated_flips.estimate)}`
-        + ` (interval ${fmt(page.estimated_flips.low)} to ${fmt(page.estimated_flips.high)}); the first ${fmt(page.estimated_flips.flagged)} candidates are flagged.`) : null,
+        + ` (interval ${fmt(page.estimated_flips.low)} to ${fmt(page.estimated_flips.high)}`
+        + (page.estimated_flips.plausible_high != null ? `; plausible range ${fmt(page.estimated_flips.plausible_low)} to ${fmt(page.estimated_flips.plausible_high)}` : "")
+        + `); the first ${fmt(page.estimated_flips.flagged)} candidates are flagged.`) : null,
       page.order !== page.ranking ? h("div", { className: "small" }, `Shown in the order of the stored ranking ${page.order}; ${page.outside} of its top ${page.all} are not candidates of this report and are not listed.`) : null,
       bySignals ? h("div", { className: "small" }, "The suggested label is the class the training signals point to; it is never the given label, so it is shown apart from the model's own prediction. The relabel CSV proposes it as new_label.")
         : h("div", { className: "small" }, page.signals_note || "")),

@@ -102,6 +102,9 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     write_mislabel_report(writer, report)
     assert writer.scalars["influence/mislabel/estimated_flips"] == pytest.approx(estimated["estimate"])
     assert writer.scalars["influence/mislabel/flagged"] == estimated["flagged"]
+    assert writer.scalars["influence/mislabel/plausible_flips_low"] == pytest.approx(estimated["plausible_low"])
+    assert writer.scalars["influence/mislabel/plausible_flips_high"] == pytest.approx(estimated["plausible_high"])
+    assert "plausible range" in mislabel_markdown(report)
 
 
 class _TinyConvNet(torch.nn.Module):

@@ -16,9 +16,12 @@ from torch.utils.data import TensorDataset
 from lightning_influence.analysis.noise_count import (
     COUNT_METHODS,
     confident_joint_count,
+    confident_joint_mean,
     count_probabilities,
     estimate_flip_count,
+    mixture_count,
     peak_checkpoint,
+    plausible_range,
     threshold_sample_count,
     threshold_sample_labels,
 )
@@ -92,7 +95,9 @@ def test_estimate_on_planted_flips_is_close_with_an_interval_and_flags_the_top_o
     assert flipped[count.flagged].double().mean() >= 0.7  # the flagged are mostly the planted flips
     as_dict = count.to_dict()
     assert as_dict["flagged"] == flagged and as_dict["fraction"] == pytest.approx(count.estimate / 200)
-    assert set(as_dict) == {"method", "estimate", "low", "high", "level", "flagged", "threshold", "fraction"}
+    assert set(as_dict) == {"method", "estimate", "low", "high", "level", "flagged", "threshold", "fraction",
+                            "plausible_low", "plausible_high"}
+    assert as_dict["plausible_low"] <= 20 <= as_dict["plausible_high"]  # the range covers the planted flips
 
 
 def test_count_reads_the_checkpoint_of_largest_el2n_spread():
@@ -197,3 +202,99 @@ def test_count_on_a_memorising_mlp_lands_near_the_flips_and_flags_by_the_default
     assert int(count.flagged.sum()) == flagged and bool((score[count.flagged] >= count.threshold).all())
     assert bool((score[~count.flagged] <= count.threshold).all())
     assert flipped[count.flagged].double().mean() >= 0.8  # the flagged are mostly the flips
+
+
+def test_mixture_count_recovers_the_upper_cluster_of_an_el2n_like_score():
+    # 850 fitted examples (EL2N near 0.15) and 150 flips (near 1.25), on EL2N's scale [0, sqrt 2]
+    generator = torch.Generator().manual_seed(0)
+    low = (0.15 + 0.05 * torch.randn(850, generator=generator, dtype=torch.float64)).clamp(0.01, 1.4)
+    high = (1.25 + 0.06 * torch.randn(150, generator=generator, dtype=torch.float64)).clamp(0.01, 1.4)
+    score = torch.cat([low, high])[torch.randperm(1000, generator=generator)]
+    assert abs(mixture_count(score) - 150) <= 3
+    assert mixture_count(score) == mixture_count(score.flip(0))  # deterministic, order-free
+    assert mixture_count(torch.full((50,), 0.3, dtype=torch.float64)) == 0.0  # no spread: nothing counted
+    score_with_nan = torch.cat([score, torch.tensor([float("nan")], dtype=torch.float64)])
+    assert abs(mixture_count(score_with_nan) - 150) <= 3
+
+
+def test_confident_joint_mean_weights_each_checkpoint_by_the_el2n_spread():
+    recorder, _ = _planted()
+    spread = recorder.signals["el2n"].double().var(dim=0)
+    counts = torch.tensor([confident_joint_count(table.double(), recorder.labels)
+                           for table in recorder.probabilities], dtype=torch.float64)
+    assert confident_joint_mean(recorder) == pytest.approx(float((spread * counts).sum() / spread.sum()))
+    low, high = plausible_range(recorder)
+    assert low == min(confident_joint_mean(recorder), mixture_count(recorder.scores("el2n_fitted")))
+    assert high == max(confident_joint_mean(recorder), mixture_count(recorder.scores("el2n_fitted")))
+    recorder.probabilities[0] = torch.full_like(recorder.probabilities[0], float("nan"))  # skipped, not zero
+    kept = spread[1:]
+    assert confident_joint_mean(recorder) == pytest.approx(float((kept * counts[1:]).sum() / kept.sum()))
+
+
+def test_plausible_range_is_wide_where_flips_are_plausible_ones():
+    # the 40 lowest-margin digits (by a first logistic regression) moved to their runner-up class: the
+    # confident joint misses most of them, the mixture on the default score does not, and the range covers 40
+    images, labels = digits(torch.float64)
+    x, y = images[:400].flatten(1), labels[:400].clone()
+    torch.manual_seed(0)
+    reference = nn.Linear(64, 10).double()
+    optimiser = torch.optim.Adam(reference.parameters(), lr=0.05)
+    for _ in range(60):
+        optimiser.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        optimiser.step()
+    with torch.no_grad():
+        probs = reference(x).softmax(dim=1)
+    others = probs.scatter(1, y[:, None], -1.0)
+    hard = torch.argsort(probs.gather(1, y[:, None]).squeeze(1) - others.amax(dim=1))[:40]
+    y[hard] = others.argmax(dim=1)[hard]
+    model = nn.Linear(64, 10).double()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    recorder = TrainingSignalRecorder(400, every_n_epochs=4)
+    data = IndexedData(TensorDataset(x, y), None, 400)
+    for epoch in range(40):
+        optimiser.zero_grad()
+        (F.cross_entropy(model(x), y) + 5e-3 * model.weight.pow(2).sum()).backward()
+        optimiser.step()
+        recorder.record(model, data, epoch)
+    count = estimate_flip_count(recorder, resamples=0)
+    assert count.estimate < 0.8 * 40  # the confident joint undercounts plausible flips
+    assert count.plausible_low <= 40 <= count.plausible_high, (count.plausible_low, count.plausible_high)
+
+
+def test_weighted_counts_equal_the_counts_on_the_resampled_examples():
+    from lightning_influence.analysis.noise_count import weighted_counts
+
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.rand(150, 4, generator=generator, dtype=torch.float64).softmax(dim=1)
+    labels = torch.randint(0, 4, (150,), generator=generator)
+    index = torch.randint(0, 150, (5, 150), generator=generator)
+    weights = torch.zeros(5, 150, dtype=torch.float64).scatter_add_(1, index, torch.ones(5, 150, dtype=torch.float64))
+    joint = weighted_counts("confident_joint", probs, labels, weights)
+    disagree = weighted_counts("disagree", probs, labels, weights)
+    for b in range(5):
+        resampled_probs, resampled_labels = probs[index[b]], labels[index[b]]
+        assert float(joint[b]) == pytest.approx(confident_joint_count(resampled_probs, resampled_labels))
+        given = resampled_probs.gather(1, resampled_labels[:, None]).squeeze(1)
+        wrong = resampled_probs.scatter(1, resampled_labels[:, None], -1.0).amax(dim=1) > given
+        assert float(disagree[b]) == float(wrong.sum())
+    assert float(joint[0]) > 0  # random probabilities: many counted off the diagonal
+
+
+def test_a_model_that_separates_nothing_gets_a_count_without_a_plausible_range():
+    # constant logits: every example has the same EL2N at every checkpoint, so the range has no weights
+    x, y, _ = _flipped_digits(60, 6, seed=2)
+    model = nn.Linear(64, 10).double()
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    recorder = TrainingSignalRecorder(60, every_n_epochs=1)
+    data = IndexedData(TensorDataset(x, y), None, 60)
+    for epoch in range(3):
+        recorder.record(model, data, epoch)
+    count = estimate_flip_count(recorder, resamples=10)
+    assert count.to_dict()["plausible_low"] is None and count.to_dict()["plausible_high"] is None
+    assert count.low <= count.estimate <= count.high
+    with pytest.raises(RuntimeError, match="spread"):
+        confident_joint_mean(recorder)
+    with pytest.raises(ValueError, match="iterations"):
+        mixture_count(torch.rand(10, dtype=torch.float64), iterations=0)
