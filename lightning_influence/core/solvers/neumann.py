@@ -174,21 +174,13 @@ def lissa_repeat(
     trace = []
     tail = TailAverage(h) if getattr(config, "average", False) else None
     every = getattr(config, "check_every", 0)
-    checks: list[tuple[int, float]] = []  # (step, residual) of the checks that missed the tolerance
+    checks = _RepeatChecks(config, stop, hand_off, verdict)
     work = torch.empty_like(h)
     for step in range(1, config.depth + 1):
         batch = next(stream)
         h_next = lissa_step_(h, v, hvp(batch, h).detach(), damping, scale)
         update = torch.sub(h_next, h, out=work).norm(dim=1)
-        growth = float((update / v_norm).max())
-        if not math.isfinite(growth) or growth > DIVERGENCE_FACTOR:
-            raise LissaDivergenceError(
-                f"LiSSA diverged at step {step} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
-                f" scale={scale:.4g} and damping={damping:.3g}. `scale` must exceed half the largest eigenvalue of"
-                " the minibatch curvature plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
-                " `batch_size`. If the model has strong negative curvature, increase `damping`.",
-                step=step, repeat=repeat, batch=batch, scale=scale, damping=damping,
-            )
+        _check_growth(float((update / v_norm).max()), step, repeat, batch, scale, damping)
         h = h_next
         if tail is not None:
             tail.add(h)
@@ -199,20 +191,55 @@ def lissa_repeat(
         if config.tol > 0 and relative < config.tol:
             break
         if stop is not None and every > 0 and step % every == 0 and step < config.depth:
-            met, missed = _first_meeting(h, tail, scale, stop, config.residual_tol)
+            met, ends = checks.ask(step, h, tail, scale)
             if met is not None:
                 return met, torch.tensor(trace)
-            checks.append((step, missed))
-            if hand_off and cannot_finish(checks, config.depth, config.residual_tol):
+            if ends:
                 break
-            if verdict is not None and step >= verdict[1]:
-                met, _ = _first_meeting(h, tail, scale, verdict[0], config.residual_tol)
-                if met is not None:
-                    return met, torch.tensor(trace)
-                verdict = (verdict[0], 2 * step)
     if stop is not None:
         return _best_estimate(h, tail, scale, stop), torch.tensor(trace)
     return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
+
+
+def _check_growth(growth: float, step: int, repeat: int, batch: Batch, scale: float, damping: float) -> None:
+    """Raise :class:`LissaDivergenceError` when a step's update (relative to ``||v||``) blew up."""
+    if math.isfinite(growth) and growth <= DIVERGENCE_FACTOR:
+        return
+    raise LissaDivergenceError(
+        f"LiSSA diverged at step {step} of repeat {repeat} (update norm {growth:.3g} x ||v||) with"
+        f" scale={scale:.4g} and damping={damping:.3g}. `scale` must exceed half the largest eigenvalue of"
+        " the minibatch curvature plus damping: increase `scale` (e.g. 10x), use scale='auto', or raise"
+        " `batch_size`. If the model has strong negative curvature, increase `damping`.",
+        step=step, repeat=repeat, batch=batch, scale=scale, damping=damping,
+    )
+
+
+class _RepeatChecks:
+    """A repeat's residual checks (see :func:`lissa_repeat`): the cheap ``stop``, the hand-off and the verdict."""
+
+    def __init__(self, config: LissaConfig, stop: StopCheck | None, hand_off: bool,
+                 verdict: tuple[StopCheck, int] | None) -> None:
+        self.config, self.stop, self.hand_off, self.verdict = config, stop, hand_off, verdict
+        self.missed: list[tuple[int, float]] = []  # (step, residual) of the checks that missed the tolerance
+
+    def ask(self, step: int, h: torch.Tensor, tail: TailAverage | None, scale: float
+            ) -> tuple[torch.Tensor | None, bool]:
+        """``(estimate, False)`` when an estimate meets the tolerance, ``(None, True)`` when the repeat should hand
+        off, else ``(None, False)``."""
+        assert self.stop is not None  # noqa: S101 - only asked with a stop check
+        tol, depth = self.config.residual_tol, self.config.depth
+        met, missed = _first_meeting(h, tail, scale, self.stop, tol)
+        if met is not None:
+            return met, False
+        self.missed.append((step, missed))
+        if self.hand_off and cannot_finish(self.missed, depth, tol):
+            return None, True
+        if self.verdict is not None and step >= self.verdict[1]:
+            met, _ = _first_meeting(h, tail, scale, self.verdict[0], tol)
+            if met is not None:
+                return met, False
+            self.verdict = (self.verdict[0], 2 * step)
+        return None, False
 
 
 def _candidates(h: torch.Tensor, tail: TailAverage | None, scale: float) -> list[torch.Tensor]:
