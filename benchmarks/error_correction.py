@@ -91,10 +91,18 @@ PROTECT_VARIANTS = {
     "protect off (the previous default)": {"protect_per_step": 0},
     "anchors": {"selection": "anchors"},
 }
+#: --study influence: the influence step (selection="influence": the anchors, stepped along (H + damping I)^-1 grad
+#: L_A) with the protect projection (10, the default) and without it, against anchors-only, on all four tasks.
+INFLUENCE_VARIANTS = {
+    "influence, protect 10": {"selection": "influence"},
+    "influence, protect off": {"selection": "influence", "protect_per_step": 0},
+    "anchors": {"selection": "anchors"},
+}
 # The design and projection studies predate the protect projection: they run without it, as their files were made.
 VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in VARIANTS.items()}
 PROJECTION_VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in PROJECTION_VARIANTS.items()}
-STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS}
+STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS,
+           "influence": INFLUENCE_VARIANTS}
 
 
 def selection_arguments(selection: str) -> dict:
@@ -119,7 +127,7 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
         return {"failed": str(err)}
     gc.collect()  # each run's trainer and module are reference cycles
     chosen = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices] \
-        if report.selection != "anchors" else []
+        if report.selection not in ("anchors", "influence") else []
     return {
         "slice_before": report.before["heldout"].accuracy, "slice_after": report.after["heldout"].accuracy,
         "others_before": accuracy(trained, task.others), "others_after": accuracy(model, task.others),
@@ -230,7 +238,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
                 print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
                 if arguments in ({}, {"protect_per_step": 0}) and "anchor_weights" in row:
                     weights[name] += row["anchor_weights"]
-                if not arguments and "protect_cosines" in row:
+                if variant == next(iter(variants)) and "protect_cosines" in row:
                     cosines[name] += row["protect_cosines"]
     tables = {name: {v: summary(rows) for v, rows in by_variant.items()} for name, by_variant in results.items()}
     for name, by_variant in tables.items():
@@ -240,7 +248,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
             print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
                   f" {s.get('cost_outside')} |")
     out = {"study": args.study, "tables": tables, "results": results}
-    if args.study == "protect":
+    if args.study in ("protect", "influence"):
         out["versus_anchors"] = versus_anchors(tables)
         out["protect_projected_steps"] = {name: {"steps": len(c), "projected": sum(v < 0 for v in c)}
                                           for name, c in cosines.items()}
