@@ -316,8 +316,24 @@ def plot(results_file: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def merge_studies(parts: list[dict], out: Path) -> None:
+    """--merge for --study files (tasks run in separate processes): per-task entries side by side."""
+    merged: dict = {"study": parts[0]["study"]}
+    for key in ("tables", "results", "versus_anchors", "protect_projected_steps", "anchor_weights"):
+        if key in parts[0]:
+            merged[key] = {task: value for part in parts for task, value in part[key].items()}
+    merged["settings"] = {**parts[0]["settings"], "tasks": [t for p in parts for t in p["settings"]["tasks"]]}
+    merged["total"] = {"cpu_seconds": sum(p["total"]["cpu_seconds"] for p in parts),
+                       "wall_seconds_per_process": [p["total"]["wall_seconds"] for p in parts]}
+    print(markdown_tables(merged))
+    out.write_text(json.dumps(merged, indent=1))
+
+
 def merge(files: list[Path], out: Path) -> None:
     parts = [json.loads(f.read_text()) for f in files]
+    if "study" in parts[0]:
+        merge_studies(parts, out)
+        return
     merged: dict = {key: {} for key in ("tables", "automatic_lr", "results")}
     for part in parts:
         for key in merged:
@@ -358,18 +374,24 @@ def update(main_file: Path, parts: list[Path], note: str) -> None:
     main_file.write_text(json.dumps(data, indent=1))
 
 
+def markdown_tables(data: dict) -> str:
+    """A --study file's tables, one per task, as docs/error-correction.md prints them."""
+    lines: list[str] = []
+    for task, by_variant in data["tables"].items():
+        lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
+                  for v, s in by_variant.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(results_file: Path) -> str:
     """The docs' tables (docs/error-correction.md) from a results file, as printed there."""
     data = json.loads(results_file.read_text())
     lines: list[str] = []
     if "automatic_lr" not in data:  # a --study file
-        for task, by_variant in data["tables"].items():
-            lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
-                      "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
-                      for v, s in by_variant.items()]
-            lines.append("")
-        return "\n".join(lines)
+        return markdown_tables(data)
     for task, by_lr in data["tables"].items():
         lrs = ", ".join(f"{v:.3g}" for v in data["automatic_lr"][task])
         lines += [f"**{task}** (automatic lr per seed: {lrs}); slice gain / cost outside the slice, points", "",
