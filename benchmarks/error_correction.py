@@ -91,10 +91,18 @@ PROTECT_VARIANTS = {
     "protect off (the previous default)": {"protect_per_step": 0},
     "anchors": {"selection": "anchors"},
 }
+#: --study influence: the influence step (selection="influence": the anchors, stepped along (H + damping I)^-1 grad
+#: L_A) with the protect projection (10, the default) and without it, against anchors-only, on all four tasks.
+INFLUENCE_VARIANTS = {
+    "influence, protect 10": {"selection": "influence"},
+    "influence, protect off": {"selection": "influence", "protect_per_step": 0},
+    "anchors": {"selection": "anchors"},
+}
 # The design and projection studies predate the protect projection: they run without it, as their files were made.
 VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in VARIANTS.items()}
 PROJECTION_VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in PROJECTION_VARIANTS.items()}
-STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS}
+STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS,
+           "influence": INFLUENCE_VARIANTS}
 
 
 def selection_arguments(selection: str) -> dict:
@@ -119,7 +127,7 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
         return {"failed": str(err)}
     gc.collect()  # each run's trainer and module are reference cycles
     chosen = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices] \
-        if report.selection != "anchors" else []
+        if report.selection not in ("anchors", "influence") else []
     return {
         "slice_before": report.before["heldout"].accuracy, "slice_after": report.after["heldout"].accuracy,
         "others_before": accuracy(trained, task.others), "others_after": accuracy(model, task.others),
@@ -230,7 +238,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
                 print(f"{name} seed {seed} {variant:38s} {_line(row)}", flush=True)
                 if arguments in ({}, {"protect_per_step": 0}) and "anchor_weights" in row:
                     weights[name] += row["anchor_weights"]
-                if not arguments and "protect_cosines" in row:
+                if variant == next(iter(variants)) and "protect_cosines" in row:
                     cosines[name] += row["protect_cosines"]
     tables = {name: {v: summary(rows) for v, rows in by_variant.items()} for name, by_variant in results.items()}
     for name, by_variant in tables.items():
@@ -240,7 +248,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
             print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
                   f" {s.get('cost_outside')} |")
     out = {"study": args.study, "tables": tables, "results": results}
-    if args.study == "protect":
+    if args.study in ("protect", "influence"):
         out["versus_anchors"] = versus_anchors(tables)
         out["protect_projected_steps"] = {name: {"steps": len(c), "projected": sum(v < 0 for v in c)}
                                           for name, c in cosines.items()}
@@ -308,8 +316,24 @@ def plot(results_file: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def merge_studies(parts: list[dict], out: Path) -> None:
+    """--merge for --study files (tasks run in separate processes): per-task entries side by side."""
+    merged: dict = {"study": parts[0]["study"]}
+    for key in ("tables", "results", "versus_anchors", "protect_projected_steps", "anchor_weights"):
+        if key in parts[0]:
+            merged[key] = {task: value for part in parts for task, value in part[key].items()}
+    merged["settings"] = {**parts[0]["settings"], "tasks": [t for p in parts for t in p["settings"]["tasks"]]}
+    merged["total"] = {"cpu_seconds": sum(p["total"]["cpu_seconds"] for p in parts),
+                       "wall_seconds_per_process": [p["total"]["wall_seconds"] for p in parts]}
+    print(markdown_tables(merged))
+    out.write_text(json.dumps(merged, indent=1))
+
+
 def merge(files: list[Path], out: Path) -> None:
     parts = [json.loads(f.read_text()) for f in files]
+    if "study" in parts[0]:
+        merge_studies(parts, out)
+        return
     merged: dict = {key: {} for key in ("tables", "automatic_lr", "results")}
     for part in parts:
         for key in merged:
@@ -350,18 +374,24 @@ def update(main_file: Path, parts: list[Path], note: str) -> None:
     main_file.write_text(json.dumps(data, indent=1))
 
 
+def markdown_tables(data: dict) -> str:
+    """A --study file's tables, one per task, as docs/error-correction.md prints them."""
+    lines: list[str] = []
+    for task, by_variant in data["tables"].items():
+        lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
+                  for v, s in by_variant.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(results_file: Path) -> str:
     """The docs' tables (docs/error-correction.md) from a results file, as printed there."""
     data = json.loads(results_file.read_text())
     lines: list[str] = []
     if "automatic_lr" not in data:  # a --study file
-        for task, by_variant in data["tables"].items():
-            lines += [f"**{task}**", "", "| variant | slice before | slice after | slice gain | cost outside the slice |",
-                      "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {v} | {s['slice_before']} | {s['slice_after']} | {s['slice_gain']} | {s['cost_outside']} |"
-                      for v, s in by_variant.items()]
-            lines.append("")
-        return "\n".join(lines)
+        return markdown_tables(data)
     for task, by_lr in data["tables"].items():
         lrs = ", ".join(f"{v:.3g}" for v in data["automatic_lr"][task])
         lines += [f"**{task}** (automatic lr per seed: {lrs}); slice gain / cost outside the slice, points", "",

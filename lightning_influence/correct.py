@@ -131,8 +131,9 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
         lr: learning rate of the fresh optimizer, or ``"auto"``: the largest lr whose one step on the anchors'
             mean loss passes Armijo's sufficient-decrease test (a line search from the trained weights; the report's
             settings keep the trials). With an ``Optimizer`` or a factory, ``"auto"`` keeps its own lr.
-        selection: ``"anchors+helpful"``, ``"helpful"``, ``"weighted"``, ``"anchors+protect"``, ``"anchors"``,
-            ``"anchors+random"``, ``"random"`` or ``"harmful"``.
+        selection: ``"anchors+helpful"``, ``"helpful"``, ``"weighted"``, ``"anchors+protect"``, ``"influence"``
+            (the anchors, stepped along ``(H + damping I)^-1 grad L_A`` scaled to their gradient step's first-order
+            decrease), ``"anchors"``, ``"anchors+random"``, ``"random"`` or ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
         num_candidates: FastIF's candidate preselection: each round scores only the union of the

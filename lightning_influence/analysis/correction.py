@@ -20,7 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_influence.analysis.correction_steps import anchor_weight, influence_weights, project_away
+from lightning_influence.analysis.correction_direction import anchor_direction, take_influence_step
+from lightning_influence.analysis.correction_steps import anchor_weight, influence_weights, match_decrease, project_away
 from lightning_influence.config import CorrectionConfig, ExplainConfig, ProblemConfig, expect
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
@@ -258,8 +259,13 @@ class CorrectionRun:
         anchor_ids = sample_anchors(len(self.anchors), self.settings.anchors_per_iteration, generator)
         anchor_batch = fetch(self.anchors, anchor_ids, device)
         parts: list[tuple[Batch, Optional[torch.Tensor], int]] = []  # (batch, loss weights or None, size)
+        direction = None
         if self.settings.selection == "anchors":
             choice = Choice(anchor_ids)
+        elif self.settings.selection == "influence":  # the anchors, stepped along (H + damping I)^-1 grad L_A
+            direction, info = anchor_direction(model, self.loss_fn, self.train, anchor_batch, self.setup, collectives)
+            choice = Choice(anchor_ids, info=info)
+            gc.collect()
         else:
             guard_batch = None
             if self.guard_pool and self.guard is not None:
@@ -277,10 +283,10 @@ class CorrectionRun:
                 gc.collect()  # Jacobians) in reference cycles: free it now, not when Python's collector gets to it
             weights = None if choice.weights is None else torch.tensor(choice.weights, dtype=torch.float64)
             parts.append((fetch(self.train, choice.indices, device), weights, len(choice.indices)))
-        if self.settings.selection.startswith("anchors"):
+        if self.settings.selection.startswith("anchors") or direction is not None:
             parts.append((anchor_batch, None, len(anchor_ids)))
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
-                       "choice": choice, "parts": parts, "anchor_weights": [], "protect_cosines": [],
+                       "choice": choice, "parts": parts, "direction": direction, "anchor_weights": [], "protect_cosines": [],
                        "anchor_loss_before": mean_loss(model, self.loss_fn, anchor_batch, len(anchor_ids))}
 
     def prepare_step(self, model: nn.Module) -> None:
@@ -321,12 +327,17 @@ class CorrectionRun:
         return fetch(self.guard, chosen, device), len(chosen)
 
     def protect_step(self, model: nn.Module, device: torch.device) -> None:
-        """After the step's backward, before the optimizer step (``protect_per_step``): when the step would raise
+        """After the step's backward, before the optimizer step. ``"influence"``: the gradient becomes the round's
+        influence direction (:func:`take_influence_step`). Then (``protect_per_step``): when the step would raise
         the protect sample's mean loss to first order (``g . g_P < 0`` for the step's gradient ``g`` and the
-        sample's ``g_P``), remove ``g``'s component along ``g_P`` (A-GEM); every rank holds the same gradients and
-        computes the same sample, so the step stays the same on every rank. The cosine is kept per step."""
+        sample's ``g_P``), remove ``g``'s component along ``g_P`` (A-GEM), and for ``"influence"`` rescale it to the
+        anchors' first-order decrease again; every rank holds the same gradients and computes the same sample, so
+        the step stays the same on every rank. The cosine is kept per step."""
         if not self._round:
             return
+        reference = None
+        if self._round["direction"] is not None:
+            reference = take_influence_step(model, self._round["direction"])
         sample = self.protect_sample(model, device)
         if sample is None:
             return
@@ -337,6 +348,8 @@ class CorrectionRun:
             g_protect = torch.autograd.grad(part_loss(self.loss_fn, model, (sample[0], None, sample[1])), params,
                                             allow_unused=True)
         self._round["protect_cosines"].append(project_away([p.grad for p in params], g_protect))
+        if reference is not None and self._round["protect_cosines"][-1] < 0:
+            match_decrease([p.grad for p in params], reference)
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:
         """The loss of one optimizer step: the mean over the round's chosen examples (each weighted by its

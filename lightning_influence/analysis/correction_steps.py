@@ -41,3 +41,20 @@ def project_away(grads: Sequence[Optional[torch.Tensor]], g_protect: Sequence[Op
             for a, b in pairs:
                 a.sub_(b.to(a.dtype), alpha=dot / norm_p)
     return cosine
+
+
+def match_decrease(grads: Sequence[Optional[torch.Tensor]], reference: Sequence[Optional[torch.Tensor]]) -> float:
+    """Scale ``grads`` (in place) by ``|r|^2 / (r . grads)`` for the reference gradient ``r``, so that a step along
+    them lowers the reference's loss, to first order, exactly as much as a step along ``r`` itself; returns the
+    scale (1, and ``grads`` unchanged, when ``r . grads <= 0``: no such positive scale exists)."""
+    pairs = [(a, b) for a, b in zip(grads, reference) if a is not None and b is not None]
+    dot = sum((float((a.double() * b.double()).sum()) for a, b in pairs), 0.0)
+    norm2 = sum((float(b.double().pow(2).sum()) for b in reference if b is not None), 0.0)
+    if dot <= 0 or norm2 <= 0:
+        return 1.0
+    scale = norm2 / dot
+    with torch.no_grad():
+        for a in grads:
+            if a is not None:
+                a.mul_(scale)
+    return scale

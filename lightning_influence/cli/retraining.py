@@ -149,10 +149,19 @@ def correction_verdict(report: Any, args: argparse.Namespace) -> str:
                         and report.before[name].accuracy is not None and report.after[name].accuracy is not None)
     steps = args.iterations * args.steps_per_iteration
     lr = report.settings.get("lr", args.lr)
+    anchors = f"the round's {len(report.iterations[0].anchor_indices)} sampled anchors"
+    on = anchors if report.selection in ("anchors", "influence") else f"{args.examples_per_iteration} chosen training" \
+        f" example(s){' and ' + anchors if report.selection.startswith('anchors+') else ''}"
+    fitted = measured == "heldout" and (report.after["anchors"].accuracy or 0.0) > (report.before["anchors"].accuracy
+                                                                                    or 0.0)
     return (f"Nothing fixed: {changes} (accuracy). The run took {steps} {args.optimizer} step(s) of lr {lr} in all,"
-            f" each on {args.examples_per_iteration} chosen training example(s). To move the slice further raise"
-            " --lr (e.g. tenfold), --steps-per-iteration or --iterations, or try --optimizer adam, and watch the"
-            " validation accuracy; --selection random on the same budget shows what the influence selection adds.")
+            f" each on {on}."
+            + (" The anchors improved and the held-out part did not: a slice of several kinds of error (e.g. every"
+               " misclassified validation example) gives the held-out part nothing in common with the anchors; pass"
+               " --anchor-label or --anchor-indices for one kind." if fitted else "")
+            + " To move the slice further raise --lr (e.g. tenfold), --steps-per-iteration or --iterations, or try"
+            " --optimizer adam, and watch the validation accuracy; --selection random on the same budget shows what"
+            " the influence selection adds.")
 
 
 def _slice_indices(context: PosthocContext, val_loader: Any, args: argparse.Namespace) -> list[int]:

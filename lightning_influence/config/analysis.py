@@ -127,7 +127,10 @@ class CorrectionConfig:
             candidates, ``"anchors"`` (fine-tune on the round's anchors themselves), ``"weighted"`` (helpful, each
             loss weighted by its influence), ``"anchors+helpful"`` / ``"anchors+random"`` (the anchors together
             with helpful / random training examples), ``"anchors+protect"`` (the anchors together with the
-            training examples most helpful to the guard among those not harmful to the anchors).
+            training examples most helpful to the guard among those not harmful to the anchors), ``"influence"`` (the
+            anchors, each step along ``(H + damping I)^-1 grad L_A``, the parameter change influence predicts for
+            up-weighting them in training, scaled to lower their loss to first order as much as their gradient
+            step; see :mod:`lightning_influence.analysis.correction_direction`).
         seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
         scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
         chunk_size: training examples scored at once.

@@ -119,6 +119,15 @@ def test_correct_says_when_it_fixed_nothing_and_what_to_change():
     text = correction_verdict(report, args)
     assert text.startswith("Nothing fixed") and "heldout 0.000 -> 0.000" in text and "val 0.977 -> 0.975" in text
     assert "--lr" in text and "--selection random" in text
+    assert "each on 10 chosen training example(s)." in text and "--anchor-label" not in text  # the anchors stayed wrong
+    fitted_anchors = {**after, "anchors": Metrics(0.5, 1.0, 10)}
+    text = correction_verdict(CorrectionReport("influence", {}, before, (step,)), args)
+    assert "each on the round's 2 sampled anchors." in text
+    text = correction_verdict(CorrectionReport("anchors+helpful", {}, before, (step.__class__(
+        *[getattr(step, f) for f in ("iteration", "anchor_indices", "chosen_indices", "chosen_influence",
+                                     "anchor_loss_before", "anchor_loss_after")], fitted_anchors, 1.0),)), args)
+    assert "each on 10 chosen training example(s) and the round's 2 sampled anchors." in text
+    assert "--anchor-label or --anchor-indices" in text
     fixed = {**after, "heldout": Metrics(1.0, 0.5, 10)}
     assert correction_verdict(CorrectionReport("helpful", {}, before, (step.__class__(
         *[getattr(step, f) for f in ("iteration", "anchor_indices", "chosen_indices", "chosen_influence",

@@ -475,3 +475,64 @@ def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_p
     baseline = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors",
                         guard=val, guard_per_iteration=len(val), protect_per_step=5, iterations=1)
     assert baseline.iterations[0].protect_cosines is None  # the baselines never use it
+
+
+def _gauss_newton(model, x):
+    """The exact Gauss-Newton matrix of the mean cross-entropy over ``x`` (softmax output Hessian), by torch.func."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi[None],))[0]), in_dims=(None, 0))(params, x)
+    jac = torch.cat([jac[n].reshape(len(x), 10, -1) for n in params], dim=2)
+    with torch.no_grad():
+        prob = torch.softmax(model(x), 1)
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / len(x)
+
+
+def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_gradient(trained, tmp_path):
+    """selection="influence": each step moves along s = (G + damping I)^-1 g_A (G: the training set's Gauss-Newton
+    matrix at the round's weights, g_A: the sampled anchors' mean-loss gradient), scaled to g_A . d = |g_A|^2 (the
+    gradient step's first-order decrease of the anchors' loss); a step that would raise the protect sample's loss is
+    projected (A-GEM) and scaled back to that decrease. Replayed by hand with the exact matrix; among steps with
+    that decrease it has the smallest d^T (G + damping I) d, so it is below the gradient step's."""
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="influence", guard=val,
+                      guard_per_iteration=len(val), protect_per_step=5, iterations=3)
+    assert report.selection == "influence" and all(r.chosen_indices == r.anchor_indices for r in report.iterations)
+    with torch.no_grad():
+        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    replay = copy.deepcopy(model)
+    params = list(replay.parameters())
+    projected = 0
+    for round_ in report.iterations:
+        g_a = torch.cat([g.flatten() for g in torch.autograd.grad(
+            replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean(), params)])
+        curvature = _gauss_newton(replay, train.tensors[0]) + DAMPING * torch.eye(len(g_a), dtype=g_a.dtype)
+        s = torch.linalg.solve(curvature, g_a)
+        d = s * float(g_a @ g_a) / float(g_a @ s)
+        assert float(d @ curvature @ d) < float(g_a @ curvature @ g_a)
+        with torch.no_grad():
+            logits = replay(val.tensors[0])
+            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
+            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
+        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
+        g_p = torch.cat([x.flatten() for x in torch.autograd.grad(
+            replay.per_example_loss(val[sample]).mean(), params)])
+        cosine = float(d @ g_p) / float(d.norm() * g_p.norm())
+        assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-5, abs=1e-8)
+        if cosine < 0:
+            projected += 1
+            d = d - float(d @ g_p) / float(g_p @ g_p) * g_p
+            d = d * float(g_a @ g_a) / float(g_a @ d)
+        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.sub_(0.1 * d[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+    assert projected >= 1
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
+    assert report.after["anchors"].loss < report.before["anchors"].loss

@@ -105,3 +105,15 @@ def test_anchor_weight_cancels_the_part_of_the_replay_gradient_that_opposes_the_
         assert float(g_a @ (g_r + w * g_a)) >= float(g_a @ g_a) * (1 - 1e-12)
         if w > 1:  # and no faster: only the opposing part is cancelled
             assert float(g_a @ (g_r + w * g_a)) == pytest.approx(float(g_a @ g_a))
+
+
+def test_match_decrease_scales_a_direction_to_the_reference_gradients_first_order_decrease():
+    from lightning_influence.analysis.correction_steps import match_decrease
+
+    reference = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([[2.0]], dtype=torch.float64)]
+    grads = [torch.tensor([3.0, 0.0], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64), None]
+    scale = match_decrease(grads, reference + [None])
+    assert scale == pytest.approx(9.0 / 5.0)  # |r|^2 = 9, r . g = 3 + 2 = 5
+    assert float(sum((a * b).sum() for a, b in zip(grads, reference))) == pytest.approx(9.0)
+    opposed = [torch.tensor([-1.0, 0.0], dtype=torch.float64)]
+    assert match_decrease(opposed, reference[:1]) == 1.0 and opposed[0].tolist() == [-1.0, 0.0]  # no positive scale
