@@ -286,23 +286,34 @@ def _ggn_rows(split: SplitForward, inputs: list[torch.Tensor], dummies: list[tor
     return out
 
 
+#: The batched-or-looped timing of :class:`GaussNewtonProduct` runs on at most this many examples of the first batch:
+#: the batched form holds every vector's activations at once (on the 1.0M-parameter CNN of ``benchmarks/scale.py``
+#: about 250 MiB for 8 vectors on 128 examples, the analysis's peak), so it is tried only where that is small.
+PRODUCT_PROBE_EXAMPLES = 16
+
+
 class GaussNewtonProduct:
     """``(batch, V) -> G_b V``; on its first call with several vectors it times the batched and the looped
-    form once and keeps the faster (measured on CPU: batched 3x faster on an MLP at k=16, looped 1.2-1.8x
-    faster on a CNN and a transformer). ``batched`` forces one."""
+    form once, on the first :data:`PRODUCT_PROBE_EXAMPLES` examples of the batch, and keeps the faster (measured
+    on CPU: batched 3x faster on an MLP at k=16, looped 1.2-1.8x faster on a CNN and a transformer). ``batched``
+    forces one."""
 
     def __init__(self, loss: FunctionalLoss, params: Params, batched: bool | None = None) -> None:
         self.loss, self.params, self.batched = loss, params, batched
 
     def __call__(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         if self.batched is None and vectors.shape[0] > 1:
+            size = batch_size_of(batch)
+            probe = batch if size <= PRODUCT_PROBE_EXAMPLES else slice_batch(batch, 0, PRODUCT_PROBE_EXAMPLES)
             timings = {}
-            for batched in (True, False):
+            for batched in (False, True):
                 start = time.perf_counter()
-                result = batch_ggn(self.loss, self.params, batch, vectors, batched)
+                result = batch_ggn(self.loss, self.params, probe, vectors, batched)
                 timings[batched] = time.perf_counter() - start
             self.batched = timings[True] <= timings[False]
-            return result
+            if probe is batch:
+                return result
+            del result
         return batch_ggn(self.loss, self.params, batch, vectors, bool(self.batched) and vectors.shape[0] > 1)
 
 
