@@ -292,7 +292,7 @@ def instrument() -> Stages:
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
     stages.wrap(InfluenceProblem, "residual", "residual")
     stages.wrap(InfluenceProblem, "damped_hvp", "whole_set_product")  # CG's products: a pass over every example
-    stages.wrap(influence_callback, "run_damping_check", "self_check")
+    stages.wrap(callback_damping_check, "run_damping_check", "self_check")
     stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there
     stages.wrap(callback_damping_check, "check_damping", "candidates")
     stages.wrap(LissaSolver, "scale", "scale", prop=True)
