@@ -74,3 +74,12 @@ def test_the_product_timing_probes_a_slice_and_returns_the_whole_batch_product(m
     assert sizes == [PRODUCT_PROBE_EXAMPLES, PRODUCT_PROBE_EXAMPLES, 100]  # two probes on a slice, then the batch
     assert product.batched is not None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_row_distance_in_pieces_equals_the_norm_of_the_difference():
+    from lightning_influence.core.solvers.neumann import DISTANCE_PIECE, row_distance
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2 * DISTANCE_PIECE + 17, generator=generator)
+    b = a + 1e-3 * torch.randn(a.shape, generator=generator)
+    torch.testing.assert_close(row_distance(a, b), (a - b).double().norm(dim=1).float(), rtol=1e-6, atol=0)
