@@ -83,3 +83,29 @@ def test_row_distance_in_pieces_equals_the_norm_of_the_difference():
     a = torch.randn(3, 2 * DISTANCE_PIECE + 17, generator=generator)
     b = a + 1e-3 * torch.randn(a.shape, generator=generator)
     torch.testing.assert_close(row_distance(a, b), (a - b).double().norm(dim=1).float(), rtol=1e-6, atol=0)
+
+
+def test_vectors_too_many_for_the_batched_form_go_looped_without_a_probe(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
+    loss = FunctionalLoss(model, cross_entropy_per_example, torch.float32)
+    params = trainable_parameters(model, None, torch.float32)
+    batch = (torch.randn(100, 5), torch.randint(0, 4, (100,)))
+    p = sum(t.numel() for t in params.values())
+    vectors = torch.randn(3, p)
+    assert products.batched_fits(3, p, 4, "cpu")
+    monkeypatch.setattr(products, "PER_EXAMPLE_BYTES", products.BATCHED_COPIES * 3 * p * 4 - 1)  # one byte short
+    assert not products.batched_fits(3, p, 4, "cpu") and products.batched_fits(2, p, 4, "cpu")
+    calls = []
+
+    def counted(loss_, params_, batch_, vectors_, batched=True):
+        calls.append((len(batch_[0]), batched))
+        return batch_ggn(loss_, params_, batch_, vectors_, batched)
+
+    monkeypatch.setattr(products, "batch_ggn", counted)
+    product = GaussNewtonProduct(loss, params)
+    with torch.enable_grad():
+        got = product(batch, vectors)
+        expected = batch_ggn(loss, params, batch, vectors, False)
+    assert calls == [(100, False)]  # no probe: looped on the whole batch
+    torch.testing.assert_close(got, expected)
