@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -319,6 +320,11 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
 
     torch.set_num_threads(1)
     stages = instrument()
+
+    def terminated(signum: int, frame: Any) -> None:  # SIGTERM: record what was measured so far, as --stop-after
+        raise StopAnalysis("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminated)
     train, val = make_data(kind, n, 0), make_data(kind, NUM_VAL, 1)
     batch = BATCH_SIZES[kind]
     loaders = (DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)),
@@ -371,8 +377,9 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
         return {"model": kind, "n_train": n, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "batch_size": batch, "measured": False, "partial": True, "device": DEVICE,
                 "damping_setting": DAMPING or "default", "lissa_depth": lissa_depth or LissaConfig().depth,
-                "note": f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}:"
-                        " analysis_seconds is a lower bound",
+                "note": (f"stopped by SIGTERM ({stop.args[0]})" if "SIGTERM" in str(stop.args[0]) else
+                         f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}")
+                        + ": analysis_seconds is a lower bound",
                 "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
                 "analysis_seconds": clock() - marks["analysis_start"],
                 "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
