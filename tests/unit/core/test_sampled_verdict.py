@@ -114,3 +114,25 @@ def test_the_solve_record_reports_the_sample_and_agrees_with_its_verdict():
     estimate = info.settings["residual_estimate"]
     assert estimate["of"] == N and SUBSET <= estimate["examples"] < N and estimate["standard_error"] > 0
     assert info.converged is (info.residual <= info.residual_tol)
+
+
+def test_the_explanation_record_keeps_the_verdict_sample_and_the_trust_report_its_size():
+    from lightning_influence.analysis.explain import explain
+    from lightning_influence.config import ExplainConfig
+    from lightning_influence.config.defaults import SUBSET_EXAMPLES
+    from lightning_influence.core.tensors.data import IndexedData
+
+    torch.manual_seed(0)
+    n = SUBSET_EXAMPLES + 1000
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    inputs, labels = torch.randn(n + 20, 10), torch.randint(0, 3, (n + 20,))
+    train = IndexedData(TensorDataset(inputs[:n], labels[:n]), batch_size=128)
+    val = IndexedData(TensorDataset(inputs[n:], labels[n:]))
+    found = explain(model, cross_entropy_per_example, train, val,
+                    ProblemConfig(solver=LissaConfig(depth=300, check_every=0, refine=False), damping=0.5),
+                    ExplainConfig(top_k=3, num_worst=2))
+    assert found.solver.residual < 0.03  # well below the tolerance: decided on a sample
+    estimate = found.solver.settings["residual_estimate"]
+    assert estimate["of"] == n and SUBSET_EXAMPLES <= estimate["examples"] <= n
+    assert found.trust.residual_examples == estimate["examples"]
+    assert found.solver.converged is (found.solver.residual <= found.solver.residual_tol)
