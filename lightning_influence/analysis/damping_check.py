@@ -207,8 +207,9 @@ def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, r
 #: Before retraining, the self-check stops at once when its candidates' solves would not fit even this many times
 #: the budget of the retrainings' time as estimated from one timed training step (a rough estimate: every other case
 #: is decided after the retrainings, from their measured time). On ``benchmarks/scale.py``'s 1.0M-parameter CNN the
-#: solves needed over two hundred times the retrainings' time, which themselves cost several epochs.
-PRECHECK_MARGIN = 4.0
+#: solves needed over two hundred times the retrainings' time, which themselves cost several epochs. The margin
+#: allows for what one timed step leaves out (optimiser steps, data loading: most of a small model's retraining).
+PRECHECK_MARGIN = 10.0
 
 
 def precheck_affordable(model: nn.Module, loss_fn: LossFn, train: IndexedData, check_batch: Batch,
