@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,9 @@ STAGE_LOG = os.environ.get("SCALE_STAGE_LOG")
 STOP_AFTER = float(os.environ.get("SCALE_STOP_AFTER") or 0.0)
 #: The callbacks' ``damping`` when ``--damping`` overrides their default (a deviation, recorded in the row).
 DAMPING = os.environ.get("SCALE_DAMPING")
+#: LiSSA without its conjugate-gradient finish (``--no-refine``: a deviation, recorded in the row): on the CNN each
+#: of its iterations is a pass of curvature products over the whole training set, tens of epochs in all.
+NO_REFINE = bool(os.environ.get("SCALE_NO_REFINE"))
 
 
 class StopAnalysis(BaseException):
@@ -289,7 +293,7 @@ def instrument() -> Stages:
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
     stages.wrap(InfluenceProblem, "residual", "residual")
     stages.wrap(InfluenceProblem, "damped_hvp", "whole_set_product")  # CG's products: a pass over every example
-    stages.wrap(influence_callback, "run_damping_check", "self_check")
+    stages.wrap(callback_damping_check, "run_damping_check", "self_check")
     stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there
     stages.wrap(callback_damping_check, "check_damping", "candidates")
     stages.wrap(LissaSolver, "scale", "scale", prop=True)
@@ -316,6 +320,11 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
 
     torch.set_num_threads(1)
     stages = instrument()
+
+    def terminated(signum: int, frame: Any) -> None:  # SIGTERM: record what was measured so far, as --stop-after
+        raise StopAnalysis("terminated by SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminated)
     train, val = make_data(kind, n, 0), make_data(kind, NUM_VAL, 1)
     batch = BATCH_SIZES[kind]
     loaders = (DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)),
@@ -347,7 +356,9 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
                 marks["analysis_cuda_mib"] = cuda_peak_mib(reset=True)
                 marks["analysis_hwm_kib"] = max(stages.read_peak(), stages.highest_kib)
 
-    solver: dict[str, Any] = {} if lissa_depth is None else {"solver": LissaConfig(depth=lissa_depth)}
+    solver: dict[str, Any] = {}
+    if lissa_depth is not None or NO_REFINE:
+        solver["solver"] = LissaConfig(depth=lissa_depth or LissaConfig().depth, refine=not NO_REFINE)
     if DAMPING:
         solver["damping"] = DAMPING if DAMPING in ("auto", "self_check") else float(DAMPING)
     callbacks = [Marks(True), InfluenceCallback(verbose=False, strict=True, **solver),
@@ -366,8 +377,9 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
         return {"model": kind, "n_train": n, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "batch_size": batch, "measured": False, "partial": True, "device": DEVICE,
                 "damping_setting": DAMPING or "default", "lissa_depth": lissa_depth or LissaConfig().depth,
-                "note": f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}:"
-                        " analysis_seconds is a lower bound",
+                "note": (f"stopped by SIGTERM ({stop.args[0]})" if "SIGTERM" in str(stop.args[0]) else
+                         f"stopped after {STOP_AFTER:.0f} CPU s of analysis, at the start of stage {stop.args[0]!r}")
+                        + ": analysis_seconds is a lower bound",
                 "epoch_seconds": marks["epoch_end"] - marks["epoch_start"],
                 "analysis_seconds": clock() - marks["analysis_start"],
                 "stages": {k: round(v, 3) for k, v in sorted(stages.seconds.items())},
@@ -395,7 +407,12 @@ def run_one(kind: str, n: int, ekfac: bool, workdir: Path,  # long: one fit, tim
         "lissa_steps": report["solver"].get("iterations"), "lissa_retries": len(report["solver"].get("retries") or ()),
         "damping_rule": report["solver"].get("damping_rule"),
         "stored_jacobian_built": any(k.endswith("stored_jacobian") for k in stages.seconds),
+        "lissa_refine": not NO_REFINE, "residual_estimate": report["solver"]["settings"].get("residual_estimate"),
     }
+    mislabel_report = influence_dir / "mislabel_epoch=0.json"
+    if mislabel_report.exists():
+        signals = json.loads(mislabel_report.read_text()).get("training_signals") or {}
+        row["self_influence_examples"] = signals.get("self_influence_examples")
     row["dashboard_load_seconds"] = dashboard_load(workdir)
     if ekfac:
         val_indices = [p["val_index"] for p in report["points"]]
@@ -631,7 +648,11 @@ def linear_fit(rows: list[dict[str, Any]], key: str, n: int) -> float:
 #: examples; the low-rank solver's ``hvp_examples`` is the same): the damping and scale estimates, LiSSA's steps and
 #: residual checks, the self-influence's damping estimate and Lanczos, the diagnostics. The report writing is fixed
 #: too (the reports list a fixed number of examples; measured flat on the MLP from 1k to 50k).
-FIXED_GROUPS = ("damping estimate", "scale", "recursion", "self-influence setup", "diagnostics", "report writing")
+#: The residual verdict is fixed as well since it reads a seeded random sample of the training set until its side of
+#: the tolerance is decided (``InfluenceProblem.sampled_residual``): at least the check subset, more only for a
+#: residual near the tolerance (at worst the whole set, as before).
+FIXED_GROUPS = ("damping estimate", "scale", "recursion", "residual verdict", "self-influence setup", "diagnostics",
+                "report writing")
 #: Of those, the ones that run over the check subset, so that they grow with min(N, 2,048): from a run below
 #: 2,048 examples they are scaled up by the subset's growth (an upper bound: part of them, LiSSA's steps for
 #: one, is per minibatch, not per subset example).
@@ -738,6 +759,8 @@ def main() -> None:  # long: argument parsing and the three modes
                         " the next timed stage) and record it as partial: its analysis time a lower bound")
     parser.add_argument("--damping", help="the callbacks' damping instead of their default (a deviation, recorded in"
                         " each row as damping_setting): a number, 'auto' or 'self_check'")
+    parser.add_argument("--no-refine", action="store_true", help="LiSSA without its conjugate-gradient finish (a"
+                        " deviation, recorded in each row as lissa_refine)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -749,6 +772,8 @@ def main() -> None:  # long: argument parsing and the three modes
         os.environ["SCALE_STOP_AFTER"] = str(args.stop_after)
     if args.damping:
         os.environ["SCALE_DAMPING"] = args.damping
+    if args.no_refine:
+        os.environ["SCALE_NO_REFINE"] = "1"
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():

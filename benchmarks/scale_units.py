@@ -17,6 +17,8 @@ process each (process CPU seconds, one thread; the resident high-water mark abov
 Usage::
 
     python benchmarks/scale_units.py    # writes benchmarks/scale-units-results.json
+    python benchmarks/scale_units.py --measures product32_batched,product32_now \
+        --json benchmarks/scale-units-product-results.json
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).with_name("scale-units-results.json")
 MEASURES = ("train", "gn_product", "grads_before", "grads_after", "kfac_before", "kfac_after")
+#: ``--measures`` of the self-check's cost probe (a product of its 32 check points over one batch of 128):
+#: ``product32_batched`` the batched form, which the product's timing could pick before the memory budget;
+#: ``product32_now`` the product as it runs now (``GaussNewtonProduct``: looped, the batched form over budget).
+PRODUCT_MEASURES = ("product32_batched", "product32_now")
 BATCH = 128
 VECTORS = 8
 
@@ -98,6 +104,17 @@ def measure(what: str) -> dict[str, Any]:  # long: one measurement per branch, s
                     preconditioner.build_preconditioner("kfac", loss, params, [(x[:size], y[:size])])
             examples = BATCH
             repeats = 1
+        elif what.startswith("product32"):
+            from lightning_influence.core.curvature.products import GaussNewtonProduct
+
+            product = GaussNewtonProduct(loss, params, batched=True if what == "product32_batched" else None)
+            vectors = torch.randn(32, p, generator=generator)
+
+            def step(size: int) -> None:
+                with torch.enable_grad():
+                    product((x[:size], y[:size]), vectors)
+            examples = BATCH
+            repeats = 1
         elif what == "gn_product":
             product = make_curvature("gauss_newton").product(loss, params, "double_backward")
             vectors = torch.randn(VECTORS, p, generator=generator)
@@ -131,10 +148,22 @@ def measure(what: str) -> dict[str, Any]:  # long: one measurement per branch, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=str(RESULTS))
+    parser.add_argument("--measures", help="comma-separated measures (e.g. " + ",".join(PRODUCT_MEASURES) + "):"
+                        " only these, written to --json without the derived ratios")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one)))
+        return
+    if args.measures:
+        only = {}
+        for what in args.measures.split(","):
+            done = subprocess.run([sys.executable, __file__, "--one", what], capture_output=True, text=True, check=True)
+            only[what] = json.loads(done.stdout.splitlines()[-1])
+            print(json.dumps(only[what]), flush=True)
+        Path(args.json).write_text(json.dumps({"clock": "process CPU seconds, 1 thread", "model": "scale.py cnn",
+                                               "batch_size": BATCH, "load_average": os.getloadavg(),
+                                               "results": only}, indent=1) + "\n")
         return
     rows = {}
     for what in MEASURES:

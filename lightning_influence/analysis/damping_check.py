@@ -204,6 +204,42 @@ def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, r
     return min(fit, CGConfig().max_iter)
 
 
+#: Before retraining, the self-check stops at once when its candidates' solves would not fit even this many times
+#: the budget of the retrainings' time as estimated from one timed training step (a rough estimate: every other case
+#: is decided after the retrainings, from their measured time). On ``benchmarks/scale.py``'s 1.0M-parameter CNN the
+#: solves needed over two hundred times the retrainings' time, which themselves cost several epochs. The margin
+#: allows for what one timed step leaves out (optimiser steps, data loading: most of a small model's retraining).
+PRECHECK_MARGIN = 10.0
+
+
+def precheck_affordable(model: nn.Module, loss_fn: LossFn, train: IndexedData, check_batch: Batch,
+                        problem: ProblemConfig, *, epochs: int, batch_size: int, count: int = SELF_CHECK_RETRAININGS,
+                        candidates: int = len(SELF_CHECK_CANDIDATES)) -> None:
+    """Raise :func:`_affordable_iterations`' error before any retraining when the candidates' solves cannot fit
+    ``PRECHECK_MARGIN`` times the budget of ``count`` retrainings of ``epochs`` epochs on half of ``train`` (their time
+    estimated from one timed forward and backward pass of ``batch_size`` examples, in eval mode: no buffer moves);
+    nothing for a model small enough for the dense solves."""
+    base = InfluenceProblem(model, loss_fn, train.loader(), replace(problem, damping=1.0,
+                                                                    solver=CGConfig(preconditioner="kfac")))
+    if base.num_params <= EXACT_CHECK_PARAMETERS:
+        return
+    batch = prepare_batch(train.fetch(range(min(batch_size, len(train)))), model_device(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            start = time.perf_counter()
+            torch.autograd.grad(call_loss_fn(loss_fn, model, batch).mean(), params, allow_unused=True)
+            step = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    estimate = count * epochs * math.ceil(len(train) / 2 / max(batch_size, 1)) * step
+    with analysis_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _affordable_iterations(base, base.gradients(check_batch), PRECHECK_MARGIN * estimate, candidates)
+
+
 def check_damping(  # long: the candidates' solves share one problem and one scoring pass
     model: nn.Module,
     loss_fn: LossFn,
@@ -281,7 +317,7 @@ def check_points(n_val: int, points: int = SELF_CHECK_POINTS, seed: int = SELF_C
 
 
 __all__ = ["DampingCheck", "Retrainings", "check_damping", "check_points", "datamodeling_score", "half_masks",
-           "retrain_on_halves", "spearman_columns"]
+           "precheck_affordable", "retrain_on_halves", "spearman_columns"]
 
 
 def check_damping_by_retraining(

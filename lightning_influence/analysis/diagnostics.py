@@ -214,8 +214,10 @@ def diagnose(
     weight_decay: Optional[float] = None,
 ) -> TrustReport:
     """All diagnostics of one analysis (see the module docstring)."""
-    residuals = problem.residual(s_vectors.to(gradients.dtype), gradients).tolist()  # the solver's own check
-    residual_examples = problem.residual_examples()
+    solution = s_vectors.to(gradients.dtype)
+    residuals = problem.residual(solution, gradients).tolist()  # the solver's own check
+    estimate = problem.residual_estimate(solution, gradients)  # a sampled verdict: the examples it read
+    residual_examples = estimate.examples if estimate is not None and estimate.sampled else problem.residual_examples()
     agreement = (repeat_agreement(problem, train, top, *halves) if halves is not None
                  else [(None, None)] * len(val_indices))
     gradient_subset = fixed_subset(len(train), GRADIENT_EXAMPLES, seed=1)

@@ -181,8 +181,8 @@ def explain(
             if note is not None:
                 trust = replace(trust, warnings=(*trust.warnings, TrustWarning("candidates_skipped", note, "info")))
         points = _explained_points(model, loss_fn, train, chosen, losses, test_batch, top, kept_scores, device, describe)
-    snapshot_solves = {"snapshots": info.settings["snapshots"]} if info.settings and "snapshots" in info.settings else {}
-    info = replace(info, settings={**config_to_dict(setup.solver_config), **snapshot_solves})
+    kept = {k: info.settings[k] for k in ("snapshots", "residual_estimate") if info.settings and k in info.settings}
+    info = replace(info, settings={**config_to_dict(setup.solver_config), **kept})
     return Explanation(tuple(points), info, timings, len(train), score_shard, trust)
 
 

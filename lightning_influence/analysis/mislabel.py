@@ -34,6 +34,42 @@ from lightning_influence.distributed.collectives import Collectives, SingleProce
 from lightning_influence.distributed.sharding import shard
 from lightning_influence.results import MislabelCandidate, MislabelReport
 
+#: With training signals and a candidate count ``m``, self-influence is computed only for the signals' most suspicious
+#: ``SELF_INFLUENCE_POOL_FACTOR x m`` examples (at least ``MISLABEL_SHOWN``): the signals rank the candidates, and a
+#: pass of per-example gradients over a large training set costs several epochs of a convolutional network's training
+#: (``benchmarks/scale_units.py``). The other examples' self-influence is NaN; their loss is still measured.
+SELF_INFLUENCE_POOL_FACTOR = 4
+
+
+def self_influence_pool(recorder: Optional[TrainingSignalRecorder], top_m: Optional[int], size: int
+                        ) -> Optional[list[int]]:
+    """The training indices whose self-influence is computed (ascending), or None for all of them: all without
+    recorded signals or with ``top_m=None`` (every example ranked), else the signals' most suspicious
+    ``max(SELF_INFLUENCE_POOL_FACTOR * top_m, MISLABEL_SHOWN)``."""
+    if recorder is None or not recorder.signals or top_m is None or recorder.num_train != size:
+        return None
+    count = max(SELF_INFLUENCE_POOL_FACTOR * top_m, MISLABEL_SHOWN)
+    if count >= size:
+        return None
+    return sorted(candidate_order(recorder.scores(DEFAULT_SCORE), count).tolist())
+
+
+def losses_shard(problem: InfluenceProblem, train: IndexedData, indices: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(indices, NaN self-influence, training loss)`` for examples outside the self-influence pool: a forward
+    pass, no gradients."""
+    kept, losses = [], []
+    with torch.no_grad():
+        for batch_indices, batch in train.batches_with_indices(indices):
+            batch = prepare_batch(batch, problem.device)
+            losses.append(check_per_example_losses(problem.loss.loss_fn(problem.model, batch),
+                                                   len(batch_indices)).detach().cpu())
+            kept.append(batch_indices)
+    if not kept:
+        return torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0)
+    found = torch.cat(losses)
+    return torch.cat(kept), torch.full_like(found, float("nan")), found
+
 
 def self_influence_shard(
     problem: InfluenceProblem, train: IndexedData, indices: list[int], on_scored: Callable[[int], None] | None = None
@@ -85,9 +121,15 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
     collectives = collectives or SingleProcess()
     start = time.perf_counter()
     problem = InfluenceProblem(model, loss_fn, train.loader(), setup)
+    pool = self_influence_pool(recorder, top_m, len(train))
     with analysis_mode(model):
-        local = self_influence_shard(problem, train, shard(range(len(train)), collectives.rank,
-                                                             collectives.world_size), on_scored)
+        local = self_influence_shard(problem, train, shard(range(len(train)) if pool is None else pool,
+                                                             collectives.rank, collectives.world_size), on_scored)
+        if pool is not None:  # the rest: their training loss only
+            rest = sorted(set(range(len(train))) - set(pool))
+            others = losses_shard(problem, train, shard(rest, collectives.rank, collectives.world_size))
+            local = (torch.cat([local[0], others[0]]), torch.cat([local[1], others[1]]),
+                     torch.cat([local[2], others[2]]))
         parts = collectives.gather_objects(local)
         order = torch.cat([p[0] for p in parts]).argsort()
         scores = torch.cat([p[1] for p in parts])[order]
@@ -103,7 +145,7 @@ def find_mislabel_candidates(  # long: one pass of scores, the optional signal r
             rankings.update(recorder.component_scores())
             ranking, suggested = DEFAULT_SCORE, recorder.suggested_labels()
             signals = {"epochs": list(recorder.epochs_recorded), "seconds": float(recorder.seconds),
-                       "default": DEFAULT_SCORE}
+                       "default": DEFAULT_SCORE, "self_influence_examples": len(train) if pool is None else len(pool)}
             try:
                 flip_count = estimate_flip_count(recorder).to_dict()
             except RuntimeError:  # signals resumed from an older checkpoint without probabilities: no count

@@ -15,6 +15,7 @@ from lightning_influence.analysis.damping_check import (
     OptimizerFactory,
     check_damping,
     check_points,
+    precheck_affordable,
     retrain_on_halves,
 )
 from lightning_influence.callbacks._trainer import collectives_for, val_data, weight_decay
@@ -97,6 +98,8 @@ def _damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: 
     if verbose:
         rank_zero_info(f"Influence: choosing the damping (self_check): retraining on random halves of the training"
                        f" set, {epochs} epoch(s) each, then scoring {len(points)} validation points per candidate.")
+    # a model whose candidates' solves clearly cannot fit the budget fails here, before the retrainings' epochs
+    precheck_affordable(pl_module, loss_fn, train, check_batch, problem, epochs=epochs, batch_size=batch_size)
     retrainings = retrain_on_halves(pl_module, loss_fn, train, check_batch, optimizer, epochs=epochs,
                                     batch_size=batch_size)
     check = check_damping(pl_module, loss_fn, train, check_batch, retrainings, problem)

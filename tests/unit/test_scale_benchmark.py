@@ -39,3 +39,14 @@ def test_a_stopped_run_keeps_its_stages_and_residual_counts_in_s_test(scale):
     assert row["s_test_seconds"] == 70.0  # the verdict is part of the solve
     assert row["analysis_over_epoch"] == 50.0 and row["memory_ratio"] == 2.0
     assert "reports_mib" not in row  # no report was written
+
+
+def test_the_sampled_verdict_is_a_fixed_stage_in_the_extrapolation(scale):
+    groups = dict.fromkeys(scale.GROUPS, 1.0)
+    groups.update({"residual verdict": 30.0, "scoring": 10.0})
+    row = {"model": "cnn", "n_train": 10000, "params": 1, "measured": True, "epoch_seconds": 20.0,
+           "analysis_seconds": sum(groups.values()), "train_peak_rss_mib": 700.0, "analysis_peak_rss_mib": 900.0,
+           "groups": groups}
+    far = scale.extrapolate("cnn", 50000, [row])
+    assert far["groups"]["residual verdict"] == 30.0  # a sample decided at the same size, whatever N
+    assert far["groups"]["scoring"] == pytest.approx(50.0) and far["epoch_seconds"] == pytest.approx(100.0)

@@ -29,6 +29,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_per_example_losses
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.tensors.memory import PER_EXAMPLE_BYTES, free_memory_bytes
 from lightning_influence.core.tensors.params import Params, flatten, unflatten
 
 BatchProduct = Callable[[Batch, torch.Tensor], torch.Tensor]
@@ -286,23 +287,48 @@ def _ggn_rows(split: SplitForward, inputs: list[torch.Tensor], dummies: list[tor
     return out
 
 
+#: The batched-or-looped timing of :class:`GaussNewtonProduct` runs on at most this many examples of the first batch:
+#: the batched form holds every vector's activations at once (on the 1.0M-parameter CNN of ``benchmarks/scale.py``
+#: about 250 MiB for 8 vectors on 128 examples, the analysis's peak), so it is tried only where that is small.
+PRODUCT_PROBE_EXAMPLES = 16
+#: The batched form also holds about this many ``[k, P]`` copies of the vectors at once, whatever the batch
+#: (measured on that CNN: 531 MiB above the state for 32 vectors on 16 examples, 4.1 copies of 128 MiB).
+BATCHED_COPIES = 4
+
+
+def batched_fits(k: int, num_params: int, element_size: int, device: torch.device | str) -> bool:
+    """Whether the batched form's ``BATCHED_COPIES`` copies of ``k x num_params`` numbers fit the per-example budget
+    (:data:`~lightning_influence.core.tensors.memory.PER_EXAMPLE_BYTES`, lowered to a sixteenth of the free
+    memory): past it only the looped form runs, one vector at a time (on the CNN above, 8 vectors need 128 MiB)."""
+    budget = min(PER_EXAMPLE_BYTES, free_memory_bytes(device) // 16)
+    return BATCHED_COPIES * k * num_params * element_size <= budget
+
+
 class GaussNewtonProduct:
     """``(batch, V) -> G_b V``; on its first call with several vectors it times the batched and the looped
-    form once and keeps the faster (measured on CPU: batched 3x faster on an MLP at k=16, looped 1.2-1.8x
-    faster on a CNN and a transformer). ``batched`` forces one."""
+    form once, on the first :data:`PRODUCT_PROBE_EXAMPLES` examples of the batch, and keeps the faster (measured
+    on CPU: batched 3x faster on an MLP at k=16, looped 1.2-1.8x faster on a CNN and a transformer), where the
+    batched form fits the memory budget (:func:`batched_fits`; else looped, decided per call: another k may fit).
+    ``batched`` forces one."""
 
     def __init__(self, loss: FunctionalLoss, params: Params, batched: bool | None = None) -> None:
         self.loss, self.params, self.batched = loss, params, batched
 
     def __call__(self, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
         if self.batched is None and vectors.shape[0] > 1:
+            if not batched_fits(vectors.shape[0], vectors.shape[1], vectors.element_size(), vectors.device):
+                return batch_ggn(self.loss, self.params, batch, vectors, False)  # too large to try: looped
+            size = batch_size_of(batch)
+            probe = batch if size <= PRODUCT_PROBE_EXAMPLES else slice_batch(batch, 0, PRODUCT_PROBE_EXAMPLES)
             timings = {}
-            for batched in (True, False):
+            for batched in (False, True):
                 start = time.perf_counter()
-                result = batch_ggn(self.loss, self.params, batch, vectors, batched)
+                result = batch_ggn(self.loss, self.params, probe, vectors, batched)
                 timings[batched] = time.perf_counter() - start
             self.batched = timings[True] <= timings[False]
-            return result
+            if probe is batch:
+                return result
+            del result
         return batch_ggn(self.loss, self.params, batch, vectors, bool(self.batched) and vectors.shape[0] > 1)
 
 

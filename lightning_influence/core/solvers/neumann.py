@@ -175,11 +175,10 @@ def lissa_repeat(
     tail = TailAverage(h) if getattr(config, "average", False) else None
     every = getattr(config, "check_every", 0)
     checks = _RepeatChecks(config, stop, hand_off, verdict)
-    work = torch.empty_like(h)
     for step in range(1, config.depth + 1):
         batch = next(stream)
         h_next = lissa_step_(h, v, hvp(batch, h).detach(), damping, scale)
-        update = torch.sub(h_next, h, out=work).norm(dim=1)
+        update = row_distance(h_next, h)
         _check_growth(float((update / v_norm).max()), step, repeat, batch, scale, damping)
         h = h_next
         if tail is not None:
@@ -198,7 +197,7 @@ def lissa_repeat(
                 break
     if stop is not None:
         return _best_estimate(h, tail, scale, stop), torch.tensor(trace)
-    return (tail.mean() if tail is not None else h) / scale, torch.tensor(trace)
+    return (tail.mean(scale) if tail is not None else h / scale), torch.tensor(trace)
 
 
 def _check_growth(growth: float, step: int, repeat: int, batch: Batch, scale: float, damping: float) -> None:
@@ -242,9 +241,26 @@ class _RepeatChecks:
         return None, False
 
 
-def _candidates(h: torch.Tensor, tail: TailAverage | None, scale: float) -> list[torch.Tensor]:
-    """The tail average (when kept) and the last iterate, divided by ``scale``."""
-    return ([tail.mean() / scale] if tail is not None else []) + [h / scale]
+#: Columns per piece of :func:`row_distance`: its temporaries stay ``k x 2^16`` numbers, whatever P.
+DISTANCE_PIECE = 2**16
+
+
+def row_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a - b||`` per row, in pieces of :data:`DISTANCE_PIECE` columns: no ``[k, P]`` temporary (on a model of a
+    million parameters one such buffer per recursion is 4 MB per test point)."""
+    total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], DISTANCE_PIECE):
+        piece = a[:, start:start + DISTANCE_PIECE] - b[:, start:start + DISTANCE_PIECE]
+        total += piece.square().sum(dim=1, dtype=torch.float64)
+    return total.sqrt().to(a.dtype)
+
+
+def _candidates(h: torch.Tensor, tail: TailAverage | None, scale: float) -> Iterator[torch.Tensor]:
+    """The tail average (when kept) and the last iterate, divided by ``scale``, made one at a time (each is a
+    ``[k, P]`` copy: the second only when it is asked for)."""
+    if tail is not None:
+        yield tail.mean(scale)
+    yield h / scale
 
 
 def cannot_finish(checks: Sequence[tuple[int, float]], depth: int, tol: float) -> bool:
@@ -270,20 +286,28 @@ def _first_meeting(h: torch.Tensor, tail: TailAverage | None, scale: float, resi
     the last iterate is tried only when the average came within ``2 * tol`` (far from it, both miss).
     """
     candidates = _candidates(h, tail, scale)
-    first = residual(candidates[0])
+    estimate = next(candidates)
+    first = residual(estimate)
     if first <= tol:
-        return candidates[0], first
-    if len(candidates) > 1 and first <= 2 * tol and residual(candidates[1]) <= tol:
-        return candidates[1], first
+        return estimate, first
+    del estimate
+    second = next(candidates, None) if first <= 2 * tol else None
+    if second is not None and residual(second) <= tol:
+        return second, first
     return None, first
 
 
 def _best_estimate(h: torch.Tensor, tail: TailAverage | None, scale: float, residual: StopCheck) -> torch.Tensor:
     """The tail average or the last iterate, whichever has the smaller residual: the average wins once the
     recursion fluctuates around the solution, the last iterate while it still moves."""
-    candidates = _candidates(h, tail, scale)
-    scored = [(residual(c), i) for i, c in enumerate(candidates)]
-    return candidates[min(scored)[1]]
+    best, best_residual = None, math.inf
+    for candidate in _candidates(h, tail, scale):
+        found = residual(candidate)
+        if best is None or found < best_residual:
+            best, best_residual = candidate, found
+        del candidate
+    assert best is not None  # noqa: S101 - the last iterate is always a candidate
+    return best
 
 
 class TailAverage:
@@ -307,8 +331,9 @@ class TailAverage:
         self.total += h
         self.count += 1
 
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.count, 1)
+    def mean(self, scale: float = 1.0) -> torch.Tensor:
+        """The window's mean divided by ``scale`` (one new tensor)."""
+        return (self.total / max(self.count, 1)).div_(scale)
 
 
 def lissa_repeats(

@@ -158,3 +158,26 @@ def test_large_model_path_solves_within_the_budget_and_agrees_with_the_dense_pat
                       candidates=candidates)
     assert "retrainings' time" in str(raised.value) and f"{sum(p.numel() for p in model.parameters()):,}" in str(
         raised.value)
+
+
+def test_the_precheck_stops_an_unaffordable_check_before_retraining_and_leaves_the_model_alone(adam_mlp, monkeypatch):
+    from lightning_influence.analysis import damping_check
+    from lightning_influence.analysis.damping_check import precheck_affordable
+
+    model, train, check = adam_mlp
+    data = IndexedData(train)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.train()
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_BUDGET", 1e-9)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_FLOOR_SECONDS", 0.0)
+    precheck_affordable(model, cross_entropy_per_example, data, check, ProblemConfig(), epochs=1, batch_size=32)
+    # ^ small enough for the dense solves: nothing to check, whatever the budget
+    monkeypatch.setattr(damping_check, "EXACT_CHECK_PARAMETERS", 0)  # the conjugate-gradient path of large models
+    with pytest.raises(RuntimeError, match="damping='auto'"):
+        precheck_affordable(model, cross_entropy_per_example, data, check, ProblemConfig(), epochs=1, batch_size=32)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_BUDGET", 4.0)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_FLOOR_SECONDS", 60.0)
+    precheck_affordable(model, cross_entropy_per_example, data, check, ProblemConfig(), epochs=1, batch_size=32)
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all((p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
