@@ -1,11 +1,12 @@
 """A small CNN on scikit-learn's digits: InfluenceCallback explains its worst validation predictions and
 MislabelCallback finds its most suspicious training labels.
 
-Run ``python examples/digits.py`` (66.0 s of wall time with the defaults on 2 CPU cores, the fastest
+Run ``python examples/digits.py`` (45.4 s of wall time with the defaults on 2 CPU cores, the fastest
 of the runs in benchmarks/digits-walltime-results.json; a busy machine takes longer), then open TensorBoard on
 the printed log directory: the IMAGES tab shows each explained validation digit beside its most harmful and most helpful
 training digits, TEXT has the same as tables, and HISTOGRAMS/SCALARS show the score distributions and the
-LiSSA convergence; the Influence tab shows all of it interactively, with the mislabel candidates (the 32 training
+solver's convergence (on this small set LiSSA solves by CG from the start: its residual per step); the
+Influence tab shows all of it interactively, with the mislabel candidates (the 32 training
 digits whose labels look most suspicious, from the training signals recorded during the run).
 """
 
