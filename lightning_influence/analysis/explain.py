@@ -181,8 +181,11 @@ def explain(
             if note is not None:
                 trust = replace(trust, warnings=(*trust.warnings, TrustWarning("candidates_skipped", note, "info")))
         points = _explained_points(model, loss_fn, train, chosen, losses, test_batch, top, kept_scores, device, describe)
-    kept = {k: info.settings[k] for k in ("snapshots", "residual_estimate") if info.settings and k in info.settings}
-    info = replace(info, settings={**config_to_dict(setup.solver_config), **kept})
+    # the configured settings, then what the solve itself recorded beside them (the route it took, its CG steps,
+    # the snapshots' solves, the sampled verdict): the trace's TensorBoard tags follow the route
+    configured = config_to_dict(setup.solver_config)
+    recorded = {k: v for k, v in (info.settings or {}).items() if k not in configured}
+    info = replace(info, settings={**configured, **recorded})
     return Explanation(tuple(points), info, timings, len(train), score_shard, trust)
 
 

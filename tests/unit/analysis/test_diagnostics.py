@@ -297,3 +297,24 @@ def test_points_that_did_not_converge_are_named():
     assert "2 of 4" in warning.message and "17 (0.2)" in warning.message and "30 (0.06)" in warning.message
     assert "4 (" not in warning.message
     assert unconverged_points(points[:1], 0.05) == [] and unconverged_points(points, None) == []
+
+
+def test_an_explanation_keeps_what_the_solve_recorded_beside_the_configured_settings(logistic, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    model, train, val = logistic
+    # 200 examples at a small damping: LiSSA's route solves by CG from the start, and the report must say so
+    found = explain(model, cross_entropy_per_example, IndexedData(train, batch_size=64), IndexedData(val),
+                    ProblemConfig(solver=LissaConfig(), damping=1e-3), ExplainConfig(top_k=3, num_worst=2))
+    settings = found.solver.settings
+    assert settings["depth"] == LissaConfig().depth and settings["route"] == "auto"  # the configuration
+    assert settings["solved_by"] == "cg" and settings["refined_iterations"] > 0  # and what the solve did
+    assert found.solver.iterations == 0 and found.solver.converged
+    writer = SummaryWriter(str(tmp_path))
+    write_report(writer, InfluenceReport(0, 0, "validation", len(train), found.points, found.solver))
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "influence/cg_trace/epoch_0/repeat_0" in tags and not [t for t in tags if t.startswith("influence/lissa")]
