@@ -125,6 +125,8 @@ def _load_json(path: Path, check: Callable[[Path, Any], Any] | None) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        where = "it ends too early (truncated)" if err.pos >= len(text.rstrip()) - 1 else "it is not valid JSON"
+        # a string left open runs to the end of the text: the error names where it started, but the file ends in it
+        ends_early = err.pos >= len(text.rstrip()) - 1 or err.msg.startswith("Unterminated string")
+        where = "it ends too early (truncated)" if ends_early else "it is not valid JSON"
         raise UnreadableFile(path, f"{where}: {err.msg} at line {err.lineno}, column {err.colno}") from err
     return value if check is None else check(path, value)
