@@ -10,12 +10,42 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_influence.core.tensors.data import IndexedData
+
 
 @functools.lru_cache(maxsize=None)
 def digits(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits: images ``[N, 1, 8, 8]`` scaled to [0, 1] and integer labels."""
     images, labels = load_digits(return_X_y=True)
     return torch.tensor(images / 16.0, dtype=dtype).reshape(-1, 1, 8, 8), torch.tensor(labels)
+
+
+def flipped_digits(n: int, flips: int) -> tuple[torch.Tensor, torch.Tensor, nn.Module, IndexedData]:
+    """The first ``n`` digits (float64) with the first ``flips`` labels moved by +3 (mod 10), an untrained seeded
+    logistic regression and the data as :class:`IndexedData` in batches of 50: the planted-flip mislabel setup."""
+    x, y = digits(torch.float64)
+    x, y = x[:n], y[:n].clone()
+    y[:flips] = (y[:flips] + 3) % 10
+    torch.manual_seed(0)
+    model = LogisticRegression().double()
+    return x, y, model, IndexedData(torch.utils.data.TensorDataset(x, y), None, 50)
+
+
+def train_recording_signals(model: nn.Module, data: IndexedData, epochs: int = 3):
+    """Full-batch SGD (lr 0.5, 5 steps an epoch) on ``data``'s tensors, recording training signals after each
+    epoch; returns the recorder."""
+    from lightning_influence.analysis.training_signals import TrainingSignalRecorder
+
+    x, y = data.dataset.tensors
+    recorder = TrainingSignalRecorder(len(x), epochs=list(range(epochs)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for epoch in range(epochs):
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        recorder.record(model, data, epoch)
+    return recorder
 
 
 def cross_entropy_per_example(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -450,13 +450,7 @@ def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_p
         g_a = torch.cat([g.flatten() for g in torch.autograd.grad(anchor_loss, params, retain_graph=True)])
         weight = 1 + max(0.0, -float(g_a @ g_r) / float(g_a @ g_a))
         g = g_r + weight * g_a
-        with torch.no_grad():
-            logits = replay(val.tensors[0])
-            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
-            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
-        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
-        g_p = torch.cat([x.flatten() for x in torch.autograd.grad(
-            replay.per_example_loss(val[sample]).mean(), params)])
+        g_p = _protect_gradient(replay, val, right_before, size=5)
         cosine = float(g @ g_p) / float(g.norm() * g_p.norm())
         assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-6, abs=1e-9)
         if cosine < 0:
@@ -475,6 +469,18 @@ def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_p
     baseline = _correct(_trainer(tmp_path), copy.deepcopy(model), train, val, anchors, selection="anchors",
                         guard=val, guard_per_iteration=len(val), protect_per_step=5, iterations=1)
     assert baseline.iterations[0].protect_cosines is None  # the baselines never use it
+
+
+def _protect_gradient(model, val, right_before, size):
+    """The protect sample's mean-loss gradient, flattened: of the validation examples the model got right before
+    the run (``right_before``), those it still gets right with the ``size`` largest losses (ties by index)."""
+    with torch.no_grad():
+        logits = model(val.tensors[0])
+        losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
+        still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
+    sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:size]
+    grads = torch.autograd.grad(model.per_example_loss(val[sample]).mean(), list(model.parameters()))
+    return torch.cat([g.flatten() for g in grads])
 
 
 def _gauss_newton(model, x):
@@ -513,13 +519,7 @@ def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_
         s = torch.linalg.solve(curvature, g_a)
         d = s * float(g_a @ g_a) / float(g_a @ s)
         assert float(d @ curvature @ d) < float(g_a @ curvature @ g_a)
-        with torch.no_grad():
-            logits = replay(val.tensors[0])
-            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
-            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
-        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
-        g_p = torch.cat([x.flatten() for x in torch.autograd.grad(
-            replay.per_example_loss(val[sample]).mean(), params)])
+        g_p = _protect_gradient(replay, val, right_before, size=5)
         cosine = float(d @ g_p) / float(d.norm() * g_p.norm())
         assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-5, abs=1e-8)
         if cosine < 0:

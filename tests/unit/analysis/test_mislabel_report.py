@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LogisticRegression, cross_entropy_per_example, digits
+from helpers import cross_entropy_per_example, flipped_digits, train_recording_signals
 
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
-from lightning_influence.analysis.training_signals import TrainingSignalRecorder
 from lightning_influence.config import NO_SIGNALS_NOTE, POSTHOC_MISLABEL_AUROC, LowRankConfig, ProblemConfig
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting import mislabel_markdown, mislabel_to_dict, write_mislabel_report
@@ -31,12 +30,7 @@ def test_no_signals_note_quotes_the_benchmark_results_file():
 
 
 def _problem(n: int = 120):
-    x, y = digits(torch.float64)
-    x, y = x[:n], y[:n].clone()
-    y[:6] = (y[:6] + 3) % 10  # planted flips
-    torch.manual_seed(0)
-    model = LogisticRegression().double()
-    data = IndexedData(torch.utils.data.TensorDataset(x, y), None, 50)
+    _, _, model, data = flipped_digits(n, flips=6)
     return model, data
 
 
@@ -68,15 +62,7 @@ def test_without_signals_ranks_by_self_influence_and_says_what_it_costs():
 
 def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     model, data = _problem()
-    recorder = TrainingSignalRecorder(len(data), epochs=[0, 1, 2])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, y = data.dataset.tensors
-    for epoch in range(3):
-        for _ in range(5):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        recorder.record(model, data, epoch)
+    recorder = train_recording_signals(model, data)
     report = find_mislabel_candidates(model, cross_entropy_per_example, data,
                                       ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), None, recorder=recorder)
     assert report.ranking == "el2n_fitted" and report.signals["epochs"] == [0, 1, 2]

@@ -5,13 +5,11 @@ self-influence are those of the whole-set pass, every example's loss is still me
 from __future__ import annotations
 
 import torch
-from helpers import LogisticRegression, cross_entropy_per_example, digits
+from helpers import cross_entropy_per_example, flipped_digits, train_recording_signals
 
 from lightning_influence.analysis import mislabel
 from lightning_influence.analysis.mislabel import SELF_INFLUENCE_POOL_FACTOR, find_mislabel_candidates
-from lightning_influence.analysis.training_signals import TrainingSignalRecorder
 from lightning_influence.config import MISLABEL_SHOWN, LowRankConfig, ProblemConfig
-from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.reporting import mislabel_to_dict
 
 N = 300
@@ -19,20 +17,8 @@ SETUP = ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1)
 
 
 def _trained():
-    x, y = digits(torch.float64)
-    x, y = x[:N], y[:N].clone()
-    y[:10] = (y[:10] + 3) % 10  # planted flips
-    torch.manual_seed(0)
-    model = LogisticRegression().double()
-    data = IndexedData(torch.utils.data.TensorDataset(x, y), None, 50)
-    recorder = TrainingSignalRecorder(N, epochs=[0, 1, 2])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for epoch in range(3):
-        for _ in range(5):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        recorder.record(model, data, epoch)
+    _, _, model, data = flipped_digits(N, flips=10)
+    recorder = train_recording_signals(model, data)
     return model, data, recorder
 
 

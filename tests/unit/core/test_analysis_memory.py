@@ -53,25 +53,36 @@ def test_a_lissa_solve_keeps_no_solution_alive_in_the_memo():
     assert known is not None and float(known.max()) == result.info.residual  # the record's verdict, remembered
 
 
-def test_the_product_timing_probes_a_slice_and_returns_the_whole_batch_product(monkeypatch):
+def _small_product_problem():
+    """A seeded ReLU net's functional loss, its parameters and a batch of 100 random examples."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
     loss = FunctionalLoss(model, cross_entropy_per_example, torch.float32)
     params = trainable_parameters(model, None, torch.float32)
-    batch = (torch.randn(100, 5), torch.randint(0, 4, (100,)))
-    vectors = torch.randn(3, sum(p.numel() for p in params.values()))
-    sizes = []
+    return loss, params, (torch.randn(100, 5), torch.randint(0, 4, (100,)))
+
+
+def _count_products(monkeypatch) -> list[tuple[int, bool]]:
+    """Patch the batch Gauss-Newton product so that each call appends (batch size, batched) to the returned list."""
+    calls: list[tuple[int, bool]] = []
 
     def counted(loss_, params_, batch_, vectors_, batched=True):
-        sizes.append(len(batch_[0]))
+        calls.append((len(batch_[0]), batched))
         return batch_ggn(loss_, params_, batch_, vectors_, batched)
 
     monkeypatch.setattr(products, "batch_ggn", counted)
+    return calls
+
+
+def test_the_product_timing_probes_a_slice_and_returns_the_whole_batch_product(monkeypatch):
+    loss, params, batch = _small_product_problem()
+    vectors = torch.randn(3, sum(p.numel() for p in params.values()))
+    calls = _count_products(monkeypatch)
     product = GaussNewtonProduct(loss, params)
     with torch.enable_grad():
         got = product(batch, vectors)
         expected = batch_ggn(loss, params, batch, vectors, False)
-    assert sizes == [PRODUCT_PROBE_EXAMPLES, PRODUCT_PROBE_EXAMPLES, 100]  # two probes on a slice, then the batch
+    assert [size for size, _ in calls] == [PRODUCT_PROBE_EXAMPLES, PRODUCT_PROBE_EXAMPLES, 100]  # two probes, the batch
     assert product.batched is not None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -86,23 +97,13 @@ def test_row_distance_in_pieces_equals_the_norm_of_the_difference():
 
 
 def test_vectors_too_many_for_the_batched_form_go_looped_without_a_probe(monkeypatch):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4))
-    loss = FunctionalLoss(model, cross_entropy_per_example, torch.float32)
-    params = trainable_parameters(model, None, torch.float32)
-    batch = (torch.randn(100, 5), torch.randint(0, 4, (100,)))
+    loss, params, batch = _small_product_problem()
     p = sum(t.numel() for t in params.values())
     vectors = torch.randn(3, p)
     assert products.batched_fits(3, p, 4, "cpu")
     monkeypatch.setattr(products, "PER_EXAMPLE_BYTES", products.BATCHED_COPIES * 3 * p * 4 - 1)  # one byte short
     assert not products.batched_fits(3, p, 4, "cpu") and products.batched_fits(2, p, 4, "cpu")
-    calls = []
-
-    def counted(loss_, params_, batch_, vectors_, batched=True):
-        calls.append((len(batch_[0]), batched))
-        return batch_ggn(loss_, params_, batch_, vectors_, batched)
-
-    monkeypatch.setattr(products, "batch_ggn", counted)
+    calls = _count_products(monkeypatch)
     product = GaussNewtonProduct(loss, params)
     with torch.enable_grad():
         got = product(batch, vectors)
