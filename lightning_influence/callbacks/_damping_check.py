@@ -22,7 +22,7 @@ from lightning_influence.callbacks._trainer import collectives_for, val_data, we
 from lightning_influence.config import DEFAULT_DAMPING, SELF_CHECK_DAMPING, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
-from lightning_influence.results import DampingCheck, SolveInfo
+from lightning_influence.results import DampingCheck, Explanation, SolveInfo, TrustReport, TrustWarning
 
 #: Minibatch size of the retrainings when the training's own loader is not known.
 FALLBACK_BATCH_SIZE = 32
@@ -125,3 +125,26 @@ def with_check(info: SolveInfo, check: Optional[DampingCheck]) -> SolveInfo:
     if check is None:
         return info
     return replace(info, damping_requested=SELF_CHECK_DAMPING, damping_rule=check.rule, damping_check=check)
+
+
+#: The trust warning that the self-check's choice outranks (a rule of thumb against a measurement).
+BELOW_WEIGHT_DECAY = "damping_below_weight_decay"
+
+
+def with_checked_trust(trust: Optional[TrustReport], check: Optional[DampingCheck]) -> Optional[TrustReport]:
+    """``trust`` with its damping-below-weight-decay warning turned into an info note when the self-check chose the
+    damping: its retrainings ran with the training's own optimiser, weight decay included, and predicted best at
+    this damping, so the rule of thumb "damping >= weight decay" should not tell the user otherwise."""
+    if trust is None or check is None:
+        return trust
+    notes = tuple(
+        TrustWarning(w.code, f"damping={check.chosen:g} is below the training weight decay, and kept: the self-check's"
+                     " retrainings (the training's own optimiser and weight decay) predicted best at it among"
+                     f" {list(check.candidates)}.", "info") if w.code == BELOW_WEIGHT_DECAY else w
+        for w in trust.warnings)
+    return replace(trust, warnings=notes)
+
+
+def checked_explanation(found: Explanation, check: Optional[DampingCheck]) -> Explanation:
+    """An analysis's explanation naming the self-check behind its damping, in its solve record and its trust."""
+    return replace(found, solver=with_check(found.solver, check), trust=with_checked_trust(found.trust, check))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.callbacks._damping_check import analysis_problem, self_check_once, with_check
+from lightning_influence.callbacks._damping_check import analysis_problem, checked_explanation, self_check_once
 from lightning_influence.callbacks._leave_one_out import check_loo_arguments, leave_one_out_check
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_mislabel, legacy_solver_options
 from lightning_influence.callbacks._snapshots import SnapshotSchedule
@@ -362,7 +361,7 @@ class InfluenceCallback(AnalysisCallback):
             found = explain(pl_module, loss_fn, train, val, setup, self.settings, collectives,
                             on_lissa_step=lambda: on_step(1), on_scored=on_scored, describe=self._describe,
                             snapshots=self.snapshots.before(trainer.global_step))
-        return replace(found, solver=with_check(found.solver, self.damping_check))
+        return checked_explanation(found, self.damping_check)
 
     def _problem(self, trainer: pl.Trainer) -> ProblemConfig:
         return analysis_problem(self.problem, trainer, self.damping_check)

@@ -105,6 +105,19 @@ class InfluenceProblem:
         self.products = TrainingCurvature(self.loss, self.params, self.curvature, self.solver.hvp_method, train_loader,
                                           self.device, store_jacobian and self.solver.stores_jacobian)
 
+    def with_settings(self, settings: ProblemConfig) -> InfluenceProblem:
+        """The same model and training data under other ``settings`` (another damping or solver). When the
+        curvature, parameters and dtype are the same and both solvers take products alike, the new problem shares
+        this one's curvature products, so a stored output Jacobian is built once for both."""
+        other = InfluenceProblem(self.model, self.loss.loss_fn, self.train_loader, settings,
+                                 subset_examples=self.subset_examples)
+        same = (settings.curvature, settings.parameters, settings.dtype) == (
+            self.settings.curvature, self.settings.parameters, self.settings.dtype)
+        if same and (other.solver.hvp_method, other.solver.stores_jacobian) == (
+                self.solver.hvp_method, self.solver.stores_jacobian):
+            other.products = self.products
+        return other
+
     @property
     def config(self) -> SolverConfig:
         """The solver's config."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 import urllib.error
 import urllib.parse
@@ -169,6 +170,19 @@ def test_text_example_sends_the_decoded_sentences(examples):
         assert entry["text"] == report["examples"]["train"][str(entry["train_index"])]["text"] and entry["text"]
     _, page = call(url, "influencers", run="text_classification/version_0", epoch=0)
     assert all(e["text"] for e in page["examples"])
+
+
+def test_both_examples_choose_their_damping_by_the_default_self_check(examples):
+    """The shipped examples run the callback's default damping rule, not its fallback: the tiny BERT's check used to
+    refuse itself (it timed autograd's curvature product, far slower than the stored Jacobian's its solves use)
+    and the analysis fell back to damping='auto'."""
+    root, _ = examples
+    for name in ("text_classification", "digits"):
+        solver = _report(root, name, "epoch=0.json")["solver"]
+        assert solver["damping_requested"] == "self_check", name
+        check = solver["damping_check"]
+        assert solver["damping"] == check["chosen"] in check["candidates"], name
+        assert all(math.isfinite(v) for v in check["lds"]), name
 
 
 def test_text_example_writes_a_mislabel_report_with_the_decoded_sentences(examples):

@@ -181,3 +181,53 @@ def test_the_precheck_stops_an_unaffordable_check_before_retraining_and_leaves_t
     precheck_affordable(model, cross_entropy_per_example, data, check, ProblemConfig(), epochs=1, batch_size=32)
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all((p.grad is None and g is None) or torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_the_candidates_share_one_stored_jacobian_and_the_budget_times_its_product(adam_mlp, monkeypatch):
+    """On the conjugate-gradient path the candidates' solves take their products from one stored output Jacobian,
+    built once (each candidate's own problem used to build its own), and the budget is timed on a product from that
+    store, the form the solves use (timing autograd's product instead refused the tiny BERT example's check)."""
+    from lightning_influence.analysis import damping_check
+    from lightning_influence.core.curvature import jacobian, training
+    from lightning_influence.core.curvature.jacobian import RowBatch
+    from lightning_influence.core.problem import InfluenceProblem
+
+    model, train, check = adam_mlp
+    data = IndexedData(train)
+    retrainings = retrain_on_halves(model, cross_entropy_per_example, data, check,
+                                    lambda params: torch.optim.Adam(params, lr=0.01), epochs=1, count=6)
+    monkeypatch.setattr(damping_check, "EXACT_CHECK_PARAMETERS", 0)
+    monkeypatch.setattr(jacobian, "TIMED", False)  # store whatever the speed probe would say on this tiny model
+    builds, timed = [], []
+    original_build, original_product = training.build_output_jacobian, InfluenceProblem.minibatch_hvp
+
+    def counted_build(*args, **kwargs):
+        builds.append(1)
+        return original_build(*args, **kwargs)
+
+    def recorded_product(self, batch, vectors):
+        timed.append(type(batch))
+        return original_product(self, batch, vectors)
+
+    monkeypatch.setattr(training, "build_output_jacobian", counted_build)
+    monkeypatch.setattr(InfluenceProblem, "minibatch_hvp", recorded_product)
+    found = check_damping(model, cross_entropy_per_example, data, check, retrainings, ProblemConfig(),
+                          candidates=(1e-2, 1e-1, 1.0))
+    assert len(builds) == 1
+    assert timed[:2] == [RowBatch, RowBatch]  # the budget's two timed products, from the store
+    assert all(math.isfinite(v) for v in found.lds)
+
+
+def test_a_problem_with_other_settings_shares_the_products_only_when_they_are_the_same(adam_mlp):
+    from lightning_influence.config import CGConfig
+    from lightning_influence.core.problem import InfluenceProblem
+
+    model, train, _ = adam_mlp
+    loader_ = torch.utils.data.DataLoader(train, batch_size=64)
+    base = InfluenceProblem(model, cross_entropy_per_example, loader_, ProblemConfig(damping=0.1, solver=CGConfig()))
+    same = base.with_settings(ProblemConfig(damping=1.0, solver=CGConfig(preconditioner="kfac")))
+    assert same.products is base.products and same.damping == 1.0 and base.damping == 0.1
+    for other in (ProblemConfig(damping=1.0, solver=CGConfig(), curvature="hessian"),
+                  ProblemConfig(damping=1.0, solver=CGConfig(), dtype="float32"),
+                  ProblemConfig(damping=1.0, solver=ExactConfig())):
+        assert base.with_settings(other).products is not base.products

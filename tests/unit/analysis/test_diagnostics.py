@@ -178,6 +178,24 @@ def test_setting_warnings_say_which_knob_to_turn():
     assert "scale='auto'" in message and f"{SCALE_MARGIN * 5.0:.3g}" in message  # the fix: auto, or what auto uses
 
 
+def test_a_damping_the_self_check_chose_below_the_weight_decay_is_a_note_not_a_warning():
+    """The self-check measured its damping against retrainings with the training's weight decay: the rule of thumb
+    "damping >= weight decay" becomes an info note naming the candidates; the other warnings stay as they were."""
+    from lightning_influence.callbacks._damping_check import with_checked_trust
+    from lightning_influence.results import DampingCheck
+
+    info = SolveInfo("lissa", 1e-3, converged=True, seconds=0.0)
+    trust = TrustReport((), tuple(setting_warnings(info, 1e-3, 1e-2)) + (TrustWarning("deep_model", "deep"),))
+    check = DampingCheck(chosen=1e-3, candidates=(1e-4, 1e-3, 1e-2), lds=(0.5, 0.7, 0.6), points=8, retrainings=10,
+                         epochs=1, seconds=1.0)
+    assert [w.severity for w in trust.warnings] == ["warning", "warning"]
+    checked = with_checked_trust(trust, check)
+    assert [(w.code, w.severity) for w in checked.warnings] == [("damping_below_weight_decay", "info"),
+                                                               ("deep_model", "warning")]
+    assert "self-check" in checked.warnings[0].message and "[0.0001, 0.001, 0.01]" in checked.warnings[0].message
+    assert with_checked_trust(trust, None) is trust  # a damping the user chose keeps the warning
+
+
 def test_divergence_prone_lissa_is_flagged_end_to_end():
     x, y = digits(torch.float64)
     torch.manual_seed(0)
