@@ -97,3 +97,37 @@ def test_self_check_rule_takes_the_best_held_out_damping(bench) -> None:
     facts = bench.Facts(top=1.0, mean=1.0, weight_decay=0.0, self_check=table)
     assert bench.RULES["self_check"](facts) == 3e-3
     assert bench.RULES["self_check_coarse"](facts) == 1e-2  # 3e-3 is not a decade
+
+
+def test_trak_on_dict_batches_matches_trak_on_tuples(bench, tmp_path) -> None:
+    """The text model's TRAK path (dict batches, traker's per-example loop) gives the scores of traker's own vmapped
+    path on the same weights fed as tuples: the margin, its loss weighting and the batch order are right."""
+    pytest.importorskip("trak")
+    from torch import nn
+
+    class DictLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.lin(batch["x"])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(nn.Linear(4, 3).state_dict())
+
+    def spec(build):
+        return bench.Spec(None, build, bench.ce_loss, "adam", 1e-3, 1, 8, 20, 4)
+
+    tuples = bench.trak_scores(spec(lambda: nn.Linear(4, 3)), states, (x[:20], y[:20]), (x[20:], y[20:]),
+                               str(tmp_path / "tuples"))
+    dicts = bench.trak_scores(spec(DictLinear), [{f"lin.{k}": v for k, v in s.items()} for s in states],
+                              {"x": x[:20], "labels": y[:20]}, {"x": x[20:], "labels": y[20:]}, str(tmp_path / "dicts"))
+    assert set(dicts) == {"trak_1", "trak_2"} and dicts["trak_2"].shape == (4, 20)
+    for key in dicts:
+        assert torch.allclose(dicts[key], tuples[key], rtol=1e-4, atol=1e-6)
+        assert dicts[key].abs().max() > 0
