@@ -131,3 +131,20 @@ def test_trak_on_dict_batches_matches_trak_on_tuples(bench, tmp_path) -> None:
     for key in dicts:
         assert torch.allclose(dicts[key], tuples[key], rtol=1e-4, atol=1e-6)
         assert dicts[key].abs().max() > 0
+
+
+def test_snapshot_study_merge_adds_new_fields_and_refuses_disagreeing_runs() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_lds_snapshots", ROOT / "benchmarks" / "lds_snapshots.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    mine = {"m": {"rules": {"decades/final/K3": {"lds": 0.5}},
+                  "schedules": {"3": {"lds": {"0.1": 0.5}}, "8": {"lds": {"0.1": 0.4}}}}}
+    other = {"m": {"rules": {"decades/final/K3": {"lds": 0.5}, "decades/final_scaled/K3": {"lds": 0.6}},
+                   "schedules": {"3": {"lds": {"0.1": 0.9}, "lds_scaled": {"0.1": 0.6}}}},
+             "n": {"rules": {}, "schedules": {}}}
+    study.merge(mine, other)
+    assert mine["m"]["rules"]["decades/final_scaled/K3"] == {"lds": 0.6} and "n" in mine
+    assert mine["m"]["schedules"]["3"] == {"lds": {"0.1": 0.5}, "lds_scaled": {"0.1": 0.6}}  # kept, then added
+    assert mine["m"]["schedules"]["8"] == {"lds": {"0.1": 0.4}}
+    with pytest.raises(AssertionError):
+        study.merge(mine, {"m": {"rules": {"decades/final/K3": {"lds": 0.7}}, "schedules": {}}})
