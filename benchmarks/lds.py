@@ -726,34 +726,44 @@ def snapshot_model(spec: Spec, snapshot: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def package_self_check(spec: Spec, model: nn.Module, train_data: Data, test: Data, att: Any, masks: torch.Tensor,
-                       losses: torch.Tensor, snapshots: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+                       losses: torch.Tensor, snapshots: list[dict[str, torch.Tensor]], fallback: float
+                       ) -> dict[str, Any]:
     """LDS of the callbacks' default: the damping ``li.check_damping_by_retraining`` picks with the callbacks'
     settings (validation points outside the evaluation set, the training's optimiser and batch size, half the
     training's epochs: one L-BFGS step of ``spec.epochs`` iterations for ``logreg``, a full-batch run, its own
     retraining seeds), the influence averaged over the default weight snapshots by ``li.influence(snapshots=)``
     (``lds``; none for the full-batch L-BFGS run, which has no epochs), and the final weights alone at the same
-    damping (``lds_final_only``)."""
+    damping (``lds_final_only``). When the check stops with an error (its candidates' solves do not fit its time
+    budget: the timed curvature product is slow on a busy machine) the callback warns and uses ``damping="auto"``;
+    so does this row, with ``self_check_error`` saying why and ``damping`` the auto value ``fallback``."""
     val, disjoint = validation_points(spec, test)
     batch = spec.batch or size(train_data)
     epochs = 1 if spec.optimizer == "lbfgs" else max(1, spec.epochs // 2)
     start = time.perf_counter()
-    check = li.check_damping_by_retraining(model, spec.loss, loader_of(train_data, batch), val,
-                                           training_optimizer_of(spec), epochs=epochs,
-                                           problem=li.ProblemConfig(weight_decay=spec.weight_decay))
+    error = None
+    try:
+        check = li.check_damping_by_retraining(model, spec.loss, loader_of(train_data, batch), val,
+                                               training_optimizer_of(spec), epochs=epochs,
+                                               problem=li.ProblemConfig(weight_decay=spec.weight_decay))
+        chosen, table = check.chosen, dict(zip(check.candidates, check.lds))
+    except RuntimeError as exc:  # what the callback does: warn, then damping="auto"
+        error, chosen, table = str(exc)[:400], fallback, {}
+        print(f"  self-check failed, using damping='auto' ({fallback:.3g}) as the callback does: {error}", flush=True)
     seconds = time.perf_counter() - start
-    final_only = att.at(check.chosen)
+    final_only = att.at(chosen)
     start = time.perf_counter()
     averaged = final_only
     if snapshots:
         solver = "exact" if att.eigh is not None else "cg"
-        averaged = li.influence(model, spec.loss, loader_of(train_data), test, solver=solver, damping=check.chosen,
+        averaged = li.influence(model, spec.loss, loader_of(train_data), test, solver=solver, damping=chosen,
                                 snapshots=snapshots, **options_of(spec)).double()
-    return {**summary(lds(averaged, masks, losses)), "damping": check.chosen, "snapshots": 1 + len(snapshots),
+    extra = {} if error is None else {"self_check_error": error, "fallback": "auto"}
+    return {**summary(lds(averaged, masks, losses)), "damping": chosen, "snapshots": 1 + len(snapshots), **extra,
             "lds_final_only": summary(lds(final_only, masks, losses))["lds"],
             "seconds_snapshots": round(time.perf_counter() - start, 1),
             "seconds": round(seconds, 1), "validation_disjoint_from_test": disjoint, "epochs": epochs,
             "candidates_lds": {f"{d:g}": (None if v is None or math.isnan(v) else round(v, 4))
-                               for d, v in zip(check.candidates, check.lds)}}
+                               for d, v in table.items()}}
 
 
 # -- one model ------------------------------------------------------------------------------------------------
@@ -890,7 +900,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if spec.optimizer != "lbfgs":  # the full model again (seeded: the same run), its snapshots kept
         again = train(spec, train_data, snapshots=snapshots)
         assert all(torch.equal(v, record["state"][k]) for k, v in again.state_dict().items())
-    rows["callback_default"] = package_self_check(spec, model, train_data, test, att, masks, losses, snapshots)
+    rows["callback_default"] = package_self_check(spec, model, train_data, test, att, masks, losses, snapshots,
+                                                  fallback=auto)
     if att.eigh is not None and snapshots:  # the sweep again with the snapshots averaged (exact per snapshot)
         members = [att] + [Attributions(name, spec, snapshot_model(spec, s), train_data, test, exact=True)
                            for s in snapshots]
@@ -973,7 +984,8 @@ def choose_rule(results: dict[str, dict[str, Any]], recommended: Optional[str]) 
     checked_on = [m for m in CHECK_ON if m in results]
     worst = {rule: max((gaps[rule][m] for m in chosen_on if m in gaps[rule]), default=float("nan")) for rule in RULES}
     best = min((v for v in worst.values() if not math.isnan(v)), default=float("nan"))
-    tied = [k for k, v in worst.items() if v <= best + TIE]
+    # no choice model in the results (e.g. ``--quick --models tiny_bert``): every rule ties, the check models decide
+    tied = [k for k, v in worst.items() if math.isnan(best) or v <= best + TIE]
     checked = {k: max((gaps[k][m] for m in checked_on if m in gaps[k]), default=float("nan")) for k in tied}
     # rules the choice models cannot separate (within TIE) are separated by the check models
     pick = recommended or min(tied, key=lambda k: (checked[k] if not math.isnan(checked[k]) else 0.0, worst[k]))

@@ -148,3 +148,13 @@ def test_snapshot_study_merge_adds_new_fields_and_refuses_disagreeing_runs() -> 
     assert mine["m"]["schedules"]["8"] == {"lds": {"0.1": 0.4}}
     with pytest.raises(AssertionError):
         study.merge(mine, {"m": {"rules": {"decades/final/K3": {"lds": 0.7}}, "schedules": {}}})
+
+
+def test_rule_choice_without_any_choice_model_lets_the_check_models_decide(bench) -> None:
+    """``--quick --models tiny_bert``: no choice model ran, so every rule ties and the check models pick."""
+    entries = {rule: {"lds": 0.5} for rule in bench.RULES}
+    entries["mean_1"] = {"lds": 0.69}
+    results = {"tabular_mlp": {"best_fixed": {"lds": 0.7}, "rows": {"rules": entries, "default": {"lds": 0.0},
+                                                                    "cg_default_damping": {"lds": 0.0}}}}
+    choice = bench.choose_rule(results, None)
+    assert choice["recommended"] == "mean_1" and choice["recommended_worst_gap_on_checked"] == pytest.approx(0.01)
