@@ -26,6 +26,12 @@ exact (one eigendecomposition of the Gauss-Newton matrix per snapshot) up to 20k
 Usage::
 
     python benchmarks/lds_snapshots.py --models regression_mlp,tiny_bert
+    python benchmarks/lds_snapshots.py --models relu_mlp_adam --ks 1,3 --output /tmp/relu.json  # fewer snapshots
+    python benchmarks/lds_snapshots.py --models "" --summarise --merge /tmp/relu.json  # into the results file
+
+The results file was written that way: K = 1, 2, 3, 5, 8 on five models, 1, 2, 3 on the tanh MLP (3 epochs) and
+1, 3 on the ReLU MLP (one eigendecomposition per snapshot), the per-snapshot damping merged in from runs with
+K = 1, 3 (and 5).
 """
 
 from __future__ import annotations
