@@ -55,6 +55,7 @@ Usage::
     python benchmarks/lds.py --models logreg,cnn_bn   # a subset (merged into the results file)
     python benchmarks/lds.py --quick                  # smoke test: few subsets and test points, no file
     python benchmarks/lds.py --damping-rule top_0.03  # the rule whose row is called "recommended"
+    python benchmarks/lds.py --models tiny_bert --only-peers  # the peers again, every other row as stored
 """
 
 from __future__ import annotations
@@ -585,12 +586,34 @@ def kronfluence_scores(spec: Spec, model: nn.Module, train_data: Data, test: Dat
 def trak_scores(spec: Spec, states: list[dict[str, torch.Tensor]], train_data: Data, test: Data,
                 workdir: str) -> torch.Tensor:
     from trak import TRAKer
+    from trak.gradient_computers import FunctionalGradientComputer, IterativeGradientComputer
     from trak.modelout_functions import AbstractModelOutput, ImageClassificationModelOutput
     from trak.projectors import BasicProjector, ProjectionType
 
-    if isinstance(train_data, dict):
-        raise RuntimeError("traker's FunctionalGradientComputer vmaps the model per example; TinyBert (a Hugging Face"
-                           " BERT) cannot be traced by vmap, so TRAK is not run on it")
+    keys = list(train_data) if isinstance(train_data, dict) else None
+
+    class DictClassificationOutput(AbstractModelOutput):
+        """TRAK's classification margin for a model of dict batches (the tiny BERT): traker passes the batch as a
+        list of tensors, rebuilt into the dict here. Per-example gradients by traker's IterativeGradientComputer
+        (one backward pass per example): its default FunctionalGradientComputer vmaps the model, which the Hugging
+        Face BERT (``.item()``, branches on data) does not allow."""
+
+        def __init__(self) -> None:
+            super().__init__()
+
+        @staticmethod
+        def get_output(model: nn.Module, weights: Any, buffers: Any, *columns: torch.Tensor) -> torch.Tensor:
+            batch = dict(zip(keys or (), columns))
+            logits = model(batch)
+            labels = batch["labels"]
+            correct = logits.gather(1, labels[:, None]).squeeze(1)
+            others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -torch.inf)
+            return correct - others.logsumexp(1)
+
+        def get_out_to_loss_grad(self, model: nn.Module, weights: Any, buffers: Any, batch: Any) -> torch.Tensor:
+            with torch.no_grad():
+                logits = model(dict(zip(keys or (), batch)))
+                return (1 - logits.softmax(1).gather(1, batch[keys.index("labels")][:, None]))  # type: ignore[union-attr]
 
     class RegressionOutput(AbstractModelOutput):
         """Model output = the negative squared error (so out-to-loss weighting is 1)."""
@@ -609,26 +632,33 @@ def trak_scores(spec: Spec, states: list[dict[str, torch.Tensor]], train_data: D
     model = spec.build()
     model.load_state_dict(states[0])
     model.eval()
-    task = RegressionOutput() if spec.kind == "regression" else ImageClassificationModelOutput()
+    task: AbstractModelOutput = (DictClassificationOutput() if keys else RegressionOutput()
+                                 if spec.kind == "regression" else ImageClassificationModelOutput())
+    computer = IterativeGradientComputer if keys else FunctionalGradientComputer
     grad_dim = sum(p.numel() for p in model.parameters())
     proj_dim = int(min(512, grad_dim, size(train_data) // 2))
     projector = BasicProjector(grad_dim=grad_dim, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher,
                                device=torch.device("cpu"))
     traker = TRAKer(model=model, task=task, train_set_size=size(train_data), save_dir=workdir, device="cpu",
-                    projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40)
+                    projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40,
+                    gradient_computer=computer)
+
+    def columns(data: Data) -> list[torch.Tensor]:
+        return [data[k] for k in keys] if keys else list(data)
+
     n, t = size(train_data), size(test)
     for model_id, state in enumerate(states):
         traker.load_checkpoint(state, model_id=model_id)
         for s in range(0, n, 128):
             batch = take(train_data, torch.arange(s, min(n, s + 128)))
-            traker.featurize(batch=list(batch), num_samples=len(batch[0]))
+            traker.featurize(batch=columns(batch), num_samples=size(batch))
     traker.finalize_features()
     out = {}
     for k, ids in (("trak_1", [0]), (f"trak_{len(states)}", list(range(len(states))))):
         exp = f"lds_{k}"
         for model_id in ids:
             traker.start_scoring_checkpoint(exp_name=exp, checkpoint=states[model_id], model_id=model_id, num_targets=t)
-            traker.score(batch=list(test), num_samples=t)
+            traker.score(batch=columns(test), num_samples=t)
         out[k] = -torch.as_tensor(np.asarray(traker.finalize_scores(exp_name=exp, model_ids=ids))).double().T
     return out  # TRAK: positive = raises the correct-class margin (helpful); ours: positive = harmful
 
@@ -696,37 +726,71 @@ def snapshot_model(spec: Spec, snapshot: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def package_self_check(spec: Spec, model: nn.Module, train_data: Data, test: Data, att: Any, masks: torch.Tensor,
-                       losses: torch.Tensor, snapshots: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+                       losses: torch.Tensor, snapshots: list[dict[str, torch.Tensor]], fallback: float
+                       ) -> dict[str, Any]:
     """LDS of the callbacks' default: the damping ``li.check_damping_by_retraining`` picks with the callbacks'
     settings (validation points outside the evaluation set, the training's optimiser and batch size, half the
     training's epochs: one L-BFGS step of ``spec.epochs`` iterations for ``logreg``, a full-batch run, its own
     retraining seeds), the influence averaged over the default weight snapshots by ``li.influence(snapshots=)``
     (``lds``; none for the full-batch L-BFGS run, which has no epochs), and the final weights alone at the same
-    damping (``lds_final_only``)."""
+    damping (``lds_final_only``). When the check stops with an error (its candidates' solves do not fit its time
+    budget: the timed curvature product is slow on a busy machine) the callback warns and uses ``damping="auto"``;
+    so does this row, with ``self_check_error`` saying why and ``damping`` the auto value ``fallback``."""
     val, disjoint = validation_points(spec, test)
     batch = spec.batch or size(train_data)
     epochs = 1 if spec.optimizer == "lbfgs" else max(1, spec.epochs // 2)
     start = time.perf_counter()
-    check = li.check_damping_by_retraining(model, spec.loss, loader_of(train_data, batch), val,
-                                           training_optimizer_of(spec), epochs=epochs,
-                                           problem=li.ProblemConfig(weight_decay=spec.weight_decay))
+    error = None
+    try:
+        check = li.check_damping_by_retraining(model, spec.loss, loader_of(train_data, batch), val,
+                                               training_optimizer_of(spec), epochs=epochs,
+                                               problem=li.ProblemConfig(weight_decay=spec.weight_decay))
+        chosen, table = check.chosen, dict(zip(check.candidates, check.lds))
+    except RuntimeError as exc:  # what the callback does: warn, then damping="auto"
+        error, chosen, table = str(exc)[:400], fallback, {}
+        print(f"  self-check failed, using damping='auto' ({fallback:.3g}) as the callback does: {error}", flush=True)
     seconds = time.perf_counter() - start
-    final_only = att.at(check.chosen)
+    final_only = att.at(chosen)
     start = time.perf_counter()
     averaged = final_only
     if snapshots:
         solver = "exact" if att.eigh is not None else "cg"
-        averaged = li.influence(model, spec.loss, loader_of(train_data), test, solver=solver, damping=check.chosen,
+        averaged = li.influence(model, spec.loss, loader_of(train_data), test, solver=solver, damping=chosen,
                                 snapshots=snapshots, **options_of(spec)).double()
-    return {**summary(lds(averaged, masks, losses)), "damping": check.chosen, "snapshots": 1 + len(snapshots),
+    extra = {} if error is None else {"self_check_error": error, "fallback": "auto"}
+    return {**summary(lds(averaged, masks, losses)), "damping": chosen, "snapshots": 1 + len(snapshots), **extra,
             "lds_final_only": summary(lds(final_only, masks, losses))["lds"],
             "seconds_snapshots": round(time.perf_counter() - start, 1),
             "seconds": round(seconds, 1), "validation_disjoint_from_test": disjoint, "epochs": epochs,
             "candidates_lds": {f"{d:g}": (None if v is None or math.isnan(v) else round(v, 4))
-                               for d, v in zip(check.candidates, check.lds)}}
+                               for d, v in table.items()}}
 
 
 # -- one model ------------------------------------------------------------------------------------------------
+def rerun_peers(name: str, stored: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """``--only-peers``: the peers' rows (and their sign check against CG at the stored default damping) of a model
+    already in the results file, recomputed from the cached retrainings; every other row is kept as stored."""
+    spec = SPECS[name]
+    train_data, test = spec.data(spec.n_train, spec.n_test)
+    record = retrainings(name, spec, train_data, test, args)
+    model = spec.build()
+    model.load_state_dict(record["state"])
+    model.eval()
+    att = Attributions(name, spec, model, train_data, test, exact=False)
+    cg_scores = att.cg(float(stored["rows"]["cg_default_damping"]["damping"]))[0]
+    t0 = time.perf_counter()
+    peer_scores, skipped = run_peers(name, spec, model, record, att, args)
+    rows = dict(stored["rows"])
+    rows["peers"] = {k: summary(lds(v, record["masks"], record["losses"])) for k, v in peer_scores.items()}
+    rows["peers_skipped"] = skipped
+    rows["peer_sign_check"] = {k: round(float(spearman_per_column(v.T, cg_scores.T).mean()), 3)
+                               for k, v in peer_scores.items()}
+    phases = {**stored.get("phase_seconds", {}), "peers": round(time.perf_counter() - t0, 1)}
+    print(f"[{name}] peers: " + "  ".join(f"{k}:{v['lds']:.3f}" for k, v in rows["peers"].items()), skipped,
+          rows["peer_sign_check"], flush=True)
+    return {**stored, "rows": rows, "phase_seconds": phases}
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = SPECS[name]
     if args.quick:
@@ -836,7 +900,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if spec.optimizer != "lbfgs":  # the full model again (seeded: the same run), its snapshots kept
         again = train(spec, train_data, snapshots=snapshots)
         assert all(torch.equal(v, record["state"][k]) for k, v in again.state_dict().items())
-    rows["callback_default"] = package_self_check(spec, model, train_data, test, att, masks, losses, snapshots)
+    rows["callback_default"] = package_self_check(spec, model, train_data, test, att, masks, losses, snapshots,
+                                                  fallback=auto)
     if att.eigh is not None and snapshots:  # the sweep again with the snapshots averaged (exact per snapshot)
         members = [att] + [Attributions(name, spec, snapshot_model(spec, s), train_data, test, exact=True)
                            for s in snapshots]
@@ -919,7 +984,8 @@ def choose_rule(results: dict[str, dict[str, Any]], recommended: Optional[str]) 
     checked_on = [m for m in CHECK_ON if m in results]
     worst = {rule: max((gaps[rule][m] for m in chosen_on if m in gaps[rule]), default=float("nan")) for rule in RULES}
     best = min((v for v in worst.values() if not math.isnan(v)), default=float("nan"))
-    tied = [k for k, v in worst.items() if v <= best + TIE]
+    # no choice model in the results (e.g. ``--quick --models tiny_bert``): every rule ties, the check models decide
+    tied = [k for k, v in worst.items() if math.isnan(best) or v <= best + TIE]
     checked = {k: max((gaps[k][m] for m in checked_on if m in gaps[k]), default=float("nan")) for k in tied}
     # rules the choice models cannot separate (within TIE) are separated by the check models
     pick = recommended or min(tied, key=lambda k: (checked[k] if not math.isnan(checked[k]) else 0.0, worst[k]))
@@ -1011,6 +1077,8 @@ def main() -> None:
     parser.add_argument("--output", default=None, help=f"results file (default {RESULTS.name}; none with --quick)")
     parser.add_argument("--rechoose", action="store_true", help="recompute the rule choice in the results file")
     parser.add_argument("--table", action="store_true", help="print the results file as a markdown table and exit")
+    parser.add_argument("--only-peers", action="store_true",
+                        help="rerun only the peers of --models already in the results file (the rest kept as stored)")
     args = parser.parse_args()
     if args.rechoose:  # recompute the rule choice from the stored per-model rows (no attribution is rerun)
         path = Path(args.output) if args.output else RESULTS
@@ -1034,7 +1102,9 @@ def main() -> None:
     old = json.loads(output.read_text()) if output and output.exists() else {}
     results = dict(old.get("models", {}))
     for name in names:
-        results[name] = run_model(name, args)
+        if args.only_peers and name not in results:
+            parser.error(f"--only-peers: {name} is not in {output}; run it in full first")
+        results[name] = rerun_peers(name, results[name], args) if args.only_peers else run_model(name, args)
     choice = choose_rule(results, args.damping_rule)
     print(json.dumps({k: v for k, v in choice.items() if k != "gap_to_best_fixed"}, indent=1))
     print(f"whole run {time.perf_counter() - t0:.0f}s wall, {time.process_time():.0f}s CPU")

@@ -97,3 +97,64 @@ def test_self_check_rule_takes_the_best_held_out_damping(bench) -> None:
     facts = bench.Facts(top=1.0, mean=1.0, weight_decay=0.0, self_check=table)
     assert bench.RULES["self_check"](facts) == 3e-3
     assert bench.RULES["self_check_coarse"](facts) == 1e-2  # 3e-3 is not a decade
+
+
+def test_trak_on_dict_batches_matches_trak_on_tuples(bench, tmp_path) -> None:
+    """The text model's TRAK path (dict batches, traker's per-example loop) gives the scores of traker's own vmapped
+    path on the same weights fed as tuples: the margin, its loss weighting and the batch order are right."""
+    pytest.importorskip("trak")
+    from torch import nn
+
+    class DictLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.lin(batch["x"])
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append(nn.Linear(4, 3).state_dict())
+
+    def spec(build):
+        return bench.Spec(None, build, bench.ce_loss, "adam", 1e-3, 1, 8, 20, 4)
+
+    tuples = bench.trak_scores(spec(lambda: nn.Linear(4, 3)), states, (x[:20], y[:20]), (x[20:], y[20:]),
+                               str(tmp_path / "tuples"))
+    dicts = bench.trak_scores(spec(DictLinear), [{f"lin.{k}": v for k, v in s.items()} for s in states],
+                              {"x": x[:20], "labels": y[:20]}, {"x": x[20:], "labels": y[20:]}, str(tmp_path / "dicts"))
+    assert set(dicts) == {"trak_1", "trak_2"} and dicts["trak_2"].shape == (4, 20)
+    for key in dicts:
+        assert torch.allclose(dicts[key], tuples[key], rtol=1e-4, atol=1e-6)
+        assert dicts[key].abs().max() > 0
+
+
+def test_snapshot_study_merge_adds_new_fields_and_refuses_disagreeing_runs() -> None:
+    spec = importlib.util.spec_from_file_location("benchmarks_lds_snapshots", ROOT / "benchmarks" / "lds_snapshots.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    mine = {"m": {"rules": {"decades/final/K3": {"lds": 0.5}},
+                  "schedules": {"3": {"lds": {"0.1": 0.5}}, "8": {"lds": {"0.1": 0.4}}}}}
+    other = {"m": {"rules": {"decades/final/K3": {"lds": 0.5}, "decades/final_scaled/K3": {"lds": 0.6}},
+                   "schedules": {"3": {"lds": {"0.1": 0.9}, "lds_scaled": {"0.1": 0.6}}}},
+             "n": {"rules": {}, "schedules": {}}}
+    study.merge(mine, other)
+    assert mine["m"]["rules"]["decades/final_scaled/K3"] == {"lds": 0.6} and "n" in mine
+    assert mine["m"]["schedules"]["3"] == {"lds": {"0.1": 0.5}, "lds_scaled": {"0.1": 0.6}}  # kept, then added
+    assert mine["m"]["schedules"]["8"] == {"lds": {"0.1": 0.4}}
+    with pytest.raises(AssertionError):
+        study.merge(mine, {"m": {"rules": {"decades/final/K3": {"lds": 0.7}}, "schedules": {}}})
+
+
+def test_rule_choice_without_any_choice_model_lets_the_check_models_decide(bench) -> None:
+    """``--quick --models tiny_bert``: no choice model ran, so every rule ties and the check models pick."""
+    entries = {rule: {"lds": 0.5} for rule in bench.RULES}
+    entries["mean_1"] = {"lds": 0.69}
+    results = {"tabular_mlp": {"best_fixed": {"lds": 0.7}, "rows": {"rules": entries, "default": {"lds": 0.0},
+                                                                    "cg_default_damping": {"lds": 0.0}}}}
+    choice = bench.choose_rule(results, None)
+    assert choice["recommended"] == "mean_1" and choice["recommended_worst_gap_on_checked"] == pytest.approx(0.01)
