@@ -47,6 +47,7 @@ SIGNALS = ("loss", "margin", "el2n")
 SPACINGS = ("geometric", "even")
 DEFAULT_SPACING = "geometric"
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+_SIGNAL_ELEMENTS = 1 << 22  # logits turned into signals at once (each float64 temporary: 32 MB)
 
 
 def classification_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +66,7 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
 
 def _signals_on_device(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """:func:`example_signals` left on the logits' device (the recorder copies a checkpoint to the host once)."""
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
+    _check_logits(logits)
     logits = logits.detach().double()
     labels = labels.detach().long().to(logits.device)
     log_probs = logits.log_softmax(dim=1)
@@ -80,6 +80,11 @@ def _signals_on_device(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
         "el2n": (probs - one_hot).norm(dim=1).float(),
         "probs": probs.float(),
     }
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
 
 
 def recording_batches(data: IndexedData, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -213,20 +218,25 @@ class TrainingSignalRecorder:
             raise ValueError(f"Expected a training set of {self.num_train} examples, but got {len(data)}.")
         began = time.perf_counter()
         indices = list(range(collectives.rank, self.num_train, collectives.world_size))
-        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         was_training = model.training
         model.eval()
         try:
             if indices:
                 for batch_indices, batch in recording_batches(data, indices):
                     logits, labels = outputs_fn(model, batch)
-                    parts.append((batch_indices, _signals_on_device(logits, labels), labels.detach().long()))
+                    _check_logits(logits)
+                    parts.append((batch_indices, logits.detach(), labels.detach().long()))
         finally:
             model.train(was_training)
-        if parts:  # one copy to the host per checkpoint, not one per batch and signal
+        if parts:  # the signals of the whole shard at once, copied to the host once (not per batch and signal)
             local_indices = torch.cat([p[0] for p in parts])
-            local = {name: torch.cat([p[1][name] for p in parts]).cpu() for name in (*SIGNALS, "probs")}
-            local_labels = torch.cat([p[2] for p in parts]).cpu()
+            all_logits, local_labels = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+            rows = max(1, _SIGNAL_ELEMENTS // all_logits.shape[1])  # bounded float64 temporaries on the device
+            pieces = [_signals_on_device(all_logits[at : at + rows], local_labels[at : at + rows])
+                      for at in range(0, len(all_logits), rows)]
+            local = {name: torch.cat([piece[name] for piece in pieces]).cpu() for name in (*SIGNALS, "probs")}
+            local_labels = local_labels.cpu()
         else:
             local_indices, local, local_labels = torch.zeros(0, dtype=torch.long), {}, torch.zeros(0, dtype=torch.long)
         self.add(epoch, local_indices, local, local_labels, collectives)

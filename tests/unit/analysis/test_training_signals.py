@@ -382,3 +382,23 @@ def test_a_tensor_dataset_is_recorded_from_slices_to_the_same_tables_as_through_
         assert torch.equal(tables[0].signals[name], tables[1].signals[name]), name
     assert torch.equal(tables[0].probabilities[2], tables[1].probabilities[2])
     assert torch.equal(tables[0].labels, y)
+
+
+def test_signals_computed_in_row_chunks_equal_those_of_the_whole_shard(monkeypatch):
+    import lightning_influence.analysis.training_signals as module
+
+    x, y, _ = _data(90)
+    model = _mlp(1)
+    data = IndexedData(TensorDataset(x, y), batch_size=40)
+    whole = TrainingSignalRecorder(len(x), every_n_epochs=1)
+    whole.record(model, data, 0)
+    monkeypatch.setattr(module, "_SIGNAL_ELEMENTS", 70)  # 7 rows of 10 classes at a time
+    chunked = TrainingSignalRecorder(len(x), every_n_epochs=1)
+    chunked.record(model, data, 0)
+    for name in ("loss", "margin", "el2n"):
+        assert torch.equal(whole.signals[name], chunked.signals[name]), name
+    assert torch.equal(whole.probability_sum, chunked.probability_sum)
+    with torch.no_grad():
+        assert torch.allclose(whole.signals["el2n"][:, 0], example_signals(model(x), y)["el2n"])
+    with pytest.raises(ValueError, match="logits of shape"):
+        TrainingSignalRecorder(len(x)).record(model, data, 0, outputs_fn=lambda m, b: (m(b[0])[:, 0], b[1]))
