@@ -23,12 +23,13 @@ The checkpoint schedule is :func:`checkpoint_epochs`; the default mislabel score
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset, default_collate
 
 from lightning_influence.analysis.signal_scores import (  # noqa: F401 - re-exported: the scores' old home
     DEFAULT_SCORE,
@@ -46,6 +47,7 @@ SIGNALS = ("loss", "margin", "el2n")
 SPACINGS = ("geometric", "even")
 DEFAULT_SPACING = "geometric"
 OutputsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+_SIGNAL_ELEMENTS = 1 << 22  # logits turned into signals at once (each float64 temporary: 32 MB)
 
 
 def classification_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +61,12 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
 
     ``loss = -log softmax(z)_y``, ``margin = z_y - max_{j != y} z_j``, ``el2n = ||softmax(z) - e_y||_2``.
     """
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
+    return {name: value.cpu() for name, value in _signals_on_device(logits, labels).items()}
+
+
+def _signals_on_device(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`example_signals` left on the logits' device (the recorder copies a checkpoint to the host once)."""
+    _check_logits(logits)
     logits = logits.detach().double()
     labels = labels.detach().long().to(logits.device)
     log_probs = logits.log_softmax(dim=1)
@@ -69,11 +75,30 @@ def example_signals(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, tor
     others = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
     one_hot = F.one_hot(labels, logits.shape[1]).to(probs.dtype)
     return {
-        "loss": (-log_probs.gather(1, labels[:, None]).squeeze(1)).float().cpu(),
-        "margin": (given - others).float().cpu(),
-        "el2n": (probs - one_hot).norm(dim=1).float().cpu(),
-        "probs": probs.float().cpu(),
+        "loss": (-log_probs.gather(1, labels[:, None]).squeeze(1)).float(),
+        "margin": (given - others).float(),
+        "el2n": (probs - one_hot).norm(dim=1).float(),
+        "probs": probs.float(),
     }
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
+
+
+def recording_batches(data: IndexedData, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(dataset_indices, batch)`` pairs over ``indices`` in ``data.batch_size`` chunks, as
+    ``data.batches_with_indices`` gives them; a ``TensorDataset`` under the default collate is sliced a batch at
+    a time instead of fetched and stacked example by example (the same tensors, without the per-example cost
+    that made a forward pass over a small training set mostly data loading)."""
+    dataset, collate = data.dataset, data.collate_fn
+    if not (isinstance(dataset, TensorDataset) and collate in (None, default_collate)):
+        yield from data.batches_with_indices(indices)
+        return
+    order = torch.as_tensor(list(indices), dtype=torch.long)
+    for chunk in order.split(data.batch_size):
+        yield chunk, [tensor[chunk] for tensor in dataset.tensors]  # a list, as default_collate gives a tuple's fields
 
 
 def checkpoint_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
@@ -193,20 +218,25 @@ class TrainingSignalRecorder:
             raise ValueError(f"Expected a training set of {self.num_train} examples, but got {len(data)}.")
         began = time.perf_counter()
         indices = list(range(collectives.rank, self.num_train, collectives.world_size))
-        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         was_training = model.training
         model.eval()
         try:
             if indices:
-                for batch_indices, batch in data.batches_with_indices(indices):
+                for batch_indices, batch in recording_batches(data, indices):
                     logits, labels = outputs_fn(model, batch)
-                    parts.append((batch_indices, example_signals(logits, labels), labels.detach().long().cpu()))
+                    _check_logits(logits)
+                    parts.append((batch_indices, logits.detach(), labels.detach().long()))
         finally:
             model.train(was_training)
-        if parts:
+        if parts:  # the signals of the whole shard at once, copied to the host once (not per batch and signal)
             local_indices = torch.cat([p[0] for p in parts])
-            local = {name: torch.cat([p[1][name] for p in parts]) for name in (*SIGNALS, "probs")}
-            local_labels = torch.cat([p[2] for p in parts])
+            all_logits, local_labels = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+            rows = max(1, _SIGNAL_ELEMENTS // all_logits.shape[1])  # bounded float64 temporaries on the device
+            pieces = [_signals_on_device(all_logits[at : at + rows], local_labels[at : at + rows])
+                      for at in range(0, len(all_logits), rows)]
+            local = {name: torch.cat([piece[name] for piece in pieces]).cpu() for name in (*SIGNALS, "probs")}
+            local_labels = local_labels.cpu()
         else:
             local_indices, local, local_labels = torch.zeros(0, dtype=torch.long), {}, torch.zeros(0, dtype=torch.long)
         self.add(epoch, local_indices, local, local_labels, collectives)

@@ -8,7 +8,9 @@ so ``InfluenceCallback`` can call the same three pieces from its own hooks:
   default: dense early, where memorising nets separate their flipped labels best) and build the recorder;
 * ``on_train_epoch_end``: one forward-only pass over this rank's shard of the training set when the epoch is
   scheduled, assembled on rank 0 by dataset index; ``on_train_end`` adds the final weights when training
-  stopped before the last scheduled epoch (early stopping);
+  stopped before the last scheduled epoch (early stopping). Both record inside ``isolate_rng``: a recording
+  pass leaves the global random state as it found it, so the training (its shuffling, its dropout) is the
+  same with and without the signals;
 * ``state_dict`` / ``load_state_dict``: the recorder's state (on rank 0 the assembled tables), so a resumed
   run keeps the signals recorded before the checkpoint.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -120,7 +123,10 @@ class TrainingSignalsCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         recorder = self._ensure_recorder(trainer)
         assert self._data is not None
-        recorder.record(pl_module, self._data, trainer.current_epoch, self._collectives, self._device_outputs(pl_module))
+        if recorder.due(trainer.current_epoch):
+            with isolate_rng(include_cuda=False):  # a DataLoader draws a seed: recording must not move training's
+                recorder.record(pl_module, self._data, trainer.current_epoch, self._collectives,
+                                self._device_outputs(pl_module))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -128,7 +134,9 @@ class TrainingSignalsCallback(pl.Callback):
         last = trainer.current_epoch - 1  # Lightning has advanced the counter past the last finished epoch
         if last >= 0 and (not recorder.epochs_recorded or recorder.epochs_recorded[-1] < last):
             assert self._data is not None
-            recorder.record(pl_module, self._data, last, self._collectives, self._device_outputs(pl_module), force=True)
+            with isolate_rng(include_cuda=False):
+                recorder.record(pl_module, self._data, last, self._collectives, self._device_outputs(pl_module),
+                                force=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:

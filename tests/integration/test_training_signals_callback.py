@@ -79,3 +79,28 @@ def test_early_stop_records_the_final_weights(tmp_path):
     callback = TrainingSignalsCallback(checkpoints=2)  # schedule [0, 5]; training stops after epoch 2
     _trainer(tmp_path, [callback, _StopAt2()]).fit(_Classifier(), _loader())
     assert callback.recorder.epochs_recorded == [0, 2]
+
+
+def test_recording_leaves_the_training_as_it_is_without_it(tmp_path):
+    # a dataset read through a DataLoader (which draws a seed from the global generator for every pass) and a
+    # shuffled training loader: the recording passes must not change the order the training draws
+    class _Rows(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    x, y = digits(torch.float32)
+    weights = []
+    for callbacks in ([], [TrainingSignalsCallback(checkpoints=4)]):
+        pl.seed_everything(3)
+        model = _Classifier()
+        loader = DataLoader(_Rows(x[:96], y[:96]), batch_size=16, shuffle=True)
+        _trainer(tmp_path, callbacks, max_epochs=4).fit(model, loader)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert callbacks[0].recorder.epochs_recorded == [0, 1, 2, 3]
+    assert torch.equal(weights[0], weights[1])

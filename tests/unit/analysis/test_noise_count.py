@@ -298,3 +298,26 @@ def test_a_model_that_separates_nothing_gets_a_count_without_a_plausible_range()
         confident_joint_mean(recorder)
     with pytest.raises(ValueError, match="iterations"):
         mixture_count(torch.rand(10, dtype=torch.float64), iterations=0)
+
+
+def test_weighted_counts_pick_the_class_an_argmax_over_the_admitted_classes_picks_ties_included():
+    # the reference: the [B, n, C] mask and argmax (first of equal maxima) the class-at-a-time loop replaced
+    from lightning_influence.analysis.noise_count import weighted_counts
+
+    generator = torch.Generator().manual_seed(5)
+    probs = torch.randint(0, 5, (300, 6), generator=generator).double() / 4  # many exact ties, zeros included
+    labels = torch.randint(0, 6, (300,), generator=generator)
+    index = torch.randint(0, 300, (7, 300), generator=generator)
+    weights = torch.zeros(7, 300, dtype=torch.float64).scatter_add_(1, index, torch.ones(7, 300, dtype=torch.float64))
+    one_hot = F.one_hot(labels, 6).double()
+    per_label = weights @ one_hot
+    thresholds = (weights @ (one_hot * probs)) / per_label.clamp(min=1)
+    above = probs[None] >= thresholds[:, None, :] - 1e-12
+    assigned = torch.where(above, probs[None], -1.0).argmax(dim=2)
+    cells = labels[None, :] * 6 + assigned
+    joint = torch.zeros(7, 36, dtype=torch.float64).scatter_add_(1, cells, weights * above.any(dim=2)).view(7, 6, 6)
+    row = joint.sum(dim=2, keepdim=True)
+    calibrated = torch.where(row > 0, joint / row.clamp(min=1e-12) * per_label[:, :, None], joint)
+    expected = calibrated.sum(dim=(1, 2)) - calibrated.diagonal(dim1=1, dim2=2).sum(dim=1)
+    assert torch.equal(weighted_counts("confident_joint", probs, labels, weights), expected)
+    assert bool((~above.any(dim=2)).any()) and float(expected.min()) > 0  # some examples admitted by no class

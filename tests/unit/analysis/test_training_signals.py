@@ -355,3 +355,50 @@ def test_named_scores_include_the_new_signals():
     scores = component_scores(recorder_signals, [0, 1, 3, 7, 15])
     assert {"aum", "aum_window", "forgetting", "el2n_weighted", "el2n_fitted", DEFAULT_SCORE} <= set(scores)
     assert all(score.shape == (20,) for score in scores.values())
+
+
+def test_a_tensor_dataset_is_recorded_from_slices_to_the_same_tables_as_through_its_loader():
+    from torch.utils.data import default_collate
+
+    from lightning_influence.analysis.training_signals import recording_batches
+
+    x, y, _ = _data(130, flip=13)
+    sliced = IndexedData(TensorDataset(x, y), batch_size=50)
+    loaded = IndexedData(TensorDataset(x, y), collate_fn=lambda rows: default_collate(rows), batch_size=50)
+    indices = list(range(1, 130, 2))  # a rank's shard: every other example
+    fast, slow = list(recording_batches(sliced, indices)), list(loaded.batches_with_indices(indices))
+    assert [len(i) for i, _ in fast] == [50, 15] and len(fast) == len(slow)
+    for (fast_indices, fast_batch), (slow_indices, slow_batch) in zip(fast, slow):
+        assert torch.equal(fast_indices, slow_indices)
+        assert type(fast_batch) is type(slow_batch) and all(torch.equal(a, b) for a, b in zip(fast_batch, slow_batch))
+    assert list(recording_batches(loaded, indices))[0][0].tolist() == indices[:50]  # another collate: its loader
+
+    tables = []
+    for data in (sliced, loaded):
+        recorder, model = TrainingSignalRecorder(len(x), every_n_epochs=1), _mlp()
+        _train(model, torch.optim.Adam(model.parameters(), lr=1e-2), x, y, range(3), recorder, data)
+        tables.append(recorder)
+    for name in ("loss", "margin", "el2n"):
+        assert torch.equal(tables[0].signals[name], tables[1].signals[name]), name
+    assert torch.equal(tables[0].probabilities[2], tables[1].probabilities[2])
+    assert torch.equal(tables[0].labels, y)
+
+
+def test_signals_computed_in_row_chunks_equal_those_of_the_whole_shard(monkeypatch):
+    import lightning_influence.analysis.training_signals as module
+
+    x, y, _ = _data(90)
+    model = _mlp(1)
+    data = IndexedData(TensorDataset(x, y), batch_size=40)
+    whole = TrainingSignalRecorder(len(x), every_n_epochs=1)
+    whole.record(model, data, 0)
+    monkeypatch.setattr(module, "_SIGNAL_ELEMENTS", 70)  # 7 rows of 10 classes at a time
+    chunked = TrainingSignalRecorder(len(x), every_n_epochs=1)
+    chunked.record(model, data, 0)
+    for name in ("loss", "margin", "el2n"):
+        assert torch.equal(whole.signals[name], chunked.signals[name]), name
+    assert torch.equal(whole.probability_sum, chunked.probability_sum)
+    with torch.no_grad():
+        assert torch.allclose(whole.signals["el2n"][:, 0], example_signals(model(x), y)["el2n"])
+    with pytest.raises(ValueError, match="logits of shape"):
+        TrainingSignalRecorder(len(x)).record(model, data, 0, outputs_fn=lambda m, b: (m(b[0])[:, 0], b[1]))
