@@ -51,7 +51,7 @@ import lightning.pytorch as pl
 from error_correction_tasks import TASKS, Task, accuracy, make_task, train_model
 
 import lightning_influence as li
-from lightning_influence.config import CorrectionConfig
+from lightning_influence.config import ANCHOR_SELECTIONS, CorrectionConfig
 
 SELECTIONS = ("default", "helpful", "anchors", "anchors+random", "random", "harmful")
 LR_FACTORS = (1 / 3, 1.0, 3.0)
@@ -98,11 +98,19 @@ INFLUENCE_VARIANTS = {
     "influence, protect off": {"selection": "influence", "protect_per_step": 0},
     "anchors": {"selection": "anchors"},
 }
+#: --study constrained: the anchors' own gradient step, projected so that it raises none of the protect sample's
+#: losses to first order (one constraint per example, GEM) and rescaled to the anchors' first-order decrease
+#: (selection="constrained"), with protect samples of 10 (the default) and 20, against anchors-only, on all four tasks.
+CONSTRAINED_VARIANTS = {
+    "constrained, protect 10": {"selection": "constrained"},
+    "constrained, protect 20": {"selection": "constrained", "protect_per_step": 20},
+    "anchors": {"selection": "anchors"},
+}
 # The design and projection studies predate the protect projection: they run without it, as their files were made.
 VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in VARIANTS.items()}
 PROJECTION_VARIANTS = {name: {**arguments, "protect_per_step": 0} for name, arguments in PROJECTION_VARIANTS.items()}
 STUDIES = {"design": VARIANTS, "projection": PROJECTION_VARIANTS, "protect": PROTECT_VARIANTS,
-           "influence": INFLUENCE_VARIANTS}
+           "influence": INFLUENCE_VARIANTS, "constrained": CONSTRAINED_VARIANTS}
 
 
 def selection_arguments(selection: str) -> dict:
@@ -127,7 +135,7 @@ def run_one(task: Task, trained: torch.nn.Module, arguments: dict, seed: int, lr
         return {"failed": str(err)}
     gc.collect()  # each run's trainer and module are reference cycles
     chosen = [int(task.train.tensors[1][i]) for r in report.iterations for i in r.chosen_indices] \
-        if report.selection not in ("anchors", "influence") else []
+        if report.selection not in ANCHOR_SELECTIONS else []
     return {
         "slice_before": report.before["heldout"].accuracy, "slice_after": report.after["heldout"].accuracy,
         "others_before": accuracy(trained, task.others), "others_after": accuracy(model, task.others),
@@ -248,7 +256,7 @@ def study_runs(args: argparse.Namespace, log_dir: str) -> dict:
             print(f"| {variant} | {s.get('slice_before')} | {s.get('slice_after')} | {s.get('slice_gain')} |"
                   f" {s.get('cost_outside')} |")
     out = {"study": args.study, "tables": tables, "results": results}
-    if args.study in ("protect", "influence"):
+    if args.study in ("protect", "influence", "constrained"):
         out["versus_anchors"] = versus_anchors(tables)
         out["protect_projected_steps"] = {name: {"steps": len(c), "projected": sum(v < 0 for v in c)}
                                           for name, c in cosines.items()}
@@ -422,7 +430,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=None, help="a subset (no goals)")
     parser.add_argument("--study", nargs="?", const="design", choices=STUDIES, default=None,
-                        help="variants at the automatic lr: 'design' (default), 'projection' or 'protect'")
+                        help="variants at the automatic lr: 'design' (default), 'projection', 'protect', 'influence'"
+                        " or 'constrained'")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="draw the Pareto plot from --json's file")
     parser.add_argument("--plot-only", action="store_true", help="only draw the plot from an existing --json file")

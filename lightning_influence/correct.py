@@ -133,7 +133,8 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
             settings keep the trials). With an ``Optimizer`` or a factory, ``"auto"`` keeps its own lr.
         selection: ``"anchors+helpful"``, ``"helpful"``, ``"weighted"``, ``"anchors+protect"``, ``"influence"``
             (the anchors, stepped along ``(H + damping I)^-1 grad L_A`` scaled to their gradient step's first-order
-            decrease), ``"anchors"``, ``"anchors+random"``, ``"random"`` or ``"harmful"``.
+            decrease), ``"constrained"`` (their gradient step, made to raise no protect example's loss to first
+            order and scaled back to that decrease), ``"anchors"``, ``"anchors+random"``, ``"random"``, ``"harmful"``.
         optimizer: ``"sgd"`` or ``"adam"`` (fresh, with ``lr``), a factory ``params -> Optimizer``, or an existing
             ``Optimizer`` over ``model``'s parameters to continue (its state is then updated).
         num_candidates: FastIF's candidate preselection: each round scores only the union of the
@@ -159,10 +160,10 @@ def correct_errors(  # long: 28 keyword arguments and their 40-line docstring; t
         project_replay: for the ``"anchors+..."`` selections, weight the anchors' loss in each step so that the
             chosen examples' gradient cannot slow the anchors (its part opposing the anchors' gradient is
             cancelled); the weights are in each round's ``anchor_weights``.
-        protect_per_step: for the influence selections with a guard, before each optimizer step, the
-            ``protect_per_step`` guard examples (right before the run and still right) with the largest loss form
-            a protect sample, and the step's gradient loses its component that would raise their mean loss (to
-            first order); each round's ``protect_cosines`` keeps the cosine before the projection (0: off).
+        protect_per_step: for the influence selections with a guard, before each step, the ``protect_per_step``
+            guard examples (right before the run and still right) with the largest loss form a protect sample, and
+            the step loses its component that would raise their mean loss to first order (``"constrained"``: any of
+            their losses); ``protect_cosines`` keeps the cosine before it (``"constrained"``: the smallest) (0: off).
 
     Returns:
         A :class:`~lightning_influence.CorrectionReport`: metrics before, and per round the anchors,

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from lightning_influence.analysis.correction_direction import anchor_direction, take_influence_step
-from lightning_influence.analysis.correction_steps import anchor_weight, influence_weights, match_decrease, project_away
+from lightning_influence.analysis.correction_steps import (
+    anchor_weight,
+    example_gradients,
+    guarded_top,
+    influence_weights,
+    match_decrease,
+    project_away,
+    project_each,
+)
 from lightning_influence.config import CorrectionConfig, ExplainConfig, ProblemConfig, expect
 from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
 from lightning_influence.core.problem import InfluenceProblem
@@ -170,25 +178,6 @@ def choose_examples(  # long: the three choices (random, top-k, guarded) share t
                   s_vectors)
 
 
-def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: bool = False
-                ) -> tuple[list[int], list[float]]:
-    """The ``k`` most helpful (most negative ``scores[0]``) of the examples whose influence on the guard
-    (``scores[1]``) is at most 0, then, if fewer pass, the rest by the most negative sum of both; ties by index.
-    ``by_guard``: the roles swapped (the most helpful to the guard of those not harmful to the anchors). The
-    scores returned are the chosen examples' influence on the anchors (``scores[0]``) either way."""
-    order = indices.argsort()
-    indices, scores = indices[order], scores[:, order].double()
-    if by_guard:
-        picked, _ = guarded_top(indices, scores[[1, 0]], k)
-        position = {int(v): i for i, v in enumerate(indices.tolist())}
-        return picked, [float(scores[0, position[i]]) for i in picked]
-    passes = scores[1] <= 0
-    first = torch.where(passes, scores[0], torch.inf).argsort(stable=True)[: int(passes.sum())]
-    rest = torch.where(passes, torch.inf, scores[0] + scores[1]).argsort(stable=True)
-    chosen = torch.cat([first, rest])[:k]
-    return indices[chosen].tolist(), scores[0, chosen].tolist()
-
-
 def part_loss(loss_fn: LossFn, model: nn.Module, part: tuple[Batch, Optional[torch.Tensor], int]) -> torch.Tensor:
     """The mean loss of one part of a step: ``(batch, loss weights or None, size)``."""
     batch, weights, size = part
@@ -196,6 +185,10 @@ def part_loss(loss_fn: LossFn, model: nn.Module, part: tuple[Batch, Optional[tor
     if weights is not None:
         losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
     return losses.mean()
+
+
+#: The baselines: no guard's influence filter, no protect projection.
+BASELINES = ("random", "anchors", "anchors+random")
 
 
 def correct_indices(model: nn.Module, loss_fn: LossFn, data: IndexedData, device: torch.device) -> list[int]:
@@ -249,7 +242,7 @@ class CorrectionRun:
     def start(self, model: nn.Module, device: torch.device, collectives: Collectives) -> None:
         self.before = self.evaluate_all(model, device, collectives)
         self.rounds, self.s_vectors = [], None
-        if self.guard is not None and self.settings.selection not in ("random", "anchors", "anchors+random"):
+        if self.guard is not None and self.settings.selection not in BASELINES:
             self.guard_pool = correct_indices(model, self.loss_fn, self.guard, device)
 
     def begin_round(self, model: nn.Module, device: torch.device, collectives: Collectives) -> None:
@@ -260,7 +253,7 @@ class CorrectionRun:
         anchor_batch = fetch(self.anchors, anchor_ids, device)
         parts: list[tuple[Batch, Optional[torch.Tensor], int]] = []  # (batch, loss weights or None, size)
         direction = None
-        if self.settings.selection == "anchors":
+        if self.settings.selection in ("anchors", "constrained"):
             choice = Choice(anchor_ids)
         elif self.settings.selection == "influence":  # the anchors, stepped along (H + damping I)^-1 grad L_A
             direction, info = anchor_direction(model, self.loss_fn, self.train, anchor_batch, self.setup, collectives)
@@ -283,7 +276,8 @@ class CorrectionRun:
                 gc.collect()  # Jacobians) in reference cycles: free it now, not when Python's collector gets to it
             weights = None if choice.weights is None else torch.tensor(choice.weights, dtype=torch.float64)
             parts.append((fetch(self.train, choice.indices, device), weights, len(choice.indices)))
-        if self.settings.selection.startswith("anchors") or direction is not None:
+        if self.settings.selection.startswith("anchors") or self.settings.selection == "constrained" \
+                or direction is not None:
             parts.append((anchor_batch, None, len(anchor_ids)))
         self._round = {"iteration": iteration, "anchor_ids": anchor_ids, "anchor_batch": anchor_batch, "start": start,
                        "choice": choice, "parts": parts, "direction": direction, "anchor_weights": [], "protect_cosines": [],
@@ -309,7 +303,7 @@ class CorrectionRun:
         """The ``protect_per_step`` guard examples (of those right before the run) the model still gets right with
         the largest loss at the current weights, as ``(batch, size)``; None without a guard (or when none is right)."""
         k = self.settings.protect_per_step
-        if not k or self.guard is None or not self.guard_pool or self.settings.selection == "harmful":
+        if not k or self.guard is None or not self.guard_pool or self.settings.selection in (*BASELINES, "harmful"):
             return None  # the baselines have no guard pool; "harmful" is the sign check, left unconstrained
         kept: list[tuple[float, int]] = []
         with analysis_mode(model), torch.no_grad():
@@ -338,17 +332,23 @@ class CorrectionRun:
         reference = None
         if self._round["direction"] is not None:
             reference = take_influence_step(model, self._round["direction"])
+        elif self.settings.selection == "constrained":  # the anchors' own gradient, kept to rescale after projecting
+            reference = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
         sample = self.protect_sample(model, device)
         if sample is None:
             return
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return
-        with analysis_mode(model):
-            g_protect = torch.autograd.grad(part_loss(self.loss_fn, model, (sample[0], None, sample[1])), params,
-                                            allow_unused=True)
-        self._round["protect_cosines"].append(project_away([p.grad for p in params], g_protect))
-        if reference is not None and self._round["protect_cosines"][-1] < 0:
+        if self.settings.selection == "constrained":  # one constraint per protect example (GEM)
+            cosine = project_each([p.grad for p in params], example_gradients(self.loss_fn, model, sample, params))
+        else:
+            with analysis_mode(model):
+                g_protect = torch.autograd.grad(part_loss(self.loss_fn, model, (sample[0], None, sample[1])), params,
+                                                allow_unused=True)
+            cosine = project_away([p.grad for p in params], g_protect)
+        self._round["protect_cosines"].append(cosine)
+        if reference is not None and cosine < 0:
             match_decrease([p.grad for p in params], reference)
 
     def step_loss(self, model: nn.Module) -> torch.Tensor:

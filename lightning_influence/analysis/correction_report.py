@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+from lightning_influence.config import ANCHOR_SELECTIONS
 from lightning_influence.results import CorrectionReport
 
 
@@ -19,7 +20,7 @@ def in_dataset_terms(report: CorrectionReport, anchors: Optional[list[int]],
         settings["anchor_dataset_indices"] = anchors
         steps = tuple(replace(r, anchor_indices=tuple(anchors[i] for i in r.anchor_indices),
                               chosen_indices=tuple(anchors[i] for i in r.chosen_indices)
-                              if report.selection in ("anchors", "influence") else r.chosen_indices) for r in steps)
+                              if report.selection in ANCHOR_SELECTIONS else r.chosen_indices) for r in steps)
     if heldout is not None:
         settings["heldout_dataset_indices"] = heldout
     used = [r.damping for r in steps if r.damping is not None]

@@ -1,5 +1,5 @@
-"""The gradient arithmetic of one correction step: loss weights by influence, the anchors' weight against the
-replay, and the A-GEM projection that keeps a step from raising a protect sample's loss (pure torch)."""
+"""The arithmetic of one correction round and step: the guarded choice, loss weights by influence, the anchors'
+weight against the replay, and the projections (A-GEM, GEM) that keep a step from raising a protect sample's loss."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+from torch import nn
+
+from lightning_influence.core.per_example.losses import LossFn, check_per_example_losses
+from lightning_influence.core.tensors.batching import Batch
+from lightning_influence.core.tensors.modes import analysis_mode
 
 
 def influence_weights(scores: Sequence[float]) -> list[float]:
@@ -58,3 +63,72 @@ def match_decrease(grads: Sequence[Optional[torch.Tensor]], reference: Sequence[
             if a is not None:
                 a.mul_(scale)
     return scale
+
+
+def project_each(grads: Sequence[Optional[torch.Tensor]], g_each: Sequence[Sequence[Optional[torch.Tensor]]],
+                 sweeps: int = 200) -> float:
+    """The smallest change to the step's gradient ``g`` (``grads``, edited in place) after which the step raises
+    none of the protect examples' losses to first order: ``min |d - g|^2`` subject to ``g_i . d >= 0`` for every
+    example's gradient ``g_i`` (``g_each``, matching ``grads``; None: zero), the projection of GEM (Lopez-Paz &
+    Ranzato 2017) with one constraint per protect example. Solved in its dual, ``d = g + sum_i v_i g_i`` with
+    ``v >= 0`` minimising ``v^T M v / 2 + v^T G g`` (``M = G G^T``), by ``sweeps`` rounds of exact coordinate
+    descent. Returns the smallest cosine between ``g`` and a ``g_i`` before the projection (negative: some example's
+    loss would have risen, and ``g`` was changed; 0 without examples)."""
+    keep = [i for i, g in enumerate(grads) if g is not None]
+    if not keep or not g_each:
+        return 0.0
+    flat = torch.cat([_flat(grads[i]) for i in keep])
+    rows = torch.stack([torch.cat([_flat(e[i]) if e[i] is not None else torch.zeros_like(_flat(grads[i]))
+                                   for i in keep]) for e in g_each])
+    norms = rows.norm(dim=1) * flat.norm()
+    cosines = torch.where(norms > 0, rows @ flat / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    gram, linear = rows @ rows.T, rows @ flat
+    v = torch.zeros(len(g_each), dtype=torch.float64)
+    diag = gram.diagonal()
+    for _ in range(sweeps if bool((linear < 0).any()) else 0):
+        for i in range(len(v)):
+            if diag[i] > 0:
+                v[i] = max(0.0, float(v[i] - (gram[i] @ v + linear[i]) / diag[i]))
+    if bool((v > 0).any()):
+        new = flat + rows.T @ v
+        start = 0
+        with torch.no_grad():
+            for i in keep:
+                g = grads[i]
+                assert g is not None
+                g.copy_(new[start:start + g.numel()].reshape(g.shape).to(g.dtype))
+                start += g.numel()
+    return float(cosines.min())
+
+
+def _flat(t: Optional[torch.Tensor]) -> torch.Tensor:
+    assert t is not None
+    return t.detach().double().flatten()
+
+
+def guarded_top(indices: torch.Tensor, scores: torch.Tensor, k: int, by_guard: bool = False
+                ) -> tuple[list[int], list[float]]:
+    """The ``k`` most helpful (most negative ``scores[0]``) of the examples whose influence on the guard
+    (``scores[1]``) is at most 0, then, if fewer pass, the rest by the most negative sum of both; ties by index.
+    ``by_guard``: the roles swapped (the most helpful to the guard of those not harmful to the anchors). The
+    scores returned are the chosen examples' influence on the anchors (``scores[0]``) either way."""
+    order = indices.argsort()
+    indices, scores = indices[order], scores[:, order].double()
+    if by_guard:
+        picked, _ = guarded_top(indices, scores[[1, 0]], k)
+        position = {int(v): i for i, v in enumerate(indices.tolist())}
+        return picked, [float(scores[0, position[i]]) for i in picked]
+    passes = scores[1] <= 0
+    first = torch.where(passes, scores[0], torch.inf).argsort(stable=True)[: int(passes.sum())]
+    rest = torch.where(passes, torch.inf, scores[0] + scores[1]).argsort(stable=True)
+    chosen = torch.cat([first, rest])[:k]
+    return indices[chosen].tolist(), scores[0, chosen].tolist()
+
+
+def example_gradients(loss_fn: LossFn, model: nn.Module, sample: tuple[Batch, int], params: Sequence[torch.Tensor]
+                      ) -> list[tuple[torch.Tensor, ...]]:
+    """The loss gradient of each example of ``sample`` (``(batch, size)``, eval mode), one tuple over ``params``."""
+    with analysis_mode(model):
+        losses = check_per_example_losses(loss_fn(model, sample[0]), sample[1])
+        return [torch.autograd.grad(losses[j], params, retain_graph=j + 1 < sample[1], allow_unused=True)
+                for j in range(sample[1])]

@@ -18,7 +18,7 @@ from lightning_influence.cli.commands import (
 )
 from lightning_influence.cli.loading import PosthocContext, UsageError, load_context
 from lightning_influence.cli.options import add_checkpoint_arguments, flags_of, number_or_auto
-from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER, SELECTIONS, SOLVERS, CorrectionConfig
+from lightning_influence.config import ANCHOR_SELECTIONS, DEFAULT_DAMPING, DEFAULT_SOLVER, SELECTIONS, SOLVERS, CorrectionConfig
 
 
 # -- correct ---------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def correction_verdict(report: Any, args: argparse.Namespace) -> str:
     steps = args.iterations * args.steps_per_iteration
     lr = report.settings.get("lr", args.lr)
     anchors = f"the round's {len(report.iterations[0].anchor_indices)} sampled anchors"
-    on = anchors if report.selection in ("anchors", "influence") else f"{args.examples_per_iteration} chosen training" \
+    on = anchors if report.selection in ANCHOR_SELECTIONS else f"{args.examples_per_iteration} chosen training" \
         f" example(s){' and ' + anchors if report.selection.startswith('anchors+') else ''}"
     fitted = measured == "heldout" and (report.after["anchors"].accuracy or 0.0) > (report.before["anchors"].accuracy
                                                                                     or 0.0)

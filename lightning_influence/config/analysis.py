@@ -130,7 +130,10 @@ class CorrectionConfig:
             training examples most helpful to the guard among those not harmful to the anchors), ``"influence"`` (the
             anchors, each step along ``(H + damping I)^-1 grad L_A``, the parameter change influence predicts for
             up-weighting them in training, scaled to lower their loss to first order as much as their gradient
-            step; see :mod:`lightning_influence.analysis.correction_direction`).
+            step; see :mod:`lightning_influence.analysis.correction_direction`), ``"constrained"`` (the anchors, each
+            step along their own gradient, changed as little as possible so that it raises none of the protect sample's
+            losses to first order, one constraint per example, and scaled back to the gradient step's first-order
+            decrease of the anchors' loss).
         seed: seeds anchor sampling and random selection (round i uses its own seed, derived from both).
         scoring: how candidates are scored (one of :data:`SCORING_METHODS`).
         chunk_size: training examples scored at once.
@@ -151,7 +154,8 @@ class CorrectionConfig:
         protect_per_step: before each optimizer step of the influence selections, the guard examples the model got
             right before the run and still gets right are ranked by their loss, and the ``protect_per_step`` with
             the largest (the ones closest to flipping) form the protect sample; when the step's gradient would raise
-            their mean loss to first order, its component along their gradient is removed (as in A-GEM). Needs a
+            their mean loss to first order, its component along their gradient is removed (as in A-GEM;
+            ``"constrained"``: one constraint per protect example, as in GEM). Needs a
             guard; 0 turns it off. The baselines (``"anchors"``, ``"anchors+random"``, ``"random"``, ``"harmful"``)
             never use it.
     """

@@ -101,7 +101,9 @@ PRESELECT_PROBE_EXAMPLES = 256
 PRESELECT_MIN_BATCHES = 3
 #: Fine-tuning choices of :func:`~lightning_influence.correct_errors` (docs/error-correction.md says what each does).
 SELECTIONS = ("helpful", "random", "anchors", "harmful", "weighted", "anchors+helpful", "anchors+random",
-              "anchors+protect", "influence")
+              "anchors+protect", "influence", "constrained")
+#: The selections that step on the round's sampled anchors alone (their chosen indices are anchor indices).
+ANCHOR_SELECTIONS = ("anchors", "influence", "constrained")
 
 
 def expect(ok: bool, name: str, allowed: str, value: Any, hint: str = "") -> None:

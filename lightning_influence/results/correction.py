@@ -74,7 +74,8 @@ class CorrectionIteration:
     mean loss, ``1 + max(0, -g_A . g_R / |g_A|^2)``, that cancels the part of the replay gradient ``g_R`` opposing
     the anchors' gradient ``g_A`` (1: no conflict). ``protect_cosines`` (with ``protect_per_step``): per step, the
     cosine between the step's gradient and the gradient of the protect sample's mean loss before the projection
-    (negative: the step would have raised the protect sample's loss, and that component was removed)."""
+    (negative: the step would have raised the protect sample's loss, and that component was removed); for
+    ``"constrained"`` the smallest cosine between the step's gradient and one protect example's."""
 
     iteration: int
     anchor_indices: tuple[int, ...]

@@ -536,3 +536,51 @@ def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_
     for key, value in corrected.state_dict().items():
         torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
     assert report.after["anchors"].loss < report.before["anchors"].loss
+
+
+def test_constrained_step_raises_no_protect_examples_loss_and_keeps_the_anchors_decrease(trained, tmp_path):
+    """selection="constrained": each step starts from the sampled anchors' mean-loss gradient g_A; when it would raise
+    the loss of some example of the protect sample (the 5 guard examples still right with the largest loss), it is
+    replaced by the closest d with g_i . d >= 0 for every protect example's gradient g_i (GEM), then scaled back to
+    g_A . d = |g_A|^2. Replayed by hand; the report keeps, per step, the smallest cosine between g_A and a g_i."""
+    from lightning_influence.analysis.correction_steps import project_each
+
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="constrained", guard=val,
+                      guard_per_iteration=len(val), protect_per_step=5, iterations=3)
+    assert report.selection == "constrained" and all(r.chosen_indices == r.anchor_indices for r in report.iterations)
+    with torch.no_grad():
+        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    replay = copy.deepcopy(model)
+    params = list(replay.parameters())
+    projected = 0
+    for round_ in report.iterations:
+        g_a = torch.cat([g.flatten() for g in torch.autograd.grad(
+            replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean(), params)])
+        with torch.no_grad():
+            logits = replay(val.tensors[0])
+            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
+            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
+        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
+        rows = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            replay.per_example_loss(val[[i]]).sum(), params)]) for i in sample])
+        cosine = float((rows @ g_a / (rows.norm(dim=1) * g_a.norm())).min())
+        assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-6, abs=1e-9)
+        d = g_a.clone()
+        if cosine < 0:
+            projected += 1
+            step = [d]
+            project_each(step, [(r,) for r in rows])
+            d = step[0] * float(g_a @ g_a) / float(g_a @ step[0])
+            assert float((rows @ d).min()) >= -1e-8 * float(d.norm() * rows.norm(dim=1).max())
+        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.sub_(0.1 * d[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+    assert projected >= 1
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
+    assert report.after["anchors"].loss < report.before["anchors"].loss

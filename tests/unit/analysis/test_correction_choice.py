@@ -117,3 +117,29 @@ def test_match_decrease_scales_a_direction_to_the_reference_gradients_first_orde
     assert float(sum((a * b).sum() for a, b in zip(grads, reference))) == pytest.approx(9.0)
     opposed = [torch.tensor([-1.0, 0.0], dtype=torch.float64)]
     assert match_decrease(opposed, reference[:1]) == 1.0 and opposed[0].tolist() == [-1.0, 0.0]  # no positive scale
+
+
+def test_project_each_is_the_closest_step_that_raises_no_protect_examples_loss():
+    """GEM's projection: afterwards g_i . d >= 0 for every example gradient g_i, d - g = sum_i v_i g_i with v >= 0
+    and v_i = 0 where the constraint is slack (the KKT conditions of min |d - g|^2, so d is the closest such step);
+    a step that already satisfies every constraint is left alone."""
+    from lightning_influence.analysis.correction_steps import project_each
+
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(12, generator=generator, dtype=torch.float64)
+    rows = torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    rows[:3] -= 0.8 * g  # the first three oppose the step
+    grads = [g[:5].clone().reshape(5, 1), None, g[5:].clone()]
+    each = [(r[:5].reshape(5, 1), None, r[5:]) for r in rows]
+    cosine = project_each(grads, each, sweeps=2000)
+    d = torch.cat([grads[0].flatten(), grads[2]])
+    assert cosine < 0 and float((rows @ g).min()) < 0
+    assert float((rows @ d).min()) >= -1e-8
+    v = torch.linalg.lstsq(rows.T, d - g).solution  # the multipliers (rows are independent)
+    torch.testing.assert_close(rows.T @ v, d - g, atol=1e-8, rtol=0)
+    assert float(v.min()) >= -1e-6
+    slack = (rows @ d) > 1e-6
+    assert all(abs(float(x)) <= 1e-6 for x in v[slack])
+    fine = [g.clone()]
+    assert project_each(fine, [(r.clone(),) for r in rows[3:] if float(r @ g) >= 0]) >= 0
+    torch.testing.assert_close(fine[0], g)
