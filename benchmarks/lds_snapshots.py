@@ -87,15 +87,21 @@ def check_retrainings(name: str, spec: lds.Spec, model: torch.nn.Module, train_d
     return out
 
 
-def run_model(name: str, ks: tuple[int, ...]) -> dict[str, Any]:
+def trained_model(name: str) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """``lds.py``'s spec, data, cached retraining record and full model (eval mode) of ``name``."""
     spec = lds.SPECS[name]
-    t0 = time.perf_counter()
     train_data, test = spec.data(spec.n_train, spec.n_test)
     args = argparse.Namespace(subsets=50, check_subsets=10, trak_models=5, quick=False, retrain=False)
     record = lds.retrainings(name, spec, train_data, test, args)
     model = spec.build()
     model.load_state_dict(record["state"])
     model.eval()
+    return spec, train_data, test, record, model
+
+
+def run_model(name: str, ks: tuple[int, ...]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    spec, train_data, test, record, model = trained_model(name)
     val, disjoint = lds.validation_points(spec, test)
     check = check_retrainings(name, spec, model, train_data, val)
     points = concat(test, val)
@@ -184,13 +190,7 @@ def curvature_compare(name: str) -> dict[str, Any]:
     from lightning_influence.core.tensors.modes import analysis_mode
     from lightning_influence.functional import make_problem
 
-    spec = lds.SPECS[name]
-    train_data, test = spec.data(spec.n_train, spec.n_test)
-    args = argparse.Namespace(subsets=50, check_subsets=10, trak_models=5, quick=False, retrain=False)
-    record = lds.retrainings(name, spec, train_data, test, args)
-    model = spec.build()
-    model.load_state_dict(record["state"])
-    model.eval()
+    spec, train_data, test, record, model = trained_model(name)
     g_train, g_test = lds.gradients(model, spec, train_data), lds.gradients(model, spec, test)
     out: dict[str, Any] = {}
     for curvature in ("gauss_newton", "hessian"):

@@ -471,16 +471,52 @@ def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_p
     assert baseline.iterations[0].protect_cosines is None  # the baselines never use it
 
 
-def _protect_gradient(model, val, right_before, size):
-    """The protect sample's mean-loss gradient, flattened: of the validation examples the model got right before
-    the run (``right_before``), those it still gets right with the ``size`` largest losses (ties by index)."""
+def _protect_sample(model, val, right_before, size):
+    """The protect sample: of the validation examples the model got right before the run (``right_before``), those
+    it still gets right with the ``size`` largest losses (ties by index)."""
     with torch.no_grad():
         logits = model(val.tensors[0])
         losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
         still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
-    sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:size]
-    grads = torch.autograd.grad(model.per_example_loss(val[sample]).mean(), list(model.parameters()))
-    return torch.cat([g.flatten() for g in grads])
+    return sorted(still, key=lambda i: (-float(losses[i]), i))[:size]
+
+
+def _flat_grad(loss, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+def _protect_gradient(model, val, right_before, size):
+    """The protect sample's mean-loss gradient, flattened."""
+    sample = _protect_sample(model, val, right_before, size)
+    return _flat_grad(model.per_example_loss(val[sample]).mean(), list(model.parameters()))
+
+
+def _anchor_gradient(model, anchors, round_):
+    """The mean-loss gradient of the round's sampled anchors, flattened."""
+    return _flat_grad(model.per_example_loss(anchors[list(round_.anchor_indices)]).mean(), list(model.parameters()))
+
+
+def _step(params, direction, lr):
+    """``p -= lr * direction`` over the flattened parameters."""
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.sub_(lr * direction[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _anchor_run(trained, tmp_path, selection):
+    """A 3-round run of an anchors-only ``selection`` with a 5-example protect sample from the whole validation
+    set: the data, the corrected model, its report, the validation examples right before, and a copy of the
+    model before the run to replay it on."""
+    _, model, train, val, anchors = trained
+    corrected = copy.deepcopy(model)
+    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection=selection, guard=val,
+                      guard_per_iteration=len(val), protect_per_step=5, iterations=3)
+    assert report.selection == selection and all(r.chosen_indices == r.anchor_indices for r in report.iterations)
+    with torch.no_grad():
+        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
+    return train, val, anchors, corrected, report, right_before, copy.deepcopy(model)
 
 
 def _gauss_newton(model, x):
@@ -502,19 +538,11 @@ def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_
     gradient step's first-order decrease of the anchors' loss); a step that would raise the protect sample's loss is
     projected (A-GEM) and scaled back to that decrease. Replayed by hand with the exact matrix; among steps with
     that decrease it has the smallest d^T (G + damping I) d, so it is below the gradient step's."""
-    _, model, train, val, anchors = trained
-    corrected = copy.deepcopy(model)
-    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="influence", guard=val,
-                      guard_per_iteration=len(val), protect_per_step=5, iterations=3)
-    assert report.selection == "influence" and all(r.chosen_indices == r.anchor_indices for r in report.iterations)
-    with torch.no_grad():
-        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
-    replay = copy.deepcopy(model)
+    train, val, anchors, corrected, report, right_before, replay = _anchor_run(trained, tmp_path, "influence")
     params = list(replay.parameters())
     projected = 0
     for round_ in report.iterations:
-        g_a = torch.cat([g.flatten() for g in torch.autograd.grad(
-            replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean(), params)])
+        g_a = _anchor_gradient(replay, anchors, round_)
         curvature = _gauss_newton(replay, train.tensors[0]) + DAMPING * torch.eye(len(g_a), dtype=g_a.dtype)
         s = torch.linalg.solve(curvature, g_a)
         d = s * float(g_a @ g_a) / float(g_a @ s)
@@ -527,11 +555,7 @@ def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_
             d = d - float(d @ g_p) / float(g_p @ g_p) * g_p
             d = d * float(g_a @ g_a) / float(g_a @ d)
         assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.sub_(0.1 * d[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        _step(params, d, 0.1)
     assert projected >= 1
     for key, value in corrected.state_dict().items():
         torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
@@ -545,26 +569,13 @@ def test_constrained_step_raises_no_protect_examples_loss_and_keeps_the_anchors_
     g_A . d = |g_A|^2. Replayed by hand; the report keeps, per step, the smallest cosine between g_A and a g_i."""
     from lightning_influence.analysis.correction_steps import project_each
 
-    _, model, train, val, anchors = trained
-    corrected = copy.deepcopy(model)
-    report = _correct(_trainer(tmp_path), corrected, train, val, anchors, selection="constrained", guard=val,
-                      guard_per_iteration=len(val), protect_per_step=5, iterations=3)
-    assert report.selection == "constrained" and all(r.chosen_indices == r.anchor_indices for r in report.iterations)
-    with torch.no_grad():
-        right_before = (model(val.tensors[0]).argmax(1) == val.tensors[1]).nonzero().flatten().tolist()
-    replay = copy.deepcopy(model)
+    train, val, anchors, corrected, report, right_before, replay = _anchor_run(trained, tmp_path, "constrained")
     params = list(replay.parameters())
     projected = 0
     for round_ in report.iterations:
-        g_a = torch.cat([g.flatten() for g in torch.autograd.grad(
-            replay.per_example_loss(anchors[list(round_.anchor_indices)]).mean(), params)])
-        with torch.no_grad():
-            logits = replay(val.tensors[0])
-            losses = F.cross_entropy(logits, val.tensors[1], reduction="none")
-            still = [i for i in right_before if int(logits[i].argmax()) == int(val.tensors[1][i])]
-        sample = sorted(still, key=lambda i: (-float(losses[i]), i))[:5]
-        rows = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
-            replay.per_example_loss(val[[i]]).sum(), params)]) for i in sample])
+        g_a = _anchor_gradient(replay, anchors, round_)
+        sample = _protect_sample(replay, val, right_before, size=5)
+        rows = torch.stack([_flat_grad(replay.per_example_loss(val[[i]]).sum(), params) for i in sample])
         cosine = float((rows @ g_a / (rows.norm(dim=1) * g_a.norm())).min())
         assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-6, abs=1e-9)
         d = g_a.clone()
@@ -575,11 +586,7 @@ def test_constrained_step_raises_no_protect_examples_loss_and_keeps_the_anchors_
             d = step[0] * float(g_a @ g_a) / float(g_a @ step[0])
             assert float((rows @ d).min()) >= -1e-8 * float(d.norm() * rows.norm(dim=1).max())
         assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.sub_(0.1 * d[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        _step(params, d, 0.1)
     assert projected >= 1
     for key, value in corrected.state_dict().items():
         torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
