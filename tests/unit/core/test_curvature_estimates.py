@@ -92,3 +92,22 @@ def test_the_estimate_is_reused_on_identical_weights_only(trained):
         other = _problem(model, train, loss=doubled).spectrum()
         assert other.top == pytest.approx(2.0 * rescaled.top, rel=1e-6) and SPECTRUM_CACHE.hits == 1
         assert _problem(model, train).spectrum() is rescaled and SPECTRUM_CACHE.hits == 2
+
+
+def test_lanczos_top_forms_only_the_kept_pairs_and_they_match_the_full_ones():
+    from lightning_influence.core.tensors.eigen import lanczos
+
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    matrix = basis @ torch.diag(torch.linspace(0.1, 10.0, 40, dtype=torch.float64)) @ basis.T
+    like = torch.empty(0, dtype=torch.float64)
+
+    def run(top):
+        return lanczos(lambda v: v @ matrix, 40, 20, generator=torch.Generator().manual_seed(1), like=like, top=top)
+
+    values, vectors = run(None)
+    kept_values, kept_vectors = run(3)
+    assert kept_vectors.shape == (40, 3)
+    assert torch.equal(kept_values, values[-3:])
+    assert torch.allclose(kept_vectors, vectors[:, -3:], atol=1e-12)
+    assert float(kept_values[-1]) == pytest.approx(10.0, rel=1e-4)
