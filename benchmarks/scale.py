@@ -292,6 +292,7 @@ def instrument() -> Stages:
     stages.wrap(explain, "_explained_points", "describe")
     stages.wrap(InfluenceProblem, "damping_choice", "damping_estimate")
     stages.wrap(InfluenceProblem, "residual", "residual")
+    stages.wrap(InfluenceProblem, "check_residual", "stop_check")  # LiSSA's early-stop checks on the check subset
     stages.wrap(InfluenceProblem, "damped_hvp", "whole_set_product")  # CG's products: a pass over every example
     stages.wrap(callback_damping_check, "run_damping_check", "self_check")
     stages.wrap(callback_damping_check, "retrain_on_halves", "retraining")  # imported by name there

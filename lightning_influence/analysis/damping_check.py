@@ -180,6 +180,15 @@ def retrain_on_halves(
     return Retrainings(masks, torch.stack(losses), epochs, time.perf_counter() - start)
 
 
+class SelfCheckUnaffordable(RuntimeError):
+    """The candidates' solves would not fit the self-check's budget (the callbacks skip the check, say so in the
+    solve record and use ``damping="auto"``); ``reason`` says why in a few words."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, retraining_seconds: float,
                            candidates: int) -> int:
     """CG iterations per candidate that fit ``SELF_CHECK_SOLVE_BUDGET`` times the retrainings' time (at least
@@ -201,11 +210,12 @@ def _affordable_iterations(problem: InfluenceProblem, gradients: torch.Tensor, r
     fit = int(budget / (product * candidates))
     if fit < SELF_CHECK_MIN_ITERATIONS:
         needed = SELF_CHECK_MIN_ITERATIONS * product * candidates / max(retraining_seconds, 1e-9)
-        raise RuntimeError(
-            f"damping='self_check' would spend over {needed:.0f}x its retrainings' time solving its {candidates}"
-            f" candidates on this model ({problem.num_params:,} parameters: a curvature product over the training set"
-            f" for its {gradients.shape[0]} check points takes about {product:.1f} s). Pass a number as `damping`, or"
-            " damping='auto'.")
+        reason = (f"solving its {candidates} candidates would take over {needed:.0f}x its retrainings' time on this"
+                  f" model ({problem.num_params:,} parameters, {problem.residual_examples():,} training examples: a"
+                  f" curvature product over the training set for its {gradients.shape[0]} check points takes about"
+                  f" {product:.1f} s)")
+        raise SelfCheckUnaffordable(f"damping='self_check' is too costly here: {reason}. Pass a number as `damping`,"
+                                    " or damping='auto'.", reason)
     return min(fit, CGConfig().max_iter)
 
 

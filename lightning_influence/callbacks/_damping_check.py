@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_influence.analysis.damping_check import (
     OptimizerFactory,
+    SelfCheckUnaffordable,
     check_damping,
     check_points,
     precheck_affordable,
@@ -57,13 +58,38 @@ def epochs_trained(trainer: pl.Trainer, stage: str) -> int:
     return max(1, trainer.current_epoch + (1 if stage == "validation" else 0))
 
 
+@dataclass(frozen=True)
+class SkippedCheck:
+    """``damping="self_check"`` skipped because its candidates' solves would not fit its budget (a large model on a
+    large training set: each solve is a pass of curvature products over the whole set per step): the fit's analyses
+    use ``damping="auto"``, and their solve records say so (``damping_requested="self_check"``, the rule and a
+    warning naming the reason)."""
+
+    reason: str
+    epoch: int
+
+    @property
+    def rule(self) -> str:
+        return f"self_check skipped at epoch {self.epoch} ({self.reason}); damping='auto' instead"
+
+
+#: What a fit's self-check left: its choice, or the record of its skip.
+SelfCheck = Union[DampingCheck, SkippedCheck]
+
+
 def run_damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
                       val: IndexedData, problem: ProblemConfig, stage: str, epoch: int, train_loader: Any = None,
-                      verbose: bool = True, strict: bool = False) -> Optional[DampingCheck]:
-    """The self-check on this trainer's model (every rank runs it on the same seeds; rank zero's choice is used),
-    or None after a warning when it failed (the analysis then uses ``damping="auto"``; ``strict`` raises)."""
+                      verbose: bool = True, strict: bool = False) -> Optional[SelfCheck]:
+    """The self-check on this trainer's model (every rank runs it on the same seeds; rank zero's choice is used);
+    a :class:`SkippedCheck` when its solves would not fit its budget (also under ``strict``: the default then runs
+    at any size, and says what it did); None after a warning when it failed otherwise (the analysis then uses
+    ``damping="auto"``; ``strict`` raises)."""
     try:
         return _damping_check(trainer, pl_module, loss_fn, train, val, problem, stage, epoch, train_loader, verbose)
+    except SelfCheckUnaffordable as err:
+        skipped = SkippedCheck(err.reason, epoch)
+        rank_zero_warn(f"Influence: {skipped.rule}. Pass a number as `damping` to choose it yourself.")
+        return skipped
     except Exception as err:  # noqa: BLE001 - the analysis goes on with the spectrum rule
         if strict:
             raise
@@ -74,7 +100,7 @@ def run_damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_f
 
 def self_check_once(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
                     problem: ProblemConfig, chunk_size: int, stage: str, epoch: int, train_loader: Any,
-                    verbose: bool, strict: bool) -> Optional[DampingCheck]:
+                    verbose: bool, strict: bool) -> Optional[SelfCheck]:
     """:func:`run_damping_check` on the trainer's validation data (None without any: the analysis uses
     ``damping="auto"``)."""
     val = val_data(trainer, chunk_size, required=False)
@@ -110,20 +136,23 @@ def _damping_check(trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: 
     return check
 
 
-def analysis_problem(problem: ProblemConfig, trainer: pl.Trainer, check: Optional[DampingCheck]) -> ProblemConfig:
+def analysis_problem(problem: ProblemConfig, trainer: pl.Trainer, check: Optional[SelfCheck]) -> ProblemConfig:
     """The config an analysis runs with: the weight decay of the trainer's optimizer when ``problem`` leaves it
     open, and ``damping="self_check"`` as ``check`` chose (``"auto"`` while there is no check)."""
     if problem.weight_decay is None:
         problem = replace(problem, weight_decay=weight_decay(trainer))
     if problem.damping != SELF_CHECK_DAMPING:
         return problem
-    return replace(problem, damping=check.chosen if check else DEFAULT_DAMPING)
+    return replace(problem, damping=check.chosen if isinstance(check, DampingCheck) else DEFAULT_DAMPING)
 
 
-def with_check(info: SolveInfo, check: Optional[DampingCheck]) -> SolveInfo:
-    """The solve record naming the self-check behind its damping."""
+def with_check(info: SolveInfo, check: Optional[SelfCheck]) -> SolveInfo:
+    """The solve record naming the self-check behind its damping (or its skip, before the rule it fell back on)."""
     if check is None:
         return info
+    if isinstance(check, SkippedCheck):
+        return replace(info, damping_requested=SELF_CHECK_DAMPING, damping_rule=f"{check.rule}: {info.damping_rule}",
+                       warnings=(*info.warnings, f"{check.rule}."))
     return replace(info, damping_requested=SELF_CHECK_DAMPING, damping_rule=check.rule, damping_check=check)
 
 
@@ -131,11 +160,11 @@ def with_check(info: SolveInfo, check: Optional[DampingCheck]) -> SolveInfo:
 BELOW_WEIGHT_DECAY = "damping_below_weight_decay"
 
 
-def with_checked_trust(trust: Optional[TrustReport], check: Optional[DampingCheck]) -> Optional[TrustReport]:
+def with_checked_trust(trust: Optional[TrustReport], check: Optional[SelfCheck]) -> Optional[TrustReport]:
     """``trust`` with its damping-below-weight-decay warning turned into an info note when the self-check chose the
     damping: its retrainings ran with the training's own optimiser, weight decay included, and predicted best at
     this damping, so the rule of thumb "damping >= weight decay" should not tell the user otherwise."""
-    if trust is None or check is None:
+    if trust is None or not isinstance(check, DampingCheck):  # none, or skipped: the damping came from a rule
         return trust
     notes = tuple(
         TrustWarning(w.code, f"damping={check.chosen:g} is below the training weight decay, and kept: the self-check's"
@@ -145,6 +174,6 @@ def with_checked_trust(trust: Optional[TrustReport], check: Optional[DampingChec
     return replace(trust, warnings=notes)
 
 
-def checked_explanation(found: Explanation, check: Optional[DampingCheck]) -> Explanation:
+def checked_explanation(found: Explanation, check: Optional[SelfCheck]) -> Explanation:
     """An analysis's explanation naming the self-check behind its damping, in its solve record and its trust."""
     return replace(found, solver=with_check(found.solver, check), trust=with_checked_trust(found.trust, check))

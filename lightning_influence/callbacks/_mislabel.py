@@ -20,14 +20,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_influence.analysis.explain import Describe
 from lightning_influence.analysis.mislabel import find_mislabel_candidates
 from lightning_influence.analysis.training_signals import OutputsFn
-from lightning_influence.callbacks._damping_check import with_check
+from lightning_influence.callbacks._damping_check import SelfCheck, with_check
 from lightning_influence.callbacks._trainer import collectives_for
 from lightning_influence.callbacks.progress import progress_task
 from lightning_influence.callbacks.training_signals import TrainingSignalsCallback, recording_batch_size
 from lightning_influence.config import LowRankConfig, ProblemConfig
 from lightning_influence.core.per_example.losses import LossFn
 from lightning_influence.core.tensors.data import IndexedData
-from lightning_influence.results import DampingCheck, MislabelReport
+from lightning_influence.results import MislabelReport
 
 #: ``mislabel_candidates`` meaning every training example (the JSON then ranks the whole training set).
 ALL = "all"
@@ -126,7 +126,7 @@ class MislabelAnalysis:
     # -- the report (collective: every rank) ------------------------------------------------------------------
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss_fn: LossFn, train: IndexedData,
                setup: ProblemConfig, describe: Describe, epoch: int,
-               damping_check: Optional[DampingCheck] = None) -> MislabelReport:
+               damping_check: Optional[SelfCheck] = None) -> MislabelReport:
         """Self-influence of every training example (``setup``'s problem, solved by this analysis's low-rank
         inverse), ranked by the recorded signals when there are some; the solve record names ``damping_check``
         (the self-check that chose ``setup``'s damping) when there is one."""

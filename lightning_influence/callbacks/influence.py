@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_influence.analysis.explain import explain
-from lightning_influence.callbacks._damping_check import analysis_problem, checked_explanation, self_check_once
+from lightning_influence.callbacks._damping_check import SelfCheck, analysis_problem, checked_explanation, self_check_once
 from lightning_influence.callbacks._leave_one_out import check_loo_arguments, leave_one_out_check
 from lightning_influence.callbacks._legacy import legacy_candidates, legacy_mislabel, legacy_solver_options
 from lightning_influence.callbacks._snapshots import SnapshotSchedule
@@ -54,7 +54,7 @@ from lightning_influence.core.tensors.batching import describe_batch
 from lightning_influence.core.tensors.data import IndexedData
 from lightning_influence.distributed.solve import CollectiveRanks
 from lightning_influence.reporting.publish import publish_explanation, publish_mislabel, publish_score_shard
-from lightning_influence.results import DampingCheck, Explanation, MislabelReport
+from lightning_influence.results import Explanation, MislabelReport
 
 
 class InfluenceCallback(AnalysisCallback):
@@ -215,7 +215,7 @@ class InfluenceCallback(AnalysisCallback):
         self.last_explanation: Optional[Explanation] = None
         self.last_mislabel: Optional[MislabelReport] = None  # rank zero: the last mislabel report written
         self._fit_train_loader: Any = None
-        self.damping_check: Optional[DampingCheck] = None  # the self-check of this fit (``damping="self_check"``)
+        self.damping_check: Optional[SelfCheck] = None  # the self-check of this fit (``damping="self_check"``)
 
     @property
     def solver_config(self) -> SolverConfig:

@@ -37,8 +37,18 @@ SELF_CHECK_SOLVE_FLOOR_SECONDS = 60.0
 SELF_CHECK_MIN_ITERATIONS = 5
 AUTO_DAMPING_FRACTION = 0.03
 MAX_DAMPING_FRACTION = 0.1
-#: Training examples (a fixed seeded subset) that the spectrum estimate and the residual check average over.
+#: Training examples (a fixed seeded subset) that LiSSA's early-stop residual checks average over.
 SUBSET_EXAMPLES = 2048
+#: Training examples (a fixed seeded subsample, the same whatever the training set's size N) that the curvature
+#: estimates average over: the spectrum behind ``damping="auto"`` (and the Hessian's negative-curvature check) and
+#: the low-rank solver's Lanczos (the mislabel self-influence). Their cost is fixed in N; the solves' residual
+#: verdict still reads the whole set. The subsample's top eigenvalue against the whole set's is tested in
+#: ``tests/unit/core/test_curvature_estimates.py``; the reports' damping rule names the examples used.
+CURVATURE_EXAMPLES = 512
+#: Spectrum estimates kept per process, keyed on a fingerprint of the weights (every parameter and buffer), the
+#: losses of the subsample's first batch, the curvature and the subsample: analyses of the same weights (the
+#: influence and the mislabel callbacks at the end of a fit) estimate it once.
+SPECTRUM_CACHE_SIZE = 8
 SUBSET_SEED = 0
 #: Lanczos steps for the extreme eigenvalues of the Hessian (the damping rule and the negative-curvature check).
 SPECTRUM_STEPS = 30

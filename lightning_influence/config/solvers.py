@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 from lightning_influence.config.defaults import (
     CG_TOL,
     CHECK_EVERY,
+    CURVATURE_EXAMPLES,
     MAX_RETRIES,
     RESIDUAL_TOL,
     expect,
@@ -156,7 +157,7 @@ class LowRankConfig:
 
     rank: int = 64
     iterations: int = 0
-    hvp_examples: Optional[int] = 2048
+    hvp_examples: Optional[int] = CURVATURE_EXAMPLES
     seed: int = 0
     residual: bool = True
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.config import (
+    CURVATURE_EXAMPLES,
     DEFAULT_CURVATURE,
     RESIDUAL_TOL,
     SUBSET_EXAMPLES,
@@ -28,13 +29,14 @@ from lightning_influence.config import (
 )
 from lightning_influence.core.curvature import make_curvature
 from lightning_influence.core.curvature.damping import DampingChoice, Spectrum, choose_damping, estimate_spectrum
+from lightning_influence.core.curvature.estimates import SPECTRUM_CACHE, tensor_digest, weights_fingerprint
 from lightning_influence.core.curvature.products import dataset_product
 from lightning_influence.core.curvature.training import TrainingCurvature
 from lightning_influence.core.per_example.engine import PerExampleEngine
 from lightning_influence.core.per_example.losses import FunctionalLoss, LossFn
 from lightning_influence.core.scoring import iter_scores
 from lightning_influence.core.solvers import ONE_PROCESS, Ranks, Solver, make_solver
-from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch
+from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
 from lightning_influence.core.tensors.data import subset_batches
 from lightning_influence.core.tensors.params import model_device, num_parameters, trainable_parameters
 from lightning_influence.core.tensors.residual import (
@@ -133,8 +135,12 @@ class InfluenceProblem:
         """The damping, how it was chosen and the eigenvalue estimates behind it (computed once)."""
         if self._choice is None:
             with torch.inference_mode(False), torch.enable_grad():
-                self._choice = choose_damping(self.settings.damping, self.curvature, self.spectrum,
-                                              self.settings.weight_decay, self.settings.allow_negative_curvature)
+                choice = choose_damping(self.settings.damping, self.curvature, self.spectrum,
+                                        self.settings.weight_decay, self.settings.allow_negative_curvature)
+                if choice.spectrum is not None:  # the reports say what the estimate read
+                    choice = dataclasses.replace(choice, rule=f"{choice.rule} (spectrum of {choice.spectrum.examples}"
+                                                 " training examples)")
+                self._choice = choice
         return self._choice
 
     def raise_damping(self, value: float, reason: str, note: str) -> None:
@@ -144,22 +150,38 @@ class InfluenceProblem:
                                            warnings=(*choice.warnings, note))
 
     def spectrum(self) -> Spectrum:
-        """Extreme eigenvalues of the curvature: exact when the solver computes them anyway, else Lanczos on the
-        check subset (``curvature.spectrum_steps`` steps: the top alone for a PSD curvature, both ends otherwise)."""
+        """Extreme eigenvalues of the curvature: exact when the solver computes them anyway, else Lanczos on a fixed
+        seeded subsample of ``CURVATURE_EXAMPLES`` training examples (``curvature.spectrum_steps`` steps: the top
+        alone for a PSD curvature, both ends otherwise), made once per set of weights (:data:`SPECTRUM_CACHE`)."""
         if self._spectrum is None:
             exact = self.solver.exact_spectrum()
             if exact is not None:
                 n = sum(batch_size_of(b) for b in self.train_batches())
                 self._spectrum = Spectrum(exact[1], exact[0], self.num_params, n)
             else:
-                batches = self.check_units()
-                like = next(iter(self.params.values()))
-                self._spectrum = estimate_spectrum(
-                    lambda v: dataset_product(self.products, batches, v), self.num_params,
-                    sum(batch_size_of(b) for b in batches), like=like, seed=SUBSET_SEED,
-                    steps=self.curvature.spectrum_steps,
-                )
+                self._spectrum = SPECTRUM_CACHE.get(self._spectrum_key(), self._estimate_spectrum)
         return self._spectrum
+
+    def _curvature_units(self) -> list[Batch]:
+        """The curvature estimates' subsample (``CURVATURE_EXAMPLES``) as the products take it."""
+        batches = list(self.training_subset(CURVATURE_EXAMPLES, SUBSET_SEED))
+        return self.products.units(batches, self.products.indices(CURVATURE_EXAMPLES, SUBSET_SEED))
+
+    def _estimate_spectrum(self) -> Spectrum:
+        units = self._curvature_units()
+        return estimate_spectrum(lambda v: dataset_product(self.products, units, v), self.num_params,
+                                 sum(batch_size_of(b) for b in units), like=next(iter(self.params.values())),
+                                 seed=SUBSET_SEED, steps=self.curvature.spectrum_steps)
+
+    def _spectrum_key(self) -> tuple[Any, ...]:
+        """What the spectrum depends on: the weights, the loss on the subsample's first batch, the curvature, dtype,
+        parameters and subsample (:mod:`~lightning_influence.core.curvature.estimates`)."""
+        first = next(iter(self.training_subset(CURVATURE_EXAMPLES, SUBSET_SEED)), None)
+        with torch.no_grad():
+            probe = () if first is None else (("losses", self.loss(self.params, slice_batch(first, 0, 8))),)
+        indices = self.products.indices(CURVATURE_EXAMPLES, SUBSET_SEED)
+        return (weights_fingerprint(self.model), tensor_digest(probe), self.curvature.name, str(self.loss.dtype),
+                tuple(self.params), self.curvature.spectrum_steps, None if indices is None else tuple(indices))
 
     # -- gradients and curvature products -------------------------------------------------------------------
     def gradients(self, batch: Batch) -> torch.Tensor:

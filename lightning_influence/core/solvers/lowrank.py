@@ -69,7 +69,8 @@ class LowRankSolver(Solver):
             like = next(iter(problem.params.values()))
             generator = torch.Generator().manual_seed(config.seed)
             values, vectors = lanczos(lambda v: dataset_product(problem.minibatch_hvp, batches, v),
-                                      problem.num_params, config.steps, generator=generator, like=like)
+                                      problem.num_params, config.steps, generator=generator, like=like,
+                                      top=config.rank)  # only the kept pairs' vectors are formed
             keep = values.argsort(descending=True)[: config.rank]
             self._pairs = (values[keep], vectors[:, keep])
         return LowRankInverse(*self._pairs, problem.damping, config.residual)

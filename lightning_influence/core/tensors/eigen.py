@@ -36,7 +36,7 @@ def top_eigenvalue(
 
 def lanczos(
     matvec: MatVec, dim: int, steps: int, *, generator: torch.Generator | None = None, like: torch.Tensor,
-    with_vectors: bool = True,
+    with_vectors: bool = True, top: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz pairs of a symmetric operator from ``steps`` Lanczos iterations with full reorthogonalisation.
 
@@ -48,6 +48,8 @@ def lanczos(
         like: a tensor giving dtype and device of the basis.
         with_vectors: form the Ritz vectors (``[P, m']``: as large as the basis); False returns an empty
             ``[P, 0]`` in their place, for callers that need the eigenvalues only.
+        top: only the ``top`` largest Ritz pairs (their ``[P, top]`` vectors are formed alone: no ``[P, m']``
+            temporary beside the basis).
 
     Returns:
         ``(eigenvalues [m'], eigenvectors [P, m'])`` ascending, with ``m' <= steps`` (fewer if the Krylov
@@ -75,6 +77,8 @@ def lanczos(
         off = torch.tensor(betas[: m - 1], dtype=torch.float64)
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values, vectors = torch.linalg.eigh(tridiagonal)
+    if top is not None:
+        values, vectors = values[-top:], vectors[:, -top:]
     if not with_vectors:
         return values, basis.new_empty(dim, 0)
     return values, basis[:m].T @ vectors.to(basis)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.config import LissaConfig, LowRankConfig, ProblemConfig
-from lightning_influence.config.defaults import SUBSET_EXAMPLES
+from lightning_influence.config.defaults import CURVATURE_EXAMPLES
 from lightning_influence.core.problem import InfluenceProblem
 from lightning_influence.core.tensors.batching import batch_size_of
 from lightning_influence.core.tensors.modes import analysis_mode
@@ -46,7 +46,7 @@ def examples_touched(n: int, solver) -> dict[str, int]:
 def test_damping_estimate_and_lissa_scale_use_a_bounded_number_of_examples():
     small, large = examples_touched(3000, LissaConfig()), examples_touched(6000, LissaConfig())
     assert small == large  # the same seeded check subset and probe minibatches, whatever N
-    per_product = SUBSET_EXAMPLES  # each Lanczos step is one product over the check subset
+    per_product = CURVATURE_EXAMPLES  # each Lanczos step is one product over the curvature subsample
     assert 0 < small["damping"] <= 40 * per_product and small["damping"] % per_product == 0
     assert 0 < small["scale"] <= 40 * LissaConfig().batch_size
 
