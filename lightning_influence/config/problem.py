@@ -7,6 +7,7 @@ API (``li.influence(..., problem=...)``), ``correct_errors`` and the command lin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -148,3 +149,17 @@ def resolve_problem(problem: Optional[ProblemConfig], solver: Union[str, SolverC
         raise ValueError(f"Got {changed} beside `problem`: set them on the ProblemConfig instead, e.g."
                          f" ProblemConfig({', '.join(f'{name}=...' for name in changed)}).")
     return problem
+
+
+def problem_settings(settings: Any = None, config: Any = None, **legacy: Any) -> ProblemConfig:
+    """A :class:`ProblemConfig` from the new form (``settings`` is one) or the old positional form ``(damping,
+    solver config, curvature=..., weight_decay=..., ...)``, which still works with a deprecation warning."""
+    if isinstance(settings, ProblemConfig):
+        if config is not None or legacy:
+            raise TypeError("Got loose problem arguments beside a ProblemConfig: set them on the ProblemConfig.")
+        return settings
+    warnings.warn("InfluenceProblem(model, loss_fn, data, damping, solver_config, curvature=..., ...) is deprecated:"
+                  " pass one ProblemConfig(solver=..., damping=..., curvature=..., ...) instead.",
+                  DeprecationWarning, stacklevel=3)
+    legacy.setdefault("curvature", DEFAULT_CURVATURE)
+    return ProblemConfig(solver=config if config is not None else "lissa", damping=settings, **legacy)

@@ -8,7 +8,6 @@ The solve itself belongs to the solver object of the configured solver (:mod:`~l
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any, Optional
@@ -19,7 +18,6 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.config import (
     CURVATURE_EXAMPLES,
-    DEFAULT_CURVATURE,
     RESIDUAL_TOL,
     SUBSET_EXAMPLES,
     SUBSET_SEED,
@@ -27,6 +25,7 @@ from lightning_influence.config import (
     ProblemConfig,
     SolverConfig,
 )
+from lightning_influence.config.problem import problem_settings
 from lightning_influence.core.curvature import make_curvature
 from lightning_influence.core.curvature.damping import DampingChoice, Spectrum, choose_damping, estimate_spectrum
 from lightning_influence.core.curvature.estimates import SPECTRUM_CACHE, tensor_digest, weights_fingerprint
@@ -49,20 +48,6 @@ from lightning_influence.results import SolveInfo, STest
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 #: The seed of the verdict's random order of the training set (not the check subset's: LiSSA stopped on that one).
 VERDICT_SEED = SUBSET_SEED + 1
-
-
-def problem_settings(settings: Any = None, config: Any = None, **legacy: Any) -> ProblemConfig:
-    """A :class:`ProblemConfig` from the new form (``settings`` is one) or the old positional form ``(damping,
-    solver config, curvature=..., weight_decay=..., ...)``, which still works with a deprecation warning."""
-    if isinstance(settings, ProblemConfig):
-        if config is not None or legacy:
-            raise TypeError("Got loose problem arguments beside a ProblemConfig: set them on the ProblemConfig.")
-        return settings
-    warnings.warn("InfluenceProblem(model, loss_fn, data, damping, solver_config, curvature=..., ...) is deprecated:"
-                  " pass one ProblemConfig(solver=..., damping=..., curvature=..., ...) instead.",
-                  DeprecationWarning, stacklevel=3)
-    legacy.setdefault("curvature", DEFAULT_CURVATURE)
-    return ProblemConfig(solver=config if config is not None else "lissa", damping=settings, **legacy)
 
 
 class InfluenceProblem:
