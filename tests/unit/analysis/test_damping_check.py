@@ -231,3 +231,28 @@ def test_a_problem_with_other_settings_shares_the_products_only_when_they_are_th
                   ProblemConfig(damping=1.0, solver=CGConfig(), dtype="float32"),
                   ProblemConfig(damping=1.0, solver=ExactConfig())):
         assert base.with_settings(other).products is not base.products
+
+
+def test_the_precheck_times_a_few_vectors_and_scales_them_to_all(adam_mlp, monkeypatch):
+    """The precheck times its product on ``PRECHECK_PROBE_VECTORS`` of the check points' gradients and scales the
+    time to the whole count: an unaffordable budget still refuses, and the refusal names every check point."""
+    from lightning_influence.analysis import damping_check
+    from lightning_influence.analysis.damping_check import PRECHECK_PROBE_VECTORS, precheck_affordable
+    from lightning_influence.core.problem import InfluenceProblem
+
+    model, train, check = adam_mlp
+    rows = []
+    original = InfluenceProblem.minibatch_hvp
+
+    def recorded(self, batch, vectors):
+        rows.append(vectors.shape[0])
+        return original(self, batch, vectors)
+
+    monkeypatch.setattr(InfluenceProblem, "minibatch_hvp", recorded)
+    monkeypatch.setattr(damping_check, "EXACT_CHECK_PARAMETERS", 0)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_BUDGET", 1e-9)
+    monkeypatch.setattr(damping_check, "SELF_CHECK_SOLVE_FLOOR_SECONDS", 0.0)
+    with pytest.raises(RuntimeError, match=f"for its {len(check[0])} check points"):
+        precheck_affordable(model, cross_entropy_per_example, IndexedData(train), check, ProblemConfig(), epochs=1,
+                            batch_size=32)
+    assert rows == [PRECHECK_PROBE_VECTORS, PRECHECK_PROBE_VECTORS] and PRECHECK_PROBE_VECTORS < len(check[0])
