@@ -451,11 +451,9 @@ def test_protect_projection_removes_the_part_of_each_step_that_would_raise_the_p
         weight = 1 + max(0.0, -float(g_a @ g_r) / float(g_a @ g_a))
         g = g_r + weight * g_a
         g_p = _protect_gradient(replay, val, right_before, size=5)
-        cosine = float(g @ g_p) / float(g.norm() * g_p.norm())
-        assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-6, abs=1e-9)
-        if cosine < 0:
-            projected += 1
-            g = g - float(g @ g_p) / float(g_p @ g_p) * g_p
+        g, was_projected = _protect_projection(g, g_p, round_, rel=1e-6, abs=1e-9)
+        projected += was_projected
+        if was_projected:
             assert float(g @ g_p) == pytest.approx(0.0, abs=1e-9 * float(g.norm() * g_p.norm()))
         sgd.zero_grad()
         offset = 0
@@ -489,6 +487,25 @@ def _protect_gradient(model, val, right_before, size):
     """The protect sample's mean-loss gradient, flattened."""
     sample = _protect_sample(model, val, right_before, size)
     return _flat_grad(model.per_example_loss(val[sample]).mean(), list(model.parameters()))
+
+
+def _protect_projection(direction, g_p, round_, rel, abs):
+    """The A-GEM projection replayed: the cosine of ``direction`` with the protect gradient ``g_p`` is the one the
+    round's report kept (to ``rel``/``abs``), and a negative one removes ``direction``'s component along ``g_p``.
+    Returns the direction and whether it was projected."""
+    cosine = float(direction @ g_p) / float(direction.norm() * g_p.norm())
+    assert round_.protect_cosines == pytest.approx((cosine,), rel=rel, abs=abs)
+    if cosine >= 0:
+        return direction, False
+    return direction - float(direction @ g_p) / float(g_p @ g_p) * g_p, True
+
+
+def _replayed(projected, corrected, replay, report):
+    """A replay ends where the run did: some step was projected, the weights agree, the anchors' loss fell."""
+    assert projected >= 1
+    for key, value in corrected.state_dict().items():
+        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
+    assert report.after["anchors"].loss < report.before["anchors"].loss
 
 
 def _anchor_gradient(model, anchors, round_):
@@ -548,18 +565,13 @@ def test_influence_step_moves_along_the_damped_inverse_curvature_of_the_anchors_
         d = s * float(g_a @ g_a) / float(g_a @ s)
         assert float(d @ curvature @ d) < float(g_a @ curvature @ g_a)
         g_p = _protect_gradient(replay, val, right_before, size=5)
-        cosine = float(d @ g_p) / float(d.norm() * g_p.norm())
-        assert round_.protect_cosines == pytest.approx((cosine,), rel=1e-5, abs=1e-8)
-        if cosine < 0:
-            projected += 1
-            d = d - float(d @ g_p) / float(g_p @ g_p) * g_p
+        d, was_projected = _protect_projection(d, g_p, round_, rel=1e-5, abs=1e-8)
+        projected += was_projected
+        if was_projected:
             d = d * float(g_a @ g_a) / float(g_a @ d)
-        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
+        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)  # the anchors' first-order decrease
         _step(params, d, 0.1)
-    assert projected >= 1
-    for key, value in corrected.state_dict().items():
-        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
-    assert report.after["anchors"].loss < report.before["anchors"].loss
+    _replayed(projected, corrected, replay, report)
 
 
 def test_constrained_step_raises_no_protect_examples_loss_and_keeps_the_anchors_decrease(trained, tmp_path):
@@ -585,9 +597,6 @@ def test_constrained_step_raises_no_protect_examples_loss_and_keeps_the_anchors_
             project_each(step, [(r,) for r in rows])
             d = step[0] * float(g_a @ g_a) / float(g_a @ step[0])
             assert float((rows @ d).min()) >= -1e-8 * float(d.norm() * rows.norm(dim=1).max())
-        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)
+        assert float(g_a @ d) == pytest.approx(float(g_a @ g_a), rel=1e-6)  # the anchors' first-order decrease
         _step(params, d, 0.1)
-    assert projected >= 1
-    for key, value in corrected.state_dict().items():
-        torch.testing.assert_close(value, replay.state_dict()[key], rtol=1e-6, atol=1e-8)
-    assert report.after["anchors"].loss < report.before["anchors"].loss
+    _replayed(projected, corrected, replay, report)
