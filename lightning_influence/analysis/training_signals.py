@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset, default_collate
 
 from lightning_influence.analysis.signal_scores import (  # noqa: F401 - re-exported: the scores' old home
     DEFAULT_SCORE,
@@ -88,17 +87,9 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 
 def recording_batches(data: IndexedData, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, Any]]:
-    """``(dataset_indices, batch)`` pairs over ``indices`` in ``data.batch_size`` chunks, as
-    ``data.batches_with_indices`` gives them; a ``TensorDataset`` under the default collate is sliced a batch at
-    a time instead of fetched and stacked example by example (the same tensors, without the per-example cost
-    that made a forward pass over a small training set mostly data loading)."""
-    dataset, collate = data.dataset, data.collate_fn
-    if not (isinstance(dataset, TensorDataset) and collate in (None, default_collate)):
-        yield from data.batches_with_indices(indices)
-        return
-    order = torch.as_tensor(list(indices), dtype=torch.long)
-    for chunk in order.split(data.batch_size):
-        yield chunk, [tensor[chunk] for tensor in dataset.tensors]  # a list, as default_collate gives a tuple's fields
+    """``(dataset_indices, batch)`` pairs over ``indices`` in ``data.batch_size`` chunks
+    (:meth:`IndexedData.batches_with_indices`: a ``TensorDataset`` is sliced a batch at a time)."""
+    return data.batches_with_indices(indices)
 
 
 def checkpoint_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:

@@ -50,3 +50,19 @@ def test_the_sampled_verdict_is_a_fixed_stage_in_the_extrapolation(scale):
     far = scale.extrapolate("cnn", 50000, [row])
     assert far["groups"]["residual verdict"] == 30.0  # a sample decided at the same size, whatever N
     assert far["groups"]["scoring"] == pytest.approx(50.0) and far["epoch_seconds"] == pytest.approx(100.0)
+
+
+def test_growth_benchmark_times_each_size_and_checks_the_ratios_of_its_minima():
+    spec = importlib.util.spec_from_file_location("scale_growth_benchmark", ROOT / "benchmarks" / "scale_growth.py")
+    growth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(growth)
+    result = growth.measure("mlp", [256, 512], train_on=256, repeats=2, scoring_only=False)
+    small, large = result["rows"]
+    assert [small["n_train"], large["n_train"]] == [256, 512] and result["params"] > 0
+    for row in result["rows"]:
+        assert len(row["s_test"]["seconds"]) == len(row["scoring"]["seconds"]) == 2
+        assert row["s_test"]["min"] == min(row["s_test"]["seconds"]) > 0 and row["s_test"]["damping"] > 0
+    checks = result["checks"]
+    assert checks["s_test_ratio"] == large["s_test"]["min"] / small["s_test"]["min"]
+    assert checks["scoring_per_example_ratio"] == (large["scoring"]["min"] / 512) / (small["scoring"]["min"] / 256)
+    assert checks["s_test_within_20_percent"] == (abs(checks["s_test_ratio"] - 1) <= 0.2)

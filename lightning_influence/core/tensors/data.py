@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_influence.core.tensors.batching import batch_size_of
@@ -54,15 +54,37 @@ class IndexedData:
         return collate([self.dataset[int(i)] for i in indices])
 
     def batches_with_indices(self, indices: Sequence[int] | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
-        """``(dataset_indices, batch)`` pairs in order."""
+        """``(dataset_indices, batch)`` pairs in order. A ``TensorDataset`` (or a ``Subset`` of one) under the
+        default collate is sliced a batch at a time: the tensors ``default_collate`` would stack, without fetching
+        and stacking example by example (on a small model most of a pass's time otherwise)."""
         order = torch.arange(len(self)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        tensors, rows = _sliceable(self.dataset, self.collate_fn)
+        if tensors is not None:
+            for chunk in order.split(self.batch_size):
+                where = chunk if rows is None else rows[chunk]
+                yield chunk, [tensor[where] for tensor in tensors]  # a list, as default_collate gives a tuple's fields
+            return
         start = 0
         for batch in self.loader(indices):
-
-
             size = batch_size_of(batch)
             yield order[start : start + size], batch
             start += size
+
+
+def _sliceable(dataset: Any, collate_fn: Optional[Callable[[list[Any]], Any]]
+               ) -> tuple[Optional[tuple[torch.Tensor, ...]], Optional[torch.Tensor]]:
+    """The tensors of a ``TensorDataset`` under the default collate, seen through any ``Subset`` around it, and the
+    rows of them that the outer dataset's indices map to (None: the same indices); ``(None, None)`` otherwise."""
+    if collate_fn not in (None, default_collate):
+        return None, None
+    rows: Optional[torch.Tensor] = None
+    while isinstance(dataset, Subset):
+        outer = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        rows = outer if rows is None else outer[rows]
+        dataset = dataset.dataset
+    if not isinstance(dataset, TensorDataset):
+        return None, None
+    return dataset.tensors, rows
 
 
 def subset_batches(loader: Iterable[Any], examples: int | None, seed: int, least_batch_size: int = 0) -> Iterator[Any]:

@@ -82,3 +82,34 @@ def test_batches_carry_exactly_the_dataset_indices_of_their_rows(n, world_size, 
         assert torch.equal(y, indices) and torch.equal(x, values[indices])  # every row tied to its own index
         seen.extend(indices.tolist())
     assert seen == wanted  # in order, nothing padded, nothing dropped
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 10_000), st.integers(1, 9))
+def test_sliced_batches_of_nested_subsets_equal_the_collated_ones(n, seed, batch_size):
+    from torch.utils.data import Subset, default_collate
+
+    class Counted(TensorDataset):
+        fetched = 0
+
+        def __getitem__(self, index):  # noqa: ANN001, ANN204 - a TensorDataset that counts its example fetches
+            Counted.fetched += 1
+            return super().__getitem__(index)
+
+    generator = torch.Generator().manual_seed(seed)
+    base = Counted(torch.randn(n + 5, 3, generator=generator), torch.randint(0, 4, (n + 5,), generator=generator))
+    outer = torch.randperm(n + 5, generator=generator)[:n].tolist()
+    inner = torch.randperm(n, generator=generator)[: max(1, n // 2)].tolist()
+    dataset = Subset(Subset(base, outer), inner)  # what random_split of a random_split gives
+    wanted = torch.randperm(len(dataset), generator=generator).tolist()
+    sliced = IndexedData(dataset, batch_size=batch_size)
+    collated = IndexedData(dataset, collate_fn=lambda rows: default_collate(rows), batch_size=batch_size)
+    fast = list(sliced.batches_with_indices(wanted))
+    assert Counted.fetched == 0  # sliced a batch at a time, not fetched example by example
+    pairs = list(zip(fast, collated.batches_with_indices(wanted), strict=True))
+    assert Counted.fetched == len(wanted)
+    assert sum(len(indices) for (indices, _), _ in pairs) == len(wanted)
+    for (fast_indices, fast_batch), (slow_indices, slow_batch) in pairs:
+        assert torch.equal(fast_indices, slow_indices)
+        assert len(fast_batch) == len(slow_batch) == 2
+        assert all(torch.equal(a, b) for a, b in zip(fast_batch, slow_batch))
