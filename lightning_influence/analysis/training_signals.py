@@ -299,7 +299,7 @@ class TrainingSignalRecorder:
     def component_scores(self, early_fraction: float = EARLY_FRACTION) -> dict[str, torch.Tensor]:
         """Every named score, ``[num_train]`` each, larger = more likely mislabelled (rank 0)."""
         self._require()
-        return component_scores(self.signals, self.epochs_recorded, early_fraction)
+        return component_scores(self.signals, self.epochs_recorded, early_fraction, self.labels)
 
     def scores(self, method: str = DEFAULT_SCORE) -> torch.Tensor:
         """The score ``method`` (default :data:`DEFAULT_SCORE`), ``[num_train]``, larger = more suspicious."""
