@@ -142,9 +142,9 @@ def separation(el2n: torch.Tensor, labels: torch.Tensor | None = None) -> torch.
     position = (torch.arange(n) - start + 1).double()  # 1..n_c within each class
     out = torch.zeros(table.shape[1], dtype=torch.float64)
     for k in range(table.shape[1]):
-        values = table[label_order, k]
-        within = torch.argsort(values, stable=True)
-        values = values[within[torch.argsort(segment[within], stable=True)]]  # by class, then by value
+        values = table[label_order, k]  # grouped by class
+        low, span = values.min(), (values.max() - values.min()).clamp(min=1e-12)
+        values = values[torch.argsort(segment + 0.5 * (values - low) / span)]  # by class, then by value: one sort
         running = values.cumsum(0)
         before = torch.cat([torch.zeros(1, dtype=torch.float64), running])[start]  # sum of the earlier classes
         low_sum = running - before

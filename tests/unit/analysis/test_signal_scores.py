@@ -112,3 +112,29 @@ def test_component_scores_rank_by_el2n_separated_with_the_labels():
     assert DEFAULT_SCORE == "el2n_separated"
     assert torch.allclose(scores[DEFAULT_SCORE], separated_weighted(el2n, margin, labels))
     assert torch.allclose(component_scores(signals, [0, 1, 3, 7])[DEFAULT_SCORE], separated_weighted(el2n, margin))
+
+
+def test_recorder_keeps_its_scores_until_a_table_changes():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence.analysis.training_signals import TrainingSignalRecorder
+    from lightning_influence.core.tensors.data import IndexedData
+
+    torch.manual_seed(3)
+    n = 40
+    x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+    model = nn.Linear(4, 3)
+    recorder = TrainingSignalRecorder(n, epochs=[0, 1])
+    data = IndexedData(TensorDataset(x, y), None, n)
+    recorder.record(model, data, 0)
+    first = recorder.component_scores()
+    assert recorder.component_scores()[DEFAULT_SCORE] is first[DEFAULT_SCORE]  # asked again: not recomputed
+    with torch.no_grad():
+        model.weight.mul_(3.0)
+    recorder.record(model, data, 1)
+    second = recorder.scores()
+    fresh = component_scores(recorder.signals, recorder.epochs_recorded, labels=recorder.labels)[DEFAULT_SCORE]
+    assert second is not first[DEFAULT_SCORE] and torch.equal(second, fresh)
+    recorder.signals["el2n"][0, 1] += 1.0  # an in-place write to a table
+    assert float(recorder.scores()[0]) != float(second[0])
