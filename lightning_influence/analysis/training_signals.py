@@ -174,6 +174,7 @@ class TrainingSignalRecorder:
         self.probabilities: list[torch.Tensor] = []  # per checkpoint, [num_train, classes] float16 (rank 0)
         self.labels: torch.Tensor | None = None
         self.seconds = 0.0
+        self._scores: tuple[Any, dict[str, torch.Tensor]] | None = None  # the last component_scores, by its inputs
 
     # -- schedule --------------------------------------------------------------------------------------------
     def due(self, epoch: int) -> bool:
@@ -288,9 +289,17 @@ class TrainingSignalRecorder:
             )
 
     def component_scores(self, early_fraction: float = EARLY_FRACTION) -> dict[str, torch.Tensor]:
-        """Every named score, ``[num_train]`` each, larger = more likely mislabelled (rank 0)."""
+        """Every named score, ``[num_train]`` each, larger = more likely mislabelled (rank 0).
+
+        Kept until the tables change (a record, a load, any in-place write): one analysis asks for them several
+        times, and the default's per-class sorts cost about a second per checkpoint at a million examples.
+        """
         self._require()
-        return component_scores(self.signals, self.epochs_recorded, early_fraction)
+        tables = [*self.signals.values(), *([] if self.labels is None else [self.labels])]
+        key = (early_fraction, tuple(self.epochs_recorded), tuple((id(t), t._version) for t in tables))
+        if self._scores is None or self._scores[0] != key:
+            self._scores = (key, component_scores(self.signals, self.epochs_recorded, early_fraction, self.labels))
+        return dict(self._scores[1])
 
     def scores(self, method: str = DEFAULT_SCORE) -> torch.Tensor:
         """The score ``method`` (default :data:`DEFAULT_SCORE`), ``[num_train]``, larger = more suspicious."""

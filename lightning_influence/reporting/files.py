@@ -45,6 +45,10 @@ RANKING_DEFINITIONS = {
     "el2n_fitted": ("el2n_fitted: mean of ||softmax(z) - e_y||_2 over the recorded checkpoints, each weighted by"
                     " how much EL2N varies across the training examples there times the fraction of them predicted"
                     " as labelled; larger = more likely mislabelled (docs/mislabel.md)"),
+    "el2n_separated": ("el2n_separated: mean of ||softmax(z) - e_y||_2 over the recorded checkpoints, weighted"
+                       " towards those where it splits most cleanly into two groups within each class (fitted and"
+                       " not yet fitted examples), times the fraction predicted as labelled; larger = more likely"
+                       " mislabelled (docs/mislabel.md)"),
     "el2n_window": ("el2n_window: mean over the recorded checkpoints up to the EL2N-separation window of"
                     " ||softmax(z) - e_y||_2; larger = more likely mislabelled (docs/mislabel.md)"),
 }

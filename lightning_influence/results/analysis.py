@@ -163,7 +163,7 @@ class MislabelReport:
     """The top training examples by the report's ``ranking`` at one analysis, and how they were computed.
 
     ``ranking`` names the ranking that orders ``candidates``: ``"self_influence"`` (largest ``|I(z, z)|``
-    first) without training signals, else the signals' default (``"el2n_fitted"``). ``rankings`` holds every
+    first) without training signals, else the signals' default (``"el2n_separated"``). ``rankings`` holds every
     named score as ``Tensor[train_size]``, larger = more suspicious (``"self_influence"`` is ``-I(z, z)``).
     ``signals`` describes the training signals used (``{"epochs", "seconds", "default"}``), None when the
     analysis had none (post hoc, from a checkpoint only). ``flip_count`` is the estimated number of wrong

@@ -223,7 +223,7 @@ def test_mislabel_candidates_are_logged_and_written(tmp_path):
     train, _ = tiny_datasets()
     expected = li.self_influence(model, lambda m, b: m.per_example_loss(b), DataLoader(train, batch_size=64),
                                  solver="lowrank", damping=1.0, rank=8)
-    assert record["ranking"] == "el2n_fitted"  # training signals recorded during the fit order the candidates
+    assert record["ranking"] == "el2n_separated"  # training signals recorded during the fit order the candidates
     assert record["rankings"]["self_influence"] == expected.topk(5, largest=False).indices.tolist()
     for c in candidates:
         assert c["self_influence"] == pytest.approx(float(expected[c["train_index"]]), rel=1e-4, abs=1e-6)

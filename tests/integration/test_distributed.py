@@ -404,7 +404,7 @@ def _check_training_signals_assembled_by_index(path: str, model: nn.Module, trai
 
     with open(path) as handle:
         report = json.load(handle)
-    assert report["ranking"] == "el2n_fitted" and report["training_signals"]["epochs"] == [0]  # max_epochs=1
+    assert report["ranking"] == "el2n_separated" and report["training_signals"]["epochs"] == [0]  # max_epochs=1
     assert sorted(c["train_index"] for c in report["candidates"]) == list(range(len(train)))
     x, y = train.tensors
     model.eval()

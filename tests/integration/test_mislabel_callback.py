@@ -111,17 +111,17 @@ def test_signals_recorded_through_the_callback_rank_planted_flips_high(mislabel_
     log_dir, callback, flipped = mislabel_run
     assert callback.mislabel.signals.recorder.epochs_recorded == [0, 1, 2, 3, 4, 7, 11, 17, 26, 39]  # geometric
     report = _only(log_dir / "influence", "mislabel_epoch=*.json")
-    assert report["ranking"] == "el2n_fitted" and report["training_signals"]["recorded"] is True
+    assert report["ranking"] == "el2n_separated" and report["training_signals"]["recorded"] is True
     jsonschema.validate(report, report_schema("mislabel"))
     assert report["training_signals"]["epochs"] == callback.mislabel.signals.recorder.epochs_recorded
     order = [c["train_index"] for c in report["candidates"]]
     assert sorted(order) == list(range(N_TRAIN))  # "all": the JSON ranks the whole training set
-    assert order == report["rankings"]["el2n_fitted"]
+    assert order == report["rankings"]["el2n_separated"]
     assert {"self_influence", "loss", "el2n_weighted", "final_loss", "aum"} <= set(report["rankings"])
     k = len(flipped)
     found = len(set(order[:k]) & set(flipped.tolist())) / k
     recall = {name: len(set(order[:k]) & set(flipped.tolist())) / k for name, order in report["rankings"].items()}
-    assert found == recall["el2n_fitted"] >= 0.85, recall  # recall at k = number of flips (0.9 when written)
+    assert found == recall["el2n_separated"] >= 0.85, recall  # recall at k = number of flips (0.9 when written)
     assert found > recall["self_influence"] and found > recall["loss"], recall  # both 0.6-0.75: the net memorised
     scores = [c["score"] for c in report["candidates"]]
     assert scores == sorted(scores, reverse=True)

@@ -24,7 +24,7 @@ def bench():
 def _run(ratio: float, low: float, high: float) -> dict:
     metric = {"auroc": 0.9, "recall@10%": 0.5, "recall@k": 0.5}
     peers = ("loss", "final_margin", "early_el2n_dense", "aum_dense", "forgetting_dense", "cleanlab")
-    return {"metrics": {name: dict(metric) for name in ("el2n_fitted", *peers)},
+    return {"metrics": {name: dict(metric) for name in ("el2n_separated", *peers)},
             "count": {"true": 100, "estimate": 100 * ratio, "ratio": ratio, "covered": True, "flagged": 90,
                       "flagged_precision": 0.9, "flagged_recall": 0.8, "cleanlab": 100, "cleanlab_ratio": 1.0,
                       "plausible_low": low, "plausible_high": high, "plausible_covers": low <= 1 <= high,

@@ -65,7 +65,7 @@ def test_with_signals_ranks_by_the_default_and_keeps_every_named_ranking():
     recorder = train_recording_signals(model, data)
     report = find_mislabel_candidates(model, cross_entropy_per_example, data,
                                       ProblemConfig(solver=LowRankConfig(rank=8), damping=0.1), None, recorder=recorder)
-    assert report.ranking == "el2n_fitted" and report.signals["epochs"] == [0, 1, 2]
+    assert report.ranking == "el2n_separated" and report.signals["epochs"] == [0, 1, 2]
     assert len(report.candidates) == len(data)  # None: the whole training set
     expected = torch.argsort(recorder.scores(), descending=True, stable=True).tolist()
     assert [c.train_index for c in report.candidates] == expected

@@ -175,7 +175,7 @@ def test_a_recorder_without_probabilities_has_no_count():
 def test_count_on_a_memorising_mlp_lands_near_the_flips_and_flags_by_the_default_score():
     # 60 of 400 digits relabelled to a uniformly drawn other class; a tanh MLP trained full batch (no weight decay)
     # until it has fitted most of its flips, recorded on the callback's geometric schedule
-    from lightning_influence.analysis.signal_scores import DEFAULT_SCORE, fitted_weighted
+    from lightning_influence.analysis.signal_scores import DEFAULT_SCORE, separated_weighted
     from lightning_influence.analysis.training_signals import checkpoint_epochs
 
     n, flips, epochs = 400, 60, 100
@@ -195,9 +195,9 @@ def test_count_on_a_memorising_mlp_lands_near_the_flips_and_flags_by_the_default
     count = estimate_flip_count(recorder, resamples=50)
     assert abs(count.estimate - flips) <= 0.2 * flips, count.estimate  # 54.7 when written
     assert count.low <= count.estimate <= count.high
-    assert DEFAULT_SCORE == "el2n_fitted"
+    assert DEFAULT_SCORE == "el2n_separated"
     score = recorder.scores()
-    assert torch.allclose(score, fitted_weighted(recorder.signals["el2n"], recorder.signals["margin"]))
+    assert torch.allclose(score, separated_weighted(recorder.signals["el2n"], recorder.signals["margin"], recorder.labels))
     flagged = round(count.estimate)
     assert int(count.flagged.sum()) == flagged and bool((score[count.flagged] >= count.threshold).all())
     assert bool((score[~count.flagged] <= count.threshold).all())
