@@ -181,14 +181,40 @@ def _ours(model, loader, test, method: str, damping: float | None) -> tuple[Any,
         problem = InfluenceProblem(model, loss_fn, loader, "auto" if damping is None else damping, configs[method])
         vectors = problem.gradients(test)
         start = time.process_time()
+        stages = _stages(problem)  # the solve's fixed costs, each computed once and cached for the solve below
+        clock = time.process_time()
         result = problem.solve(vectors)  # s_test alone (the damping estimate included), timed apart from scoring
+        stages["solve"] = time.process_time() - clock
         s_test_seconds = time.process_time() - start
         scores = -__import__("torch").cat(list(problem.scores(result.vectors)), dim=1)
     info = result.info
     settings = info.settings or {}
+    iterations = info.iterations if settings.get("solved_by") is None else settings.get("refined_iterations")
     return scores, {"damping": info.damping, "residual": info.residual, "converged": info.converged,
                     "steps": info.iterations, "solver": info.solver, "s_test_seconds": s_test_seconds,
+                    "stage_seconds": {k: round(v, 4) for k, v in stages.items()},
+                    # CG's products over the whole training set: one per step, one more for the residual verdict
+                    "whole_set_products": None if iterations is None or info.solver not in ("cg", "lissa")
+                    or (info.solver == "lissa" and settings.get("solved_by") is None) else iterations + 1,
                     "solved_by": settings.get("solved_by"), "refined_iterations": settings.get("refined_iterations")}
+
+
+def _stages(problem) -> dict[str, float]:
+    """Process CPU seconds of the solve's fixed costs, in the order the solve needs them: the stored output
+    Jacobian (``jacobian_store``: Hessians, speed probe, factors, agreement check; 0 where it is not stored),
+    the damping (``damping``: the spectrum estimate under ``damping="auto"``), LiSSA's scale estimate (``scale``,
+    which its route to CG reads). Each is cached, so ``problem.solve`` afterwards (``solve``: the CG steps, or
+    the series, and the residual verdict) does not redo it and the stages add up to the solve's time."""
+    from lightning_influence.core.solvers.lissa import LissaSolver
+
+    stages = {}
+    for name, compute in (("jacobian_store", lambda: problem.products.stored()),
+                          ("damping", lambda: problem.damping),
+                          ("scale", lambda: problem.solver.scale if isinstance(problem.solver, LissaSolver) else None)):
+        clock = time.process_time()
+        compute()
+        stages[name] = time.process_time() - clock
+    return stages
 
 
 def _kronfluence(model, train_set, test_set, damping: float, output: Path) -> tuple[Any, dict[str, Any]]:
