@@ -138,3 +138,16 @@ def test_a_cg_solve_on_the_store_reads_the_data_only_to_build_it_and_gives_the_p
         other.products._store = jacobian.OutputJacobian(expected_factors)  # the per-column store
         expected = other.solve(vectors)
     assert result.info.converged and torch.equal(result.vectors, expected.vectors)
+
+
+def test_batches_too_large_to_keep_are_read_again_for_the_same_factors(monkeypatch):
+    model = _model("cnn")
+    data = CountingDigits(200)
+    loader = DataLoader(data, batch_size=64)
+    settings = ProblemConfig(solver=CGConfig(), damping=0.01)
+    with analysis_mode(model), torch.enable_grad():
+        kept = InfluenceProblem(model, cross_entropy_per_example, loader, settings).products.stored().factors
+        monkeypatch.setattr(jacobian, "KEEP_BATCHES_FRACTION", 0.0)  # nothing may be kept
+        data.reads = 0
+        again = InfluenceProblem(model, cross_entropy_per_example, loader, settings).products.stored().factors
+    assert data.reads == 400 and torch.equal(kept, again)  # the Hessians' pass, then the rows' pass
