@@ -17,6 +17,13 @@ then ``pip uninstall -y torchvision``: kronfluence pulls in a torchvision built 
 factors (true Fisher, sampled labels) and computes pairwise scores with the same damping as our solve (its
 pairwise score correlates positively with our ``I``, so it is compared as it comes).
 
+Each of our rows also records where its s_test time goes (``stage_seconds``: the stored output Jacobian, the
+damping estimate, LiSSA's scale estimate, then the solve itself), the whole-set products CG took
+(``whole_set_products``: its steps plus the residual verdict), and for the strict CG the steps at which its trace
+crossed a few looser tolerances (``steps_to_tol``); ``time_split`` per task puts the default and the strict CG
+side by side. With ``--repeats R`` the default, CG and the strict CG run R times each, interleaved, and each
+keeps its median run (``s_test_seconds_runs`` lists them all).
+
 Usage::
 
     python benchmarks/s_test.py            # full run (~400 s measured CPU time; 21 min wall on a busy 2-core VM)
