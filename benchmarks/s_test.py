@@ -17,6 +17,13 @@ then ``pip uninstall -y torchvision``: kronfluence pulls in a torchvision built 
 factors (true Fisher, sampled labels) and computes pairwise scores with the same damping as our solve (its
 pairwise score correlates positively with our ``I``, so it is compared as it comes).
 
+Each of our rows also records where its s_test time goes (``stage_seconds``: the stored output Jacobian, the
+damping estimate, LiSSA's scale estimate, then the solve itself), the whole-set products CG took
+(``whole_set_products``: its steps plus the residual verdict), and for the strict CG the steps at which its trace
+crossed a few looser tolerances (``steps_to_tol``); ``time_split`` per task puts the default and the strict CG
+side by side. With ``--repeats R`` the default, CG and the strict CG run R times each, interleaved, and each
+keeps its median run (``s_test_seconds_runs`` lists them all).
+
 Usage::
 
     python benchmarks/s_test.py            # full run (~400 s measured CPU time; 21 min wall on a busy 2-core VM)
@@ -24,6 +31,7 @@ Usage::
     python benchmarks/s_test.py --json out.json  # default: benchmarks/s_test-results.json
     python benchmarks/s_test.py --damping 0.01   # every method at damping 0.01 (s_test-damping-0.01-results.json)
     python benchmarks/s_test.py --damping 0.01 --tasks mlp   # one task again, merged into that file
+    python benchmarks/s_test.py --damping 0.01 --repeats 3   # default, cg, cg_strict 3 times each: median time
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ CG_TOL = 1e-2
 CG_STRICT_TOL = 1e-6
 REFERENCE_TOL = 1e-4
 METHOD_TIMEOUT_S = 600
+#: With ``--repeats R`` these methods run R times, interleaved, and their row is the run with the median s_test time
+#: (process CPU time still varies with the load of a shared machine).
+REPEATED = ("default", "cg", "cg_strict")
 
 
 def task_specs(quick: bool) -> dict[str, dict[str, Any]]:
@@ -181,14 +192,54 @@ def _ours(model, loader, test, method: str, damping: float | None) -> tuple[Any,
         problem = InfluenceProblem(model, loss_fn, loader, "auto" if damping is None else damping, configs[method])
         vectors = problem.gradients(test)
         start = time.process_time()
+        stages = _stages(problem)  # the solve's fixed costs, each computed once and cached for the solve below
+        clock = time.process_time()
         result = problem.solve(vectors)  # s_test alone (the damping estimate included), timed apart from scoring
+        stages["solve"] = time.process_time() - clock
         s_test_seconds = time.process_time() - start
         scores = -__import__("torch").cat(list(problem.scores(result.vectors)), dim=1)
     info = result.info
     settings = info.settings or {}
+    iterations = info.iterations if settings.get("solved_by") is None else settings.get("refined_iterations")
     return scores, {"damping": info.damping, "residual": info.residual, "converged": info.converged,
                     "steps": info.iterations, "solver": info.solver, "s_test_seconds": s_test_seconds,
-                    "solved_by": settings.get("solved_by"), "refined_iterations": settings.get("refined_iterations")}
+                    "stage_seconds": {k: round(v, 4) for k, v in stages.items()},
+                    # CG's products over the whole training set: one per step, one more for the residual verdict
+                    "whole_set_products": None if iterations is None or info.solver not in ("cg", "lissa")
+                    or (info.solver == "lissa" and settings.get("solved_by") is None) else iterations + 1,
+                    "solved_by": settings.get("solved_by"), "refined_iterations": settings.get("refined_iterations"),
+                    "steps_to_tol": _steps_to_tol(info) if method == "cg_strict" else None}
+
+
+#: Relative residuals at which ``steps_to_tol`` reads the strict CG's trace: the steps a CG stopping there would take.
+TRACE_TOLS = (0.05, 0.03, 0.02, 0.01, 1e-3)
+
+
+def _steps_to_tol(info) -> dict[str, int]:
+    """The first step at which the strict CG's worst relative residual (its recurrence's) is below each of
+    ``TRACE_TOLS``: the steps a CG stopping at that tolerance takes on the same system (CG's iterates do not depend
+    on where it stops)."""
+    trace = info.trace.reshape(-1)
+    below = {tol: (trace < tol).nonzero() for tol in TRACE_TOLS}
+    return {f"{tol:g}": int(found[0, 0]) + 1 for tol, found in below.items() if len(found)}
+
+
+def _stages(problem) -> dict[str, float]:
+    """Process CPU seconds of the solve's fixed costs, in the order the solve needs them: the stored output
+    Jacobian (``jacobian_store``: Hessians, speed probe, factors, agreement check; 0 where it is not stored),
+    the damping (``damping``: the spectrum estimate under ``damping="auto"``), LiSSA's scale estimate (``scale``,
+    which its route to CG reads). Each is cached, so ``problem.solve`` afterwards (``solve``: the CG steps, or
+    the series, and the residual verdict) does not redo it and the stages add up to the solve's time."""
+    from lightning_influence.core.solvers.lissa import LissaSolver
+
+    stages = {}
+    for name, compute in (("jacobian_store", lambda: problem.products.stored()),
+                          ("damping", lambda: problem.damping),
+                          ("scale", lambda: problem.solver.scale if isinstance(problem.solver, LissaSolver) else None)):
+        clock = time.process_time()
+        compute()
+        stages[name] = time.process_time() - clock
+    return stages
 
 
 def _kronfluence(model, train_set, test_set, damping: float, output: Path) -> tuple[Any, dict[str, Any]]:
@@ -258,6 +309,17 @@ def run_task(task: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
             (workdir / f"{task}-damping.json").write_text(json.dumps({"damping": row["damping"]}))
         rows[method] = row
         print(f"  {task:15s} {method:18s} {_line(row)}", flush=True)
+    runs = {method: [rows[method]] for method in REPEATED if "error" not in rows.get(method, {"error": None})}
+    for _ in range(spec.get("repeats", 1) - 1):  # interleaved: a change in the machine's load hits every method alike
+        for method in runs:
+            row = subprocess_run(task, method, spec, workdir)
+            if "error" not in row:
+                runs[method].append(row)
+    for method, found in runs.items():  # the run with the median s_test time, and every run's time
+        if len(found) > 1:
+            ordered = sorted(found, key=lambda row: row["s_test_seconds"])
+            rows[method] = {**ordered[(len(ordered) - 1) // 2],
+                            "s_test_seconds_runs": [round(row["s_test_seconds"], 4) for row in found]}
     reference = methods_for(task)[0]
     if "error" not in rows[reference]:
         expected = torch.load(workdir / f"{task}-{reference}.pt")
@@ -266,7 +328,33 @@ def run_task(task: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 row["pearson_mean"], row["pearson_min"] = pearson(torch.load(workdir / f"{task}-{method}.pt"), expected)
     add_ratios(rows)
     params = sum(p.numel() for p in build_model(spec["model"]).parameters())
-    return {"parameters": params, "n_train": spec["n_train"], "reference": reference, "methods": rows}
+    found = {"parameters": params, "n_train": spec["n_train"], "reference": reference, "methods": rows,
+             "repeats": spec.get("repeats", 1)}
+    split = time_split(rows)
+    return {**found, "time_split": split} if split else found
+
+
+def time_split(rows: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the default's and the strict CG's s_test time goes, when both solved by CG over the stored rows:
+    fixed costs (``stage_seconds`` other than ``solve``), whole-set products (CG steps plus the residual verdict)
+    and the seconds per product (``solve`` over the products). ``products_ratio`` is the ratio the default would
+    reach with no fixed costs; ``predicted_over_cg_strict[tol]`` the default's predicted time over the strict
+    CG's if its CG stopped at ``tol`` (the strict CG's ``steps_to_tol``, plus the verdict, at the default's
+    measured seconds per product, plus its fixed costs): a prediction from this run's measurements, not a run."""
+    default, strict = rows.get("default", {}), rows.get("cg_strict", {})
+    if not (default.get("whole_set_products") and strict.get("whole_set_products") and "stage_seconds" in default):
+        return None
+    out: dict[str, Any] = {}
+    for name, row in (("default", default), ("cg_strict", strict)):
+        stages = row["stage_seconds"]
+        out[name] = {"fixed_seconds": round(sum(v for k, v in stages.items() if k != "solve"), 3),
+                     "products": row["whole_set_products"],
+                     "seconds_per_product": round(stages["solve"] / row["whole_set_products"], 4)}
+    out["products_ratio"] = round(default["whole_set_products"] / strict["whole_set_products"], 2)
+    per_product, fixed = out["default"]["seconds_per_product"], out["default"]["fixed_seconds"]
+    out["predicted_over_cg_strict"] = {tol: round((fixed + (steps + 1) * per_product) / strict["s_test_seconds"], 2)
+                                       for tol, steps in (strict.get("steps_to_tol") or {}).items()}
+    return out
 
 
 def add_ratios(rows: dict[str, Any]) -> None:
@@ -318,10 +406,13 @@ def main() -> None:
                         " another number writes ...-points-N-results.json)")
     parser.add_argument("--tasks", nargs="+", help="only these tasks, merged into the results file's others")
     parser.add_argument("--table", metavar="RESULTS", help="print the markdown table of a results file and exit")
-    parser.add_argument("--add-ratios", metavar="RESULTS", help="add seconds_over_cg_strict to a results file")
+    parser.add_argument("--add-ratios", metavar="RESULTS", help="add seconds_over_cg_strict (and time_split) to a"
+                        " results file")
     parser.add_argument("--method-timeout", type=float, default=METHOD_TIMEOUT_S,
                         help="wall seconds one method may take (default: %(default)s; more on a busy machine: the"
                         " figures are process CPU time)")
+    parser.add_argument("--repeats", type=int, default=1, help="run default, cg and cg_strict this many times each"
+                        " (interleaved) and keep the median s_test time (default: %(default)s)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -332,6 +423,9 @@ def main() -> None:
         found = json.loads(Path(args.add_ratios).read_text())
         for task in found["tasks"].values():
             add_ratios(task["methods"])
+            split = time_split(task["methods"])
+            if split:
+                task["time_split"] = split
         Path(args.add_ratios).write_text(json.dumps(found, indent=2) + "\n")
         return
     import torch
@@ -360,6 +454,8 @@ def main() -> None:
                 spec = {**spec, "points": args.points}
             if args.method_timeout != METHOD_TIMEOUT_S:
                 spec = {**spec, "method_timeout": args.method_timeout}
+            if args.repeats > 1:
+                spec = {**spec, "repeats": args.repeats}
             results["tasks"][task] = run_task(task, spec, Path(tmp))
             for method, row in results["tasks"][task]["methods"].items():
                 if "pearson_mean" in row:

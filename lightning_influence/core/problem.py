@@ -148,9 +148,12 @@ class InfluenceProblem:
         return self._spectrum
 
     def _curvature_units(self) -> list[Batch]:
-        """The curvature estimates' subsample (``CURVATURE_EXAMPLES``) as the products take it."""
-        batches = list(self.training_subset(CURVATURE_EXAMPLES, SUBSET_SEED))
-        return self.products.units(batches, self.products.indices(CURVATURE_EXAMPLES, SUBSET_SEED))
+        """The curvature estimates' subsample (``CURVATURE_EXAMPLES``) as the products take it (index chunks of the
+        stored Jacobian without reading the data, else its batches)."""
+        indices = self.products.indices(CURVATURE_EXAMPLES, SUBSET_SEED)
+        if indices is not None and self.products.stored() is not None:
+            return self.products.units([], indices)
+        return self.products.units(list(self.training_subset(CURVATURE_EXAMPLES, SUBSET_SEED)), indices)
 
     def _estimate_spectrum(self) -> Spectrum:
         units = self._curvature_units()
@@ -205,8 +208,12 @@ class InfluenceProblem:
         return self._subset
 
     def check_units(self) -> list[Batch]:
-        """The check subset as the products see it: its batches, or index chunks of the stored Jacobian."""
-        return self.products.units(self.check_batches(), self.products.indices(self.subset_examples, SUBSET_SEED))
+        """The check subset as the products see it: its batches, or index chunks of the stored Jacobian (then the
+        batches are not read)."""
+        indices = self.products.indices(self.subset_examples, SUBSET_SEED)
+        if indices is not None and self.products.stored() is not None:
+            return self.products.units([], indices)
+        return self.products.units(self.check_batches(), indices)
 
     def check_is_whole(self) -> bool:
         """Whether the check subset is the whole training set (at most ``subset_examples`` examples, or data that

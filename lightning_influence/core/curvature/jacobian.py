@@ -6,30 +6,36 @@ parameters and ``H_i [M, M]`` the Hessian of its loss in those outputs. Writing 
 eigendecomposition, ``R_i = Q_i sqrt(w_i)``, keeping the r columns whose eigenvalue is not zero for every
 example: r = M - 1 for cross-entropy), ``G_b = (1/|b|) sum F_i^T F_i`` with ``F_i = R_i^T J_i [r, P]``. When the
 N examples' ``F_i`` fit in :func:`jacobian_budget` numbers (a share of the device's free memory) they are
-computed once per analysis (the ``H_i`` by M double-backward passes, then r passes of the per-example hook
-engine over the training set, each the gradient of ``column_c(R_i) . f_i``), and every later product is two
-matrix products over stored rows instead of a forward and ``1 + 2k`` backward passes: the same matrix, so the
-same answers. Minibatches are then given by training-set indices (:class:`RowBatch`), drawn exactly as
-:func:`~lightning_influence.core.solvers.neumann.minibatch_stream`
-draws its batches. The store is checked against the autograd product once; a model it does not fit, or one it
-disagrees with, keeps the autograd products. So does one whose autograd product is already the faster (timed on
-the first minibatch before anything is stored): a stored product costs about ``2 r P`` per example and vector, an
-autograd one a forward and backward pass, so the store wins on convolutions and long sequences (many operations
-per parameter) and loses on small dense models (measured in ``benchmarks/scale.py``: an MLP's LiSSA took nine
-times longer with its 3.6 GB store than without).
+computed once per analysis, reading the data once (the ``H_i`` by one batched double backward per batch, then
+per batch one forward pass of the per-example hook engine and the r gradients of ``column_c(R_i) . f_i`` by
+batched backward passes), and every later product is two matrix products over stored rows instead of a forward
+and ``1 + 2k`` backward passes: the same matrix, so the same answers. Minibatches are then given by
+training-set indices (:class:`RowBatch`), drawn exactly as
+:func:`~lightning_influence.core.solvers.neumann.minibatch_stream` draws its batches. The store is checked against
+the autograd product once; a model it does not fit, or one it disagrees with, keeps the autograd products. So does
+one whose autograd product is already the faster (timed on the first batch's rows before the rest is stored): a
+stored product costs about ``2 r P`` per example and vector, an autograd one a forward and backward pass, so the
+store wins on convolutions and long sequences (many operations per parameter) and loses on small dense models
+(measured in ``benchmarks/scale.py``: an MLP's LiSSA took nine times longer with its 3.6 GB store than without).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sized
-from itertools import islice
 from typing import Any, NamedTuple, cast
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler
 
-from lightning_influence.core.curvature.products import BatchProduct, SplitLoss, map_floating, split_forward, split_module
+from lightning_influence.core.curvature.products import (
+    PRODUCT_PROBE_EXAMPLES,
+    BatchProduct,
+    SplitLoss,
+    map_floating,
+    split_forward,
+    split_module,
+)
 from lightning_influence.core.per_example.engine import PerExampleEngine
 from lightning_influence.core.per_example.losses import FunctionalLoss
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, prepare_batch, slice_batch
@@ -55,6 +61,9 @@ TIMED = True
 #: The timing's verdict per parameter shapes, input shapes, outputs, dtype and device, kept for the process: every
 #: analysis of the same model takes the same product path (and the probe runs once), whatever the machine's load.
 SPEED_VERDICTS: dict[tuple[Any, ...], bool] = {}
+#: The store's build keeps the training batches it read for the output Hessians, to compute the factors from them
+#: without reading the data again, while they take at most this share of the store's own size.
+KEEP_BATCHES_FRACTION = 0.25
 #: Largest relative difference from the autograd product (one minibatch, random vectors) for the store to be used.
 AGREEMENT_TOLERANCE = 1e-3
 
@@ -110,7 +119,8 @@ class OutputJacobian:
 class _Outputs:
     """A per-example "loss" ``weights_i . f_i`` (the model's flat outputs), for the hook engine's gradients.
 
-    Batches come as ``(batch, weights [B, M])`` so that slicing a batch slices its weights too."""
+    Batches come as ``(batch, weights [B, M])`` so that slicing a batch slices its weights too; with ``weights``
+    None it returns the outputs ``f [B, M]`` themselves (for :meth:`PerExampleEngine.output_grads`)."""
 
     def __init__(self, loss: FunctionalLoss, target: torch.nn.Module | None) -> None:
         self.loss, self.target = loss, target
@@ -129,7 +139,8 @@ class _Outputs:
             finally:
                 handle.remove()
             outputs = captured[0]
-        return (flat_outputs(outputs, batch_size_of(batch)) * weights).sum(dim=1)
+        flat = flat_outputs(outputs, batch_size_of(batch))
+        return flat if weights is None else (flat * weights).sum(dim=1)
 
 
 def flat_outputs(outputs: Any, size: int) -> torch.Tensor:
@@ -155,10 +166,21 @@ def _hessians(loss: FunctionalLoss, params: Params, batch: Batch) -> torch.Tenso
     grads = torch.autograd.grad(split.losses.sum(), split.leaves, create_graph=True, allow_unused=True)
     flat = torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(size, -1)
                       for g, x in zip(grads, split.leaves)], dim=1)
+    m = flat.shape[1]
+    if not flat.requires_grad:  # losses linear in the outputs
+        return flat.new_zeros(size, m, m)
+    try:  # the M rows by one batched double backward
+        picks = torch.eye(m, dtype=flat.dtype, device=flat.device)[:, None, :].expand(m, size, m)
+        batched = torch.autograd.grad(flat, split.leaves, grad_outputs=picks, is_grads_batched=True,
+                                      retain_graph=True, allow_unused=True)
+        return torch.cat([(r if r is not None else torch.zeros(m, *x.shape, dtype=x.dtype, device=x.device)
+                           ).reshape(m, size, -1) for r, x in zip(batched, split.leaves)], dim=2).transpose(0, 1).detach()
+    except (RuntimeError, NotImplementedError) as err:  # no batching rule for some operation of the loss
+        if "out of memory" in str(err).lower():
+            raise
     rows = []
-    for m in range(flat.shape[1]):
-        row = torch.autograd.grad(flat[:, m].sum(), split.leaves, retain_graph=True, allow_unused=True) \
-            if flat.requires_grad else [None] * len(split.leaves)
+    for row_index in range(m):
+        row = torch.autograd.grad(flat[:, row_index].sum(), split.leaves, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(r if r is not None else torch.zeros_like(x)).reshape(size, -1)
                                for r, x in zip(row, split.leaves)], dim=1))
     return torch.stack(rows, dim=1).detach()
@@ -167,42 +189,79 @@ def _hessians(loss: FunctionalLoss, params: Params, batch: Batch) -> torch.Tenso
 def build_output_jacobian(loss: FunctionalLoss, params: Params, loader: Any, device: torch.device,
                           reference: BatchProduct, budget: int | None = None) -> OutputJacobian | None:
     """The stored Jacobian of ``loader``'s whole map-style dataset (in index order), or None when it would not fit
-    ``budget`` numbers (default: :func:`jacobian_budget`), the data is not map-style, or its product disagrees with
-    ``reference`` (the autograd one)."""
+    ``budget`` numbers (default: :func:`jacobian_budget`), the data is not map-style, its product is not the faster
+    (:func:`_store_is_faster`, timed on the first batch's rows) or it disagrees with ``reference`` (the autograd one).
+
+    The data is read once: the output Hessians of every batch first (the roots' columns are chosen over the whole
+    set), then each batch's ``r`` rows of factors from one forward pass and batched backward passes
+    (:meth:`PerExampleEngine.output_grads`), from the batches kept in memory while they take at most
+    :data:`KEEP_BATCHES_FRACTION` of the store's size (else read a second time). The timed comparison reuses the
+    first batch's rows."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None
     n = len(loader.dataset)  # type: ignore[arg-type]
     p = sum(t.numel() for t in params.values())
-    ordered = DataLoader(loader.dataset, batch_size=max(loader.batch_size or 1, 64), collate_fn=loader.collate_fn)
-    first = prepare_batch(next(iter(ordered)), device)
+    size = max(loader.batch_size or 1, 64)
+    ordered = iter(DataLoader(loader.dataset, batch_size=size, collate_fn=loader.collate_fn))
+    first = prepare_batch(next(ordered), device)
     hessians = [_hessians(loss, params, first)]  # [B, M, M]: M, the outputs per example, before the budget check
     m = hessians[0].shape[1]
     if budget is None:
         budget = jacobian_budget(device, loss.dtype)
     if m == 0 or n * m * p > budget:
         return None
+    key = (tuple((name, tuple(t.shape)) for name, t in params.items()), _shapes(first), m, loss.dtype, str(device))
+    if TIMED and SPEED_VERDICTS.get(key) is False:
+        return None
     target = None if isinstance(loss.loss_fn, SplitLoss) else split_module(loss, params, first)
     engine = PerExampleEngine(FunctionalLoss(loss.model, _Outputs(loss, target), loss.dtype), params)
-    if TIMED:
-        key = (tuple((name, tuple(t.shape)) for name, t in params.items()), _shapes(first), m, loss.dtype, str(device))
-        if key not in SPEED_VERDICTS:
-            SPEED_VERDICTS[key] = _store_is_faster(engine, _hessian_roots(hessians[0]), first, reference, p,
-                                                   loss.dtype, device)
-        if not SPEED_VERDICTS[key]:
-            return None
-    # two passes over the data (it is not kept: N is bounded by the budget, the size of an example is not)
-    hessians += [_hessians(loss, params, prepare_batch(raw, device)) for raw in islice(ordered, 1, None)]
-    roots = _hessian_roots(torch.cat(hessians))
-    factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
-    start = 0
+    batches: list[Batch] | None = [first]
+    kept, limit = _batch_bytes(first), KEEP_BATCHES_FRACTION * n * m * p * torch.empty(0, dtype=loss.dtype).element_size()
     for raw in ordered:
         batch = prepare_batch(raw, device)
-        size = batch_size_of(batch)
-        for c in range(roots.shape[2]):
-            factors[start : start + size, c] = engine.grads((batch, roots[start : start + size, :, c]))
-        start += size
+        hessians.append(_hessians(loss, params, batch))
+        if batches is not None:
+            kept += _batch_bytes(batch)
+            batches = batches + [batch] if kept <= limit else None
+    roots = _hessian_roots(torch.cat(hessians))
+    factors = torch.empty(n, roots.shape[2], p, dtype=loss.dtype, device=device)
+    source = iter(batches) if batches is not None else (prepare_batch(raw, device) for raw in DataLoader(
+        loader.dataset, batch_size=size, collate_fn=loader.collate_fn))  # too large to keep: read again
+    start = 0
+    for batch in source:
+        rows = batch_size_of(batch)
+        _factor_rows(engine, batch, roots[start : start + rows], factors[start : start + rows])
+        if start == 0 and TIMED:
+            if key not in SPEED_VERDICTS:
+                SPEED_VERDICTS[key] = _store_is_faster(factors[:rows], batch, reference, p, loss.dtype, device)
+            if not SPEED_VERDICTS[key]:
+                return None
+        start += rows
     store = OutputJacobian(factors)
     return store if _agrees(store, reference, first, n, p, loss.dtype, device) else None
+
+
+def _factor_rows(engine: PerExampleEngine, batch: Batch, roots: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [B, r, P]``: the factors ``F_i = R_i^T J_i`` of ``batch``, from one forward pass where every parameter
+    takes the engine's hooks, else one per-example gradient pass per column ``c`` (the gradient of
+    ``column_c(R_i) . f_i``)."""
+    if not engine.checked:
+        engine.check((batch, roots[:, :, 0]))
+    if engine.output_grads((batch, None), roots, out):
+        return
+    for c in range(roots.shape[2]):
+        out[:, c] = engine.grads((batch, roots[:, :, c]))
+
+
+def _batch_bytes(batch: Any) -> int:
+    """Bytes of the tensors in a batch (nested tuples, lists and dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(_batch_bytes(value) for value in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(_batch_bytes(value) for value in batch)
+    return 0
 
 
 def _shapes(batch: Any) -> tuple[Any, ...]:
@@ -216,32 +275,36 @@ def _shapes(batch: Any) -> tuple[Any, ...]:
     return ()
 
 
-def _store_is_faster(engine: PerExampleEngine, roots: torch.Tensor, batch: Batch, reference: BatchProduct, p: int,
-                     dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the stored product over the rows of ``batch``'s first :data:`PROBE_EXAMPLES` examples (gathered in
-    another order, as LiSSA's shuffled minibatches are) takes less time than the autograd product of those examples,
-    for :data:`PROBE_VECTORS` vectors."""
+def _store_is_faster(factors: torch.Tensor, batch: Batch, reference: BatchProduct, p: int, dtype: torch.dtype,
+                     device: torch.device) -> bool:
+    """Whether the stored product over the rows ``factors`` of ``batch``'s first :data:`PROBE_EXAMPLES` examples
+    (gathered in another order, as LiSSA's shuffled minibatches are) takes less time than the autograd product of
+    those examples, for :data:`PROBE_VECTORS` vectors."""
     size = min(batch_size_of(batch), PROBE_EXAMPLES)
-    batch, roots = slice_batch(batch, 0, size), roots[:size]
-    factors = torch.empty(size, roots.shape[2], p, dtype=dtype, device=device)
-    for c in range(roots.shape[2]):
-        factors[:, c] = engine.grads((batch, roots[:, :, c]))
-    store = OutputJacobian(factors)
+    batch = slice_batch(batch, 0, size)
+    store = OutputJacobian(factors[:size])
     vectors = torch.randn(PROBE_VECTORS, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     vectors = vectors.to(dtype).to(device)
     order = torch.arange(size - 1, -1, -1)
     stored = _best_seconds(lambda: store.product(RowBatch(order), vectors), device)  # a new RowBatch: re-gathered
-    return stored < _best_seconds(lambda: reference(batch, vectors), device)
+    # the autograd product first on as few examples as its own first call times its batched and looped forms on
+    # (PRODUCT_PROBE_EXAMPLES): a product on fewer examples takes no longer, so a stored product faster than that
+    # one is the faster, without the autograd product over the whole probe (the common case, e.g. convolutions)
+    few = slice_batch(batch, 0, min(size, PRODUCT_PROBE_EXAMPLES))
+    if stored < _best_seconds(lambda: reference(few, vectors), device):
+        return True
+    return stored < _best_seconds(lambda: reference(batch, vectors), device, warm_up=lambda: None)
 
 
-def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 1) -> float:
-    """The least wall time of ``repeats`` calls of ``call`` after one untimed call (the autograd product's own
-    first call times its batched and looped forms)."""
+def _best_seconds(call: Callable[[], Any], device: torch.device, repeats: int = 1,
+                  warm_up: Callable[[], Any] | None = None) -> float:
+    """The least wall time of ``repeats`` calls of ``call`` after one untimed call of ``warm_up`` (default:
+    ``call``)."""
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    call()
+    (warm_up or call)()
     best = float("inf")
     for _ in range(repeats):
         synchronize()

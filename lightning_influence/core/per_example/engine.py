@@ -22,11 +22,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_finite_losses
 from lightning_influence.core.per_example.rules import LayerRule, rule_for
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
+from lightning_influence.core.tensors.memory import PER_EXAMPLE_BYTES, free_memory_bytes
 from lightning_influence.core.tensors.params import Params, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
@@ -169,6 +171,11 @@ class PerExampleEngine:
         for name in names:
             self.plan.hooks.pop(name, None)
             self.plan.generic.setdefault(name, why or "shares a layer with a parameter used elsewhere")
+
+    @property
+    def checked(self) -> bool:
+        """Whether the hook gradients were compared with autograd (:meth:`check`; done on the first batch)."""
+        return self._checked
 
     @property
     def hooked(self) -> list[str]:
@@ -316,6 +323,79 @@ class PerExampleEngine:
                 for name, grad in self._generic_loop(batch, self.generic).items():
                     views[name].copy_(grad)
             return out
+
+    def output_grads(self, batch: Batch, cotangents: torch.Tensor, out: torch.Tensor) -> bool:
+        """Per-example gradients of ``C`` weighted outputs from one forward pass: ``out[:, c]`` (``out [B, C, P]``)
+        becomes the gradient of ``cotangents[i, :, c] . y_i`` for every example i, where ``y [B, M]`` is what the
+        engine's loss function returns for ``batch`` here (per-example outputs, not losses).
+
+        One forward with the hooks, then the C backward passes batched (``is_grads_batched``, in chunks whose
+        layer-output gradients fit :data:`~lightning_influence.core.tensors.memory.PER_EXAMPLE_BYTES`; one at a
+        time where a batched backward fails), and each layer's rule reads its feature once for every column. The
+        numbers of :meth:`grads` of a loss returning ``(y * cotangents[:, :, c]).sum(dim=1)``, called once per
+        column (bit for bit on the models of ``tests/unit/core/test_jacobian_build.py``). Returns False (``out``
+        untouched) before :meth:`check` ran, or when a parameter takes the generic path or a layer's output is not
+        per example: call :meth:`grads` per column then."""
+        if self.generic or not self._slots or not self._checked:
+            return False
+        with autocast_off(self.params):
+            size = batch_size_of(batch)
+            capture = _Capture(self._slots, size)
+            try:
+                state, prepared = self.loss.functional_args(self.params, batch)
+                outputs = functional_call(self.loss._module, state, (prepared,))
+            finally:
+                capture.remove()
+            if capture.bad or not capture.calls or outputs.shape != cotangents.shape[:2]:
+                return False
+            check_finite_losses(outputs.detach().sum(dim=1))
+            probes = [probe for _, _, probe in capture.calls]
+            grads = self._column_backward(outputs, probes, cotangents)
+            out.zero_()
+            views = []
+            for c in range(cotangents.shape[2]):  # [B, *shape] views into out[:, c] per parameter
+                offset, found = 0, {}
+                for name, p in self.params.items():
+                    found[name] = out[:, c, offset : offset + p.numel()].view(size, *p.shape)
+                    offset += p.numel()
+                views.append(found)
+            for (slot, feature, _), stacked in zip(capture.calls, grads):
+                if stacked is None:
+                    continue
+                per_column = slot.rule.column_grads(slot.module, feature, stacked, set(slot.names))
+                for c, found in enumerate(per_column):
+                    for local, grad in found.items():
+                        views[c][slot.names[local]].add_(grad)
+            return True
+
+    @staticmethod
+    def _column_backward(outputs: torch.Tensor, probes: list[torch.Tensor], cotangents: torch.Tensor
+                         ) -> list[torch.Tensor | None]:
+        """Per probe, ``[C, *probe shape]``: for each column c the probe's gradient of
+        ``sum_i cotangents[i, :, c] . outputs_i`` (None where a probe does not reach the outputs)."""
+        columns = cotangents.shape[2]
+        per_column = sum(p.numel() for p in probes) * outputs.element_size()
+        chunk = max(1, min(columns, min(PER_EXAMPLE_BYTES, free_memory_bytes(outputs.device) // 16) // per_column))
+        parts: list[tuple[torch.Tensor | None, ...]] = []
+        start = 0
+        while start < columns:
+            stop = min(columns, start + chunk)
+            if chunk > 1:
+                try:
+                    parts.append(torch.autograd.grad(outputs, probes, grad_outputs=cotangents[:, :, start:stop].permute(
+                        2, 0, 1), is_grads_batched=True, retain_graph=True, allow_unused=True))
+                except (RuntimeError, NotImplementedError) as err:  # no batching rule for some operation
+                    if "out of memory" in str(err).lower():
+                        raise
+                    chunk = 1
+                    continue
+            else:
+                found = torch.autograd.grad((outputs * cotangents[:, :, start]).sum(dim=1).sum(), probes,
+                                            retain_graph=True, allow_unused=True)
+                parts.append(tuple(None if g is None else g[None] for g in found))
+            start = stop
+        return [None if part[0] is None else part[0] if len(part) == 1 else torch.cat(part)  # type: ignore[misc]
+                for part in zip(*parts)]
 
     def dot(self, batch: Batch, s_vectors: torch.Tensor) -> torch.Tensor:
         """``[k, B]`` of ``s_j . grad L(z_i)`` for the rows ``s_j`` of ``s_vectors [k, P]``."""

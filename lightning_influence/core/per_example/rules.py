@@ -43,6 +43,11 @@ class LayerRule:
     def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         raise NotImplementedError
 
+    def column_grads(self, module: Layer, a: torch.Tensor, gs: torch.Tensor, names: set[str]) -> list[Grads]:
+        """:meth:`grads` for the output gradients ``gs [C, B, ...]`` of one forward pass (the stored Jacobian's
+        columns), one dict per column."""
+        return [self.grads(module, a, g, names) for g in gs]
+
     def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
         grads = self.grads(module, a, g, set(s))
         return cast(torch.Tensor, sum(s[n].reshape(s[n].shape[0], -1) @ grads[n].reshape(grads[n].shape[0], -1).T
@@ -90,6 +95,23 @@ class LinearRule(LayerRule):
         if "bias" in names:
             out["bias"] = g.sum(dim=1)
         return out
+
+    def column_grads(self, module: Layer, a: torch.Tensor, gs: torch.Tensor, names: set[str]) -> list[Grads]:
+        """:meth:`grads` for the output gradients ``gs [C, B, ..., out]``: the weight's by one batched product over
+        the C columns stacked."""
+        a = _tokens(a)
+        columns, batch, outputs = gs.shape[0], gs.shape[1], gs.shape[-1]
+        g = gs.reshape(columns, batch, -1, outputs)  # [C, B, T, out]
+        found: list[Grads] = [{} for _ in range(columns)]
+        if "weight" in names:
+            stacked = torch.bmm(g.permute(1, 0, 3, 2).reshape(batch, columns * outputs, -1), a)
+            stacked = stacked.view(batch, columns, outputs, a.shape[-1])
+            for c in range(columns):
+                found[c]["weight"] = stacked[:, c].transpose(1, 2) if self.transposed else stacked[:, c]
+        if "bias" in names:
+            for c in range(columns):
+                found[c]["bias"] = g[c].sum(dim=1)
+        return found
 
     def dot(self, module: Layer, a: torch.Tensor, g: torch.Tensor, s: Tangents) -> torch.Tensor:
         a, g = _tokens(a), _tokens(g)
@@ -155,10 +177,27 @@ class ConvRule(LayerRule):
         return torch.einsum("bgol,bgpl->bgop", gg, columns)
 
     def grads(self, module: Layer, a: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
+        return self._grads(module, self._columns(module, a) if "weight" in names else a, g, names)
+
+    def column_grads(self, module: Layer, a: torch.Tensor, gs: torch.Tensor, names: set[str]) -> list[Grads]:
+        """:meth:`grads` for several output gradients, the input unfolded once for all of them."""
+        columns = self._columns(module, a) if "weight" in names else a
+        if "weight" not in names or columns.shape[1] != 1:
+            return [self._grads(module, columns, g, names) for g in gs]
+        count, batch, outputs = gs.shape[0], gs.shape[1], gs.shape[2]
+        stacked = torch.bmm(gs.permute(1, 0, 2, *range(3, gs.dim())).reshape(batch, count * outputs, -1),
+                            columns[:, 0].transpose(1, 2)).view(batch, count, *module.weight.shape)
+        found: list[Grads] = []
+        for c in range(count):
+            found.append({"weight": stacked[:, c]})
+            if "bias" in names:
+                found[c]["bias"] = gs[c].reshape(batch, outputs, -1).sum(dim=2)
+        return found
+
+    def _grads(self, module: Layer, columns: torch.Tensor, g: torch.Tensor, names: set[str]) -> Grads:
         out: Grads = {}
         if "weight" in names:
-            columns, gg = self._columns(module, a), self._split_g(module, g)
-            per_example = self._per_example(gg, columns)
+            per_example = self._per_example(self._split_g(module, g), columns)
             out["weight"] = per_example.reshape(g.shape[0], *module.weight.shape)  # type: ignore[union-attr]
         if "bias" in names:
             out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2)
