@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_influence.config import (
     CG_TOL,
+    LISSA_STEP_BATCHES,
     NEGATIVE_CURVATURE_MARGIN,
     REFINE_MAX_ITER,
     REFINE_MIN_ITER,
@@ -67,6 +68,8 @@ class LissaSolver(Solver):
     def __init__(self, config: LissaConfig, problem: Any) -> None:
         super().__init__(config, problem)
         self._scale: float | None = None
+        self._batch: int | None = None  # the recursion's minibatch size once `choose_batch` picked one
+        self._batch_probe: dict[int, float] | None = None
 
     @property
     def hvp_method(self) -> str:
@@ -92,11 +95,17 @@ class LissaSolver(Solver):
     def has_scale(self) -> bool:
         return self._scale is not None
 
-    def estimate_scale(self, part: tuple[int, int] = (0, 1)) -> float:
-        """The ``scale="auto"`` estimate (not cached), or with ``part=(r, R)`` this rank's share of it: the
-        maximum over the R parts equals the single-process estimate."""
+    @property
+    def step_batch_size(self) -> int:
+        """Training examples per recursion step: ``batch_size``, or the size :meth:`choose_batch` picked."""
+        return self._batch or self.config.batch_size
+
+    def estimate_scale(self, part: tuple[int, int] = (0, 1), batch_size: int | None = None) -> float:
+        """The ``scale="auto"`` estimate (not cached) on minibatches of ``batch_size`` (default: the recursion's),
+        or with ``part=(r, R)`` this rank's share of it: the maximum over the R parts equals the single-process
+        estimate."""
         like = next(iter(self.problem.params.values()))
-        stream = self.stream(repeat_seed(self.config.seed, -1))
+        stream = self.stream(repeat_seed(self.config.seed, -1), batch_size)
         hvp, damping, _ = self.operator()
         return estimate_scale(hvp, stream, damping, self.problem.num_params, like, part)
 
@@ -142,19 +151,45 @@ class LissaSolver(Solver):
             return self.scale / SCALE_MARGIN
         return self.estimate_scale() / SCALE_MARGIN
 
-    def stream(self, seed: int) -> Iterator[Batch]:
-        """LiSSA's endless seeded minibatches (index batches of the stored Jacobian when it is stored)."""
+    def choose_batch(self) -> None:
+        """``LissaConfig.shrink_batch``: where it applies (see there), probe the scale on minibatches of each
+        ``LISSA_STEP_BATCHES`` size below ``batch_size`` and keep the size of least predicted example products
+        ``series_steps(scale_b) x b`` (``batch_size`` itself included, its scale the one already estimated; a tie
+        keeps the larger size), with its scale. Deterministic: every rank picks the same."""
+        config, problem = self.config, self.problem
+        if self._batch is not None or not self.shrink_applies():
+            return
+        damping, tol = problem.damping, config.residual_tol
+        probed = {config.batch_size: self.scale}
+        for size in sorted((b for b in LISSA_STEP_BATCHES if b < config.batch_size), reverse=True):
+            probed[size] = self.estimate_scale(batch_size=size)
+        best = min(probed, key=lambda b: (series_steps(probed[b], damping, tol) * b, -b))
+        self._batch, self._scale, self._batch_probe = best, probed[best], probed
+
+    def shrink_applies(self) -> bool:
+        """Whether :meth:`choose_batch` probes smaller minibatches: ``shrink_batch`` with ``scale="auto"``, a
+        positive damping, a positive semi-definite curvature, no preconditioner, and a training set larger than
+        the check subset (on smaller ones the solve is cheap or routed to conjugate gradient: unchanged)."""
+        config, problem = self.config, self.problem
+        return (config.shrink_batch and config.scale == "auto" and not self.preconditioned and problem.damping > 0
+                and problem.curvature.psd and not problem.check_is_whole()
+                and any(b < config.batch_size for b in LISSA_STEP_BATCHES))
+
+    def stream(self, seed: int, batch_size: int | None = None) -> Iterator[Batch]:
+        """LiSSA's endless seeded minibatches of ``batch_size`` examples (default: the recursion's; index batches
+        of the stored Jacobian when it is stored)."""
         problem = self.problem
         if not isinstance(problem.train_loader, DataLoader):
             raise TypeError(
                 "Expected `train_loader` to be a torch DataLoader for solver='lissa' (it samples minibatches from"
                 f" its dataset), but got {type(problem.train_loader).__name__}. Wrap the data in a DataLoader."
             )
-        rows = problem.products.rows_stream(self.config.batch_size, seed)
+        size = batch_size or self.step_batch_size
+        rows = problem.products.rows_stream(size, seed)
         if rows is not None:
             return rows
         loader = problem.train_loader
-        return minibatch_stream(loader.dataset, self.config.batch_size, loader.collate_fn, seed, problem.device)
+        return minibatch_stream(loader.dataset, size, loader.collate_fn, seed, problem.device)
 
     # -- the recursion ---------------------------------------------------------------------------------------
     def partial(self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: OnStep | None = None,
@@ -193,6 +228,7 @@ class LissaSolver(Solver):
         route = self.cg_route()
         if route is not None:
             return self._solve_by_cg(vectors, ranks, start, route)
+        self.choose_batch()
         ids = list(range(ranks.rank, config.repeats, ranks.world_size))
         halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
         retries: list[dict[str, Any]] = []
@@ -280,9 +316,11 @@ class LissaSolver(Solver):
         ``residual_tol``; computed here unless given), how the damping was chosen, and the retries."""
         residual = float(self.problem.residual(x, vectors).max()) if residual is None else residual
         info = lissa_info(self.problem.damping, self.scale, traces, self.config, residual=residual)
-        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries),
-                                   settings={"preconditioner": self.config.preconditioner if self.preconditioned
-                                             else None})
+        settings: dict[str, Any] = {"preconditioner": self.config.preconditioner if self.preconditioned else None}
+        if self._batch_probe is not None:
+            settings.update(step_batch_size=self.step_batch_size,
+                            batch_scales={str(b): s for b, s in sorted(self._batch_probe.items())})
+        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries), settings=settings)
 
     def refine_budget(self) -> int:
         """CG iterations of a refinement: about as many example products as the repeats took (``J T B``), so a
