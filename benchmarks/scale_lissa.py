@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def probe(net: torch.nn.Module, loader: DataLoader, test: Any, sizes: list[int],
 
 #: Whole solves: the LissaConfig fields and InfluenceProblem keywords of each variant.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "default": ({}, {}),  # every LissaConfig default (the step batch rule on), route="recursion"
+    "shrink": ({"shrink_batch": True}, {}),  # the step batch rule on, LissaConfig defaults otherwise
     "b128": ({"batch_size": 128, "shrink_batch": False}, {}),
     "b32": ({"batch_size": 32, "shrink_batch": False}, {}),
     "b16": ({"batch_size": 16, "shrink_batch": False}, {}),
@@ -131,7 +132,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 
 class CpuCap(BaseException):
-    """Raised by a step once the recursion used its CPU seconds (``--max-cpu``)."""
+    """Raised by a step once the recursion used its CPU seconds (``--max-cpu``), or on SIGTERM: the solve's row
+    is then recorded as ``capped`` with what it measured so far."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise CpuCap
 
 
 def whole_solve(net: torch.nn.Module, loader: DataLoader, test: Any, name: str, max_cpu: float,
@@ -195,6 +201,25 @@ def whole_solve(net: torch.nn.Module, loader: DataLoader, test: Any, name: str, 
     return row
 
 
+def choose(net: torch.nn.Module, loader: DataLoader, test: Any) -> dict[str, Any]:
+    """The step batch rule's choice with ``shrink_batch=True`` (``LissaConfig`` defaults otherwise), and its
+    probes' CPU seconds."""
+    problem = problem_for(net, loader, LissaConfig(route="recursion", shrink_batch=True))
+    solver: Any = problem.solver
+    with analysis_mode(net):
+        damping = problem.damping
+        scale, scale_s = timed(lambda: solver.scale)
+        _, choose_s = timed(solver.choose_batch)
+    row = {"mode": "choose", "code": code_version(), "n_train": len(loader.dataset), "damping": damping,
+           "scale_seconds": round(scale_s, 2), "probe_seconds": round(choose_s, 2),
+           "step_batch_size": solver.step_batch_size,
+           "batch_scales": {str(b): v for b, v in sorted(solver._chosen[1].items())},
+           "predicted_steps": {str(b): neumann.series_steps(v, damping, LissaConfig().residual_tol)
+                               for b, v in sorted(solver._chosen[1].items())}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def save(path: Path, rows: list[dict[str, Any]], n: int) -> None:
     payload: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     payload.setdefault("clock", "process CPU seconds, 1 thread")
@@ -211,10 +236,35 @@ def save(path: Path, rows: list[dict[str, Any]], n: int) -> None:
     print(f"wrote {path}")
 
 
+def summarize(path: Path) -> None:
+    """Derived figures of ``path``'s rows: per probe row the predicted recursion cost (steps x CPU s a step) and a
+    check's cost in steps; per solve row its parts' shares."""
+    payload = json.loads(path.read_text())
+    summary: dict[str, Any] = {}
+    for row in payload["rows"]:
+        if row["mode"] == "probe" and row.get("predicted_steps"):
+            summary[f"probe b{row['batch_size']}"] = {
+                "predicted_step_cpu_seconds": round(row["predicted_steps"] * row["step_seconds"], 1),
+                "check_in_steps": round(row["check_seconds"] / row["step_seconds"], 1),
+                "scale_over_damping": round(row["scale"] / row["damping"], 1)}
+        if row["mode"] == "solve":
+            summary[f"solve {row['variant']}"] = {
+                "checks": sum("residual" in c for c in row["checks"]), "verdicts": sum("verdict" in c for c in row["checks"]),
+                "check_cpu_seconds": round(sum(c["seconds"] for c in row["checks"] if "residual" in c), 2),
+                "verdict_cpu_seconds": round(sum(c["seconds"] for c in row["checks"] if "verdict" in c), 2)}
+    probes = {r["batch_size"]: r for r in payload["rows"] if r["mode"] == "probe" and not r.get("preconditioner")}
+    if 128 in probes and 32 in probes:
+        summary["step_cost_128_over_32"] = round(probes[128]["step_seconds"] / probes[32]["step_seconds"], 1)
+    payload["summary"] = summary
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--choose", action="store_true", help="the step batch rule's choice and its probes")
     parser.add_argument("--sizes", default="128,32,16")
     parser.add_argument("--preconditioners", default="")
     parser.add_argument("--variant", action="append", default=[])
@@ -223,7 +273,11 @@ def main() -> None:
     parser.add_argument("--merge", help="a results file of another run (e.g. of the code before a change) whose rows"
                         " join --json, each labelled with --code")
     parser.add_argument("--code", help="the code version the --merge rows were measured with")
+    parser.add_argument("--summarize", action="store_true", help="add the derived figures to --json")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(Path(args.json))
+        return
     if args.merge:
         merged = json.loads(Path(args.merge).read_text())["rows"]
         for row in merged:
@@ -231,11 +285,14 @@ def main() -> None:
         save(Path(args.json), merged, args.n)
         return
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, _terminated)
     net, loader, test = trained(args.n)
     rows = []
     if args.probe:
         rows += probe(net, loader, test, [int(s) for s in args.sizes.split(",")],
                       [p for p in args.preconditioners.split(",") if p])
+    if args.choose:
+        rows.append(choose(net, loader, test))
     for name in args.variant:
         rows.append(whole_solve(net, loader, test, name, args.max_cpu))
         save(Path(args.json), rows, args.n)

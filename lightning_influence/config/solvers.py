@@ -59,7 +59,10 @@ class LissaConfig:
             among ``batch_size`` and the ``LISSA_STEP_BATCHES`` below it: a step costs about ``b`` examples'
             products, and the steps needed follow ``scale_b / damping`` with ``scale_b`` probed on minibatches
             of ``b`` examples (``series_steps(scale_b) x b``); the record names the size used
-            (``settings["step_batch_size"]``) and the probed scales. False: always ``batch_size``.
+            (``settings["step_batch_size"]``) and the probed scales. False (the default): always ``batch_size``. Off
+            by default: on the 1.0M-parameter CNN of ``benchmarks/scale.py`` its steps cost a ninth of the
+            128-example ones, but its solve was not shown to converge within the predicted steps
+            (``benchmarks/scale-lissa-results.json``).
     """
 
     depth: int = 1000
@@ -76,7 +79,7 @@ class LissaConfig:
     preconditioner: Optional[str] = None
     refine: bool = True
     route: str = "auto"
-    shrink_batch: bool = True
+    shrink_batch: bool = False
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)

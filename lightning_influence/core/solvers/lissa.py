@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_influence.config import (
     CG_TOL,
-    LISSA_STEP_BATCHES,
     NEGATIVE_CURVATURE_MARGIN,
     REFINE_MAX_ITER,
     REFINE_MIN_ITER,
@@ -45,6 +44,7 @@ from lightning_influence.core.solvers.neumann import (
     repeat_seed,
     series_steps,
 )
+from lightning_influence.core.solvers.step_batch import choose_step_batch, shrink_applies
 from lightning_influence.core.tensors.batching import Batch, batch_size_of
 from lightning_influence.results import SolveInfo, STest, TrustWarning
 
@@ -68,8 +68,7 @@ class LissaSolver(Solver):
     def __init__(self, config: LissaConfig, problem: Any) -> None:
         super().__init__(config, problem)
         self._scale: float | None = None
-        self._batch: int | None = None  # the recursion's minibatch size once `choose_batch` picked one
-        self._batch_probe: dict[int, float] | None = None
+        self._chosen: tuple[int, dict[int, float]] | None = None  # choose_batch's size and the scales it probed
 
     @property
     def hvp_method(self) -> str:
@@ -98,12 +97,11 @@ class LissaSolver(Solver):
     @property
     def step_batch_size(self) -> int:
         """Training examples per recursion step: ``batch_size``, or the size :meth:`choose_batch` picked."""
-        return self._batch or self.config.batch_size
+        return self._chosen[0] if self._chosen is not None else self.config.batch_size
 
     def estimate_scale(self, part: tuple[int, int] = (0, 1), batch_size: int | None = None) -> float:
-        """The ``scale="auto"`` estimate (not cached) on minibatches of ``batch_size`` (default: the recursion's),
-        or with ``part=(r, R)`` this rank's share of it: the maximum over the R parts equals the single-process
-        estimate."""
+        """The ``scale="auto"`` estimate (not cached) on minibatches of ``batch_size`` (default: the recursion's), or
+        with ``part=(r, R)`` this rank's share of it: the maximum over the R parts is the single-process estimate."""
         like = next(iter(self.problem.params.values()))
         stream = self.stream(repeat_seed(self.config.seed, -1), batch_size)
         hvp, damping, _ = self.operator()
@@ -152,32 +150,13 @@ class LissaSolver(Solver):
         return self.estimate_scale() / SCALE_MARGIN
 
     def choose_batch(self) -> None:
-        """``LissaConfig.shrink_batch``: where it applies (see there), probe the scale on minibatches of each
-        ``LISSA_STEP_BATCHES`` size below ``batch_size`` and keep the size of least predicted example products
-        ``series_steps(scale_b) x b`` (``batch_size`` itself included, its scale the one already estimated; a tie
-        keeps the larger size), with its scale. Deterministic: every rank picks the same."""
-        config, problem = self.config, self.problem
-        if self._batch is not None or not self.shrink_applies():
-            return
-        damping, tol = problem.damping, config.residual_tol
-        probed = {config.batch_size: self.scale}
-        for size in sorted((b for b in LISSA_STEP_BATCHES if b < config.batch_size), reverse=True):
-            probed[size] = self.estimate_scale(batch_size=size)
-        best = min(probed, key=lambda b: (series_steps(probed[b], damping, tol) * b, -b))
-        self._batch, self._scale, self._batch_probe = best, probed[best], probed
-
-    def shrink_applies(self) -> bool:
-        """Whether :meth:`choose_batch` probes smaller minibatches: ``shrink_batch`` with ``scale="auto"``, a
-        positive damping, a positive semi-definite curvature, no preconditioner, and a training set larger than
-        the check subset (on smaller ones the solve is cheap or routed to conjugate gradient: unchanged)."""
-        config, problem = self.config, self.problem
-        return (config.shrink_batch and config.scale == "auto" and not self.preconditioned and problem.damping > 0
-                and problem.curvature.psd and not problem.check_is_whole()
-                and any(b < config.batch_size for b in LISSA_STEP_BATCHES))
+        """Adopt ``step_batch.choose_step_batch``'s size and scale where ``shrink_applies`` (once; alike on all ranks)."""
+        if self._chosen is None and shrink_applies(self):
+            size, self._scale, probed = choose_step_batch(self)
+            self._chosen = size, probed
 
     def stream(self, seed: int, batch_size: int | None = None) -> Iterator[Batch]:
-        """LiSSA's endless seeded minibatches of ``batch_size`` examples (default: the recursion's; index batches
-        of the stored Jacobian when it is stored)."""
+        """Endless seeded minibatches of ``batch_size`` (default: the recursion's) examples (stored rows if stored)."""
         problem = self.problem
         if not isinstance(problem.train_loader, DataLoader):
             raise TypeError(
@@ -317,9 +296,8 @@ class LissaSolver(Solver):
         residual = float(self.problem.residual(x, vectors).max()) if residual is None else residual
         info = lissa_info(self.problem.damping, self.scale, traces, self.config, residual=residual)
         settings: dict[str, Any] = {"preconditioner": self.config.preconditioner if self.preconditioned else None}
-        if self._batch_probe is not None:
-            settings.update(step_batch_size=self.step_batch_size,
-                            batch_scales={str(b): s for b, s in sorted(self._batch_probe.items())})
+        if self._chosen is not None:
+            settings.update(step_batch_size=self._chosen[0], batch_scales={str(b): s for b, s in sorted(self._chosen[1].items())})
         return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries), settings=settings)
 
     def refine_budget(self) -> int:

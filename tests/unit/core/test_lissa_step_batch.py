@@ -10,6 +10,7 @@ from torch import nn
 from lightning_influence.config import CHECK_MIN_EXAMPLES, LISSA_STEP_BATCHES, ExactConfig, LissaConfig
 from lightning_influence.core import InfluenceProblem
 from lightning_influence.core.solvers.neumann import series_steps
+from lightning_influence.core.solvers.step_batch import shrink_applies
 from lightning_influence.core.tensors.batching import batch_size_of
 from lightning_influence.core.tensors.modes import analysis_mode
 
@@ -37,11 +38,11 @@ def _lissa(model, train, subset: int, store_jacobian: bool = True, **options) ->
 def test_the_rule_keeps_the_batch_size_of_least_predicted_work_with_its_own_scale():
     model, train, _ = _fitted(1000)
     with analysis_mode(model):
-        problem = _lissa(model, train, subset=256)
+        problem = _lissa(model, train, subset=256, shrink_batch=True)
         solver = problem.solver
-        assert solver.shrink_applies()
+        assert shrink_applies(solver)
         solver.choose_batch()
-        probed = solver._batch_probe
+        probed = solver._chosen[1]
         assert sorted(probed) == sorted({128, *(b for b in LISSA_STEP_BATCHES if b < 128)})
         # each probed scale is the scale="auto" estimate on minibatches of that size (seeded: reproducible)
         for size, scale in probed.items():
@@ -51,11 +52,11 @@ def test_the_rule_keeps_the_batch_size_of_least_predicted_work_with_its_own_scal
         assert work[chosen] == min(work.values()) and solver.scale == probed[chosen]
         assert all(work[b] > work[chosen] or b <= chosen for b in work)  # a tie keeps the larger size
         assert batch_size_of(next(solver.stream(0))) == chosen
-        # where it does not apply the recursion steps with `batch_size`, and nothing is probed
-        for off in (_lissa(model, train, subset=256, shrink_batch=False), _lissa(model, train, subset=256, scale=50.0),
-                    _lissa(model, train, subset=None)):
+        # off (the default), with a given scale or a check subset that is the whole set: `batch_size`, no probes
+        for off in (_lissa(model, train, subset=256), _lissa(model, train, subset=256, shrink_batch=True, scale=50.0),
+                    _lissa(model, train, subset=None, shrink_batch=True)):
             off.solver.choose_batch()
-            assert off.solver.step_batch_size == 128 and off.solver._batch_probe is None
+            assert off.solver.step_batch_size == 128 and off.solver._chosen is None
 
 
 def test_a_solve_under_the_rule_meets_the_whole_set_verdict_that_an_exact_solve_confirms():
@@ -64,7 +65,7 @@ def test_a_solve_under_the_rule_meets_the_whole_set_verdict_that_an_exact_solve_
         exact = InfluenceProblem(model, cross_entropy_per_example, train, DAMPING, ExactConfig(), subset_examples=None)
         vectors = exact.gradients(test)
         reference = exact.solve(vectors).vectors
-        problem = _lissa(model, train, subset=256, depth=3000)
+        problem = _lissa(model, train, subset=256, depth=3000, shrink_batch=True)
         found = problem.solve(vectors)
         # the residual over all 1,000 examples, measured by the exact problem (no memo, no sampling)
         total, count = exact.check_product(found.vectors)
