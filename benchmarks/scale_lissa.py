@@ -253,6 +253,12 @@ def summarize(path: Path) -> None:
                 "check_cpu_seconds": round(sum(c["seconds"] for c in row["checks"] if "residual" in c), 2),
                 "verdict_cpu_seconds": round(sum(c["seconds"] for c in row["checks"] if "verdict" in c), 2)}
     probes = {r["batch_size"]: r for r in payload["rows"] if r["mode"] == "probe" and not r.get("preconditioner")}
+    chosen = next((r["step_batch_size"] for r in payload["rows"] if r["mode"] == "choose"), None)
+    for row in payload["rows"]:
+        size = row.get("step_batch_size") or (chosen if row.get("config", {}).get("shrink_batch") else None)
+        if row["mode"] == "solve" and size in probes:  # the steps' CPU seconds by the probe's cost of a step
+            summary[f"solve {row['variant']}"]["steps_cpu_seconds_by_probe"] = round(
+                row["steps"] * probes[size]["step_seconds"], 1)
     if 128 in probes and 32 in probes:
         summary["step_cost_128_over_32"] = round(probes[128]["step_seconds"] / probes[32]["step_seconds"], 1)
     payload["summary"] = summary
