@@ -167,18 +167,18 @@ def whole_solve(net: torch.nn.Module, loader: DataLoader, test: Any, name: str, 
         return estimate
 
     problem.check_residual, problem.sampled_residual = check, sampled  # type: ignore[method-assign]
-    start = cpu()
+    start = [cpu()]
 
-    def on_step() -> None:
+    def on_step() -> None:  # the cap counts the recursion's steps (from the solve's start), not its checks
         steps[0] += 1
-        if cpu() - start - parts["check"] - parts["verdict"] > max_cpu:
+        if cpu() - start[0] - parts["check"] - parts["verdict"] > max_cpu:
             raise CpuCap
 
     with analysis_mode(net):
         vectors = problem.gradients(test)
         damping, damping_s = timed(lambda: problem.damping)
         (_, scale), setup_s = timed(lambda: (problem.solver.prepare(), problem.solver.scale))  # type: ignore[attr-defined]
-        solve_start = cpu()
+        solve_start = start[0] = cpu()
         capped = False
         try:
             result = problem.solve(vectors, on_step)
