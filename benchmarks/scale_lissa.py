@@ -12,8 +12,19 @@ size: their self-check is skipped there). Modes:
 * ``--variant NAME``: one whole LiSSA solve (``route="recursion"``) under a variant (see ``VARIANTS``), capped at
   ``--max-cpu`` CPU seconds of recursion: steps, CPU seconds per part, each check's residual, the verdict.
 
-Rows are appended to (replacing those of the same name in) ``--json`` (``benchmarks/scale-lissa-results.json``).
-Process CPU seconds, one thread.
+* ``--choose``: the step batch rule's choice (``LissaConfig(shrink_batch=True)``) and its probes' CPU seconds.
+* ``--merge FILE --code VERSION``: rows of another run (e.g. of the code before a change) join ``--json``;
+  ``--summarize``: the derived figures (predicted steps' CPU seconds, a check in steps, the solves' parts).
+
+Rows are appended to (replacing those of the same name in) ``--json`` (``benchmarks/scale-lissa-results.json``);
+each names the code it was measured with. Process CPU seconds, one thread. A solve stopped by SIGTERM or its cap
+is recorded as ``capped``. The rows in the results file::
+
+    python benchmarks/scale_lissa.py --probe --sizes 128,32,16 --preconditioners kfac   # ~15 min on a free core
+    python benchmarks/scale_lissa.py --choose
+    python benchmarks/scale_lissa.py --variant shrink --max-cpu 1200    # stopped by hand after step 300
+    python benchmarks/scale_lissa.py --variant b128 --max-cpu 270
+    python benchmarks/scale_lissa.py --summarize
 """
 
 from __future__ import annotations
