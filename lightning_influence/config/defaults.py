@@ -63,6 +63,17 @@ RESIDUAL_TOL = 0.05
 #: LiSSA checks that residual every ``CHECK_EVERY`` steps of a repeat and stops the repeat once it is met (a check
 #: costs one curvature product per check-subset batch, about a tenth of the steps between checks on digits).
 CHECK_EVERY = 50
+#: With ``LissaConfig(shrink_batch=True)`` (off by default), where LiSSA's recursion runs on a training set larger
+#: than its check subset, its steps may use a smaller minibatch than ``batch_size``: each of these sizes (below
+#: ``batch_size``) has its scale probed like ``scale="auto"``'s, and the size of least predicted work
+#: (``series_steps(scale_b) x b`` example products) is kept. A step costs about ``b`` examples' products and the
+#: steps needed follow ``scale / damping``, which on the 1.0M-parameter CNN of ``benchmarks/scale.py`` hardly grows
+#: from 128 to 32 examples (``benchmarks/scale_lissa.py``, ``benchmarks/scale-lissa-results.json``).
+LISSA_STEP_BATCHES = (16, 32, 64)
+#: LiSSA's early-stop checks on a check subset smaller than the training set read it in its seeded random order
+#: until every row is ``VERDICT_Z`` standard errors clear of the tolerance, reading at least this many examples (a
+#: check far above the tolerance, as the early ones are, costs this many examples instead of the whole subset).
+CHECK_MIN_EXAMPLES = 512
 #: LiSSA restarts after a divergence (raising ``scale``, or damping under ``"hessian"``) before it raises.
 MAX_RETRIES = 3
 DEFAULT_SOLVER = "lissa"

@@ -54,6 +54,15 @@ class LissaConfig:
             positive semi-definite curvature, solve by CG from the start where CG is predicted cheaper (small
             training sets at small dampings); the record says so (``settings["solved_by"] == "cg"``).
             ``"recursion"``: always run the recursion.
+        shrink_batch: where the recursion runs (not routed to CG) with ``scale="auto"``, no preconditioner and a
+            training set larger than the check subset, step with the minibatch size of least predicted work
+            among ``batch_size`` and the ``LISSA_STEP_BATCHES`` below it: a step costs about ``b`` examples'
+            products, and the steps needed follow ``scale_b / damping`` with ``scale_b`` probed on minibatches
+            of ``b`` examples (``series_steps(scale_b) x b``); the record names the size used
+            (``settings["step_batch_size"]``) and the probed scales. False (the default): always ``batch_size``. Off
+            by default: on the 1.0M-parameter CNN of ``benchmarks/scale.py`` its steps cost a ninth of the
+            128-example ones, but its solve was not shown to converge within the predicted steps
+            (``benchmarks/scale-lissa-results.json``).
     """
 
     depth: int = 1000
@@ -70,6 +79,7 @@ class LissaConfig:
     preconditioner: Optional[str] = None
     refine: bool = True
     route: str = "auto"
+    shrink_batch: bool = False
 
     def __post_init__(self) -> None:
         expect(isinstance(self.depth, int) and self.depth >= 1, "depth", "a positive int", self.depth)
@@ -101,6 +111,7 @@ class LissaConfig:
                f"None or one of {PRECONDITIONERS}", self.preconditioner)
         expect(isinstance(self.refine, bool), "refine", "True or False", self.refine)
         expect(self.route in LISSA_ROUTES, "route", f"one of {LISSA_ROUTES}", self.route)
+        expect(isinstance(self.shrink_batch, bool), "shrink_batch", "True or False", self.shrink_batch)
 
 
 #: ``LissaConfig.route``: predict the cheaper of the recursion and conjugate gradient, or always the recursion.

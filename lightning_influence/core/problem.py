@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.config import (
+    CHECK_MIN_EXAMPLES,
     CURVATURE_EXAMPLES,
     RESIDUAL_TOL,
     SUBSET_EXAMPLES,
@@ -293,12 +294,17 @@ class InfluenceProblem:
         return self._residuals.find_estimate(x, vectors, self.damping)
 
     def check_residual(self, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """:meth:`residual` on the check subset only: the cheap test LiSSA repeats stop on. Where the subset is the
-        whole set it is the verdict itself (and remembered as such)."""
+        """:meth:`residual` on the check subset only: the cheap test LiSSA repeats stop on, read in the subset's
+        seeded random order until every row is decided against the solver's tolerance, at least
+        ``CHECK_MIN_EXAMPLES`` examples (a row near it reads the whole subset). Where the subset is the whole set it
+        is the verdict itself (and remembered as such)."""
         if self.check_is_whole():
             return self.residual(x, vectors)
-        total, count = self.check_product(x)
-        return self._relative(total, count, x, vectors)
+        units, tol = self.check_units(), getattr(self.config, "residual_tol", RESIDUAL_TOL)
+        with torch.inference_mode(False), torch.enable_grad():
+            return sampled_residual(lambda batch: self.products(batch, x), ((b, batch_size_of(b)) for b in units), x,
+                                    vectors, self.damping, sum(batch_size_of(b) for b in units), tol,
+                                    min_examples=CHECK_MIN_EXAMPLES).rows
 
     def _relative(self, total: torch.Tensor, count: int, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``||total / count + damping x - v|| / ||v||`` per row, in ``total``'s own memory (overwritten): no

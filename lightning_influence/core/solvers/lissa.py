@@ -44,6 +44,7 @@ from lightning_influence.core.solvers.neumann import (
     repeat_seed,
     series_steps,
 )
+from lightning_influence.core.solvers.step_batch import choose_step_batch, shrink_applies
 from lightning_influence.core.tensors.batching import Batch, batch_size_of
 from lightning_influence.results import SolveInfo, STest, TrustWarning
 
@@ -67,6 +68,7 @@ class LissaSolver(Solver):
     def __init__(self, config: LissaConfig, problem: Any) -> None:
         super().__init__(config, problem)
         self._scale: float | None = None
+        self._chosen: tuple[int, dict[int, float]] | None = None  # choose_batch's size and the scales it probed
 
     @property
     def hvp_method(self) -> str:
@@ -92,11 +94,16 @@ class LissaSolver(Solver):
     def has_scale(self) -> bool:
         return self._scale is not None
 
-    def estimate_scale(self, part: tuple[int, int] = (0, 1)) -> float:
-        """The ``scale="auto"`` estimate (not cached), or with ``part=(r, R)`` this rank's share of it: the
-        maximum over the R parts equals the single-process estimate."""
+    @property
+    def step_batch_size(self) -> int:
+        """Training examples per recursion step: ``batch_size``, or the size :meth:`choose_batch` picked."""
+        return self._chosen[0] if self._chosen is not None else self.config.batch_size
+
+    def estimate_scale(self, part: tuple[int, int] = (0, 1), batch_size: int | None = None) -> float:
+        """The ``scale="auto"`` estimate (not cached) on minibatches of ``batch_size`` (default: the recursion's), or
+        with ``part=(r, R)`` this rank's share of it: the maximum over the R parts is the single-process estimate."""
         like = next(iter(self.problem.params.values()))
-        stream = self.stream(repeat_seed(self.config.seed, -1))
+        stream = self.stream(repeat_seed(self.config.seed, -1), batch_size)
         hvp, damping, _ = self.operator()
         return estimate_scale(hvp, stream, damping, self.problem.num_params, like, part)
 
@@ -142,19 +149,26 @@ class LissaSolver(Solver):
             return self.scale / SCALE_MARGIN
         return self.estimate_scale() / SCALE_MARGIN
 
-    def stream(self, seed: int) -> Iterator[Batch]:
-        """LiSSA's endless seeded minibatches (index batches of the stored Jacobian when it is stored)."""
+    def choose_batch(self) -> None:
+        """Adopt ``step_batch.choose_step_batch``'s size and scale where ``shrink_applies`` (once; alike on all ranks)."""
+        if self._chosen is None and shrink_applies(self):
+            size, self._scale, probed = choose_step_batch(self)
+            self._chosen = size, probed
+
+    def stream(self, seed: int, batch_size: int | None = None) -> Iterator[Batch]:
+        """Endless seeded minibatches of ``batch_size`` (default: the recursion's) examples (stored rows if stored)."""
         problem = self.problem
         if not isinstance(problem.train_loader, DataLoader):
             raise TypeError(
                 "Expected `train_loader` to be a torch DataLoader for solver='lissa' (it samples minibatches from"
                 f" its dataset), but got {type(problem.train_loader).__name__}. Wrap the data in a DataLoader."
             )
-        rows = problem.products.rows_stream(self.config.batch_size, seed)
+        size = batch_size or self.step_batch_size
+        rows = problem.products.rows_stream(size, seed)
         if rows is not None:
             return rows
         loader = problem.train_loader
-        return minibatch_stream(loader.dataset, self.config.batch_size, loader.collate_fn, seed, problem.device)
+        return minibatch_stream(loader.dataset, size, loader.collate_fn, seed, problem.device)
 
     # -- the recursion ---------------------------------------------------------------------------------------
     def partial(self, vectors: torch.Tensor, repeat_ids: Sequence[int], on_step: OnStep | None = None,
@@ -193,6 +207,7 @@ class LissaSolver(Solver):
         route = self.cg_route()
         if route is not None:
             return self._solve_by_cg(vectors, ranks, start, route)
+        self.choose_batch()
         ids = list(range(ranks.rank, config.repeats, ranks.world_size))
         halves = [[i for i in ids if i % 2 == parity] for parity in (0, 1)]
         retries: list[dict[str, Any]] = []
@@ -280,9 +295,10 @@ class LissaSolver(Solver):
         ``residual_tol``; computed here unless given), how the damping was chosen, and the retries."""
         residual = float(self.problem.residual(x, vectors).max()) if residual is None else residual
         info = lissa_info(self.problem.damping, self.scale, traces, self.config, residual=residual)
-        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries),
-                                   settings={"preconditioner": self.config.preconditioner if self.preconditioned
-                                             else None})
+        settings: dict[str, Any] = {"preconditioner": self.config.preconditioner if self.preconditioned else None}
+        if self._chosen is not None:
+            settings.update(step_batch_size=self._chosen[0], batch_scales={str(b): s for b, s in sorted(self._chosen[1].items())})
+        return dataclasses.replace(info, **self.problem.damping_fields(), retries=tuple(retries), settings=settings)
 
     def refine_budget(self) -> int:
         """CG iterations of a refinement: about as many example products as the repeats took (``J T B``), so a
