@@ -199,8 +199,7 @@ class InfluenceProblem:
 
     def damped_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(C + damping I) V`` over the whole training set."""
-        batches = self.products.units([], self.products.indices(None, 0)) or self.train_batches()
-        return self.damped(dataset_product(self.products, batches, vectors), vectors)
+        return self.damped(dataset_product(self.products, self._whole_units(), vectors), vectors)
 
     def check_batches(self) -> list[Batch]:
         """The fixed seeded training subset of the spectrum estimate and the residual check (kept in memory)."""
@@ -212,9 +211,8 @@ class InfluenceProblem:
         """The check subset as the products see it: its batches, or index chunks of the stored Jacobian (then the
         batches are not read)."""
         indices = self.products.indices(self.subset_examples, SUBSET_SEED)
-        if indices is not None and self.products.stored() is not None:
-            return self.products.units([], indices)
-        return self.products.units(self.check_batches(), indices)
+        stored = indices is not None and self.products.stored() is not None
+        return self.products.units([] if stored else self.check_batches(), indices)
 
     def check_is_whole(self) -> bool:
         """Whether the check subset is the whole training set (at most ``subset_examples`` examples, or data that
@@ -339,12 +337,7 @@ class InfluenceProblem:
                 raise ValueError(f"Expected at most {max_parameters} trainable parameters for solver='exact' (it"
                                  f" builds the {self.num_params} x {self.num_params} curvature matrix), but got"
                                  f" {self.num_params}. Use solver='lissa' or 'cg'.")
-            stored = self.products.stored() if self.solver.stores_jacobian else None
-            if stored is not None:  # the same Gauss-Newton matrix, F^T F / n, from the factors already kept
-                flat = stored.factors.reshape(-1, self.num_params)  # the store's dtype: rounding ~1e-7 of lambda_max
-                matrix = (flat.T @ flat).div_(stored.factors.shape[0])
-            else:
-                matrix = self.curvature.matrix(self.loss, self.params, self.train_batches())
+            matrix = self.products.dense_matrix(self.curvature, self.train_batches(), self.solver.stores_jacobian)
             self._eigh = torch.linalg.eigh(matrix.double())
         return self._eigh
 

@@ -76,3 +76,13 @@ class TrainingCurvature:
         if self.stored() is None:
             return None
         return row_stream(len(self.train_loader.dataset), batch_size, seed)  # type: ignore[attr-defined]
+
+    def dense_matrix(self, curvature: Curvature, batches: Iterable[Batch], use_store: bool) -> torch.Tensor:
+        """The curvature over the whole training set as a ``[P, P]`` matrix (small models): ``F^T F / n`` from the
+        stored factors when ``use_store`` and they are kept (the same Gauss-Newton matrix, in the store's dtype:
+        rounding about 1e-7 of lambda_max), else ``curvature.matrix`` over ``batches``."""
+        stored = self.stored() if use_store else None
+        if stored is None:
+            return curvature.matrix(self.loss, self.params, batches)
+        flat = stored.factors.reshape(stored.factors.shape[0] * stored.factors.shape[1], -1)
+        return (flat.T @ flat).div_(stored.factors.shape[0])

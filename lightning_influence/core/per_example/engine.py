@@ -25,10 +25,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_influence.core.per_example.columns import column_backward
 from lightning_influence.core.per_example.losses import FunctionalLoss, autocast_off, check_finite_losses
 from lightning_influence.core.per_example.rules import LayerRule, rule_for
 from lightning_influence.core.tensors.batching import Batch, batch_size_of, slice_batch
-from lightning_influence.core.tensors.memory import PER_EXAMPLE_BYTES, free_memory_bytes
 from lightning_influence.core.tensors.params import Params, unflatten
 
 #: Relative disagreement between hook and autograd gradients on the first examples that demotes a parameter.
@@ -350,7 +350,7 @@ class PerExampleEngine:
                 return False
             check_finite_losses(outputs.detach().sum(dim=1))
             probes = [probe for _, _, probe in capture.calls]
-            grads = self._column_backward(outputs, probes, cotangents)
+            grads = column_backward(outputs, probes, cotangents)
             out.zero_()
             views = []
             for c in range(cotangents.shape[2]):  # [B, *shape] views into out[:, c] per parameter
@@ -367,35 +367,6 @@ class PerExampleEngine:
                     for local, grad in found.items():
                         views[c][slot.names[local]].add_(grad)
             return True
-
-    @staticmethod
-    def _column_backward(outputs: torch.Tensor, probes: list[torch.Tensor], cotangents: torch.Tensor
-                         ) -> list[torch.Tensor | None]:
-        """Per probe, ``[C, *probe shape]``: for each column c the probe's gradient of
-        ``sum_i cotangents[i, :, c] . outputs_i`` (None where a probe does not reach the outputs)."""
-        columns = cotangents.shape[2]
-        per_column = sum(p.numel() for p in probes) * outputs.element_size()
-        chunk = max(1, min(columns, min(PER_EXAMPLE_BYTES, free_memory_bytes(outputs.device) // 16) // per_column))
-        parts: list[tuple[torch.Tensor | None, ...]] = []
-        start = 0
-        while start < columns:
-            stop = min(columns, start + chunk)
-            if chunk > 1:
-                try:
-                    parts.append(torch.autograd.grad(outputs, probes, grad_outputs=cotangents[:, :, start:stop].permute(
-                        2, 0, 1), is_grads_batched=True, retain_graph=True, allow_unused=True))
-                except (RuntimeError, NotImplementedError) as err:  # no batching rule for some operation
-                    if "out of memory" in str(err).lower():
-                        raise
-                    chunk = 1
-                    continue
-            else:
-                found = torch.autograd.grad((outputs * cotangents[:, :, start]).sum(dim=1).sum(), probes,
-                                            retain_graph=True, allow_unused=True)
-                parts.append(tuple(None if g is None else g[None] for g in found))
-            start = stop
-        return [None if part[0] is None else part[0] if len(part) == 1 else torch.cat(part)  # type: ignore[misc]
-                for part in zip(*parts)]
 
     def dot(self, batch: Batch, s_vectors: torch.Tensor) -> torch.Tensor:
         """``[k, B]`` of ``s_j . grad L(z_i)`` for the rows ``s_j`` of ``s_vectors [k, P]``."""
