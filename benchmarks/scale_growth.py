@@ -11,7 +11,8 @@ each several times in one process (process CPU seconds, one thread):
 * ``s_test``: ``li.s_test`` with the package's defaults for 8 validation points, the damping estimate's
   per-process cache cleared before each repeat (every repeat pays what a first analysis pays);
 * ``scoring``: the callback's scoring of every training example against those 8 vectors
-  (``distributed.scoring.score_training_set``, single process).
+  (``distributed.scoring.score_training_set``, single process), after every solve, the sizes interleaved in each
+  round of repeats.
 
 It reports the median and the minimum over ``--repeats`` and the ratios the issue asks for, of the minima (the
 repeat least disturbed by other jobs): s_test at the largest N over the smallest (within 20% of 1: independent of
@@ -88,7 +89,10 @@ def time_s_test(net: torch.nn.Module, loader: DataLoader, test_batch: Any, repea
             "vectors": result.vectors}
 
 
-def time_scoring(net: torch.nn.Module, loader: DataLoader, vectors: torch.Tensor, repeats: int) -> dict[str, Any]:
+def time_scoring(net: torch.nn.Module, loaders: list[DataLoader], vectors: list[torch.Tensor], repeats: int
+                 ) -> list[dict[str, Any]]:
+    """Each loader's scoring against its vectors, ``repeats`` times, the sizes interleaved (one round times every
+    size once): a drift of the machine's speed then reaches every size alike."""
     from scale import per_example_loss
 
     from lightning_influence.config import DEFAULT_DAMPING, DEFAULT_SOLVER
@@ -98,14 +102,16 @@ def time_scoring(net: torch.nn.Module, loader: DataLoader, vectors: torch.Tensor
     from lightning_influence.distributed.scoring import score_training_set
     from lightning_influence.functional import make_problem
 
-    problem = make_problem(net, per_example_loss, loader, DEFAULT_SOLVER, DEFAULT_DAMPING, {}, None)
-    data, settings = IndexedData.from_loader(loader), ExplainConfig()
-    seconds = []
+    problems = [make_problem(net, per_example_loss, loader, DEFAULT_SOLVER, DEFAULT_DAMPING, {}, None)
+                for loader in loaders]
+    data, settings = [IndexedData.from_loader(loader) for loader in loaders], ExplainConfig()
+    seconds: list[list[float]] = [[] for _ in loaders]
     for _ in range(repeats):
-        start = cpu()
-        score_training_set(problem, data, vectors, settings, SingleProcess(), None)
-        seconds.append(cpu() - start)
-    return {"seconds": seconds, "median": statistics.median(seconds), "min": min(seconds)}
+        for i, problem in enumerate(problems):
+            start = cpu()
+            score_training_set(problem, data[i], vectors[i], settings, SingleProcess(), None)
+            seconds[i].append(cpu() - start)
+    return [{"seconds": s, "median": statistics.median(s), "min": min(s)} for s in seconds]
 
 
 def measure(kind: str, sizes: list[int], train_on: int, repeats: int, scoring_only: bool) -> dict[str, Any]:
@@ -115,19 +121,20 @@ def measure(kind: str, sizes: list[int], train_on: int, repeats: int, scoring_on
     net = trained(kind, data, min(train_on, max(sizes)))
     test_batch = next(iter(DataLoader(Subset(data, range(max(sizes), max(sizes) + POINTS)), batch_size=POINTS)))
     params = sum(p.numel() for p in net.parameters())
-    rows = []
-    for n in sizes:
+    rows, loaders, vectors = [], [], []
+    for n in sizes:  # the solves first, then the scoring of every size, interleaved
         loader = DataLoader(Subset(data, range(n)), batch_size=BATCH_SIZES[kind])
         row: dict[str, Any] = {"n_train": n}
         if scoring_only:  # the vectors' values do not change the scoring's cost: seeded random ones
-            vectors = torch.randn(POINTS, params, generator=torch.Generator().manual_seed(SEED))
+            vectors.append(torch.randn(POINTS, params, generator=torch.Generator().manual_seed(SEED)))
         else:
             solved = time_s_test(net, loader, test_batch, repeats)
-            vectors = solved.pop("vectors")
+            vectors.append(solved.pop("vectors"))
             row["s_test"] = solved
-        row["scoring"] = time_scoring(net, loader, vectors, repeats)
-        row["scoring"]["per_example_min"] = row["scoring"]["min"] / n
         rows.append(row)
+        loaders.append(loader)
+    for row, scoring in zip(rows, time_scoring(net, loaders, vectors, repeats)):
+        row["scoring"] = {**scoring, "per_example_min": scoring["min"] / row["n_train"]}
         print(json.dumps({k: v if k == "n_train" else {a: b for a, b in v.items() if a != "settings"}
                           for k, v in row.items()}), flush=True)
     small, large = rows[0], rows[-1]
