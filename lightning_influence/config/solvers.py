@@ -49,7 +49,8 @@ class LissaConfig:
             ``v - (C + damping I) x`` over the whole training set (the points split over ranks), at most
             ``REFINE_MAX_ITER`` steps; the record names the steps it took. False: report the miss as it is.
         route: ``"auto"``: before the recursion starts, compare its predicted work with conjugate gradient's
-            (``core.solvers.neumann.recursion_costs_more``: the series' steps grow with ``scale / damping``, CG's
+            (``core.solvers.neumann.recursion_costs_more``: the series' steps, rounded up to its next early-stop check
+            and with the checks' reads counted, grow with ``scale / damping``, CG's
             passes over the training set with the square root of the condition number) and, with ``refine`` on a
             positive semi-definite curvature, solve by CG from the start where CG is predicted cheaper (small
             training sets at small dampings); the record says so (``settings["solved_by"] == "cg"``).

@@ -266,16 +266,16 @@ class LissaSolver(Solver):
         """The predictions that send the whole solve to conjugate gradient (:func:`recursion_costs_more`), or None
         where the recursion runs: always with ``route="recursion"`` or ``refine`` off, under a curvature that is not
         positive semi-definite, when the recursion is preconditioned or the training set has no length. The same on
-        every rank (the scale is)."""
+        every rank (the scale is). Each repeat's early-stop checks read min(N, check subset) examples."""
         config, problem = self.config, self.problem
         dataset = getattr(problem.train_loader, "dataset", None)
-        if config.route == "recursion" or not config.refine or self.preconditioned or problem.damping <= 0:
+        if (config.route == "recursion" or not config.refine or self.preconditioned or problem.damping <= 0
+                or not problem.curvature.psd or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized)):
             return None
-        if not problem.curvature.psd or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
-            return None
-        dearer, steps, iterations = recursion_costs_more(self.scale, problem.damping,
-                                                         config.batch_size * config.repeats, len(dataset),
-                                                         config.residual_tol, CG_TOL)
+        n, repeats = len(dataset), config.repeats
+        dearer, steps, iterations = recursion_costs_more(self.scale, problem.damping, config.batch_size * repeats, n,
+                                                         config.residual_tol, CG_TOL, check_every=config.check_every,
+                                                         check_work=min(n, problem.subset_examples or n) * repeats)
         return {"predicted_steps": steps, "predicted_cg_iterations": iterations} if dearer else None
 
     def _solve_by_cg(self, vectors: torch.Tensor, ranks: Ranks, start: float, route: dict[str, int]) -> STest:

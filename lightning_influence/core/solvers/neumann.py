@@ -50,22 +50,26 @@ def series_steps(scale: float, damping: float, residual_tol: float) -> int:
 
 
 def recursion_costs_more(scale: float, damping: float, work_per_step: int, examples: int, residual_tol: float,
-                         cg_tol: float) -> tuple[bool, int, int]:
+                         cg_tol: float, *, check_every: int = 0, check_work: int = 0) -> tuple[bool, int, int]:
     """Whether the recursion is predicted to need more example products than conjugate gradient; with the two
     predictions ``(steps, cg_iterations)``.
 
     With a positive semi-definite curvature the slowest direction of ``H + damping I`` has eigenvalue at least
     ``damping``; its residual shrinks by ``1 - damping / scale`` per step, so reaching ``residual_tol`` takes about
-    ``scale / damping * ln(1 / residual_tol)`` steps of ``work_per_step`` examples (``B`` times the repeats). CG's
-    bound is ``sqrt(kappa) / 2 * ln(2 / cg_tol)`` passes over the ``examples`` training examples with ``kappa`` the
-    top eigenvalue (``scale / SCALE_MARGIN``, a minibatch's: above the whole set's) over ``damping``. The series'
+    ``scale / damping * ln(1 / residual_tol)`` steps of ``work_per_step`` examples (``B`` times the repeats). A
+    series with early-stop checks every ``check_every`` steps stops only at a check: its steps round up to the next
+    one, and each check reads ``check_work`` examples (the check subset times the repeats). CG's bound is
+    ``sqrt(kappa) / 2 * ln(2 / cg_tol)`` passes over the ``examples`` training examples with ``kappa`` the top
+    eigenvalue (``scale / SCALE_MARGIN``, a minibatch's: above the whole set's) over ``damping``. The series'
     steps grow with the condition number and CG's with its square root, so on small training sets at small
     dampings CG is cheaper, on large ones the series.
     """
     steps = series_steps(scale, damping, residual_tol)
+    checks = -(-steps // check_every) if check_every > 0 else 0
+    series_work = (checks * check_every if checks else steps) * work_per_step + checks * check_work
     kappa = max(scale / SCALE_MARGIN / damping, 1.0)
     iterations = math.ceil(0.5 * math.sqrt(kappa) * math.log(2.0 / cg_tol))
-    return steps * work_per_step > iterations * examples, steps, iterations
+    return series_work > iterations * examples, steps, iterations
 
 
 class LissaDivergenceError(FloatingPointError):

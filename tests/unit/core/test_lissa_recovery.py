@@ -54,7 +54,7 @@ def test_lissa_on_gauss_newton_matches_the_exact_gauss_newton_solve(sgd_mlp):
 
 def test_a_too_small_scale_is_recovered_and_the_retry_recorded(sgd_mlp):
     model, x, y, test = sgd_mlp
-    config = LissaConfig(depth=300, batch_size=50, scale=1e-3)
+    config = LissaConfig(depth=300, batch_size=50, scale=1e-3, route="recursion")  # the series, not CG's route
     problem = InfluenceProblem(model, cross_entropy_per_example, loader(x, y, 100), "auto", config)
     with analysis_mode(model):
         result = problem.solve(problem.gradients(test))
@@ -71,7 +71,8 @@ def test_divergence_after_the_last_retry_names_the_measured_eigenvalues(sgd_mlp)
     model, x, y, test = sgd_mlp
     with pytest.raises(li.LissaDivergenceError,
                        match=r"increase `scale`.*after 0 retries.*minibatch at the divergence \[.*check subset \["):
-        li.s_test(model, cross_entropy_per_example, loader(x, y, 100), test, scale=1e-4, max_retries=0, depth=100)
+        li.s_test(model, cross_entropy_per_example, loader(x, y, 100), test, scale=1e-4, max_retries=0, depth=100,
+                   route="recursion")
     linear = nn.Linear(64, 3).double()
 
     def concave(m, batch):  # negative definite Hessian: no scale can make LiSSA converge at damping 0
@@ -92,6 +93,6 @@ def test_a_truncated_solve_is_not_converged_and_an_easy_one_stops_early(sgd_mlp)
     truncated = li.s_test(model, cross_entropy_per_example, train, test, depth=5, refine=False)
     assert not truncated.info.converged and truncated.info.residual > truncated.info.residual_tol
     easy = li.s_test(model, cross_entropy_per_example, train, test, damping=1.0, batch_size=500, depth=1000,
-                     check_every=20)
+                     check_every=20, route="recursion")
     assert easy.info.converged and easy.info.residual <= easy.info.residual_tol
     assert easy.info.iterations < 1000 and easy.info.iterations % 20 == 0  # stopped at a check

@@ -87,6 +87,18 @@ def test_the_predicted_costs_send_small_sets_at_small_dampings_to_cg_and_large_s
     assert not recursion_costs_more(1.5, 1.0, 128, 1400, 0.05, 0.01)[0]  # a large damping: 5 steps
 
 
+def test_the_series_prediction_counts_its_early_stop_checks_and_stops_only_at_one():
+    # the digits example at damping="auto" (scale 1.5, damping 0.0275, 1,400 examples): 164 steps predicted, CG's
+    # bound 16 passes (22,400 products). Steps alone (20,992) look cheaper, but the series stops only at a check:
+    # 200 steps (25,600) and four checks of the whole set (5,600), so CG is the cheaper solve
+    assert not recursion_costs_more(1.5, 0.0275, 128, 1400, 0.05, 0.01)[0]
+    dearer, steps, iterations = recursion_costs_more(1.5, 0.0275, 128, 1400, 0.05, 0.01, check_every=50,
+                                                     check_work=1400)
+    assert dearer and (steps, iterations) == (164, 16)  # the predicted steps themselves are not rounded
+    # on 20,000 examples the checks read the 2,048-example subset and the series stays far cheaper
+    assert not recursion_costs_more(1.5, 0.0275, 128, 20_000, 0.05, 0.01, check_every=50, check_work=2048)[0]
+
+
 def test_the_auto_route_solves_by_cg_where_it_is_predicted_cheaper_and_agrees_with_the_series():
     model, train, test = _small_damping_problem()
     options = {"damping": 1e-3, "depth": 600, "batch_size": 32}
@@ -103,8 +115,10 @@ def test_the_auto_route_solves_by_cg_where_it_is_predicted_cheaper_and_agrees_wi
     series = li.s_test(model, cross_entropy_per_example, train, test, route="recursion", **options)
     assert series.info.iterations > 0 and "solved_by" not in series.info.settings
     assert (torch.nn.functional.cosine_similarity(series.vectors, exact, dim=1) > 0.99).all()
-    # a large damping makes the series cheap: it runs
-    cheap = li.s_test(model, cross_entropy_per_example, train, test, damping=1.0, depth=600, batch_size=32).info
+    # a large damping with frequent checks makes the series cheap: it runs (5 predicted steps; with the default
+    # check every 50 steps it could stop no earlier than step 50, dearer than CG's 3 passes over 300 examples)
+    cheap = li.s_test(model, cross_entropy_per_example, train, test, damping=1.0, depth=600, batch_size=32,
+                      check_every=5).info
     assert cheap.iterations > 0 and "solved_by" not in cheap.settings
 
 

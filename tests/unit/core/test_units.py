@@ -94,7 +94,7 @@ def test_too_small_scale_raises_a_divergence_error_naming_the_knobs(cnn_data):
     model, x, y, xt, yt = cnn_data
     with pytest.raises(li.LissaDivergenceError, match=r"increase `scale`.*damping"):
         li.s_test(model, cross_entropy_per_example, loader(x, y), (xt, yt), scale=1e-4, depth=200, damping=0.01,
-                  max_retries=0)  # no recovery: the error itself is under test
+                  max_retries=0, route="recursion")  # the series itself, without recovery: its error is under test
 
 
 def test_lissa_trace_and_early_stop_are_recorded(cnn_data):
