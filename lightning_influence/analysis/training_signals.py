@@ -23,7 +23,7 @@ The checkpoint schedule is :func:`checkpoint_epochs`; the default mislabel score
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -84,12 +84,6 @@ def _signals_on_device(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"Expected logits of shape [batch, classes >= 2], but got {tuple(logits.shape)}.")
-
-
-def recording_batches(data: IndexedData, indices: Sequence[int]) -> Iterator[tuple[torch.Tensor, Any]]:
-    """``(dataset_indices, batch)`` pairs over ``indices`` in ``data.batch_size`` chunks
-    (:meth:`IndexedData.batches_with_indices`: a ``TensorDataset`` is sliced a batch at a time)."""
-    return data.batches_with_indices(indices)
 
 
 def checkpoint_epochs(max_epochs: int, checkpoints: int, spacing: str = DEFAULT_SPACING) -> list[int]:
@@ -215,7 +209,7 @@ class TrainingSignalRecorder:
         model.eval()
         try:
             if indices:
-                for batch_indices, batch in recording_batches(data, indices):
+                for batch_indices, batch in data.batches_with_indices(indices):
                     logits, labels = outputs_fn(model, batch)
                     _check_logits(logits)
                     parts.append((batch_indices, logits.detach(), labels.detach().long()))

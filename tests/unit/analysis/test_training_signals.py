@@ -360,18 +360,16 @@ def test_named_scores_include_the_new_signals():
 def test_a_tensor_dataset_is_recorded_from_slices_to_the_same_tables_as_through_its_loader():
     from torch.utils.data import default_collate
 
-    from lightning_influence.analysis.training_signals import recording_batches
-
     x, y, _ = _data(130, flip=13)
     sliced = IndexedData(TensorDataset(x, y), batch_size=50)
     loaded = IndexedData(TensorDataset(x, y), collate_fn=lambda rows: default_collate(rows), batch_size=50)
     indices = list(range(1, 130, 2))  # a rank's shard: every other example
-    fast, slow = list(recording_batches(sliced, indices)), list(loaded.batches_with_indices(indices))
+    fast, slow = list(sliced.batches_with_indices(indices)), list(loaded.batches_with_indices(indices))
     assert [len(i) for i, _ in fast] == [50, 15] and len(fast) == len(slow)
     for (fast_indices, fast_batch), (slow_indices, slow_batch) in zip(fast, slow):
         assert torch.equal(fast_indices, slow_indices)
         assert type(fast_batch) is type(slow_batch) and all(torch.equal(a, b) for a, b in zip(fast_batch, slow_batch))
-    assert list(recording_batches(loaded, indices))[0][0].tolist() == indices[:50]  # another collate: its loader
+    assert list(loaded.batches_with_indices(indices))[0][0].tolist() == indices[:50]  # another collate: its loader
 
     tables = []
     for data in (sliced, loaded):
